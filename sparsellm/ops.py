@@ -1,0 +1,183 @@
+"""The one dispatch point for the hot operations.
+
+Every method calls the functions of this module, never a backend directly. Per call, the
+backend is chosen among:
+
+- ``cuda``: the compiled extension ``sparsellm._C`` (``csrc/``), CUDA tensors only;
+- ``triton``: the Triton kernels (``kernels/``, importable as ``sparsellm.kernels``), CUDA
+  tensors, or CPU tensors when ``TRITON_INTERPRET=1`` is set before import;
+- ``reference``: plain PyTorch (:mod:`sparsellm.reference`), always available.
+
+``auto`` (default) takes the first available of cuda, triton, reference for the tensor's
+device; a CPU tensor always gets the reference under ``auto``. The user can force one with
+:func:`set_backend`, the ``SPARSELLM_BACKEND`` environment variable, or ``--backend``.
+Forcing a backend that is not available is an error; an operation the forced backend does
+not implement falls back to the next one (recorded). :func:`usage` says which ran.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from collections import Counter
+from typing import Callable
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+_ORDER = ("cuda", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+_state = {"backend": os.environ.get("SPARSELLM_BACKEND", "auto").lower()}
+_registry: dict[str, dict[str, Callable]] = {}
+_usage: Counter = Counter()
+_loaded: dict[str, bool] = {}
+_load_errors: dict[str, str] = {}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Backends call this at import time for each operation they implement."""
+    _registry.setdefault(op, {})[backend] = fn
+
+
+def set_backend(name: str) -> None:
+    name = name.lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in ("auto", "reference"):
+        _ensure_loaded(name)
+        if not _loaded[name]:
+            raise BackendUnavailable(f"backend {name!r} is not available: {_load_errors.get(name, 'not installed')}")
+    _state["backend"] = name
+
+
+def get_backend() -> str:
+    return _state["backend"]
+
+
+def usage() -> dict[str, dict[str, int]]:
+    """{operation: {backend: calls}} since the last :func:`reset_usage`."""
+    out: dict[str, dict[str, int]] = {}
+    for (op, backend), count in _usage.items():
+        out.setdefault(op, {})[backend] = count
+    return out
+
+
+def reset_usage() -> None:
+    _usage.clear()
+
+
+def _ensure_loaded(backend: str) -> None:
+    if backend in _loaded:
+        return
+    module = {"cuda": "sparsellm._cuda_backend", "triton": "sparsellm.kernels"}[backend]
+    try:
+        importlib.import_module(module)
+        _loaded[backend] = True
+    except Exception as exc:  # a missing or broken backend must never break the package
+        _loaded[backend] = False
+        _load_errors[backend] = f"{type(exc).__name__}: {exc}"
+
+
+def available(backend: str, device: torch.device | str | None = None) -> bool:
+    """Whether ``backend`` can run on tensors of ``device``."""
+    if backend == "reference":
+        return True
+    _ensure_loaded(backend)
+    if not _loaded[backend]:
+        return False
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        return True
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _choose(op: str, device: torch.device) -> tuple[str, Callable]:
+    forced = _state["backend"]
+    if forced == "reference":
+        candidates = ["reference"]
+    elif forced == "auto":
+        candidates = list(_ORDER) if device.type == "cuda" else ["reference"]
+    else:
+        if not available(forced, device):
+            raise BackendUnavailable(
+                f"backend {forced!r} cannot run on {device.type} tensors"
+                + (f" ({_load_errors[forced]})" if forced in _load_errors else ""))
+        candidates = list(_ORDER[_ORDER.index(forced):])
+    for backend in candidates:
+        if backend == "reference" or available(backend, device):
+            fn = _registry.get(op, {}).get(backend)
+            if fn is not None:
+                return backend, fn
+    raise KeyError(f"no implementation of {op!r}")  # the reference always registers
+
+
+def _call(op: str, device: torch.device, *args, **kwargs):
+    backend, fn = _choose(op, device)
+    _usage[(op, backend)] += 1
+    return fn(*args, **kwargs)
+
+
+# ---- the operations (signatures and meaning: see sparsellm.reference) -------------------
+
+
+def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
+    return _call("obs_prune_block", weight.device, weight, hinv, fraction, n, m, prune_mask)
+
+
+def obs_prune(weight, hinv_upper, fraction, n=None, m=None, blocksize=128):
+    """Blocked OBS sweep; the block operation is dispatched, the lazy updates are matmuls."""
+    def block_fn(w, h, f, nn, mm):
+        return obs_prune_block(w, h, f, nn, mm)
+    return reference.obs_prune(weight, hinv_upper, fraction, n, m, blocksize, block_fn=block_fn)
+
+
+def cholesky_inverse_upper(gram, percdamp):
+    return _call("cholesky_inverse_upper", gram.device, gram, percdamp)
+
+
+def damped_cholesky(gram, percdamp):
+    return _call("damped_cholesky", gram.device, gram, percdamp)
+
+
+def spd_solve(matrix, rhs, percdamp=0.0):
+    return _call("spd_solve", matrix.device, matrix, rhs, percdamp)
+
+
+def nm_prune_mask(score, n, m):
+    return _call("nm_prune_mask", score.device, score, n, m)
+
+
+def row_prune_mask(score, k):
+    return _call("row_prune_mask", score.device, score, k)
+
+
+def flat_prune_mask(score, k):
+    return _call("flat_prune_mask", score.device, score, k)
+
+
+def wanda_prune_mask(weight, in_norm, fraction, n=None, m=None):
+    return _call("wanda_prune_mask", weight.device, weight, in_norm, fraction, n, m)
+
+
+def relu_z_step(p, m, alpha, gamma):
+    return _call("relu_z_step", p.device, p, m, alpha, gamma)
+
+
+def swiglu_z_step(p, m, s, alpha, gamma):
+    return _call("swiglu_z_step", p.device, p, m, s, alpha, gamma)
+
+
+def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
+    return _call("swiglu_s_step", s.device, s, g, p, z, alpha, gamma, iterations)
+
+
+for _op in ("obs_prune_block", "cholesky_inverse_upper", "damped_cholesky", "spd_solve", "nm_prune_mask",
+            "row_prune_mask", "flat_prune_mask", "wanda_prune_mask", "relu_z_step", "swiglu_z_step",
+            "swiglu_s_step"):
+    register(_op, "reference", getattr(reference, _op))

@@ -1,0 +1,86 @@
+"""Sparsity patterns: an unstructured fraction (``0.7``) or semi-structured ``N:M``.
+
+Convention (as in the SparseGPT, Wanda and SparseLLM papers): ``N:M`` means N weights are
+*pruned* in every M consecutive input weights of a row, so ``3:4`` is 75% sparse and ``2:4``
+is 50% sparse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_M = 16
+
+
+class SparsityError(ValueError):
+    """A sparsity pattern that cannot be parsed or applied."""
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """What to prune. ``fraction`` is the pruned share; ``n``/``m`` are set for N:M patterns."""
+
+    fraction: float
+    n: int | None = None
+    m: int | None = None
+
+    def __post_init__(self):
+        if self.is_nm:
+            if not (isinstance(self.n, int) and isinstance(self.m, int)):
+                raise SparsityError("N:M needs integer N and M")
+            if not (0 < self.n < self.m):
+                raise SparsityError(f"N:M needs 0 < N < M (N pruned of every M), got {self.n}:{self.m}")
+            if self.m > MAX_M:
+                raise SparsityError(f"N:M supports M up to {MAX_M}, got M={self.m}")
+        elif not (0.0 <= self.fraction < 1.0):
+            raise SparsityError(f"sparsity must lie in [0, 1), got {self.fraction}")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None or self.m is not None
+
+    @classmethod
+    def parse(cls, spec: "str | float | SparsityPattern") -> "SparsityPattern":
+        """Parse ``"0.7"``, ``0.7``, ``"70%"`` or ``"3:4"``."""
+        if isinstance(spec, SparsityPattern):
+            return spec
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return cls(float(spec))
+        text = str(spec).strip()
+        if ":" in text:
+            parts = text.split(":")
+            try:
+                n, m = (int(p) for p in parts)
+            except ValueError:
+                raise SparsityError(f"cannot parse N:M pattern {spec!r}; expected e.g. 2:4") from None
+            if not (0 < n < m):
+                raise SparsityError(f"N:M needs 0 < N < M (N pruned of every M), got {text}")
+            return cls(n / m, n, m)
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise SparsityError(f"cannot parse sparsity {spec!r}; expected a fraction like 0.7 or N:M like 2:4") from None
+        return cls(value)
+
+    def check_shape(self, in_features: int) -> None:
+        """N:M groups run along the input dimension, which must divide into groups of M."""
+        if self.is_nm and in_features % self.m:
+            raise SparsityError(f"{self} needs the input size ({in_features}) to be a multiple of {self.m}")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.fraction:g}"
+
+
+def zero_fraction(weight: torch.Tensor) -> float:
+    """Share of exactly-zero entries."""
+    return float((weight == 0).sum().item()) / weight.numel()
+
+
+def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True if every group of M consecutive input weights holds at least N zeros."""
+    rows, cols = weight.shape
+    if cols % m:
+        return False
+    zeros = (weight.reshape(rows, cols // m, m) == 0).sum(-1)
+    return bool((zeros >= n).all())
