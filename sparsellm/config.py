@@ -30,7 +30,7 @@ class PruneConfig:
     model: str = DEFAULT_MODEL
     method: str = "sparsegpt"
     sparsity: SparsityPattern = field(default_factory=lambda: SparsityPattern(0.5))
-    layers: tuple[int, int] | None = None  # half-open [start, stop) range of decoder layers; None = all
+    layers: tuple[int, int | None] | None = None  # half-open [start, stop) of decoder layers; None = all
     sequential: bool = True  # collect FFN statistics after attention of the same layer is pruned
     # calibration
     calib: str = "wiki"

@@ -1,0 +1,162 @@
+"""The Python API: the CLI is a thin layer over :func:`run`.
+
+    from sparsellm import PruneConfig, run
+    report = run(PruneConfig(method="sparsegpt", sparsity="2:4", nsamples=32, seqlen=512))
+
+or step by step: :func:`load_model`, :func:`prune`, :func:`evaluate`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+
+import torch
+
+from . import __version__, data, ops
+from .config import PruneConfig
+from .default_model import ALIASES as DEFAULT_ALIASES
+from .default_model import resolve as resolve_default
+from .driver import LayerDriver, LayerRecord, resolve_device
+from .evaluate import perplexity
+from .methods import get_method
+from .models import get_adapter
+from .report import build_report, write_report
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def load_model(name_or_path: str, dtype: str = "float32"):
+    """A causal LM and its tokenizer from a local folder, a hub id, or the embedded default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    path = resolve_default(name_or_path)
+    if name_or_path not in DEFAULT_ALIASES and (os.sep in name_or_path or name_or_path.startswith(".")) \
+            and not os.path.exists(name_or_path):
+        raise ModelLoadError(f"model path {name_or_path!r} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _check_layers(config: PruneConfig, num_layers: int) -> None:
+    if config.layers is None:
+        return
+    start, stop = config.layers
+    stop = num_layers if stop is None else stop
+    config.layers = (start, stop)
+    if not (0 <= start < stop <= num_layers):
+        raise ValueError(f"layer range {start}:{stop} is out of bounds for a model with {num_layers} "
+                         f"decoder layers (valid: 0 <= start < stop <= {num_layers})")
+
+
+def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
+    """Prune ``model`` in place with the settings of ``config``; returns per-layer records."""
+    adapter = get_adapter(model)
+    _check_layers(config, len(adapter.layers(model)))
+    method = get_method(config)
+    windows = data.calibration_windows(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return LayerDriver(model, adapter, method, config).run(windows)
+
+
+def evaluate(model, tokenizer, config: PruneConfig, label: str = "") -> dict[str, float]:
+    """Perplexity on each of ``config.eval`` (skipped for ``none``)."""
+    results = {}
+    device = resolve_device(config.device)
+    for source in config.eval:
+        if source == "none":
+            continue
+        tokens = data.eval_tokens(source, tokenizer, config.resolved_eval_seqlen)
+        results[source] = perplexity(model, tokens, config.resolved_eval_seqlen, config.eval_windows,
+                                     device=device, quiet=config.quiet, desc=f"{label} ppl {source}".strip())
+    return results
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host_max_rss"
+
+
+def run(config: PruneConfig) -> dict:
+    """The whole job: load, evaluate dense, prune, evaluate pruned, export, save, report.
+
+    Bad settings fail before any long work starts; outputs are written only when complete.
+    """
+    from . import export
+
+    if config.backend != "auto":
+        ops.set_backend(config.backend)
+    if config.save:
+        _check_output_dir(config.save, config.overwrite)  # fail now, not after the prune
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(config.model, config.dtype)
+    _check_layers(config, len(get_adapter(model).layers(model)))
+    on_device = device.type == "cpu" or _fits(model, device)
+
+    dense_ppl = {}
+    if config.eval_dense and any(e != "none" for e in config.eval):
+        model.to(device if on_device else "cpu")
+        dense_ppl = evaluate(model, tokenizer, config, "dense")
+        model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ops.reset_usage()
+    start = time.perf_counter()
+    records = prune(model, tokenizer, config)
+    prune_seconds = time.perf_counter() - start
+    peak = _peak_memory(device)
+    backend_usage = ops.usage()
+
+    if config.save:  # the dense-masked weights, before any export changes their layout
+        export.save_pruned(model, tokenizer, config.save, sparsity_structure=_structure(config),
+                           save_format=config.save_format, overwrite=config.overwrite,
+                           extra={"sparsellm": {"method": config.method, "version": __version__}})
+    model.to(device if on_device else "cpu")
+    export_info = export.apply_export(model, config.export) if config.export else None
+    pruned_ppl = evaluate(model, tokenizer, config, "pruned")
+    report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
+                          prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
+                          export_info=export_info, version=__version__)
+    if config.save:
+        report["saved_to"] = os.path.abspath(config.save)
+    if config.report:
+        write_report(report, config.report)
+    return report
+
+
+class OutputExists(FileExistsError):
+    pass
+
+
+def _check_output_dir(path: str, overwrite: bool) -> None:
+    if os.path.isfile(path):
+        raise OutputExists(f"--save {path!r} is a file, not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise OutputExists(f"--save directory {path!r} is not empty; pass --overwrite to replace it")
+
+
+def _structure(config: PruneConfig) -> str:
+    return str(config.sparsity) if config.sparsity.is_nm else "unstructured"
+
+
+def _fits(model, device) -> bool:
+    """Whether the whole model fits on ``device`` for evaluation (with room for activations)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return size * 1.3 < free

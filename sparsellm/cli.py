@@ -1,0 +1,122 @@
+"""``sparsellm-prune``: the command line over :func:`sparsellm.api.run`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .config import DEFAULT_MODEL, PruneConfig, SparseLLMSettings
+from .sparsity import SparsityPattern, SparsityError
+
+
+def _layers(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(p) if p else None for p in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers expects START:STOP (half-open, e.g. 0:15), got {text!r}")
+    return (start or 0, stop)  # stop None: to the last layer
+
+
+def _sparsity(text: str) -> SparsityPattern:
+    try:
+        return SparsityPattern.parse(text)
+    except SparsityError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .ops import BACKENDS
+
+    d = PruneConfig()
+    s = SparseLLMSettings()
+    p = argparse.ArgumentParser(
+        prog="sparsellm-prune",
+        description="Prune a causal language model layer by layer and report dense and pruned perplexity.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=f"sparsellm {__version__}")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local folder or hub id; 'smollm2' is the embedded SmolLM2-135M-Instruct (offline)")
+    p.add_argument("--method", default=d.method, choices=sorted(METHODS))
+    p.add_argument("--sparsity", type=_sparsity, default=d.sparsity,
+                   help="unstructured fraction pruned (0.7) or N:M with N pruned of every M consecutive "
+                        "input weights (3:4 = 75%% sparse, 2:4 = 50%%)")
+    p.add_argument("--layers", type=_layers, default=None,
+                   help="half-open range START:STOP of decoder layers to prune (default: all)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="gather all of a layer's statistics from the dense layer (as the reference code) "
+                        "instead of after pruning the earlier linears of the same layer")
+    p.add_argument("--calib", default=d.calib, help="calibration text: wiki (offline default), wikitext2, ptb, "
+                   "c4, NAME:PATH for local files of that data set, or a path to a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--blocksize", type=int, default=d.blocksize, help="OBS column block (SparseGPT, SparseLLM)")
+    p.add_argument("--percdamp", type=float, default=d.percdamp, help="Hessian dampening, share of mean diagonal")
+    g = p.add_argument_group("SparseLLM")
+    g.add_argument("--alpha", type=float, default=s.alpha)
+    g.add_argument("--beta", type=float, default=s.beta)
+    g.add_argument("--gamma", type=float, default=s.gamma)
+    g.add_argument("--iterations", type=int, default=s.iterations)
+    p.add_argument("--eval", default=",".join(d.eval),
+                   help="comma-separated evaluation texts (same names as --calib), or none")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
+    p.add_argument("--eval-windows", type=int, default=None, help="cap on evaluation windows (default: all)")
+    p.add_argument("--no-dense-eval", dest="eval_dense", action="store_false", help="skip the dense perplexity")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
+                   help="model dtype; the pruning math is float32 regardless")
+    p.add_argument("--backend", default=d.backend, choices=list(BACKENDS),
+                   help="kernels for the hot operations (also SPARSELLM_BACKEND)")
+    p.add_argument("--save", default=None, help="write the pruned model (safetensors + tokenizer) to this folder")
+    p.add_argument("--save-format", default=d.save_format, choices=["dense", "compressed"])
+    p.add_argument("--export", default=None, choices=["semi-structured", "csr"],
+                   help="after pruning, swap eligible weights to sparse kernels before evaluation")
+    p.add_argument("--overwrite", action="store_true", help="allow --save into a non-empty folder")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    layers = args.layers
+    return PruneConfig(
+        model=args.model, method=args.method, sparsity=args.sparsity, layers=layers, sequential=args.sequential,
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        blocksize=args.blocksize, percdamp=args.percdamp,
+        sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations),
+        eval=tuple(e for e in args.eval.split(",") if e), eval_seqlen=args.eval_seqlen,
+        eval_windows=args.eval_windows, eval_dense=args.eval_dense, device=args.device, dtype=args.dtype,
+        backend=args.backend, quiet=args.quiet, save=args.save, save_format=args.save_format,
+        export=args.export, overwrite=args.overwrite, report=args.report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .api import run
+    from .report import summary
+
+    try:
+        config = config_from_args(args)
+        report = run(config)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as exc:
+        print(f"sparsellm-prune: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    if config.report:
+        print(f"report written to {config.report}")
+    if config.save:
+        print(f"pruned model saved to {config.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

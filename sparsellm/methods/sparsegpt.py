@@ -1,0 +1,51 @@
+"""SparseGPT (Frantar & Alistarh, 2023): blocked OBS with lazy updates.
+
+The upper Cholesky factor of the dampened inverse Hessian H^-1 = U^T U is computed once per
+input statistic; the sweep walks the columns in blocks, choosing the mask per block from
+w^2 / U_jj^2 (N:M: per group, when the sweep reaches it), zeroing pruned weights and spreading
+their error over the columns not yet visited.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..sparsity import SparsityPattern
+from .base import PruningMethod
+
+
+def obs_prune_with_gram(weight: torch.Tensor, gram: torch.Tensor, pattern: SparsityPattern,
+                        blocksize: int, percdamp: float, hinv_upper: torch.Tensor | None = None):
+    """Prune ``weight`` (out x in, float32) against inputs with Gram matrix ``gram``.
+
+    Inputs that never fire (zero diagonal) carry no information: their weights are zeroed and
+    their Hessian diagonal set to 1 so the factorisation stays defined. ``gram`` is never
+    modified (dampening goes into a copy), so a shared Hessian can be reused. Pass a
+    precomputed ``hinv_upper`` to share one factorisation among linears with the same input.
+    Returns ``(pruned, hinv_upper)``.
+    """
+    pattern.check_shape(weight.shape[1])
+    if pattern.is_nm and blocksize % pattern.m:
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    dead = torch.diagonal(gram) == 0
+    weight = weight.clone()
+    if hinv_upper is None:
+        gram_fixed = gram
+        if dead.any():
+            gram_fixed = gram.clone()
+            gram_fixed[dead, dead] = 1
+        hinv_upper, _ = ops.cholesky_inverse_upper(gram_fixed, percdamp)
+    weight[:, dead] = 0
+    pruned, _ = ops.obs_prune(weight, hinv_upper, pattern.fraction, pattern.n, pattern.m, blocksize)
+    return pruned, hinv_upper
+
+
+class SparseGPT(PruningMethod):
+    name = "sparsegpt"
+
+    def prune(self, weight, stats, pattern):
+        # Linears of one group share their InputStats: factor its Hessian once.
+        pruned, stats.cache["hinv_upper"] = obs_prune_with_gram(
+            weight, stats.gram, pattern, self.config.blocksize, self.config.percdamp,
+            stats.cache.get("hinv_upper"))
+        return pruned

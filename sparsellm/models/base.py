@@ -1,0 +1,86 @@
+"""The interface every model-family adapter implements.
+
+Nothing outside ``sparsellm/models`` knows a module name such as ``fc1`` or ``gate_proj``:
+the driver and the methods see decoder layers, groups of linears that share an input, and an
+FFN description (its linears and its activation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class FFN:
+    """The linears of one FFN block. ``activation`` is "relu" (up -> ReLU -> down, biases
+    allowed) or "swiglu" (down(SiLU(gate x) * up x), no biases)."""
+
+    activation: str
+    up: nn.Linear
+    down: nn.Linear
+    gate: nn.Linear | None = None
+
+    def _linear(self, name: str, weights: dict[str, torch.Tensor] | None):
+        module = getattr(self, name)
+        weight = module.weight if weights is None else weights[name]
+        return lambda t: F.linear(t, weight.to(t.dtype), None if module.bias is None else module.bias.to(t.dtype))
+
+    def hidden(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The down projection's input: ReLU(up x) or SiLU(gate x) * up x."""
+        if self.activation == "relu":
+            return torch.relu(self._linear("up", weights)(x))
+        return F.silu(self._linear("gate", weights)(x)) * self._linear("up", weights)(x)
+
+    def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The FFN output for inputs ``x`` (..., d), with the current weights or with
+        ``weights`` ({"up": W, "down": W, "gate": W}, e.g. a dense copy); biases are the
+        modules' own."""
+        return self._linear("down", weights)(self.hidden(x, weights))
+
+    def dense_copy(self) -> dict[str, torch.Tensor]:
+        return {name: lin.weight.detach().clone() for name, lin in self.linears().items()}
+
+    def linears(self) -> dict[str, nn.Linear]:
+        out = {"up": self.up, "down": self.down}
+        if self.gate is not None:
+            out["gate"] = self.gate
+        return out
+
+
+class ModelAdapter:
+    """One per model family. Subclasses set ``model_types`` and the name tables."""
+
+    model_types: tuple[str, ...] = ()
+    # Groups of linears in the order they see data; members of a group share one input.
+    attention_groups: tuple[tuple[str, ...], ...] = ()
+    ffn_groups: tuple[tuple[str, ...], ...] = ()
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.decoder(model).layers
+
+    def pre_layer_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules that run before the first decoder layer (embeddings, positions, ...)."""
+        raise NotImplementedError
+
+    def ffn(self, layer: nn.Module) -> FFN:
+        raise NotImplementedError
+
+    def linear(self, layer: nn.Module, name: str) -> nn.Linear:
+        return layer.get_submodule(name)
+
+    def groups(self, layer: nn.Module, part: str) -> list[dict[str, nn.Linear]]:
+        """``part`` is "attention" or "ffn": its groups as {qualified name: linear}."""
+        names = self.attention_groups if part == "attention" else self.ffn_groups
+        return [{name: self.linear(layer, name) for name in group} for group in names]
+
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+        """Run a decoder layer on captured inputs; transformers 5.x layers return a tensor,
+        older ones a tuple."""
+        out = layer(hidden, **layer_kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out

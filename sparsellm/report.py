@@ -1,0 +1,92 @@
+"""The JSON report of a run and its printed summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import asdict
+
+import torch
+
+from .driver import LayerRecord
+
+
+def _finite(x):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned_ppl, prune_seconds,
+                 peak_memory, backend_usage, export_info, version) -> dict:
+    zeros = total = 0
+    per_matrix = {}
+    for record in records:
+        for name, info in record.matrices.items():
+            zeros += round(info["sparsity"] * info["numel"])
+            total += info["numel"]
+            per_matrix[f"layers.{record.index}.{name}"] = info["sparsity"]
+    return _finite({
+        "sparsellm_version": version,
+        "method": config.method,
+        "model": config.model,
+        "model_type": model.config.model_type,
+        "target_sparsity": config.sparsity.fraction,
+        "sparsity_pattern": str(config.sparsity),
+        "pattern_convention": "N:M = N weights pruned in every M consecutive input weights",
+        "achieved_sparsity": zeros / total if total else 0.0,
+        "pruned_weights": total,
+        "layers_pruned": [r.index for r in records],
+        "per_layer_sparsity": {
+            str(r.index): sum(round(i["sparsity"] * i["numel"]) for i in r.matrices.values())
+            / max(1, sum(i["numel"] for i in r.matrices.values())) for r in records},
+        "per_matrix_sparsity": per_matrix,
+        "layer_errors": [{"layer": r.index, "ffn_rel_error": r.ffn_rel_error,
+                          "output_rel_error": r.output_rel_error,
+                          "matrix_rel_error": {k: v["rel_error"] for k, v in r.matrices.items()},
+                          "seconds": r.seconds, "diagnostics": r.diagnostics} for r in records],
+        "ppl": {"dense": dense_ppl, "pruned": pruned_ppl},
+        "prune_seconds": prune_seconds,
+        "peak_memory_bytes": peak_memory[0],
+        "peak_memory_kind": peak_memory[1],
+        "backend": config.backend,
+        "backend_usage": backend_usage,
+        "export": export_info,
+        "settings": config.to_dict(),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and
+                        (config.device or "cuda").startswith("cuda") else platform.processor() or "cpu",
+                        "threads": torch.get_num_threads()},
+    })
+
+
+def write_report(report: dict, path: str) -> None:
+    """Write atomically: a temporary file in the same folder, renamed when complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(report, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def summary(report: dict) -> str:
+    lines = [f"method {report['method']}  pattern {report['sparsity_pattern']}  "
+             f"achieved sparsity {report['achieved_sparsity']:.4f}  prune {report['prune_seconds']:.1f}s"]
+    for dataset, value in report["ppl"]["pruned"].items():
+        dense = report["ppl"]["dense"].get(dataset)
+        dense_text = f"{dense:.3f}" if dense is not None else "n/a"
+        lines.append(f"perplexity [{dataset}]  dense {dense_text}  pruned {value:.3f}")
+    return "\n".join(lines)
