@@ -126,8 +126,33 @@ def _relative_error_from_gram(dense: torch.Tensor, pruned: torch.Tensor, gram: t
     return float((num / den).clamp_min(0).sqrt()) if den > 0 else float("nan")
 
 
+class _ErrorMeter:
+    """Accumulates ||reference - actual||^2 and ||reference||^2 (float64)."""
+
+    def __init__(self):
+        self.err = 0.0
+        self.ref = 0.0
+
+    def add(self, reference: torch.Tensor, actual: torch.Tensor) -> None:
+        reference, actual = reference.double(), actual.double()
+        self.err += float(((reference - actual) ** 2).sum())
+        self.ref += float((reference ** 2).sum())
+
+    @property
+    def relative(self) -> float:
+        return (self.err / self.ref) ** 0.5 if self.ref > 0 else float("nan")
+
+
 class LayerDriver:
-    """Prunes the decoder layers of one model with one method."""
+    """Prunes the decoder layers of one model with one method.
+
+    Passes over the calibration windows per pruned layer: one per group of linears sharing an
+    input (sequential), one for all of them (non-sequential), or attention groups plus one
+    FFN pass (joint-FFN methods); then one final pass that both measures the errors and
+    produces the next layer's inputs. The first pass runs the dense layer and keeps its
+    outputs as the reference for the layer error; the pass that first reaches the FFN with
+    pruned attention and a dense FFN keeps the dense FFN outputs as the FFN reference.
+    """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, config: PruneConfig):
         self.model = model
@@ -136,117 +161,110 @@ class LayerDriver:
         self.config = config
         self.device = resolve_device(config.device)
 
-    # -- passes over the calibration windows -------------------------------------------------
-
-    def _run(self, layer, inputs, kwargs, outputs: torch.Tensor | None = None):
-        """Run ``layer`` on every window (one at a time, to bound memory); optionally store
-        the outputs into ``outputs`` (may alias ``inputs``: each window is read before it is
-        overwritten)."""
-        with torch.no_grad():
+    def _pass(self, layer, inputs, kwargs, hooks=(), outputs: torch.Tensor | None = None, per_window=None):
+        """Run ``layer`` on every window (one at a time, to bound memory) with ``hooks``
+        installed; store outputs into ``outputs`` (may alias ``inputs``: each window is read
+        before it is overwritten); ``per_window(i, out)`` sees each output."""
+        with torch.no_grad(), _hooks(list(hooks)):
             for i in range(inputs.shape[0]):
                 out = self.adapter.call_layer(layer, inputs[i:i + 1], kwargs)
+                if per_window is not None:
+                    per_window(i, out)
                 if outputs is not None:
                     outputs[i:i + 1] = out
 
-    def _gather(self, layer, inputs, kwargs, groups) -> list[InputStats]:
-        accumulators = [_GramAccumulator(next(iter(group.values()))) for group in groups]
-        with _hooks([a.handle for a in accumulators]):
-            self._run(layer, inputs, kwargs)
-        return [a.stats() for a in accumulators]
-
-    def _gather_ffn_inputs(self, layer, inputs, kwargs) -> torch.Tensor:
-        """All FFN input tokens of this layer, [N, d] (float32)."""
-        ffn = self.adapter.ffn(layer)
-        chunks: list[torch.Tensor] = []
-        handle = ffn.up.register_forward_hook(
-            lambda mod, inp, out: chunks.append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float()))
-        with _hooks([handle]):
-            self._run(layer, inputs, kwargs)
-        return torch.cat(chunks)
-
-    # -- pruning --------------------------------------------------------------------------------
-
-    def _prune_group(self, group: dict[str, nn.Linear], stats: InputStats, record: LayerRecord):
-        pattern = self.config.sparsity
-        for name, linear in group.items():
-            dense = linear.weight.detach().float()
-            pruned = self.method.prune(dense, stats, pattern)
-            self._record_matrix(record, name, dense, pruned, stats.gram)
-            linear.weight.data.copy_(pruned.to(linear.weight.dtype))
-
-    @staticmethod
-    def _record_matrix(record, name, dense, pruned, gram):
+    def _record_matrix(self, record, name, dense, pruned, gram):
         record.matrices[name] = {
             "sparsity": zero_fraction(pruned),
             "rel_error": _relative_error_from_gram(dense, pruned, gram),
             "numel": pruned.numel(),
         }
 
-    def prune_layer(self, index: int, layer: nn.Module, inputs: torch.Tensor, kwargs: dict) -> LayerRecord:
+    def _prune_group(self, group: dict[str, nn.Linear], stats: InputStats, record: LayerRecord):
+        for name, linear in group.items():
+            dense = linear.weight.detach().float()
+            pruned = self.method.prune(dense, stats, self.config.sparsity)
+            self._record_matrix(record, name, dense, pruned, stats.gram)
+            linear.weight.data.copy_(pruned.to(linear.weight.dtype))
+
+    def prune_layer(self, index: int, layer: nn.Module, inputs: torch.Tensor, kwargs: dict,
+                    outputs: torch.Tensor) -> LayerRecord:
+        """Prune one decoder layer; writes the pruned layer's outputs into ``outputs``."""
         record = LayerRecord(index=index)
         start = time.perf_counter()
-        dense_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         ffn = self.adapter.ffn(layer)
         dense_ffn = ffn.dense_copy()
         attention = self.adapter.groups(layer, "attention")
         ffn_groups = self.adapter.groups(layer, "ffn")
-
         if self.method.joint_ffn:
-            self._prune_sequential(layer, inputs, kwargs, attention, record)
-            x = self._gather_ffn_inputs(layer, inputs, kwargs)
-            record.diagnostics = self.method.prune_ffn(ffn, x, self.config.sparsity) or {}
-            hidden = ffn.hidden(x)  # what the pruned down projection sees
-            grams = {"down": hidden.T @ hidden / hidden.shape[0]}
-            del hidden
-            for group in ffn_groups:
-                for qualified, linear in group.items():
-                    name = next(n for n, lin in ffn.linears().items() if lin is linear)
-                    gram = grams.get(name)
-                    if gram is None:
-                        gram = grams.setdefault("input", x.T @ x / x.shape[0])
-                    self._record_matrix(record, qualified, dense_ffn[name].float(),
-                                        linear.weight.detach().float(), gram)
-            del x
+            passes = [[g] for g in attention] + [["ffn"]]
         elif self.config.sequential:
-            self._prune_sequential(layer, inputs, kwargs, attention + ffn_groups, record)
+            passes = [[g] for g in attention + ffn_groups]
         else:
-            groups = attention + ffn_groups
-            for group, stats in zip(groups, self._gather(layer, inputs, kwargs, groups)):
-                self._prune_group(group, stats, record)
-        self._measure(layer, ffn, dense_state, dense_ffn, inputs, kwargs, record)
+            passes = [attention + ffn_groups]
+
+        # The FFN reference is kept where the FFN first runs after attention was pruned; in a
+        # single non-sequential pass there is no such pass and the final pass recomputes it.
+        ffn_pass = next((n for n, groups in enumerate(passes) if n > 0 and
+                         any(g == "ffn" or g is ffn_groups[0] for g in groups)), None)
+        dense_out = torch.empty_like(inputs)
+        ffn_reference: list[torch.Tensor] | None = None  # dense FFN outputs per window
+        ffn_inputs: list[torch.Tensor] = []
+        for number, groups in enumerate(passes):
+            hooks, accumulators = [], []
+            for group in groups:
+                if group == "ffn":  # the joint-FFN method needs every FFN input token
+                    hooks.append(ffn.up.register_forward_hook(
+                        lambda mod, inp, out: ffn_inputs.append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float())))
+                else:
+                    accumulators.append(_GramAccumulator(next(iter(group.values()))))
+                    hooks.append(accumulators[-1].handle)
+            if number == ffn_pass:
+                ffn_reference = []
+                hooks.append(ffn.down.register_forward_hook(lambda mod, inp, out: ffn_reference.append(out.detach())))
+            self._pass(layer, inputs, kwargs, hooks, outputs=dense_out if number == 0 else None)
+            for group, acc in zip([g for g in groups if g != "ffn"], accumulators):
+                self._prune_group(group, acc.stats(), record)
+            if "ffn" in groups:
+                self._prune_joint_ffn(ffn, torch.cat(ffn_inputs), dense_ffn, ffn_groups, record)
+                ffn_inputs.clear()
+
+        self._final_pass(layer, ffn, dense_ffn, ffn_reference, inputs, kwargs, dense_out, outputs, record)
         record.seconds = time.perf_counter() - start
         return record
 
-    def _prune_sequential(self, layer, inputs, kwargs, groups, record):
-        for group in groups:
-            (stats,) = self._gather(layer, inputs, kwargs, [group])
-            self._prune_group(group, stats, record)
+    def _prune_joint_ffn(self, ffn, x, dense_ffn, ffn_groups, record):
+        record.diagnostics = self.method.prune_ffn(ffn, x, self.config.sparsity) or {}
+        hidden = ffn.hidden(x)  # what the pruned down projection sees
+        grams = {"down": hidden.T @ hidden / hidden.shape[0], "input": x.T @ x / x.shape[0]}
+        del hidden
+        for group in ffn_groups:
+            for qualified, linear in group.items():
+                name = next(n for n, lin in ffn.linears().items() if lin is linear)
+                self._record_matrix(record, qualified, dense_ffn[name].float(), linear.weight.detach().float(),
+                                    grams["down" if name == "down" else "input"])
 
-    def _measure(self, layer, ffn, dense_state, dense_ffn, inputs, kwargs, record):
-        """Relative output errors of the pruned FFN and layer against their dense versions on
-        the same inputs (the FFN's inputs are those the pruned attention produces)."""
-        sums = torch.zeros(4, dtype=torch.float64)
-        in_pruned_pass = [False]  # the hook must not fire during the dense pass
+    def _final_pass(self, layer, ffn, dense_ffn, ffn_reference, inputs, kwargs, dense_out, outputs, record):
+        """Run the pruned layer: its outputs feed the next layer, and its errors against the
+        dense references are measured on the same inputs."""
+        ffn_meter, layer_meter = _ErrorMeter(), _ErrorMeter()
+        references = iter(ffn_reference) if ffn_reference is not None else None
+        last_input: list[torch.Tensor] = []
 
         def ffn_hook(module, inp, out):
-            if in_pruned_pass[0]:
-                x = inp[0].detach()
-                dense_y = ffn.forward(x, dense_ffn).double()
-                sums[0] += float(((dense_y - ffn.forward(x).double()) ** 2).sum())
-                sums[1] += float((dense_y ** 2).sum())
+            if references is not None:
+                reference = next(references)
+            else:  # non-sequential: recompute the dense FFN on these (pruned-attention) inputs
+                reference = ffn.forward(last_input.pop(), dense_ffn)
+            ffn_meter.add(reference, out.detach())
 
-        with torch.no_grad(), _hooks([ffn.up.register_forward_hook(ffn_hook)]):
-            for i in range(inputs.shape[0]):
-                window = inputs[i:i + 1]
-                in_pruned_pass[0] = True
-                pruned = self.adapter.call_layer(layer, window, kwargs).double()
-                in_pruned_pass[0] = False
-                dense = torch.func.functional_call(layer, dense_state, (window,), kwargs)
-                dense = (dense[0] if isinstance(dense, (tuple, list)) else dense).double()
-                sums[2] += float(((dense - pruned) ** 2).sum())
-                sums[3] += float((dense ** 2).sum())
-        record.ffn_rel_error = float((sums[0] / sums[1]).sqrt()) if sums[1] > 0 else float("nan")
-        record.output_rel_error = float((sums[2] / sums[3]).sqrt()) if sums[3] > 0 else float("nan")
+        hooks = [ffn.down.register_forward_hook(ffn_hook)]
+        if references is None:
+            hooks.append(ffn.up.register_forward_hook(lambda mod, inp, out: last_input.append(inp[0].detach())))
+        self._pass(layer, inputs, kwargs, hooks, outputs=outputs,
+                   per_window=lambda i, out: layer_meter.add(dense_out[i:i + 1], out))
+        record.ffn_rel_error = ffn_meter.relative
+        record.output_rel_error = layer_meter.relative
 
     # -- the whole model ------------------------------------------------------------------------
 
@@ -262,12 +280,12 @@ class LayerDriver:
             home = next(layer.parameters()).device
             layer.to(self.device)
             if index >= start:
-                record = self.prune_layer(index, layer, inputs, kwargs)
+                record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
                 records.append(record)
                 bar.set_postfix(ffn_err=f"{record.ffn_rel_error:.3g}", out_err=f"{record.output_rel_error:.3g}")
                 log.info("layer %d: ffn rel error %.4g, output rel error %.4g (%.1fs)", index,
                          record.ffn_rel_error, record.output_rel_error, record.seconds)
-            if index + 1 < stop:
-                self._run(layer, inputs, kwargs, outputs=inputs)  # next layer's inputs
+            elif index + 1 < stop:
+                self._pass(layer, inputs, kwargs, outputs=inputs)  # next layer's inputs
             layer.to(home)
         return records
