@@ -31,6 +31,10 @@ from .sparsity import zero_fraction
 
 log = logging.getLogger(__name__)
 
+# Windows go through a layer in batches of about this many tokens: large enough for efficient
+# matrix products, small enough that attention activations stay modest.
+WINDOW_TOKENS_PER_CALL = 4096
+
 
 @dataclass
 class LayerRecord:
@@ -161,17 +165,19 @@ class LayerDriver:
         self.config = config
         self.device = resolve_device(config.device)
 
-    def _pass(self, layer, inputs, kwargs, hooks=(), outputs: torch.Tensor | None = None, per_window=None):
-        """Run ``layer`` on every window (one at a time, to bound memory) with ``hooks``
-        installed; store outputs into ``outputs`` (may alias ``inputs``: each window is read
-        before it is overwritten); ``per_window(i, out)`` sees each output."""
+    def _pass(self, layer, inputs, kwargs, hooks=(), outputs: torch.Tensor | None = None, per_batch=None):
+        """Run ``layer`` over all windows, a few at a time (to bound activation memory), with
+        ``hooks`` installed; store outputs into ``outputs`` (may alias ``inputs``: each batch
+        is read before it is overwritten); ``per_batch(rows, out)`` sees each output."""
+        step = max(1, WINDOW_TOKENS_PER_CALL // inputs.shape[1])
         with torch.no_grad(), _hooks(list(hooks)):
-            for i in range(inputs.shape[0]):
-                out = self.adapter.call_layer(layer, inputs[i:i + 1], kwargs)
-                if per_window is not None:
-                    per_window(i, out)
+            for i in range(0, inputs.shape[0], step):
+                rows = slice(i, min(i + step, inputs.shape[0]))
+                out = self.adapter.call_layer(layer, inputs[rows], kwargs)
+                if per_batch is not None:
+                    per_batch(rows, out)
                 if outputs is not None:
-                    outputs[i:i + 1] = out
+                    outputs[rows] = out
 
     def _record_matrix(self, record, name, dense, pruned, gram):
         record.matrices[name] = {
@@ -208,7 +214,7 @@ class LayerDriver:
         ffn_pass = next((n for n, groups in enumerate(passes) if n > 0 and
                          any(g == "ffn" or g is ffn_groups[0] for g in groups)), None)
         dense_out = torch.empty_like(inputs)
-        ffn_reference: list[torch.Tensor] | None = None  # dense FFN outputs per window
+        ffn_reference: list[torch.Tensor] | None = None  # dense FFN outputs per batch
         ffn_inputs: list[torch.Tensor] = []
         for number, groups in enumerate(passes):
             hooks, accumulators = [], []
@@ -262,7 +268,7 @@ class LayerDriver:
         if references is None:
             hooks.append(ffn.up.register_forward_hook(lambda mod, inp, out: last_input.append(inp[0].detach())))
         self._pass(layer, inputs, kwargs, hooks, outputs=outputs,
-                   per_window=lambda i, out: layer_meter.add(dense_out[i:i + 1], out))
+                   per_batch=lambda rows, out: layer_meter.add(dense_out[rows], out))
         record.ffn_rel_error = ffn_meter.relative
         record.output_rel_error = layer_meter.relative
 

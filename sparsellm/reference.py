@@ -132,7 +132,6 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     Returns ``(pruned_block, err, loss)``: ``err`` (rows x B) feeds the lazy update of the
     columns right of the block, ``loss`` is sum((w - q)^2 / hinv_jj^2) / 2.
     """
-    weight = weight.clone()
     rows, width = weight.shape
     diag = torch.diagonal(hinv)
     if prune_mask is None:
@@ -140,21 +139,24 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
             prune_mask = flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, int(rows * width * fraction))
         else:
             prune_mask = torch.zeros_like(weight, dtype=torch.bool)
-    err = torch.zeros_like(weight)
+    # Work on the transpose so that each column is a contiguous row: the sweep touches one
+    # column and a rank-1 update of the columns right of it per step.
+    work = weight.t().contiguous()
+    mask_t = prune_mask.t().contiguous()
+    err = torch.empty_like(work)
     losses = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
     for col in range(width):
         if n is not None and col % m == 0:
-            group = weight[:, col:col + m] ** 2 / diag[col:col + m].unsqueeze(0) ** 2
-            prune_mask[:, col:col + m] = nm_prune_mask(group, n, m)
-        w = weight[:, col]
-        d = diag[col]
-        q = torch.where(prune_mask[:, col], torch.zeros_like(w), w)
-        losses += (w - q) ** 2 / d ** 2
-        col_err = (w - q) / d
-        weight[:, col:] -= col_err.unsqueeze(1) * hinv[col, col:].unsqueeze(0)
-        weight[:, col] = q
-        err[:, col] = col_err
-    return weight, err, losses.sum() / 2
+            group = work[col:col + m] ** 2 / diag[col:col + m].unsqueeze(1) ** 2
+            mask_t[col:col + m] = nm_prune_mask(group.t(), n, m).t()
+        w = work[col]
+        q = w.masked_fill(mask_t[col], 0)
+        col_err = (w - q) / diag[col]
+        losses += col_err * col_err
+        work[col + 1:].addr_(hinv[col, col + 1:], col_err, alpha=-1)
+        work[col] = q
+        err[col] = col_err
+    return work.t(), err.t(), losses.sum() / 2
 
 
 def obs_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, fraction: float,
@@ -165,7 +167,8 @@ def obs_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, fraction: float,
     dispatch module passes the fastest available. Returns ``(pruned_weight, loss)``.
     """
     block_fn = block_fn or obs_prune_block
-    weight = weight.clone().float()
+    # float32 at least (half-precision sweeps lose the small updates); float64 stays float64
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
     cols = weight.shape[1]
     total_loss = weight.new_zeros(())
     for start in range(0, cols, blocksize):

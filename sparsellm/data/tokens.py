@@ -1,0 +1,126 @@
+"""Token streams, calibration windows and evaluation streams of the data sources.
+
+The sampler is the one of the SparseGPT/Wanda reference code (``datautils.py``), so that a given
+seed picks the same windows as there: ``random.seed(seed)``, then per sample
+``i = random.randint(0, N - seqlen - 1)`` and the window ``ids[i:i + seqlen]``. A private
+``random.Random(seed)`` draws the very same numbers without touching the global generator.
+"""
+from __future__ import annotations
+
+import functools
+import random
+
+import torch
+
+from .sources import (C4_EVAL_WINDOWS, DataSourceError, Source, _split_text, c4_documents,
+                      parse_source)
+
+
+class _TokKey:
+    """Hashable handle of a tokenizer for the caches: two tokenizers loaded from the same place
+    (same class, name_or_path and vocabulary size) tokenize alike, so they share cache entries."""
+
+    __slots__ = ("tokenizer", "key")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.key = (type(tokenizer).__qualname__, str(getattr(tokenizer, "name_or_path", "") or ""),
+                    len(tokenizer))
+
+    @property
+    def cacheable(self) -> bool:
+        # a tokenizer built in memory has no name_or_path: nothing tells two of them apart
+        return bool(self.key[1])
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _TokKey) and self.key == other.key
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's default special tokens (the reference code calls
+    ``tokenizer(text)``; SmolLM2's tokenizer adds no BOS). ``verbose=False`` silences the
+    "sequence length is longer than the specified maximum" warning: the whole split is tokenized
+    at once on purpose and only cut into model-sized windows afterwards."""
+    return list(tokenizer(text, verbose=False)["input_ids"])
+
+
+def _stream_uncached(src: Source, split: str, tok: _TokKey) -> torch.Tensor:
+    return torch.tensor(encode(tok.tokenizer, _split_text(src, split)), dtype=torch.long)
+
+
+_stream_cached = functools.lru_cache(maxsize=8)(_stream_uncached)
+
+
+def token_stream(src: Source, split: str, tokenizer) -> torch.Tensor:
+    """The 1-D token ids of one split, tokenized once per process (calibration and evaluation of
+    the same source repeat within a run, and across runs of one process)."""
+    if src.kind in ("text", "json"):
+        split = "calib"  # one text serves both splits: tokenize it once
+    tok = _TokKey(tokenizer)
+    return (_stream_cached if tok.cacheable else _stream_uncached)(src, split, tok)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _c4_windows(src: Source, tokenizer, nsamples: int, seqlen: int, rng: random.Random) -> list[torch.Tensor]:
+    # SparseGPT/Wanda get_c4: draw a random document until one has more than seqlen tokens,
+    # then a random window inside it.
+    docs = c4_documents(src, "calib")
+    if len(docs) == 0:
+        raise DataSourceError(f"{src.label}: the C4 training shard has no documents")
+    short: dict[int, int] = {}  # documents known to be too short -> their token counts
+    windows = []
+    for _ in range(nsamples):
+        while True:
+            d = rng.randint(0, len(docs) - 1)
+            if d in short:
+                continue  # re-tokenizing would reject it again; the draws stay those of the reference
+            ids = encode(tokenizer, docs[d])
+            if len(ids) > seqlen:
+                break
+            short[d] = len(ids)
+            if len(short) == len(docs):  # the reference would loop forever here
+                raise DataSourceError(
+                    f"{src.label}: no C4 training document has more than {seqlen} tokens (the longest has "
+                    f"{max(short.values())}); lower seqlen or use more documents")
+        i = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(torch.tensor(ids[i:i + seqlen], dtype=torch.long))
+    return windows
+
+
+def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` calibration tokens, ``LongTensor[nsamples, seqlen]``."""
+    _check_positive(nsamples=nsamples, seqlen=seqlen)
+    src = parse_source(source)
+    rng = random.Random(seed)  # same numbers as random.seed(seed) + random.randint, global state untouched
+    if src.kind == "c4":
+        return torch.stack(_c4_windows(src, tokenizer, nsamples, seqlen, rng))
+    ids = token_stream(src, "calib", tokenizer)
+    n = ids.numel()
+    # The reference draws randint(0, N - seqlen - 1) (it also builds next-token targets), so the
+    # last token is never the end of a window and N must be at least seqlen + 1.
+    if n < seqlen + 1:
+        raise DataSourceError(f"{src.label}: the calibration text has only {n} tokens; one window of "
+                              f"{seqlen} tokens needs at least {seqlen + 1}")
+    starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[i:i + seqlen] for i in starts])
+
+
+def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
+    """The evaluation token stream of ``source``, ``LongTensor[1, T]`` (C4: cut to 256 windows of
+    ``seqlen`` tokens, as SparseGPT). A fresh copy: the cached stream stays intact."""
+    _check_positive(seqlen=seqlen)
+    src = parse_source(source)
+    ids = token_stream(src, "eval", tokenizer)
+    if src.kind == "c4":
+        ids = ids[:C4_EVAL_WINDOWS * seqlen]
+    if ids.numel() == 0:
+        raise DataSourceError(f"{src.label}: the evaluation text is empty")
+    return ids.clone().unsqueeze(0)

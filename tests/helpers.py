@@ -1,0 +1,29 @@
+"""Shared builders for the tests: tiny random models and correlated synthetic inputs."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 128
+
+
+def tiny_llama(seed=0, layers=2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_opt(seed=0, layers=2):
+    torch.manual_seed(seed)
+    config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                       vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=256)
+    return OPTForCausalLM(config).eval()
+
+
+def correlated_inputs(tokens, dim, seed=0, outliers=4):
+    """Inputs like an LLM layer's: correlated features with a few large-scale columns."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=g) / dim ** 0.5 + torch.eye(dim)
+    x = torch.randn(tokens, dim, generator=g) @ mixing
+    scale = torch.ones(dim)
+    scale[torch.randperm(dim, generator=g)[:outliers]] = 20.0
+    return x * scale

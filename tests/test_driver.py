@@ -1,0 +1,116 @@
+"""Adapters and the layer-by-layer driver on tiny random OPT and LLaMA models (offline)."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from sparsellm.config import PruneConfig
+from sparsellm.driver import LayerDriver, capture_layer_inputs
+from sparsellm.methods import get_method
+from sparsellm.models import FFN, UnsupportedModel, get_adapter
+from sparsellm.sparsity import satisfies_nm, zero_fraction
+
+from helpers import VOCAB, tiny_llama, tiny_opt
+
+BUILDERS = {"llama": tiny_llama, "opt": tiny_opt}
+
+
+def windows(n=4, seqlen=32, seed=0):
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, **settings):
+    config = PruneConfig(nsamples=4, seqlen=32, quiet=True, device="cpu", **settings)
+    return LayerDriver(model, get_adapter(model), get_method(config), config).run(windows())
+
+
+def test_unknown_model_type_names_supported():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(UnsupportedModel, match="llama.*opt|opt.*llama"):
+        get_adapter(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_captured_inputs_reproduce_the_model(family):
+    """Layer inputs captured once, then the layers called by the adapter, give the same hidden
+    states as the model's own forward: positions, masks and rotary embeddings are passed."""
+    model = BUILDERS[family]()
+    adapter = get_adapter(model)
+    ids = windows(2)
+    hidden, kwargs = capture_layer_inputs(model, adapter, ids, torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states
+        for index, layer in enumerate(adapter.layers(model)):
+            torch.testing.assert_close(hidden, expected[index], rtol=1e-5, atol=1e-5)
+            hidden = torch.cat([adapter.call_layer(layer, hidden[i:i + 1], kwargs) for i in range(2)])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_ffn_description_matches_module(family):
+    model = BUILDERS[family]()
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    ffn = adapter.ffn(layer)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        if family == "llama":
+            expected = layer.mlp(x)
+        else:
+            expected = layer.fc2(layer.activation_fn(layer.fc1(x)))
+        torch.testing.assert_close(ffn.forward(x), expected)
+        torch.testing.assert_close(ffn.forward(x, ffn.dense_copy()), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_zero_sparsity_changes_nothing(family):
+    model = BUILDERS[family]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = run(model, method="sparsegpt", sparsity="0.0")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-5)
+    assert all(r.output_rel_error < 1e-4 and r.ffn_rel_error < 1e-4 for r in records)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_prunes_every_linear(family, method, sparsity):
+    model = BUILDERS[family]()
+    records = run(model, method=method, sparsity=sparsity)
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        for part in ("attention", "ffn"):
+            for group in adapter.groups(layer, part):
+                for linear in group.values():
+                    assert zero_fraction(linear.weight) == pytest.approx(0.5)
+                    if sparsity == "2:4":
+                        assert satisfies_nm(linear.weight, 2, 4)
+    for record in records:
+        assert len(record.matrices) == (7 if family == "llama" else 6)
+        assert 0 < record.output_rel_error < 1 and 0 < record.ffn_rel_error < 1.5
+
+
+def test_layer_range_prunes_only_those_layers():
+    model = tiny_llama(layers=3)
+    records = run(model, method="wanda", sparsity="0.5", layers=(1, 2))
+    assert [r.index for r in records] == [1]
+    layers = get_adapter(model).layers(model)
+    assert zero_fraction(layers[0].mlp.up_proj.weight) == 0
+    assert zero_fraction(layers[1].mlp.up_proj.weight) == pytest.approx(0.5)
+    assert zero_fraction(layers[2].mlp.up_proj.weight) == 0
+
+
+def test_sequential_mode_sees_pruned_attention():
+    """In sequential mode the FFN statistics come from the pruned attention's output, so the
+    FFN is pruned differently than from the dense layer's statistics."""
+    results = {}
+    for sequential in (True, False):
+        model = tiny_llama()
+        run(model, method="sparsegpt", sparsity="0.7", sequential=sequential)
+        results[sequential] = get_adapter(model).layers(model)[0].mlp.up_proj.weight.clone()
+    assert not torch.equal(results[True], results[False])
+
+
+def test_ffn_object_linears():
+    model = tiny_llama()
+    ffn = get_adapter(model).ffn(get_adapter(model).layers(model)[0])
+    assert isinstance(ffn, FFN) and set(ffn.linears()) == {"up", "down", "gate"}
