@@ -1,0 +1,163 @@
+"""Quality benchmark: perplexity of each method x sparsity setting on the default model.
+
+The protocol (../shared/PROTOCOL.md, "wiki"): SmolLM2-135M-Instruct in float32, 32 calibration
+windows of 512 tokens (seed 0) from the calibration part of the offline Wikipedia text, all
+decoder layers (or a --layers range), perplexity on the first 40 non-overlapping 512-token
+windows of the test part.
+
+    python benchmarks/quality.py --methods magnitude,wanda,sparsegpt --settings 0.5,0.7,0.8,0.9,2:4,3:4
+    python benchmarks/quality.py --methods sparsegpt,sparsellm --settings 0.7,0.8,0.9,3:4 --layers 0:15
+    python benchmarks/quality.py --render      # only rewrite the Markdown from the JSON
+
+Results accumulate in a JSON file (one entry per method, setting and layer range; existing
+entries are skipped unless --rerun), and the Markdown tables are rendered from all of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_JSON = os.path.join(HERE, "results", "quality.json")
+DEFAULT_MD = os.path.join(HERE, "results", "quality.md")
+SETTINGS_ORDER = ["0.5", "0.7", "0.8", "0.9", "2:4", "3:4"]
+
+
+def key(method: str, setting: str, layers: str) -> str:
+    return f"{method}|{setting}|{layers}"
+
+
+def load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as handle:
+            return json.load(handle)
+    return {"protocol": {}, "dense": None, "runs": {}}
+
+
+def save(results: dict, path: str) -> None:
+    from sparsellm.report import write_report  # atomic JSON write
+
+    write_report(results, path)
+
+
+def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> dict:
+    from sparsellm import api
+    from sparsellm.config import PruneConfig
+
+    config = PruneConfig(method=method, sparsity=setting, layers=layers, nsamples=args.nsamples,
+                         seqlen=args.seqlen, seed=0, eval=("wiki",), eval_windows=args.eval_windows,
+                         quiet=not args.progress, device="cpu" if args.cpu else None)
+    model, tokenizer = api.load_model(config.model)
+    start = time.perf_counter()
+    records = api.prune(model, tokenizer, config)
+    seconds = time.perf_counter() - start
+    ppl = api.evaluate(model, tokenizer, config)["wiki"]
+    zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
+    total = sum(m["numel"] for r in records for m in r.matrices.values())
+    return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
+            "prune_seconds": seconds, "achieved_sparsity": zeros / total,
+            "ffn_rel_error": [r.ffn_rel_error for r in records],
+            "output_rel_error": [r.output_rel_error for r in records]}
+
+
+def dense_ppl(args) -> float:
+    from sparsellm import api
+    from sparsellm.config import PruneConfig
+
+    config = PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval=("wiki",),
+                         eval_windows=args.eval_windows, quiet=not args.progress)
+    model, tokenizer = api.load_model(config.model)
+    return api.evaluate(model, tokenizer, config)["wiki"]
+
+
+def fmt_ppl(value) -> str:
+    if value is None or not math.isfinite(value):
+        return "nan"
+    return f"{value:.4g}" if value < 1e5 else f"{value:.3g}"
+
+
+def render(results: dict) -> str:
+    runs = list(results["runs"].values())
+    rows: dict[tuple[str, str], dict] = {}
+    for run in runs:
+        label = run["method"] if run["layers"] == "all" else f"{run['method']} (layers {run['layers'][0]}:{run['layers'][1]})"
+        rows.setdefault((label, str(run["layers"])), {})[run["setting"]] = run
+    settings = [s for s in SETTINGS_ORDER if any(s in r for r in rows.values())]
+    settings += sorted({s for r in rows.values() for s in r} - set(settings))
+    proto = results.get("protocol", {})
+    lines = [f"Perplexity on the wiki test part ({proto.get('eval_windows', 40)} windows of "
+             f"{proto.get('seqlen', 512)} tokens), calibration {proto.get('nsamples', 32)} x "
+             f"{proto.get('seqlen', 512)} tokens, seed 0. N:M = N pruned of every M. "
+             f"Dense: {fmt_ppl(results.get('dense'))}.", ""]
+    header = "| method | " + " | ".join(settings) + " |"
+    lines += [header, "|" + "---|" * (len(settings) + 1)]
+    order = {"magnitude": 0, "wanda": 1, "sparsegpt": 2, "sparsellm": 3}
+    sorted_rows = sorted(rows.items(), key=lambda kv: (kv[0][1] != "all", order.get(kv[0][0].split()[0], 9), kv[0][0]))
+    for (label, _), cells in sorted_rows:
+        lines.append(f"| {label} | " + " | ".join(fmt_ppl(cells[s]["ppl"]) if s in cells else "" for s in settings) + " |")
+    lines += ["", "Prune time in seconds (this machine):", "", header, "|" + "---|" * (len(settings) + 1)]
+    for (label, _), cells in sorted_rows:
+        lines.append(f"| {label} | " + " | ".join(f"{cells[s]['prune_seconds']:.0f}" if s in cells else ""
+                                                  for s in settings) + " |")
+    machine = proto.get("machine")
+    if machine:
+        lines += ["", f"Machine: {machine}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--settings", default=",".join(SETTINGS_ORDER))
+    p.add_argument("--layers", default=None, help="START:STOP range (default: all layers)")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--json", default=DEFAULT_JSON)
+    p.add_argument("--markdown", default=DEFAULT_MD)
+    p.add_argument("--rerun", action="store_true", help="recompute entries already in the JSON")
+    p.add_argument("--render", action="store_true", help="only render the Markdown from the JSON")
+    p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
+    p.add_argument("--progress", action="store_true", help="show per-layer progress bars")
+    args = p.parse_args(argv)
+
+    results = load(args.json)
+    if not args.render:
+        import platform
+
+        import torch
+
+        results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                               "eval_windows": args.eval_windows, "seed": 0,
+                               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                                          f"{torch.get_num_threads()} threads"}
+        if results.get("dense") is None or args.rerun:
+            results["dense"] = dense_ppl(args)
+            save(results, args.json)
+            print(f"dense: {results['dense']:.4f}", flush=True)
+        layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
+        layer_key = f"{layers[0]}:{layers[1]}" if layers else "all"
+        for method in args.methods.split(","):
+            for setting in args.settings.split(","):
+                k = key(method, setting, layer_key)
+                if k in results["runs"] and not args.rerun:
+                    continue
+                entry = run_one(method, setting, layers, args)
+                results["runs"][k] = entry
+                save(results, args.json)
+                print(f"{method} {setting} layers={layer_key}: ppl {fmt_ppl(entry['ppl'])}, "
+                      f"prune {entry['prune_seconds']:.1f}s, sparsity {entry['achieved_sparsity']:.4f}", flush=True)
+    text = render(results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+    with open(args.markdown, "w") as handle:
+        handle.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,551 @@
+"""sparsellm.export: sparse checkpoints (dense / sparse-bitmask) and sparse kernels (CSR, 2:4).
+
+Models are tiny random LLaMA / OPT built offline from configs; "pruned" weights come from
+zeroing random masks (unstructured, 2:4, 3:4) in the decoder-layer linears.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparsellm import export as ex
+from sparsellm.export import (CheckpointError, CSRLinear, ExportError, apply_export, load_pruned, save_pruned,
+                              semi_structured_eligible, to_csr, to_semi_structured)
+
+transformers = pytest.importorskip("transformers")
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def tiny_llama(dtype=torch.float32, hidden=64, inter=128):
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_opt():
+    # word_embed_proj_dim != hidden_size adds project_in/out linears outside the decoder layers,
+    # which must stay dense; OPT also ties lm_head to the embeddings.
+    cfg = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=32)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    with torch.no_grad():  # OPT initialises biases to zero; make them matter
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0, 0.02)
+    return model
+
+
+MODELS = {"llama": tiny_llama, "opt": tiny_opt}
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "[PAD]", "the", "cat", "sat", "on", "a", "mat", "sparse", "model"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def targeted(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+
+
+def prune_mask(shape, structure, fraction, gen):
+    """"unstructured": a random ``fraction`` of entries; "N:M": exactly N random entries in
+    every group of M along the input dimension."""
+    if structure == "unstructured":
+        return torch.rand(shape, generator=gen) < fraction
+    n, m = (int(v) for v in structure.split(":"))
+    rows, cols = shape
+    order = torch.rand(rows, cols // m, m, generator=gen).argsort(-1)
+    mask = torch.zeros(rows, cols // m, m, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :n], True)
+    return mask.reshape(rows, cols)
+
+
+def prune_(model, structure, fraction=0.7, seed=0):
+    """Zero random masks in the targeted linears."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in targeted(model).values():
+            lin.weight.masked_fill_(prune_mask(lin.weight.shape, structure, fraction, gen).to(lin.weight.device), 0)
+    return model
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().cpu().contiguous().view(torch.uint8), b.detach().cpu().contiguous().view(torch.uint8))
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert bits_equal(sa[k], sb[k]), k
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """Staging / backup siblings a save may have left behind."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def ids(model):
+    return torch.arange(1, 17).reshape(2, 8) % model.config.vocab_size
+
+
+# ---------------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "3:4"])
+@pytest.mark.parametrize("save_format", ["dense", "compressed"])
+def test_round_trip_bit_for_bit(tmp_path, family, structure, save_format):
+    torch.manual_seed(0)
+    model = prune_(MODELS[family](), structure)
+    tok = tiny_tokenizer()
+    out = save_pruned(model, tok, tmp_path / "ckpt", sparsity_structure=structure, save_format=save_format,
+                      extra={"method": "test"})
+    cfg = json.loads((out / "config.json").read_text())
+    sc = cfg["sparsity_config"]
+    assert sc["format"] == ("dense" if save_format == "dense" else "sparse-bitmask")
+    assert sc["sparsity_structure"] == structure
+    weights = [m.weight for m in targeted(model).values()]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert sc["global_sparsity"] == pytest.approx(zeros, abs=1e-12)
+    expected = {"unstructured": 0.7, "2:4": 0.5, "3:4": 0.75}[structure]
+    assert abs(sc["global_sparsity"] - expected) < 0.05
+    assert sc["targets"] == ["Linear"]
+    assert "lm_head" in sc["ignore"]
+    if family == "opt":
+        assert {"model.decoder.project_in", "model.decoder.project_out"} <= set(sc["ignore"])
+    assert cfg["sparsellm_export"]["extra"] == {"method": "test"}
+    if save_format == "compressed":
+        assert not (out / "model.safetensors").exists()  # a plain from_pretrained must not half-load it
+        stored = load_file(str(out / "sparse-bitmask.safetensors"))
+        compressed = {k[: -len(".bitmask")] for k in stored if k.endswith(".bitmask")}
+        assert compressed == {f"{n}.weight" for n in targeted(model)}
+
+    loaded, tok2 = load_pruned(out)
+    assert type(loaded) is type(model)
+    assert_same_model(model, loaded)
+    with torch.no_grad():
+        assert torch.equal(model(ids(model)).logits, loaded(ids(loaded)).logits)
+    assert tok2("the cat sat")["input_ids"] == tok("the cat sat")["input_ids"]
+    assert loaded.config.sparsity_config["sparsity_structure"] == structure
+
+
+@pytest.mark.parametrize("save_format", ["dense", "compressed"])
+def test_keeps_bf16_and_negative_zero(tmp_path, save_format):
+    model = prune_(tiny_llama(torch.bfloat16), "unstructured", 0.8)
+    lin = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        lin.weight[0, :8] = -0.0  # equal to 0, differs bitwise: must survive
+    out = save_pruned(model, None, tmp_path / "c", sparsity_structure="unstructured", save_format=save_format)
+    loaded, tok = load_pruned(out)
+    assert tok is None
+    assert loaded.dtype == torch.bfloat16
+    assert torch.signbit(loaded.model.layers[0].mlp.up_proj.weight[0, :8]).all()
+    assert_same_model(model, loaded)
+
+
+def test_compressed_smaller_and_shrinks_with_sparsity(tmp_path):
+    sizes = {}
+    for frac in (0.5, 0.9):
+        torch.manual_seed(0)
+        model = prune_(tiny_llama(hidden=128, inter=256), "unstructured", frac)
+        for fmt in ("dense", "compressed"):
+            out = save_pruned(model, None, tmp_path / f"{fmt}{frac}", sparsity_structure="unstructured", save_format=fmt)
+            sizes[fmt, frac] = dir_size(out)
+    assert sizes["compressed", 0.5] < sizes["dense", 0.5]
+    assert sizes["compressed", 0.9] < sizes["compressed", 0.5]
+    assert sizes["dense", 0.9] >= 3 * sizes["compressed", 0.9]
+
+
+def test_bitmask_layout_matches_numpy_packbits():
+    import numpy as np
+
+    torch.manual_seed(1)
+    w = torch.randn(5, 21)
+    w[torch.rand(5, 21) < 0.6] = 0
+    parts = ex.compress_bitmask(w)
+    want = np.packbits((w != 0).numpy(), axis=-1, bitorder="little")
+    assert np.array_equal(parts["bitmask"].numpy(), want)
+    assert torch.equal(parts["compressed"], w[w != 0])
+    assert parts["row_offsets"].tolist() == [0] + torch.cumsum((w != 0).sum(1), 0)[:-1].tolist()
+    assert torch.equal(ex.decompress_bitmask(parts), w)
+
+
+def test_targets_and_ignore(tmp_path):
+    model = prune_(tiny_llama(), "unstructured")
+    with torch.no_grad():  # an ignored layer may be dense; it must not count towards global_sparsity
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.normal_()
+    out = save_pruned(model, None, tmp_path / "c", sparsity_structure="unstructured", save_format="compressed",
+                      ignore=["re:.*down_proj"])
+    sc = json.loads((out / "config.json").read_text())["sparsity_config"]
+    assert sc["ignore"][0] == "re:.*down_proj" and "lm_head" in sc["ignore"]
+    assert 0.65 < sc["global_sparsity"] < 0.75
+    stored = load_file(str(out / "sparse-bitmask.safetensors"))
+    assert "model.layers.0.mlp.down_proj.weight" in stored
+    assert "model.layers.0.mlp.up_proj.weight.bitmask" in stored
+    loaded, _ = load_pruned(out)
+    assert_same_model(model, loaded)
+    with pytest.raises(ExportError, match="matches no nn.Linear"):
+        save_pruned(model, None, tmp_path / "x", sparsity_structure="unstructured", targets=["q_projj"])
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def test_refuses_non_empty_dir_and_leaves_it_alone(tmp_path):
+    model = prune_(tiny_llama(), "2:4")
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_pruned(model, None, target, sparsity_structure="2:4")
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert leftovers(tmp_path, "ckpt") == []
+    # an empty directory is fine without overwrite
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_pruned(model, None, empty, sparsity_structure="2:4")
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_overwrite_replaces_whole_directory(tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "stale.bin").write_bytes(b"old")
+    model = prune_(tiny_llama(), "unstructured")
+    save_pruned(model, None, target, sparsity_structure="unstructured", save_format="compressed", overwrite=True)
+    assert not (target / "stale.bin").exists()
+    assert leftovers(tmp_path, "ckpt") == []
+    assert_same_model(model, load_pruned(target)[0])
+
+
+def test_lying_pattern_is_refused_before_writing(tmp_path):
+    model = prune_(tiny_llama(), "unstructured", 0.5)
+    with pytest.raises(ExportError, match="do not satisfy the claimed 2:4"):
+        save_pruned(model, None, tmp_path / "ckpt", sparsity_structure="2:4")
+    assert list(tmp_path.iterdir()) == []
+    # 2:4 weights are not 3:4
+    model = prune_(tiny_llama(), "2:4")
+    with pytest.raises(ExportError, match="3:4"):
+        save_pruned(model, None, tmp_path / "ckpt", sparsity_structure="3:4", save_format="compressed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path):
+    model = prune_(tiny_llama(), "unstructured")
+
+    class Broken:
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, Broken(), tmp_path / "new", sparsity_structure="unstructured")
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("x")
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, Broken(), old, sparsity_structure="unstructured", save_format="compressed", overwrite=True)
+    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+    assert leftovers(tmp_path, "old") == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sparsity_structure": "0.5"}, "unstructured' or N:M"),
+    ({"sparsity_structure": "5:4"}, "0 < N < M"),
+    ({"sparsity_structure": "2:4", "save_format": "zip"}, "save_format"),
+    ({"sparsity_structure": "2:4", "extra": {"x": object()}}, "JSON"),
+])
+def test_bad_arguments(tmp_path, kwargs, match):
+    model = prune_(tiny_llama(), "2:4")
+    with pytest.raises(ExportError, match=match):
+        save_pruned(model, None, tmp_path / "ckpt", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_quantization_config_is_dropped(tmp_path):
+    model = prune_(tiny_llama(), "unstructured")
+    model.config.quantization_config = {"quant_method": "gguf"}
+    # transformers refuses save_pretrained when a non-serialisable quantizer is attached
+    fake = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    model.hf_quantizer = fake
+    out = save_pruned(model, None, tmp_path / "ckpt", sparsity_structure="unstructured")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert model.config.quantization_config == {"quant_method": "gguf"} and model.hf_quantizer is fake
+    loaded, _ = load_pruned(out)
+    assert_same_model(model, loaded)
+    model.hf_quantizer = None
+    model.config.quantization_config = {"quant_method": "bitsandbytes"}
+    with pytest.raises(ExportError, match="quantized \\(bitsandbytes\\)"):
+        save_pruned(model, None, tmp_path / "q", sparsity_structure="unstructured")
+
+
+# ---------------------------------------------------------------------------------- corrupted checkpoints
+
+def _saved(tmp_path, structure="2:4", fmt="compressed", family="llama"):
+    model = prune_(MODELS[family](), structure)
+    return model, save_pruned(model, None, tmp_path / "ckpt", sparsity_structure=structure, save_format=fmt)
+
+
+def _edit_tensors(out, fn):
+    path = out / "sparse-bitmask.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _edit_config(out, fn):
+    cfg = json.loads((out / "config.json").read_text())
+    fn(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+KEY = "model.layers.0.mlp.gate_proj.weight"
+
+
+def test_corrupt_value_count(tmp_path):
+    _, out = _saved(tmp_path)
+    _edit_tensors(out, lambda t: t.__setitem__(f"{KEY}.compressed", t[f"{KEY}.compressed"][:-1].clone()))
+    with pytest.raises(CheckpointError, match="values but the bitmask marks"):
+        load_pruned(out)
+
+
+def test_corrupt_bitmask_bit(tmp_path):
+    _, out = _saved(tmp_path)
+
+    def flip(t):
+        mask = t[f"{KEY}.bitmask"].clone()
+        mask[3, 2] ^= 1 << 5
+        t[f"{KEY}.bitmask"] = mask
+    _edit_tensors(out, flip)
+    with pytest.raises(CheckpointError, match="bitmask"):
+        load_pruned(out)
+
+
+def test_corrupt_shape(tmp_path):
+    _, out = _saved(tmp_path)
+    # gate_proj is 128x64: record it as 64x128 with a matching bitmask size, so only the
+    # comparison with the model built from config.json can catch it
+    def reshape(t):
+        rows, cols = t[f"{KEY}.shape"].tolist()
+        t[f"{KEY}.shape"] = torch.tensor([cols, rows])
+        mask = ex.unpack_bitmask(t[f"{KEY}.bitmask"], cols)[:, :cols].reshape(cols, rows)
+        t[f"{KEY}.bitmask"] = ex.pack_bitmask(mask)
+        counts = mask.sum(1)
+        t[f"{KEY}.row_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)[:-1]])
+    _edit_tensors(out, reshape)
+    with pytest.raises(CheckpointError, match="disagree with config.json"):
+        load_pruned(out)
+
+
+def test_corrupt_missing_piece_and_file(tmp_path):
+    _, out = _saved(tmp_path)
+    _edit_tensors(out, lambda t: t.pop(f"{KEY}.row_offsets"))
+    with pytest.raises(CheckpointError, match="lacks .row_offsets"):
+        load_pruned(out)
+    (out / "sparse-bitmask.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_pruned(out)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_config_lies_about_structure_or_sparsity(tmp_path, fmt):
+    _, out = _saved(tmp_path, "2:4", fmt)
+    _edit_config(out, lambda c: c["sparsity_config"].__setitem__("sparsity_structure", "3:4"))
+    with pytest.raises(CheckpointError, match="do not satisfy the claimed 3:4"):
+        load_pruned(out)
+    _edit_config(out, lambda c: c["sparsity_config"].update(sparsity_structure="2:4", global_sparsity=0.9))
+    with pytest.raises(CheckpointError, match="claims global_sparsity 0.9"):
+        load_pruned(out)
+    _edit_config(out, lambda c: c["sparsity_config"].update(global_sparsity=0.5, format="zip"))
+    with pytest.raises(CheckpointError, match="unknown sparsity format"):
+        load_pruned(out)
+    _edit_config(out, lambda c: c.pop("sparsity_config"))
+    with pytest.raises(CheckpointError, match="no sparsity_config"):
+        load_pruned(out)
+
+
+def test_compressed_targets_disagree(tmp_path):
+    _, out = _saved(tmp_path)
+    _edit_config(out, lambda c: c["sparsity_config"]["ignore"].append("re:.*o_proj"))
+    with pytest.raises(CheckpointError, match="do not match the recorded targets"):
+        load_pruned(out)
+
+
+# ---------------------------------------------------------------------------------- CSR
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_csr_matches_dense_masked(family):
+    torch.manual_seed(0)
+    model = prune_(MODELS[family](), "unstructured", 0.93)
+    x = ids(model)
+    n_targets = len(targeted(model))
+    with torch.no_grad():
+        want = model(x).logits
+    report = to_csr(model, min_sparsity=0.9)
+    assert report["n_converted"] == n_targets == {"llama": 14, "opt": 12}[family]
+    assert report["n_dense"] == 0
+    assert sum(isinstance(m, CSRLinear) for m in model.modules()) == report["n_converted"]
+    assert isinstance(model.lm_head, nn.Linear)  # never targeted
+    with torch.no_grad():
+        got = model(x).logits
+    assert not torch.equal(want, torch.zeros_like(want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    json.dumps(report)
+    with pytest.raises(ExportError, match="before apply_export"):
+        save_pruned(model, None, "/nonexistent/never-written", sparsity_structure="unstructured")
+
+
+def test_csr_threshold_keeps_low_sparsity_dense():
+    model = tiny_llama()
+    prune_(model, "unstructured", 0.95)
+    with torch.no_grad():  # layer 1 only half sparse
+        for name, lin in targeted(model).items():
+            if ".layers.1." in name:
+                lin.weight.normal_().masked_fill_(torch.rand_like(lin.weight) < 0.5, 0)
+    report = to_csr(model, min_sparsity=0.9)
+    assert all(".layers.0." in n for n in report["converted"])
+    assert report["n_converted"] == 7 and report["n_dense"] == 7
+    assert all("< 0.9" in r for r in report["dense"].values())
+    assert isinstance(model.model.layers[1].mlp.up_proj, nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, CSRLinear)
+
+
+def test_csr_linear_bias_and_dtype():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.masked_fill_(torch.rand_like(lin.weight, dtype=torch.float32) < 0.9, 0)
+    csr = CSRLinear(lin)
+    x = torch.randn(3, 5, 48, dtype=torch.bfloat16)
+    y = csr(x)
+    assert y.shape == (3, 5, 24) and y.dtype == torch.bfloat16
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------- 2:4 semi-structured
+
+def _linear(out_f, in_f, structure, dtype=torch.float16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=True)
+    with torch.no_grad():
+        lin.weight.masked_fill_(prune_mask(lin.weight.shape, structure, 0.5, gen), 0)
+    return lin.to(dtype)
+
+
+def test_eligibility_pattern_check():
+    ok, reason = semi_structured_eligible(_linear(64, 128, "2:4"))
+    assert not ok and "CUDA" in reason  # everything but the device is fine
+    ok, reason = semi_structured_eligible(_linear(64, 128, "3:4"))  # at most 1 non-zero per 4: a valid 2:4
+    assert not ok and "CUDA" in reason
+    lin = _linear(64, 128, "2:4")
+    with torch.no_grad():
+        group = lin.weight[5, 8:12]
+        group[group == 0] = 1.0  # a third non-zero that the converter would silently drop
+    ok, reason = semi_structured_eligible(lin)
+    assert not ok and "not 2:4 sparse: 1 of" in reason
+    ok, reason = semi_structured_eligible(_linear(64, 128, "unstructured"))
+    assert not ok and "not 2:4" in reason
+    ok, reason = semi_structured_eligible(_linear(64, 130, "unstructured"))
+    assert not ok and "multiple of 4" in reason
+
+
+def test_eligibility_shape_and_dtype_check():
+    ok, reason = semi_structured_eligible(_linear(40, 128, "2:4"))
+    assert not ok and "shape 40x128" in reason
+    ok, reason = semi_structured_eligible(_linear(64, 72, "2:4"))
+    assert not ok and "shape 64x72" in reason
+    ok, reason = semi_structured_eligible(_linear(64, 128, "2:4", dtype=torch.float32))
+    assert not ok and "float32" in reason
+    ok, reason = semi_structured_eligible(nn.Conv1d(4, 4, 1))
+    assert not ok and "not an nn.Linear" in reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU report")
+def test_semi_structured_on_cpu_reports_and_stays_dense():
+    model = prune_(tiny_llama(torch.float16), "2:4")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = apply_export(model, "semi-structured")
+    assert report["available"] is False and "no 2:4 semi-structured path on CPU" in report["note"]
+    assert report["converted"] == [] and report["n_dense"] == len(targeted(model))
+    assert_same_model(SimpleNamespace(state_dict=lambda: before), model)
+    json.dumps(report)
+
+
+def test_semi_structured_verifies_the_converted_weight(monkeypatch):
+    """The swap is kept only if a probe product matches the dense one: simulate a converter
+    that drops a non-zero (as torch's does for groups with more than 2) on CPU."""
+    model = prune_(tiny_llama(), "2:4")
+    monkeypatch.setattr(ex, "semi_structured_eligible", lambda lin: (True, "ok"))
+
+    def lossy(w):
+        out = w.clone()
+        if w.shape == (128, 64):  # the MLP up/gate projections: lose one weight
+            out[0, (out[0] != 0).nonzero()[0, 0]] = 0
+        return out
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lossy)
+    report = to_semi_structured(model)
+    assert set(report["dense"]) == {f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj")}
+    assert all("changed the output" in r for r in report["dense"].values())
+    assert report["n_converted"] == 10
+    assert bool((model.model.layers[0].mlp.up_proj.weight[0] != 0).sum() == 32)  # untouched
+
+
+def test_apply_export_kinds():
+    model = prune_(tiny_llama(), "unstructured", 0.95)
+    assert apply_export(model, None)["kind"] is None
+    assert all(isinstance(m, nn.Linear) for m in targeted(model).values())
+    with pytest.raises(ExportError, match="unknown export kind"):
+        apply_export(model, "coo")
+    report = apply_export(model, "csr")
+    assert report["kind"] == "csr" and report["min_sparsity"] == ex.CSR_MIN_SPARSITY and report["n_converted"] == 14
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_semi_structured_conversion_on_gpu():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 kernels need compute capability >= 8.0")
+    torch.manual_seed(0)
+    model = prune_(tiny_llama(torch.float16, hidden=128, inter=256), "2:4").cuda()
+    layer0 = model.model.layers[0]
+    with torch.no_grad():  # one 3:4 layer (valid 2:4) and one with an extra non-zero (invalid)
+        w = layer0.mlp.up_proj.weight
+        w.view(w.shape[0], -1, 4)[..., 1] = 0
+        w.view(w.shape[0], -1, 4)[..., 2] = 0
+        w.view(w.shape[0], -1, 4)[..., 3] = 0
+        g = layer0.mlp.down_proj.weight[0, :4]
+        g[g == 0] = 0.5
+    x = ids(model).cuda()
+    with torch.no_grad():
+        want = model(x).logits.float()
+    report = to_semi_structured(model)
+    assert report["available"] is True
+    assert "model.layers.0.mlp.up_proj" in report["converted"]
+    assert "not 2:4" in report["dense"]["model.layers.0.mlp.down_proj"]
+    assert report["n_converted"] == len(targeted(model)) - 1
+    assert isinstance(model.model.layers[1].self_attn.q_proj.weight, torch.sparse.SparseSemiStructuredTensor)
+    with torch.no_grad():
+        got = model(x).logits.float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
