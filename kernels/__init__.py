@@ -1,1 +1,44 @@
-"""Triton kernels (installed as ``sparsellm.kernels``)."""
+"""Triton kernels (installed as ``sparsellm.kernels``): the ``triton`` backend of
+:mod:`sparsellm.ops`.
+
+Importing this package registers every operation it implements with ops. Without triton the
+import raises ImportError, which ops records as "backend unavailable"; nothing else in the
+package imports triton, so a missing triton never breaks sparsellm itself.
+
+Implemented here: obs_prune_block, cholesky_inverse_upper, nm_prune_mask, row_prune_mask,
+wanda_prune_mask, relu_z_step, swiglu_z_step, swiglu_s_step. Left to the reference (ops falls
+back to it, and records that): damped_cholesky and spd_solve (cuSOLVER factorisations, see
+cholesky.py) and flat_prune_mask (one whole-tensor selection; see row_select.py).
+"""
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"the triton backend needs the 'triton' package ({exc}); pip install 'sparsellm[triton]'") from exc
+
+from sparsellm import ops
+
+from . import cholesky, nm_mask, obs_block, row_select, sparsellm_steps
+from ._common import SCORE_WANDA
+
+
+def wanda_prune_mask(weight, in_norm, fraction, n=None, m=None):
+    """Wanda mask with the score |W| * ||x|| fused into the selection (never materialised)."""
+    if n is not None:
+        return nm_mask.nm_mask(weight, in_norm, n, m, SCORE_WANDA)
+    return row_select.wanda_unstructured_mask(weight, in_norm, fraction)
+
+
+for _name, _fn in {
+    "obs_prune_block": obs_block.obs_prune_block,
+    "cholesky_inverse_upper": cholesky.cholesky_inverse_upper,
+    "nm_prune_mask": nm_mask.nm_prune_mask,
+    "row_prune_mask": row_select.row_prune_mask,
+    "wanda_prune_mask": wanda_prune_mask,
+    "relu_z_step": sparsellm_steps.relu_z_step,
+    "swiglu_z_step": sparsellm_steps.swiglu_z_step,
+    "swiglu_s_step": sparsellm_steps.swiglu_s_step,
+}.items():
+    ops.register(_name, "triton", _fn)

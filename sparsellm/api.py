@@ -103,7 +103,7 @@ def run(config: PruneConfig) -> dict:
     if config.backend != "auto":
         ops.set_backend(config.backend)
     if config.save:
-        _check_output_dir(config.save, config.overwrite)  # fail now, not after the prune
+        export.check_output_dir(config.save, config.overwrite)  # fail now, not after the prune
     device = resolve_device(config.device)
     model, tokenizer = load_model(config.model, config.dtype)
     _check_layers(config, len(get_adapter(model).layers(model)))
@@ -138,17 +138,6 @@ def run(config: PruneConfig) -> dict:
     if config.report:
         write_report(report, config.report)
     return report
-
-
-class OutputExists(FileExistsError):
-    pass
-
-
-def _check_output_dir(path: str, overwrite: bool) -> None:
-    if os.path.isfile(path):
-        raise OutputExists(f"--save {path!r} is a file, not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise OutputExists(f"--save directory {path!r} is not empty; pass --overwrite to replace it")
 
 
 def _structure(config: PruneConfig) -> str:

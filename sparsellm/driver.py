@@ -239,6 +239,7 @@ class LayerDriver:
         record.seconds = time.perf_counter() - start
         return record
 
+    @torch.no_grad()  # the hidden and its Gram below must not build an autograd graph
     def _prune_joint_ffn(self, ffn, x, dense_ffn, ffn_groups, record):
         record.diagnostics = self.method.prune_ffn(ffn, x, self.config.sparsity) or {}
         hidden = ffn.hidden(x)  # what the pruned down projection sees

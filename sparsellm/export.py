@@ -313,18 +313,20 @@ def _refuse_exported(model: nn.Module) -> None:
                               "model, before apply_export()")
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_output_dir(out_dir, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory without overwrite (before any long work)."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
 def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
     """Move a complete staging directory into place. rename(2) of a directory is atomic and
     also replaces an empty directory; a non-empty one is first renamed aside (atomic), then the
     new one renamed in, restoring the old one if that fails, then the old one deleted."""
-    _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
+    check_output_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
     if out_dir.is_dir() and any(out_dir.iterdir()):
         backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rmdir(backup)
@@ -392,7 +394,7 @@ def save_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_form
     pattern = parse_structure(sparsity_structure)
     structure = "unstructured" if pattern is None else str(pattern)
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     meta = {"version": 1, "nm_convention": NM_CONVENTION, "extra": extra or {}}
     try:
         json.dumps(meta)

@@ -1,0 +1,33 @@
+// Declarations shared by the .cu files and the bindings.
+#pragma once
+// ATen only (not torch/extension.h): the .cu files need tensors, not pybind11 and the C++
+// frontend, which would multiply nvcc time and drag in their header warnings.
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace sparsellm {
+
+// Score modes of the mask kernels (same numbering as kernels/_common.py).
+enum ScoreMode : int { kScoreRaw = 0, kScoreWanda = 1, kScoreObs = 2 };
+
+// obs_block.cu: one block of the SparseGPT sweep. prune_mask: bool [rows, B] or None (then
+// N:M chosen inside the sweep when n > 0, else the unstructured mask over the whole block).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_prune_block(
+    const at::Tensor& weight, const at::Tensor& hinv, double fraction, int64_t n, int64_t m,
+    const c10::optional<at::Tensor>& prune_mask);
+
+// cholesky.cu: returns (L, percdamp_used, attempts); attempts = -1 when even the largest
+// dampening failed (the Python side raises NotPositiveDefinite, as the reference does).
+std::tuple<at::Tensor, at::Tensor, int64_t> damped_cholesky(const at::Tensor& gram, double percdamp,
+                                                            int64_t max_tries);
+std::tuple<at::Tensor, at::Tensor, int64_t> cholesky_inverse_upper(const at::Tensor& gram, double percdamp,
+                                                                   int64_t max_tries);
+
+// nm_mask.cu: N:M prune mask of x scored by mode (aux: per-column norm or Hinv diagonal).
+at::Tensor nm_mask(const at::Tensor& x, const c10::optional<at::Tensor>& aux, int64_t n, int64_t m,
+                   int64_t mode);
+
+}  // namespace sparsellm
+
+#define SPARSELLM_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")

@@ -1,0 +1,80 @@
+"""Helpers shared by the Triton kernels: interpreter detection, autotune configs, the fused
+scores and the order-preserving integer key of a float.
+
+Importing this module imports triton; ``kernels/__init__.py`` guards that import so a
+missing triton only makes the backend unavailable.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Score modes of the mask kernels: the score is computed in registers from the weight, never
+# materialised in global memory.
+SCORE_RAW = 0    # the tensor already is the score
+SCORE_WANDA = 1  # |w| * ||x_j||                     (aux = the input-norm vector)
+SCORE_OBS = 2    # w^2 / hinv_jj^2                    (aux = the diagonal of the Hinv factor)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def configs(full: list[dict], interp: dict, num_warps=(4,)) -> list[triton.Config]:
+    """Autotune candidates: ``full`` on a GPU, the single ``interp`` under the interpreter
+    (where timing candidates would only multiply the already slow run time)."""
+    if interpreting():
+        return [triton.Config(interp, num_warps=1)]
+    return [triton.Config(kw, num_warps=w) for kw in full for w in num_warps]
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreting():
+            raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+@triton.jit
+def fused_score(w, aux, MODE: tl.constexpr):
+    """Score of weights ``w`` (any float dtype) given the per-column ``aux`` (fp32), in fp32
+    (raw scores are passed through in their own dtype).
+
+    Same operations in the same order as the reference (``abs().float() * norm`` and
+    ``w**2 / d**2``), with an IEEE-rounded division, so scores are bit-identical and masks
+    agree wherever the reference has no ties.
+    """
+    if MODE == 1:
+        w = w.to(tl.float32)
+        s = tl.abs(w) * aux
+    elif MODE == 2:
+        w = w.to(tl.float32)
+        s = tl.div_rn(w * w, aux * aux)
+    else:
+        s = w  # a raw score keeps its dtype (a float64 score must not be rounded to fp32)
+    return s
+
+
+@triton.jit
+def ranks_before(s_i, s_j, i_before_j):
+    """1 where entry i comes before entry j in the pruning order (lower score, ties broken by
+    index), else 0. Summing it over i gives j's rank; the ``n`` lowest ranks are pruned."""
+    return ((s_i < s_j) | ((s_i == s_j) & i_before_j)).to(tl.int32)
+
+
+@triton.jit
+def ordered_key(x):
+    """int64 key whose order equals the float order of ``x`` (fp32): positive floats keep their
+    bits, negative floats get their magnitude bits flipped. -0.0 is folded onto +0.0 so that
+    the two compare equal, as they do as floats."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return key.to(tl.int64)

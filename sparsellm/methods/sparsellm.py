@@ -1,0 +1,296 @@
+"""SparseLLM (Bai et al., NeurIPS 2024, arXiv 2402.17946): global pruning of each FFN.
+
+Attention is pruned locally, as SparseGPT (this class inherits its :meth:`prune`). The FFN's
+linears are coupled through auxiliary variables and pruned jointly. With X the FFN input
+tokens (rows) and Y the dense FFN output, the per-layer objective is
+
+    ReLU (OPT):    alpha ||z - W1 X - b1||^2                      + gamma ||p - ReLU(z)||^2
+                   + beta ||Y - b2 - W2 p||^2
+    SwiGLU (LLaMA): alpha ||z - Wu X||^2 + alpha ||s - Wg X||^2   + gamma ||p - SiLU(s) * z||^2
+                   + beta ||Y - Wd p||^2
+
+minimised by alternating closed-form steps, from auxiliaries set by the dense pass:
+
+1. W-steps: each linear is fitted to its target by least squares (up to ``z``, gate to ``s``,
+   down to Y on ``p``; biases stay fixed and are subtracted from the targets), then pruned by
+   the OBS solver with the Hessian of its input (X, or the current ``p``). The least squares
+   is dampened towards the *dense* weight (same dampening as the OBS solver), so a linear
+   whose target is still the dense one gets back exactly its dense weight.
+2. p-step: argmin_p beta ||Y' - W2 p||^2 + gamma ||p - act||^2, act = ReLU(z) or SiLU(s) z.
+3. z-step (and s-step for SwiGLU): element-wise, through :mod:`sparsellm.ops`.
+
+Only the ratios of alpha, beta, gamma matter (each W-step is a separate least squares). With
+``scale_aware`` each penalty is divided by the squared norm of the dense quantity its term
+measures (||z||^2, ||s||^2, ||Y'||^2, ||p||^2), so every term is a relative squared error and the
+defaults do not depend on a layer's activation scale (layers with outliers, where raw
+penalties let the beta term swamp the rest, were the public code's failure).
+
+Safeguards: candidate 0 is sequential SparseGPT of the FFN (up/gate with the Hessian of X,
+down with the Hessian of the hidden of the *pruned* up/gate). Each iterate is measured by the
+FFN output error ||Y - FFN(X)|| / ||Y|| and the best one is kept; iterating stops when an
+iteration makes that error worse than the previous iteration did.
+
+Memory: z, p (s) and Y' are [N, .] buffers for all calibration tokens; they live on the
+compute device when they fit and in host memory otherwise, and every token-wise step runs in
+chunks of tokens, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..sparsity import SparsityPattern
+from .sparsegpt import SparseGPT, obs_prune_with_gram
+
+log = logging.getLogger(__name__)
+
+# Elements of one [chunk, ffn_dim] temporary: ~32 MB in float32. The s-step keeps about ten
+# such temporaries alive, so a chunk costs a few hundred MB at most.
+CHUNK_ELEMENTS = 1 << 23
+# Auxiliary buffers stay on a CUDA device only if they take at most this share of its free memory.
+DEVICE_AUX_SHARE = 0.5
+
+
+def _act(swiglu: bool, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    return F.silu(s) * z if swiglu else torch.relu(z)
+
+
+def least_squares_towards(reference: torch.Tensor, cross: torch.Tensor, chol: torch.Tensor,
+                          damp: float) -> torch.Tensor:
+    """argmin_W ||W X^T - T^T||^2 / N + damp ||W - reference||^2.
+
+    ``cross`` = X^T T / N (in x out), ``chol`` the lower Cholesky factor of G + damp I with
+    G = X^T X / N. Normal equations: (G + damp I) W^T = X^T T / N + damp reference^T.
+    Regularising towards the dense weight (not zero) means a target equal to the dense output
+    returns the dense weight, so the dampening alone never shrinks a layer.
+    """
+    return torch.cholesky_solve(cross + damp * reference.t(), chol).t().contiguous()
+
+
+def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, ratio: float):
+    """argmin_p beta ||y - p W2^T||^2 + gamma ||p - r||^2 for rows of tokens; ratio = gamma / beta.
+
+    The minimiser is p = (beta W2^T W2 + gamma I)^-1 (beta W2^T y + gamma r). Written as
+    p = r + W2^T q with (W2 W2^T + ratio I) q = y - W2 r (push-through identity), the system is
+    d x d (model width) instead of f x f (FFN width), and is solved by Cholesky.
+    Returns ``(p, q)``; the fit residual y - W2 p equals ratio * q.
+    """
+    system = w2 @ w2.t()
+    system.diagonal().add_(ratio)
+    q = ops.spd_solve(system, (y - r @ w2.t()).t()).t()
+    return r + q @ w2, q
+
+
+class SparseLLM(SparseGPT):
+    name = "sparsellm"
+    joint_ffn = True
+
+    @torch.no_grad()
+    def prune_ffn(self, ffn, x: torch.Tensor, pattern: SparsityPattern) -> dict:
+        """Prune the FFN ``ffn`` jointly on its input tokens ``x`` [N, d]; sets the weights in
+        place and returns JSON-able diagnostics."""
+        return _FFNSolver(ffn, x, pattern, self.config).run()
+
+
+class _FFNSolver:
+    def __init__(self, ffn, x, pattern, config):
+        settings = config.sparsellm
+        for name in ("alpha", "beta", "gamma"):
+            if not getattr(settings, name) > 0:
+                raise ValueError(f"sparsellm.{name} must be positive, got {getattr(settings, name)}")
+        if settings.iterations < 0:
+            raise ValueError(f"sparsellm.iterations must be >= 0, got {settings.iterations}")
+        self.ffn, self.pattern, self.config, self.settings = ffn, pattern, config, settings
+        self.swiglu = ffn.activation == "swiglu"
+        self.x = x.float()
+        self.device = x.device
+        self.tokens, self.width = x.shape
+        self.dense = {k: v.float() for k, v in ffn.dense_copy().items()}
+        self.b1 = None if ffn.up.bias is None else ffn.up.bias.detach().float()
+        self.b2 = None if ffn.down.bias is None else ffn.down.bias.detach().float()
+        self.hidden = self.dense["up"].shape[0]
+        step = max(256, CHUNK_ELEMENTS // self.hidden)
+        self.chunks = [slice(i, min(i + step, self.tokens)) for i in range(0, self.tokens, step)]
+        names = ["z", "p", "y"] + (["s"] if self.swiglu else [])
+        widths = {"z": self.hidden, "p": self.hidden, "s": self.hidden, "y": self.width}
+        self.aux_bytes = sum(self.tokens * widths[n] * 4 for n in names)
+        self.store = self.device
+        if self.device.type == "cuda" and self.aux_bytes > DEVICE_AUX_SHARE * torch.cuda.mem_get_info(self.device)[0]:
+            self.store = torch.device("cpu")
+        pin = self.store.type == "cpu" and self.device.type == "cuda"
+        self.buf = {n: torch.empty(self.tokens, widths[n], device=self.store, pin_memory=pin) for n in names}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _get(self, name, rows):
+        return self.buf[name][rows].to(self.device, non_blocking=True)
+
+    def _put(self, name, rows, value):
+        self.buf[name][rows].copy_(value, non_blocking=True)
+
+    def _lin(self, xc, w, bias=None):
+        return F.linear(xc, w, bias)
+
+    def _obs(self, weight, gram, hinv=None):
+        return obs_prune_with_gram(weight, gram, self.pattern, self.config.blocksize, self.config.percdamp, hinv)
+
+    def _zeros(self, *shape):
+        return torch.zeros(*shape, device=self.device, dtype=torch.float32)
+
+    # -- the algorithm -----------------------------------------------------------------------
+
+    def run(self) -> dict:
+        s, x, n, f, d = self.settings, self.x, self.tokens, self.hidden, self.width
+        swiglu, dense = self.swiglu, self.dense
+        pd = self.config.percdamp
+
+        # The input Hessian and its factors are the same for every iteration: computed once.
+        gx = x.t() @ x / n
+        up0, hinv_x = self._obs(dense["up"], gx)
+        gate0 = self._obs(dense["gate"], gx, hinv_x)[0] if swiglu else None
+        chol_x, damp_x = ops.damped_cholesky(gx, pd)
+        lam_x = float(damp_x) * float(gx.diagonal().mean())
+
+        # Dense pass: auxiliaries, Y' = Y - b2, the statistics of the first down W-step (dense p),
+        # and those of candidate 0 (hidden of the pruned up/gate), in one sweep over the tokens.
+        ptp, pty, h0th0, h0ty = self._zeros(f, f), self._zeros(f, d), self._zeros(f, f), self._zeros(f, d)
+        norms = dict.fromkeys(("z", "s", "p", "y", "y_full"), 0.0)
+        for rows in self.chunks:
+            xc = x[rows]
+            z = self._lin(xc, dense["up"], self.b1)
+            sc = self._lin(xc, dense["gate"]) if swiglu else None
+            p = _act(swiglu, z, sc)
+            y = p @ dense["down"].t()
+            ptp.addmm_(p.t(), p)
+            pty.addmm_(p.t(), y)
+            h0 = _act(swiglu, self._lin(xc, up0, self.b1), self._lin(xc, gate0) if swiglu else None)
+            h0th0.addmm_(h0.t(), h0)
+            h0ty.addmm_(h0.t(), y)
+            for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)):
+                if val is not None:
+                    norms[key] += float(val.double().square().sum())
+                    self._put(key, rows, val)
+            norms["y_full"] += float((y if self.b2 is None else y + self.b2).double().square().sum())
+            del h0
+        y_full = norms["y_full"]
+
+        # Candidate 0 = sequential SparseGPT; its error from the Gram matrices just gathered
+        # (||Y' - H W^T||^2 = ||Y'||^2 - 2 <W, Y'^T H> + <W H, W>), in float64.
+        down0 = self._obs(dense["down"], h0th0 / n)[0]
+        d0 = down0.double()
+        err0_sq = norms["y"] - 2 * float((d0 * h0ty.t().double()).sum()) + float(((d0 @ h0th0.double()) * d0).sum())
+        err0 = math.sqrt(max(err0_sq, 0.0) / y_full) if y_full > 0 else float("nan")
+        del h0th0, h0ty
+
+        if s.scale_aware:  # each term becomes a relative squared error (see module docs)
+            alpha_z = s.alpha / max(norms["z"], 1e-30)
+            alpha_s = s.alpha / max(norms["s"], 1e-30)
+            beta = s.beta / max(norms["y"], 1e-30)
+            gamma = s.gamma / max(norms["p"], 1e-30)
+        else:
+            alpha_z = alpha_s = s.alpha
+            beta, gamma = s.beta, s.gamma
+        ratio = gamma / beta
+
+        best = {"error": err0, "iteration": 0, "weights": {"up": up0, "gate": gate0, "down": down0}}
+        history = []
+        log.info("sparsellm: start (sequential SparseGPT) ffn rel error %.5g", err0)
+        xtz = xts = None
+        previous = None
+        stopped_early = False
+        for it in range(1, s.iterations + 1):
+            last = it == s.iterations
+            # (1) W-steps. In the first iteration up/gate targets are the dense outputs, whose
+            # dampened least squares is exactly the dense weight: candidate 0's pruned up/gate.
+            if it == 1:
+                up, gate = up0, gate0
+            else:
+                up = self._obs(least_squares_towards(dense["up"], xtz / n, chol_x, lam_x), gx, hinv_x)[0]
+                gate = self._obs(least_squares_towards(dense["gate"], xts / n, chol_x, lam_x), gx, hinv_x)[0] \
+                    if swiglu else None
+            gp = ptp / n
+            chol_p, damp_p = ops.damped_cholesky(gp, pd)
+            down_ls = least_squares_towards(dense["down"], pty / n, chol_p, float(damp_p) * float(gp.diagonal().mean()))
+            down = self._obs(down_ls, gp)[0]
+            del chol_p, down_ls, gp
+
+            # One sweep over the tokens: this iterate's FFN error and (unless it is the last
+            # iteration) the p-, z- and s-steps and the next W-steps' statistics. The aux update
+            # is speculative only where the error then says stop.
+            err_sq = 0.0
+            terms = dict.fromkeys(("z", "s", "p", "y"), 0.0)
+            if not last:
+                xtz, xts = self._zeros(d, f), (self._zeros(d, f) if swiglu else None)
+                ptp.zero_()
+                pty.zero_()
+            for rows in self.chunks:
+                xc = x[rows]
+                m = self._lin(xc, up, self.b1)
+                g = self._lin(xc, gate) if swiglu else None
+                yc = self._get("y", rows)
+                err_sq += float((yc - _act(swiglu, m, g) @ down.t()).double().square().sum())
+                if last:
+                    continue
+                z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
+                p, q = p_step(_act(swiglu, z, sc), yc, down, ratio)  # (2)
+                terms["y"] += beta * ratio ** 2 * float(q.double().square().sum())
+                if swiglu:  # (3) z with the current s, then s with the new z
+                    z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
+                    sc = ops.swiglu_s_step(sc, g, p, z, alpha_s, gamma, s.s_step_iterations)
+                    terms["s"] += alpha_s * float((sc - g).double().square().sum())
+                else:
+                    z = ops.relu_z_step(p, m, alpha_z, gamma)
+                terms["z"] += alpha_z * float((z - m).double().square().sum())
+                terms["p"] += gamma * float((p - _act(swiglu, z, sc)).double().square().sum())
+                xtz.addmm_(xc.t(), z if self.b1 is None else z - self.b1)
+                if swiglu:
+                    xts.addmm_(xc.t(), sc)
+                    self._put("s", rows, sc)
+                ptp.addmm_(p.t(), p)
+                pty.addmm_(p.t(), yc)
+                self._put("z", rows, z)
+                self._put("p", rows, p)
+                del m, g, z, sc, p, q, yc
+
+            error = math.sqrt(err_sq / y_full) if y_full > 0 else float("nan")
+            entry = {"iteration": it, "ffn_rel_error": error}
+            if not last:
+                if not swiglu:
+                    del terms["s"]
+                entry["objective_terms"] = terms
+                entry["objective"] = sum(terms.values())
+            history.append(entry)
+            log.info("sparsellm: iteration %d ffn rel error %.5g%s", it, error,
+                     "" if last else " objective %.5g (%s)" % (entry["objective"], ", ".join(
+                         f"{k} {v:.4g}" for k, v in terms.items())))
+            if error < best["error"]:
+                best = {"error": error, "iteration": it, "weights": {"up": up, "gate": gate, "down": down}}
+            # Iteration 1's down is fitted on the dense hidden, a different start than candidate
+            # 0's, so the stopping rule compares iterations with each other.
+            if previous is not None and not error <= previous:
+                stopped_early = not last
+                break
+            previous = error
+
+        for name, weight in best["weights"].items():
+            if weight is not None:
+                linear = getattr(self.ffn, name)
+                linear.weight.data.copy_(weight.to(linear.weight.dtype))
+        penalties = {"alpha": alpha_z, "beta": beta, "gamma": gamma}
+        if swiglu:
+            penalties["alpha_s"] = alpha_s
+        log.info("sparsellm: kept iteration %d (ffn rel error %.5g; start %.5g)", best["iteration"], best["error"], err0)
+        return {
+            "start_ffn_rel_error": err0,
+            "best_iteration": best["iteration"],
+            "best_ffn_rel_error": best["error"],
+            "stopped_early": stopped_early,
+            "iterations": history,
+            "penalties": penalties,
+            "aux_bytes": self.aux_bytes,
+            "aux_device": str(self.store),
+        }

@@ -1,0 +1,26 @@
+"""Test-session setup shared by every test file.
+
+- Without a CUDA device the Triton kernels run in Triton's interpreter on CPU tensors. The
+  interpreter is chosen when a kernel is *decorated*, i.e. when a kernel module is imported,
+  so TRITON_INTERPRET must be set here, before any test module imports sparsellm.kernels.
+  With a GPU it is left unset: the kernels then compile for the device.
+- Tests marked ``gpu`` are skipped cleanly when no CUDA device is present.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,145 @@
+"""The CUDA extension (sparsellm._C via sparsellm._cuda_backend) against the reference.
+
+Every test needs a GPU (``gpu`` marker: skipped cleanly without one) and the built extension
+(skipped with the reason when it is not built; see benchmarks/build_cuda_ext.sh).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sparsellm import ops, reference
+from kernel_checks import (NM_PATTERNS, check_nm, check_selection, gram_matrix, hinv_factor, rand,
+                           reconstruction_error)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cb():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    try:
+        import sparsellm._cuda_backend as backend
+    except ImportError as exc:
+        pytest.skip(f"CUDA extension not built: {exc}")
+    return backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n,m", NM_PATTERNS)
+@pytest.mark.parametrize("rows", [1, 37, 1000])
+def test_nm_mask_raw(cb, rows, n, m, dtype):
+    score = rand(rows + m, rows, 48 * 7, dtype=dtype, device="cuda")
+    ref_score = score.double() if dtype == torch.float64 else score.float()
+    mask = cb.nm_prune_mask(score, n, m)
+    assert check_nm(mask, reference.nm_prune_mask(ref_score, n, m), ref_score, n, m) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 16), (2, 3)])
+def test_nm_mask_fused_wanda_and_obs(cb, n, m, dtype):
+    w = rand(1, 256, 4800, dtype=dtype, device="cuda")
+    aux = rand(2, 4800, device="cuda").abs() + 0.1
+    score = w.abs().float() * aux
+    assert check_nm(cb.wanda_prune_mask(w, aux, 0.5, n, m), reference.nm_prune_mask(score, n, m), score, n, m) > 0
+    score = w.float() ** 2 / aux ** 2
+    assert check_nm(cb.nm_mask_obs(w, aux, n, m), reference.nm_prune_mask(score, n, m), score, n, m) > 0
+
+
+def test_nm_mask_ties(cb):
+    score = torch.randint(0, 3, (64, 256), device="cuda").float()
+    for n, m in NM_PATTERNS[:4]:
+        check_nm(cb.nm_prune_mask(score, n, m), reference.nm_prune_mask(score, n, m), score, n, m)
+
+
+def test_unstructured_wanda_routes_to_a_selection(cb):
+    w = rand(3, 64, 1000, device="cuda")
+    norm = rand(4, 1000, device="cuda").abs() + 0.1
+    check_selection(cb.wanda_prune_mask(w, norm, 0.5), reference.wanda_prune_mask(w, norm, 0.5),
+                    w.abs() * norm, 500)
+
+
+OBS_CASES = [(7, 16, None, None), (33, 40, None, None), (4096, 128, None, None), (300, 200, None, None),
+             (33, 40, 2, 4), (33, 40, 3, 4), (1000, 64, 4, 8), (1000, 128, 1, 16), (129, 96, 2, 3),
+             (300, 200, 2, 4)]  # 200 columns: 8 slots per lane and the Hinv block outside shared memory
+
+
+@pytest.mark.parametrize("rows,width,n,m", OBS_CASES)
+def test_obs_block(cb, rows, width, n, m):
+    hinv = hinv_factor(width, "cuda", seed=width)
+    w = rand(rows, rows, width, device="cuda")
+    q, err, loss = cb.obs_prune_block(w, hinv, 0.5, n, m)
+    qr, errr, lossr = reference.obs_prune_block(w, hinv, 0.5, n, m)
+    same = (q == 0).eq(qr == 0)
+    assert same.float().mean() > 0.9999 and (q == 0).any() and (q != 0).any()
+    rows_same = same.all(1)  # rows whose masks agree must agree numerically
+    torch.testing.assert_close(q[rows_same], qr[rows_same], rtol=1e-4, atol=1e-4 * w.abs().max())
+    torch.testing.assert_close(err[rows_same], errr[rows_same], rtol=1e-4, atol=1e-4 * errr.abs().max())
+    torch.testing.assert_close(loss, lossr, rtol=1e-4, atol=0)
+
+
+def test_obs_block_given_mask_and_half(cb):
+    hinv = hinv_factor(64, "cuda", seed=3)
+    w = rand(5, 100, 64, device="cuda")
+    given = rand(6, 100, 64, device="cuda") > 0
+    q, _, loss = cb.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    qr, _, lossr = reference.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    torch.testing.assert_close(q, qr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, lossr, rtol=1e-4, atol=0)
+    q16, _, _ = cb.obs_prune_block(w.half(), hinv, 0.5, 2, 4)
+    qr32, _, _ = reference.obs_prune_block(w.half().float(), hinv, 0.5, 2, 4)
+    assert q16.dtype == torch.float16
+    torch.testing.assert_close(q16.float(), qr32, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("n,m", [(None, None), (2, 4)])
+def test_obs_prune_sweep_reconstruction_error(cb, n, m):
+    cols = 300
+    gram = gram_matrix(cols, seed=4)
+    hinv = reference.cholesky_inverse_upper(gram, 0.01)[0].float().cuda()
+    w = rand(9, 512, cols, device="cuda")
+    ops.set_backend("cuda")
+    ops.reset_usage()
+    try:
+        q, loss = ops.obs_prune(w, hinv, 0.5, n, m, blocksize=128)
+        assert ops.usage()["obs_prune_block"] == {"cuda": 3}
+    finally:
+        ops.set_backend("auto")
+    qr, lossr = reference.obs_prune(w, hinv, 0.5, n, m, blocksize=128)
+    e, er = reconstruction_error(w, q, gram), reconstruction_error(w, qr, gram)
+    assert er > 0 and abs(e - er) <= 1e-3 * er
+
+
+@pytest.mark.parametrize("n,batch,dtype", [(5, (), torch.float64), (33, (), torch.float32), (40, (2, 3), torch.float64),
+                                           (768, (), torch.float32), (100, (4,), torch.float32)])
+def test_cholesky_inverse_upper(cb, n, batch, dtype):
+    gram = gram_matrix(n, batch, dtype=dtype, device="cuda", seed=n)
+    upper, damp = cb.cholesky_inverse_upper(gram, 0.01)
+    ref, ref_damp = reference.cholesky_inverse_upper(gram, 0.01)
+    assert torch.equal(damp, ref_damp) and torch.equal(upper, upper.triu())
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(upper, ref, rtol=tol, atol=tol * ref.abs().max())
+    lower, damp2 = cb.damped_cholesky(gram, 0.01)
+    ref_lower, _ = reference.damped_cholesky(gram, 0.01)
+    assert torch.equal(damp2, ref_damp)
+    torch.testing.assert_close(lower, ref_lower, rtol=tol, atol=tol * ref_lower.abs().max())
+
+
+def test_damped_cholesky_retries_only_failing(cb):
+    x = torch.randn(3, 4, 20, generator=torch.Generator().manual_seed(0))
+    gram = (x.transpose(-1, -2) @ x).cuda()
+    gram[1] = torch.eye(20, device="cuda") + 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lower, damp = cb.damped_cholesky(gram, 1e-9)
+    _, ref_damp = reference.damped_cholesky(gram, 1e-9)
+    assert torch.equal(damp, ref_damp) and damp[1] == 1e-9 and damp[0] > 1e-9
+    assert any(issubclass(c.category, RuntimeWarning) for c in caught)
+    eye = torch.eye(20, device="cuda")
+    damped = gram + (damp * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1))[:, None, None] * eye
+    torch.testing.assert_close(lower @ lower.transpose(-1, -2), damped, rtol=1e-4, atol=1e-4 * damped.abs().max())
+    with pytest.raises(reference.NotPositiveDefinite):
+        cb.damped_cholesky(-gram, 0.0)

@@ -1,0 +1,316 @@
+"""Triton kernels against the reference (sparsellm.reference is the oracle).
+
+On a machine without CUDA these run on CPU tensors in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1 before anything imports the kernels); shapes are kept small for it, and
+include sizes that are not multiples of any tile. bfloat16 is only tested on a GPU (the
+interpreter's numpy has no faithful bfloat16).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sparsellm import ops, reference
+from kernel_checks import (NM_PATTERNS, check_nm, check_selection, gram_matrix, hinv_factor, rand,
+                           reconstruction_error)
+
+triton = pytest.importorskip("triton")
+K = pytest.importorskip("sparsellm.kernels")
+from sparsellm.kernels import _common, cholesky, nm_mask, obs_block, row_select, sparsellm_steps  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FLOATS = [torch.float32, torch.float16]
+
+
+# ---------------------------------------------------------------- N:M masks (c)
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n,m", NM_PATTERNS)
+@pytest.mark.parametrize("rows", [5, 33])
+def test_nm_mask_raw_matches_reference(rows, n, m, dtype):
+    score = rand(rows * 10 + m, rows, 48, dtype=dtype, device=DEV)
+    mask = nm_mask.nm_prune_mask(score, n, m)
+    ref = reference.nm_prune_mask(score.float(), n, m)
+    assert check_nm(mask, ref, score.float(), n, m) > 0
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 16), (2, 3)])
+def test_nm_mask_fused_scores(n, m, dtype):
+    w = rand(1, 9, 96, dtype=dtype, device=DEV)
+    aux = rand(2, 96, device=DEV).abs() + 0.1
+    wanda_score = w.abs().float() * aux
+    obs_score = w.float() ** 2 / aux ** 2
+    for mode, score in ((_common.SCORE_WANDA, wanda_score), (_common.SCORE_OBS, obs_score)):
+        mask = nm_mask.nm_mask(w, aux, n, m, mode)
+        assert check_nm(mask, reference.nm_prune_mask(score, n, m), score, n, m) > 0
+
+
+def test_nm_mask_ties_prune_exactly_n():
+    score = torch.randint(0, 3, (12, 64), generator=torch.Generator().manual_seed(3)).float().to(DEV)
+    for n, m in ((2, 4), (4, 8), (3, 16)):
+        mask = nm_mask.nm_prune_mask(score, n, m)
+        check_nm(mask, reference.nm_prune_mask(score, n, m), score, n, m)
+
+
+def test_nm_mask_float64_and_wide_m_and_errors():
+    # float64 scores are compared in float64: values 1 ulp(fp32) apart still order correctly
+    base = torch.full((2, 8), 1.0, dtype=torch.float64)
+    base[:, ::2] += 1e-12
+    mask = nm_mask.nm_prune_mask(base.to(DEV), 2, 4)
+    assert torch.equal(mask.cpu(), reference.nm_prune_mask(base, 2, 4))
+    # m > 16 falls back to the reference selection
+    s = rand(5, 3, 64, device=DEV)
+    assert torch.equal(nm_mask.nm_prune_mask(s, 7, 32).cpu(), reference.nm_prune_mask(s.cpu(), 7, 32))
+    with pytest.raises(ValueError):
+        nm_mask.nm_prune_mask(s[:, :30], 2, 4)
+
+
+# ---------------------------------------------------------------- per-row selection (d)
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("rows,cols", [(5, 37), (3, 128), (4, 300)])  # 300: several tiles per row
+def test_row_prune_mask_matches_reference(rows, cols, dtype):
+    score = rand(cols, rows, cols, dtype=dtype, device=DEV)
+    checked = 0
+    for k in (0, 1, cols // 3, cols - 1, cols):
+        mask = row_select.row_prune_mask(score, k)
+        checked += check_selection(mask, reference.row_prune_mask(score.float(), k), score.float(), k)
+    assert checked > 0
+
+
+def test_row_prune_mask_signs_zeros_infinities():
+    x = torch.tensor([[-0.0, 0.0, -1.0, 2.0, -3.0, float("inf"), -float("inf"), 1e-30, -1e-30, 5.0]])
+    for k in range(11):
+        mask = row_select.row_prune_mask(x.to(DEV), k).cpu()
+        check_selection(mask, reference.row_prune_mask(x, k), x, k)
+    with pytest.raises(ValueError):
+        row_select.row_prune_mask(x.to(DEV), 11)
+
+
+@pytest.mark.parametrize("cols", [40, 260])
+def test_row_prune_mask_ties(cols):
+    x = torch.randint(-3, 3, (6, cols), generator=torch.Generator().manual_seed(1)).float().to(DEV)
+    mask = row_select.row_prune_mask(x, cols // 2)
+    check_selection(mask, reference.row_prune_mask(x, cols // 2), x, cols // 2)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("rows,cols", [(5, 37), (8, 256), (2, 300)])
+@pytest.mark.parametrize("fraction", [0.5, 0.7])
+def test_wanda_unstructured_fused(rows, cols, fraction, dtype):
+    w = rand(7, rows, cols, dtype=dtype, device=DEV)
+    norm = rand(8, cols, device=DEV).abs() + 0.05
+    mask = K.wanda_prune_mask(w, norm, fraction)
+    score = w.abs().float() * norm
+    k = int(cols * fraction)
+    assert check_selection(mask, reference.wanda_prune_mask(w, norm, fraction), score, k) > 0
+
+
+def test_wanda_nm_fused():
+    w = rand(9, 6, 48, dtype=torch.float16, device=DEV)
+    norm = rand(10, 48, dtype=torch.float16, device=DEV).abs() + 0.05
+    for n, m in NM_PATTERNS:
+        mask = K.wanda_prune_mask(w, norm, 0.5, n, m)
+        score = w.abs().float() * norm.float()
+        assert check_nm(mask, reference.wanda_prune_mask(w, norm, 0.5, n, m), score, n, m) > 0
+
+
+# ---------------------------------------------------------------- OBS block sweep (a)
+
+OBS_CASES = [(7, 16, None, None), (33, 40, None, None), (5, 64, None, None), (7, 16, 2, 4), (33, 40, 2, 4),
+             (33, 40, 3, 4), (5, 64, 4, 8), (5, 64, 1, 16), (9, 48, 2, 3)]
+
+
+@pytest.mark.parametrize("rows,width,n,m", OBS_CASES)
+def test_obs_block_matches_reference_fp32(rows, width, n, m):
+    hinv = hinv_factor(width, DEV, seed=width)
+    w = rand(rows + width, rows, width, device=DEV)
+    q, err, loss = obs_block.obs_prune_block(w, hinv, 0.5, n, m)
+    qr, errr, lossr = reference.obs_prune_block(w, hinv, 0.5, n, m)
+    assert torch.equal(q == 0, qr == 0)  # same mask (random data: no ties)
+    assert (q == 0).any() and (q != 0).any()
+    scale = w.abs().max()
+    torch.testing.assert_close(q, qr, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(err, errr, rtol=1e-5, atol=1e-5 * errr.abs().max())
+    torch.testing.assert_close(loss, lossr, rtol=1e-5, atol=0)
+    assert loss > 0
+
+
+def test_obs_block_given_mask_and_fp16():
+    rows, width = 11, 24
+    hinv = hinv_factor(width, DEV, seed=5)
+    w = rand(4, rows, width, device=DEV)
+    given = rand(6, rows, width, device=DEV) > 0.3
+    q, err, loss = obs_block.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    qr, errr, lossr = reference.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    assert torch.equal(q == 0, given | (qr == 0))
+    torch.testing.assert_close(q, qr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, lossr, rtol=1e-5, atol=0)
+    # fp16 weights: the sweep runs in fp32 and rounds once at the end
+    w16 = w.half()
+    q16, _, loss16 = obs_block.obs_prune_block(w16, hinv, 0.5, 2, 4)
+    qr32, _, lossr32 = reference.obs_prune_block(w16.float(), hinv, 0.5, 2, 4)
+    assert q16.dtype == torch.float16
+    torch.testing.assert_close(q16, qr32.half(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(loss16.float(), lossr32, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("n,m", [(None, None), (2, 4), (4, 8)])
+def test_obs_prune_whole_sweep_same_reconstruction_error(n, m):
+    """The full blocked sweep through ops (Triton block op) vs the reference sweep."""
+    rows, cols, block = 12, 72, 32  # 72 = 2 full blocks + a partial one
+    gram = gram_matrix(cols, seed=2)
+    hinv = reference.cholesky_inverse_upper(gram, 0.01)[0].float().to(DEV)
+    w = rand(11, rows, cols, device=DEV)
+    ops.set_backend("triton")
+    ops.reset_usage()
+    try:
+        q, loss = ops.obs_prune(w, hinv, 0.5, n, m, blocksize=block)
+        assert ops.usage()["obs_prune_block"] == {"triton": 3}
+    finally:
+        ops.set_backend("auto")
+    qr, lossr = reference.obs_prune(w, hinv, 0.5, n, m, blocksize=block)
+    assert torch.equal(q == 0, qr == 0)
+    e, er = reconstruction_error(w, q, gram), reconstruction_error(w, qr, gram)
+    assert er > 0 and abs(e - er) <= 1e-4 * er
+    torch.testing.assert_close(loss, lossr, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- Cholesky inverse factor (b)
+
+@pytest.mark.parametrize("n,batch,dtype", [(5, (), torch.float64), (33, (), torch.float32), (40, (2, 3), torch.float64),
+                                           (64, (), torch.float32), (100, (2,), torch.float64)])
+def test_cholesky_inverse_upper_matches_reference(n, batch, dtype):
+    gram = gram_matrix(n, batch, dtype=dtype, device=DEV, seed=n)
+    upper, damp = cholesky.cholesky_inverse_upper(gram, 0.01)
+    ref, ref_damp = reference.cholesky_inverse_upper(gram, 0.01)
+    assert upper.shape == ref.shape and upper.dtype == dtype
+    assert torch.equal(damp, ref_damp)
+    assert torch.equal(upper, upper.triu()) and (torch.diagonal(upper, dim1=-2, dim2=-1) > 0).all()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(upper, ref, rtol=tol, atol=tol * ref.abs().max())
+    # and it really factors the damped inverse: U^T U (G + lambda I) = I
+    eye = torch.eye(n, dtype=torch.float64, device=DEV)
+    damped = gram.double() + (damp.double() * torch.diagonal(gram.double(), dim1=-2, dim2=-1).mean(-1))[..., None, None] * eye
+    u = upper.double()
+    residual = (u.transpose(-1, -2) @ u @ damped - eye).abs().max()
+    assert residual < (1e-8 if dtype == torch.float64 else 1e-2)
+
+
+def test_cholesky_retry_raises_only_failing_matrices():
+    x = torch.randn(3, 4, 20, generator=torch.Generator().manual_seed(0))
+    gram = x.transpose(-1, -2) @ x  # rank 4 of 20: needs dampening
+    gram[1] = torch.eye(20) + 1.0  # this one is positive definite
+    gram = gram.to(DEV)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        upper, damp = cholesky.cholesky_inverse_upper(gram, 1e-9)
+        _, ref_damp = reference.cholesky_inverse_upper(gram, 1e-9)
+    assert torch.equal(damp, ref_damp) and damp[1] == 1e-9 and damp[0] > 1e-9
+    assert any(issubclass(c.category, RuntimeWarning) for c in caught)
+    # ill-conditioned in fp32: compare against the float64 truth, no worse than the reference
+    truth, _ = reference.cholesky_inverse_upper(gram.double().cpu(), 0.0 + float(damp.max()))
+    with pytest.warns(RuntimeWarning, match="dampening raised"):
+        ref, _ = reference.cholesky_inverse_upper(gram, 1e-9)
+    for b in (0, 2):  # the two damped to the same level as the truth
+        if damp[b] != damp.max():
+            continue
+        err = (upper[b].double().cpu() - truth[b]).abs().max() / truth[b].abs().max()
+        ref_err = (ref[b].double().cpu() - truth[b]).abs().max() / truth[b].abs().max()
+        assert err <= 3 * ref_err + 1e-5
+
+
+@pytest.mark.parametrize("n,tile", [(37, 8), (16, 16), (70, 16)])
+def test_triangular_inverse(n, tile):
+    lower = torch.linalg.cholesky(gram_matrix(n, seed=n)).to(DEV)
+    inv = cholesky.tri_inverse_lower(lower, tile=tile)
+    eye = torch.eye(n, dtype=torch.float64, device=DEV)
+    assert torch.equal(inv, inv.tril())
+    assert (inv @ lower - eye).abs().max() < 1e-10
+
+
+# ---------------------------------------------------------------- SparseLLM steps (e)
+
+STEP_SHAPES = [(37, 53), (3, 5000)]  # 5000: more than one chunk under the interpreter
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+def test_z_steps(shape, dtype):
+    p, m, s = (rand(i, *shape, dtype=dtype, device=DEV, scale=2.0) for i in range(3))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    alpha, gamma = 0.7, 1.3
+    z = sparsellm_steps.relu_z_step(p, m, alpha, gamma)
+    zr = reference.relu_z_step(p.double(), m.double(), alpha, gamma)
+    assert z.dtype == dtype and (zr != 0).any() and (zr == 0).any()
+    # the ReLU step picks one of two candidates; where their objectives tie to rounding the
+    # pick may differ from the float64 one, so: equal almost everywhere, never worse
+    close = torch.isclose(z.double(), zr, rtol=tol, atol=tol)
+    assert close.float().mean() > 0.999
+    obj = lambda t: alpha * (t - m.double()) ** 2 + gamma * (p.double() - t.clamp_min(0)) ** 2  # noqa: E731
+    assert (obj(z.double()) <= obj(zr) * (1 + 10 * tol) + tol).all()
+    z = sparsellm_steps.swiglu_z_step(p, m, s, 0.7, 1.3)
+    zr = reference.swiglu_z_step(p.double(), m.double(), s.double(), 0.7, 1.3)
+    torch.testing.assert_close(z.double(), zr, rtol=tol, atol=tol)
+
+
+def test_z_step_broadcast_and_float64_fallback():
+    p = rand(1, 6, 10, device=DEV)
+    m = rand(2, 10, device=DEV)
+    torch.testing.assert_close(sparsellm_steps.relu_z_step(p, m, 1.0, 2.0), reference.relu_z_step(p, m, 1.0, 2.0))
+    p64 = p.double()
+    assert torch.equal(sparsellm_steps.relu_z_step(p64, m.double(), 1.0, 2.0),
+                       reference.relu_z_step(p64, m.double(), 1.0, 2.0))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+def test_swiglu_s_step(shape, dtype):
+    s, g, p, z = (rand(10 + i, *shape, dtype=dtype, device=DEV, scale=2.0) for i in range(4))
+    alpha, gamma = 0.5, 2.0
+    out = sparsellm_steps.swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5)
+    ref = reference.swiglu_s_step(s.float(), g.float(), p.float(), z.float(), alpha, gamma, iterations=5)
+    obj = lambda t: reference.swiglu_s_objective(t.double(), g.double(), p.double(), z.double(), alpha, gamma)  # noqa: E731
+    start, mine, theirs = obj(s), obj(out), obj(ref)
+    assert not torch.isnan(out).any()
+    assert (mine <= start + 1e-3 * start.abs() + 1e-3).all(), "an s-step increased the objective"
+    assert mine.sum() < start.sum()
+    # the same safeguarded Newton path. Near a minimum the objective is flat, so s itself is
+    # only determined to ~sqrt(eps) and step acceptance flips on rounding-level differences:
+    # compare the objective reached, element by element; the objective is not convex, so a
+    # flipped acceptance can (rarely) lead into another basin: allow a sliver of elements that
+    # differ, with the total no worse
+    if dtype == torch.float32:
+        same = (mine - theirs).abs() <= 1e-5 * (1 + theirs)
+        assert same.float().mean() > 0.99
+        assert torch.isclose(out, ref, rtol=1e-4, atol=1e-5).float().mean() > 0.9
+    assert mine.sum() <= theirs.sum() * (1 + 1e-3) + 1e-3
+
+
+# ---------------------------------------------------------------- bfloat16 and compiled GPU runs
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 16)])
+def test_bfloat16_masks_and_steps_gpu(n, m):
+    w = rand(1, 64, 4096, dtype=torch.bfloat16, device="cuda")
+    norm = rand(2, 4096, device="cuda").abs() + 0.05
+    score = w.abs().float() * norm
+    check_nm(K.wanda_prune_mask(w, norm, 0.5, n, m), reference.wanda_prune_mask(w, norm, 0.5, n, m), score, n, m)
+    check_selection(K.wanda_prune_mask(w, norm, 0.5), reference.wanda_prune_mask(w, norm, 0.5), score, 2048)
+    p, mm = rand(3, 128, 1000, dtype=torch.bfloat16, device="cuda"), rand(4, 128, 1000, dtype=torch.bfloat16, device="cuda")
+    z = sparsellm_steps.relu_z_step(p, mm, 0.7, 1.3)
+    torch.testing.assert_close(z.float(), reference.relu_z_step(p.float(), mm.float(), 0.7, 1.3), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,n,m", [(4096, 128, None, None), (4096, 128, 2, 4), (3000, 100, 4, 8)])
+def test_obs_block_gpu_realistic(rows, width, n, m):
+    hinv = hinv_factor(width, "cuda", seed=1)
+    w = rand(2, rows, width, device="cuda")
+    q, err, loss = obs_block.obs_prune_block(w, hinv, 0.5, n, m)
+    qr, errr, lossr = reference.obs_prune_block(w, hinv, 0.5, n, m)
+    assert (q == 0).eq(qr == 0).float().mean() > 0.9999
+    torch.testing.assert_close(loss, lossr, rtol=1e-4, atol=0)
