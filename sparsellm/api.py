@@ -87,10 +87,13 @@ def evaluate(model, tokenizer, config: PruneConfig, label: str = "") -> dict[str
     return results
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def _peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak memory of the prune: the compute device's, and the host's (where SparseLLM's
+    auxiliary buffers go when they do not fit on the device)."""
+    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host_max_rss"
+        peak["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    return peak
 
 
 def run(config: PruneConfig) -> dict:

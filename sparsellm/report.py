@@ -54,8 +54,11 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
                           "seconds": r.seconds, "diagnostics": r.diagnostics} for r in records],
         "ppl": {"dense": dense_ppl, "pruned": pruned_ppl},
         "prune_seconds": prune_seconds,
-        "peak_memory_bytes": peak_memory[0],
-        "peak_memory_kind": peak_memory[1],
+        # the compute device's peak where it is a GPU, else the host's; both are in peak_memory
+        "peak_memory_bytes": peak_memory.get("cuda_max_allocated", peak_memory["host_max_rss"]),
+        "peak_memory": peak_memory,
+        # SparseLLM's z/p/s/Y buffers of the largest layer (included in the peaks above)
+        "aux_buffer_bytes": max((r.diagnostics.get("aux_bytes", 0) for r in records), default=0),
         "backend": config.backend,
         "backend_usage": backend_usage,
         "export": export_info,

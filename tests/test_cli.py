@@ -1,5 +1,6 @@
 """The sparsellm-prune command: bad input fails cleanly; end to end on small and real models."""
 import json
+import math
 import os
 
 import pytest
@@ -117,7 +118,8 @@ def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_opt_dir"])
-@pytest.mark.parametrize("method, sparsity", [("sparsegpt", "0.6"), ("wanda", "3:4"), ("magnitude", "2:4")])
+@pytest.mark.parametrize("method, sparsity", [("sparsegpt", "0.6"), ("wanda", "3:4"), ("magnitude", "2:4"),
+                                              ("sparsellm", "0.6"), ("sparsellm", "2:4")])
 def test_end_to_end_small(model_fixture, method, sparsity, text_file, tmp_path, capsys, request):
     from sparsellm import load_pruned
 
@@ -162,3 +164,21 @@ def test_real_model_end_to_end(tmp_path, capsys):
     assert len(report["per_matrix_sparsity"]) == 30 * 7
     dense, pruned = report["ppl"]["dense"]["wiki"], report["ppl"]["pruned"]["wiki"]
     assert 5 < dense < pruned < 10 * dense  # 50% SparseGPT degrades a little, not catastrophically
+
+
+@pytest.mark.parametrize("model_fixture, layers, expected", [("tiny_llama_dir", "1:", [1, 2]),
+                                                             ("tiny_opt_dir", "0:1", [0])])
+def test_sparsellm_layer_range(model_fixture, layers, expected, text_file, tmp_path, capsys, request):
+    """--layers START:STOP prunes exactly that half-open range (the public code's flags crashed)."""
+    report_path = tmp_path / "report.json"
+    code, _, err = cli(capsys, "--model", request.getfixturevalue(model_fixture), "--method", "sparsellm",
+                       "--sparsity", "3:4", "--layers", layers, "--calib", text_file, "--eval", "none",
+                       "--report", str(report_path), *SMALL)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["layers_pruned"] == expected
+    assert {int(name.split(".")[1]) for name in report["per_matrix_sparsity"]} == set(expected)
+    assert all(s == pytest.approx(0.75, abs=1e-3) for s in report["per_matrix_sparsity"].values())
+    assert all(math.isfinite(e["ffn_rel_error"]) for e in report["layer_errors"])
+    # the auxiliary buffers are reported and counted in the (host) peak
+    assert 0 < report["aux_buffer_bytes"] < report["peak_memory"]["host_max_rss"]
