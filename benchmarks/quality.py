@@ -7,7 +7,7 @@ windows of the test part.
 
     python benchmarks/quality.py --methods magnitude,wanda,sparsegpt --settings 0.5,0.7,0.8,0.9,2:4,3:4
     python benchmarks/quality.py --methods sparsegpt,sparsellm --settings 0.7,0.8,0.9,3:4 --layers 0:15
-    python benchmarks/quality.py --render      # only rewrite the Markdown from the JSON
+    python benchmarks/quality.py --render --readme README.md   # only re-render, also into the README
 
 Results accumulate in a JSON file (one entry per method, setting and layer range; existing
 entries are skipped unless --rerun), and the Markdown tables are rendered from all of it.
@@ -24,6 +24,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "quality.md")
+README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
 SETTINGS_ORDER = ["0.5", "0.7", "0.8", "0.9", "2:4", "3:4"]
 
 
@@ -50,7 +51,8 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
 
     config = PruneConfig(method=method, sparsity=setting, layers=layers, nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=0, eval=("wiki",), eval_windows=args.eval_windows,
-                         quiet=not args.progress, device="cpu" if args.cpu else None)
+                         quiet=not args.progress, device="cpu" if args.cpu else None,
+                         sequential=not args.no_sequential)
     model, tokenizer = api.load_model(config.model)
     start = time.perf_counter()
     records = api.prune(model, tokenizer, config)
@@ -59,6 +61,7 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
     zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
     total = sum(m["numel"] for r in records for m in r.matrices.values())
     return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
+            "sequential": config.sequential,
             "prune_seconds": seconds, "achieved_sparsity": zeros / total,
             "ffn_rel_error": [r.ffn_rel_error for r in records],
             "output_rel_error": [r.output_rel_error for r in records]}
@@ -85,6 +88,8 @@ def render(results: dict) -> str:
     rows: dict[tuple[str, str], dict] = {}
     for run in runs:
         label = run["method"] if run["layers"] == "all" else f"{run['method']} (layers {run['layers'][0]}:{run['layers'][1]})"
+        if not run.get("sequential", True):
+            label += " (non-sequential)"
         rows.setdefault((label, str(run["layers"])), {})[run["setting"]] = run
     settings = [s for s in SETTINGS_ORDER if any(s in r for r in rows.values())]
     settings += sorted({s for r in rows.values() for s in r} - set(settings))
@@ -121,8 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default=DEFAULT_MD)
     p.add_argument("--rerun", action="store_true", help="recompute entries already in the JSON")
     p.add_argument("--render", action="store_true", help="only render the Markdown from the JSON")
+    p.add_argument("--no-sequential", action="store_true",
+                   help="gather each layer's statistics from the dense layer, as the reference code does")
     p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
     p.add_argument("--progress", action="store_true", help="show per-layer progress bars")
+    p.add_argument("--readme", default=None,
+                   help=f"also put the tables into this Markdown file between {README_START} and {README_END}")
     args = p.parse_args(argv)
 
     results = load(args.json)
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
         layer_key = f"{layers[0]}:{layers[1]}" if layers else "all"
         for method in args.methods.split(","):
             for setting in args.settings.split(","):
-                k = key(method, setting, layer_key)
+                k = key(method, setting, layer_key) + ("|non-sequential" if args.no_sequential else "")
                 if k in results["runs"] and not args.rerun:
                     continue
                 entry = run_one(method, setting, layers, args)
@@ -155,8 +164,22 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
     with open(args.markdown, "w") as handle:
         handle.write(text)
+    if args.readme:
+        write_into(args.readme, text)
     print(text)
     return 0
+
+
+def write_into(path: str, text: str) -> None:
+    """Replace what lies between the two markers of a Markdown file with ``text``."""
+    with open(path) as handle:
+        doc = handle.read()
+    start, end = doc.find(README_START), doc.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path} lacks the markers {README_START} ... {README_END}")
+    doc = doc[:start + len(README_START)] + "\n" + text + doc[end:]
+    with open(path, "w") as handle:
+        handle.write(doc)
 
 
 if __name__ == "__main__":
