@@ -204,7 +204,7 @@ class LayerDriver:
         ffn_groups = self.adapter.groups(layer, "ffn")
         if self.method.joint_ffn:
             passes = [[g] for g in attention] + [["ffn"]]
-        elif self.config.sequential:
+        elif self.config.sequential and self.method.uses_inputs:
             passes = [[g] for g in attention + ffn_groups]
         else:
             passes = [attention + ffn_groups]

@@ -114,3 +114,26 @@ def test_ffn_object_linears():
     model = tiny_llama()
     ffn = get_adapter(model).ffn(get_adapter(model).layers(model)[0])
     assert isinstance(ffn, FFN) and set(ffn.linears()) == {"up", "down", "gate"}
+
+
+@pytest.mark.parametrize("method, passes", [("magnitude", 2), ("wanda", 5)])
+def test_passes_per_layer(method, passes):
+    """Magnitude does not read its inputs: one statistics pass and the final pass serve a layer
+    (sequential passes could not change its result); Wanda runs one pass per group of linears
+    sharing an input (q/k/v, o, gate/up, down) plus the final pass."""
+    model = tiny_llama(layers=2)
+    calls = []
+    layer = get_adapter(model).layers(model)[1]
+    layer.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    records = run(model, method=method, sparsity="0.5")
+    assert len(calls) == passes  # 4 windows of 32 tokens go through in one call per pass
+    assert all(m["rel_error"] > 0 for m in records[1].matrices.values())
+
+
+def test_magnitude_same_weights_either_mode():
+    weights = {}
+    for sequential in (True, False):
+        model = tiny_llama()
+        run(model, method="magnitude", sparsity="0.6", sequential=sequential)
+        weights[sequential] = [p.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))

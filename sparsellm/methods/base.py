@@ -35,6 +35,10 @@ class PruningMethod:
 
     name: str = ""
     joint_ffn: bool = False
+    # False where the pruned weights do not depend on the calibration inputs (magnitude): the
+    # driver then gathers every group's statistics (used only for the reported errors) in one
+    # pass, as sequential passes could not change the result.
+    uses_inputs: bool = True
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -7,6 +7,7 @@ from .base import PruningMethod
 
 class Magnitude(PruningMethod):
     name = "magnitude"
+    uses_inputs = False
 
     def prune(self, weight, stats, pattern):
         score = weight.abs()
