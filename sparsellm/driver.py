@@ -151,7 +151,8 @@ class LayerDriver:
     """Prunes the decoder layers of one model with one method.
 
     Passes over the calibration windows per pruned layer: one per group of linears sharing an
-    input (sequential), one for all of them (non-sequential), or attention groups plus one
+    input (sequential), one for all of them (non-sequential, or a method whose result does not
+    depend on its inputs, such as magnitude), or attention groups plus one
     FFN pass (joint-FFN methods); then one final pass that both measures the errors and
     produces the next layer's inputs. The first pass runs the dense layer and keeps its
     outputs as the reference for the layer error; the pass that first reaches the FFN with
