@@ -3,14 +3,22 @@ where a CUDA build of torch and a CUDA toolkit are present.
 
 SPARSELLM_BUILD_EXT=auto (default) builds the extension only if torch is importable in the
 build environment, is a CUDA build, and CUDA_HOME is found; =1 forces it (and fails loudly);
-=0 never builds it. Because torch is not a build requirement, use
-`pip install --no-build-isolation .` to build against the installed torch.
+=0 never builds it. torch is not a build requirement, so a plain (isolated) `pip install .`
+builds no extension: the sources ship in the package (sparsellm/csrc) and
+sparsellm/_extension.py compiles them on first use where a CUDA torch, a GPU and nvcc are
+present. `pip install --no-build-isolation .` builds it now, against the installed torch.
 TORCH_CUDA_ARCH_LIST is honoured by torch.utils.cpp_extension.
+
+The constants shared with the Python side and the compiler flags come from
+sparsellm/kernel_constants.py, read with runpy (importing sparsellm would need torch).
 """
-import glob
 import os
+import runpy
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL_CONSTANTS = runpy.run_path(os.path.join(HERE, "sparsellm", "kernel_constants.py"))
 
 
 def _extension_kwargs():
@@ -30,15 +38,15 @@ def _extension_kwargs():
         if mode in ("1", "on", "true", "yes"):
             raise RuntimeError("SPARSELLM_BUILD_EXT=1 but no CUDA build of torch / CUDA_HOME found")
         return {}
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    sources = KERNEL_CONSTANTS["extension_sources"]("csrc")
     if not sources:
         return {}
+    cxx_flags, nvcc_flags = KERNEL_CONSTANTS["compile_flags"]()
     ext = CUDAExtension(
         name="sparsellm._C",
         sources=sources,
-        include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

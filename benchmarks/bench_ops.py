@@ -48,16 +48,13 @@ def _sync():
 
 
 def _run(benchmark, backend, fn, *, bytes_moved=0, flops=0, rounds=None):
-    ops.set_backend(backend)
-    try:
-        def timed():
-            out = fn()
-            _sync()
-            return out
+    def timed():
+        out = fn()
+        _sync()
+        return out
+    with ops.backend_scope(backend):
         result = benchmark.pedantic(timed, rounds=rounds or (10 if HAS_CUDA else 3),
                                     warmup_rounds=2 if HAS_CUDA else 1, iterations=1)
-    finally:
-        ops.set_backend("auto")
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
         seconds = stats.stats.median

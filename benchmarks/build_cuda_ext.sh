@@ -92,17 +92,21 @@ fi
 # --- the module must load (no GPU needed to load it) and expose every op the backend registers.
 # Loaded straight from the file: the repo's own sparsellm package would otherwise shadow it.
 cd /tmp
-SO="$SO" python - <<'EOF'
-import importlib.util, os
+SO="$SO" REPO="$REPO" python - <<'EOF'
+import importlib.util, os, runpy
 import torch  # loads libc10 / libtorch before the extension
 spec = importlib.util.spec_from_file_location("sparsellm._C", os.environ["SO"])
 C = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(C)
 names = sorted(n for n in dir(C) if not n.startswith("_"))
 print("== sparsellm._C loads; functions:", ", ".join(names))
-expected = {"obs_prune_block", "damped_cholesky", "cholesky_inverse_upper", "nm_mask"}
+expected = {"obs_prune_block", "damped_cholesky", "cholesky_inverse_upper", "nm_mask", "compiled_constants"}
 missing = expected - set(names)
 assert not missing, f"missing bindings: {missing}"
+# compiled with the -D definitions of sparsellm/kernel_constants.py (what the backend checks)
+constants = runpy.run_path(os.path.join(os.environ["REPO"], "sparsellm", "kernel_constants.py"))["CONSTANTS"]
+assert dict(C.compiled_constants()) == constants, (C.compiled_constants(), constants)
+print("== compiled constants match sparsellm/kernel_constants.py:", constants)
 EOF
 
 if [[ $KEEP -eq 0 ]]; then

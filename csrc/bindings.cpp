@@ -17,5 +17,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("gram"), pybind11::arg("percdamp"), pybind11::arg("max_tries") = 6);
   mod.def("nm_mask", &sparsellm::nm_mask, "N:M prune mask fused with the score",
           pybind11::arg("x"), pybind11::arg("aux"), pybind11::arg("n"), pybind11::arg("m"),
-          pybind11::arg("mode") = 0);
+          pybind11::arg("mode") = static_cast<int64_t>(sparsellm::kScoreRaw));
+  // the values of sparsellm/kernel_constants.py this build was compiled with; the CUDA backend
+  // refuses an extension whose values differ from the Python side's
+  mod.def("compiled_constants", [] {
+    pybind11::dict out;
+    out["MAX_M"] = SPARSELLM_MAX_M;
+    out["SCORE_RAW"] = SPARSELLM_SCORE_RAW;
+    out["SCORE_WANDA"] = SPARSELLM_SCORE_WANDA;
+    out["SCORE_OBS"] = SPARSELLM_SCORE_OBS;
+    out["OBS_MAX_BLOCK"] = SPARSELLM_OBS_MAX_BLOCK;
+    return out;
+  }, "the SPARSELLM_* constants this extension was compiled with");
 }

@@ -1,4 +1,4 @@
-// N:M prune masks fused with their score: one thread per group of m <= 16 consecutive entries
+// N:M prune masks fused with their score: one thread per group of m <= kMaxM consecutive entries
 // of a row. The m scores live in registers (the loops are unrolled to the maximum m with
 // guards, so the arrays are indexed statically and never spill to local memory); each entry's
 // rank is the number of group entries before it in the pruning order (lower score, ties by
@@ -15,8 +15,6 @@
 
 namespace sparsellm {
 namespace {
-
-constexpr int kMaxM = 16;
 
 // float64 raw scores are compared in double; everything else in float (exact for fp16/bf16).
 template <typename T>

@@ -24,6 +24,10 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxSmemBytes = 96 * 1024;
+// launch() instantiates 1, 2, 4 slots and kMaxSlots for the widest blocks
+constexpr int kMaxSlots = kObsMaxBlock / kWarp;
+static_assert(kObsMaxBlock % kWarp == 0 && kMaxSlots > 4 && kMaxSlots <= 8,
+              "SPARSELLM_OBS_MAX_BLOCK must be a multiple of 32 in (128, 256]: 8 register slots per lane at most");
 
 template <int SLOTS>
 __device__ __forceinline__ float pick(const float (&v)[SLOTS], int slot) {
@@ -146,7 +150,7 @@ void launch(const at::Tensor& W, const at::Tensor& H, const at::Tensor& mask, at
   if (B <= 32) return launch_slots<1, NM>(W, H, mask, Q, E, loss, n, m);
   if (B <= 64) return launch_slots<2, NM>(W, H, mask, Q, E, loss, n, m);
   if (B <= 128) return launch_slots<4, NM>(W, H, mask, Q, E, loss, n, m);
-  return launch_slots<8, NM>(W, H, mask, Q, E, loss, n, m);
+  return launch_slots<kMaxSlots, NM>(W, H, mask, Q, E, loss, n, m);
 }
 
 }  // namespace
@@ -159,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_prune_block(const at::Tensor&
   TORCH_CHECK(weight.dim() == 2 && hinv.dim() == 2, "obs_prune_block expects 2-D weight and hinv");
   const int64_t rows = weight.size(0), B = weight.size(1);
   TORCH_CHECK(hinv.size(0) == B && hinv.size(1) == B, "hinv must be B x B with B = weight.size(1)");
-  TORCH_CHECK(B <= 8 * kWarp, "obs_prune_block supports blocks of at most ", 8 * kWarp, " columns");
+  TORCH_CHECK(B <= kObsMaxBlock, "obs_prune_block supports blocks of at most ", kObsMaxBlock, " columns");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor W = weight.to(at::kFloat).contiguous();
   const at::Tensor H = hinv.to(at::kFloat).contiguous();

@@ -6,10 +6,21 @@
 
 #include <tuple>
 
+// The constants shared with the Python side have one definition, sparsellm/kernel_constants.py,
+// and reach this code as -D definitions (setup.py and sparsellm/_extension.py pass them): a
+// compile without them is an error, never a silent default.
+#if !defined(SPARSELLM_MAX_M) || !defined(SPARSELLM_SCORE_RAW) || !defined(SPARSELLM_SCORE_WANDA) || \
+    !defined(SPARSELLM_SCORE_OBS) || !defined(SPARSELLM_OBS_MAX_BLOCK)
+#error "compile with the -DSPARSELLM_* definitions of sparsellm/kernel_constants.py (compile_definitions())"
+#endif
+
 namespace sparsellm {
 
-// Score modes of the mask kernels (same numbering as kernels/_common.py).
-enum ScoreMode : int { kScoreRaw = 0, kScoreWanda = 1, kScoreObs = 2 };
+// Score modes of the mask kernels.
+enum ScoreMode : int { kScoreRaw = SPARSELLM_SCORE_RAW, kScoreWanda = SPARSELLM_SCORE_WANDA, kScoreObs = SPARSELLM_SCORE_OBS };
+// Largest M of an N:M mask (nm_mask.cu) and widest block of the OBS sweep (obs_block.cu).
+constexpr int kMaxM = SPARSELLM_MAX_M;
+constexpr int kObsMaxBlock = SPARSELLM_OBS_MAX_BLOCK;
 
 // obs_block.cu: one block of the SparseGPT sweep. prune_mask: bool [rows, B] or None (then
 // N:M chosen inside the sweep when n > 0, else the unstructured mask over the whole block).

@@ -1,7 +1,7 @@
 """Helpers shared by the Triton kernels: interpreter detection, autotune configs, the fused
 scores and the order-preserving integer key of a float.
 
-Importing this module imports triton; ``kernels/__init__.py`` guards that import so a
+Importing this module imports triton; ``sparsellm/_triton_backend.py`` guards that import so a
 missing triton only makes the backend unavailable.
 """
 from __future__ import annotations
@@ -12,11 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Score modes of the mask kernels: the score is computed in registers from the weight, never
-# materialised in global memory.
-SCORE_RAW = 0    # the tensor already is the score
-SCORE_WANDA = 1  # |w| * ||x_j||                     (aux = the input-norm vector)
-SCORE_OBS = 2    # w^2 / hinv_jj^2                    (aux = the diagonal of the Hinv factor)
+# Score modes of the mask kernels (defined, and explained, in sparsellm/kernel_constants.py);
+# the *_C twins are the same values as constexpr globals, which @triton.jit code may read.
+from sparsellm.kernel_constants import SCORE_OBS, SCORE_RAW, SCORE_WANDA
+
+SCORE_RAW_C = tl.constexpr(SCORE_RAW)
+SCORE_WANDA_C = tl.constexpr(SCORE_WANDA)
+SCORE_OBS_C = tl.constexpr(SCORE_OBS)
 
 
 def interpreting() -> bool:
@@ -51,10 +53,10 @@ def fused_score(w, aux, MODE: tl.constexpr):
     ``w**2 / d**2``), with an IEEE-rounded division, so scores are bit-identical and masks
     agree wherever the reference has no ties.
     """
-    if MODE == 1:
+    if MODE == SCORE_WANDA_C:
         w = w.to(tl.float32)
         s = tl.abs(w) * aux
-    elif MODE == 2:
+    elif MODE == SCORE_OBS_C:
         w = w.to(tl.float32)
         s = tl.div_rn(w * w, aux * aux)
     else:

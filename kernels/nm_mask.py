@@ -12,12 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsellm import reference
+from sparsellm.kernel_constants import MAX_M
+from sparsellm.ops import Decline
 
-from ._common import (SCORE_OBS, SCORE_RAW, SCORE_WANDA, check_device, configs, fused_score, next_pow2,
-                      ranks_before)
-
-MAX_M = 16
+from ._common import SCORE_RAW, SCORE_RAW_C, check_device, configs, fused_score, next_pow2, ranks_before
 
 
 @triton.autotune(configs=configs([{"BLOCK_R": 4}, {"BLOCK_R": 8}, {"BLOCK_R": 16}], {"BLOCK_R": 16}),
@@ -35,7 +33,7 @@ def _nm_mask_kernel(x_ptr, aux_ptr, out_ptr, rows, groups, stride_x, stride_o,
     col_ok = (g[None, :, None] < groups) & (lane3 < M)
     ok = (r3 < rows) & col_ok
     x = tl.load(x_ptr + r3.to(tl.int64) * stride_x + col, mask=ok, other=0.0)
-    if MODE != 0:
+    if MODE != SCORE_RAW_C:
         aux = tl.load(aux_ptr + col, mask=col_ok, other=1.0)
     else:
         aux = 0.0
@@ -58,8 +56,7 @@ def nm_mask(x: torch.Tensor, aux: torch.Tensor | None, n: int, m: int, mode: int
         raise ValueError(f"need 0 <= n <= m, got {n}:{m}")
     if m > MAX_M:
         # rank-by-comparison is M^2 per group; past 16 a sort wins, which is what the reference does
-        score = x if mode == SCORE_RAW else _score_torch(x, aux, mode)
-        return reference.nm_prune_mask(score, n, m)
+        raise Decline(f"m={m} > {MAX_M}")
     check_device(x)
     x = x.contiguous()
     aux = x if aux is None else aux.float().contiguous()
@@ -73,15 +70,6 @@ def nm_mask(x: torch.Tensor, aux: torch.Tensor | None, n: int, m: int, mode: int
     _nm_mask_kernel[grid](x, aux, out, rows, groups, x.stride(0), out.stride(0),
                           N=n, M=m, MP=mp, MODE=mode, BLOCK_G=block_g)
     return out
-
-
-def _score_torch(x, aux, mode):
-    if mode == SCORE_WANDA:
-        return x.abs().float() * aux.float().unsqueeze(0)
-    if mode == SCORE_OBS:
-        x = x.float()
-        return x ** 2 / aux.float().unsqueeze(0) ** 2
-    return x
 
 
 def nm_prune_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

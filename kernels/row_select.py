@@ -13,7 +13,7 @@ at the k-th value).
 
 ``flat_prune_mask`` (one selection over a whole tensor) is deliberately not offered here:
 one program per selection would leave all but one SM idle; the reference's ``topk`` runs on
-the whole device and is used instead (ops falls back to it).
+the whole device and is used instead (ops runs it).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsellm import reference
+from sparsellm.ops import Decline
 
-from ._common import SCORE_RAW, SCORE_WANDA, check_device, configs, fused_score, ordered_key
+from ._common import SCORE_RAW, SCORE_RAW_C, SCORE_WANDA, check_device, configs, fused_score, ordered_key
 
 
 
@@ -32,7 +32,7 @@ def _chunk_keys(x_ptr, aux_ptr, row_off, c0, cols, MODE: tl.constexpr, BLOCK: tl
     col = c0 + tl.arange(0, BLOCK)
     ok = col < cols
     x = tl.load(x_ptr + row_off + col, mask=ok, other=0.0)
-    if MODE != 0:
+    if MODE != SCORE_RAW_C:
         aux = tl.load(aux_ptr + col, mask=ok, other=1.0)
     else:
         aux = 0.0
@@ -96,8 +96,8 @@ def row_select_mask(x: torch.Tensor, aux: torch.Tensor | None, k: int, mode: int
     if not 0 <= k <= cols:
         raise ValueError(f"k={k} outside [0, {cols}]")
     if mode == SCORE_RAW and x.dtype == torch.float64:
-        # the 32-bit key would round a float64 score; the reference selects on it exactly
-        return reference.row_prune_mask(x, k)
+        # the 32-bit key would round a float64 score; the next backend selects on it exactly
+        raise Decline("float64 score")
     check_device(x)
     if k == 0 or x.numel() == 0:
         return torch.zeros((rows, cols), dtype=torch.bool, device=x.device)

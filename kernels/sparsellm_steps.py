@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsellm import reference
+from sparsellm.ops import Decline
 
 from ._common import check_device, configs
 
@@ -106,28 +106,26 @@ def _launch(kernel, out_dtype, shape, flats, *scalars):
     return out
 
 
-def _wants_float64(*tensors):
+def _decline_float64(*tensors):
     # the kernels compute in fp32 registers; a float64 caller asked for more than that
-    return any(t.dtype == torch.float64 for t in tensors)
+    if any(t.dtype == torch.float64 for t in tensors):
+        raise Decline("float64")
 
 
 def relu_z_step(p, m, alpha, gamma):
-    if _wants_float64(p, m):
-        return reference.relu_z_step(p, m, alpha, gamma)
+    _decline_float64(p, m)
     shape, flats = _flat(p, m)
     return _launch(_relu_z_kernel, torch.result_type(p, m), shape, flats, float(alpha), float(gamma))
 
 
 def swiglu_z_step(p, m, s, alpha, gamma):
-    if _wants_float64(p, m, s):
-        return reference.swiglu_z_step(p, m, s, alpha, gamma)
+    _decline_float64(p, m, s)
     shape, flats = _flat(p, m, s)
     dtype = torch.promote_types(torch.result_type(p, m), s.dtype)
     return _launch(_swiglu_z_kernel, dtype, shape, flats, float(alpha), float(gamma))
 
 
 def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
-    if _wants_float64(s, g, p, z):
-        return reference.swiglu_s_step(s, g, p, z, alpha, gamma, iterations)
+    _decline_float64(s, g, p, z)
     shape, flats = _flat(s, g, p, z)
     return _launch(_swiglu_s_kernel, s.dtype, shape, flats, float(alpha), float(gamma), int(iterations))

@@ -1,9 +1,12 @@
 """The ``cuda`` backend of :mod:`sparsellm.ops`: the compiled extension ``sparsellm._C``
 (sources in ``csrc/``), adapted to the signatures of :mod:`sparsellm.reference`.
 
-Importing this module registers its operations; it raises ImportError when the extension was
-not built (pure-Python installs, CPU-only torch), which ops records as "unavailable".
-Operations the extension does not implement fall back, through ops, to the next backend.
+Importing this module registers its operations; it raises ImportError when the extension is
+neither built nor compilable here (CPU-only torch, no GPU, no toolkit; see
+:mod:`sparsellm._extension`), which ops records as "unavailable" with the reason.
+Operations the extension does not implement, and calls it does not handle (blocks wider than
+256 columns, M > 16, unstructured Wanda masks: each raises :class:`sparsellm.ops.Decline`
+before calling the extension), go through ops to the next backend, which ops records.
 """
 from __future__ import annotations
 
@@ -11,19 +14,16 @@ import warnings
 
 import torch
 
-from . import ops, reference
+from . import kernel_constants, ops, reference
+from ._extension import load_extension
 
-try:
-    from . import _C
-except ImportError as exc:
-    raise ImportError(f"the CUDA extension sparsellm._C is not built ({exc}); "
-                      "see benchmarks/build_cuda_ext.sh or `SPARSELLM_BUILD_EXT=1 pip install --no-build-isolation .`"
-                      ) from exc
+# built-in or compiled on first use, and compiled with the constants below; else ImportError
+_C = load_extension()
 
-# kept in step with kernels/_common.py and csrc/sparsellm_ops.h
-_SCORE_RAW, _SCORE_WANDA, _SCORE_OBS = 0, 1, 2
-_MAX_M = 16
-_MAX_BLOCK = 256
+_SCORE_RAW, _SCORE_WANDA, _SCORE_OBS = (kernel_constants.SCORE_RAW, kernel_constants.SCORE_WANDA,
+                                        kernel_constants.SCORE_OBS)
+_MAX_M = kernel_constants.MAX_M
+_MAX_BLOCK = kernel_constants.CUDA_OBS_MAX_BLOCK
 
 
 def _checked(result, max_tries=6):
@@ -50,15 +50,19 @@ def cholesky_inverse_upper(gram, percdamp):
 def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
     if weight.shape[1] > _MAX_BLOCK:
         # one warp per row keeps the row in registers: 8 slots x 32 lanes at most
-        return reference.obs_prune_block(weight, hinv, fraction, n, m, prune_mask)
+        raise ops.Decline(f"width {weight.shape[1]} > {_MAX_BLOCK}")
     if prune_mask is None and n is not None and n == 0:
         prune_mask = torch.zeros_like(weight, dtype=torch.bool)  # 0:m prunes nothing
     return tuple(_C.obs_prune_block(weight, hinv, float(fraction), int(n or 0), int(m or 1), prune_mask))
 
 
+def _decline_wide_groups(m):
+    if m > _MAX_M:  # the mask kernel ranks a group by M^2 compares in registers
+        raise ops.Decline(f"m={m} > {_MAX_M}")
+
+
 def nm_prune_mask(score, n, m):
-    if m > _MAX_M:
-        return reference.nm_prune_mask(score, n, m)
+    _decline_wide_groups(m)
     return _C.nm_mask(score, None, int(n), int(m), _SCORE_RAW)
 
 
@@ -68,13 +72,11 @@ def nm_mask_obs(weight, hinv_diag, n, m):
 
 
 def wanda_prune_mask(weight, in_norm, fraction, n=None, m=None):
-    if n is None or m > _MAX_M:
+    if n is None:
         # unstructured Wanda is a per-row selection, which the Triton kernel does (fused
         # score + bisection select); the extension has no second copy of it
-        if ops.available("triton", weight.device):
-            from sparsellm.kernels import wanda_prune_mask as triton_wanda
-            return triton_wanda(weight, in_norm, fraction, n, m)
-        return reference.wanda_prune_mask(weight, in_norm, fraction, n, m)
+        raise ops.Decline("unstructured")
+    _decline_wide_groups(m)
     return _C.nm_mask(weight, in_norm, int(n), int(m), _SCORE_WANDA)
 
 

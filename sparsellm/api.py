@@ -15,10 +15,10 @@ import time
 import torch
 
 from . import __version__, data, ops
-from .config import PruneConfig
+from .config import DTYPES, PruneConfig
 from .default_model import ALIASES as DEFAULT_ALIASES
 from .default_model import resolve as resolve_default
-from .driver import LayerDriver, LayerRecord, resolve_device
+from .driver import LayerRecord, resolve_device
 from .evaluate import perplexity
 from .methods import get_method
 from .models import get_adapter
@@ -26,7 +26,7 @@ from .report import build_report, write_report
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 class ModelLoadError(RuntimeError):
@@ -71,7 +71,7 @@ def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
     windows = data.calibration_windows(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return LayerDriver(model, adapter, method, config).run(windows)
+        return method.prune_model(model, adapter, windows)
 
 
 def evaluate(model, tokenizer, config: PruneConfig, label: str = "") -> dict[str, float]:
@@ -100,14 +100,21 @@ def run(config: PruneConfig) -> dict:
     """The whole job: load, evaluate dense, prune, evaluate pruned, export, save, report.
 
     Bad settings fail before any long work starts; outputs are written only when complete.
+    A forced ``config.backend`` holds for this run only (``auto`` keeps the process's setting).
     """
+    with ops.backend_scope(None if config.backend == "auto" else config.backend):
+        return _run(config)
+
+
+def _run(config: PruneConfig) -> dict:
     from . import export
 
-    if config.backend != "auto":
-        ops.set_backend(config.backend)
     if config.save:
         export.check_output_dir(config.save, config.overwrite)  # fail now, not after the prune
+        export.check_save_format(config.save_format)  # e.g. 'compressed' without its extra: fail now too
     device = resolve_device(config.device)
+    for source in {config.calib, *config.eval} - {"none"}:  # a missing file fails now, not after the dense eval
+        data.check_source(source)
     model, tokenizer = load_model(config.model, config.dtype)
     _check_layers(config, len(get_adapter(model).layers(model)))
     on_device = device.type == "cpu" or _fits(model, device)
@@ -124,7 +131,7 @@ def run(config: PruneConfig) -> dict:
     records = prune(model, tokenizer, config)
     prune_seconds = time.perf_counter() - start
     peak = _peak_memory(device)
-    backend_usage = ops.usage()
+    backend_usage, backend_fallbacks = ops.usage(), ops.fallbacks()
 
     if config.save:  # the dense-masked weights, before any export changes their layout
         export.save_pruned(model, tokenizer, config.save, sparsity_structure=_structure(config),
@@ -135,7 +142,7 @@ def run(config: PruneConfig) -> dict:
     pruned_ppl = evaluate(model, tokenizer, config, "pruned")
     report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
                           prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
-                          export_info=export_info, version=__version__)
+                          backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__)
     if config.save:
         report["saved_to"] = os.path.abspath(config.save)
     if config.report:

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import DEFAULT_MODEL, PruneConfig, SparseLLMSettings
+from .config import DEFAULT_MODEL, DTYPES, EXPORT_KINDS, SAVE_FORMATS, PruneConfig, SparseLLMSettings
 from .sparsity import SparsityPattern, SparsityError
 
 
@@ -65,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=None, help="cap on evaluation windows (default: all)")
     p.add_argument("--no-dense-eval", dest="eval_dense", action="store_false", help="skip the dense perplexity")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                    help="model dtype; the pruning math is float32 regardless")
     p.add_argument("--backend", default=d.backend, choices=list(BACKENDS),
                    help="kernels for the hot operations (also SPARSELLM_BACKEND)")
     p.add_argument("--save", default=None, help="write the pruned model (safetensors + tokenizer) to this folder")
-    p.add_argument("--save-format", default=d.save_format, choices=["dense", "compressed"])
-    p.add_argument("--export", default=None, choices=["semi-structured", "csr"],
+    p.add_argument("--save-format", default=d.save_format, choices=SAVE_FORMATS)
+    p.add_argument("--export", default=None, choices=EXPORT_KINDS,
                    help="after pruning, swap eligible weights to sparse kernels before evaluation")
     p.add_argument("--overwrite", action="store_true", help="allow --save into a non-empty folder")
     p.add_argument("--report", default=None, help="write the JSON report here")

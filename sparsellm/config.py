@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .sparsity import SparsityPattern
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see sparsellm.default_model)
+DTYPES = ("float32", "float16", "bfloat16")
+SAVE_FORMATS = ("dense", "compressed")
+EXPORT_KINDS = ("semi-structured", "csr")
 
 
 @dataclass
@@ -27,6 +31,16 @@ class SparseLLMSettings:
     s_step_iterations: int = 2  # warm-started each iteration; 5 cost 40% of the solver's time
     # Normalise alpha/beta/gamma by the scale of the terms they weigh (see the method's docs).
     scale_aware: bool = True
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"sparsellm {name} must be a positive number, got {value!r}")
+        if not (isinstance(self.iterations, int) and self.iterations >= 0):
+            raise ValueError(f"sparsellm iterations must be an integer >= 0, got {self.iterations!r}")
+        if not (isinstance(self.s_step_iterations, int) and self.s_step_iterations >= 1):
+            raise ValueError(f"sparsellm s_step_iterations must be an integer >= 1, got {self.s_step_iterations!r}")
 
 
 @dataclass
@@ -70,11 +84,38 @@ class PruneConfig:
             self.eval = tuple(e for e in self.eval.split(",") if e)
         if isinstance(self.sparsellm, dict):
             self.sparsellm = SparseLLMSettings(**self.sparsellm)
+        self.validate()
+
+    def validate(self) -> None:
+        """Every check that needs no file, model or device: run when the settings are built,
+        so a bad value fails before anything is loaded."""
+        from .methods import METHODS  # late: the methods import this module
+        from .ops import BACKENDS
+
+        def positive_int(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
         for name in ("nsamples", "seqlen", "blocksize"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not (0 < self.percdamp):
-            raise ValueError(f"percdamp must be positive, got {self.percdamp}")
+            positive_int(name, getattr(self, name))
+        positive_int("eval_seqlen", self.eval_seqlen, allow_none=True)
+        positive_int("eval_windows", self.eval_windows, allow_none=True)
+        if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < float("inf")):
+            raise ValueError(f"percdamp must be positive, got {self.percdamp!r}")
+        choices = {"method": sorted(METHODS), "dtype": DTYPES, "save_format": SAVE_FORMATS, "backend": BACKENDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.export is not None and self.export not in EXPORT_KINDS:
+            raise ValueError(f"unknown export {self.export!r}; choose one of {', '.join(EXPORT_KINDS)}")
+        if self.layers is not None:
+            start, stop = self.layers
+            if start is None or start < 0 or (stop is not None and stop <= start):
+                raise ValueError(f"layer range {start}:{stop} is empty or negative; expected 0 <= START < STOP")
+        if not self.eval:
+            raise ValueError("eval needs at least one text source (or 'none')")
 
     @property
     def resolved_eval_seqlen(self) -> int:

@@ -1,17 +1,22 @@
-"""The layer-by-layer driver.
+"""The layer-by-layer driver: executes the methods' plans (see :mod:`sparsellm.plan`).
 
 The one place that moves layers between devices, captures the first decoder layer's inputs,
-runs hooks to gather statistics, calls the method, and propagates outputs. Only one decoder
+runs the calibration passes with the statistics a plan asks for, calls the steps' solves,
+measures errors and propagates outputs. It knows no method by name or flag. Only one decoder
 layer is on the compute device at a time, so a model larger than the device can be pruned.
 
-Per layer (``sequential``, the default): for each group of linears sharing an input, in the
-order data flows (q/k/v, o, gate/up, down), run the layer over the calibration windows with
-the earlier groups already pruned, gather that group's input Gram matrix, prune the group.
-So the FFN statistics come from the pruned attention's output. Non-sequential mode gathers
-all statistics from one pass of the dense layer (as the Wanda and SparseGPT reference code).
-A method with ``joint_ffn`` (SparseLLM) gets the whole FFN with its input tokens instead.
-Finally the pruned layer produces the next layer's inputs, and its errors against a dense
-copy of itself on the same inputs are measured.
+Per layer, with the method's plan (its steps in data-flow order, e.g. q/k/v, o, gate/up, down):
+
+- sequential (the default): each step's statistic is gathered in its own pass over the
+  calibration windows, with the earlier steps already applied, then the step is solved; so the
+  FFN is pruned from the pruned attention's output. A step that observes nothing (magnitude)
+  needs no pass. Non-sequential: one pass of the dense layer gathers every step's statistic
+  (as the Wanda and SparseGPT reference code), then the steps are solved in order.
+- The first pass always runs the dense layer and keeps its outputs: the reference for the
+  layer's output error.
+- A final pass runs the pruned layer: its outputs are the next layer's inputs, and on the way
+  it measures each pruned linear's output error, the FFN's and the layer's, against dense
+  copies of the same weights on the same inputs.
 """
 from __future__ import annotations
 
@@ -19,15 +24,20 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import PruneConfig
-from .methods import InputStats, PruningMethod
 from .models import ModelAdapter
+from .plan import LayerView, Statistic, Step
 from .sparsity import zero_fraction
+
+if TYPE_CHECKING:
+    from .methods import LayerwiseMethod
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +63,25 @@ class _StopForward(Exception):
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """The compute device: ``None`` picks cuda when available; an unusable one is a ValueError
+    that says why (a CPU build of torch, no visible GPU, an index out of range)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} ({exc}); use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; "
+                             "install a CUDA build of torch, or use --device cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is visible to torch")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif resolved.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return resolved
 
 
 @contextmanager
@@ -103,44 +129,19 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch
     return torch.cat(captured, dim=0), kwargs_seen
 
 
-class _GramAccumulator:
-    """Forward hook on a linear: accumulates X^T X of its inputs in float32."""
-
-    def __init__(self, module: nn.Linear):
-        d = module.in_features
-        self.gram = torch.zeros(d, d, dtype=torch.float32, device=module.weight.device)
-        self.tokens = 0
-        self.handle = module.register_forward_hook(self)
-
-    def __call__(self, module, inputs, output):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        self.gram.addmm_(x.T, x)
-        self.tokens += x.shape[0]
-
-    def stats(self) -> InputStats:
-        self.handle.remove()
-        return InputStats(gram=self.gram / max(self.tokens, 1), tokens=self.tokens)
-
-
-def _relative_error_from_gram(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
-    """||(W - W_p) X|| / ||W X|| computed from the Gram matrix of X, without X."""
-    delta = dense - pruned
-    num = (delta @ gram * delta).sum()
-    den = (dense @ gram * dense).sum()
-    return float((num / den).clamp_min(0).sqrt()) if den > 0 else float("nan")
-
-
 class _ErrorMeter:
-    """Accumulates ||reference - actual||^2 and ||reference||^2 (float64)."""
+    """Accumulates ||reference - actual||^2 and ||reference||^2. Squared norms are summed in
+    float32 (torch reduces pairwise: about 1e-7 relative) and accumulated in Python floats, so
+    no float64 copy of a large activation is made."""
 
     def __init__(self):
         self.err = 0.0
         self.ref = 0.0
 
     def add(self, reference: torch.Tensor, actual: torch.Tensor) -> None:
-        reference, actual = reference.double(), actual.double()
-        self.err += float(((reference - actual) ** 2).sum())
-        self.ref += float((reference ** 2).sum())
+        reference = reference.float()
+        self.err += float((reference - actual.float()).square().sum())
+        self.ref += float(reference.square().sum())
 
     @property
     def relative(self) -> float:
@@ -148,18 +149,14 @@ class _ErrorMeter:
 
 
 class LayerDriver:
-    """Prunes the decoder layers of one model with one method.
+    """Prunes the decoder layers of one model with one layer-wise method (see the module docs).
 
-    Passes over the calibration windows per pruned layer: one per group of linears sharing an
-    input (sequential), one for all of them (non-sequential, or a method whose result does not
-    depend on its inputs, such as magnitude), or attention groups plus one
-    FFN pass (joint-FFN methods); then one final pass that both measures the errors and
-    produces the next layer's inputs. The first pass runs the dense layer and keeps its
-    outputs as the reference for the layer error; the pass that first reaches the FFN with
-    pruned attention and a dense FFN keeps the dense FFN outputs as the FFN reference.
+    Passes over the calibration windows per pruned layer: one per step that observes data
+    (sequential), or one for all steps (non-sequential), at least one (the dense reference),
+    plus the final pass.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, config: PruneConfig):
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: "LayerwiseMethod", config: PruneConfig):
         self.model = model
         self.adapter = adapter
         self.method = method
@@ -180,99 +177,89 @@ class LayerDriver:
                 if outputs is not None:
                     outputs[rows] = out
 
-    def _record_matrix(self, record, name, dense, pruned, gram):
-        record.matrices[name] = {
-            "sparsity": zero_fraction(pruned),
-            "rel_error": _relative_error_from_gram(dense, pruned, gram),
-            "numel": pruned.numel(),
-        }
+    def _observe(self, layer, inputs, kwargs, steps: list[Step], outputs=None) -> list:
+        """One pass gathering each step's statistic of its observed module's input; returns
+        the statistics' results in the order of ``steps``."""
+        stats: list[Statistic | None] = [None] * len(steps)
 
-    def _prune_group(self, group: dict[str, nn.Linear], stats: InputStats, record: LayerRecord):
-        for name, linear in group.items():
-            dense = linear.weight.detach().float()
-            pruned = self.method.prune(dense, stats, self.config.sparsity)
-            self._record_matrix(record, name, dense, pruned, stats.gram)
-            linear.weight.data.copy_(pruned.to(linear.weight.dtype))
+        def observer(i: int, step: Step):
+            def hook(module, args):
+                x = args[0].detach()
+                if stats[i] is None:
+                    stats[i] = step.observe(x.shape[-1], x.device)
+                stats[i].add(x)
+            return step.observed_module.register_forward_pre_hook(hook)
+
+        self._pass(layer, inputs, kwargs, [observer(i, s) for i, s in enumerate(steps)], outputs=outputs)
+        return [stat.result() for stat in stats]
+
+    def layer_view(self, index: int, layer: nn.Module) -> LayerView:
+        return LayerView(index=index, pattern=self.config.sparsity,
+                         attention_groups=self.adapter.groups(layer, "attention"),
+                         ffn_groups=self.adapter.groups(layer, "ffn"), ffn=self.adapter.ffn(layer))
 
     def prune_layer(self, index: int, layer: nn.Module, inputs: torch.Tensor, kwargs: dict,
                     outputs: torch.Tensor) -> LayerRecord:
         """Prune one decoder layer; writes the pruned layer's outputs into ``outputs``."""
         record = LayerRecord(index=index)
         start = time.perf_counter()
-        ffn = self.adapter.ffn(layer)
-        dense_ffn = ffn.dense_copy()
-        attention = self.adapter.groups(layer, "attention")
-        ffn_groups = self.adapter.groups(layer, "ffn")
-        if self.method.joint_ffn:
-            passes = [[g] for g in attention] + [["ffn"]]
-        elif self.config.sequential and self.method.uses_inputs:
-            passes = [[g] for g in attention + ffn_groups]
-        else:
-            passes = [attention + ffn_groups]
+        view = self.layer_view(index, layer)
+        steps = self.method.plan(view)
+        planned = {name: linear for step in steps for name, linear in step.linears.items()}
+        # Dense copies of every linear of the layer: the references of the final pass.
+        dense = {id(linear): linear.weight.detach().clone() for group in view.groups for linear in group.values()}
 
-        # The FFN reference is kept where the FFN first runs after attention was pruned; in a
-        # single non-sequential pass there is no such pass and the final pass recomputes it.
-        ffn_pass = next((n for n, groups in enumerate(passes) if n > 0 and
-                         any(g == "ffn" or g is ffn_groups[0] for g in groups)), None)
         dense_out = torch.empty_like(inputs)
-        ffn_reference: list[torch.Tensor] | None = None  # dense FFN outputs per batch
-        ffn_inputs: list[torch.Tensor] = []
-        for number, groups in enumerate(passes):
-            hooks, accumulators = [], []
-            for group in groups:
-                if group == "ffn":  # the joint-FFN method needs every FFN input token
-                    hooks.append(ffn.up.register_forward_hook(
-                        lambda mod, inp, out: ffn_inputs.append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float())))
-                else:
-                    accumulators.append(_GramAccumulator(next(iter(group.values()))))
-                    hooks.append(accumulators[-1].handle)
-            if number == ffn_pass:
-                ffn_reference = []
-                hooks.append(ffn.down.register_forward_hook(lambda mod, inp, out: ffn_reference.append(out.detach())))
-            self._pass(layer, inputs, kwargs, hooks, outputs=dense_out if number == 0 else None)
-            for group, acc in zip([g for g in groups if g != "ffn"], accumulators):
-                self._prune_group(group, acc.stats(), record)
-            if "ffn" in groups:
-                self._prune_joint_ffn(ffn, torch.cat(ffn_inputs), dense_ffn, ffn_groups, record)
-                ffn_inputs.clear()
+        reference_pending = True  # the first pass runs the dense layer and keeps its outputs
+        for batch in ([[s] for s in steps] if self.config.sequential else [steps]):
+            observing = [s for s in batch if s.observe is not None]
+            observed = {}
+            if observing or reference_pending:
+                results = self._observe(layer, inputs, kwargs, observing,
+                                        outputs=dense_out if reference_pending else None)
+                observed = {id(s): r for s, r in zip(observing, results)}
+                reference_pending = False
+            for step in batch:
+                with torch.no_grad():
+                    diagnostics = step.solve(observed.pop(id(step), None))
+                record.diagnostics.update(diagnostics or {})
+        if reference_pending:  # a plan without steps still measures (and propagates) the layer
+            self._pass(layer, inputs, kwargs, outputs=dense_out)
 
-        self._final_pass(layer, ffn, dense_ffn, ffn_reference, inputs, kwargs, dense_out, outputs, record)
+        linear_errors = self._final_pass(layer, view, planned, dense, inputs, kwargs, dense_out, outputs, record)
+        for name, linear in planned.items():
+            record.matrices[name] = {"sparsity": zero_fraction(linear.weight), "rel_error": linear_errors[name],
+                                     "numel": linear.weight.numel()}
         record.seconds = time.perf_counter() - start
         return record
 
-    @torch.no_grad()  # the hidden and its Gram below must not build an autograd graph
-    def _prune_joint_ffn(self, ffn, x, dense_ffn, ffn_groups, record):
-        record.diagnostics = self.method.prune_ffn(ffn, x, self.config.sparsity) or {}
-        hidden = ffn.hidden(x)  # what the pruned down projection sees
-        grams = {"down": hidden.T @ hidden / hidden.shape[0], "input": x.T @ x / x.shape[0]}
-        del hidden
-        for group in ffn_groups:
-            for qualified, linear in group.items():
-                name = next(n for n, lin in ffn.linears().items() if lin is linear)
-                self._record_matrix(record, qualified, dense_ffn[name].float(), linear.weight.detach().float(),
-                                    grams["down" if name == "down" else "input"])
-
-    def _final_pass(self, layer, ffn, dense_ffn, ffn_reference, inputs, kwargs, dense_out, outputs, record):
+    def _final_pass(self, layer, view, planned, dense, inputs, kwargs, dense_out, outputs, record):
         """Run the pruned layer: its outputs feed the next layer, and its errors against the
-        dense references are measured on the same inputs."""
+        dense references are measured on the same inputs. Returns each planned linear's
+        relative output error ||(W - W_p) x|| / ||W x||."""
+        ffn = view.ffn
         ffn_meter, layer_meter = _ErrorMeter(), _ErrorMeter()
-        references = iter(ffn_reference) if ffn_reference is not None else None
-        last_input: list[torch.Tensor] = []
+        meters = {name: _ErrorMeter() for name in planned}
+        ffn_inputs: list[torch.Tensor] = []
+        dense_ffn = {role: dense[id(linear)] for role, linear in ffn.linears().items()}
 
-        def ffn_hook(module, inp, out):
-            if references is not None:
-                reference = next(references)
-            else:  # non-sequential: recompute the dense FFN on these (pruned-attention) inputs
-                reference = ffn.forward(last_input.pop(), dense_ffn)
-            ffn_meter.add(reference, out.detach())
+        def linear_hook(name):
+            def hook(module, args, out):
+                actual = out if module.bias is None else out - module.bias
+                meters[name].add(F.linear(args[0], dense[id(module)]), actual)
+            return hook
 
-        hooks = [ffn.down.register_forward_hook(ffn_hook)]
-        if references is None:
-            hooks.append(ffn.up.register_forward_hook(lambda mod, inp, out: last_input.append(inp[0].detach())))
+        def ffn_hook(module, args, out):  # the dense FFN on the same (pruned-attention) inputs
+            ffn_meter.add(ffn.forward(ffn_inputs.pop(), dense_ffn), out)
+
+        hooks = [linear.register_forward_hook(linear_hook(name)) for name, linear in planned.items()]
+        hooks.append(ffn.up.register_forward_pre_hook(lambda module, args: ffn_inputs.append(args[0])))
+        hooks.append(ffn.down.register_forward_hook(ffn_hook))
         self._pass(layer, inputs, kwargs, hooks, outputs=outputs,
                    per_batch=lambda rows, out: layer_meter.add(dense_out[rows], out))
         record.ffn_rel_error = ffn_meter.relative
         record.output_rel_error = layer_meter.relative
+        return {name: meter.relative for name, meter in meters.items()}
 
     # -- the whole model ------------------------------------------------------------------------
 

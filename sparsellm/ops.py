@@ -4,22 +4,31 @@ Every method calls the functions of this module, never a backend directly. Per c
 backend is chosen among:
 
 - ``cuda``: the compiled extension ``sparsellm._C`` (``csrc/``), CUDA tensors only;
-- ``triton``: the Triton kernels (``kernels/``, importable as ``sparsellm.kernels``), CUDA
-  tensors, or CPU tensors when ``TRITON_INTERPRET=1`` is set before import;
+- ``triton``: the Triton kernels (``kernels/``, installed as ``sparsellm.kernels``, registered
+  by :mod:`sparsellm._triton_backend`), CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` is set before import;
 - ``reference``: plain PyTorch (:mod:`sparsellm.reference`), always available.
 
 ``auto`` (default) takes the first available of cuda, triton, reference for the tensor's
 device; a CPU tensor always gets the reference under ``auto``. The user can force one with
-:func:`set_backend`, the ``SPARSELLM_BACKEND`` environment variable, or ``--backend``.
-Forcing a backend that is not available is an error; an operation the forced backend does
-not implement falls back to the next one (recorded). :func:`usage` says which ran.
+:func:`set_backend` (or, for a block of code, :func:`backend_scope`), the
+``SPARSELLM_BACKEND`` environment variable, or ``--backend``. Forcing a backend that is not
+available is an error.
+
+An operation the chosen backend does not implement, or a call it does not handle (an
+implementation raises :class:`Decline` before computing anything: a block too wide for the
+CUDA sweep, float64 for an fp32 kernel, ...), goes to the next backend in the order cuda,
+triton, reference. No backend calls another one for an operation it declines, so
+:func:`usage` records the backend that actually computed each call, and :func:`fallbacks`
+why the ones before it declined.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,9 +42,17 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+class Decline(NotImplementedError):
+    """Raised by a backend's implementation of an operation, before it computes anything, for a
+    call it does not handle; the message is the reason (short: it is a key of
+    :func:`fallbacks`). ops then runs the next backend. Called directly, outside ops, the
+    implementation simply refuses the call with this error."""
+
+
 _state = {"backend": os.environ.get("SPARSELLM_BACKEND", "auto").lower()}
 _registry: dict[str, dict[str, Callable]] = {}
 _usage: Counter = Counter()
+_fallbacks: Counter = Counter()
 _loaded: dict[str, bool] = {}
 _load_errors: dict[str, str] = {}
 
@@ -60,22 +77,47 @@ def get_backend() -> str:
     return _state["backend"]
 
 
-def usage() -> dict[str, dict[str, int]]:
-    """{operation: {backend: calls}} since the last :func:`reset_usage`."""
+@contextlib.contextmanager
+def backend_scope(name: str | None) -> Iterator[str]:
+    """Use backend ``name`` inside the block (``None``: keep the current setting), and restore
+    the setting from before the block on the way out, exceptions included."""
+    before = _state["backend"]
+    try:
+        if name is not None:
+            set_backend(name)
+        yield _state["backend"]
+    finally:
+        _state["backend"] = before
+
+
+def _nested(counter: Counter) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
-    for (op, backend), count in _usage.items():
-        out.setdefault(op, {})[backend] = count
+    for (op, key), count in counter.items():
+        out.setdefault(op, {})[key] = count
     return out
+
+
+def usage() -> dict[str, dict[str, int]]:
+    """{operation: {backend: calls}}: the backend that computed each call (after any declines),
+    since the last :func:`reset_usage`."""
+    return _nested(_usage)
+
+
+def fallbacks() -> dict[str, dict[str, int]]:
+    """{operation: {"declining->next: reason": calls}}: each time a backend declined a call,
+    since the last :func:`reset_usage`."""
+    return _nested(_fallbacks)
 
 
 def reset_usage() -> None:
     _usage.clear()
+    _fallbacks.clear()
 
 
 def _ensure_loaded(backend: str) -> None:
     if backend in _loaded:
         return
-    module = {"cuda": "sparsellm._cuda_backend", "triton": "sparsellm.kernels"}[backend]
+    module = {"cuda": "sparsellm._cuda_backend", "triton": "sparsellm._triton_backend"}[backend]
     try:
         importlib.import_module(module)
         _loaded[backend] = True
@@ -97,30 +139,42 @@ def available(backend: str, device: torch.device | str | None = None) -> bool:
     return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _choose(op: str, device: torch.device) -> tuple[str, Callable]:
+def _candidates(op: str, device: torch.device) -> Iterator[tuple[str, Callable]]:
+    """The implementations to try for ``op`` on ``device``, in order, the reference last; a
+    backend is only loaded when the ones before it declined or lack the operation."""
     forced = _state["backend"]
     if forced == "reference":
-        candidates = ["reference"]
+        names = ["reference"]
     elif forced == "auto":
-        candidates = list(_ORDER) if device.type == "cuda" else ["reference"]
+        names = list(_ORDER) if device.type == "cuda" else ["reference"]
     else:
         if not available(forced, device):
             raise BackendUnavailable(
                 f"backend {forced!r} cannot run on {device.type} tensors"
                 + (f" ({_load_errors[forced]})" if forced in _load_errors else ""))
-        candidates = list(_ORDER[_ORDER.index(forced):])
-    for backend in candidates:
-        if backend == "reference" or available(backend, device):
-            fn = _registry.get(op, {}).get(backend)
+        names = list(_ORDER[_ORDER.index(forced):])
+    for name in names:
+        if name == "reference" or available(name, device):  # loads the backend: it registers
+            fn = _registry.get(op, {}).get(name)
             if fn is not None:
-                return backend, fn
-    raise KeyError(f"no implementation of {op!r}")  # the reference always registers
+                yield name, fn
 
 
 def _call(op: str, device: torch.device, *args, **kwargs):
-    backend, fn = _choose(op, device)
-    _usage[(op, backend)] += 1
-    return fn(*args, **kwargs)
+    declined = None  # (backend, reason) of the last backend that declined this call
+    for backend, fn in _candidates(op, device):
+        if declined is not None:
+            _fallbacks[(op, f"{declined[0]}->{backend}: {declined[1]}")] += 1
+        try:
+            result = fn(*args, **kwargs)
+        except Decline as why:
+            if backend == "reference":  # the reference handles every call: a bug, not a fallback
+                raise
+            declined = (backend, str(why))
+            continue
+        _usage[(op, backend)] += 1
+        return result
+    raise KeyError(f"no reference implementation of {op!r}")  # the reference always registers
 
 
 # ---- the operations (signatures and meaning: see sparsellm.reference) -------------------

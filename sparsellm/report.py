@@ -25,7 +25,7 @@ def _finite(x):
 
 
 def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned_ppl, prune_seconds,
-                 peak_memory, backend_usage, export_info, version) -> dict:
+                 peak_memory, backend_usage, export_info, version, backend_fallbacks=None) -> dict:
     zeros = total = 0
     per_matrix = {}
     for record in records:
@@ -61,6 +61,8 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         "aux_buffer_bytes": max((r.diagnostics.get("aux_bytes", 0) for r in records), default=0),
         "backend": config.backend,
         "backend_usage": backend_usage,
+        # {op: {"declining->next: reason": calls}}: calls a backend handed on (see ops.fallbacks)
+        "backend_fallbacks": backend_fallbacks or {},
         "export": export_info,
         "settings": config.to_dict(),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_M = 16
+from .kernel_constants import MAX_M
 
 
 class SparsityError(ValueError):
@@ -72,15 +72,24 @@ class SparsityPattern:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.fraction:g}"
 
 
-def zero_fraction(weight: torch.Tensor) -> float:
-    """Share of exactly-zero entries."""
-    return float((weight == 0).sum().item()) / weight.numel()
+def zero_fraction(*weights: torch.Tensor) -> float:
+    """Share of exactly-zero entries (-0.0 counts as zero), over all the given tensors together
+    (zeros over entries, not a mean of per-tensor shares); 0.0 when they hold no entries."""
+    zeros = sum(int((w == 0).sum().item()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    return zeros / total if total else 0.0
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Number of groups of M consecutive input weights (per row) holding fewer than N zeros;
+    -1 if the input size is not a multiple of M (no such groups exist)."""
+    rows, cols = weight.shape
+    if cols % m:
+        return -1
+    zeros = (weight.detach().reshape(rows, cols // m, m) == 0).sum(-1)
+    return int((zeros < n).sum().item())
 
 
 def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     """True if every group of M consecutive input weights holds at least N zeros."""
-    rows, cols = weight.shape
-    if cols % m:
-        return False
-    zeros = (weight.reshape(rows, cols // m, m) == 0).sum(-1)
-    return bool((zeros >= n).all())
+    return nm_violations(weight, n, m) == 0

@@ -101,9 +101,66 @@ def test_missing_model_path(capsys):
     assert code == 2 and "does not exist" in err
 
 
-def test_missing_data_file(tiny_llama_dir, capsys):
-    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--calib", "/no/such/file.txt", "--eval", "none", *SMALL)
-    assert code == 2 and "/no/such/file.txt" in err
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if a model is loaded: bad settings must be refused before that."""
+    import sparsellm.api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+    monkeypatch.setattr(sparsellm.api, "load_model", refuse)
+
+
+@pytest.mark.parametrize("where", ["--calib", "--eval"])
+def test_missing_data_file(where, no_loading, capsys, tmp_path):
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, where, "/no/such/file.txt", "--report", str(report), *SMALL)
+    assert code == 2 and "/no/such/file.txt" in err and "not found" in err
+    assert not report.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "sparsellm", "--alpha", "0"], "alpha must be a positive number"),
+    (["--method", "sparsellm", "--gamma", "nan"], "gamma must be a positive number"),
+    (["--method", "sparsellm", "--iterations", "-1"], "iterations must be an integer >= 0"),
+    (["--eval-windows", "0"], "eval_windows must be a positive integer"),
+    (["--nsamples", "0"], "nsamples must be a positive integer"),
+    (["--percdamp", "-0.01"], "percdamp must be positive"),
+    (["--layers", "3:1"], "layer range 3:1 is empty"),
+])
+def test_bad_settings_fail_before_loading(args, message, no_loading, capsys, tmp_path):
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, *SMALL, *args, "--report", str(report))  # the last of a repeated flag wins
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not report.exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:0x"])
+def test_unknown_device(device, no_loading, capsys):
+    code = main([*SMALL, "--device", device, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device" in err and device in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(no_loading, capsys):
+    code = main([*SMALL, "--device", "cuda", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    expected = "CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+    assert expected in err and "Traceback" not in err
+
+
+def test_python_api_validates_settings():
+    from sparsellm import PruneConfig, SparseLLMSettings
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        PruneConfig(method="nope")
+    with pytest.raises(ValueError, match="unknown backend"):
+        PruneConfig(backend="tpu")
+    with pytest.raises(ValueError, match="beta must be a positive number"):
+        SparseLLMSettings(beta=-1.0)
+    with pytest.raises(ValueError, match="beta must be a positive number"):
+        PruneConfig(sparsellm={"beta": 0.0})
 
 
 def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys):
@@ -137,8 +194,16 @@ def test_end_to_end_small(model_fixture, method, sparsity, text_file, tmp_path, 
     for key in ("ppl", "prune_seconds", "peak_memory_bytes", "per_layer_sparsity", "per_matrix_sparsity",
                 "layer_errors", "settings", "sparsellm_version", "backend_usage"):
         assert key in report
-    assert report["ppl"]["pruned"][text_file] > 0 and report["ppl"]["dense"][text_file] > 0
-    model, _ = load_pruned(save_dir)
+    model, tokenizer = load_pruned(save_dir)
+    # The reported perplexity is the saved model's, recomputed here with transformers' own loss
+    # (mean next-token NLL per window; the windows are of equal size, so their mean is the PPL's).
+    from sparsellm.data import eval_tokens
+    stream = eval_tokens(text_file, tokenizer, 64)[0]
+    with torch.no_grad():
+        losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss for w in stream[:4 * 64].view(4, 64)]
+    assert report["ppl"]["pruned"][text_file] == pytest.approx(math.exp(float(torch.stack(losses).mean())),
+                                                               rel=1e-4)
+    assert report["ppl"]["dense"][text_file] != report["ppl"]["pruned"][text_file]
     reloaded = dict(model.named_parameters())
     n_pruned = 0
     for name, value in reloaded.items():

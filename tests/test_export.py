@@ -17,6 +17,7 @@ from torch import nn
 from sparsellm import export as ex
 from sparsellm.export import (CheckpointError, CSRLinear, ExportError, apply_export, load_pruned, save_pruned,
                               semi_structured_eligible, to_csr, to_semi_structured)
+from sparsellm.export import semi_structured as semi_structured_module
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,6 +94,12 @@ def assert_same_model(a, b):
         assert bits_equal(sa[k], sb[k]), k
 
 
+def sparsity_config(out: Path) -> dict:
+    """The saved block: nested in quantization_config (compressed) or at the top level (dense)."""
+    cfg = json.loads((out / "config.json").read_text())
+    return cfg["quantization_config"]["sparsity_config"] if "quantization_config" in cfg else cfg["sparsity_config"]
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -118,7 +125,7 @@ def test_round_trip_bit_for_bit(tmp_path, family, structure, save_format):
     out = save_pruned(model, tok, tmp_path / "ckpt", sparsity_structure=structure, save_format=save_format,
                       extra={"method": "test"})
     cfg = json.loads((out / "config.json").read_text())
-    sc = cfg["sparsity_config"]
+    sc = sparsity_config(out)
     assert sc["format"] == ("dense" if save_format == "dense" else "sparse-bitmask")
     assert sc["sparsity_structure"] == structure
     weights = [m.weight for m in targeted(model).values()]
@@ -131,11 +138,14 @@ def test_round_trip_bit_for_bit(tmp_path, family, structure, save_format):
     if family == "opt":
         assert {"model.decoder.project_in", "model.decoder.project_out"} <= set(sc["ignore"])
     assert cfg["sparsellm_export"]["extra"] == {"method": "test"}
-    if save_format == "compressed":
-        assert not (out / "model.safetensors").exists()  # a plain from_pretrained must not half-load it
-        stored = load_file(str(out / "sparse-bitmask.safetensors"))
+    if save_format == "compressed":  # the compressed-tensors layout: module keys, save_pretrained's file name
+        assert cfg["quantization_config"]["quant_method"] == "compressed-tensors" and "sparsity_config" not in cfg
+        stored = load_file(str(out / "model.safetensors"))
         compressed = {k[: -len(".bitmask")] for k in stored if k.endswith(".bitmask")}
-        assert compressed == {f"{n}.weight" for n in targeted(model)}
+        assert compressed == set(targeted(model))
+        assert not any(f"{n}.weight" in stored for n in targeted(model))
+    else:  # an ordinary checkpoint: nothing that would wake transformers' compressed-tensors quantizer
+        assert "quantization_config" not in cfg
 
     loaded, tok2 = load_pruned(out)
     assert type(loaded) is type(model)
@@ -143,7 +153,8 @@ def test_round_trip_bit_for_bit(tmp_path, family, structure, save_format):
     with torch.no_grad():
         assert torch.equal(model(ids(model)).logits, loaded(ids(loaded)).logits)
     assert tok2("the cat sat")["input_ids"] == tok("the cat sat")["input_ids"]
-    assert loaded.config.sparsity_config["sparsity_structure"] == structure
+    assert loaded.config.sparsity_config == {**sc, "format": "dense"}  # describes the model in memory
+    assert not hasattr(loaded.config, "quantization_config")
 
 
 @pytest.mark.parametrize("save_format", ["dense", "compressed"])
@@ -194,12 +205,12 @@ def test_targets_and_ignore(tmp_path):
             layer.mlp.down_proj.weight.normal_()
     out = save_pruned(model, None, tmp_path / "c", sparsity_structure="unstructured", save_format="compressed",
                       ignore=["re:.*down_proj"])
-    sc = json.loads((out / "config.json").read_text())["sparsity_config"]
+    sc = sparsity_config(out)
     assert sc["ignore"][0] == "re:.*down_proj" and "lm_head" in sc["ignore"]
     assert 0.65 < sc["global_sparsity"] < 0.75
-    stored = load_file(str(out / "sparse-bitmask.safetensors"))
+    stored = load_file(str(out / "model.safetensors"))
     assert "model.layers.0.mlp.down_proj.weight" in stored
-    assert "model.layers.0.mlp.up_proj.weight.bitmask" in stored
+    assert "model.layers.0.mlp.up_proj.bitmask" in stored
     loaded, _ = load_pruned(out)
     assert_same_model(model, loaded)
     with pytest.raises(ExportError, match="matches no nn.Linear"):
@@ -305,19 +316,20 @@ def _saved(tmp_path, structure="2:4", fmt="compressed", family="llama"):
 
 
 def _edit_tensors(out, fn):
-    path = out / "sparse-bitmask.safetensors"
+    path = out / "model.safetensors"
     tensors = load_file(str(path))
     fn(tensors)
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _edit_config(out, fn):
+    """``fn(config, sparsity_config)``, wherever the save put the block."""
     cfg = json.loads((out / "config.json").read_text())
-    fn(cfg)
+    fn(cfg, cfg["quantization_config"]["sparsity_config"] if "quantization_config" in cfg else cfg["sparsity_config"])
     (out / "config.json").write_text(json.dumps(cfg))
 
 
-KEY = "model.layers.0.mlp.gate_proj.weight"
+KEY = "model.layers.0.mlp.gate_proj"
 
 
 def test_corrupt_value_count(tmp_path):
@@ -360,7 +372,7 @@ def test_corrupt_missing_piece_and_file(tmp_path):
     _edit_tensors(out, lambda t: t.pop(f"{KEY}.row_offsets"))
     with pytest.raises(CheckpointError, match="lacks .row_offsets"):
         load_pruned(out)
-    (out / "sparse-bitmask.safetensors").write_bytes(b"\x00" * 64)
+    (out / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_pruned(out)
 
@@ -368,23 +380,23 @@ def test_corrupt_missing_piece_and_file(tmp_path):
 @pytest.mark.parametrize("fmt", ["dense", "compressed"])
 def test_config_lies_about_structure_or_sparsity(tmp_path, fmt):
     _, out = _saved(tmp_path, "2:4", fmt)
-    _edit_config(out, lambda c: c["sparsity_config"].__setitem__("sparsity_structure", "3:4"))
+    _edit_config(out, lambda c, sc: sc.__setitem__("sparsity_structure", "3:4"))
     with pytest.raises(CheckpointError, match="do not satisfy the claimed 3:4"):
         load_pruned(out)
-    _edit_config(out, lambda c: c["sparsity_config"].update(sparsity_structure="2:4", global_sparsity=0.9))
+    _edit_config(out, lambda c, sc: sc.update(sparsity_structure="2:4", global_sparsity=0.9))
     with pytest.raises(CheckpointError, match="claims global_sparsity 0.9"):
         load_pruned(out)
-    _edit_config(out, lambda c: c["sparsity_config"].update(global_sparsity=0.5, format="zip"))
+    _edit_config(out, lambda c, sc: sc.update(global_sparsity=0.5, format="zip"))
     with pytest.raises(CheckpointError, match="unknown sparsity format"):
         load_pruned(out)
-    _edit_config(out, lambda c: c.pop("sparsity_config"))
+    _edit_config(out, lambda c, sc: c.pop("quantization_config" if fmt == "compressed" else "sparsity_config"))
     with pytest.raises(CheckpointError, match="no sparsity_config"):
         load_pruned(out)
 
 
 def test_compressed_targets_disagree(tmp_path):
     _, out = _saved(tmp_path)
-    _edit_config(out, lambda c: c["sparsity_config"]["ignore"].append("re:.*o_proj"))
+    _edit_config(out, lambda c, sc: sc["ignore"].append("re:.*o_proj"))
     with pytest.raises(CheckpointError, match="do not match the recorded targets"):
         load_pruned(out)
 
@@ -494,7 +506,7 @@ def test_semi_structured_verifies_the_converted_weight(monkeypatch):
     """The swap is kept only if a probe product matches the dense one: simulate a converter
     that drops a non-zero (as torch's does for groups with more than 2) on CPU."""
     model = prune_(tiny_llama(), "2:4")
-    monkeypatch.setattr(ex, "semi_structured_eligible", lambda lin: (True, "ok"))
+    monkeypatch.setattr(semi_structured_module, "semi_structured_eligible", lambda lin: (True, "ok"))
 
     def lossy(w):
         out = w.clone()

@@ -55,11 +55,20 @@ def test_nm_mask_ties(cb):
         check_nm(cb.nm_prune_mask(score, n, m), reference.nm_prune_mask(score, n, m), score, n, m)
 
 
-def test_unstructured_wanda_routes_to_a_selection(cb):
+def test_unstructured_wanda_is_handed_to_a_selection(cb):
+    """The extension has no per-row selection: it declines, and ops runs Triton's (or the
+    reference where Triton is missing), recording the backend that ran and why."""
     w = rand(3, 64, 1000, device="cuda")
     norm = rand(4, 1000, device="cuda").abs() + 0.1
-    check_selection(cb.wanda_prune_mask(w, norm, 0.5), reference.wanda_prune_mask(w, norm, 0.5),
-                    w.abs() * norm, 500)
+    with pytest.raises(ops.Decline, match="unstructured"):
+        cb.wanda_prune_mask(w, norm, 0.5)
+    ops.reset_usage()
+    with ops.backend_scope("cuda"):
+        mask = ops.wanda_prune_mask(w, norm, 0.5)
+    ran = "triton" if ops.available("triton", "cuda") else "reference"
+    assert ops.usage() == {"wanda_prune_mask": {ran: 1}}
+    assert ops.fallbacks() == {"wanda_prune_mask": {f"cuda->{ran}: unstructured": 1}}
+    check_selection(mask, reference.wanda_prune_mask(w, norm, 0.5), w.abs() * norm, 500)
 
 
 OBS_CASES = [(7, 16, None, None), (33, 40, None, None), (4096, 128, None, None), (300, 200, None, None),
@@ -101,13 +110,10 @@ def test_obs_prune_sweep_reconstruction_error(cb, n, m):
     gram = gram_matrix(cols, seed=4)
     hinv = reference.cholesky_inverse_upper(gram, 0.01)[0].float().cuda()
     w = rand(9, 512, cols, device="cuda")
-    ops.set_backend("cuda")
     ops.reset_usage()
-    try:
+    with ops.backend_scope("cuda"):
         q, loss = ops.obs_prune(w, hinv, 0.5, n, m, blocksize=128)
-        assert ops.usage()["obs_prune_block"] == {"cuda": 3}
-    finally:
-        ops.set_backend("auto")
+    assert ops.usage()["obs_prune_block"] == {"cuda": 3}
     qr, lossr = reference.obs_prune(w, hinv, 0.5, n, m, blocksize=128)
     e, er = reconstruction_error(w, q, gram), reconstruction_error(w, qr, gram)
     assert er > 0 and abs(e - er) <= 1e-3 * er

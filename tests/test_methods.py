@@ -4,8 +4,9 @@ import torch
 
 from sparsellm import reference
 from sparsellm.config import PruneConfig
-from sparsellm.methods import InputStats, get_method
+from sparsellm.methods import get_method
 from sparsellm.methods.sparsegpt import obs_prune_with_gram
+from sparsellm.plan import ColumnSquares, Gram
 from sparsellm.sparsity import SparsityPattern, satisfies_nm, zero_fraction
 
 from helpers import correlated_inputs
@@ -14,22 +15,33 @@ from helpers import correlated_inputs
 def layer(rows=96, cols=128, tokens=2048, seed=0):
     x = correlated_inputs(tokens, cols, seed)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1))
-    return w, x, InputStats(gram=x.T @ x / tokens, tokens=tokens)
+    return w, x, x
+
+
+def observe(method, x):
+    """What the method's statistic makes of inputs ``x`` (fed in two batches, as passes do)."""
+    if method.statistic is None:
+        return None
+    stat = method.statistic(x.shape[1], x.device)
+    for part in x.chunk(2):
+        stat.add(part)
+    return stat.result()
 
 
 def rel_error(w, pruned, x):
     return float(((w - pruned) @ x.T).norm() / (w @ x.T).norm())
 
 
-def prune(method, w, stats, sparsity, **kw):
+def prune(method, w, x, sparsity, **kw):
     config = PruneConfig(method=method, sparsity=sparsity, **kw)
-    return get_method(config).prune(w.clone(), stats, config.sparsity)
+    method = get_method(config)
+    return method.prune(w.clone(), observe(method, x), config.sparsity)
 
 
 @pytest.mark.parametrize("sparsity", ["0.5", "0.7"])
 def test_error_ordering(sparsity):
-    w, x, stats = layer()
-    errors = {m: rel_error(w, prune(m, w, stats, sparsity), x) for m in ("magnitude", "wanda", "sparsegpt")}
+    w, x, _ = layer()
+    errors = {m: rel_error(w, prune(m, w, x, sparsity), x) for m in ("magnitude", "wanda", "sparsegpt")}
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
     assert all(e == e and e < 1.5 for e in errors.values())  # finite, no NaN
 
@@ -37,8 +49,8 @@ def test_error_ordering(sparsity):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("sparsity", ["0.5", "0.7", "0.9"])
 def test_exact_unstructured_sparsity(method, sparsity):
-    w, x, stats = layer()
-    pruned = prune(method, w, stats, sparsity)
+    w, x, _ = layer()
+    pruned = prune(method, w, x, sparsity)
     # k = floor(count * s) per selection unit: the matrix, each row, or each 128-column block
     unit = {"magnitude": w.numel(), "wanda": w.shape[1], "sparsegpt": w.shape[0] * 128}[method]
     expected = int(unit * float(sparsity)) / unit
@@ -51,24 +63,24 @@ def test_exact_unstructured_sparsity(method, sparsity):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("nm", ["2:4", "3:4", "4:8", "1:16"])
 def test_nm_valid(method, nm):
-    w, x, stats = layer()
+    w, x, _ = layer()
     pattern = SparsityPattern.parse(nm)
-    pruned = prune(method, w, stats, nm)
+    pruned = prune(method, w, x, nm)
     assert satisfies_nm(pruned, pattern.n, pattern.m)
     assert zero_fraction(pruned) == pytest.approx(pattern.fraction)
 
 
 def test_nm_ordering():
-    w, x, stats = layer()
-    errors = {m: rel_error(w, prune(m, w, stats, "2:4"), x) for m in ("magnitude", "wanda", "sparsegpt")}
+    w, x, _ = layer()
+    errors = {m: rel_error(w, prune(m, w, x, "2:4"), x) for m in ("magnitude", "wanda", "sparsegpt")}
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
 
 def test_lazy_blocks_match_unblocked_sweep():
     """For N:M the mask is chosen per group as the sweep reaches it, so the blocked sweep with
     lazy updates must equal the single-block sweep up to rounding (float64)."""
-    w, x, stats = layer(rows=16, cols=64)
-    gram = stats.gram.double()
+    w, x, _ = layer(rows=16, cols=64)
+    gram = (x.T @ x / x.shape[0]).double()
     pattern = SparsityPattern.parse("2:4")
     small, _ = obs_prune_with_gram(w.double(), gram, pattern, blocksize=8, percdamp=0.01)
     whole, _ = obs_prune_with_gram(w.double(), gram, pattern, blocksize=64, percdamp=0.01)
@@ -77,29 +89,57 @@ def test_lazy_blocks_match_unblocked_sweep():
 
 
 def test_sparsegpt_dense_at_zero_sparsity():
-    w, x, stats = layer()
-    torch.testing.assert_close(prune("sparsegpt", w, stats, "0.0"), w)
+    w, x, _ = layer()
+    torch.testing.assert_close(prune("sparsegpt", w, x, "0.0"), w)
 
 
 def test_sparsegpt_dead_inputs():
     w, x, _ = layer()
     x[:, 5] = 0  # an input that never fires
-    stats = InputStats(gram=x.T @ x / x.shape[0], tokens=x.shape[0])
-    pruned = prune("sparsegpt", w, stats, "0.5")
+    gram = x.T @ x / x.shape[0]
+    method = get_method(PruneConfig(method="sparsegpt", sparsity="0.5"))
+    pruned = method.prune(w.clone(), gram, method.config.sparsity)
     assert torch.isfinite(pruned).all()
     assert (pruned[:, 5] == 0).all()
-    assert stats.gram[5, 5] == 0  # the shared statistics are not modified
+    assert gram[5, 5] == 0  # the shared statistics are not modified
 
 
-def test_sparsegpt_shared_factor_per_group():
-    """Linears that share one input (q/k/v) reuse one factorisation of its Hessian."""
-    w, x, stats = layer()
+def test_sparsegpt_shared_factor_per_group(monkeypatch):
+    """Linears that share one input (q/k/v) reuse one factorisation of its Hessian inside the
+    group's step, and each gets what pruning it alone gives."""
+    from sparsellm import ops
+    w, x, _ = layer()
+    gram = x.T @ x / x.shape[0]
+    group = {name: torch.nn.Linear(w.shape[1], w.shape[0], bias=False) for name in ("q", "k")}
+    for i, linear in enumerate(group.values()):
+        linear.weight.data.copy_(w * (i + 1))
     method = get_method(PruneConfig(method="sparsegpt", sparsity="0.5"))
-    first = method.prune(w.clone(), stats, method.config.sparsity)
-    factor = stats.cache["hinv_upper"]
-    second = method.prune(w.clone(), stats, method.config.sparsity)
-    assert stats.cache["hinv_upper"] is factor
-    torch.testing.assert_close(first, second)
+    alone = [method.prune(lin.weight.detach().clone(), gram, method.config.sparsity) for lin in group.values()]
+    factorisations = []
+    real = ops.cholesky_inverse_upper
+    monkeypatch.setattr(ops, "cholesky_inverse_upper", lambda *a: factorisations.append(1) or real(*a))
+    method.prune_group(group, gram, method.config.sparsity)
+    assert len(factorisations) == 1
+    for linear, expected in zip(group.values(), alone):
+        torch.testing.assert_close(linear.weight.detach(), expected, rtol=0, atol=0)
+
+
+def test_wanda_observes_column_norms_only():
+    """Wanda's statistic is d floats: the input column norms, equal to the float64 norms."""
+    w, x, _ = layer()
+    method = get_method(PruneConfig(method="wanda", sparsity="0.5"))
+    norms = observe(method, x)
+    assert method.statistic is ColumnSquares and norms.shape == (x.shape[1],)
+    torch.testing.assert_close(norms.double(), x.double().norm(dim=0), rtol=1e-5, atol=0)
+
+
+def test_gram_statistic_is_the_mean_outer_product():
+    x = torch.randn(300, 16, dtype=torch.float64)
+    stat = Gram(16, x.device)
+    for part in x.split(70):
+        stat.add(part)
+    assert stat.tokens == 300
+    torch.testing.assert_close(stat.result().double(), x.T @ x / 300, rtol=1e-5, atol=1e-6)
 
 
 def test_indefinite_hessian_raises_dampening():

@@ -156,6 +156,17 @@ def parse_source(source: str) -> Source:
                           f"NAME:PATH for local files of one of them, or a path to a .txt/.jsonl/.json file")
 
 
+def check_source(source: str) -> None:
+    """Fail now, not after minutes of work, on a source that cannot be read: local paths are
+    checked by :func:`parse_source`, the offline default needs gensim's dump, the hub data sets
+    need the ``datasets`` package (whether the hub answers is only known when they load)."""
+    src = parse_source(source)
+    if src.kind == "wiki" and src.path is None:
+        default_wiki_dump()
+    elif src.kind in SOURCES and src.path is None and importlib.util.find_spec("datasets") is None:
+        _load_dataset(src.kind)  # raises the error that names the extra and the offline options
+
+
 # --------------------------------------------------------------------------- file readers
 
 def _open_text(path: str | Path):

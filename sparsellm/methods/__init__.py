@@ -1,18 +1,15 @@
-"""Pruning methods, one module each; :func:`get_method` builds one from the settings."""
+"""Pruning methods, one module each; :func:`get_method` builds one from the settings.
+
+How a method plugs in: see :mod:`sparsellm.methods.base` (and :mod:`sparsellm.plan`)."""
 from __future__ import annotations
 
-from .base import InputStats, PruningMethod
+from .base import LayerwiseMethod, LocalMethod, PruningMethod
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
+from .sparsellm import SparseLLM
 from .wanda import Wanda
 
-METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (Magnitude, Wanda, SparseGPT)}
-
-try:  # SparseLLM joins the registry when its module is present
-    from .sparsellm import SparseLLM
-    METHODS[SparseLLM.name] = SparseLLM
-except ImportError:  # pragma: no cover
-    pass
+METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, SparseLLM)}
 
 
 def get_method(config) -> PruningMethod:
@@ -23,4 +20,4 @@ def get_method(config) -> PruningMethod:
     return cls(config)
 
 
-__all__ = ["InputStats", "PruningMethod", "METHODS", "get_method"]
+__all__ = ["PruningMethod", "LayerwiseMethod", "LocalMethod", "METHODS", "get_method"]

@@ -1,48 +1,77 @@
-"""What a pruning method sees and returns."""
+"""What a pruning method is, and the two ways one plugs into the package.
+
+- A **whole-model** method (one that trains the whole model, as Elsa) subclasses
+  :class:`PruningMethod` and implements :meth:`PruningMethod.prune_model`: it receives the model,
+  its adapter and the calibration windows, prunes in place and returns one
+  :class:`~sparsellm.driver.LayerRecord` per pruned layer, so settings, data, evaluation, save,
+  export and report are shared with every other method.
+- A **layer-wise** method subclasses :class:`LayerwiseMethod` and implements :meth:`plan`: per
+  decoder layer, the steps it needs (see :mod:`sparsellm.plan`). The layer-by-layer driver
+  executes the plans. Most such methods prune each linear on its own from one statistic of its
+  input: they subclass :class:`LocalMethod`, set ``statistic`` and write :meth:`LocalMethod.prune`.
+  The smallest example is :class:`~sparsellm.methods.magnitude.Magnitude` (no statistic), then
+  :class:`~sparsellm.methods.wanda.Wanda` (per-column norms, d floats).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
+from torch import nn
 
 from ..config import PruneConfig
+from ..plan import Gram, LayerView, Statistic, Step
 from ..sparsity import SparsityPattern
 
 
-@dataclass
-class InputStats:
-    """Statistics of the inputs a linear (or a group of linears sharing an input) sees.
-
-    ``gram`` is the mean outer product X^T X / N over the N calibration tokens (float32);
-    its diagonal gives the squared input-column norms Wanda needs (up to the factor N).
-    """
-
-    gram: torch.Tensor
-    tokens: int
-    # Derived quantities shared by the linears of a group (e.g. SparseGPT's factor of H^-1).
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def column_norms(self) -> torch.Tensor:
-        """||X_j||_2 over all calibration tokens, per input column j."""
-        return (torch.diagonal(self.gram).clamp_min(0) * self.tokens).sqrt()
+def set_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
+    """Write a (float32) solve result into the linear, in the model's dtype."""
+    linear.weight.data.copy_(weight.to(linear.weight.dtype))
 
 
 class PruningMethod:
-    """A small object with one job: given a linear's weight and input statistics, return the
-    pruned weight. Methods that prune the whole FFN jointly set ``joint_ffn`` and implement
-    :meth:`prune_ffn` (see sparsellm.methods.sparsellm)."""
+    """Base of every method; ``name`` is what ``--method`` takes."""
 
     name: str = ""
-    joint_ffn: bool = False
-    # False where the pruned weights do not depend on the calibration inputs (magnitude): the
-    # driver then gathers every group's statistics (used only for the reported errors) in one
-    # pass, as sequential passes could not change the result.
-    uses_inputs: bool = True
 
     def __init__(self, config: PruneConfig):
         self.config = config
 
-    def prune(self, weight: torch.Tensor, stats: InputStats, pattern: SparsityPattern) -> torch.Tensor:
-        """``weight`` is float32 (out x in) on the compute device; return the pruned weight."""
+    def prune_model(self, model: nn.Module, adapter, windows: torch.Tensor) -> list:
+        """Prune ``model`` in place on the calibration ``windows`` ([n, seqlen] token ids);
+        return one LayerRecord per pruned layer."""
+        raise NotImplementedError
+
+
+class LayerwiseMethod(PruningMethod):
+    """A method that prunes one decoder layer at a time through the driver."""
+
+    def prune_model(self, model, adapter, windows):
+        from ..driver import LayerDriver  # the driver imports plans, not methods
+
+        return LayerDriver(model, adapter, self, self.config).run(windows)
+
+    def plan(self, layer: LayerView) -> list[Step]:
+        """The steps that prune ``layer``, in data-flow order."""
+        raise NotImplementedError
+
+
+class LocalMethod(LayerwiseMethod):
+    """Prunes each linear on its own: one step per group of linears sharing an input, observing
+    ``statistic`` of that input (``None``: the method reads no data)."""
+
+    statistic: type[Statistic] | None = Gram
+
+    def plan(self, layer):
+        return self.group_steps(layer.groups, layer.pattern)
+
+    def group_steps(self, groups: list[dict[str, nn.Linear]], pattern: SparsityPattern) -> list[Step]:
+        return [Step(group, lambda observed, g=group: self.prune_group(g, observed, pattern), observe=self.statistic)
+                for group in groups]
+
+    def prune_group(self, group: dict[str, nn.Linear], observed, pattern: SparsityPattern) -> None:
+        for linear in group.values():
+            set_weight(linear, self.prune(linear.weight.detach().float(), observed, pattern))
+
+    def prune(self, weight: torch.Tensor, observed, pattern: SparsityPattern) -> torch.Tensor:
+        """``weight`` is float32 (out x in) on the compute device, ``observed`` the result of
+        ``statistic`` for its input; return the pruned weight."""
         raise NotImplementedError

@@ -1,15 +1,19 @@
-"""Magnitude pruning: drop the smallest |W| of the whole matrix (or of each N:M group)."""
+"""Magnitude pruning: drop the smallest |W| of the whole matrix (or of each N:M group).
+
+The smallest method, and the example of how one plugs in: it reads no data, so its steps
+observe nothing and the driver runs no statistics pass for it.
+"""
 from __future__ import annotations
 
 from .. import ops
-from .base import PruningMethod
+from .base import LocalMethod
 
 
-class Magnitude(PruningMethod):
+class Magnitude(LocalMethod):
     name = "magnitude"
-    uses_inputs = False
+    statistic = None
 
-    def prune(self, weight, stats, pattern):
+    def prune(self, weight, observed, pattern):
         score = weight.abs()
         if pattern.is_nm:
             mask = ops.nm_prune_mask(score, pattern.n, pattern.m)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..plan import Gram
 from ..sparsity import SparsityPattern
-from .base import PruningMethod
+from .base import LocalMethod, set_weight
 
 
 def obs_prune_with_gram(weight: torch.Tensor, gram: torch.Tensor, pattern: SparsityPattern,
@@ -40,12 +41,16 @@ def obs_prune_with_gram(weight: torch.Tensor, gram: torch.Tensor, pattern: Spars
     return pruned, hinv_upper
 
 
-class SparseGPT(PruningMethod):
+class SparseGPT(LocalMethod):
     name = "sparsegpt"
+    statistic = Gram
 
-    def prune(self, weight, stats, pattern):
-        # Linears of one group share their InputStats: factor its Hessian once.
-        pruned, stats.cache["hinv_upper"] = obs_prune_with_gram(
-            weight, stats.gram, pattern, self.config.blocksize, self.config.percdamp,
-            stats.cache.get("hinv_upper"))
-        return pruned
+    def prune_group(self, group, gram, pattern):
+        hinv_upper = None  # the linears of a group share their input: one factorisation
+        for linear in group.values():
+            pruned, hinv_upper = obs_prune_with_gram(linear.weight.detach().float(), gram, pattern,
+                                                     self.config.blocksize, self.config.percdamp, hinv_upper)
+            set_weight(linear, pruned)
+
+    def prune(self, weight, gram, pattern):
+        return obs_prune_with_gram(weight, gram, pattern, self.config.blocksize, self.config.percdamp)[0]

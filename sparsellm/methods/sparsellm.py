@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..plan import LayerView, Step, Tokens
 from ..sparsity import SparsityPattern
+from .base import set_weight
 from .sparsegpt import SparseGPT, obs_prune_with_gram
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,15 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, ratio: float):
 
 
 class SparseLLM(SparseGPT):
+    """Attention groups as SparseGPT; one step for the whole FFN, observing its input tokens."""
+
     name = "sparsellm"
-    joint_ffn = True
+
+    def plan(self, layer: LayerView) -> list[Step]:
+        ffn_linears = {name: lin for group in layer.ffn_groups for name, lin in group.items()}
+        ffn_step = Step(ffn_linears, lambda x: self.prune_ffn(layer.ffn, x, layer.pattern), observe=Tokens,
+                        source=layer.ffn.up)
+        return self.group_steps(layer.attention_groups, layer.pattern) + [ffn_step]
 
     @torch.no_grad()
     def prune_ffn(self, ffn, x: torch.Tensor, pattern: SparsityPattern) -> dict:
@@ -104,12 +113,7 @@ class SparseLLM(SparseGPT):
 
 class _FFNSolver:
     def __init__(self, ffn, x, pattern, config):
-        settings = config.sparsellm
-        for name in ("alpha", "beta", "gamma"):
-            if not getattr(settings, name) > 0:
-                raise ValueError(f"sparsellm.{name} must be positive, got {getattr(settings, name)}")
-        if settings.iterations < 0:
-            raise ValueError(f"sparsellm.iterations must be >= 0, got {settings.iterations}")
+        settings = config.sparsellm  # validated when the settings were built
         self.ffn, self.pattern, self.config, self.settings = ffn, pattern, config, settings
         self.swiglu = ffn.activation == "swiglu"
         self.x = x.float()
@@ -284,8 +288,7 @@ class _FFNSolver:
 
         for name, weight in best["weights"].items():
             if weight is not None:
-                linear = getattr(self.ffn, name)
-                linear.weight.data.copy_(weight.to(linear.weight.dtype))
+                set_weight(getattr(self.ffn, name), weight)
         penalties = {"alpha": alpha_z, "beta": beta, "gamma": gamma}
         if swiglu:
             penalties["alpha_s"] = alpha_s

@@ -1,14 +1,16 @@
 """Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2, pruned within each output row
-(or each N:M group), no weight update."""
+(or each N:M group), no weight update. Observes d floats per input: the column norms."""
 from __future__ import annotations
 
 from .. import ops
-from .base import PruningMethod
+from ..plan import ColumnSquares
+from .base import LocalMethod
 
 
-class Wanda(PruningMethod):
+class Wanda(LocalMethod):
     name = "wanda"
+    statistic = ColumnSquares
 
-    def prune(self, weight, stats, pattern):
-        mask = ops.wanda_prune_mask(weight, stats.column_norms, pattern.fraction, pattern.n, pattern.m)
+    def prune(self, weight, column_norms, pattern):
+        mask = ops.wanda_prune_mask(weight, column_norms, pattern.fraction, pattern.n, pattern.m)
         return weight.masked_fill(mask, 0)

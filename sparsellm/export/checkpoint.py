@@ -1,0 +1,315 @@
+"""Pruned-model checkpoints: :func:`save_pruned` / :func:`load_pruned`.
+
+A pruned (dense-masked) model is saved with ``save_pretrained`` (safetensors) plus its
+tokenizer, and ``config.json`` gains a compressed-tensors ``sparsity_config`` block (where it
+goes and the compressed weight format: :mod:`sparsellm.export.compressed`) and this package's
+``sparsellm_export`` block beside it. The output is written into a temporary sibling folder
+and renamed into place only when complete.
+
+N:M follows this project's convention (see :mod:`sparsellm.sparsity`): ``"2:4"`` means 2 of
+every 4 consecutive input weights are zero, ``"3:4"`` means 3 of 4 (75% sparse).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..sparsity import SparsityError, SparsityPattern, nm_violations, zero_fraction
+from .compressed import (FORMAT_BITMASK, FORMAT_DENSE, QUANTIZATION_CONFIG_KEY, SAVE_FORMATS, SPARSITY_CONFIG_KEY,
+                         check_save_format, compress_checkpoint, find_sparsity_config, place_sparsity_config,
+                         read_compressed, sparsity_config_block)
+from .csr import CSRLinear
+from .errors import CheckpointError, ExportError
+from .semi_structured import is_semi_structured
+from .targets import recorded_selection, resolve_targets
+
+# Project-specific metadata lives beside (not inside) sparsity_config so that block stays in the
+# compressed-tensors schema. Version 2: compressed saves in the compressed-tensors layout
+# (version 1: see sparsellm.export.compressed).
+EXPORT_META_KEY = "sparsellm_export"
+EXPORT_META_VERSION = 2
+NM_CONVENTION = "N:M = at least N zeros in every M consecutive input weights of a row"
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+# --------------------------------------------------------------------------------------------
+# sparsity structure
+
+
+def parse_structure(structure: str) -> SparsityPattern | None:
+    """``"unstructured"`` -> None; ``"2:4"`` -> the N:M pattern; anything else is an error."""
+    if not isinstance(structure, str):
+        raise ExportError(f"sparsity_structure must be a string like 'unstructured' or '2:4', got {structure!r}")
+    if structure.strip().lower() == "unstructured":
+        return None
+    try:
+        pattern = SparsityPattern.parse(structure)
+    except SparsityError as err:
+        raise ExportError(f"bad sparsity_structure {structure!r}: {err}") from None
+    if not pattern.is_nm:
+        raise ExportError(f"sparsity_structure must be 'unstructured' or N:M like '2:4', got {structure!r}")
+    return pattern
+
+
+def _check_structure(weights: dict[str, torch.Tensor], pattern: SparsityPattern | None, err=ExportError) -> None:
+    if pattern is None:
+        return
+    bad = []
+    for name, w in weights.items():
+        v = nm_violations(w, pattern.n, pattern.m)
+        if v:
+            bad.append(f"{name} (input size {w.shape[1]} not a multiple of {pattern.m})" if v < 0
+                       else f"{name} ({v} of {w.numel() // pattern.m} groups)")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise err(f"weights do not satisfy the claimed {pattern} structure ({NM_CONVENTION}): {shown}")
+
+
+# --------------------------------------------------------------------------------------------
+# output folder: checks, staging, atomic publish
+
+
+def check_output_dir(out_dir, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory without overwrite (before any long work)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move a complete staging directory into place. rename(2) of a directory is atomic and
+    also replaces an empty directory; a non-empty one is first renamed aside (atomic), then the
+    new one renamed in, restoring the old one if that fails, then the old one deleted."""
+    check_output_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rmdir(backup)
+        os.rename(out_dir, backup)
+        try:
+            os.rename(staging, out_dir)
+        except BaseException:
+            os.rename(backup, out_dir)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# save
+
+
+def _quant_method(config) -> str | None:
+    if config is None:
+        return None
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)
+    return str(method).lower() if method is not None else "unknown"
+
+
+_MISSING = object()
+
+
+def _check_quantization(model) -> bool:
+    """True if the model carries a GGUF quantization marker (to hide while saving); raises for
+    any other quantisation, whose packed weights cannot carry a float sparsity mask."""
+    qconfig = getattr(model.config, "quantization_config", None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    methods = {m for m in (_quant_method(qconfig),
+                           _quant_method(getattr(quantizer, "quantization_config", None)) if quantizer else None) if m}
+    if methods and methods != {"gguf"}:
+        raise ExportError(f"the model is quantized ({', '.join(sorted(methods))}); sparse export needs a plain "
+                          "float model (load or de-quantise it without quantization first)")
+    return bool(methods)
+
+
+@contextlib.contextmanager
+def _plain_for_saving(model):
+    """transformers 5.x refuses ``save_pretrained`` on a GGUF-loaded model. Its weights are
+    already de-quantised to float at load time, so the honest checkpoint is a plain one: hide
+    the GGUF quantization_config / quantizer while saving (restored afterwards)."""
+    if not _check_quantization(model):
+        yield
+        return
+    config = model.config
+    saved_q = config.__dict__.get("quantization_config", _MISSING)
+    saved_h = model.__dict__.get("hf_quantizer", _MISSING)
+    try:
+        if saved_q is not _MISSING:
+            del config.__dict__["quantization_config"]
+        if saved_h is not _MISSING:
+            model.__dict__["hf_quantizer"] = None
+        yield
+    finally:
+        if saved_q is not _MISSING:
+            config.__dict__["quantization_config"] = saved_q
+        if saved_h is not _MISSING:
+            model.__dict__["hf_quantizer"] = saved_h
+
+
+def _refuse_exported(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if isinstance(mod, CSRLinear) or (weight is not None and is_semi_structured(weight)):
+            raise ExportError(f"{name} already runs on sparse kernels; call save_pruned on the dense-masked "
+                              "model, before apply_export()")
+
+
+def save_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_format: str = "dense",
+                overwrite: bool = False, targets: list[str] | None = None, ignore: list[str] | None = None,
+                extra: dict | None = None) -> Path:
+    """Save a pruned (dense-masked) model and its tokenizer; returns the output directory.
+
+    Everything is checked before anything is written, then written into a temporary sibling
+    directory that is renamed into place only when complete: a failure leaves ``out_dir`` as
+    it was. ``save_format`` is ``"dense"`` or ``"compressed"`` (sparse-bitmask, which needs the
+    ``compressed`` extra: compressed-tensors).
+    """
+    library = check_save_format(save_format)
+    pattern = parse_structure(sparsity_structure)
+    structure = "unstructured" if pattern is None else str(pattern)
+    out_dir = Path(out_dir).expanduser().absolute()
+    check_output_dir(out_dir, overwrite)
+    meta = {"version": EXPORT_META_VERSION, "nm_convention": NM_CONVENTION, "extra": extra or {}}
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"extra must be JSON-serialisable: {err}") from None
+    _refuse_exported(model)
+    _check_quantization(model)
+    selected, rec_targets, rec_ignore = resolve_targets(model, targets, ignore)
+    weights = {}
+    for name, lin in selected.items():
+        w = lin.weight
+        if w.device.type == "meta":
+            raise ExportError(f"{name}.weight is on the meta device (offloaded?); materialise the model first")
+        if not w.is_floating_point():
+            raise ExportError(f"{name}.weight is {w.dtype}; sparse export needs float weights")
+        weights[name] = w.detach()
+    _check_structure(weights, pattern)
+    block = sparsity_config_block(SAVE_FORMATS[save_format], zero_fraction(*weights.values()), structure,
+                                  rec_targets, rec_ignore, library)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+        with _plain_for_saving(model):
+            model.save_pretrained(staging)
+        if library is not None:
+            compress_checkpoint(staging, {f"{n}.weight" for n in selected})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        cfg_path = staging / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        place_sparsity_config(cfg, block, library)
+        cfg[EXPORT_META_KEY] = meta
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        _publish(staging, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def _causal_lm_class(config):
+    """The class save_pretrained recorded (config.architectures), else the causal-LM auto
+    mapping; the Auto class itself cannot load from a bare state dict."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise CheckpointError(f"no causal-LM class for model_type {config.model_type!r}") from None
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def load_pruned(path, device=None, dtype=None):
+    """Load a :func:`save_pruned` checkpoint (dense or compressed, this version's layout or
+    version 1's) -> ``(model, tokenizer)``. Needs no compressed-tensors.
+
+    The model is the exact dense-masked model that was saved (in its saved dtype unless
+    ``dtype`` is given); its ``config.sparsity_config`` describes it as it now is in memory
+    (format "dense"), so a plain ``save_pretrained`` of it writes a correct dense checkpoint.
+    The claimed structure, targets and global sparsity are re-checked against the tensors; any
+    disagreement raises :class:`CheckpointError`. ``tokenizer`` is None when none was saved.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path} has no config.json; not a saved model")
+    sc, nested = find_sparsity_config(json.loads(cfg_path.read_text()))
+    if not isinstance(sc, dict):
+        raise CheckpointError(f"{cfg_path} has no {SPARSITY_CONFIG_KEY} block (neither at the top level nor in "
+                              f"{QUANTIZATION_CONFIG_KEY}); not written by save_pruned")
+    try:
+        pattern = parse_structure(sc.get("sparsity_structure"))
+    except ExportError as err:
+        raise CheckpointError(str(err)) from None
+    fmt = sc.get("format")
+    if fmt not in (FORMAT_DENSE, FORMAT_BITMASK):
+        raise CheckpointError(f"{cfg_path}: unknown sparsity format {fmt!r} (expected {FORMAT_DENSE!r} or {FORMAT_BITMASK!r})")
+    config = AutoConfig.from_pretrained(str(path))
+    if nested:  # else from_pretrained would hand the model to transformers' compressed-tensors quantizer
+        delattr(config, QUANTIZATION_CONFIG_KEY)
+    setattr(config, SPARSITY_CONFIG_KEY, {**sc, "format": FORMAT_DENSE})
+    if fmt == FORMAT_DENSE:
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or "auto")
+        stored = None
+    else:
+        state, stored = read_compressed(path, legacy=not nested)
+        if dtype is None:  # keep the saved dtype: "auto" would fall back to float32 without config.dtype
+            dtype = getattr(config, "dtype", None) or next(t.dtype for t in state.values() if t.is_floating_point())
+        try:
+            model, info = _causal_lm_class(config).from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                                   output_loading_info=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: tensors disagree with config.json: {err}") from None
+        problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise CheckpointError(f"{path}: tensors disagree with config.json: {problems}")
+
+    selected = recorded_selection(model, sc)
+    if not selected:
+        raise CheckpointError(f"{cfg_path}: targets {sc.get('targets')} / ignore {sc.get('ignore')} select no linear")
+    if stored is not None and stored != {f"{n}.weight" for n in selected}:
+        extra = sorted(stored - {f"{n}.weight" for n in selected})[:3]
+        lacking = sorted({f"{n}.weight" for n in selected} - stored)[:3]
+        raise CheckpointError(f"{path}: compressed tensors do not match the recorded targets "
+                              f"(not targeted: {extra}; targeted but dense: {lacking})")
+    weights = {n: m.weight.detach() for n, m in selected.items()}
+    _check_structure(weights, pattern, err=CheckpointError)
+    claimed = sc.get("global_sparsity")
+    actual = zero_fraction(*weights.values())
+    if not isinstance(claimed, (int, float)) or abs(claimed - actual) > 1e-6:
+        raise CheckpointError(f"{cfg_path} claims global_sparsity {claimed}, the targeted weights hold {actual:.6f}")
+
+    model.eval()
+    if device is not None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+    return model, tokenizer

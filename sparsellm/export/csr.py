@@ -1,0 +1,72 @@
+"""CPU sparse inference: float32 CSR linears (:class:`CSRLinear`, :func:`to_csr`)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..sparsity import zero_fraction
+from .errors import ExportError
+from .targets import resolve_targets
+
+# CPU float32 CSR matmul (MKL) measured faster than dense from about this sparsity on for
+# 4096x4096 linears at token batches 1..128 (benchmarks/export_table.py; RESULTS.md, "Sparse export").
+CSR_MIN_SPARSITY = 0.9
+
+
+class CSRLinear(nn.Module):
+    """A linear whose weight is a float32 sparse CSR matrix: y = x W^T + b computed as
+    (W @ x^T)^T with torch's sparse-dense matmul (MKL on x86 CPUs). Inputs of any float dtype
+    are computed in float32 and returned in their own dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().to(torch.float32)
+        self.sparsity = zero_fraction(weight)
+        with warnings.catch_warnings():  # torch flags all CSR use as "beta" on every conversion
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.register_buffer("weight_csr", weight.to_sparse_csr())
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).clone()
+        # (out, 1) so addmm broadcasts it over the token columns of W @ x^T
+        self.register_buffer("bias_col", None if bias is None else bias.unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        if self.bias_col is None:
+            y = torch.sparse.mm(self.weight_csr, x2.t())
+        else:
+            y = torch.addmm(self.bias_col, self.weight_csr, x2.t())
+        return y.t().reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias_col is not None}, sparsity={self.sparsity:.3f}")
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def to_csr(model, *, min_sparsity: float = CSR_MIN_SPARSITY, targets: list[str] | None = None) -> dict:
+    """Replace targeted linears of sparsity >= ``min_sparsity`` by :class:`CSRLinear`; below
+    it CSR measured slower than dense, so those stay dense. Returns a JSON-able report."""
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ExportError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
+    selected, _, _ = resolve_targets(model, targets)
+    report = {"kind": "csr", "min_sparsity": min_sparsity, "converted": {}, "dense": {}}
+    for name, lin in selected.items():
+        sparsity = zero_fraction(lin.weight.detach())
+        if sparsity < min_sparsity:
+            report["dense"][name] = f"sparsity {sparsity:.3f} < {min_sparsity:g}, where CSR stops beating dense"
+            continue
+        _replace_module(model, name, CSRLinear(lin))
+        report["converted"][name] = round(sparsity, 6)
+    report["n_converted"] = len(report["converted"])
+    report["n_dense"] = len(report["dense"])
+    return report
