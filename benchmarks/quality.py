@@ -170,14 +170,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_into(path: str, text: str) -> None:
+def write_into(path: str, text: str, start_marker: str = README_START, end_marker: str = README_END) -> None:
     """Replace what lies between the two markers of a Markdown file with ``text``."""
     with open(path) as handle:
         doc = handle.read()
-    start, end = doc.find(README_START), doc.find(README_END)
+    start, end = doc.find(start_marker), doc.find(end_marker)
     if start < 0 or end < start:
-        raise SystemExit(f"{path} lacks the markers {README_START} ... {README_END}")
-    doc = doc[:start + len(README_START)] + "\n" + text + doc[end:]
+        raise SystemExit(f"{path} lacks the markers {start_marker} ... {end_marker}")
+    doc = doc[:start + len(start_marker)] + "\n" + text + doc[end:]
     with open(path, "w") as handle:
         handle.write(doc)
 

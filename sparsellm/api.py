@@ -15,14 +15,16 @@ import time
 import torch
 
 from . import __version__, data, ops
+from .distributed import is_main_process
 from .config import DTYPES, PruneConfig
 from .default_model import ALIASES as DEFAULT_ALIASES
 from .default_model import resolve as resolve_default
 from .driver import LayerRecord, resolve_device
 from .evaluate import perplexity
-from .methods import get_method
+from .methods import METHODS, get_method
 from .models import get_adapter
 from .report import build_report, write_report
+from .structure import compact_model, model_cost
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,19 @@ def _check_layers(config: PruneConfig, num_layers: int) -> None:
 
 def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
     """Prune ``model`` in place with the settings of ``config``; returns per-layer records."""
+    return _prune(model, tokenizer, config)[0]
+
+
+def _prune(model, tokenizer, config: PruneConfig):
+    """:func:`prune`, also returning the method's run-level details for the report."""
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))
     method = get_method(config)
-    windows = data.calibration_windows(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
+    calibration = data.Calibration.sample(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return method.prune_model(model, adapter, windows)
+        records = method.prune_model(model, adapter, calibration)
+    return records, method.details()
 
 
 def evaluate(model, tokenizer, config: PruneConfig, label: str = "") -> dict[str, float]:
@@ -115,8 +123,13 @@ def _run(config: PruneConfig) -> dict:
     device = resolve_device(config.device)
     for source in {config.calib, *config.eval} - {"none"}:  # a missing file fails now, not after the dense eval
         data.check_source(source)
+    METHODS[config.method].preflight(config)
     model, tokenizer = load_model(config.model, config.dtype)
-    _check_layers(config, len(get_adapter(model).layers(model)))
+    adapter = get_adapter(model)
+    _check_layers(config, len(adapter.layers(model)))
+    if config.structure is not None and "heads" in config.structure:
+        adapter.attention(adapter.layers(model)[0])  # a family without head removal fails now
+    cost_before = model_cost(model, adapter, config.resolved_eval_seqlen)
     on_device = device.type == "cpu" or _fits(model, device)
 
     dense_ppl = {}
@@ -128,12 +141,17 @@ def _run(config: PruneConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     ops.reset_usage()
     start = time.perf_counter()
-    records = prune(model, tokenizer, config)
+    records, method_details = _prune(model, tokenizer, config)
     prune_seconds = time.perf_counter() - start
     peak = _peak_memory(device)
     backend_usage, backend_fallbacks = ops.usage(), ops.fallbacks()
+    # Structured runs zeroed whole channels/heads in place (so the driver could measure errors
+    # with the dense shapes); here they are cut out, before saving and evaluating: the saved
+    # and evaluated model is the smaller one (same outputs).
+    structure_info = compact_model(model, adapter) if config.structure is not None else None
 
-    if config.save:  # the dense-masked weights, before any export changes their layout
+    main = is_main_process()  # under torchrun every process prunes; one writes
+    if config.save and main:  # the dense-masked weights, before any export changes their layout
         export.save_pruned(model, tokenizer, config.save, sparsity_structure=_structure(config),
                            save_format=config.save_format, overwrite=config.overwrite,
                            extra={"sparsellm": {"method": config.method, "version": __version__}})
@@ -142,10 +160,14 @@ def _run(config: PruneConfig) -> dict:
     pruned_ppl = evaluate(model, tokenizer, config, "pruned")
     report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
                           prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
-                          backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__)
+                          backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__,
+                          method_details=method_details)
+    report["cost"] = {"before": cost_before, "after": model_cost(model, adapter, config.resolved_eval_seqlen)}
+    if structure_info is not None:
+        report["structure"] = structure_info
     if config.save:
         report["saved_to"] = os.path.abspath(config.save)
-    if config.report:
+    if config.report and main:
         write_report(report, config.report)
     return report
 

@@ -6,7 +6,8 @@ import logging
 import sys
 
 from . import __version__
-from .config import DEFAULT_MODEL, DTYPES, EXPORT_KINDS, SAVE_FORMATS, PruneConfig, SparseLLMSettings
+from .config import (DEFAULT_MODEL, DTYPES, EXPORT_KINDS, SAVE_FORMATS, STRUCTURES, AllocationSettings, ElsaSettings,
+                     PruneConfig, SparseLLMSettings)
 from .sparsity import SparsityPattern, SparsityError
 
 
@@ -25,6 +26,13 @@ def _sparsity(text: str) -> SparsityPattern:
         raise argparse.ArgumentTypeError(str(exc))
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .ops import BACKENDS
@@ -41,7 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=d.method, choices=sorted(METHODS))
     p.add_argument("--sparsity", type=_sparsity, default=d.sparsity,
                    help="unstructured fraction pruned (0.7) or N:M with N pruned of every M consecutive "
-                        "input weights (3:4 = 75%% sparse, 2:4 = 50%%)")
+                        "input weights (3:4 = 75%% sparse, 2:4 = 50%%); with --structure channels*: the share "
+                        "of FFN channels removed")
+    a = AllocationSettings()
+    g = p.add_argument_group("Structured pruning and layer-wise allocation")
+    g.add_argument("--structure", default=None, choices=STRUCTURES,
+                   help="remove whole FFN channels and/or attention heads (magnitude, wanda, sparsegpt become "
+                        "their structured versions; structprune defaults to channels); the model is saved smaller")
+    g.add_argument("--head-sparsity", type=float, default=None,
+                   help="share of query heads removed (with --structure heads or channels+heads; the same number "
+                        "from every key/value group, rounded to what that allows)")
+    g.add_argument("--allocation", default=a.rule, choices=AllocationSettings.RULES,
+                   help="spread of the sparsity over the layers: uniform, owl (unstructured) or energy (softmax "
+                        "over per-layer energies); the mean stays --sparsity")
+    g.add_argument("--temperature", type=float, default=a.temperature, help="energy allocation's softmax temperature")
+    g.add_argument("--owl-lambda", type=float, default=a.owl_lambda, help="OWL: half-range of the layer sparsities")
+    g.add_argument("--owl-m", type=float, default=a.owl_m, help="OWL: outlier threshold, times the mean score")
+    g.add_argument("--layer-sparsity-min", type=float, default=None,
+                   help=f"lowest per-layer sparsity (default: --sparsity - {a.spread})")
+    g.add_argument("--layer-sparsity-max", type=float, default=None,
+                   help=f"highest per-layer sparsity (default: --sparsity + {a.spread}, at most 0.95)")
     p.add_argument("--layers", type=_layers, default=None,
                    help="half-open range START:STOP of decoder layers to prune (default: all)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
@@ -59,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=s.beta)
     g.add_argument("--gamma", type=float, default=s.gamma)
     g.add_argument("--iterations", type=int, default=s.iterations)
+    e = ElsaSettings()
+    g = p.add_argument_group("Elsa and masked-adam (whole-model training on the calibration text)")
+    g.add_argument("--steps", type=int, default=e.steps, help="optimiser steps")
+    g.add_argument("--batch-size", type=int, default=e.batch_size, help="windows per micro-batch and process")
+    g.add_argument("--grad-accum", type=int, default=e.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=e.lr, help="AdamW learning rate")
+    g.add_argument("--adam-betas", default=",".join(map(str, e.betas)), help="AdamW betas, as B1,B2")
+    g.add_argument("--weight-decay", type=float, default=e.weight_decay)
+    g.add_argument("--lr-schedule", default=e.lr_schedule, choices=ElsaSettings.LR_SCHEDULES)
+    g.add_argument("--max-grad-norm", type=float, default=e.max_grad_norm, help="clipping of the loss gradient")
+    g.add_argument("--admm-lambda", type=float, default=e.admm_lambda, help="ADMM penalty (final value of a ramp)")
+    g.add_argument("--admm-lambda-start", type=float, default=None, help="start of a linear/cosine ramp; None: lambda / 10")
+    g.add_argument("--admm-schedule", default=e.admm_schedule, choices=ElsaSettings.ADMM_SCHEDULES)
+    g.add_argument("--admm-interval", type=int, default=e.admm_interval, help="steps between z/u updates")
+    g.add_argument("--score", default=e.score, choices=ElsaSettings.SCORES,
+                   help="projection score: fisher = Adam's v * (w + u)^2, or magnitude |w + u|")
+    g.add_argument("--init", default=None, help="start from this layer-wise method's pruned weights (e.g. sparsegpt)")
+    g.add_argument("--train-dense-params", action="store_true",
+                   help="also train embeddings, norms and lm_head (never pruned; frozen by default)")
+    g.add_argument("--state-dtype", default=e.state_dtype, choices=ElsaSettings.STATE_DTYPES,
+                   help="storage of the ADMM states z and u (bfloat16, float8: the memory-lean Elsa-L)")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint here; a run finding a checkpoint of the same settings resumes from it")
+    g.add_argument("--checkpoint-every", type=int, default=e.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--eval", default=",".join(d.eval),
                    help="comma-separated evaluation texts (same names as --calib), or none")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
@@ -87,6 +138,18 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         blocksize=args.blocksize, percdamp=args.percdamp,
         sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations),
+        structure=args.structure, head_sparsity=args.head_sparsity,
+        allocation=AllocationSettings(rule=args.allocation, temperature=args.temperature, owl_lambda=args.owl_lambda,
+                                      owl_m=args.owl_m, min_sparsity=args.layer_sparsity_min,
+                                      max_sparsity=args.layer_sparsity_max),
+        elsa=ElsaSettings(
+            steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+            betas=_floats(args.adam_betas, "--adam-betas"), weight_decay=args.weight_decay,
+            lr_schedule=args.lr_schedule, max_grad_norm=args.max_grad_norm, admm_lambda=args.admm_lambda,
+            admm_lambda_start=args.admm_lambda_start, admm_schedule=args.admm_schedule,
+            admm_interval=args.admm_interval, score=args.score, init=args.init,
+            train_dense_params=args.train_dense_params, state_dtype=args.state_dtype,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every),
         eval=tuple(e for e in args.eval.split(",") if e), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, eval_dense=args.eval_dense, device=args.device, dtype=args.dtype,
         backend=args.backend, quiet=args.quiet, save=args.save, save_format=args.save_format,

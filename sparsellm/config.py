@@ -44,6 +44,104 @@ class SparseLLMSettings:
 
 
 @dataclass
+class ElsaSettings:
+    """Settings of the whole-model methods (Elsa and its masked-Adam baseline; see
+    sparsellm.methods.elsa). Optimiser defaults are the public recipe's (lr 2e-4, betas
+    (0.9, 0.95), no weight decay, linear decay to 0, lambda 0.01, interval 32); the length is
+    not (the recipe's 4096 steps are GPU-days on a 7B model): set ``steps`` for your budget."""
+
+    steps: int = 200
+    batch_size: int = 4  # windows per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per step; a step sees batch_size x grad_accum x processes windows
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    lr_schedule: str = "linear"  # linear decay to 0, cosine decay to 0, or constant
+    max_grad_norm: float = 1.0  # clipping of the loss gradient (the proximal term is added after it)
+    admm_lambda: float = 0.01  # penalty lambda (the final one when a schedule ramps it)
+    admm_lambda_start: float | None = None  # where a linear/cosine schedule starts (None: lambda / 10)
+    admm_schedule: str = "constant"  # constant, linear or cosine ramp of lambda over the steps
+    admm_interval: int = 32  # steps between z/u updates
+    score: str = "fisher"  # projection score: fisher (v * (w + u)^2, v = Adam's 2nd moment) or magnitude
+    init: str | None = None  # a layer-wise method whose pruned weights start w and z
+    train_dense_params: bool = False  # also train embeddings, norms, lm_head (never pruned)
+    state_dtype: str = "float32"  # storage of z and u: float32, bfloat16, or float8 (per-tensor scale)
+    checkpoint_dir: str | None = None  # resume is automatic when it holds a checkpoint of the same run
+    checkpoint_every: int = 50  # steps between checkpoints
+
+    LR_SCHEDULES = ("linear", "cosine", "constant")
+    ADMM_SCHEDULES = ("constant", "linear", "cosine")
+    SCORES = ("fisher", "magnitude")
+    STATE_DTYPES = ("float32", "bfloat16", "float8")
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "grad_accum", "admm_interval", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"elsa {name} must be a positive integer, got {value!r}")
+        for name in ("lr", "admm_lambda", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"elsa {name} must be a positive number, got {value!r}")
+        if self.admm_lambda_start is not None and not (math.isfinite(self.admm_lambda_start)
+                                                       and self.admm_lambda_start > 0):
+            raise ValueError(f"elsa admm_lambda_start must be a positive number, got {self.admm_lambda_start!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < float("inf")):
+            raise ValueError(f"elsa weight_decay must be >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"elsa betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name, allowed in (("lr_schedule", self.LR_SCHEDULES), ("admm_schedule", self.ADMM_SCHEDULES),
+                              ("score", self.SCORES), ("state_dtype", self.STATE_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"elsa {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+STRUCTURES = ("channels", "heads", "channels+heads")
+
+
+@dataclass
+class AllocationSettings:
+    """How the sparsity target is spread over the decoder layers (see sparsellm.allocation):
+    ``uniform`` (every layer the target), ``owl`` (Yin et al. 2023: less sparsity where the
+    Wanda scores have more outliers; its published defaults lambda 0.08, M 5) or ``energy``
+    (StructPrune's softmax over per-layer energies at ``temperature``). The mean over the pruned
+    layers is the target, exactly; each layer stays within [min_sparsity, max_sparsity] (None:
+    the target -/+ ``spread``, within [0, 0.95])."""
+
+    rule: str = "uniform"
+    temperature: float = 1.0
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    min_sparsity: float | None = None
+    max_sparsity: float | None = None
+    spread: float = 0.15
+
+    RULES = ("uniform", "owl", "energy")
+
+    def __post_init__(self):
+        if self.rule not in self.RULES:
+            raise ValueError(f"unknown allocation {self.rule!r}; choose one of {', '.join(self.RULES)}")
+        for name in ("temperature", "owl_m", "spread"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"allocation {name} must be a positive number, got {value!r}")
+        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1):
+            raise ValueError(f"allocation owl_lambda must lie in [0, 1), got {self.owl_lambda!r}")
+        for name in ("min_sparsity", "max_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"allocation {name} must lie in [0, 1), got {value!r}")
+
+    def bounds(self, target: float) -> tuple[float, float]:
+        low = max(0.0, target - self.spread) if self.min_sparsity is None else self.min_sparsity
+        high = min(0.95, target + self.spread) if self.max_sparsity is None else self.max_sparsity
+        if not low <= target <= high:
+            raise ValueError(f"per-layer sparsity bounds [{low}, {high}] do not contain the target {target}")
+        return low, high
+
+
+@dataclass
 class PruneConfig:
     """Everything a run needs. Later stages read this; nothing re-parses strings."""
 
@@ -61,6 +159,12 @@ class PruneConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     sparsellm: SparseLLMSettings = field(default_factory=SparseLLMSettings)
+    # structured pruning (sparsellm.structure): with "channels" in it, `sparsity` is the share of
+    # FFN channels removed; head_sparsity is the share of query heads removed
+    structure: str | None = None  # None (unstructured or N:M), channels, heads, channels+heads
+    head_sparsity: float | None = None
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)
+    elsa: ElsaSettings = field(default_factory=ElsaSettings)
     # evaluation
     eval: tuple[str, ...] = ("wiki",)
     eval_seqlen: int | None = None  # defaults to seqlen
@@ -84,6 +188,14 @@ class PruneConfig:
             self.eval = tuple(e for e in self.eval.split(",") if e)
         if isinstance(self.sparsellm, dict):
             self.sparsellm = SparseLLMSettings(**self.sparsellm)
+        if isinstance(self.allocation, str):
+            self.allocation = AllocationSettings(rule=self.allocation)
+        elif isinstance(self.allocation, dict):
+            self.allocation = AllocationSettings(**self.allocation)
+        if self.structure is None and self.method == "structprune":
+            self.structure = "channels"  # StructPrune is structured: FFN channels unless told otherwise
+        if isinstance(self.elsa, dict):
+            self.elsa = ElsaSettings(**self.elsa)
         self.validate()
 
     def validate(self) -> None:
@@ -116,6 +228,49 @@ class PruneConfig:
                 raise ValueError(f"layer range {start}:{stop} is empty or negative; expected 0 <= START < STOP")
         if not self.eval:
             raise ValueError("eval needs at least one text source (or 'none')")
+        init = self.elsa.init
+        if init is not None and (init not in METHODS or not hasattr(METHODS[init], "plan")):
+            layerwise = sorted(name for name, cls in METHODS.items() if hasattr(cls, "plan"))
+            raise ValueError(f"elsa init must be a layer-wise method ({', '.join(layerwise)}), got {init!r}")
+        self._validate_structure(METHODS)
+        METHODS[self.method].check_config(self)
+
+    def _validate_structure(self, methods) -> None:
+        """--structure, --head-sparsity and --allocation: their values and combinations."""
+        method = methods[self.method]
+        if self.structure is not None:
+            if self.structure not in STRUCTURES:
+                raise ValueError(f"unknown structure {self.structure!r}; choose one of {', '.join(STRUCTURES)}")
+            if getattr(method, "structured", None) is None:
+                able = sorted(n for n, cls in methods.items() if getattr(cls, "structured", None))
+                raise ValueError(f"method {self.method} has no structured version; --structure works with "
+                                 f"{', '.join(able)}")
+            if self.sparsity.is_nm:
+                raise ValueError(f"--structure removes whole channels/heads; sparsity {self.sparsity} is an N:M "
+                                 "pattern (give the share of FFN channels, e.g. 0.5)")
+            heads = "heads" in self.structure
+            if heads and self.head_sparsity is None:
+                raise ValueError(f"structure {self.structure} needs head_sparsity (--head-sparsity), the share "
+                                 "of query heads removed")
+            if self.save_format != "dense":
+                raise ValueError("a structured model is saved smaller and dense; --save-format compressed "
+                                 "does not apply")
+        if self.head_sparsity is not None:
+            if self.structure is None or "heads" not in self.structure:
+                raise ValueError("head_sparsity (--head-sparsity) needs --structure heads or channels+heads")
+            if not (isinstance(self.head_sparsity, (int, float)) and 0 < self.head_sparsity < 1):
+                raise ValueError(f"head_sparsity must lie in (0, 1), got {self.head_sparsity!r}")
+        rule = self.allocation.rule
+        if rule != "uniform":
+            if not hasattr(method, "plan"):
+                raise ValueError(f"allocation {rule} spreads sparsity over the layers of a layer-wise method; "
+                                 f"{self.method} prunes the whole model at once")
+            if self.sparsity.is_nm:
+                raise ValueError(f"allocation {rule} varies the sparsity per layer; N:M {self.sparsity} is fixed")
+            if rule == "owl" and self.structure is not None:
+                raise ValueError("allocation owl is defined on unstructured Wanda scores; structured runs use "
+                                 "uniform or energy")
+            self.allocation.bounds(self.sparsity.fraction)
 
     @property
     def resolved_eval_seqlen(self) -> int:

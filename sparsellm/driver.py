@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import layer_targets
 from .config import PruneConfig
 from .models import ModelAdapter
 from .plan import LayerView, Statistic, Step
@@ -56,6 +57,7 @@ class LayerRecord:
     output_rel_error: float = float("nan")  # the same for the whole decoder layer
     seconds: float = 0.0
     diagnostics: dict = field(default_factory=dict)  # method-specific (e.g. SparseLLM iterations)
+    target: dict = field(default_factory=dict)  # what the allocation asked of this layer
 
 
 class _StopForward(Exception):
@@ -162,6 +164,7 @@ class LayerDriver:
         self.method = method
         self.config = config
         self.device = resolve_device(config.device)
+        self.targets: dict = {}  # layer index -> LayerTarget (sparsellm.allocation), set by run()
 
     def _pass(self, layer, inputs, kwargs, hooks=(), outputs: torch.Tensor | None = None, per_batch=None):
         """Run ``layer`` over all windows, a few at a time (to bound activation memory), with
@@ -194,9 +197,13 @@ class LayerDriver:
         return [stat.result() for stat in stats]
 
     def layer_view(self, index: int, layer: nn.Module) -> LayerView:
-        return LayerView(index=index, pattern=self.config.sparsity,
+        target = self.targets.get(index)
+        structure = target.structure if target is not None else None
+        return LayerView(index=index, pattern=target.pattern if target is not None else self.config.sparsity,
                          attention_groups=self.adapter.groups(layer, "attention"),
-                         ffn_groups=self.adapter.groups(layer, "ffn"), ffn=self.adapter.ffn(layer))
+                         ffn_groups=self.adapter.groups(layer, "ffn"), ffn=self.adapter.ffn(layer),
+                         structure=structure,
+                         attention=self.adapter.attention(layer) if structure and structure.heads_per_group else None)
 
     def prune_layer(self, index: int, layer: nn.Module, inputs: torch.Tensor, kwargs: dict,
                     outputs: torch.Tensor) -> LayerRecord:
@@ -204,6 +211,8 @@ class LayerDriver:
         record = LayerRecord(index=index)
         start = time.perf_counter()
         view = self.layer_view(index, layer)
+        if index in self.targets:
+            record.target = self.targets[index].to_dict()
         steps = self.method.plan(view)
         planned = {name: linear for step in steps for name, linear in step.linears.items()}
         # Dense copies of every linear of the layer: the references of the final pass.
@@ -268,6 +277,12 @@ class LayerDriver:
         start, stop = self.config.layers or (0, len(layers))
         records: list[LayerRecord] = []
         inputs, kwargs = capture_layer_inputs(self.model, self.adapter, windows, self.device)
+        if self.config.allocation.rule != "uniform" or self.config.structure is not None:
+            hidden = inputs.clone()  # the allocation's pass of the dense layers must not touch inputs
+            self.targets = layer_targets(
+                self.config, self.model, self.adapter, range(start, stop), device=self.device,
+                run_layer=lambda layer, hooks: self._pass(layer, hidden, kwargs, hooks, outputs=hidden))
+            del hidden
         bar = tqdm(range(stop), desc=f"{self.method.name} {self.config.sparsity}", unit="layer",
                    disable=self.config.quiet)
         for index in bar:

@@ -24,8 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .models import FFN
+from .models import FFN, AttentionHeads
 from .sparsity import SparsityPattern
+from .structure import LayerStructure
 
 
 class Statistic:
@@ -114,13 +115,17 @@ class Step:
 class LayerView:
     """What a method sees of one decoder layer when it plans: the groups of linears that share
     an input, in data-flow order (attention, then FFN), the FFN's description, and the
-    sparsity pattern this layer is to reach."""
+    sparsity pattern (or, structured, the units) this layer is to lose."""
 
     index: int
     pattern: SparsityPattern
     attention_groups: list[dict[str, nn.Linear]]
     ffn_groups: list[dict[str, nn.Linear]]
     ffn: FFN
+    # Structured runs (--structure): what whole units this layer loses, and its heads' view
+    # (set only when heads are removed). None/None for unstructured and N:M runs.
+    structure: LayerStructure | None = None
+    attention: AttentionHeads | None = None
 
     @property
     def groups(self) -> list[dict[str, nn.Linear]]:

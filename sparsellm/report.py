@@ -25,7 +25,8 @@ def _finite(x):
 
 
 def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned_ppl, prune_seconds,
-                 peak_memory, backend_usage, export_info, version, backend_fallbacks=None) -> dict:
+                 peak_memory, backend_usage, export_info, version, backend_fallbacks=None,
+                 method_details=None) -> dict:
     zeros = total = 0
     per_matrix = {}
     for record in records:
@@ -47,6 +48,8 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         "per_layer_sparsity": {
             str(r.index): sum(round(i["sparsity"] * i["numel"]) for i in r.matrices.values())
             / max(1, sum(i["numel"] for i in r.matrices.values())) for r in records},
+        # what the allocation asked of each layer (--allocation; structured: units removed)
+        "per_layer_target": {str(r.index): r.target for r in records if r.target},
         "per_matrix_sparsity": per_matrix,
         "layer_errors": [{"layer": r.index, "ffn_rel_error": r.ffn_rel_error,
                           "output_rel_error": r.output_rel_error,
@@ -57,6 +60,8 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         # the compute device's peak where it is a GPU, else the host's; both are in peak_memory
         "peak_memory_bytes": peak_memory.get("cuda_max_allocated", peak_memory["host_max_rss"]),
         "peak_memory": peak_memory,
+        "peak_memory_bytes_per_param": peak_memory.get("cuda_max_allocated", peak_memory["host_max_rss"])
+        / max(1, sum(p.numel() for p in model.parameters())),
         # SparseLLM's z/p/s/Y buffers of the largest layer (included in the peaks above)
         "aux_buffer_bytes": max((r.diagnostics.get("aux_bytes", 0) for r in records), default=0),
         "backend": config.backend,
@@ -64,6 +69,7 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         # {op: {"declining->next: reason": calls}}: calls a backend handed on (see ops.fallbacks)
         "backend_fallbacks": backend_fallbacks or {},
         "export": export_info,
+        "method_details": method_details or {},  # run-level, e.g. Elsa's loss curve and ADMM residuals
         "settings": config.to_dict(),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and
@@ -94,4 +100,9 @@ def summary(report: dict) -> str:
         dense = report["ppl"]["dense"].get(dataset)
         dense_text = f"{dense:.3f}" if dense is not None else "n/a"
         lines.append(f"perplexity [{dataset}]  dense {dense_text}  pruned {value:.3f}")
+    cost = report.get("cost")
+    if cost and cost["after"]["parameters"] != cost["before"]["parameters"]:
+        lines.append("parameters {:,} -> {:,}  FLOPs/token {:.4g} -> {:.4g}".format(
+            cost["before"]["parameters"], cost["after"]["parameters"], cost["before"]["flops_per_token"],
+            cost["after"]["flops_per_token"]))
     return "\n".join(lines)

@@ -247,3 +247,33 @@ def test_sparsellm_layer_range(model_fixture, layers, expected, text_file, tmp_p
     assert all(math.isfinite(e["ffn_rel_error"]) for e in report["layer_errors"])
     # the auxiliary buffers are reported and counted in the (host) peak
     assert 0 < report["aux_buffer_bytes"] < report["peak_memory"]["host_max_rss"]
+
+
+def test_elsa_end_to_end(tiny_llama_dir, text_file, tmp_path, capsys):
+    """Elsa from the command line: exact sparsity, the training curve and ADMM residuals in the
+    report, the reported perplexity that of the saved model; then a changed setting on the same
+    checkpoint folder is refused before anything loads, and the folder is left as it was."""
+    from sparsellm import load_pruned
+
+    report_path, checkpoints = tmp_path / "report.json", tmp_path / "ckpt"
+    args = ["--model", tiny_llama_dir, "--method", "elsa", "--sparsity", "0.8", "--calib", text_file,
+            "--eval", text_file, "--steps", "4", "--batch-size", "2", "--admm-interval", "2",
+            "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "2", *SMALL]
+    code, out, err = cli(capsys, *args, "--report", str(report_path), "--save", str(tmp_path / "pruned"))
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["method"] == "elsa"
+    assert all(s == pytest.approx(0.8, abs=1e-3) for s in report["per_matrix_sparsity"].values())
+    details = report["method_details"]
+    assert [e["step"] for e in details["loss_curve"]] == [1, 2, 3, 4]
+    assert all(math.isfinite(e["loss"]) and e["lambda"] == 0.01 for e in details["loss_curve"])
+    assert [e["step"] for e in details["admm"]] == [2] and details["admm"][0]["residual"] > 0
+    assert details["windows_per_step"] == 2 and details["state_bytes_per_param"] == 24
+    model, _ = load_pruned(tmp_path / "pruned")
+    assert all(float((p == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
+               for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    code, _, err = cli(capsys, *args, "--lr", "1e-3")
+    assert code == 2 and "different run" in err and "elsa.lr" in err
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before

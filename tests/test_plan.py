@@ -4,6 +4,7 @@ import torch
 
 from sparsellm import api
 from sparsellm.config import PruneConfig
+from sparsellm.data import Calibration
 from sparsellm.driver import LayerDriver
 from sparsellm.methods import METHODS, LocalMethod, PruningMethod, get_method
 from sparsellm.models import get_adapter
@@ -54,7 +55,7 @@ def test_a_new_local_method_with_its_own_statistic():
     config = PruneConfig(method="sparsegpt", sparsity="0.5", nsamples=4, seqlen=32, quiet=True, device="cpu")
     method = ScaledMagnitude(config)
     method.seen = []
-    records = method.prune_model(model, get_adapter(model), windows())
+    records = method.prune_model(model, get_adapter(model), Calibration("unused", None, 32, 0, windows()))
     assert len(method.seen) == 7  # q, k, v share one statistic; o; gate, up; down
     # pass 1 (dense, q/k/v observed) ... pass 4 (down observed): the statistic is of those inputs
     first_q = captured["self_attn.q_proj"][0]
@@ -88,8 +89,8 @@ class HalveEverything(PruningMethod):
 
     name = "halve-everything"
 
-    def prune_model(self, model, adapter, windows):
-        self.windows = windows
+    def prune_model(self, model, adapter, calibration):
+        self.calibration = calibration
         for layer in adapter.layers(model):
             for group in adapter.groups(layer, "ffn"):
                 for linear in group.values():
@@ -104,7 +105,7 @@ def test_a_whole_model_method_plugs_into_the_api(monkeypatch):
     class Tok:  # api.prune samples calibration windows from the text through the tokenizer
         pass
 
-    monkeypatch.setattr(api.data, "calibration_windows", lambda *a: windows())
+    monkeypatch.setattr(api.data.Calibration, "sample", lambda *a: Calibration("unused", None, 32, 0, windows()))
     config = PruneConfig(method="halve-everything", nsamples=4, seqlen=32, quiet=True, device="cpu")
     assert api.prune(model, Tok(), config) == []
     down = get_adapter(model).layers(model)[1].mlp.down_proj.weight

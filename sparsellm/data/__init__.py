@@ -6,10 +6,10 @@ a source string can take.
 """
 from .sources import (C4_EVAL_DOCS, C4_EVAL_WINDOWS, LAYOUTS, SOURCES, SPLITS, DataSourceError, Source,
                       check_source, default_wiki_dump, load_split, parse_source, wiki_articles)
-from .tokens import calibration_windows, eval_tokens, token_stream
+from .tokens import Calibration, calibration_windows, eval_tokens, token_stream
 
 __all__ = [
     "SOURCES", "SPLITS", "LAYOUTS", "C4_EVAL_DOCS", "C4_EVAL_WINDOWS", "DataSourceError", "Source",
     "parse_source", "check_source", "load_split", "wiki_articles", "default_wiki_dump",
-    "calibration_windows", "eval_tokens", "token_stream",
+    "Calibration", "calibration_windows", "eval_tokens", "token_stream",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -124,3 +125,31 @@ def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
     if ids.numel() == 0:
         raise DataSourceError(f"{src.label}: the evaluation text is empty")
     return ids.clone().unsqueeze(0)
+
+
+# Draw seeds sit far from the run seed (and from each other), so no draw repeats the calibration windows.
+DRAW_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class Calibration:
+    """The calibration data a method receives: ``windows`` ([nsamples, seqlen] token ids, what
+    the layer-wise methods observe) and :meth:`draw` for methods that train on fresh windows."""
+
+    source: str
+    tokenizer: object
+    seqlen: int
+    seed: int
+    windows: torch.Tensor
+
+    @classmethod
+    def sample(cls, source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> "Calibration":
+        return cls(source, tokenizer, seqlen, seed, calibration_windows(source, tokenizer, nsamples, seqlen, seed))
+
+    def draw(self, count: int, index: int) -> torch.Tensor:
+        """``count`` fresh windows for draw number ``index`` (a training step): the same sampler,
+        seeded by (seed, index), so a resumed or re-run job draws exactly the same windows
+        without keeping any random state."""
+        return calibration_windows(self.source, self.tokenizer, count, self.seqlen,
+                                   seed=self.seed + DRAW_SEED_STRIDE * (index + 1))
+

@@ -29,6 +29,7 @@ from .csr import CSRLinear
 from .errors import CheckpointError, ExportError
 from .semi_structured import is_semi_structured
 from .targets import recorded_selection, resolve_targets
+from ..structure import LAYER_SIZES_FIELD, is_uniform
 
 # Project-specific metadata lives beside (not inside) sparsity_config so that block stays in the
 # compressed-tensors schema. Version 2: compressed saves in the compressed-tensors layout
@@ -242,6 +243,37 @@ def _causal_lm_class(config):
         raise CheckpointError(f"no causal-LM class for model_type {config.model_type!r}") from None
 
 
+def _load_with_layer_sizes(path: Path, config, sizes: dict, dtype):
+    """A structured checkpoint whose layers differ in size (non-uniform allocation): no config
+    field says that, so build the model at the config's full sizes, shrink each layer to the
+    sizes recorded in config.json (sparsellm.structure), then load the tensors as saved."""
+    from safetensors.torch import load_file
+
+    from ..models import get_adapter
+    from ..structure import shrink_to_sizes
+
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if dtype is None or dtype == "auto":
+        dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    model = _causal_lm_class(config)(config)
+    shrink_to_sizes(model, get_adapter(model), sizes)
+    model.to(dtype)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: tensors disagree with the recorded layer sizes: {err}") from None
+    names = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    tied = {name for group in names.values() if len(group) > 1 for name in group}
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"{path}: tensors disagree with config.json: missing {sorted(set(missing) - tied)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    return model
+
+
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in _TOKENIZER_FILES)
 
@@ -277,7 +309,11 @@ def load_pruned(path, device=None, dtype=None):
     if nested:  # else from_pretrained would hand the model to transformers' compressed-tensors quantizer
         delattr(config, QUANTIZATION_CONFIG_KEY)
     setattr(config, SPARSITY_CONFIG_KEY, {**sc, "format": FORMAT_DENSE})
-    if fmt == FORMAT_DENSE:
+    sizes = getattr(config, LAYER_SIZES_FIELD, None)
+    if fmt == FORMAT_DENSE and sizes and not is_uniform(sizes):  # structured, sizes differ per layer
+        model = _load_with_layer_sizes(path, config, sizes, dtype)
+        stored = None
+    elif fmt == FORMAT_DENSE:
         model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or "auto")
         stored = None
     else:

@@ -4,12 +4,15 @@ How a method plugs in: see :mod:`sparsellm.methods.base` (and :mod:`sparsellm.pl
 from __future__ import annotations
 
 from .base import LayerwiseMethod, LocalMethod, PruningMethod
+from .elsa import Elsa, MaskedAdam
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
 from .sparsellm import SparseLLM
+from .structprune import StructPrune
 from .wanda import Wanda
 
-METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, SparseLLM)}
+METHODS: dict[str, type[PruningMethod]] = {
+    cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, SparseLLM, StructPrune, Elsa, MaskedAdam)}
 
 
 def get_method(config) -> PruningMethod:

@@ -2,7 +2,8 @@
 
 - A **whole-model** method (one that trains the whole model, as Elsa) subclasses
   :class:`PruningMethod` and implements :meth:`PruningMethod.prune_model`: it receives the model,
-  its adapter and the calibration windows, prunes in place and returns one
+  its adapter and the calibration data (:class:`~sparsellm.data.Calibration`: the sampled
+  windows, and fresh ones on demand), prunes in place and returns one
   :class:`~sparsellm.driver.LayerRecord` per pruned layer, so settings, data, evaluation, save,
   export and report are shared with every other method.
 - A **layer-wise** method subclasses :class:`LayerwiseMethod` and implements :meth:`plan`: per
@@ -35,19 +36,32 @@ class PruningMethod:
     def __init__(self, config: PruneConfig):
         self.config = config
 
-    def prune_model(self, model: nn.Module, adapter, windows: torch.Tensor) -> list:
-        """Prune ``model`` in place on the calibration ``windows`` ([n, seqlen] token ids);
-        return one LayerRecord per pruned layer."""
+    @classmethod
+    def check_config(cls, config: PruneConfig) -> None:
+        """Refuse settings this method cannot run with (a ValueError); runs when the settings
+        are built, so it reads no file."""
+
+    @classmethod
+    def preflight(cls, config: PruneConfig) -> None:
+        """Checks that read files (e.g. a checkpoint folder), run before the model is loaded."""
+
+    def prune_model(self, model: nn.Module, adapter, calibration) -> list:
+        """Prune ``model`` in place on the ``calibration`` data; return one LayerRecord per
+        pruned layer."""
         raise NotImplementedError
+
+    def details(self) -> dict:
+        """Run-level diagnostics for the report (e.g. a training curve); JSON-able."""
+        return {}
 
 
 class LayerwiseMethod(PruningMethod):
     """A method that prunes one decoder layer at a time through the driver."""
 
-    def prune_model(self, model, adapter, windows):
+    def prune_model(self, model, adapter, calibration):
         from ..driver import LayerDriver  # the driver imports plans, not methods
 
-        return LayerDriver(model, adapter, self, self.config).run(windows)
+        return LayerDriver(model, adapter, self, self.config).run(calibration.windows)
 
     def plan(self, layer: LayerView) -> list[Step]:
         """The steps that prune ``layer``, in data-flow order."""
@@ -59,8 +73,14 @@ class LocalMethod(LayerwiseMethod):
     ``statistic`` of that input (``None``: the method reads no data)."""
 
     statistic: type[Statistic] | None = Gram
+    # Its structured version (--structure): a key of sparsellm.methods.structured.CRITERIA.
+    structured: str | None = None
 
     def plan(self, layer):
+        if layer.structure is not None:
+            from .structured import CRITERIA, structured_steps
+
+            return structured_steps(CRITERIA[self.structured](self.config.percdamp), layer)
         return self.group_steps(layer.groups, layer.pattern)
 
     def group_steps(self, groups: list[dict[str, nn.Linear]], pattern: SparsityPattern) -> list[Step]:

@@ -12,6 +12,7 @@ from .base import LocalMethod
 class Magnitude(LocalMethod):
     name = "magnitude"
     statistic = None
+    structured = "magnitude"
 
     def prune(self, weight, observed, pattern):
         score = weight.abs()

@@ -44,6 +44,7 @@ def obs_prune_with_gram(weight: torch.Tensor, gram: torch.Tensor, pattern: Spars
 class SparseGPT(LocalMethod):
     name = "sparsegpt"
     statistic = Gram
+    structured = "obs"
 
     def prune_group(self, group, gram, pattern):
         hinv_upper = None  # the linears of a group share their input: one factorisation

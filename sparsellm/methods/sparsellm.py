@@ -97,6 +97,7 @@ class SparseLLM(SparseGPT):
     """Attention groups as SparseGPT; one step for the whole FFN, observing its input tokens."""
 
     name = "sparsellm"
+    structured = None  # its structured member is StructPrune (sparsellm.methods.structprune)
 
     def plan(self, layer: LayerView) -> list[Step]:
         ffn_linears = {name: lin for group in layer.ffn_groups for name, lin in group.items()}
@@ -151,6 +152,27 @@ class _FFNSolver:
     def _zeros(self, *shape):
         return torch.zeros(*shape, device=self.device, dtype=torch.float32)
 
+    # -- where the pruning happens (StructPrune's structured solver overrides these three) ----
+
+    def _start_inputs(self, gx):
+        """Candidate 0's up and gate, and the factor of the input Hessian the later W-steps share."""
+        up0, hinv_x = self._obs(self.dense["up"], gx)
+        gate0 = self._obs(self.dense["gate"], gx, hinv_x)[0] if self.swiglu else None
+        return up0, gate0, hinv_x
+
+    def _candidate_zero(self, up0, gate0, hidden_gram):
+        """Candidate 0 (sequential SparseGPT): down pruned on the Gram of the pruned up/gate's hidden."""
+        return up0, gate0, self._obs(self.dense["down"], hidden_gram)[0]
+
+    def _prune_w_steps(self, up_ls, gate_ls, down_ls, gx, hinv_x, gp, up0, gate0):
+        """Prune the W-steps' least-squares fits (up_ls/gate_ls None: candidate 0's up0/gate0),
+        each by OBS with the Hessian of its input (X, or the current p)."""
+        down = self._obs(down_ls, gp)[0]
+        if up_ls is None:
+            return up0, gate0, down
+        gate = self._obs(gate_ls, gx, hinv_x)[0] if gate_ls is not None else None
+        return self._obs(up_ls, gx, hinv_x)[0], gate, down
+
     # -- the algorithm -----------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -160,8 +182,7 @@ class _FFNSolver:
 
         # The input Hessian and its factors are the same for every iteration: computed once.
         gx = x.t() @ x / n
-        up0, hinv_x = self._obs(dense["up"], gx)
-        gate0 = self._obs(dense["gate"], gx, hinv_x)[0] if swiglu else None
+        up0, gate0, hinv_x = self._start_inputs(gx)
         chol_x, damp_x = ops.damped_cholesky(gx, pd)
         lam_x = float(damp_x) * float(gx.diagonal().mean())
 
@@ -190,7 +211,7 @@ class _FFNSolver:
 
         # Candidate 0 = sequential SparseGPT; its error from the Gram matrices just gathered
         # (||Y' - H W^T||^2 = ||Y'||^2 - 2 <W, Y'^T H> + <W H, W>), in float64.
-        down0 = self._obs(dense["down"], h0th0 / n)[0]
+        up0, gate0, down0 = self._candidate_zero(up0, gate0, h0th0 / n)
         d0 = down0.double()
         err0_sq = norms["y"] - 2 * float((d0 * h0ty.t().double()).sum()) + float(((d0 @ h0th0.double()) * d0).sum())
         err0 = math.sqrt(max(err0_sq, 0.0) / y_full) if y_full > 0 else float("nan")
@@ -214,19 +235,19 @@ class _FFNSolver:
         stopped_early = False
         for it in range(1, s.iterations + 1):
             last = it == s.iterations
-            # (1) W-steps. In the first iteration up/gate targets are the dense outputs, whose
-            # dampened least squares is exactly the dense weight: candidate 0's pruned up/gate.
+            # (1) W-steps: least squares to the targets, then pruned (_prune_w_steps). In the first
+            # iteration up/gate targets are the dense outputs, whose dampened least squares is
+            # exactly the dense weight: no fit (None), candidate 0's up/gate.
             if it == 1:
-                up, gate = up0, gate0
+                up_ls = gate_ls = None
             else:
-                up = self._obs(least_squares_towards(dense["up"], xtz / n, chol_x, lam_x), gx, hinv_x)[0]
-                gate = self._obs(least_squares_towards(dense["gate"], xts / n, chol_x, lam_x), gx, hinv_x)[0] \
-                    if swiglu else None
+                up_ls = least_squares_towards(dense["up"], xtz / n, chol_x, lam_x)
+                gate_ls = least_squares_towards(dense["gate"], xts / n, chol_x, lam_x) if swiglu else None
             gp = ptp / n
             chol_p, damp_p = ops.damped_cholesky(gp, pd)
             down_ls = least_squares_towards(dense["down"], pty / n, chol_p, float(damp_p) * float(gp.diagonal().mean()))
-            down = self._obs(down_ls, gp)[0]
-            del chol_p, down_ls, gp
+            up, gate, down = self._prune_w_steps(up_ls, gate_ls, down_ls, gx, hinv_x, gp, up0, gate0)
+            del chol_p, down_ls, gp, up_ls, gate_ls
 
             # One sweep over the tokens: this iterate's FFN error and (unless it is the last
             # iteration) the p-, z- and s-steps and the next W-steps' statistics. The aux update

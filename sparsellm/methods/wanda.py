@@ -10,6 +10,7 @@ from .base import LocalMethod
 class Wanda(LocalMethod):
     name = "wanda"
     statistic = ColumnSquares
+    structured = "wanda"
 
     def prune(self, weight, column_norms, pattern):
         mask = ops.wanda_prune_mask(weight, column_norms, pattern.fraction, pattern.n, pattern.m)

@@ -1,7 +1,7 @@
 """Model-family adapters; :func:`get_adapter` picks one by ``config.model_type``."""
 from __future__ import annotations
 
-from .base import FFN, ModelAdapter
+from .base import FFN, AttentionHeads, ModelAdapter
 from .llama import LlamaAdapter
 from .opt import OPTAdapter
 
@@ -24,4 +24,4 @@ def get_adapter(model) -> ModelAdapter:
     raise UnsupportedModel(f"no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}")
 
 
-__all__ = ["FFN", "ModelAdapter", "get_adapter", "supported_model_types", "UnsupportedModel"]
+__all__ = ["FFN", "AttentionHeads", "ModelAdapter", "get_adapter", "supported_model_types", "UnsupportedModel"]

@@ -50,10 +50,38 @@ class FFN:
         return out
 
 
+@dataclass
+class AttentionHeads:
+    """The linears of one attention block, for removing whole query heads (see
+    :mod:`sparsellm.structure`). Query head h reads key/value head h // (num_heads // num_kv_heads)
+    (grouped-query attention), and its rows of ``q`` and columns of ``o`` are
+    [h * head_dim, (h + 1) * head_dim). ``module`` is the attention module itself."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    head_dim: int
+    num_kv_heads: int
+    module: nn.Module
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
 class ModelAdapter:
     """One per model family. Subclasses set ``model_types`` and the name tables."""
 
     model_types: tuple[str, ...] = ()
+    # The config.json fields of the FFN width and of the query-head count (structured pruning
+    # rewrites them when every layer keeps the same sizes).
+    ffn_size_field: str = "intermediate_size"
+    heads_field: str = "num_attention_heads"
     # Groups of linears in the order they see data; members of a group share one input.
     attention_groups: tuple[tuple[str, ...], ...] = ()
     ffn_groups: tuple[tuple[str, ...], ...] = ()
@@ -70,6 +98,12 @@ class ModelAdapter:
 
     def ffn(self, layer: nn.Module) -> FFN:
         raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> AttentionHeads:
+        """The attention block's heads; families whose attention cannot run with fewer heads
+        than their config says refuse here."""
+        raise NotImplementedError(f"removing attention heads is not supported for {', '.join(self.model_types)} "
+                                  "models (only FFN channels)")
 
     def linear(self, layer: nn.Module, name: str) -> nn.Linear:
         return layer.get_submodule(name)

@@ -8,6 +8,7 @@ from .base import FFN, ModelAdapter
 
 class OPTAdapter(ModelAdapter):
     model_types = ("opt",)
+    ffn_size_field = "ffn_dim"
     attention_groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",))
     ffn_groups = (("fc1",), ("fc2",))
 

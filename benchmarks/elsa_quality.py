@@ -1,0 +1,144 @@
+"""Elsa on the default model, against the one-shot method it starts from and the fair baseline.
+
+The wiki protocol of ../shared/PROTOCOL.md (SmolLM2-135M in float32, perplexity on the first
+40 windows of 512 tokens of the test part). Per sparsity setting, in one process:
+
+1. SparseGPT (32 x 512 calibration tokens, seed 0, all layers): its perplexity is the
+   "sparsegpt" row, measured here with the same code as the rest.
+2. Elsa from those weights (the same as ``--init sparsegpt``), ``--steps`` steps of
+   ``--batch-size`` fresh 512-token calibration windows: the "elsa" row.
+3. masked-adam from the same SparseGPT weights, the same steps on the same windows: the
+   "masked-adam" row (what plain fine-tuning with the mask fixed gives).
+
+Each entry is stored in benchmarks/results/elsa.json with the commit, every setting, the
+tokens trained on and the wall-clock seconds (SparseGPT's included in the two trained rows);
+the table is rendered from that file, into the README between the elsa markers with --readme.
+
+    python benchmarks/elsa_quality.py --settings 0.9 --steps 300 --batch-size 2 --lr 5e-4 --readme README.md
+    python benchmarks/elsa_quality.py --render --readme README.md
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from quality import fmt_ppl, load, save, write_into
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_JSON = os.path.join(HERE, "results", "elsa.json")
+MARKERS = ("<!-- elsa:start -->", "<!-- elsa:end -->")
+
+
+def commit() -> str:
+    """The commit the numbers come from; '+dirty' when the working tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
+                           text=True).stdout.strip()
+    return head.strip() + ("+dirty" if dirty else "")
+
+
+def measure(setting: str, args) -> dict:
+    import torch
+
+    from sparsellm import api
+    from sparsellm.config import ElsaSettings, PruneConfig
+
+    common = dict(sparsity=setting, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, eval=("wiki",),
+                  eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None)
+    elsa = ElsaSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                        admm_lambda=args.admm_lambda, admm_interval=args.admm_interval, score=args.score)
+    model, tokenizer = api.load_model("smollm2")
+    rows = {}
+    start = time.perf_counter()
+    api.prune(model, tokenizer, PruneConfig(method="sparsegpt", **common))
+    one_shot_seconds = time.perf_counter() - start
+    rows["sparsegpt"] = {"ppl": api.evaluate(model, tokenizer, PruneConfig(**common))["wiki"],
+                         "seconds": one_shot_seconds}
+    print(f"{setting} sparsegpt: ppl {fmt_ppl(rows['sparsegpt']['ppl'])} ({one_shot_seconds:.0f} s)", flush=True)
+    pruned = copy.deepcopy(model.state_dict())
+    for method in ("elsa", "masked-adam"):
+        model.load_state_dict(pruned)
+        config = PruneConfig(method=method, elsa=elsa, **common)
+        start = time.perf_counter()
+        records, details = api._prune(model, tokenizer, config)
+        seconds = time.perf_counter() - start
+        ppl = api.evaluate(model, tokenizer, config)["wiki"]
+        zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
+        total = sum(m["numel"] for r in records for m in r.matrices.values())
+        rows[method] = {"ppl": ppl, "seconds": one_shot_seconds + seconds, "train_seconds": seconds,
+                        "achieved_sparsity": zeros / total, "final_loss": details["loss_curve"][-1]["loss"],
+                        "first_loss": details["loss_curve"][0]["loss"], "admm": details["admm"],
+                        "tokens": details["tokens_per_step"] * details["steps"]}
+        print(f"{setting} {method}: ppl {fmt_ppl(ppl)} ({seconds:.0f} s training, sparsity {zeros / total:.4f})",
+              flush=True)
+    return {"setting": setting, "rows": rows, "commit": commit(), "init": "sparsegpt",
+            "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                         "seqlen": args.seqlen, "lr": args.lr, "admm_lambda": args.admm_lambda,
+                         "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
+                         "eval_windows": args.eval_windows},
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                       f"{torch.get_num_threads()} threads"}
+
+
+def render(results: dict) -> str:
+    entries = [results["runs"][k] for k in sorted(results["runs"])]
+    if not entries:
+        return "No Elsa results yet.\n"
+    lines = ["Perplexity on the wiki test part (40 x 512 tokens; dense 19.61), all 30 layers. SparseGPT: one-shot, "
+             "32 x 512 calibration tokens. elsa and masked-adam start from that SparseGPT model and train on fresh "
+             "calibration windows; time = SparseGPT's + training, wall-clock on this project's 2-core CPU.", "",
+             "| sparsity | sparsegpt | masked-adam | elsa | steps x tokens | time (min) | commit |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        r = e["rows"]
+        tokens = e["settings"]["steps"] * e["settings"]["batch_size"] * e["settings"]["grad_accum"] * e["settings"]["seqlen"]
+        lines.append(f"| {e['setting']} | {fmt_ppl(r['sparsegpt']['ppl'])} | {fmt_ppl(r['masked-adam']['ppl'])} | "
+                     f"{fmt_ppl(r['elsa']['ppl'])} | {e['settings']['steps']} x "
+                     f"{tokens // e['settings']['steps']} | {r['sparsegpt']['seconds'] / 60:.0f} + "
+                     f"{r['masked-adam']['train_seconds'] / 60:.0f} / {r['elsa']['train_seconds'] / 60:.0f} | "
+                     f"{e['commit']} |")
+    s = entries[-1]["settings"]
+    lines += ["", f"Training settings: lr {s['lr']} (linear decay), lambda {s['admm_lambda']}, interval "
+              f"{s['admm_interval']}, score {s['score']}, batch {s['batch_size']} x {s['seqlen']} tokens. "
+              f"Machine: {entries[-1]['machine']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", default="0.9")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--admm-lambda", type=float, default=0.01)
+    p.add_argument("--admm-interval", type=int, default=20)
+    p.add_argument("--score", default="fisher")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--json", default=DEFAULT_JSON)
+    p.add_argument("--render", action="store_true", help="only render the table from the JSON")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--readme", default=None)
+    args = p.parse_args(argv)
+    results = load(args.json)
+    if not args.render:
+        for setting in args.settings.split(","):
+            results["runs"][setting] = measure(setting, args)
+            save(results, args.json)
+    text = render(results)
+    if args.readme:
+        write_into(args.readme, text, *MARKERS)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Structured pruning on the default model: perplexity, size and CPU speed (issue 11).
+
+The protocol of ../shared/PROTOCOL.md (SmolLM2-135M-Instruct, float32, 32 x 512 calibration
+tokens, seed 0, all 30 decoder layers, perplexity on the first 40 512-token windows of the wiki
+test part). Each run is one `sparsellm.run` (prune, physical removal, evaluation) and is kept
+in benchmarks/results/structured_quality.json with the git commit (and whether the tree had
+uncommitted changes), the settings, the parameters and FLOPs per token, and when it ran.
+
+    python benchmarks/structured_quality.py --methods structprune,sparsegpt,wanda,magnitude --channels 0.2,0.5
+    python benchmarks/structured_quality.py --methods structprune --channels 0.5 --allocation energy
+    python benchmarks/structured_quality.py --methods structprune,sparsegpt --channels 0.5 --heads 0.25
+    python benchmarks/structured_quality.py --speed structprune,0.5   # saved model vs dense, CPU tokens/s
+    python benchmarks/structured_quality.py --render --readme README.md
+
+`sparsegpt`, `wanda`, `magnitude` here are their structured versions (structured OBS with the
+consumer refit, Wanda-style unit scores, unit norms). Existing entries are skipped unless --rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from quality import fmt_ppl, load, save, write_into  # noqa: E402  (the quality table's helpers)
+
+DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
+DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
+MODELS_DIR = os.path.join("/tmp", "sparsellm_structured_models")
+README_START, README_END = "<!-- structured:start -->", "<!-- structured:end -->"
+
+
+def git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def key(method, channels, heads, allocation) -> str:
+    return f"{method}|c{channels}|h{heads or 0}|{allocation}"
+
+
+def run_one(method, channels, heads, allocation, args) -> dict:
+    from sparsellm import run
+    from sparsellm.config import PruneConfig
+
+    structure = "channels+heads" if heads else "channels"
+    save_dir = os.path.join(MODELS_DIR, key(method, channels, heads, allocation).replace("|", "_")) \
+        if args.save_models else None
+    config = PruneConfig(method=method, sparsity=channels, structure=structure, head_sparsity=heads or None,
+                         allocation=allocation, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                         eval=("wiki",), eval_windows=args.eval_windows, eval_dense=False,
+                         quiet=not args.progress, device="cpu", save=save_dir, overwrite=True)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report = run(config)
+    return {"method": method, "channels": channels, "heads": heads, "allocation": allocation,
+            "ppl": report["ppl"]["pruned"]["wiki"], "prune_seconds": report["prune_seconds"],
+            "cost": report["cost"], "layer_sizes": report["structure"]["layer_sizes"],
+            "ffn_rel_error": [e["ffn_rel_error"] for e in report["layer_errors"]],
+            "output_rel_error": [e["output_rel_error"] for e in report["layer_errors"]],
+            "settings": report["settings"], "git": git_state(), "started": started, "saved_to": save_dir}
+
+
+def prefill_and_decode(model, vocab: int, prompt: int = 512, new_tokens: int = 32, repeats: int = 5) -> dict:
+    """CPU tokens/s: prefill of one ``prompt``-token window (median of ``repeats`` after a
+    warm-up), and greedy decode of ``new_tokens`` with the KV cache after a 64-token prompt."""
+    import torch
+
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        model(ids, use_cache=False)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        model.generate(ids[:, :64], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        decode = time.perf_counter() - start
+    return {"prefill_tokens_per_s": prompt / statistics.median(times), "prefill_seconds": times,
+            "decode_tokens_per_s": new_tokens / decode, "prompt": prompt, "new_tokens": new_tokens}
+
+
+def speed(entry: dict, args) -> dict:
+    """Dense vs the saved pruned model, measured back to back in this process."""
+    import torch
+
+    from sparsellm import load_model, load_pruned
+
+    dense, tokenizer = load_model("smollm2")
+    pruned, _ = load_pruned(entry["saved_to"])
+    vocab = dense.config.vocab_size
+    out = {"threads": torch.get_num_threads(), "git": git_state(),
+           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for round_ in range(args.speed_rounds):  # alternate, so load from other jobs hits both alike
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            out.setdefault(name, []).append(prefill_and_decode(model.eval(), vocab))
+    for name in ("dense", "pruned"):
+        out[f"{name}_prefill_tokens_per_s"] = statistics.median(r["prefill_tokens_per_s"] for r in out[name])
+        out[f"{name}_decode_tokens_per_s"] = statistics.median(r["decode_tokens_per_s"] for r in out[name])
+    out["prefill_speedup"] = out["pruned_prefill_tokens_per_s"] / out["dense_prefill_tokens_per_s"]
+    out["decode_speedup"] = out["pruned_decode_tokens_per_s"] / out["dense_decode_tokens_per_s"]
+    return out
+
+
+def render(results: dict) -> str:
+    runs = sorted(results["runs"].values(), key=lambda r: (r["heads"] or 0, r["allocation"] != "uniform",
+                                                           ["structprune", "sparsegpt", "wanda", "magnitude"].index(
+                                                               r["method"]) if r["method"] in (
+                                                               "structprune", "sparsegpt", "wanda", "magnitude") else 9,
+                                                           r["channels"]))
+    columns = sorted({r["channels"] for r in runs})
+    rows: dict[str, dict] = {}
+    for r in runs:
+        label = r["method"] + (" (structured)" if r["method"] != "structprune" else "")
+        label += f", {r['allocation']}" + (f", {r['heads']:.0%} heads" if r["heads"] else "")
+        rows.setdefault(label, {})[r["channels"]] = r
+    proto = results.get("protocol", {})
+    lines = [f"Perplexity on the wiki test part ({proto.get('eval_windows', 40)} windows of 512 tokens), "
+             f"calibration {proto.get('nsamples', 32)} x {proto.get('seqlen', 512)} tokens, seed 0, all 30 layers; "
+             "columns: share of FFN channels removed. Dense: 19.61.", "",
+             "| method | " + " | ".join(f"{c:.0%} channels" for c in columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for label, cells in rows.items():
+        lines.append(f"| {label} | " + " | ".join(fmt_ppl(cells[c]["ppl"]) if c in cells else "" for c in columns) + " |")
+    lines += ["", "Parameters after / before, and prune seconds (2 shared CPU cores):", "",
+              "| method | " + " | ".join(f"{c:.0%} channels" for c in columns) + " |",
+              "|" + "---|" * (len(columns) + 1)]
+    for label, cells in rows.items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{cells[c]['cost']['after']['parameters'] / cells[c]['cost']['before']['parameters']:.3f}, "
+            f"{cells[c]['prune_seconds']:.0f} s" if c in cells else "" for c in columns) + " |")
+    for k, s in results.get("speed", {}).items():
+        lines += ["", f"CPU speed of `{k}` vs dense ({s['threads']} threads, median of "
+                      f"{len(s['dense'])} alternating rounds): prefill of 512 tokens "
+                      f"{s['dense_prefill_tokens_per_s']:.0f} -> {s['pruned_prefill_tokens_per_s']:.0f} tokens/s "
+                      f"({s['prefill_speedup']:.2f}x); greedy decode {s['dense_decode_tokens_per_s']:.1f} -> "
+                      f"{s['pruned_decode_tokens_per_s']:.1f} tokens/s ({s['decode_speedup']:.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="structprune,sparsegpt,wanda,magnitude")
+    p.add_argument("--channels", default="0.2,0.5", help="shares of FFN channels removed")
+    p.add_argument("--heads", default="0", help="shares of query heads removed (0: channels only)")
+    p.add_argument("--allocation", default="uniform")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--json", default=DEFAULT_JSON)
+    p.add_argument("--markdown", default=DEFAULT_MD)
+    p.add_argument("--rerun", action="store_true")
+    p.add_argument("--render", action="store_true", help="only render the tables")
+    p.add_argument("--save-models", action="store_true", help=f"keep each pruned model under {MODELS_DIR}")
+    p.add_argument("--speed", default=None, help="METHOD,CHANNELS[,HEADS[,ALLOCATION]] of a saved run: time it vs dense")
+    p.add_argument("--speed-rounds", type=int, default=3)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--readme", default=None)
+    args = p.parse_args(argv)
+
+    results = load(args.json)
+    results.setdefault("speed", {})
+    if args.speed:
+        parts = args.speed.split(",")
+        k = key(parts[0], float(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0,
+                parts[3] if len(parts) > 3 else "uniform")
+        results["speed"][k] = speed(results["runs"][k], args)
+        save(results, args.json)
+    elif not args.render:
+        import torch
+
+        results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                               "eval_windows": args.eval_windows, "seed": 0,
+                               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                                          f"{torch.get_num_threads()} threads"}
+        for heads in (float(h) for h in args.heads.split(",")):
+            for channels in (float(c) for c in args.channels.split(",")):
+                for method in args.methods.split(","):
+                    k = key(method, channels, heads, args.allocation)
+                    if k in results["runs"] and not args.rerun:
+                        continue
+                    entry = run_one(method, channels, heads, args.allocation, args)
+                    results["runs"][k] = entry
+                    save(results, args.json)
+                    print(f"{k}: ppl {fmt_ppl(entry['ppl'])}, prune {entry['prune_seconds']:.0f}s, parameters "
+                          f"{entry['cost']['after']['parameters']:,} of {entry['cost']['before']['parameters']:,}",
+                          flush=True)
+    text = render(results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+    with open(args.markdown, "w") as handle:
+        handle.write(text)
+    if args.readme:
+        write_into(args.readme, text, README_START, README_END)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Layer-wise allocation: how much of each decoder layer is pruned (``--allocation``).
+
+- ``uniform``: every layer gets the target.
+- ``owl`` (Yin et al. 2023, "Outlier Weighed Layerwise sparsity"): per layer, the share D_l of
+  Wanda scores |W_ij| ||X_j|| above M times the layer's mean score (outliers); the layer's
+  density is made linear in D_l over a range of 2 lambda and centred on 1 - target, so layers
+  with more outliers are pruned less (lambda 0.08, M 5: the paper's defaults). Unstructured only.
+- ``energy`` (StructPrune, Song, Bai, Zhao 2025): a softmax over per-layer energies,
+  s_l proportional to exp(-E_l / T), rescaled so the mean is the target and clipped to the per-layer bounds.
+
+The energy of a layer, as used here (inferred: the paper names a softmax over layer energies
+with a temperature, the public code does not match it, and we could not read the paper's exact
+energy): the share of the layer's importance mass that pruning it uniformly at the target would
+remove, with importance the Wanda score (per weight, unstructured; per FFN channel,
+||X_j|| sum_i |W_down,ij|, structured), on the dense model. A layer whose importance is spread
+evenly (pruning it removes much of its mass) has high energy and is pruned less. Energies are
+standardised over the layers before the softmax, so the temperature is in units of their spread
+(T = 1: a layer one standard deviation above the mean gets e^-1 times the weight of an average one).
+
+The budget is kept exactly: the mean of the per-layer shares is the target (to float rounding)
+and, for structured runs, the channel counts sum to round(target x channels) through
+largest-remainder rounding within the bounds. The statistics for ``owl`` and ``energy`` come
+from one pass of the dense layers over the calibration windows before pruning.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .models import ModelAdapter
+from .plan import ColumnSquares
+from .sparsity import SparsityPattern
+from .structure import LayerStructure
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """What the driver asks of one layer: its pattern (unstructured share) or its units."""
+
+    pattern: SparsityPattern
+    structure: LayerStructure | None = None
+
+    def to_dict(self) -> dict:
+        out = {"sparsity": self.pattern.fraction if not self.pattern.is_nm else str(self.pattern)}
+        if self.structure is not None:
+            out = {"channels_removed": self.structure.channels, "heads_removed_per_group": self.structure.heads_per_group}
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# the rules (pure functions of per-layer numbers: what the tests check)
+
+
+def owl_shares(outlier_ratios: list[float], target: float, lam: float) -> list[float]:
+    """OWL: density linear in the outlier ratio over a range of 2 lambda, mean 1 - target."""
+    d = torch.tensor(outlier_ratios, dtype=torch.float64)
+    spread = float(d.max() - d.min())
+    scaled = (d - d.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(d)
+    density = scaled - scaled.mean() + (1 - target)
+    return (1 - density).tolist()
+
+
+def energy_shares(energies: list[float], target: float, temperature: float, low: float, high: float) -> list[float]:
+    """s_l = clip(c * L * target * softmax(-z_l / T), low, high), z the standardised energies,
+    with c found (bisection; the clipped sum is monotone in c) so that mean(s) = target; the
+    last rounding residue goes to the layers strictly inside the bounds."""
+    e = torch.tensor(energies, dtype=torch.float64)
+    layers = len(e)
+    std = float(e.std()) if layers > 1 else 0.0
+    z = (e - e.mean()) / std if std > 0 else torch.zeros_like(e)
+    weights = torch.softmax(-z / temperature, dim=0) * layers * target
+    budget = layers * target
+
+    def shares(c):
+        return (c * weights).clamp(low, high)
+
+    lo_c, hi_c = 0.0, 1.0
+    while float(shares(hi_c).sum()) < budget and hi_c < 1e12:
+        hi_c *= 2
+    for _ in range(200):
+        mid = (lo_c + hi_c) / 2
+        lo_c, hi_c = (mid, hi_c) if float(shares(mid).sum()) < budget else (lo_c, mid)
+    s = shares(hi_c)
+    free = (s > low) & (s < high)
+    if free.any():
+        s[free] += (budget - float(s.sum())) / int(free.sum())
+    return s.tolist()
+
+
+def integer_counts(shares: list[float], sizes: list[int], low: float, high: float) -> list[int]:
+    """Counts c_l of units removed, c_l / size_l close to share_l, sum = round(sum share_l size_l)
+    exactly, each within [ceil(low size_l), floor(high size_l)]: floors first, then the largest
+    remainders."""
+    wanted = [s * n for s, n in zip(shares, sizes)]
+    total = round(sum(wanted))
+    lo = [math.ceil(low * n - 1e-9) for n in sizes]
+    hi = [math.floor(high * n + 1e-9) for n in sizes]
+    counts = [min(max(math.floor(w), a), b) for w, a, b in zip(wanted, lo, hi)]
+    order = sorted(range(len(sizes)), key=lambda i: counts[i] - wanted[i])  # most under first
+    while sum(counts) < total:
+        i = next((i for i in order if counts[i] < hi[i]), None)
+        if i is None:
+            break
+        counts[i] += 1
+        order.remove(i)
+        order.append(i)
+    for i in reversed(order):
+        if sum(counts) <= total:
+            break
+        if counts[i] > lo[i]:
+            counts[i] -= 1
+    return counts
+
+
+def lowest_mass_share(scores: torch.Tensor, share: float) -> float:
+    """Share of sum(scores) held by the lowest ``share`` of the entries."""
+    flat = scores.reshape(-1).double()
+    k = int(flat.numel() * share)
+    total = float(flat.sum())
+    return float(torch.sort(flat).values[:k].sum()) / total if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# statistics of the dense layers
+
+
+def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleList, indices: range,
+                  run_layer: Callable, device: torch.device) -> dict[int, torch.Tensor]:
+    """Per layer in ``indices``: its Wanda scores (structured: per FFN channel; else per weight
+    of every linear, concatenated), from one pass of the dense layers; ``run_layer(layer, hooks)``
+    runs a layer over the current hidden states and replaces them by its outputs."""
+    scores: dict[int, torch.Tensor] = {}
+    for index in range(indices.stop):
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        stats: dict[int, ColumnSquares] = {}
+        if index in indices:
+            ffn = adapter.ffn(layer)
+            linears = [ffn.down] if config.structure else [lin for group in adapter.groups(layer, "attention")
+                                                            + adapter.groups(layer, "ffn") for lin in group.values()]
+
+            def observer(linear):
+                def hook(module, args):
+                    x = args[0].detach()
+                    stat = stats.setdefault(id(module), ColumnSquares(x.shape[-1], x.device))
+                    stat.add(x)
+                return linear.register_forward_pre_hook(hook)
+
+            run_layer(layer, [observer(lin) for lin in linears])
+            norms = {id(lin): stats[id(lin)].result() for lin in linears}
+            if config.structure:
+                scores[index] = (ffn.down.weight.detach().float().abs().sum(0) * norms[id(ffn.down)]).cpu()
+            else:
+                scores[index] = torch.cat([(lin.weight.detach().float().abs() * norms[id(lin)]).reshape(-1).cpu()
+                                           for lin in linears])
+        else:
+            run_layer(layer, [])
+        layer.to(home)
+    return scores
+
+
+def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, indices: range,
+                  run_layer: Callable | None = None, device: torch.device | None = None) -> dict[int, LayerTarget]:
+    """The target of each layer in ``indices`` (see the module docs). ``run_layer`` and
+    ``device`` are needed for ``owl`` and ``energy`` only."""
+    layers = adapter.layers(model)
+    target = config.sparsity.fraction
+    rule = config.allocation.rule
+    low, high = config.allocation.bounds(target) if rule != "uniform" else (target, target)
+    if rule == "uniform" or (config.structure is not None and "channels" not in config.structure):
+        shares = [target] * len(indices)
+    else:
+        scores = _dense_scores(config, adapter, layers, indices, run_layer, device)
+        if rule == "owl":
+            m = config.allocation.owl_m
+            ratios = [float((s > m * s.mean()).double().mean()) for s in (scores[i] for i in indices)]
+            shares = owl_shares(ratios, target, config.allocation.owl_lambda)
+        else:
+            energies = [lowest_mass_share(scores[i], target) for i in indices]
+            shares = energy_shares(energies, target, config.allocation.temperature, low, high)
+    if config.structure is None:
+        return {i: LayerTarget(SparsityPattern(s) if rule != "uniform" else config.sparsity)
+                for i, s in zip(indices, shares)}
+
+    widths = [adapter.ffn(layers[i]).down.in_features for i in indices]
+    channels = [0] * len(indices)
+    if "channels" in config.structure:
+        channels = integer_counts(shares, widths, low, high)
+    per_group = [0] * len(indices)
+    if "heads" in config.structure:
+        # Heads are allocated uniformly: the same count leaves every key/value group of every
+        # layer, the nearest to the share that keeps one head per group (see sparsellm.structure).
+        for k, i in enumerate(indices):
+            attention = adapter.attention(layers[i])
+            per_group[k] = min(round(config.head_sparsity * attention.heads_per_group), attention.heads_per_group - 1)
+    return {i: LayerTarget(SparsityPattern(target), LayerStructure(c, h))
+            for i, c, h in zip(indices, channels, per_group)}

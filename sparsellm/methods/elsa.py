@@ -1,0 +1,530 @@
+"""Elsa (Lee, Jang, Lee, Alistarh, Lee 2025: "The Unseen Frontier: Pushing the Limits of LLM
+Sparsity with Surrogate-Free ADMM"): prune by minimising the model's own next-token loss under
+the sparsity constraint, instead of any layer-wise surrogate.
+
+    minimise f(w)  subject to  w in S       f: mean next-token cross-entropy on calibration text
+                                            S: the sparsity set of each prunable matrix
+
+Scaled-dual ADMM with a copy z of the prunable weights and the dual u:
+
+1. Start: u = 0, z = Proj_S(w) (w: the dense weights, or those of ``init``, a layer-wise method).
+2. Every step: the loss gradient of a batch of fresh calibration windows, clipped; then the
+   proximal term lambda (w - z + u) is added to each prunable weight's gradient (after the
+   clipping, so the constraint is never clipped away) and one AdamW step is taken: an inexact
+   w-step of the augmented Lagrangian, as in the paper.
+3. Every ``interval`` steps: lambda moves along its schedule (u is rescaled by old / new lambda,
+   so the unscaled dual lambda u is unchanged), then z = Proj_S(w + u) and u = u + w - z.
+4. End: w = Proj_S(w) with the same score: exactly sparse.
+
+Proj_S keeps the highest-scoring (1 - s) of each matrix (N:M: the M - N highest of every group
+of M consecutive inputs of a row; N pruned of M, this package's convention). Scores: magnitude
+|w + u|, or the paper's Fisher-weighted v (w + u)^2 with v Adam's second-moment estimate (before
+Adam has seen a gradient, at the very first projection, magnitude is used).
+
+Choices made here, and why:
+- Embeddings, norms and lm_head are never pruned and by default frozen
+  (``train_dense_params`` trains them too): the constraint concerns the linears, and the tied
+  embedding of a small model is a fifth of its weights, whose Adam states would cost more
+  memory than the linears'.
+- The model runs in eval mode (no dropout): runs are deterministic, so a resumed run ends with
+  the same weights as an uninterrupted one.
+- Data parallel: each step's windows are split over the processes; each process backpropagates
+  its share of the *global* mean loss and the gradients are summed, so every process holds the
+  gradient of the same global batch and the result does not depend on the process count. The
+  proximal term is added after that reduction, unscaled (the public code divides it by the
+  number of processes while adding it after the averaging, which weakens the constraint as
+  processes are added).
+
+:class:`MaskedAdam` is the fair baseline: the mask of ``init`` kept fixed and the same Adam
+steps on the same data, so a table shows what ADMM adds over fine-tuning after one-shot pruning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed, ops
+from ..driver import LayerRecord, resolve_device
+from ..sparsity import SparsityPattern, zero_fraction
+from .base import PruningMethod
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_STATE = "elsa-state.pt"
+CHECKPOINT_RUN = "elsa-run.json"
+FLOAT8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+# ---- the pieces, each tested against a restatement of its equation ----------------------------
+
+
+def project(values: torch.Tensor, score: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
+    """Proj_S: ``values`` with every entry zeroed except the highest-``score`` (1 - s) of the
+    matrix (N:M: of each group). Ties are broken by the selection's order, deterministically."""
+    if pattern.is_nm:
+        mask = ops.nm_prune_mask(score, pattern.n, pattern.m)
+    else:
+        mask = ops.flat_prune_mask(score, int(score.numel() * pattern.fraction))
+    return values.masked_fill(mask, 0)
+
+
+def importance(values: torch.Tensor, second_moment: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """The projection score of ``values`` (w + u, or w at the end)."""
+    if kind == "fisher" and second_moment is not None:
+        return second_moment * values.square()
+    return values.abs()
+
+
+def lambda_at(settings, step: int) -> float:
+    """lambda after ``step`` of ``settings.steps`` steps: constant, or a linear / cosine ramp
+    from ``admm_lambda_start`` (default lambda / 10) to ``admm_lambda``."""
+    final = settings.admm_lambda
+    if settings.admm_schedule == "constant":
+        return final
+    start = settings.admm_lambda_start if settings.admm_lambda_start is not None else final / 10
+    t = min(max(step / settings.steps, 0.0), 1.0)
+    ramp = t if settings.admm_schedule == "linear" else 0.5 * (1 - math.cos(math.pi * t))
+    return start + (final - start) * ramp
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear or cosine decay to 0
+    at ``steps``, or constant."""
+    if schedule == "constant":
+        return 1.0
+    t = step / steps
+    return 1.0 - t if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+
+
+class StateStore:
+    """How z and u are kept: float32, bfloat16, or float8 (e4m3) with one float32 scale per
+    tensor (the paper's memory-lean Elsa-L). ``encode`` / ``decode`` go to and from float32."""
+
+    BYTES = {"float32": 4, "bfloat16": 2, "float8": 1}
+
+    def __init__(self, dtype: str):
+        if dtype not in self.BYTES:
+            raise ValueError(f"state dtype must be one of {', '.join(self.BYTES)}, got {dtype!r}")
+        if dtype == "float8" and not hasattr(torch, "float8_e4m3fn"):
+            raise ValueError("state dtype float8 needs a torch with float8_e4m3fn")
+        self.dtype = dtype
+
+    def encode(self, t: torch.Tensor) -> dict:
+        if self.dtype == "float32":
+            return {"data": t.float().clone()}
+        if self.dtype == "bfloat16":
+            return {"data": t.to(torch.bfloat16)}
+        amax = float(t.abs().max()) if t.numel() else 0.0
+        scale = amax / FLOAT8_MAX if amax > 0 else 1.0
+        return {"data": (t.float() / scale).to(torch.float8_e4m3fn), "scale": scale}
+
+    def decode(self, stored: dict) -> torch.Tensor:
+        return stored["data"].float() * stored.get("scale", 1.0)
+
+    def bytes_per_element(self) -> int:
+        return self.BYTES[self.dtype]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def run_settings(config) -> dict:
+    """What determines a run's result: a checkpoint resumes only a run with the same values."""
+    settings = asdict(config.elsa)
+    for name in ("checkpoint_dir", "checkpoint_every"):  # where and how often, not what
+        settings.pop(name)
+    settings["betas"] = list(settings["betas"])
+    return {"method": config.method, "model": config.model, "sparsity": str(config.sparsity),
+            "layers": list(config.layers) if config.layers else None, "calib": config.calib,
+            "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed, "dtype": config.dtype,
+            "percdamp": config.percdamp, "blocksize": config.blocksize, "elsa": settings}
+
+
+def _run_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_checkpoint_dir(config) -> None:
+    """Refuse, before anything loads, a checkpoint folder that holds another run's checkpoint
+    (one message naming the settings that differ); nothing there is touched."""
+    folder = config.elsa.checkpoint_dir
+    if folder is None:
+        return
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"checkpoint dir {folder} is a file")
+    record = path / CHECKPOINT_RUN
+    if not record.exists():
+        return
+    try:
+        saved = json.loads(record.read_text())["settings"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"checkpoint dir {folder}: unreadable {CHECKPOINT_RUN} ({exc})") from None
+    current = run_settings(config)
+    if _run_key(saved) != _run_key(current):
+        flat_saved, flat_now = _flatten(saved), _flatten(current)
+        changed = [f"{k}: {flat_saved.get(k)!r} there, {flat_now.get(k)!r} now"
+                   for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
+        raise ValueError(f"checkpoint dir {folder} holds a different run ({'; '.join(changed)}); "
+                         "use another folder, or the same settings to resume")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---- the training loop shared by Elsa and its baseline ----------------------------------------
+
+
+class _Target:
+    """One prunable matrix: its module, its pattern and its place in the report."""
+
+    def __init__(self, layer: int, name: str, linear: nn.Linear, pattern: SparsityPattern):
+        self.layer, self.name, self.linear, self.pattern = layer, name, linear, pattern
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.weight
+
+
+class SparseTraining(PruningMethod):
+    """Whole-model pruning by training on the calibration text (see the module docs). Subclasses
+    set the constraint: :meth:`_start`, :meth:`_before_step`, :meth:`_after_step`,
+    :meth:`_finish`, and their checkpointed state."""
+
+    @classmethod
+    def check_config(cls, config):
+        if config.sparsity.fraction == 0:
+            raise ValueError(f"{cls.name} needs a sparsity above 0")
+
+    @classmethod
+    def preflight(cls, config):
+        check_checkpoint_dir(config)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.settings = config.elsa
+        self.history: list[dict] = []
+        self.admm_history: list[dict] = []
+        self._details: dict = {}
+
+    def details(self) -> dict:
+        return self._details
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _start(self, targets: list[_Target]) -> None:
+        raise NotImplementedError
+
+    def _before_step(self, targets, optimizer) -> None:
+        """Change the gradients after clipping (before the optimiser step)."""
+
+    def _after_step(self, step: int, targets, optimizer) -> None:
+        """After the optimiser step ``step`` (0-based)."""
+
+    def _finish(self, targets, optimizer) -> None:
+        raise NotImplementedError
+
+    def _state(self) -> dict:
+        return {}
+
+    def _load_state(self, state: dict) -> None:
+        pass
+
+    def _state_bytes_per_param(self) -> float:
+        return 0.0
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _targets(self, adapter, model) -> list[_Target]:
+        layers = adapter.layers(model)
+        start, stop = self.config.layers or (0, len(layers))
+        stop = len(layers) if stop is None else stop
+        targets = []
+        for index in range(start, stop):
+            for part in ("attention", "ffn"):
+                for group in adapter.groups(layers[index], part):
+                    for name, linear in group.items():
+                        self.config.sparsity.check_shape(linear.in_features)
+                        targets.append(_Target(index, name, linear, self.config.sparsity))
+        return targets
+
+    def _initialise(self, model, adapter, calibration) -> None:
+        from . import get_method  # the registry imports this module
+
+        init_config = replace(self.config, method=self.settings.init)
+        log.info("%s: starting from %s", self.name, self.settings.init)
+        get_method(init_config).prune_model(model, adapter, calibration)
+
+    def prune_model(self, model, adapter, calibration):
+        s = self.settings
+        rank, world = distributed.world()
+        device = resolve_device(self.config.device)
+        per_step = s.batch_size * s.grad_accum * world
+        folder = Path(s.checkpoint_dir) if s.checkpoint_dir else None
+        saved = None
+        if folder is not None and (folder / CHECKPOINT_STATE).exists():
+            check_checkpoint_dir(self.config)  # the same run, or one clear error
+            saved = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+            log.info("%s: resuming from step %d of %s", self.name, saved["step"], folder)
+        elif s.init is not None:
+            self._initialise(model, adapter, calibration)
+
+        targets = self._targets(adapter, model)
+        prunable = {id(t.weight) for t in targets}
+        trained = [p for p in model.parameters() if id(p) in prunable or
+                   (s.train_dense_params and p.dtype.is_floating_point)]
+        trained_ids = {id(p) for p in trained}
+        requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained_ids)
+        if world > 1:  # every process starts from the same weights
+            for p in trained:
+                dist.broadcast(p.data, src=0)
+        # The fused AdamW (CPU and CUDA) is several times faster than the per-tensor loop on CPU.
+        optimizer = torch.optim.AdamW(trained, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
+                                      fused=all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and
+                                                p.device.type in ("cpu", "cuda") for p in trained))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(s.lr_schedule, step, s.steps))
+        start_step = 0
+        if saved is not None:
+            with torch.no_grad():
+                for p, value in zip(trained, saved["trained"]):
+                    p.copy_(value.to(p.device))
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            self.history, self.admm_history = saved["history"], saved["admm_history"]
+            self._load_state(saved["method"])
+            torch.set_rng_state(saved["rng"])
+            start_step = saved["step"]
+        else:
+            self._start(targets)
+
+        was_training = model.training
+        model.eval()  # no dropout: deterministic, resumable (see the module docs)
+        bar = tqdm(total=s.steps, initial=start_step, desc=f"{self.name} {self.config.sparsity}", unit="step",
+                   disable=self.config.quiet or rank != 0)
+        started = time.perf_counter()
+        try:
+            for step in range(start_step, s.steps):
+                tick = time.perf_counter()
+                windows = calibration.draw(per_step, step)
+                loss = self._backward(model, windows[rank::world], per_step, device)
+                if world > 1:
+                    for p in trained:
+                        dist.all_reduce(p.grad)
+                    loss_t = torch.tensor([loss], dtype=torch.float64)
+                    dist.all_reduce(loss_t)
+                    loss = float(loss_t)
+                self._before_clip(targets)
+                torch.nn.utils.clip_grad_norm_(trained, s.max_grad_norm)
+                self._before_step(targets, optimizer)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                self._after_step(step, targets, optimizer)
+                seconds = time.perf_counter() - tick
+                entry = {"step": step + 1, "loss": loss, "lr": lr, "seconds": seconds,
+                         "tokens_per_s": per_step * windows.shape[1] / seconds}
+                entry.update(self._step_info())
+                self.history.append(entry)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(), tok_s=f"{entry['tokens_per_s']:.0f}")
+                if folder is not None and rank == 0 and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
+                    self._save_checkpoint(folder, step + 1, trained, optimizer, scheduler)
+        finally:
+            bar.close()
+            model.train(was_training)
+            for p in model.parameters():
+                p.requires_grad_(requires_grad[id(p)])
+        self._finish(targets, optimizer)
+        train_seconds = time.perf_counter() - started
+        n_prunable = sum(t.weight.numel() for t in targets)
+        self._details = {
+            "steps": s.steps, "resumed_from_step": start_step, "processes": world,
+            "windows_per_step": per_step, "tokens_per_step": per_step * calibration.seqlen,
+            "train_seconds": train_seconds, "init": s.init, "trained_parameters": sum(p.numel() for p in trained),
+            "prunable_parameters": n_prunable,
+            # bytes per prunable weight: the weight, its gradient and AdamW's two moments (fp32), + ADMM state
+            "state_bytes_per_param": 16 + self._state_bytes_per_param(),
+            "loss_curve": [{k: e[k] for k in ("step", "loss", "seconds", *self._step_info()) if k in e}
+                           for e in self.history],
+            "admm": self.admm_history,
+        }
+        return self._records(targets)
+
+    def _backward(self, model, windows: torch.Tensor, global_count: int, device) -> float:
+        """Backpropagate this process's share of the global mean loss (each window's mean
+        next-token NLL, averaged over the step's windows); returns that share's sum."""
+        total = 0.0
+        for micro in windows.split(self.settings.batch_size):
+            ids = micro.to(device)
+            logits = model(ids, use_cache=False).logits
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                  reduction="none").view(ids.shape[0], -1).mean(1)
+            (nll.sum() / global_count).backward()
+            total += float(nll.detach().sum())
+        return total / global_count
+
+    def _before_clip(self, targets) -> None:
+        """Change the loss gradient before clipping (the masked baseline zeroes pruned entries)."""
+
+    def _step_info(self) -> dict:
+        return {}
+
+    def _postfix(self) -> dict:
+        return {}
+
+    def _save_checkpoint(self, folder: Path, step: int, trained, optimizer, scheduler) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"step": step, "trained": [p.detach().cpu().clone() for p in trained],
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "history": self.history, "admm_history": self.admm_history, "method": self._state(),
+                 "rng": torch.get_rng_state()}
+        _atomic_write(folder / CHECKPOINT_STATE, lambda tmp: torch.save(state, tmp))
+        settings = run_settings(self.config)
+        _atomic_write(folder / CHECKPOINT_RUN, lambda tmp: tmp.write_text(json.dumps(
+            {"settings": settings, "key": _run_key(settings), "step": step}, indent=2)))
+
+    def _records(self, targets) -> list[LayerRecord]:
+        records: dict[int, LayerRecord] = {}
+        for t in targets:
+            record = records.setdefault(t.layer, LayerRecord(index=t.layer))
+            # no layer-wise reconstruction objective here: errors are not measured (null in the report)
+            record.matrices[t.name] = {"sparsity": zero_fraction(t.weight), "rel_error": float("nan"),
+                                       "numel": t.weight.numel()}
+        return [records[i] for i in sorted(records)]
+
+
+class Elsa(SparseTraining):
+    name = "elsa"
+
+    def _start(self, targets):
+        self.store = StateStore(self.settings.state_dtype)
+        self.lam = lambda_at(self.settings, 0)
+        self.admm: dict[int, dict] = {}
+        for i, t in enumerate(targets):
+            w = t.weight.detach().float()
+            self.admm[i] = {"z": self.store.encode(project(w, w.abs(), t.pattern)),
+                            "u": self.store.encode(torch.zeros_like(w))}
+
+    def _state(self):
+        return {"lambda": self.lam, "admm": self.admm, "state_dtype": self.store.dtype}
+
+    def _load_state(self, state):
+        self.store = StateStore(state["state_dtype"])
+        self.lam, self.admm = state["lambda"], state["admm"]
+
+    def _state_bytes_per_param(self):
+        return 2 * self.store.bytes_per_element()
+
+    def _before_step(self, targets, optimizer):
+        with torch.no_grad():
+            for i, t in enumerate(targets):
+                z, u = (self.store.decode(self.admm[i][k]).to(t.weight.device) for k in ("z", "u"))
+                t.weight.grad.add_((t.weight.detach().float() - z + u).to(t.weight.grad.dtype), alpha=self.lam)
+
+    def _after_step(self, step, targets, optimizer):
+        if (step + 1) % self.settings.admm_interval or step + 1 >= self.settings.steps:
+            return
+        new_lam = lambda_at(self.settings, step + 1)
+        residual = weight = flipped = 0.0
+        count = 0
+        with torch.no_grad():
+            for i, t in enumerate(targets):
+                w = t.weight.detach().float()
+                u = self.store.decode(self.admm[i]["u"]).to(w.device) * (self.lam / new_lam)
+                old_z = self.store.decode(self.admm[i]["z"]).to(w.device)
+                v = optimizer.state.get(t.weight, {}).get("exp_avg_sq")
+                z = project(w + u, importance(w + u, v, self.settings.score), t.pattern)
+                u = u + w - z
+                residual += float((w - z).square().sum())
+                weight += float(w.square().sum())
+                flipped += float(((old_z == 0) != (z == 0)).sum())
+                count += w.numel()
+                self.admm[i] = {"z": self.store.encode(z), "u": self.store.encode(u)}
+        entry = {"step": step + 1, "lambda": new_lam, "residual": math.sqrt(residual / max(weight, 1e-30)),
+                 "mask_change": flipped / max(count, 1)}
+        self.admm_history.append(entry)
+        self.lam = new_lam
+        log.info("elsa step %d: lambda %.4g, ||w - z|| / ||w|| %.4g, mask change %.4g", step + 1, new_lam,
+                 entry["residual"], entry["mask_change"])
+
+    def _step_info(self):
+        return {"lambda": self.lam}
+
+    def _postfix(self):
+        return {"lam": f"{self.lam:.3g}"}
+
+    def _finish(self, targets, optimizer):
+        with torch.no_grad():
+            for t in targets:
+                w = t.weight.detach().float()
+                v = optimizer.state.get(t.weight, {}).get("exp_avg_sq")
+                t.weight.copy_(project(w, importance(w, v, self.settings.score), t.pattern).to(t.weight.dtype))
+
+
+class MaskedAdam(SparseTraining):
+    """The fair baseline of Elsa: the mask of ``init`` (or of the model as given, when it was
+    pruned before) kept fixed, the same Adam steps on the same data (pruned entries get no
+    gradient and stay zero)."""
+
+    name = "masked-adam"
+
+    def _start(self, targets):
+        # The mask is the model's zeros: those of --init, or of a model pruned before (a saved one).
+        self.masks = {i: (t.weight.detach() == 0).cpu() for i, t in enumerate(targets)}
+        for i, t in enumerate(targets):
+            share = float(self.masks[i].float().mean())
+            if share < t.pattern.fraction - 0.01:
+                raise ValueError(f"masked-adam keeps the model's mask, but layer {t.layer} {t.name} is only "
+                                 f"{share:.1%} zeros for a target of {t.pattern}: set --init (e.g. sparsegpt) "
+                                 "or pass a pruned model")
+
+    def _state(self):
+        return {"masks": self.masks}
+
+    def _load_state(self, state):
+        self.masks = state["masks"]
+
+    def _before_clip(self, targets):
+        for i, t in enumerate(targets):
+            t.weight.grad.masked_fill_(self.masks[i].to(t.weight.device), 0)
+
+    def _after_step(self, step, targets, optimizer):
+        with torch.no_grad():  # AdamW's weight decay would move pruned entries: zero them again
+            for i, t in enumerate(targets):
+                t.weight.masked_fill_(self.masks[i].to(t.weight.device), 0)
+
+    def _state_bytes_per_param(self):
+        return 1  # the boolean mask
+
+    def _finish(self, targets, optimizer):
+        self._after_step(-1, targets, optimizer)

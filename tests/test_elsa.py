@@ -1,0 +1,304 @@
+"""Elsa (ADMM on the model's own loss) and its masked-Adam baseline, on tiny models."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsellm.config import ElsaSettings, PruneConfig
+from sparsellm.methods import get_method
+from sparsellm.methods.elsa import (CHECKPOINT_RUN, CHECKPOINT_STATE, Elsa, StateStore, _Target, check_checkpoint_dir,
+                                    importance, lambda_at, project)
+from sparsellm.models import get_adapter
+from sparsellm.sparsity import SparsityPattern, satisfies_nm, zero_fraction
+
+from helpers import VOCAB, tiny_llama
+
+SEQLEN = 16
+
+
+class PatternCalibration:
+    """Windows of a learnable sequence (each token is the previous one + 3, mod VOCAB) from a
+    random start; draw ``index`` is seeded by the index, as the real sampler is."""
+
+    seqlen = SEQLEN
+
+    def __init__(self):
+        self.windows = self.draw(4, -1)
+
+    def draw(self, count, index):
+        start = torch.randint(0, VOCAB, (count, 1), generator=torch.Generator().manual_seed(1000 + index))
+        return (start + 3 * torch.arange(self.seqlen)) % VOCAB
+
+
+def config(method="elsa", sparsity="0.7", **elsa):
+    settings = dict(steps=8, batch_size=2, lr=3e-3, admm_lambda=0.05, admm_interval=2)
+    settings.update(elsa)
+    return PruneConfig(method=method, sparsity=sparsity, nsamples=4, seqlen=SEQLEN, quiet=True, device="cpu",
+                       elsa=ElsaSettings(**settings))
+
+
+def prune(cfg, model=None):
+    model = model or tiny_llama()
+    method = get_method(cfg)
+    records = method.prune_model(model, get_adapter(model), PatternCalibration())
+    return model, method, records
+
+
+def linears(model):
+    adapter = get_adapter(model)
+    return [lin for layer in adapter.layers(model) for part in ("attention", "ffn")
+            for group in adapter.groups(layer, part) for lin in group.values()]
+
+
+def held_out_loss(model):
+    ids = PatternCalibration().draw(8, 10_000)
+    with torch.no_grad():
+        logits = model(ids).logits
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)))
+
+
+# ---- the pieces ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["0.7", "0.9", "2:4", "3:4"])
+def test_projection_is_exact_and_keeps_the_best_scores(spec):
+    pattern = SparsityPattern.parse(spec)
+    g = torch.Generator().manual_seed(0)
+    values, score = torch.randn(24, 32, generator=g), torch.rand(24, 32, generator=g)
+    out = project(values, score, pattern)
+    kept = out != 0
+    assert torch.equal(out[kept], values[kept])  # kept entries untouched
+    if pattern.is_nm:
+        assert satisfies_nm(out, pattern.n, pattern.m) and zero_fraction(out) == pattern.fraction
+        groups, kept_groups = score.view(24, 8, 4), kept.view(24, 8, 4)
+        lowest_kept = groups.masked_fill(~kept_groups, float("inf")).amin(-1)
+        highest_pruned = groups.masked_fill(kept_groups, -float("inf")).amax(-1)
+        assert (lowest_kept > highest_pruned).all()
+    else:
+        assert int((~kept).sum()) == int(values.numel() * pattern.fraction)
+        assert score[kept].min() > score[~kept].max()
+
+
+def test_importance_scores():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(5, 6, generator=g), torch.rand(5, 6, generator=g)
+    torch.testing.assert_close(importance(x, v, "fisher"), v * x * x)
+    torch.testing.assert_close(importance(x, v, "magnitude"), x.abs())
+    torch.testing.assert_close(importance(x, None, "fisher"), x.abs())  # before Adam has a second moment
+
+
+def test_lambda_schedules():
+    base = dict(steps=100, admm_lambda=1.0)
+    assert lambda_at(ElsaSettings(**base), 37) == 1.0
+    linear = ElsaSettings(**base, admm_schedule="linear", admm_lambda_start=0.2)
+    assert lambda_at(linear, 0) == pytest.approx(0.2) and lambda_at(linear, 100) == pytest.approx(1.0)
+    assert lambda_at(linear, 25) == pytest.approx(0.4)
+    cosine = ElsaSettings(**base, admm_schedule="cosine")  # starts at lambda / 10
+    assert lambda_at(cosine, 0) == pytest.approx(0.1) and lambda_at(cosine, 50) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 0), ("bfloat16", 2 ** -8), ("float8", 2 ** -3)])
+def test_state_store_round_trip(dtype, tol):
+    store = StateStore(dtype)
+    x = torch.randn(64, 64) * 0.05
+    x[x.abs() < 0.02] = 0  # sparse, as z is
+    back = store.decode(store.encode(x))
+    assert torch.equal(back == 0, x == 0)  # zeros stay exactly zero
+    assert float(((back - x).abs() / x.abs().clamp_min(1e-12))[x != 0].max()) <= tol
+
+
+def _targets(seed=0, pattern="0.5"):
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for i in range(2):
+        linear = torch.nn.Linear(16, 8, bias=False)
+        linear.weight.data = torch.randn(8, 16, generator=g)
+        targets.append(_Target(0, f"m{i}", linear, SparsityPattern.parse(pattern)))
+    return targets
+
+
+def test_proximal_gradient_and_admm_updates_match_the_equations():
+    """grad += lambda (w - z + u); every interval lambda moves (u rescaled by old / new), then
+    z = Proj(w + u) by the Fisher score and u = u + w - z: checked in float64."""
+    cfg = config(steps=10, admm_interval=2, admm_schedule="linear", admm_lambda=0.5, admm_lambda_start=0.1)
+    method = Elsa(cfg)
+    targets = _targets()
+    method._start(targets)
+    g = torch.Generator().manual_seed(5)
+    for t in targets:  # move w away from z and give u some value
+        t.weight.data += 0.1 * torch.randn(t.weight.shape, generator=g)
+    for i in range(2):
+        method.admm[i]["u"] = method.store.encode(0.05 * torch.randn(8, 16, generator=g))
+    optimizer = torch.optim.AdamW([t.weight for t in targets])
+    for t in targets:
+        optimizer.state[t.weight]["exp_avg_sq"] = torch.rand(8, 16, generator=g)
+
+    loss_grads = [torch.randn(8, 16, generator=g) for _ in targets]
+    for t, grad in zip(targets, loss_grads):
+        t.weight.grad = grad.clone()
+    method._before_step(targets, optimizer)
+    for i, (t, grad) in enumerate(zip(targets, loss_grads)):
+        z, u = (method.admm[i][k]["data"].double() for k in ("z", "u"))
+        expected = grad.double() + method.lam * (t.weight.double() - z + u)
+        torch.testing.assert_close(t.weight.grad.double(), expected, rtol=1e-6, atol=1e-7)
+
+    old_lam = method.lam
+    before = [{k: method.admm[i][k]["data"].double() for k in ("z", "u")} for i in range(2)]
+    method._after_step(1, targets, optimizer)  # step 2 of 10: an interval
+    new_lam = lambda_at(cfg.elsa, 2)
+    assert method.lam == pytest.approx(new_lam) and new_lam != old_lam
+    for i, t in enumerate(targets):
+        w = t.weight.detach().double()
+        u = before[i]["u"] * (old_lam / new_lam)
+        score = optimizer.state[t.weight]["exp_avg_sq"].double() * (w + u) ** 2
+        k = int(w.numel() * 0.5)
+        z = (w + u).flatten().clone()
+        z[score.flatten().argsort()[:k]] = 0
+        z = z.view_as(w)
+        torch.testing.assert_close(method.admm[i]["z"]["data"].double(), z, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(method.admm[i]["u"]["data"].double(), u + w - z, rtol=1e-6, atol=1e-7)
+    assert method.admm_history[-1]["step"] == 2 and method.admm_history[-1]["residual"] > 0
+
+
+# ---- end to end on a tiny model -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["0.7", "2:4", "3:4"])
+def test_exact_sparsity_at_the_end(spec):
+    model, method, records = prune(config(sparsity=spec))
+    pattern = SparsityPattern.parse(spec)
+    for linear in linears(model):
+        if pattern.is_nm:
+            assert satisfies_nm(linear.weight, pattern.n, pattern.m)
+        expected = int(linear.weight.numel() * pattern.fraction) / linear.weight.numel()  # k = floor(n s)
+        assert zero_fraction(linear.weight) == expected
+    assert sum(len(r.matrices) for r in records) == 14
+    details = method.details()
+    assert len(details["loss_curve"]) == 8 and all(math.isfinite(e["loss"]) for e in details["loss_curve"])
+    assert [e["step"] for e in details["admm"]] == [2, 4, 6]
+
+
+def test_elsa_beats_one_shot_pruning_on_the_loss_it_optimises():
+    """70% sparse: after 200 small steps Elsa's held-out loss on the learnable sequence is well
+    below one-shot magnitude pruning's (whose loss is the random model's, ln 128 = 4.85) and below
+    the loss it started from."""
+    elsa_model, method, _ = prune(config(steps=200, lr=3e-3, admm_lambda=0.01, admm_interval=4))
+    magnitude_model, _, _ = prune(PruneConfig(method="magnitude", sparsity="0.7", nsamples=4, seqlen=SEQLEN,
+                                              quiet=True, device="cpu"))
+    curve = [e["loss"] for e in method.details()["loss_curve"]]
+    assert held_out_loss(elsa_model) < 0.85 * held_out_loss(magnitude_model)
+    assert sum(curve[-5:]) < sum(curve[:5])
+
+
+def test_init_starts_from_the_layerwise_result_and_masked_adam_keeps_its_mask():
+    cfg = config(method="masked-adam", init="sparsegpt", steps=4)
+    start, _, _ = prune(PruneConfig(method="sparsegpt", sparsity="0.7", nsamples=4, seqlen=SEQLEN, quiet=True,
+                                    device="cpu"))
+    tuned, _, _ = prune(cfg)
+    for a, b in zip(linears(start), linears(tuned)):
+        assert torch.equal(a.weight == 0, b.weight == 0)  # the same mask...
+        assert not torch.equal(a.weight, b.weight)  # ...with retrained kept weights
+
+
+def test_masked_adam_needs_a_pruned_model_or_init():
+    with pytest.raises(ValueError, match="--init"):
+        prune(config(method="masked-adam"))
+    pruned, _, _ = prune(PruneConfig(method="magnitude", sparsity="0.7", nsamples=4, seqlen=SEQLEN, quiet=True,
+                                     device="cpu"))
+    masks = [lin.weight == 0 for lin in linears(pruned)]
+    tuned, _, _ = prune(config(method="masked-adam", steps=3), model=pruned)
+    assert all(torch.equal(m, lin.weight == 0) for m, lin in zip(masks, linears(tuned)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"admm_lambda": -1.0}, "admm_lambda must be a positive number"),
+    ({"admm_interval": 0}, "admm_interval must be a positive integer"),
+    ({"lr": 0.0}, "lr must be a positive number"),
+    ({"betas": (0.9, 1.5)}, "betas"),
+    ({"score": "taylor"}, "score must be one of"),
+    ({"init": "elsa"}, "layer-wise method"),
+])
+def test_bad_settings(bad, message):
+    with pytest.raises(ValueError, match=message):
+        config(**bad)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """A run killed after step 5 resumes from its step-4 checkpoint and ends with exactly the
+    weights of an uninterrupted run."""
+    settings = dict(steps=8, checkpoint_every=2, admm_interval=3, admm_schedule="cosine")
+    whole, whole_method, _ = prune(config(**settings))
+
+    class Killed(Exception):
+        pass
+
+    class Dying(PatternCalibration):
+        def draw(self, count, index):
+            if index == 5:
+                raise Killed
+            return super().draw(count, index)
+
+    cfg = config(**settings, checkpoint_dir=str(tmp_path))
+    method = get_method(cfg)
+    with pytest.raises(Killed):
+        model = tiny_llama()
+        method.prune_model(model, get_adapter(model), Dying())
+    assert json.loads((tmp_path / CHECKPOINT_RUN).read_text())["step"] == 4
+    resumed, resumed_method, _ = prune(config(**settings, checkpoint_dir=str(tmp_path)))
+    assert resumed_method.details()["resumed_from_step"] == 4
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert [e["loss"] for e in resumed_method.details()["loss_curve"]] == \
+        [e["loss"] for e in whole_method.details()["loss_curve"]]
+
+
+def test_checkpoint_of_another_run_is_refused_untouched(tmp_path):
+    prune(config(steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path)))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = config(steps=2, lr=1e-3, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"different run \(elsa\.lr: 0\.003 there, 0\.001 now\)"):
+        check_checkpoint_dir(other)
+    with pytest.raises(ValueError, match="different run"):
+        prune(other)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {CHECKPOINT_RUN, CHECKPOINT_STATE} <= set(before)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_memory_lean_states_still_prune_exactly(dtype):
+    model, method, _ = prune(config(state_dtype=dtype))
+    assert all(zero_fraction(lin.weight) == int(lin.weight.numel() * 0.7) / lin.weight.numel()
+               for lin in linears(model))
+    assert method.details()["state_bytes_per_param"] == 16 + 2 * StateStore.BYTES[dtype]
+
+
+def _distributed_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, _, _ = prune(config(batch_size=4 // world, steps=6, admm_interval=2))
+        if rank == 0:
+            torch.save([p.detach() for p in model.parameters()], out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path):
+    """gloo, 2 processes with 2 windows each = 1 process with 4: the same global batch, so the
+    same weights up to float summation order, and the same masks."""
+    import torch.multiprocessing as mp
+
+    single, _, _ = prune(config(batch_size=4, steps=6, admm_interval=2))
+    out = tmp_path / "two.pt"
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    two = torch.load(out)
+    for a, b in zip(single.parameters(), two):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-4, atol=1e-5)
+    masks_a = torch.cat([(p.detach() == 0).flatten() for p in single.parameters()])
+    masks_b = torch.cat([(p == 0).flatten() for p in two])
+    assert (masks_a == masks_b).float().mean() > 0.999
