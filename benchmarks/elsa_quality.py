@@ -42,7 +42,9 @@ def commit() -> str:
     return head.strip() + ("+dirty" if dirty else "")
 
 
-def measure(setting: str, args) -> dict:
+def measure(setting: str, args, results: dict) -> None:
+    """Fill ``results["runs"][setting]``, saving after each row; the SparseGPT model is cached
+    on disk (per setting and commit), so an interrupted benchmark resumes without redoing it."""
     import torch
 
     from sparsellm import api
@@ -52,16 +54,36 @@ def measure(setting: str, args) -> dict:
                   eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None)
     elsa = ElsaSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         admm_lambda=args.admm_lambda, admm_interval=args.admm_interval, score=args.score)
+    entry = {"setting": setting, "rows": {}, "commit": commit(), "init": "sparsegpt",
+             "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                          "seqlen": args.seqlen, "lr": args.lr, "admm_lambda": args.admm_lambda,
+                          "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
+                          "eval_windows": args.eval_windows},
+             "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                        f"{torch.get_num_threads()} threads"}
+    previous = results["runs"].get(setting)
+    if previous and previous["commit"] == entry["commit"] and previous["settings"] == entry["settings"]:
+        entry["rows"] = previous["rows"]  # the same code and settings: keep the rows already measured
+    rows = entry["rows"]
     model, tokenizer = api.load_model("smollm2")
-    rows = {}
-    start = time.perf_counter()
-    api.prune(model, tokenizer, PruneConfig(method="sparsegpt", **common))
-    one_shot_seconds = time.perf_counter() - start
-    rows["sparsegpt"] = {"ppl": api.evaluate(model, tokenizer, PruneConfig(**common))["wiki"],
-                         "seconds": one_shot_seconds}
-    print(f"{setting} sparsegpt: ppl {fmt_ppl(rows['sparsegpt']['ppl'])} ({one_shot_seconds:.0f} s)", flush=True)
+    cache = os.path.join(args.cache, f"sparsegpt-{setting.replace(':', 'of')}-{entry['commit']}.pt")
+    if "sparsegpt" in rows and os.path.exists(cache):
+        model.load_state_dict(torch.load(cache))
+    else:
+        start = time.perf_counter()
+        api.prune(model, tokenizer, PruneConfig(method="sparsegpt", **common))
+        seconds = time.perf_counter() - start
+        rows["sparsegpt"] = {"ppl": api.evaluate(model, tokenizer, PruneConfig(**common))["wiki"], "seconds": seconds}
+        os.makedirs(args.cache, exist_ok=True)
+        torch.save(model.state_dict(), cache)
+        results["runs"][setting] = entry
+        save(results, args.json)
+    print(f"{setting} sparsegpt: ppl {fmt_ppl(rows['sparsegpt']['ppl'])} ({rows['sparsegpt']['seconds']:.0f} s)",
+          flush=True)
     pruned = copy.deepcopy(model.state_dict())
-    for method in ("elsa", "masked-adam"):
+    for method in args.methods.split(","):
+        if method in rows:
+            continue
         model.load_state_dict(pruned)
         config = PruneConfig(method=method, elsa=elsa, **common)
         start = time.perf_counter()
@@ -70,19 +92,14 @@ def measure(setting: str, args) -> dict:
         ppl = api.evaluate(model, tokenizer, config)["wiki"]
         zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
         total = sum(m["numel"] for r in records for m in r.matrices.values())
-        rows[method] = {"ppl": ppl, "seconds": one_shot_seconds + seconds, "train_seconds": seconds,
+        rows[method] = {"ppl": ppl, "seconds": rows["sparsegpt"]["seconds"] + seconds, "train_seconds": seconds,
                         "achieved_sparsity": zeros / total, "final_loss": details["loss_curve"][-1]["loss"],
                         "first_loss": details["loss_curve"][0]["loss"], "admm": details["admm"],
                         "tokens": details["tokens_per_step"] * details["steps"]}
+        results["runs"][setting] = entry
+        save(results, args.json)
         print(f"{setting} {method}: ppl {fmt_ppl(ppl)} ({seconds:.0f} s training, sparsity {zeros / total:.4f})",
               flush=True)
-    return {"setting": setting, "rows": rows, "commit": commit(), "init": "sparsegpt",
-            "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-                         "seqlen": args.seqlen, "lr": args.lr, "admm_lambda": args.admm_lambda,
-                         "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
-                         "eval_windows": args.eval_windows},
-            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                       f"{torch.get_num_threads()} threads"}
 
 
 def render(results: dict) -> str:
@@ -96,6 +113,8 @@ def render(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         r = e["rows"]
+        if not {"sparsegpt", "elsa", "masked-adam"} <= set(r):
+            continue  # a benchmark still running
         tokens = e["settings"]["steps"] * e["settings"]["batch_size"] * e["settings"]["grad_accum"] * e["settings"]["seqlen"]
         lines.append(f"| {e['setting']} | {fmt_ppl(r['sparsegpt']['ppl'])} | {fmt_ppl(r['masked-adam']['ppl'])} | "
                      f"{fmt_ppl(r['elsa']['ppl'])} | {e['settings']['steps']} x "
@@ -112,6 +131,9 @@ def render(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", default="0.9")
+    p.add_argument("--methods", default="elsa,masked-adam", help="trained rows, after the SparseGPT row")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "sparsellm", "elsa-bench"),
+                   help="where the SparseGPT-pruned model of each setting is kept between runs")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -131,8 +153,7 @@ def main(argv=None) -> int:
     results = load(args.json)
     if not args.render:
         for setting in args.settings.split(","):
-            results["runs"][setting] = measure(setting, args)
-            save(results, args.json)
+            measure(setting, args, results)
     text = render(results)
     if args.readme:
         write_into(args.readme, text, *MARKERS)

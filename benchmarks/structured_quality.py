@@ -9,8 +9,11 @@ uncommitted changes), the settings, the parameters and FLOPs per token, and when
     python benchmarks/structured_quality.py --methods structprune,sparsegpt,wanda,magnitude --channels 0.2,0.5
     python benchmarks/structured_quality.py --methods structprune --channels 0.5 --allocation energy
     python benchmarks/structured_quality.py --methods structprune,sparsegpt --channels 0.5 --heads 0.25
-    python benchmarks/structured_quality.py --speed structprune,0.5   # saved model vs dense, CPU tokens/s
-    python benchmarks/structured_quality.py --render --readme README.md
+    python benchmarks/structured_quality.py --speed structprune,0.5   # needs the run made with --save-models
+    python benchmarks/structured_quality.py --merge benchmarks/results/structured_speed.json --readme README.md
+
+A job running beside another one writes its own file (--json X for runs, --speed-json X for a
+speed entry), merged afterwards with --merge: each job rewrites its whole --json when it saves.
 
 `sparsegpt`, `wanda`, `magnitude` here are their structured versions (structured OBS with the
 consumer refit, Wanda-style unit scores, unit norms). Existing entries are skipped unless --rerun.
@@ -34,6 +37,7 @@ DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
 MODELS_DIR = os.path.join("/tmp", "sparsellm_structured_models")
 README_START, README_END = "<!-- structured:start -->", "<!-- structured:end -->"
+DENSE_HEADS = 9  # query heads per layer of the default model (SmolLM2-135M: 9 heads, 3 key/value heads)
 
 
 def git_state() -> dict:
@@ -68,24 +72,29 @@ def run_one(method, channels, heads, allocation, args) -> dict:
             "settings": report["settings"], "git": git_state(), "started": started, "saved_to": save_dir}
 
 
-def prefill_and_decode(model, vocab: int, prompt: int = 512, new_tokens: int = 32, repeats: int = 5) -> dict:
+def prefill_and_decode(model, vocab: int, prompt: int = 512, new_tokens: int = 16, repeats: int = 3) -> dict:
     """CPU tokens/s: prefill of one ``prompt``-token window (median of ``repeats`` after a
-    warm-up), and greedy decode of ``new_tokens`` with the KV cache after a 64-token prompt."""
+    warm-up), and greedy decode of ``new_tokens`` with the KV cache after a 64-token prompt.
+    Both by wall clock and by this process's CPU time (time.process_time): on a machine whose
+    cores other jobs share, the CPU time is the steadier measure of the work each model does."""
     import torch
 
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
-    times = []
+    wall, cpu = [], []
     with torch.no_grad():
         model(ids, use_cache=False)
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model(ids, use_cache=False)
-            times.append(time.perf_counter() - start)
-        start = time.perf_counter()
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        start, start_cpu = time.perf_counter(), time.process_time()
         model.generate(ids[:, :64], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        decode = time.perf_counter() - start
-    return {"prefill_tokens_per_s": prompt / statistics.median(times), "prefill_seconds": times,
-            "decode_tokens_per_s": new_tokens / decode, "prompt": prompt, "new_tokens": new_tokens}
+        decode, decode_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"prefill_tokens_per_s": prompt / statistics.median(wall), "prefill_seconds": wall,
+            "prefill_tokens_per_cpu_s": prompt / statistics.median(cpu), "prefill_cpu_seconds": cpu,
+            "decode_tokens_per_s": new_tokens / decode, "decode_tokens_per_cpu_s": new_tokens / decode_cpu,
+            "prompt": prompt, "new_tokens": new_tokens}
 
 
 def speed(entry: dict, args) -> dict:
@@ -94,6 +103,7 @@ def speed(entry: dict, args) -> dict:
 
     from sparsellm import load_model, load_pruned
 
+    torch.set_num_threads(args.speed_threads)
     dense, tokenizer = load_model("smollm2")
     pruned, _ = load_pruned(entry["saved_to"])
     vocab = dense.config.vocab_size
@@ -102,11 +112,11 @@ def speed(entry: dict, args) -> dict:
     for round_ in range(args.speed_rounds):  # alternate, so load from other jobs hits both alike
         for name, model in (("dense", dense), ("pruned", pruned)):
             out.setdefault(name, []).append(prefill_and_decode(model.eval(), vocab))
-    for name in ("dense", "pruned"):
-        out[f"{name}_prefill_tokens_per_s"] = statistics.median(r["prefill_tokens_per_s"] for r in out[name])
-        out[f"{name}_decode_tokens_per_s"] = statistics.median(r["decode_tokens_per_s"] for r in out[name])
-    out["prefill_speedup"] = out["pruned_prefill_tokens_per_s"] / out["dense_prefill_tokens_per_s"]
-    out["decode_speedup"] = out["pruned_decode_tokens_per_s"] / out["dense_decode_tokens_per_s"]
+    for measure in ("prefill_tokens_per_s", "prefill_tokens_per_cpu_s", "decode_tokens_per_s",
+                    "decode_tokens_per_cpu_s"):
+        for name in ("dense", "pruned"):
+            out[f"{name}_{measure}"] = statistics.median(r[measure] for r in out[name])
+        out[f"speedup_{measure}"] = out[f"pruned_{measure}"] / out[f"dense_{measure}"]
     return out
 
 
@@ -120,7 +130,10 @@ def render(results: dict) -> str:
     rows: dict[str, dict] = {}
     for r in runs:
         label = r["method"] + (" (structured)" if r["method"] != "structprune" else "")
-        label += f", {r['allocation']}" + (f", {r['heads']:.0%} heads" if r["heads"] else "")
+        if r["heads"]:  # SmolLM2 removes heads in steps of one per key/value group: say what was removed
+            heads = r["layer_sizes"]["num_attention_heads"]
+            label += f", --head-sparsity {r['heads']:g} ({1 - sum(heads) / (len(heads) * DENSE_HEADS):.0%} of heads removed)"
+        label += f", {r['allocation']}"
         rows.setdefault(label, {})[r["channels"]] = r
     proto = results.get("protocol", {})
     lines = [f"Perplexity on the wiki test part ({proto.get('eval_windows', 40)} windows of 512 tokens), "
@@ -138,11 +151,16 @@ def render(results: dict) -> str:
             f"{cells[c]['cost']['after']['parameters'] / cells[c]['cost']['before']['parameters']:.3f}, "
             f"{cells[c]['prune_seconds']:.0f} s" if c in cells else "" for c in columns) + " |")
     for k, s in results.get("speed", {}).items():
-        lines += ["", f"CPU speed of `{k}` vs dense ({s['threads']} threads, median of "
-                      f"{len(s['dense'])} alternating rounds): prefill of 512 tokens "
-                      f"{s['dense_prefill_tokens_per_s']:.0f} -> {s['pruned_prefill_tokens_per_s']:.0f} tokens/s "
-                      f"({s['prefill_speedup']:.2f}x); greedy decode {s['dense_decode_tokens_per_s']:.1f} -> "
-                      f"{s['pruned_decode_tokens_per_s']:.1f} tokens/s ({s['decode_speedup']:.2f}x)."]
+        if "speedup_prefill_tokens_per_cpu_s" not in s:
+            continue
+        lines += ["", f"CPU speed of `{k}` vs dense ({s['threads']} thread(s), median of {len(s['dense'])} "
+                      "alternating rounds, other jobs sharing the cores): prefill of 512 tokens "
+                      f"{s['dense_prefill_tokens_per_cpu_s']:.0f} -> {s['pruned_prefill_tokens_per_cpu_s']:.0f} tokens "
+                      f"per CPU second ({s['speedup_prefill_tokens_per_cpu_s']:.2f}x; wall clock "
+                      f"{s['speedup_prefill_tokens_per_s']:.2f}x); greedy decode "
+                      f"{s['dense_decode_tokens_per_cpu_s']:.1f} -> {s['pruned_decode_tokens_per_cpu_s']:.1f} tokens "
+                      f"per CPU second ({s['speedup_decode_tokens_per_cpu_s']:.2f}x; wall clock "
+                      f"{s['speedup_decode_tokens_per_s']:.2f}x)."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,18 +180,32 @@ def main(argv=None) -> int:
     p.add_argument("--save-models", action="store_true", help=f"keep each pruned model under {MODELS_DIR}")
     p.add_argument("--speed", default=None, help="METHOD,CHANNELS[,HEADS[,ALLOCATION]] of a saved run: time it vs dense")
     p.add_argument("--speed-rounds", type=int, default=3)
+    p.add_argument("--speed-threads", type=int, default=1, help="torch threads while timing")
+    p.add_argument("--speed-json", default=None, help="write the speed entry here instead of --json (a parallel job)")
+    p.add_argument("--merge", default=None,
+                   help="add the runs and speed entries of another results file (e.g. from a parallel job) to --json")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--readme", default=None)
     args = p.parse_args(argv)
 
     results = load(args.json)
     results.setdefault("speed", {})
-    if args.speed:
+    if args.merge:
+        other = load(args.merge)
+        results["runs"].update(other["runs"])
+        results["speed"].update(other.get("speed", {}))
+        results["protocol"] = results.get("protocol") or other.get("protocol", {})
+        save(results, args.json)
+    elif args.speed:
         parts = args.speed.split(",")
         k = key(parts[0], float(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0,
                 parts[3] if len(parts) > 3 else "uniform")
-        results["speed"][k] = speed(results["runs"][k], args)
-        save(results, args.json)
+        entry = speed(results["runs"][k], args)
+        if args.speed_json:  # keep --json to the job that writes runs into it; merge later (--merge)
+            save({"protocol": {}, "runs": {}, "speed": {k: entry}}, args.speed_json)
+        else:
+            results["speed"][k] = entry
+            save(results, args.json)
     elif not args.render:
         import torch
 

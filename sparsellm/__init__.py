@@ -7,7 +7,7 @@ Python API (the ``sparsellm-prune`` CLI is a thin layer over it)::
 """
 __version__ = "0.1.0"
 
-from .config import ElsaSettings, PruneConfig, SparseLLMSettings  # noqa: E402
+from .config import AllocationSettings, ElsaSettings, PruneConfig, SparseLLMSettings  # noqa: E402
 from .sparsity import SparsityPattern  # noqa: E402
 
 
@@ -22,5 +22,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'sparsellm' has no attribute {name!r}")
 
 
-__all__ = ["PruneConfig", "SparseLLMSettings", "ElsaSettings", "SparsityPattern", "run", "prune", "evaluate", "load_model",
+__all__ = ["PruneConfig", "SparseLLMSettings", "ElsaSettings", "AllocationSettings", "SparsityPattern", "run", "prune", "evaluate", "load_model",
            "load_pruned", "__version__"]

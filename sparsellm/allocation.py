@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import PruneConfig
 from .models import ModelAdapter
@@ -135,7 +136,8 @@ def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleL
     of every linear, concatenated), from one pass of the dense layers; ``run_layer(layer, hooks)``
     runs a layer over the current hidden states and replaces them by its outputs."""
     scores: dict[int, torch.Tensor] = {}
-    for index in range(indices.stop):
+    for index in tqdm(range(indices.stop), desc=f"allocation {config.allocation.rule}: dense statistics",
+                      unit="layer", disable=config.quiet):
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)

@@ -66,6 +66,7 @@ class ElsaSettings:
     init: str | None = None  # a layer-wise method whose pruned weights start w and z
     train_dense_params: bool = False  # also train embeddings, norms, lm_head (never pruned)
     state_dtype: str = "float32"  # storage of z and u: float32, bfloat16, or float8 (per-tensor scale)
+    optimizer: str = "adamw"  # adamw (torch, fp32 moments) or adamw8bit (bitsandbytes, 8-bit moments)
     checkpoint_dir: str | None = None  # resume is automatic when it holds a checkpoint of the same run
     checkpoint_every: int = 50  # steps between checkpoints
 
@@ -73,6 +74,7 @@ class ElsaSettings:
     ADMM_SCHEDULES = ("constant", "linear", "cosine")
     SCORES = ("fisher", "magnitude")
     STATE_DTYPES = ("float32", "bfloat16", "float8")
+    OPTIMIZERS = ("adamw", "adamw8bit")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -92,7 +94,8 @@ class ElsaSettings:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"elsa betas must be two numbers in [0, 1), got {self.betas!r}")
         for name, allowed in (("lr_schedule", self.LR_SCHEDULES), ("admm_schedule", self.ADMM_SCHEDULES),
-                              ("score", self.SCORES), ("state_dtype", self.STATE_DTYPES)):
+                              ("score", self.SCORES), ("state_dtype", self.STATE_DTYPES),
+                              ("optimizer", self.OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"elsa {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
@@ -262,9 +265,6 @@ class PruneConfig:
                 raise ValueError(f"head_sparsity must lie in (0, 1), got {self.head_sparsity!r}")
         rule = self.allocation.rule
         if rule != "uniform":
-            if not hasattr(method, "plan"):
-                raise ValueError(f"allocation {rule} spreads sparsity over the layers of a layer-wise method; "
-                                 f"{self.method} prunes the whole model at once")
             if self.sparsity.is_nm:
                 raise ValueError(f"allocation {rule} varies the sparsity per layer; N:M {self.sparsity} is fixed")
             if rule == "owl" and self.structure is not None:

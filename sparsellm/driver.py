@@ -272,17 +272,25 @@ class LayerDriver:
 
     # -- the whole model ------------------------------------------------------------------------
 
+    def allocate(self, inputs: torch.Tensor, kwargs: dict) -> dict:
+        """Each pruned layer's target under the allocation rule and structure (see
+        :mod:`sparsellm.allocation`; empty for a uniform unstructured run), from one pass of the
+        dense layers over a copy of the first layer's ``inputs``."""
+        if self.config.allocation.rule == "uniform" and self.config.structure is None:
+            return {}
+        layers = self.adapter.layers(self.model)
+        start, stop = self.config.layers or (0, len(layers))
+        stop = len(layers) if stop is None else stop
+        hidden = inputs.clone()  # the allocation's pass of the dense layers must not touch inputs
+        return layer_targets(self.config, self.model, self.adapter, range(start, stop), device=self.device,
+                             run_layer=lambda layer, hooks: self._pass(layer, hidden, kwargs, hooks, outputs=hidden))
+
     def run(self, windows: torch.Tensor) -> list[LayerRecord]:
         layers = self.adapter.layers(self.model)
         start, stop = self.config.layers or (0, len(layers))
         records: list[LayerRecord] = []
         inputs, kwargs = capture_layer_inputs(self.model, self.adapter, windows, self.device)
-        if self.config.allocation.rule != "uniform" or self.config.structure is not None:
-            hidden = inputs.clone()  # the allocation's pass of the dense layers must not touch inputs
-            self.targets = layer_targets(
-                self.config, self.model, self.adapter, range(start, stop), device=self.device,
-                run_layer=lambda layer, hooks: self._pass(layer, hidden, kwargs, hooks, outputs=hidden))
-            del hidden
+        self.targets = self.allocate(inputs, kwargs)
         bar = tqdm(range(stop), desc=f"{self.method.name} {self.config.sparsity}", unit="layer",
                    disable=self.config.quiet)
         for index in bar:

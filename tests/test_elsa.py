@@ -302,3 +302,56 @@ def test_two_processes_equal_one(tmp_path):
     masks_a = torch.cat([(p.detach() == 0).flatten() for p in single.parameters()])
     masks_b = torch.cat([(p == 0).flatten() for p in two])
     assert (masks_a == masks_b).float().mean() > 0.999
+
+
+def test_eight_bit_adam_second_moment_and_result():
+    """--optimizer adamw8bit (bitsandbytes, CPU backend): Elsa prunes exactly, the Fisher score
+    reads the dequantised second moment (close to the one of a float AdamW on the same
+    gradients), and the report counts its smaller states."""
+    pytest.importorskip("bitsandbytes")
+    from sparsellm.methods.elsa import make_optimizer, second_moment
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(64, 256, generator=g) for _ in range(3)]
+    moments = {}
+    for name in ("adamw", "adamw8bit"):
+        param = torch.nn.Parameter(torch.zeros(64, 256))
+        optimizer = make_optimizer(ElsaSettings(optimizer=name), [param])
+        assert second_moment(optimizer, param) is None  # before the first step
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        moments[name] = second_moment(optimizer, param)
+    assert moments["adamw8bit"].shape == moments["adamw"].shape
+    rel = (moments["adamw8bit"] - moments["adamw"]).norm() / moments["adamw"].norm()
+    assert rel < 0.05, rel  # 8-bit blockwise quantisation of the same estimate
+
+    model, method, _ = prune(config(optimizer="adamw8bit", steps=4))
+    assert all(zero_fraction(lin.weight) == int(lin.weight.numel() * 0.7) / lin.weight.numel()
+               for lin in linears(model))
+    assert method.details()["state_bytes_per_param"] == pytest.approx(8 + 2 + 8 / 256 + 8)
+
+
+def test_non_uniform_allocation_is_kept_by_the_projection():
+    """--allocation owl: Elsa projects each layer to the share the allocation gives it (the same
+    shares a layer-wise run gets), their mean is the target, and each layer is exactly sparse."""
+    from sparsellm.driver import LayerDriver, capture_layer_inputs
+
+    cfg = PruneConfig(method="elsa", sparsity="0.7", nsamples=4, seqlen=SEQLEN, quiet=True, device="cpu",
+                      allocation="owl", elsa=ElsaSettings(steps=4, batch_size=2, lr=3e-3, admm_interval=2))
+    model = tiny_llama()
+    driver = LayerDriver(model, get_adapter(model), get_method(cfg), cfg)
+    inputs, kwargs = capture_layer_inputs(model, get_adapter(model), PatternCalibration().windows, driver.device)
+    expected = {i: t.pattern.fraction for i, t in driver.allocate(inputs, kwargs).items()}
+    assert len(set(expected.values())) > 1 and sum(expected.values()) / 2 == pytest.approx(0.7)
+    model, method, records = prune(cfg, model)
+    for record in records:
+        assert record.target == {"sparsity": expected[record.index]}
+        for name, info in record.matrices.items():
+            numel = info["numel"]
+            assert info["sparsity"] == int(numel * expected[record.index]) / numel, name
+
+
+def test_structured_settings_are_refused():
+    with pytest.raises(ValueError, match="method elsa has no structured version"):
+        PruneConfig(method="elsa", sparsity="0.5", structure="channels")

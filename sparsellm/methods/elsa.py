@@ -41,6 +41,7 @@ steps on the same data, so a table shows what ADMM adds over fine-tuning after o
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -137,6 +138,42 @@ class StateStore:
         return self.BYTES[self.dtype]
 
 
+# ---- the optimiser ------------------------------------------------------------------------------
+
+# Bytes per weight of AdamW's two moments: fp32, or 8-bit blockwise-quantised (bitsandbytes; the
+# float32 absmax of each 256-entry block adds 2 x 4 / 256).
+BNB_BLOCK = 256  # the block of bitsandbytes' blockwise optimiser states
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2 + 8 / BNB_BLOCK}
+
+
+def make_optimizer(settings, params):
+    if settings.optimizer == "adamw8bit":
+        import bitsandbytes  # checked by SparseTraining.preflight
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=settings.lr, betas=settings.betas,
+                                            weight_decay=settings.weight_decay)
+    # The fused AdamW (CPU and CUDA) is several times faster than the per-tensor loop on CPU.
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
+                for p in params)
+    return torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
+                             fused=fused)
+
+
+def second_moment(optimizer, param) -> torch.Tensor | None:
+    """Adam's second-moment estimate v of ``param`` (float32), or None before its first step."""
+    state = optimizer.state.get(param, {})
+    if "exp_avg_sq" in state:
+        return state["exp_avg_sq"]
+    if "state2" in state:  # bitsandbytes' 8-bit Adam: v blockwise quantised (float32 for small tensors)
+        if state["state2"].dtype.is_floating_point:
+            return state["state2"]
+        from bitsandbytes.functional import dequantize_blockwise
+
+        return dequantize_blockwise(state["state2"], absmax=state["absmax2"], code=state["qmap2"],
+                                    blocksize=BNB_BLOCK).view_as(param)
+    return None
+
+
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
@@ -224,6 +261,8 @@ class SparseTraining(PruningMethod):
     @classmethod
     def preflight(cls, config):
         check_checkpoint_dir(config)
+        if config.elsa.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--optimizer adamw8bit needs bitsandbytes: pip install 'sparsellm[adam8bit]'")
 
     def __init__(self, config):
         super().__init__(config)
@@ -260,17 +299,29 @@ class SparseTraining(PruningMethod):
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def _targets(self, adapter, model) -> list[_Target]:
+    def _layer_patterns(self, model, adapter, calibration) -> dict[int, SparsityPattern]:
+        """Each layer's pattern: the target, or the allocation rule's share for it (computed on
+        the dense model, before any --init, as a layer-wise run computes it)."""
+        if self.config.allocation.rule == "uniform":
+            return {}
+        from ..driver import LayerDriver, capture_layer_inputs
+
+        driver = LayerDriver(model, adapter, self, self.config)
+        inputs, kwargs = capture_layer_inputs(model, adapter, calibration.windows, driver.device)
+        return {index: target.pattern for index, target in driver.allocate(inputs, kwargs).items()}
+
+    def _targets(self, adapter, model, patterns: dict[int, SparsityPattern]) -> list[_Target]:
         layers = adapter.layers(model)
         start, stop = self.config.layers or (0, len(layers))
         stop = len(layers) if stop is None else stop
         targets = []
         for index in range(start, stop):
+            pattern = patterns.get(index, self.config.sparsity)
             for part in ("attention", "ffn"):
                 for group in adapter.groups(layers[index], part):
                     for name, linear in group.items():
-                        self.config.sparsity.check_shape(linear.in_features)
-                        targets.append(_Target(index, name, linear, self.config.sparsity))
+                        pattern.check_shape(linear.in_features)
+                        targets.append(_Target(index, name, linear, pattern))
         return targets
 
     def _initialise(self, model, adapter, calibration) -> None:
@@ -291,10 +342,13 @@ class SparseTraining(PruningMethod):
             check_checkpoint_dir(self.config)  # the same run, or one clear error
             saved = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
             log.info("%s: resuming from step %d of %s", self.name, saved["step"], folder)
-        elif s.init is not None:
-            self._initialise(model, adapter, calibration)
+            self.patterns = {int(k): SparsityPattern.parse(v) for k, v in saved["patterns"].items()}
+        else:
+            self.patterns = self._layer_patterns(model, adapter, calibration)
+            if s.init is not None:
+                self._initialise(model, adapter, calibration)
 
-        targets = self._targets(adapter, model)
+        targets = self._targets(adapter, model, self.patterns)
         prunable = {id(t.weight) for t in targets}
         trained = [p for p in model.parameters() if id(p) in prunable or
                    (s.train_dense_params and p.dtype.is_floating_point)]
@@ -306,10 +360,7 @@ class SparseTraining(PruningMethod):
         if world > 1:  # every process starts from the same weights
             for p in trained:
                 dist.broadcast(p.data, src=0)
-        # The fused AdamW (CPU and CUDA) is several times faster than the per-tensor loop on CPU.
-        optimizer = torch.optim.AdamW(trained, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
-                                      fused=all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and
-                                                p.device.type in ("cpu", "cuda") for p in trained))
+        optimizer = make_optimizer(s, trained)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(s.lr_schedule, step, s.steps))
         start_step = 0
@@ -372,8 +423,9 @@ class SparseTraining(PruningMethod):
             "windows_per_step": per_step, "tokens_per_step": per_step * calibration.seqlen,
             "train_seconds": train_seconds, "init": s.init, "trained_parameters": sum(p.numel() for p in trained),
             "prunable_parameters": n_prunable,
-            # bytes per prunable weight: the weight, its gradient and AdamW's two moments (fp32), + ADMM state
-            "state_bytes_per_param": 16 + self._state_bytes_per_param(),
+            # bytes per prunable weight: the weight and its gradient (fp32), AdamW's two moments, the method's state
+            "optimizer": s.optimizer,
+            "state_bytes_per_param": 8 + OPTIMIZER_BYTES[s.optimizer] + self._state_bytes_per_param(),
             "loss_curve": [{k: e[k] for k in ("step", "loss", "seconds", *self._step_info()) if k in e}
                            for e in self.history],
             "admm": self.admm_history,
@@ -407,6 +459,7 @@ class SparseTraining(PruningMethod):
         state = {"step": step, "trained": [p.detach().cpu().clone() for p in trained],
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "history": self.history, "admm_history": self.admm_history, "method": self._state(),
+                 "patterns": {str(k): str(v) for k, v in self.patterns.items()},
                  "rng": torch.get_rng_state()}
         _atomic_write(folder / CHECKPOINT_STATE, lambda tmp: torch.save(state, tmp))
         settings = run_settings(self.config)
@@ -417,6 +470,8 @@ class SparseTraining(PruningMethod):
         records: dict[int, LayerRecord] = {}
         for t in targets:
             record = records.setdefault(t.layer, LayerRecord(index=t.layer))
+            if t.layer in self.patterns:
+                record.target = {"sparsity": t.pattern.fraction}
             # no layer-wise reconstruction objective here: errors are not measured (null in the report)
             record.matrices[t.name] = {"sparsity": zero_fraction(t.weight), "rel_error": float("nan"),
                                        "numel": t.weight.numel()}
@@ -462,7 +517,7 @@ class Elsa(SparseTraining):
                 w = t.weight.detach().float()
                 u = self.store.decode(self.admm[i]["u"]).to(w.device) * (self.lam / new_lam)
                 old_z = self.store.decode(self.admm[i]["z"]).to(w.device)
-                v = optimizer.state.get(t.weight, {}).get("exp_avg_sq")
+                v = second_moment(optimizer, t.weight)
                 z = project(w + u, importance(w + u, v, self.settings.score), t.pattern)
                 u = u + w - z
                 residual += float((w - z).square().sum())
@@ -487,7 +542,7 @@ class Elsa(SparseTraining):
         with torch.no_grad():
             for t in targets:
                 w = t.weight.detach().float()
-                v = optimizer.state.get(t.weight, {}).get("exp_avg_sq")
+                v = second_moment(optimizer, t.weight)
                 t.weight.copy_(project(w, importance(w, v, self.settings.score), t.pattern).to(t.weight.dtype))
 
 

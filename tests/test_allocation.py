@@ -1,0 +1,101 @@
+"""Layer-wise allocation: the rules keep the budget and the bounds; the driver applies them."""
+import math
+
+import pytest
+import torch
+
+from sparsellm.allocation import energy_shares, integer_counts, lowest_mass_share, owl_shares
+from sparsellm.config import AllocationSettings, PruneConfig
+from sparsellm.driver import LayerDriver
+from sparsellm.methods import get_method
+from sparsellm.models import get_adapter
+from sparsellm.sparsity import zero_fraction
+
+from helpers import VOCAB, tiny_llama
+
+
+def rand(n, seed):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
+def test_energy_shares_keep_the_budget_and_bounds(seed, temperature):
+    energies = rand(30, seed)
+    target, low, high = 0.5, 0.35, 0.65
+    shares = energy_shares(energies, target, temperature, low, high)
+    assert math.fsum(shares) / 30 == pytest.approx(target, abs=1e-12)
+    assert all(low - 1e-12 <= s <= high + 1e-12 for s in shares)
+    # higher energy, never more sparsity
+    order = sorted(range(30), key=lambda i: energies[i])
+    assert all(shares[a] >= shares[b] - 1e-12 for a, b in zip(order, order[1:]))
+
+
+def test_energy_temperature_controls_the_spread():
+    energies = rand(12, 7)
+    spread = {t: max(s) - min(s) for t in (0.5, 2.0, 500.0)
+              for s in [energy_shares(energies, 0.4, t, 0.0, 0.95)]}
+    assert spread[0.5] > spread[2.0] > spread[500.0] and spread[500.0] < 0.01
+
+
+def test_equal_energies_give_the_uniform_allocation():
+    assert energy_shares([0.3] * 5, 0.6, 1.0, 0.4, 0.8) == pytest.approx([0.6] * 5, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_owl_shares_follow_the_published_rule(seed):
+    ratios = rand(16, seed)
+    shares = owl_shares(ratios, 0.7, 0.08)
+    assert math.fsum(shares) / 16 == pytest.approx(0.7, abs=1e-12)
+    assert max(shares) - min(shares) == pytest.approx(0.16, abs=1e-12)  # 2 lambda
+    order = sorted(range(16), key=lambda i: ratios[i])  # more outliers, less sparsity
+    assert all(shares[a] > shares[b] for a, b in zip(order, order[1:]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_integer_counts_sum_exactly_within_bounds(seed):
+    shares = energy_shares(rand(30, seed), 0.3, 1.0, 0.15, 0.45)
+    counts = integer_counts(shares, [1536] * 30, 0.15, 0.45)
+    assert sum(counts) == round(0.3 * 1536 * 30)
+    assert all(math.ceil(0.15 * 1536) <= c <= math.floor(0.45 * 1536) for c in counts)
+    assert all(abs(c - s * 1536) < 1 + 1e-9 for c, s in zip(counts, shares))
+
+
+def test_lowest_mass_share():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert lowest_mass_share(scores, 0.5) == pytest.approx(0.3)
+
+
+def test_bad_allocation_settings_are_one_clear_error():
+    with pytest.raises(ValueError, match="temperature"):
+        AllocationSettings(rule="energy", temperature=0)
+    with pytest.raises(ValueError, match="do not contain the target"):
+        PruneConfig(allocation=AllocationSettings(rule="energy", min_sparsity=0.6), sparsity=0.5)
+    with pytest.raises(ValueError, match="N:M"):
+        PruneConfig(allocation="owl", sparsity="2:4")
+
+
+def prune(model, **settings):
+    config = PruneConfig(nsamples=4, seqlen=32, quiet=True, device="cpu", **settings)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    return LayerDriver(model, get_adapter(model), get_method(config), config).run(ids)
+
+
+@pytest.mark.parametrize("rule", ["owl", "energy"])
+def test_driver_applies_the_per_layer_sparsity(rule):
+    """Each layer is pruned to its own share, recorded per layer; the mean is the target."""
+    model = tiny_llama(layers=4)
+    records = prune(model, method="wanda", sparsity=0.5,
+                    allocation=AllocationSettings(rule=rule, temperature=0.5))
+    shares = [r.target["sparsity"] for r in records]
+    assert math.fsum(shares) / 4 == pytest.approx(0.5, abs=1e-9)
+    assert max(shares) - min(shares) > 0.01  # the layers differ
+    for layer, share in zip(get_adapter(model).layers(model), shares):
+        assert zero_fraction(layer.mlp.up_proj.weight) == pytest.approx(share, abs=1 / 64)
+
+
+def test_structured_energy_allocation_keeps_the_channel_budget():
+    model = tiny_llama(layers=4)
+    records = prune(model, method="wanda", sparsity=0.3, structure="channels", allocation="energy")
+    removed = [r.target["channels_removed"] for r in records]
+    assert sum(removed) == round(0.3 * 128 * 4) and len(set(removed)) > 1

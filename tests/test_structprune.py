@@ -1,0 +1,119 @@
+"""StructPrune: the structured global FFN solve, and the structured runs end to end (CLI)."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sparsellm.config import PruneConfig
+from sparsellm.methods.structprune import _StructuredFFNSolver
+from sparsellm.methods.structured import obs_remove
+from sparsellm.models import get_adapter
+from sparsellm.structure import removed_channels
+
+from helpers import correlated_inputs, tiny_llama, tiny_opt
+from test_cli import SMALL, cli, text_file, tiny_llama_dir, tiny_opt_dir, tokenizer_dir  # noqa: F401 (fixtures)
+
+BUILDERS = {"llama": tiny_llama, "opt": tiny_opt}
+
+
+@torch.no_grad()
+def ffn_error(ffn, x, dense):
+    y = ffn.forward(x, dense)
+    return float((y - ffn.forward(x)).double().norm() / y.double().norm())
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("channels", [32, 80])
+def test_structured_solve_removes_whole_channels_and_never_loses_to_its_start(family, channels):
+    """Exactly ``channels`` channels go (rows of up/gate and bias, column of down), the FFN error
+    reported is the one measured, and it is not above the local structured OBS of the same FFN."""
+    model = BUILDERS[family](layers=1, seed=3)
+    ffn = get_adapter(model).ffn(get_adapter(model).layers(model)[0])
+    x = correlated_inputs(768, 64, seed=4)
+    dense = ffn.dense_copy()
+    config = PruneConfig(method="structprune", sparsity=0.5)
+    diagnostics = _StructuredFFNSolver(ffn, x, channels, config).run()
+    gone = removed_channels(ffn)
+    assert len(gone) == channels == diagnostics["removed_channels"]
+    assert (ffn.up.weight[gone] == 0).all()
+    if ffn.gate is not None:
+        assert (ffn.gate.weight[gone] == 0).all()
+    if ffn.up.bias is not None:
+        assert (ffn.up.bias[gone] == 0).all()
+    measured = ffn_error(ffn, x, dense)
+    assert math.isfinite(measured)
+    assert diagnostics["best_ffn_rel_error"] == pytest.approx(measured, rel=1e-3)
+    assert diagnostics["best_ffn_rel_error"] <= diagnostics["start_ffn_rel_error"]
+
+    # the start is the local structured OBS: the same error, recomputed independently
+    local = BUILDERS[family](layers=1, seed=3)
+    local_ffn = get_adapter(local).ffn(get_adapter(local).layers(local)[0])
+    hidden = local_ffn.hidden(x)
+    removed, down = obs_remove(local_ffn.down.weight.detach(), hidden.T @ hidden / len(x), channels, 1, 1,
+                               config.percdamp)
+    local_ffn.down.weight.data.copy_(down)
+    assert diagnostics["start_ffn_rel_error"] == pytest.approx(ffn_error(local_ffn, x, dense), rel=1e-3)
+
+
+def test_structured_solve_improves_on_the_local_start():
+    """On a layer with correlated inputs the iterations find a better FFN than the local start."""
+    model = tiny_llama(layers=1, seed=5)
+    ffn = get_adapter(model).ffn(get_adapter(model).layers(model)[0])
+    x = correlated_inputs(1024, 64, seed=6)
+    diagnostics = _StructuredFFNSolver(ffn, x, 64, PruneConfig(method="structprune", sparsity=0.5)).run()
+    assert diagnostics["best_iteration"] >= 1
+    assert diagnostics["best_ffn_rel_error"] < 0.99 * diagnostics["start_ffn_rel_error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "structprune", "--sparsity", "2:4"], "N:M"),
+    (["--method", "sparsellm", "--structure", "channels"], "no structured version"),
+    (["--structure", "heads"], "--head-sparsity"),
+    (["--head-sparsity", "0.25"], "needs --structure"),
+    (["--structure", "channels+heads", "--head-sparsity", "1.5"], "head_sparsity must lie"),
+    (["--allocation", "owl", "--structure", "channels"], "owl"),
+    (["--allocation", "energy", "--temperature", "0"], "temperature"),
+    (["--allocation", "energy", "--layer-sparsity-max", "0.3"], "do not contain the target"),
+    (["--structure", "channels", "--save-format", "compressed"], "compressed"),
+])
+def test_bad_structured_settings_fail_with_one_clear_error(args, message, capsys):
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and message in err and err.count("error:") == 1
+
+
+def test_heads_on_opt_fail_before_pruning(tiny_opt_dir, text_file, capsys):
+    code, _, err = cli(capsys, "--model", tiny_opt_dir, "--method", "wanda", "--structure", "channels+heads",
+                       "--head-sparsity", "0.5", "--calib", text_file, "--eval", "none", *SMALL)
+    assert code == 2 and "not supported for opt" in err
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "energy"])
+def test_structprune_end_to_end_saves_a_smaller_model(allocation, tiny_llama_dir, text_file, tmp_path, capsys):
+    """The CLI prunes, removes the units, reports the sizes and cost, and saves a model that
+    loads (plainly with uniform sizes, through load_pruned otherwise) with the reported perplexity."""
+    from sparsellm import load_pruned
+    from sparsellm.data import eval_tokens
+
+    report_path, save_dir = tmp_path / "report.json", tmp_path / "pruned"
+    code, out, err = cli(capsys, "--model", tiny_llama_dir, "--method", "structprune", "--structure",
+                         "channels+heads", "--sparsity", "0.25", "--head-sparsity", "0.5", "--allocation", allocation,
+                         "--calib", text_file, "--eval", text_file, "--save", str(save_dir), "--report",
+                         str(report_path), *SMALL)
+    assert code == 0, err
+    assert "parameters" in out and "FLOPs/token" in out
+    report = json.loads(report_path.read_text())
+    sizes = report["structure"]["layer_sizes"]
+    assert sum(sizes["intermediate_size"]) == 3 * 128 - round(0.25 * 3 * 128)
+    assert sizes["num_attention_heads"] == [2, 2, 2]
+    assert report["structure"]["uniform"] == (allocation == "uniform")
+    before, after = report["cost"]["before"], report["cost"]["after"]
+    assert after["parameters"] < before["parameters"] and after["flops_per_token"] < before["flops_per_token"]
+    assert set(report["per_layer_target"]) == {"0", "1", "2"}
+    model = (AutoModelForCausalLM.from_pretrained(save_dir) if allocation == "uniform" else load_pruned(save_dir)[0])
+    assert sum(p.numel() for p in model.parameters()) == after["parameters"]
+    stream = eval_tokens(text_file, AutoTokenizer.from_pretrained(save_dir), 64)[0]
+    with torch.no_grad():
+        losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss for w in stream[:4 * 64].view(4, 64)]
+    assert report["ppl"]["pruned"][text_file] == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-4)
