@@ -288,7 +288,9 @@ def test_api_run_forces_its_backend_for_the_run_only(monkeypatch, tmp_path):
 def test_the_report_carries_the_fallbacks():
     from sparsellm.report import build_report
 
-    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
+    from helpers import tiny_llama
+
+    model = tiny_llama(layers=1)
     fell = {"obs_prune_block": {"cuda->triton: width 300 > 256": 2}}
     report = build_report(PruneConfig(), model, [], dense_ppl={}, pruned_ppl={}, prune_seconds=0.0,
                           peak_memory={"host_max_rss": 1}, backend_usage={"obs_prune_block": {"triton": 2}},
