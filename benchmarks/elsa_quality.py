@@ -23,11 +23,10 @@ import argparse
 import copy
 import os
 import platform
-import subprocess
 import sys
 import time
 
-from quality import fmt_ppl, load, save, write_into
+from quality import achieved_sparsity, fmt_ppl, git_state, load, save, write_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "elsa.json")
@@ -35,11 +34,9 @@ MARKERS = ("<!-- elsa:start -->", "<!-- elsa:end -->")
 
 
 def commit() -> str:
-    """The commit the numbers come from; '+dirty' when the working tree differs from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
-                           text=True).stdout.strip()
-    return head.strip() + ("+dirty" if dirty else "")
+    """The commit the numbers come from; '+dirty' when the tracked files differ from it."""
+    state = git_state()
+    return state["commit"][:7] + ("+dirty" if state["dirty"] else "")
 
 
 def measure(setting: str, args, results: dict) -> None:
@@ -90,15 +87,14 @@ def measure(setting: str, args, results: dict) -> None:
         records, details = api._prune(model, tokenizer, config)
         seconds = time.perf_counter() - start
         ppl = api.evaluate(model, tokenizer, config)["wiki"]
-        zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
-        total = sum(m["numel"] for r in records for m in r.matrices.values())
+        sparsity = achieved_sparsity(records)
         rows[method] = {"ppl": ppl, "seconds": rows["sparsegpt"]["seconds"] + seconds, "train_seconds": seconds,
-                        "achieved_sparsity": zeros / total, "final_loss": details["loss_curve"][-1]["loss"],
+                        "achieved_sparsity": sparsity, "final_loss": details["loss_curve"][-1]["loss"],
                         "first_loss": details["loss_curve"][0]["loss"], "admm": details["admm"],
                         "tokens": details["tokens_per_step"] * details["steps"]}
         results["runs"][setting] = entry
         save(results, args.json)
-        print(f"{setting} {method}: ppl {fmt_ppl(ppl)} ({seconds:.0f} s training, sparsity {zeros / total:.4f})",
+        print(f"{setting} {method}: ppl {fmt_ppl(ppl)} ({seconds:.0f} s training, sparsity {sparsity:.4f})",
               flush=True)
 
 

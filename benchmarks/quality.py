@@ -45,6 +45,23 @@ def save(results: dict, path: str) -> None:
     write_report(results, path)
 
 
+def git_state() -> dict:
+    """The commit the numbers come from, and whether the tracked files differ from it."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def achieved_sparsity(records) -> float:
+    """Zeros over all pruned weights of a run's layer records."""
+    zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
+    total = sum(m["numel"] for r in records for m in r.matrices.values())
+    return zeros / total
+
+
 def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> dict:
     from sparsellm import api
     from sparsellm.config import PruneConfig
@@ -58,11 +75,9 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
     records = api.prune(model, tokenizer, config)
     seconds = time.perf_counter() - start
     ppl = api.evaluate(model, tokenizer, config)["wiki"]
-    zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
-    total = sum(m["numel"] for r in records for m in r.matrices.values())
     return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
             "sequential": config.sequential,
-            "prune_seconds": seconds, "achieved_sparsity": zeros / total,
+            "prune_seconds": seconds, "achieved_sparsity": achieved_sparsity(records),
             "ffn_rel_error": [r.ffn_rel_error for r in records],
             "output_rel_error": [r.output_rel_error for r in records]}
 

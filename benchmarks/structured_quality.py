@@ -25,26 +25,18 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import fmt_ppl, load, save, write_into  # noqa: E402  (the quality table's helpers)
+from quality import fmt_ppl, git_state, load, save, write_into  # noqa: E402  (the quality table's helpers)
 
 DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
 MODELS_DIR = os.path.join("/tmp", "sparsellm_structured_models")
 README_START, README_END = "<!-- structured:start -->", "<!-- structured:end -->"
 DENSE_HEADS = 9  # query heads per layer of the default model (SmolLM2-135M: 9 heads, 3 key/value heads)
-
-
-def git_state() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def key(method, channels, heads, allocation) -> str:

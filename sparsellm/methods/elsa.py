@@ -132,7 +132,10 @@ class StateStore:
         return {"data": (t.float() / scale).to(torch.float8_e4m3fn), "scale": scale}
 
     def decode(self, stored: dict) -> torch.Tensor:
-        return stored["data"].float() * stored.get("scale", 1.0)
+        # read-only use on the hot path (every step): float32 states come back without a copy
+        if "scale" not in stored:
+            return stored["data"].float()
+        return stored["data"].float() * stored["scale"]
 
     def bytes_per_element(self) -> int:
         return self.BYTES[self.dtype]
