@@ -7,7 +7,9 @@ import raises ImportError, which ops records as "backend unavailable"; nothing e
 package imports triton, so a missing triton never breaks sparsellm itself.
 
 Implemented: obs_prune_block, cholesky_inverse_upper, nm_prune_mask, row_prune_mask,
-wanda_prune_mask, relu_z_step, swiglu_z_step, swiglu_s_step. Not implemented (ops runs the
+wanda_prune_mask, relu_z_step, swiglu_z_step, swiglu_s_step, and the sparse decode products
+nm24_linear and sell_linear (kernels/sparse_matmul.py; float16/bfloat16/float32 with the
+weight in the input's dtype, else declined). Not implemented (ops runs the
 reference): damped_cholesky and spd_solve (cuSOLVER factorisations, see kernels/cholesky.py)
 and flat_prune_mask (one whole-tensor selection; see kernels/row_select.py). Calls a kernel
 does not handle (M > 16, float64 where the kernel computes in fp32) raise
@@ -27,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"the triton backend needs the 'triton' package ({exc}); pip install 'sparsellm[triton]'") from exc
 
 from . import ops
-from .kernels import cholesky, nm_mask, obs_block, row_select, sparsellm_steps
+from .kernels import cholesky, nm_mask, obs_block, row_select, sparse_matmul, sparsellm_steps
 from .kernels._common import SCORE_WANDA
 
 
@@ -47,5 +49,7 @@ for _name, _fn in {
     "relu_z_step": sparsellm_steps.relu_z_step,
     "swiglu_z_step": sparsellm_steps.swiglu_z_step,
     "swiglu_s_step": sparsellm_steps.swiglu_s_step,
+    "nm24_linear": sparse_matmul.nm24_linear,
+    "sell_linear": sparse_matmul.sell_linear,
 }.items():
     ops.register(_name, "triton", _fn)

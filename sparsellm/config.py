@@ -11,7 +11,7 @@ from .sparsity import SparsityPattern
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see sparsellm.default_model)
 DTYPES = ("float32", "float16", "bfloat16")
 SAVE_FORMATS = ("dense", "compressed")
-EXPORT_KINDS = ("semi-structured", "csr")
+EXPORT_KINDS = ("semi-structured", "csr", "sparse-gpu")
 
 
 @dataclass

@@ -15,6 +15,13 @@ device; a CPU tensor always gets the reference under ``auto``. The user can forc
 ``SPARSELLM_BACKEND`` environment variable, or ``--backend``. Forcing a backend that is not
 available is an error.
 
+Operations: the pruning steps (``obs_prune_block``/``obs_prune``, ``cholesky_inverse_upper``,
+``damped_cholesky``, ``spd_solve``, ``nm_prune_mask``, ``row_prune_mask``, ``flat_prune_mask``,
+``wanda_prune_mask``, ``relu_z_step``, ``swiglu_z_step``, ``swiglu_s_step``) and the sparse
+inference products ``nm24_linear`` (2:4-packed weight) and ``sell_linear`` (sliced ELLPACK),
+which :class:`sparsellm.export.sparse_gpu.SparseGPULinear` calls for small token counts (only
+the triton backend implements these two, so ops never loads the CUDA extension for them).
+
 An operation the chosen backend does not implement, or a call it does not handle (an
 implementation raises :class:`Decline` before computing anything: a block too wide for the
 CUDA sweep, float64 for an fp32 kernel, ...), goes to the next backend in the order cuda,
@@ -48,6 +55,11 @@ class Decline(NotImplementedError):
     :func:`fallbacks`). ops then runs the next backend. Called directly, outside ops, the
     implementation simply refuses the call with this error."""
 
+
+# Operations whose only fast backends are known: the others are skipped for them, never loaded
+# on their account (the CUDA extension compiles on first use, about a minute, where a toolkit
+# is found: an inference-only run of the Triton decode kernels must not pay for it).
+_FAST_BACKENDS = {"nm24_linear": ("triton",), "sell_linear": ("triton",)}
 
 _state = {"backend": os.environ.get("SPARSELLM_BACKEND", "auto").lower()}
 _registry: dict[str, dict[str, Callable]] = {}
@@ -153,7 +165,10 @@ def _candidates(op: str, device: torch.device) -> Iterator[tuple[str, Callable]]
                 f"backend {forced!r} cannot run on {device.type} tensors"
                 + (f" ({_load_errors[forced]})" if forced in _load_errors else ""))
         names = list(_ORDER[_ORDER.index(forced):])
+    fast = _FAST_BACKENDS.get(op)
     for name in names:
+        if fast is not None and name != "reference" and name not in fast:
+            continue
         if name == "reference" or available(name, device):  # loads the backend: it registers
             fn = _registry.get(op, {}).get(name)
             if fn is not None:
@@ -231,7 +246,17 @@ def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     return _call("swiglu_s_step", s.device, s, g, p, z, alpha, gamma, iterations)
 
 
+def nm24_linear(x, values, meta, in_features, bias=None):
+    """y = x @ W^T (+ bias) for a 2:4-packed W (:func:`sparsellm.reference.nm24_pack`)."""
+    return _call("nm24_linear", x.device, x, values, meta, in_features, bias)
+
+
+def sell_linear(x, values, cols, slice_ptr, out_features, in_features, slice_rows, bias=None):
+    """y = x @ W^T (+ bias) for a sliced-ELLPACK W (:func:`sparsellm.reference.sell_pack`)."""
+    return _call("sell_linear", x.device, x, values, cols, slice_ptr, out_features, in_features, slice_rows, bias)
+
+
 for _op in ("obs_prune_block", "cholesky_inverse_upper", "damped_cholesky", "spd_solve", "nm_prune_mask",
             "row_prune_mask", "flat_prune_mask", "wanda_prune_mask", "relu_z_step", "swiglu_z_step",
-            "swiglu_s_step"):
+            "swiglu_s_step", "nm24_linear", "sell_linear"):
     register(_op, "reference", getattr(reference, _op))

@@ -153,7 +153,9 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
         q = w.masked_fill(mask_t[col], 0)
         col_err = (w - q) / diag[col]
         losses += col_err * col_err
-        work[col + 1:].addr_(hinv[col, col + 1:], col_err, alpha=-1)
+        # addmm_ with an inner dimension of 1, not addr_: the same rank-1 update, but torch's
+        # CPU addr_ is an unvectorised loop (measured 50x slower on a 1536 x 128 block).
+        work[col + 1:].addmm_(hinv[col, col + 1:, None], col_err[None], alpha=-1)
         work[col] = q
         err[col] = col_err
     return work.t(), err.t(), losses.sum() / 2
@@ -186,12 +188,37 @@ def obs_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, fraction: float,
 # ----------------------------------------------------------------------------------------
 
 
+# Element-wise steps on CPU tensors run over flat blocks of this many elements: a block's dozen
+# temporaries (1 MB each) stay in cache and in the allocator's free lists, where full-size
+# ones go to DRAM and to fresh pages each time (measured: the s-step about 2x faster on a
+# 5461 x 1536 chunk of SmolLM2). On CUDA the whole tensor is one block (one launch per op).
+ELEMENTWISE_BLOCK = 1 << 18
+
+
+def _blockwise(fn, *tensors):
+    """``fn(*tensors)`` for an element-wise ``fn`` of same-shape tensors, computed block by
+    block on CPU (see ELEMENTWISE_BLOCK); the result is the same, element for element."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.numel() <= ELEMENTWISE_BLOCK:
+        return fn(*tensors)
+    flats = [t.reshape(-1) for t in tensors]
+    out = torch.empty(first.numel(), dtype=first.dtype)
+    for start in range(0, first.numel(), ELEMENTWISE_BLOCK):
+        part = slice(start, start + ELEMENTWISE_BLOCK)
+        out[part] = fn(*(f[part] for f in flats))
+    return out.reshape(first.shape)
+
+
 def relu_z_step(p: torch.Tensor, m: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """argmin_z  alpha (z - m)^2 + gamma (p - relu(z))^2, element-wise.
 
     On z >= 0 the minimiser is max((alpha m + gamma p) / (alpha + gamma), 0); on z < 0 it is
     min(m, 0). Keep the candidate with the lower objective.
     """
+    return _blockwise(lambda p, m: _relu_z(p, m, alpha, gamma), p, m)
+
+
+def _relu_z(p, m, alpha, gamma):
     z_pos = ((alpha * m + gamma * p) / (alpha + gamma)).clamp_min(0)
     z_neg = m.clamp_max(0)
     f_pos = alpha * (z_pos - m) ** 2 + gamma * (p - z_pos) ** 2
@@ -201,6 +228,10 @@ def relu_z_step(p: torch.Tensor, m: torch.Tensor, alpha: float, gamma: float) ->
 
 def swiglu_z_step(p: torch.Tensor, m: torch.Tensor, s: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """argmin_z  alpha (z - m)^2 + gamma (p - silu(s) z)^2, element-wise (a scalar quadratic)."""
+    return _blockwise(lambda p, m, s: _swiglu_z(p, m, s, alpha, gamma), p, m, s)
+
+
+def _swiglu_z(p, m, s, alpha, gamma):
     sig = F.silu(s)
     return (alpha * m + gamma * sig * p) / (alpha + gamma * sig * sig)
 
@@ -217,6 +248,10 @@ def swiglu_s_step(s: torch.Tensor, g: torch.Tensor, p: torch.Tensor, z: torch.Te
     and a step is taken only where it lowers the objective (else halved once, else skipped),
     so the objective never increases.
     """
+    return _blockwise(lambda s, g, p, z: _swiglu_s(s, g, p, z, alpha, gamma, iterations), s, g, p, z)
+
+
+def _swiglu_s(s, g, p, z, alpha, gamma, iterations):
     f = swiglu_s_objective(s, g, p, z, alpha, gamma)
     for _ in range(iterations):
         sig = torch.sigmoid(s)
@@ -235,3 +270,142 @@ def swiglu_s_step(s: torch.Tensor, g: torch.Tensor, p: torch.Tensor, z: torch.Te
             s = torch.where(better, cand, s)
             f = torch.where(better, f_cand, f)
     return s
+
+
+# ----------------------------------------------------------------------------------------
+# Sparse inference formats for the GPU decode kernels (kernels/sparse_matmul.py): packing,
+# unpacking and the products. The packed layouts are specified here.
+# ----------------------------------------------------------------------------------------
+
+NM24_GROUPS_PER_WORD = 8  # 4-bit codes per int32 meta word
+NM24_K_MULTIPLE = 32      # in_features must be a multiple: whole meta words per row
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for half types; float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def nm24_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack W [N, K] holding at most 2 non-zeros per group of 4 consecutive inputs (2:4, 3:4)
+    into ``values`` [N, K/2] (W's dtype: the two kept entries of each group in position order;
+    a group with fewer non-zeros is padded with zero values at unused positions) and ``meta``
+    int32 [N, K/32] (per group a 4-bit code, first position in bits 0-1, second in bits 2-3;
+    group g of a word in bits 4g..4g+3). Needs K % 32 == 0."""
+    if weight.dim() != 2:
+        raise ValueError(f"nm24_pack needs a 2-D weight, got {weight.dim()}-D")
+    rows, cols = weight.shape
+    if cols % NM24_K_MULTIPLE:
+        raise ValueError(f"nm24 needs in_features % {NM24_K_MULTIPLE} == 0, got {cols}")
+    groups = weight.detach().reshape(rows, cols // 4, 4)
+    nonzero = groups != 0
+    if int((nonzero.sum(-1) > 2).sum()):
+        raise ValueError("weight is not 2:4 sparse: some group of 4 inputs holds more than 2 non-zeros")
+    # non-zeros first, then zeros, each by position; keep the first two, back in position order
+    lane = torch.arange(4, device=weight.device)
+    key = (~nonzero).to(torch.int64) * 4 + lane
+    keep = key.argsort(-1)[..., :2].sort(-1).values  # [N, K/4, 2] distinct positions
+    values = groups.gather(-1, keep).reshape(rows, cols // 2).contiguous()
+    code = (keep[..., 0] | (keep[..., 1] << 2)).reshape(rows, cols // 32, NM24_GROUPS_PER_WORD)
+    shifts = torch.arange(NM24_GROUPS_PER_WORD, device=weight.device) * 4
+    words = (code << shifts).sum(-1)  # < 2**32 in int64
+    meta = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return values, meta
+
+
+def nm24_positions(meta: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] input position (0..3 inside its group) of each value slot."""
+    words = meta.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(16, device=meta.device) * 2  # 16 value slots per word
+    return ((words.unsqueeze(-1) >> shifts) & 3).reshape(meta.shape[0], -1)
+
+
+def nm24_unpack(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense W [N, in_features] of a :func:`nm24_pack` pair."""
+    rows = values.shape[0]
+    if values.shape != (rows, in_features // 2) or meta.shape != (rows, in_features // 32):
+        raise ValueError(f"packed shapes {tuple(values.shape)}, {tuple(meta.shape)} do not fit {rows}x{in_features}")
+    pos = nm24_positions(meta)
+    col = torch.arange(in_features // 2, device=values.device) // 2 * 4 + pos
+    dense = torch.zeros(rows, in_features, dtype=values.dtype, device=values.device)
+    # scatter_add: a zero pad at a position never holds a kept value (positions are distinct)
+    return dense.scatter_add_(1, col, values)
+
+
+def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for W = :func:`nm24_unpack`, accumulated in fp32 (float64 inputs in
+    float64), returned in x's dtype."""
+    ct = _compute_dtype(x.dtype)
+    w = nm24_unpack(values, meta, in_features).to(ct)
+    return F.linear(x.to(ct), w, None if bias is None else bias.to(ct)).to(x.dtype)
+
+
+def sell_pack(weight: torch.Tensor, slice_rows: int = 32, slot_block: int = 8
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sliced ELLPACK of W [N, K]: rows in slices of ``slice_rows`` (the last one padded with
+    empty rows); each slice is padded to its longest row, rounded up to ``slot_block`` slots,
+    and stored slot-major (value of row r, slot j at ``slice_ptr[s] + j * slice_rows + r``).
+    A row keeps its non-zeros in column order; pads are value 0 at column 0. Returns
+    ``values`` (W's dtype), ``cols`` int16 (column c stored as c - 65536 when c >= 32768; read
+    ``& 0xFFFF``; K <= 65536) and ``slice_ptr`` int64 [n_slices + 1] (element offsets)."""
+    if weight.dim() != 2:
+        raise ValueError(f"sell_pack needs a 2-D weight, got {weight.dim()}-D")
+    if slice_rows < 1 or slot_block < 1:
+        raise ValueError("slice_rows and slot_block must be positive")
+    rows, cols = weight.shape
+    if cols > 65536:
+        raise ValueError(f"sell stores int16 column indices: in_features {cols} > 65536")
+    dev = weight.device
+    w = weight.detach()
+    nonzero = w != 0
+    counts = nonzero.sum(1)
+    n_slices = -(-rows // slice_rows)
+    pad_rows = n_slices * slice_rows - rows
+    counts_p = torch.cat([counts, counts.new_zeros(pad_rows)]).reshape(n_slices, slice_rows)
+    widths = -(-counts_p.max(1).values // slot_block) * slot_block  # [n_slices]
+    max_w = int(widths.max().item()) if n_slices else 0
+    order = (~nonzero).to(torch.int8).argsort(dim=1, stable=True)[:, :max_w]  # non-zero columns first, in order
+    if max_w > cols:  # rounding up to the slot block can pass the row length: the extra slots are pads
+        order = torch.cat([order, order.new_zeros(rows, max_w - cols)], 1)
+    vals = w.gather(1, order)
+    slot = torch.arange(max_w, device=dev)
+    live = slot < counts.unsqueeze(1)
+    vals = torch.where(live, vals, torch.zeros((), dtype=w.dtype, device=dev))
+    idx = torch.where(live, order, torch.zeros((), dtype=order.dtype, device=dev))
+    vals = torch.cat([vals, vals.new_zeros(pad_rows, max_w)]).reshape(n_slices, slice_rows, max_w).transpose(1, 2)
+    idx = torch.cat([idx, idx.new_zeros(pad_rows, max_w)]).reshape(n_slices, slice_rows, max_w).transpose(1, 2)
+    keep = (slot.reshape(1, max_w, 1) < widths.reshape(n_slices, 1, 1)).expand(n_slices, max_w, slice_rows)
+    values = vals[keep].contiguous()
+    idx = idx[keep]
+    col16 = torch.where(idx >= 32768, idx - 65536, idx).to(torch.int16)
+    slice_ptr = torch.zeros(n_slices + 1, dtype=torch.int64, device=dev)
+    slice_ptr[1:] = (widths * slice_rows).cumsum(0)
+    return values, col16, slice_ptr
+
+
+def sell_unpack(values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor, out_features: int,
+                in_features: int, slice_rows: int) -> torch.Tensor:
+    """The dense W [out_features, in_features] of a :func:`sell_pack` triple."""
+    n_slices = slice_ptr.numel() - 1
+    if n_slices != -(-out_features // slice_rows) or values.numel() != int(slice_ptr[-1]) or cols.shape != values.shape:
+        raise ValueError("sell arrays do not fit the given shape")
+    dev = values.device
+    sizes = slice_ptr[1:] - slice_ptr[:-1]
+    which = torch.repeat_interleave(torch.arange(n_slices, device=dev), sizes)
+    offset = torch.arange(values.numel(), device=dev) - slice_ptr[:-1][which]
+    row = which * slice_rows + offset % slice_rows
+    col = cols.to(torch.int64) & 0xFFFF
+    live = row < out_features
+    dense = torch.zeros(out_features, in_features, dtype=values.dtype, device=dev)
+    return dense.index_put_((row[live], col[live]), values[live], accumulate=True)
+
+
+def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
+                out_features: int, in_features: int, slice_rows: int, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for W = :func:`sell_unpack`, accumulated in fp32 (float64 inputs in
+    float64), returned in x's dtype."""
+    ct = _compute_dtype(x.dtype)
+    w = sell_unpack(values, cols, slice_ptr, out_features, in_features, slice_rows).to(ct)
+    return F.linear(x.to(ct), w, None if bias is None else bias.to(ct)).to(x.dtype)

@@ -10,7 +10,7 @@ from sparsellm.config import PruneConfig, SparseLLMSettings
 from sparsellm.driver import LayerDriver
 from sparsellm.methods import get_method
 from sparsellm.methods.sparsegpt import obs_prune_with_gram
-from sparsellm.methods.sparsellm import SparseLLM, _FFNSolver, least_squares_towards, p_step
+from sparsellm.methods.sparsellm import SparseLLM, _FFNSolver, least_squares_towards, p_step, p_step_factor
 from sparsellm.models import get_adapter
 from sparsellm.models.base import FFN
 from sparsellm.sparsity import SparsityPattern, satisfies_nm, zero_fraction
@@ -86,7 +86,7 @@ def p_obj(p, r, y, w2):
 def test_p_step_is_the_minimiser():
     d, f, n = 24, 64, 200
     w2, r, y = randn(d, f, seed=1) / 8, torch.relu(randn(n, f, seed=2)), randn(n, d, seed=3)
-    p, q = p_step(r, y, w2, GAMMA / BETA)
+    p, q = p_step(r, y, w2, p_step_factor(w2, GAMMA / BETA))
     # the f x f normal equations of the issue give the same p
     primal = torch.linalg.solve(BETA * w2.T @ w2 + GAMMA * torch.eye(f, dtype=torch.float64),
                                 (BETA * y @ w2 + GAMMA * r).T).T
@@ -104,8 +104,8 @@ def test_p_step_float32_matches_float64():
     w2, r, y = randn(d, f, seed=1) / 10, torch.relu(randn(n, f, seed=2)), randn(n, d, seed=3)
     y[:, 0] *= 50
     ratio = 0.05
-    p64, _ = p_step(r, y, w2, ratio)
-    p32, _ = p_step(r.float(), y.float(), w2.float(), ratio)
+    p64, _ = p_step(r, y, w2, p_step_factor(w2, ratio))
+    p32, _ = p_step(r.float(), y.float(), w2.float(), p_step_factor(w2.float(), ratio))
     assert float((p32.double() - p64).norm() / p64.norm()) < 1e-4
 
 

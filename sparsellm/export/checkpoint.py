@@ -28,6 +28,7 @@ from .compressed import (FORMAT_BITMASK, FORMAT_DENSE, QUANTIZATION_CONFIG_KEY, 
 from .csr import CSRLinear
 from .errors import CheckpointError, ExportError
 from .semi_structured import is_semi_structured
+from .sparse_gpu import SparseGPULinear
 from .targets import recorded_selection, resolve_targets
 from ..structure import LAYER_SIZES_FIELD, is_uniform
 
@@ -161,7 +162,7 @@ def _plain_for_saving(model):
 def _refuse_exported(model: nn.Module) -> None:
     for name, mod in model.named_modules():
         weight = getattr(mod, "weight", None)
-        if isinstance(mod, CSRLinear) or (weight is not None and is_semi_structured(weight)):
+        if isinstance(mod, (CSRLinear, SparseGPULinear)) or (weight is not None and is_semi_structured(weight)):
             raise ExportError(f"{name} already runs on sparse kernels; call save_pruned on the dense-masked "
                               "model, before apply_export()")
 

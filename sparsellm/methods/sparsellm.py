@@ -30,7 +30,7 @@ down with the Hessian of the hidden of the *pruned* up/gate). Each iterate is me
 FFN output error ||Y - FFN(X)|| / ||Y|| and the best one is kept; iterating stops when an
 iteration makes that error worse than the previous iteration did.
 
-Memory: z, p (s) and Y' are [N, .] buffers for all calibration tokens; they live on the
+Memory: z (s) and Y' are [N, .] buffers for all calibration tokens; they live on the
 compute device when they fit and in host memory otherwise, and every token-wise step runs in
 chunks of tokens, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
 """
@@ -79,17 +79,26 @@ def least_squares_towards(reference: torch.Tensor, cross: torch.Tensor, chol: to
     return torch.cholesky_solve(cross + damp * reference.t(), chol).t().contiguous()
 
 
-def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, ratio: float):
+def p_step_factor(w2: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Lower Cholesky factor of W2 W2^T + ratio I (d x d), the system of :func:`p_step`. It
+    depends only on the down weight, so each iteration factors it once for all token chunks."""
+    system = w2 @ w2.t()
+    system.diagonal().add_(ratio)
+    chol, info = torch.linalg.cholesky_ex(system)
+    if int(info):  # ratio > 0 makes it positive definite; rounding can still break a tiny ratio
+        chol, _ = ops.damped_cholesky(system, 1e-6)
+    return chol
+
+
+def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tensor):
     """argmin_p beta ||y - p W2^T||^2 + gamma ||p - r||^2 for rows of tokens; ratio = gamma / beta.
 
     The minimiser is p = (beta W2^T W2 + gamma I)^-1 (beta W2^T y + gamma r). Written as
     p = r + W2^T q with (W2 W2^T + ratio I) q = y - W2 r (push-through identity), the system is
-    d x d (model width) instead of f x f (FFN width), and is solved by Cholesky.
-    Returns ``(p, q)``; the fit residual y - W2 p equals ratio * q.
+    d x d (model width) instead of f x f (FFN width); ``chol`` is its Cholesky factor
+    (:func:`p_step_factor`). Returns ``(p, q)``; the fit residual y - W2 p equals ratio * q.
     """
-    system = w2 @ w2.t()
-    system.diagonal().add_(ratio)
-    q = ops.spd_solve(system, (y - r @ w2.t()).t()).t()
+    q = torch.cholesky_solve((y - r @ w2.t()).t(), chol).t()
     return r + q @ w2, q
 
 
@@ -126,8 +135,9 @@ class _FFNSolver:
         self.hidden = self.dense["up"].shape[0]
         step = max(256, CHUNK_ELEMENTS // self.hidden)
         self.chunks = [slice(i, min(i + step, self.tokens)) for i in range(0, self.tokens, step)]
-        names = ["z", "p", "y"] + (["s"] if self.swiglu else [])
-        widths = {"z": self.hidden, "p": self.hidden, "s": self.hidden, "y": self.width}
+        # p is recomputed from z (s) and Y' in every sweep, so it needs no buffer.
+        names = ["z", "y"] + (["s"] if self.swiglu else [])
+        widths = {"z": self.hidden, "s": self.hidden, "y": self.width}
         self.aux_bytes = sum(self.tokens * widths[n] * 4 for n in names)
         self.store = self.device
         if self.device.type == "cuda" and self.aux_bytes > DEVICE_AUX_SHARE * torch.cuda.mem_get_info(self.device)[0]:
@@ -204,7 +214,8 @@ class _FFNSolver:
             for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)):
                 if val is not None:
                     norms[key] += _sq_norm(val)
-                    self._put(key, rows, val)
+                    if key in self.buf:
+                        self._put(key, rows, val)
             norms["y_full"] += _sq_norm(y if self.b2 is None else y + self.b2)
             del h0
         y_full = norms["y_full"]
@@ -255,6 +266,7 @@ class _FFNSolver:
             err_sq = 0.0
             terms = dict.fromkeys(("z", "s", "p", "y"), 0.0)
             if not last:
+                p_chol = p_step_factor(down, ratio)
                 xtz, xts = self._zeros(d, f), (self._zeros(d, f) if swiglu else None)
                 ptp.zero_()
                 pty.zero_()
@@ -267,7 +279,7 @@ class _FFNSolver:
                 if last:
                     continue
                 z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
-                p, q = p_step(_act(swiglu, z, sc), yc, down, ratio)  # (2)
+                p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol)  # (2)
                 terms["y"] += beta * ratio ** 2 * _sq_norm(q)
                 if swiglu:  # (3) z with the current s, then s with the new z
                     z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
@@ -284,7 +296,6 @@ class _FFNSolver:
                 ptp.addmm_(p.t(), p)
                 pty.addmm_(p.t(), yc)
                 self._put("z", rows, z)
-                self._put("p", rows, p)
                 del m, g, z, sc, p, q, yc
 
             error = math.sqrt(err_sq / y_full) if y_full > 0 else float("nan")

@@ -1,0 +1,128 @@
+"""Compile the sparse decode kernels (kernels/sparse_matmul.py) for a CUDA target without a GPU.
+
+Triton lowers a kernel to PTX and runs ptxas (shipped in the triton wheel) for a chosen
+``GPUTarget`` without touching a driver, so compile errors, register counts and spills of
+every autotune config can be checked on a CPU-only machine before GPU time is spent:
+
+    python benchmarks/compile_check_sparse_gpu.py            # sm_90 (H100), fp16/bf16/fp32
+    python benchmarks/compile_check_sparse_gpu.py --arch 80  # sm_80 (A100)
+
+Exit status 1 if any variant fails to compile or spills registers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import traceback
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: the interpreter never compiles")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sparsellm.export.sparse_gpu import SELL_SLICE_ROWS as SELL_S  # noqa: E402
+from sparsellm.kernels import sparse_matmul as sm  # noqa: E402
+
+DT = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+# pointer and stride arguments are 16-aligned for the packed tensors (the launcher would see the same)
+DIV16 = [["tt.divisibility", 16]]
+
+
+def _attrs(fn, names):
+    return {(fn.arg_names.index(n),): DIV16 for n in names}
+
+
+def _compile(fn, signature, constexprs, attrs, num_warps, num_stages, arch):
+    sig = {name: signature.get(name, "constexpr") for name in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _ptxas_usage(kernel, arch) -> str:
+    """Run the bundled ptxas -v on the kernel's PTX for its register and spill report."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        sm_arch = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={sm_arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return (f"regs={regs.group(1) if regs else '?'} spill stores/loads="
+            f"{spill.group(1) + '/' + spill.group(2) if spill else '?'}"), (int(spill.group(1)) if spill else 0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--dtypes", default="fp16,bf16,fp32")
+    args = ap.parse_args()
+    failures = 0
+    for dname in args.dtypes.split(","):
+        dt = DT[dname]
+        # nm24: both autotuned variants, with and without bias / atomics
+        fn = sm._nm24_kernel
+        sig = {"x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "m_ptr": "*i32", "b_ptr": f"*{dt}", "T": "i32", "N": "i32",
+               "K": "i32", "v_per_split": "i32", "stride_v": "i32", "stride_m": "i32", "stride_xt": "i32",
+               "stride_ot": "i32"}
+        gemm = sm._nm24_gemm_f32 if dname == "fp32" else sm._nm24_gemm
+        torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dname]
+        t_max = sm.NM24_BLOCK_T_MAX.get(torch_dtype, 64)
+        for tuner, use_dot in ((sm._nm24_gemv, False), (gemm, True)):
+            for cfg in tuner.configs:
+                cases = ((False, 1), (True, 1)) if not use_dot else ((False, 16), (True, 16), (False, t_max))
+                for atomic, block_t in cases:
+                    s = dict(sig, out_ptr="*fp32" if atomic else f"*{dt}")
+                    const = dict(cfg.kwargs, HAS_BIAS=True, ATOMIC=atomic, USE_DOT=use_dot,
+                                 DOT_PREC="tf32x3" if dname == "fp32" else "tf32", BLOCK_T=block_t)
+                    label = (f"nm24 {dname} {'dot' if use_dot else 'gemv'} {cfg.kwargs} BLOCK_T={block_t} "
+                             f"warps={cfg.num_warps} atomic={atomic}")
+                    failures += _one(fn, s, const, ["x_ptr", "v_ptr", "m_ptr", "b_ptr", "out_ptr", "K", "v_per_split",
+                                                       "stride_v", "stride_xt"],
+                                     cfg, label, args.arch)
+        fn = sm._sell_kernel
+        sig = {"x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "c_ptr": "*i16", "sp_ptr": "*i64", "b_ptr": f"*{dt}",
+               "T": "i32", "N": "i32", "n_split": "i32", "stride_xt": "i32", "stride_ot": "i32"}
+        for tuner, block_t in ((sm._sell_gemv, 1), (sm._sell_multi, sm.SELL_BLOCK_T_MAX)):
+            for cfg in tuner.configs:
+                for atomic in (False, True):
+                    s = dict(sig, out_ptr="*fp32" if atomic else f"*{dt}")
+                    const = dict(cfg.kwargs, HAS_BIAS=True, ATOMIC=atomic, S=SELL_S, BLOCK_T=block_t)
+                    label = f"sell {dname} {cfg.kwargs} BLOCK_T={block_t} warps={cfg.num_warps} atomic={atomic}"
+                    failures += _one(fn, s, const, ["x_ptr", "v_ptr", "c_ptr", "sp_ptr", "b_ptr", "out_ptr"],
+                                     cfg, label, args.arch)
+    print("FAILED" if failures else "all variants compiled without spills", f"({failures} problems)")
+    return 1 if failures else 0
+
+
+def _one(fn, sig, const, aligned, cfg, label, arch) -> int:
+    try:
+        k = _compile(fn, sig, const, _attrs(fn, aligned), cfg.num_warps, cfg.num_stages, arch)
+    except Exception:
+        print(f"FAIL  {label}")
+        traceback.print_exc()
+        return 1
+    try:
+        usage, spilled = _ptxas_usage(k, arch)
+    except Exception as exc:  # the report is a bonus; the compile itself succeeded
+        usage, spilled = f"(ptxas -v unavailable: {exc})", 0
+    print(f"ok    {label}: shared={k.metadata.shared} B {usage}")
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

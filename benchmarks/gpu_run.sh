@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 12 and 13 in one call, run ON a GPU machine from the project's
+# root (no install: PYTHONPATH is the checkout; the main CUDA extension is not built, so `auto`
+# means Triton for every method alike):
+#   STEPS="tests bench prune" BUDGET=420 bash benchmarks/gpu_run.sh
+# needs .device-data/ (../shared/device/prepare.sh) for the tokenizer and the calibration text.
+# Steps (each capped so the whole ends by BUDGET seconds; logs and JSON land in $OUT):
+#   tests     gpu-marked tests of the sparse decode kernels, the CUDA-graph decoder, the SparseLLM
+#             element-wise kernels and (if built) the cuSPARSELt binding
+#   bench     benchmarks/bench_export.py -m gpu (linears at 7B shapes, 32-layer 7B-shaped model
+#             prefill / decode / CUDA-graph decode) -> bench_*.json, sparse_gpu_table.md
+#   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers
+#   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD SPARSELLM_JIT=0
+R=$PWD; D=$R/.device-data; O=${OUT:-/tmp/out}; L=$O/logs; mkdir -p "$L"
+END=$(( $(date +%s) + ${BUDGET:-420} ))
+cap(){ local c=$1 r=$(( END - $(date +%s) - 10 )); [ $r -lt $c ] && c=$r; [ $c -lt 5 ] && c=5; echo $c; }
+log(){ echo "== $(date +%T) $*" | tee -a "$O/steps.txt"; }
+has(){ case " ${STEPS:-tests bench prune cusparselt} " in *" $1 "*) return 0;; esac; return 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$O/steps.txt"
+python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" >> "$O/steps.txt" 2>&1
+P="python3 -m pytest -p no:cacheprovider"
+if has tests; then
+  t0=$(date +%s)
+  # the whole files: on a GPU their non-gpu tests also run the compiled kernels (small shapes)
+  timeout $(cap ${T_TESTS:-150}) $P -q -rs --timeout 140 tests/test_sparse_gpu.py tests/test_decode.py \
+    $( [ -f tests/test_cusparselt.py ] && echo tests/test_cusparselt.py ) > "$L/gpu_tests.log" 2>&1
+  log "sparse/decode tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/gpu_tests.log)"
+  t0=$(date +%s)
+  timeout $(cap 60) $P -q --timeout 50 tests/test_kernels_triton.py -k "step" > "$L/step_tests.log" 2>&1
+  log "sparsellm step kernel tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/step_tests.log)"
+fi
+if has bench; then
+  # two runs, two JSON files: pytest-benchmark writes its JSON only when a run ends, so a run
+  # cut by its cap must not take the other's numbers with it
+  for part in linear llama7b; do
+    t0=$(date +%s)
+    SPARSELLM_BENCH_LAYERS=${LAYERS:-32} timeout $(cap ${T_BENCH:-150}) $P -q -m gpu --timeout 140 benchmarks/bench_export.py \
+      -k "$part${BENCH_K:+ and $BENCH_K}" --benchmark-max-time=0.1 --benchmark-json "$O/bench_$part.json" > "$L/bench_$part.log" 2>&1
+    log "bench_export $part rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/bench_$part.log)"
+  done
+  python3 benchmarks/sparse_gpu_table.py $(ls "$O"/bench_*.json) --out "$O/sparse_gpu_table.md" >> "$L/bench_table.log" 2>&1
+fi
+if has prune; then
+  t0=$(date +%s)
+  timeout $(cap ${T_PRUNE:-200}) python3 benchmarks/prune_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
+    --runs "${RUNS:-sparsegpt:0.7:auto,sparsellm:0.7:auto}" --layers 3 --nsamples 64 --seqlen 2048 \
+    --timeout 180 --out "$O/prune_7b.json" > "$L/prune_7b.log" 2>&1
+  log "prune_7b rc=$? $(( $(date +%s)-t0 )) s"
+fi
+if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
+  t0=$(date +%s)
+  timeout $(cap ${T_CSLT:-120}) python3 benchmarks/cusparselt_prefill.py --out "$O/cusparselt.json" > "$L/cusparselt.log" 2>&1
+  log "cusparselt rc=$? $(( $(date +%s)-t0 )) s"
+fi
+log done
+# the tables last: the reply carries the end of the output
+for f in "$O/sparse_gpu_table.md"; do [ -f "$f" ] && cat "$f"; done
+tail -n 12 "$L/prune_7b.log" 2>/dev/null
+tail -n 20 "$L/cusparselt.log" 2>/dev/null
+grep -E "FAILED|ERROR|Error" "$L"/*.log | head -20
+cat "$O/steps.txt"

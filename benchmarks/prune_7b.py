@@ -1,0 +1,141 @@
+"""End-to-end prune benchmark on a random LLaMA-2-7B-shaped model: time and peak memory per
+method and backend (issue 12: SparseLLM's time against SparseGPT's at 7B shapes).
+
+The model has LLaMA-2-7B's layer shapes (hidden 4096, FFN 11008, 32 heads) and ``--layers``
+decoder layers of random float16 weights; the calibration text is real (any .txt file, e.g.
+the offline wiki text that ``../shared/device/prepare.sh`` writes). Each run is a separate
+``sparsellm-prune`` process, so its peak memory and its one-off costs (Triton compiling its
+kernels, CUDA context) are its own; the table gives both the whole prune time and the
+steady-state time per layer (median over the layers after the first, which pays the compiles).
+
+    python benchmarks/prune_7b.py --tokenizer .device-data/tok --calib .device-data/wiki_calib.txt \\
+        --runs sparsegpt:0.7:auto,sparsellm:0.7:auto --layers 3 --out $OUT/prune_7b.json
+
+``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from quality import git_state  # noqa: E402
+
+
+def build_model(tokenizer_dir: str, out: str, layers: int, tiny: bool, device: str) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = (dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4) if tiny else
+             dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32))
+    cfg = LlamaConfig(num_hidden_layers=layers, vocab_size=len(tok), max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def run_one(model_dir: str, method: str, sparsity: str, backend: str, args) -> dict:
+    report = os.path.join(args.workdir, f"{method}_{sparsity.replace(':', '_')}_{backend}.json")
+    cmd = [sys.executable, "-m", "sparsellm.cli", "--model", model_dir, "--method", method, "--sparsity", sparsity,
+           "--backend", backend, "--calib", args.calib, "--eval", "none", "--no-dense-eval",
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--dtype", "float16",
+           "--device", args.device, "--quiet", "--report", report]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - start
+    row = {"method": method, "sparsity": sparsity, "backend": backend, "rc": proc.returncode,
+           "process_seconds": round(wall, 2)}
+    if proc.returncode or not os.path.exists(report):
+        row["error"] = (proc.stderr or proc.stdout)[-2000:]
+        return row
+    with open(report) as handle:
+        rep = json.load(handle)
+    layer_seconds = [e["seconds"] for e in rep["layer_errors"]]
+    row.update(prune_seconds=round(rep["prune_seconds"], 2), layer_seconds=[round(s, 2) for s in layer_seconds],
+               steady_layer_seconds=round(statistics.median(layer_seconds[1:]), 2) if len(layer_seconds) > 1 else None,
+               peak_memory_bytes=rep.get("peak_memory_bytes"), aux_buffer_bytes=rep.get("aux_buffer_bytes"),
+               backend_usage=rep.get("backend_usage"), backend_fallbacks=rep.get("backend_fallbacks"),
+               ffn_rel_error=[round(e["ffn_rel_error"], 5) for e in rep["layer_errors"]],
+               aux_device=[(e.get("diagnostics") or {}).get("aux_device") for e in rep["layer_errors"]])
+    return row
+
+
+def render(result: dict) -> str:
+    rows = result["runs"]
+    base = {(r["sparsity"], r["backend"]): r for r in rows if r["method"] == "sparsegpt" and "prune_seconds" in r}
+    lines = ["| method | sparsity | backend | prune s | per layer s (steady) | x SparseGPT (steady) | peak memory GB | FFN buffers GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "prune_seconds" not in r:
+            lines.append(f"| {r['method']} | {r['sparsity']} | {r['backend']} | failed (rc {r['rc']}) | | | | |")
+            continue
+        ref = base.get((r["sparsity"], r["backend"])) or base.get((r["sparsity"], "auto"))
+        ratio = ""
+        if ref and r["steady_layer_seconds"] and ref["steady_layer_seconds"]:
+            ratio = f"{r['steady_layer_seconds'] / ref['steady_layer_seconds']:.2f}"
+        gb = lambda b: f"{b / 1e9:.1f}" if b else ""  # noqa: E731
+        lines.append(f"| {r['method']} | {r['sparsity']} | {r['backend']} | {r['prune_seconds']} | "
+                     f"{r['steady_layer_seconds']} | {ratio} | {gb(r['peak_memory_bytes'])} | {gb(r['aux_buffer_bytes'])} |")
+    s = result["settings"]
+    lines.append("")
+    shape = "toy (hidden 64)" if s["tiny"] else "LLaMA-2-7B"
+    lines.append(f"{s['layers']} decoder layers of {shape} shape, float16, {s['nsamples']} x {s['seqlen']} "
+                 f"calibration tokens; {result['device']}; commit {result['git']['commit'][:7]}"
+                 f"{' (dirty)' if result['git']['dirty'] else ''}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", required=True, help="folder holding the tokenizer files")
+    ap.add_argument("--calib", required=True, help="calibration text (.txt)")
+    ap.add_argument("--runs", default="sparsegpt:0.7:auto,sparsellm:0.7:auto",
+                    help="comma-separated METHOD:SPARSITY:BACKEND (an N:M sparsity as 2-4)")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes, for a CPU smoke run")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--out", default=None, help="JSON results (the table is printed)")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="prune7b-")
+    model_dir = os.path.join(args.workdir, "model")
+    build_model(args.tokenizer, model_dir, args.layers, args.tiny, args.device)
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    result = {"git": {"commit": os.environ.get("SPARSELLM_COMMIT") or git_state()["commit"],
+                      "dirty": git_state()["dirty"] if not os.environ.get("SPARSELLM_COMMIT") else False},
+              "device": device, "torch": torch.__version__,
+              "settings": {"layers": args.layers, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                           "tiny": args.tiny, "dtype": "float16"},
+              "runs": []}
+    for spec in args.runs.split(","):
+        method, sparsity, backend = spec.split(":")
+        row = run_one(model_dir, method, sparsity.replace("-", ":"), backend, args)
+        result["runs"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+        if "error" in row:
+            print(row["error"], file=sys.stderr)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(result, handle, indent=1)
+    print(render(result))
+    return 0 if all("prune_seconds" in r for r in result["runs"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

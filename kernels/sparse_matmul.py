@@ -1,0 +1,365 @@
+"""Sparse x dense products for small token counts (decode): y[T, N] = x[T, K] @ W^T (+ bias).
+
+Decode is memory-bound: a step reads every weight once and does two flops per weight, so a
+format that stores fewer bytes per weight is faster as long as the kernel keeps the memory
+system busy. Both kernels read their packed weight once per token block with wide contiguous
+loads, decompress in registers, and accumulate in fp32. Formats (packing and the plain-PyTorch
+oracle: :mod:`sparsellm.reference`):
+
+``nm24`` (at most 2 non-zeros per group of 4 consecutive inputs; K % 32 == 0)
+    ``values`` [N, K/2] (the two kept entries of each group, in position order, a zero pad
+    where a group keeps fewer) and ``meta`` int32 [N, K/32] (two 2-bit positions per group, 8
+    groups per word; group g of a word in bits 4g..4g+3, first position in the low 2 bits).
+    Value slot v of a word (16 slots per word) therefore has its position in bits 2v..2v+1.
+
+    Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(T, BLOCK_T)); a program owns BLOCK_N output rows of
+    one token block and one K range, stepping BLOCK_K inputs (BLOCK_K/2 values and BLOCK_K/32
+    meta words per row, contiguous 16-byte vector loads). One token (``USE_DOT`` off; configs
+    BLOCK_N x BLOCK_K = 8 x 512 or 16 x 256, 4 warps): each value slot decodes its input column
+    and gathers x there (x is one row, L1/L2-resident): 2 gathers + 2 FMAs per group of 4; the
+    next tile's values and meta are loaded before this tile's gathers (two tiles in flight),
+    products accumulate element-wise and are reduced once at the end. Two or more tokens
+    (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,
+    fp32 32 x 64 with BLOCK_T <= 32): the dense [BLOCK_N, BLOCK_K] tile is rebuilt
+    with ``tl.where`` on the decoded positions and fed to ``tl.dot`` (fp32 inputs as TF32x3:
+    three TF32 products, about fp32 accuracy).
+
+``sell`` (sliced ELLPACK, unstructured)
+    Rows in slices of S rows (S a power of two); a slice is padded to its longest row (rounded
+    up to a slot block) and stored slot-major: value of row r, slot j at
+    ``slice_ptr[s] + j * S + r``, so neighbouring rows read neighbouring addresses. Column
+    indices are int16 read as ``& 0xFFFF`` (K up to 65536); ``slice_ptr`` int64 [n_slices + 1].
+
+    Grid (n_slices, SPLIT, cdiv(T, BLOCK_T)); a program owns one slice and every SPLIT-th
+    block of BLOCK_J slots (one token: 64 or 128; up to BLOCK_T = 8 tokens: 16), loads
+    [BLOCK_J, S] values and columns (one contiguous run; the next block's before this one's
+    gathers), gathers x[t, col], accumulates element-wise and reduces over the slots at the end.
+
+Block sizes: ``triton.autotune`` between two configs on the one-token paths (decode), keyed
+on the shape and token count, one fixed config elsewhere and under the interpreter. Fewer programs than SMs (few output rows): the K range
+(nm24) or the slots (sell) is split over SPLIT programs that add fp32 partial sums atomically
+into a zeroed buffer, cast to the output dtype afterwards (two more launches, so only when the
+grid is small). Otherwise the kernel stores the result in the output dtype directly, bias
+included: one launch.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsellm.ops import Decline
+
+from ._common import check_device, configs, interpreting, next_pow2
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SPLIT_K_BLOCK = 512  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the interpreter: small, so that small test shapes exercise the split path
+
+
+# ------------------------------------------------------------------------------------- nm24
+
+@triton.jit
+def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stride_v, stride_m, stride_xt, stride_ot,
+                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    BLOCK_V: tl.constexpr = BLOCK_K // 2
+    BLOCK_W: tl.constexpr = BLOCK_K // 32
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    n64 = n.to(tl.int64)
+    kv = K // 2
+    # the loop runs over value slots (2 per group of 4 inputs); the row strides stride_v = K/2
+    # and stride_m = K/32 are arguments, so that their divisibility (specialised by the
+    # launcher) makes the value loads wide vector loads
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(kv, v_start + v_per_split)
+    vv = tl.arange(0, BLOCK_V)
+    ww = tl.arange(0, BLOCK_W)
+    if USE_DOT:
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        gg = tl.arange(0, BLOCK_G)
+        lane = tl.arange(0, 4)[None, None, :]
+        kk = tl.arange(0, BLOCK_K)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            v0 = tl.multiple_of(v0, BLOCK_V)
+            k0 = v0 * 2
+            v_idx = v0 + vv
+            vals = tl.load(v_ptr + n64[:, None] * stride_v + v_idx[None, :],
+                           mask=n_ok[:, None] & (v_idx[None, :] < v_end), other=0.0)
+            w_idx = v0 // 16 + ww
+            words = tl.load(m_ptr + n64[:, None] * stride_m + w_idx[None, :],
+                            mask=n_ok[:, None] & (w_idx[None, :] * 16 < v_end), other=0)
+            # one 4-bit code per group: word w covers groups 8w..8w+7
+            code = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 8)), (BLOCK_N, BLOCK_G))
+            code = (code >> ((gg % 8) * 4)[None, :]) & 15
+            p0 = (code & 3)[:, :, None]
+            p1 = ((code >> 2) & 3)[:, :, None]
+            first, second = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_G, 2)))
+            w3 = tl.where(lane == p0, first[:, :, None],
+                          tl.where(lane == p1, second[:, :, None], tl.zeros_like(first)[:, :, None]))
+            w = tl.reshape(w3, (BLOCK_N, BLOCK_K))
+            k_idx = k0 + kk
+            xt = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + k_idx[None, :],
+                         mask=t_ok[:, None] & (k_idx[None, :] < K), other=0.0)
+            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc, input_precision=DOT_PREC)
+    else:
+        # products accumulate element-wise; the cross-thread reduction runs once, after the loop
+        acc2 = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
+        v_rows = v_ptr + n64[:, None] * stride_v
+        m_rows = m_ptr + n64[:, None] * stride_m
+        # software pipelining by hand: the next tile's values and meta are requested before
+        # this tile's gathers, so two tiles per program are in flight
+        v_idx = v_start + vv
+        vals = tl.load(v_rows + v_idx[None, :], mask=n_ok[:, None] & (v_idx[None, :] < v_end), other=0.0)
+        w_idx = v_start // 16 + ww
+        words = tl.load(m_rows + w_idx[None, :], mask=n_ok[:, None] & (w_idx[None, :] * 16 < v_end), other=0)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            v0 = tl.multiple_of(v0, BLOCK_V)
+            nv_idx = v0 + BLOCK_V + vv
+            vals_next = tl.load(v_rows + nv_idx[None, :], mask=n_ok[:, None] & (nv_idx[None, :] < v_end), other=0.0)
+            nw_idx = (v0 + BLOCK_V) // 16 + ww
+            words_next = tl.load(m_rows + nw_idx[None, :], mask=n_ok[:, None] & (nw_idx[None, :] * 16 < v_end),
+                                 other=0)
+            # value slot v (16 per word) keeps its input position in bits 2(v%16)..2(v%16)+1
+            wv = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 16)), (BLOCK_N, BLOCK_V))
+            pos = (wv >> ((vv % 16) * 2)[None, :]) & 3
+            col = v0 * 2 + (vv // 2)[None, :] * 4 + pos
+            xg = tl.load(x_row + col, mask=n_ok[:, None] & ((v0 + vv)[None, :] < v_end), other=0.0)
+            acc2 += vals.to(tl.float32) * xg.to(tl.float32)
+            vals = vals_next
+            words = words_next
+        acc = tl.sum(acc2, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        bias = bias * (pid_s == 0).to(tl.float32)  # added once, by the first K split
+        if USE_DOT:
+            acc += bias[None, :]
+        else:
+            acc += bias
+    if USE_DOT:
+        offs = t[:, None].to(tl.int64) * stride_ot + n[None, :]
+        ok = t_ok[:, None] & n_ok[None, :]
+    else:
+        offs = pid_t.to(tl.int64) * stride_ot + n
+        ok = n_ok
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs, acc, mask=ok)
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_NM24_KEY = ["N", "K", "T"]
+# one token: a row block per program, long contiguous value rows per step
+_nm24_gemv = triton.autotune(
+    configs=configs([{"BLOCK_N": 8, "BLOCK_K": 512}, {"BLOCK_N": 16, "BLOCK_K": 256}],
+                    {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
+# two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
+# than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3
+# splits each operand in two, so they are a quarter of the half-precision ones: no register
+# spills on sm_90 (benchmarks/compile_check_sparse_gpu.py).
+_nm24_gemm = triton.autotune(
+    configs=configs([{"BLOCK_N": 64, "BLOCK_K": 128}], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
+_nm24_gemm_f32 = triton.autotune(
+    configs=configs([{"BLOCK_N": 32, "BLOCK_K": 64}], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
+NM24_BLOCK_T_MAX = {torch.float32: 32}  # tokens per program of the dot path (default 64)
+
+
+_BEST: dict = {}
+
+
+def _launch(tuner, grid, key, *args, **kwargs):
+    """Launch an autotuned kernel: through ``tuner`` (benchmarking its configs) the first time
+    for ``key``, then the jitted kernel directly with the chosen config, which skips the
+    autotuner's per-call bookkeeping (microseconds, a visible share of a decode-size call)."""
+    best = _BEST.get((id(tuner), key))
+    if best is None:
+        tuner[grid](*args, **kwargs)
+        _BEST[(id(tuner), key)] = tuner.best_config.all_kwargs()
+    else:
+        tuner.fn[grid](*args, **kwargs, **best)
+
+
+def _check_dtypes(x, *weights):
+    if x.dtype not in DTYPES:
+        raise Decline(f"dtype {x.dtype} (kernels take float16/bfloat16/float32)")
+    for w in weights:
+        if w.dtype != x.dtype:
+            raise Decline(f"weight dtype {w.dtype} != input dtype {x.dtype}")
+
+
+def _finish(buf, dtype):
+    return buf if buf.dtype == dtype else buf.to(dtype)
+
+
+def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                bias: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for the 2:4-packed ``(values, meta)`` of W [N, in_features]; x of
+    shape [..., in_features]. ``split_k`` forces the number of K splits (tests)."""
+    k = int(in_features)
+    if k % 32:
+        raise Decline(f"in_features {k} % 32 != 0")
+    _check_dtypes(x, values, *(() if bias is None else (bias,)))
+    if meta.dtype != torch.int32:
+        raise Decline(f"meta dtype {meta.dtype} != int32")
+    check_device(x, values, meta)
+    n = values.shape[0]
+    if values.shape != (n, k // 2) or meta.shape != (n, k // 32):
+        raise ValueError(f"packed shapes {tuple(values.shape)}, {tuple(meta.shape)} do not fit "
+                         f"{n}x{k} (expected values [N, K/2], meta [N, K/32])")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    t = x2.shape[0]
+    values = values.contiguous()
+    meta = meta.contiguous()
+    use_dot = t > 1
+    block_t = min(NM24_BLOCK_T_MAX.get(x.dtype, 64), max(16, next_pow2(t))) if use_dot else 1
+    t_blocks = triton.cdiv(t, block_t)
+    if split_k is None:
+        # enough programs for every SM (row blocks counted at the smallest BLOCK_N of the configs)
+        programs = triton.cdiv(n, 8 if not use_dot else 64) * t_blocks
+        split_k = 1
+        target = _sm_count(x.device)
+        if programs < target:
+            split_k = min(triton.cdiv(target, programs), triton.cdiv(k, MAX_SPLIT_K_BLOCK))
+    split_k = max(1, min(int(split_k), triton.cdiv(k, 32)))
+    # split ranges: multiples of the largest BLOCK_K (interpreter: of its own 64)
+    unit = 64 if interpreting() else MAX_SPLIT_K_BLOCK
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), unit) * unit
+    split_k = triton.cdiv(k, k_per_split)
+    atomic = split_k > 1
+    out = (torch.zeros if atomic else torch.empty)((t, n), device=x.device,
+                                                    dtype=torch.float32 if atomic else x.dtype)
+    if t and n:
+        kernel = (_nm24_gemm_f32 if x.dtype == torch.float32 else _nm24_gemm) if use_dot else _nm24_gemv
+        grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), split_k, t_blocks)  # noqa: E731
+        key = (n, k, t, x.dtype, split_k, bias is not None)
+        _launch(kernel, grid, key, x2, values, meta, x2 if bias is None else bias.contiguous(), out, t, n, k,
+                k_per_split // 2, values.stride(0), meta.stride(0), x2.stride(0), out.stride(0),
+                HAS_BIAS=bias is not None, ATOMIC=atomic, USE_DOT=use_dot,
+                DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32", BLOCK_T=block_t)
+    return _finish(out, x.dtype).reshape(*lead, n)
+
+
+# ------------------------------------------------------------------------------------- sell
+
+@triton.jit
+def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, n_split, stride_xt, stride_ot,
+                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, S: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+    sl = tl.program_id(0)
+    pid_sp = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    start = tl.multiple_of(tl.load(sp_ptr + sl), S)  # every slice holds whole slots of S rows
+    width = ((tl.load(sp_ptr + sl + 1) - start) // S).to(tl.int32)
+    r = tl.arange(0, S)
+    row = sl * S + r
+    row_ok = row < N
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    x_rows = x_ptr + t[:, None, None].to(tl.int64) * stride_xt  # [BLOCK_T, 1, 1]
+    jj = tl.arange(0, BLOCK_J)
+    acc3 = tl.zeros([BLOCK_T, BLOCK_J, S], dtype=tl.float32)  # reduced over the slots after the loop
+    step = n_split * BLOCK_J
+    # software pipelining by hand: the next slot block is requested before this one's gathers
+    j = pid_sp * BLOCK_J + jj
+    ok = (j < width)[:, None]
+    off = start + j[:, None].to(tl.int64) * S + r[None, :]
+    v = tl.load(v_ptr + off, mask=ok, other=0.0)
+    c = tl.load(c_ptr + off, mask=ok, other=0)
+    for j0 in range(pid_sp * BLOCK_J, width, step):
+        j_next = j0 + step + jj
+        ok_next = (j_next < width)[:, None]
+        off_next = start + j_next[:, None].to(tl.int64) * S + r[None, :]
+        v_next = tl.load(v_ptr + off_next, mask=ok_next, other=0.0)
+        c_next = tl.load(c_ptr + off_next, mask=ok_next, other=0)
+        col = c.to(tl.int32) & 0xFFFF
+        xg = tl.load(x_rows + col[None, :, :], mask=t_ok[:, None, None] & ok[None, :, :], other=0.0)
+        acc3 += xg.to(tl.float32) * v.to(tl.float32)[None, :, :]
+        v = v_next
+        c = c_next
+        ok = ok_next
+    acc = tl.sum(acc3, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
+        acc += (bias * (pid_sp == 0).to(tl.float32))[None, :]
+    offs = t[:, None].to(tl.int64) * stride_ot + row[None, :]
+    ok_out = t_ok[:, None] & row_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs, acc, mask=ok_out)
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok_out)
+
+
+_SELL_KEY = ["N", "T", "S", "BLOCK_T"]
+# one token: long slot blocks, many bytes in flight per program
+_sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 64}, {"BLOCK_J": 128}], {"BLOCK_J": 8}, num_warps=(4,)),
+                             key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
+# several tokens: the [BLOCK_T, BLOCK_J, S] product tile shrinks the slot block (one config)
+_sell_multi = triton.autotune(configs=configs([{"BLOCK_J": 16}], {"BLOCK_J": 8}, num_warps=(4,)),
+                              key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
+
+SELL_BLOCK_T_MAX = 8  # tokens per program; more tokens take more programs (each re-reads its slice)
+
+
+def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
+                out_features: int, in_features: int, slice_rows: int, bias: torch.Tensor | None = None,
+                *, split: int | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for the sliced-ELLPACK ``(values, cols, slice_ptr)`` of W
+    [out_features, in_features]; x of shape [..., in_features]. ``split`` forces the number
+    of programs per slice (tests)."""
+    n, k, s = int(out_features), int(in_features), int(slice_rows)
+    _check_dtypes(x, values, *(() if bias is None else (bias,)))
+    if cols.dtype != torch.int16 or slice_ptr.dtype != torch.int64:
+        raise Decline(f"index dtypes {cols.dtype}, {slice_ptr.dtype} (need int16 columns, int64 slice_ptr)")
+    if s < 2 or s & (s - 1):
+        raise Decline(f"slice_rows {s} is not a power of two >= 2")
+    if k > 65536:
+        raise Decline(f"in_features {k} > 65536 (int16 column indices)")
+    check_device(x, values, cols, slice_ptr)
+    n_slices = slice_ptr.numel() - 1
+    if n_slices != triton.cdiv(n, s):
+        raise ValueError(f"{n_slices} slices do not fit {n} rows of slices of {s}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    t = x2.shape[0]
+    block_t = min(SELL_BLOCK_T_MAX, next_pow2(t))
+    t_blocks = triton.cdiv(t, block_t)
+    if split is None:
+        # at least one program per SM (a split costs two more launches: zeroing and the cast)
+        programs = n_slices * t_blocks
+        target = _sm_count(x.device)
+        split = min(8, triton.cdiv(target, programs)) if programs < target else 1
+    split = max(1, int(split))
+    atomic = split > 1
+    out = (torch.zeros if atomic else torch.empty)((t, n), device=x.device,
+                                                    dtype=torch.float32 if atomic else x.dtype)
+    if t and n:
+        kernel = _sell_gemv if block_t == 1 else _sell_multi
+        key = (n, s, t, x.dtype, split, bias is not None)
+        _launch(kernel, (n_slices, split, t_blocks), key, x2, values.contiguous(), cols.contiguous(),
+                slice_ptr.contiguous(), x2 if bias is None else bias.contiguous(), out, t, n, split, x2.stride(0),
+                out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t)
+    return _finish(out, x.dtype).reshape(*lead, n)

@@ -1,0 +1,194 @@
+"""GPU sparse decode: our Triton 2:4 and sliced-ELLPACK kernels (:class:`SparseGPULinear`,
+:func:`to_sparse_gpu`).
+
+Decode (a few tokens per call) is memory-bound: it reads every weight once for two flops, so a
+linear that stores fewer bytes runs faster. torch's 2:4 path (cuSPARSELt/CUTLASS) is tuned for
+large matmuls and loses to dense cuBLAS there; ``kernels/sparse_matmul.py`` reads the packed
+weight once with wide loads and decompresses in registers. Formats (specified, packed and
+unpacked in :mod:`sparsellm.reference`):
+
+* ``nm24``: at most 2 non-zeros per group of 4 inputs (2:4 and 3:4 patterns), in_features a
+  multiple of 32: fp16 values for half the weights plus 4 bits of positions per group
+  (0.5625x the dense bytes in fp16).
+* ``sell``: sliced ELLPACK for unstructured weights of sparsity >= :data:`SELL_MIN_SPARSITY`:
+  values and int16 column indices of the non-zeros (plus slice padding).
+
+Prefill (many tokens) is compute-bound, where the dense tensor-core GEMM wins, so a
+:class:`SparseGPULinear` keeps the dense weight too and runs ``F.linear`` above
+``max_sparse_tokens`` tokens per call, and the sparse kernel (through :mod:`sparsellm.ops`,
+which picks the Triton kernel on CUDA and the reference elsewhere) at or below it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops, reference
+from ..sparsity import nm_violations, zero_fraction
+from .csr import _replace_module
+from .errors import ExportError
+from .semi_structured import is_semi_structured
+from .targets import resolve_targets
+
+FORMATS = ("nm24", "sell")
+# Unstructured weights below this sparsity stay dense: int16 index + value per non-zero is
+# 2x the dense bytes per kept weight in fp16, so below ~50% sparsity it reads more than dense,
+# and the gathers need a margin on top. To be measured on the GPU (benchmarks/bench_export.py).
+SELL_MIN_SPARSITY = 0.7
+# Tokens per call up to which the sparse kernel runs; above, the dense GEMM (kept alongside).
+# Initial guesses, to be measured on the GPU (benchmarks/bench_export.py, test_gpu_linear).
+NM24_MAX_TOKENS = 32
+SELL_MAX_TOKENS = 8
+MAX_SPARSE_TOKENS = {"nm24": NM24_MAX_TOKENS, "sell": SELL_MAX_TOKENS}
+# Rows per slice (a power of two: a program's row block). A slice's [slots, rows] tile is
+# contiguous whatever its height, so smaller slices cost nothing in coalescing, pad less (each
+# slice is as wide as its longest row) and give more programs: 16 fills 132 SMs without a split
+# at 4096 output rows. To be measured on the GPU against 32.
+SELL_SLICE_ROWS = 16
+SELL_SLOT_BLOCK = 16  # slice widths are rounded up to this many slots
+
+
+def choose_format(linear: nn.Module, min_sparsity: float = SELL_MIN_SPARSITY) -> tuple[str | None, str, float]:
+    """(format or None, reason, sparsity) for a linear: ``nm24`` when its weight is 2:4 (at
+    most 2 non-zeros per group of 4 inputs) and in_features % 32 == 0, else ``sell`` when its
+    zero fraction is at least ``min_sparsity``, else None with the reason it stays dense."""
+    if not isinstance(linear, nn.Linear):
+        return None, f"not an nn.Linear ({type(linear).__name__})", 0.0
+    w = linear.weight
+    if is_semi_structured(w):
+        return None, "already a torch semi-structured weight", 0.0
+    if w.dim() != 2:
+        return None, f"weight is {w.dim()}-D", 0.0
+    if not w.is_floating_point():
+        return None, f"weight dtype {w.dtype} is not a float type", 0.0
+    rows, cols = w.shape
+    sparsity = zero_fraction(w.detach())
+    nm_note = ""
+    if cols % 4 == 0 and nm_violations(w, 2, 4) == 0:
+        if cols % reference.NM24_K_MULTIPLE == 0:
+            return "nm24", "2:4", sparsity
+        nm_note = f"2:4 but in_features {cols} % {reference.NM24_K_MULTIPLE} != 0; "
+    if sparsity >= min_sparsity:
+        if cols > 65536:
+            return None, f"{nm_note}in_features {cols} > 65536 does not fit int16 column indices", sparsity
+        return "sell", f"{nm_note}unstructured, sparsity {sparsity:.3f} >= {min_sparsity:g}", sparsity
+    return None, (f"{nm_note}not 2:4 and sparsity {sparsity:.3f} < {min_sparsity:g}, "
+                  "below which the sparse kernel does not beat dense"), sparsity
+
+
+class SparseGPULinear(nn.Module):
+    """A pruned linear with a packed sparse copy of its weight for small token counts.
+
+    ``forward`` runs the sparse product (``ops.nm24_linear`` / ``ops.sell_linear``) when the
+    call has at most ``max_sparse_tokens`` tokens (rows of x), else dense ``F.linear`` on the
+    kept dense weight. ``format`` None picks it with :func:`choose_format` (ValueError if the
+    weight fits neither)."""
+
+    def __init__(self, linear: nn.Linear, format: str | None = None, *, max_sparse_tokens: int | None = None,
+                 min_sparsity: float = SELL_MIN_SPARSITY, slice_rows: int = SELL_SLICE_ROWS,
+                 slot_block: int = SELL_SLOT_BLOCK):
+        super().__init__()
+        if format is None:
+            format, reason, _ = choose_format(linear, min_sparsity)
+            if format is None:
+                raise ValueError(f"linear not convertible: {reason}")
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.format = format
+        self.max_sparse_tokens = MAX_SPARSE_TOKENS[format] if max_sparse_tokens is None else int(max_sparse_tokens)
+        weight = linear.weight.detach()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.sparsity = zero_fraction(weight)
+        self.slice_rows = int(slice_rows)
+        if format == "nm24":
+            values, meta = reference.nm24_pack(weight)
+            self.register_buffer("values", values)
+            self.register_buffer("meta", meta)
+        else:
+            if self.slice_rows < 2 or self.slice_rows & (self.slice_rows - 1):
+                raise ValueError(f"slice_rows must be a power of two >= 2, got {slice_rows}")
+            values, cols, slice_ptr = reference.sell_pack(weight, self.slice_rows, slot_block)
+            self.register_buffer("values", values)
+            self.register_buffer("cols", cols)
+            self.register_buffer("slice_ptr", slice_ptr)
+
+    def packed_bytes(self) -> int:
+        names = ("values", "meta") if self.format == "nm24" else ("values", "cols", "slice_ptr")
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    def dense_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "nm24":
+            return ops.nm24_linear(x, self.values, self.meta, self.in_features, self.bias)
+        return ops.sell_linear(x, self.values, self.cols, self.slice_ptr, self.out_features, self.in_features,
+                               self.slice_rows, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > self.max_sparse_tokens * self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        return self.sparse_forward(x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}, sparsity={self.sparsity:.3f}, max_sparse_tokens={self.max_sparse_tokens}")
+
+
+def kernels_available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the Triton kernels run for weights on ``device``, and why not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, (f"weights on {device.type}: the sparse kernels need a CUDA GPU (Triton); the sparse "
+                       "products run the plain-PyTorch reference instead, correct but slower than dense")
+    if not ops.available("triton", device):
+        return False, ("triton is not available (pip install 'sparsellm[triton]'): the sparse products run "
+                       "the plain-PyTorch reference, slower than dense")
+    return True, "ok"
+
+
+def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: float = SELL_MIN_SPARSITY,
+                  max_sparse_tokens: dict | int | None = None, slice_rows: int = SELL_SLICE_ROWS) -> dict:
+    """Replace targeted pruned linears by :class:`SparseGPULinear` (2:4 -> ``nm24``, else
+    sparsity >= ``min_sparsity`` -> ``sell``; the others stay dense). ``max_sparse_tokens``:
+    one crossover for both formats, or {format: tokens} overriding :data:`MAX_SPARSE_TOKENS`.
+    Returns a JSON-able report of what each linear runs on and why the others stay dense."""
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ExportError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
+    crossover = dict(MAX_SPARSE_TOKENS)
+    if isinstance(max_sparse_tokens, dict):
+        unknown = set(max_sparse_tokens) - set(FORMATS)
+        if unknown:
+            raise ExportError(f"max_sparse_tokens: unknown formats {sorted(unknown)}; expected {FORMATS}")
+        crossover.update({k: int(v) for k, v in max_sparse_tokens.items()})
+    elif max_sparse_tokens is not None:
+        crossover = {k: int(max_sparse_tokens) for k in FORMATS}
+    selected, _, _ = resolve_targets(model, targets)
+    report = {"kind": "sparse-gpu", "min_sparsity": min_sparsity, "max_sparse_tokens": crossover,
+              "converted": {}, "dense": {}}
+    devices = set()
+    for name, lin in selected.items():
+        fmt, reason, sparsity = choose_format(lin, min_sparsity)
+        if fmt is None:
+            report["dense"][name] = reason
+            continue
+        new = SparseGPULinear(lin, fmt, max_sparse_tokens=crossover[fmt], slice_rows=slice_rows)
+        _replace_module(model, name, new)
+        devices.add(str(lin.weight.device))
+        packed, dense = new.packed_bytes(), new.dense_bytes()
+        report["converted"][name] = {"format": fmt, "why": reason, "sparsity": round(sparsity, 6),
+                                     "bytes": packed, "dense_bytes": dense, "bytes_ratio": round(packed / dense, 6),
+                                     "max_sparse_tokens": new.max_sparse_tokens}
+    report["n_converted"] = len(report["converted"])
+    report["n_dense"] = len(report["dense"])
+    report["formats"] = {f: sum(1 for v in report["converted"].values() if v["format"] == f) for f in FORMATS}
+    notes = [kernels_available(d) for d in sorted(devices)]
+    report["available"] = bool(notes) and all(ok for ok, _ in notes)
+    if not report["available"]:
+        report["note"] = ("; ".join(why for ok, why in notes if not ok) if notes
+                          else "no linear converted (see 'dense' for the reasons)")
+    return report

@@ -1,0 +1,398 @@
+"""Sparse decode kernels and their export (sparsellm.export.sparse_gpu, kernels/sparse_matmul.py).
+
+- Packing: ``nm24`` (2:4 / 3:4 / emptier groups) and ``sell`` (sliced ELLPACK) round trips on
+  fresh random weights, and the layouts' documented bit / slot positions.
+- The reference products against ``F.linear`` in float64.
+- The Triton kernels against the reference: without CUDA in Triton's interpreter on CPU tensors
+  (conftest sets TRITON_INTERPRET=1 before the kernels are imported), on small shapes; with
+  CUDA compiled, plus ``gpu`` tests at LLaMA-7B shapes.
+- :class:`SparseGPULinear` dispatch below / above its crossover, :func:`to_sparse_gpu`'s
+  report, and ``--export sparse-gpu`` in the settings and the CLI.
+
+Errors are relative to the largest float64 reference output (never to zeros); NaN fails
+every comparison here.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsellm import ops, reference
+from sparsellm.export import ExportError, SparseGPULinear, apply_export, save_pruned, sparse_gpu, to_sparse_gpu
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in float64; inf for NaN/inf in ``got``."""
+    got, want = got.double().cpu(), want.double().cpu()
+    assert want.abs().max() > 0, "comparing against an all-zero reference proves nothing"
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def nm_weight(rows, cols, keep=2, seed=0, dtype=torch.float32, empty_groups=True):
+    """Random weight keeping ``keep`` random entries of each group of 4 inputs; with
+    ``empty_groups`` some groups keep fewer (0 or 1) to exercise the zero padding."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    order = torch.rand(rows, cols // 4, 4, generator=gen).argsort(-1)
+    kept = torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(-1, order[..., :keep], True)
+    if empty_groups:
+        fewer = torch.rand(rows, cols // 4, generator=gen)
+        kept[fewer < 0.1] = False                                        # no non-zero
+        kept[(fewer >= 0.1) & (fewer < 0.2)] &= order[(fewer >= 0.1) & (fewer < 0.2)].argsort(-1) < 1  # one
+    return (w * kept.reshape(rows, cols)).to(dtype)
+
+
+def sparse_weight(rows, cols, sparsity, seed=0, dtype=torch.float32, uneven=True):
+    """Unstructured; ``uneven``: per-row densities vary around the target, row 0 is empty and
+    row 2 dense-ish (else every entry is zero with probability ``sparsity``)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    if not uneven:
+        return (w * (torch.rand(rows, cols, generator=gen) >= sparsity)).to(dtype)
+    density = (1 - sparsity) * (0.25 + 1.5 * torch.rand(rows, 1, generator=gen))
+    keep = torch.rand(rows, cols, generator=gen) < density
+    keep[0] = False
+    if rows > 2:
+        keep[2] = torch.rand(cols, generator=gen) < 0.8
+    return (w * keep).to(dtype)
+
+
+# ------------------------------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("keep", [2, 1])  # 2:4 and 3:4 (one kept of four)
+@pytest.mark.parametrize("shape", [(5, 32), (17, 96), (64, 256)])
+def test_nm24_pack_round_trip(shape, keep):
+    w = nm_weight(*shape, keep=keep, seed=shape[0])
+    values, meta = reference.nm24_pack(w)
+    assert values.shape == (shape[0], shape[1] // 2) and values.dtype == w.dtype
+    assert meta.shape == (shape[0], shape[1] // 32) and meta.dtype == torch.int32
+    assert torch.equal(reference.nm24_unpack(values, meta, shape[1]), w)
+    # positions are distinct inside each group, kept entries in position order
+    pos = reference.nm24_positions(meta).reshape(shape[0], -1, 2)
+    assert bool((pos[..., 0] < pos[..., 1]).all())
+    # values hold exactly the non-zeros (the rest are zero pads)
+    assert int((values != 0).sum()) == int((w != 0).sum())
+
+
+def test_nm24_layout_bits():
+    """Group g of a word in bits 4g..4g+3, first position in the low 2 bits."""
+    w = torch.zeros(1, 32)
+    w[0, 1], w[0, 3] = 1.0, 2.0        # group 0: positions 1, 3 -> code 0b1101
+    w[0, 4 * 7 + 2] = 3.0              # group 7: one non-zero at 2 -> padded with position 0: code 0b1000
+    values, meta = reference.nm24_pack(w)
+    word = int(meta[0, 0]) & 0xFFFFFFFF
+    assert word & 0xF == 0b1101
+    assert (word >> 28) & 0xF == 0b1000
+    assert values[0, :2].tolist() == [1.0, 2.0] and values[0, 14:16].tolist() == [0.0, 3.0]
+    for g in range(1, 7):  # empty groups: positions 0 and 1, zero values
+        assert (word >> (4 * g)) & 0xF == 0b0100
+
+
+def test_nm24_pack_rejects():
+    with pytest.raises(ValueError, match="% 32"):
+        reference.nm24_pack(nm_weight(4, 48))
+    w = nm_weight(4, 64)
+    w[1, 4:7] = 1.0
+    with pytest.raises(ValueError, match="not 2:4"):
+        reference.nm24_pack(w)
+
+
+@pytest.mark.parametrize("sparsity", [0.7, 0.9, 0.95])
+@pytest.mark.parametrize("rows,slice_rows", [(70, 32), (33, 16), (8, 8)])
+def test_sell_pack_round_trip(sparsity, rows, slice_rows):
+    cols = 200
+    w = sparse_weight(rows, cols, sparsity, seed=rows)
+    values, col16, slice_ptr = reference.sell_pack(w, slice_rows, slot_block=8)
+    n_slices = -(-rows // slice_rows)
+    assert slice_ptr.shape == (n_slices + 1,) and slice_ptr.dtype == torch.int64 and col16.dtype == torch.int16
+    sizes = (slice_ptr[1:] - slice_ptr[:-1]).tolist()
+    assert all(s % (slice_rows * 8) == 0 for s in sizes)  # whole slot blocks of whole slices
+    assert torch.equal(reference.sell_unpack(values, col16, slice_ptr, rows, cols, slice_rows), w)
+    # each slice is as wide as its longest row (rounded up to the slot block)
+    counts = (w != 0).sum(1)
+    for s in range(n_slices):
+        longest = int(counts[s * slice_rows:(s + 1) * slice_rows].max())
+        assert sizes[s] // slice_rows == -(-longest // 8) * 8
+
+
+def test_sell_slot_major_layout_and_wide_columns():
+    """Value of row r, slot j at slice_ptr[s] + j*S + r; columns >= 32768 read back via & 0xFFFF."""
+    w = torch.zeros(3, 40000)
+    w[0, 5], w[0, 39999] = 1.0, 2.0
+    w[2, 33000] = 3.0
+    values, col16, slice_ptr = reference.sell_pack(w, slice_rows=4, slot_block=2)
+    assert slice_ptr.tolist() == [0, 8]
+    assert values.tolist() == [1.0, 0.0, 3.0, 0.0, 2.0, 0.0, 0.0, 0.0]
+    assert (col16.to(torch.int64) & 0xFFFF).tolist() == [5, 0, 33000, 0, 39999, 0, 0, 0]
+    assert torch.equal(reference.sell_unpack(values, col16, slice_ptr, 3, 40000, 4), w)
+    with pytest.raises(ValueError, match="65536"):
+        reference.sell_pack(torch.zeros(2, 70000))
+
+
+# ------------------------------------------------------------------------------------- reference products
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_reference_linears_match_dense_float64(bias):
+    gen = torch.Generator().manual_seed(1)
+    w24 = nm_weight(24, 96, seed=3, dtype=torch.float64)
+    wsp = sparse_weight(24, 96, 0.9, seed=4, dtype=torch.float64)
+    b = torch.randn(24, generator=gen, dtype=torch.float64) if bias else None
+    x = torch.randn(2, 5, 96, generator=gen, dtype=torch.float64)
+    values, meta = reference.nm24_pack(w24)
+    got = reference.nm24_linear(x, values, meta, 96, b)
+    assert got.shape == (2, 5, 24) and rel_err(got, F.linear(x, w24, b)) < 1e-14
+    values, col16, slice_ptr = reference.sell_pack(wsp, 16)
+    got = reference.sell_linear(x, values, col16, slice_ptr, 24, 96, 16, b)
+    assert rel_err(got, F.linear(x, wsp, b)) < 1e-14
+    # half inputs: fp32 accumulation, result in the input dtype
+    got = reference.nm24_linear(x.half(), values_h := reference.nm24_pack(w24.half())[0],
+                                reference.nm24_pack(w24.half())[1], 96, None if b is None else b.half())
+    assert got.dtype == torch.float16 and values_h.dtype == torch.float16
+    want = F.linear(x.half().double(), w24.half().double(), None if b is None else b.half().double())
+    assert rel_err(got, want) < 2e-3
+
+
+# ------------------------------------------------------------------------------------- Triton kernels
+
+triton = pytest.importorskip("triton")
+pytest.importorskip("sparsellm._triton_backend")
+from sparsellm.kernels import sparse_matmul  # noqa: E402
+
+KERNEL_DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # vs float64, output rounding included
+
+
+def _inputs(tokens, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, k, generator=gen).to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 16, 33])
+def test_nm24_kernel_matches_reference(tokens, dtype):
+    n, k = 40, 128  # 40: not a multiple of any row block
+    w = nm_weight(n, k, keep=2, seed=tokens, dtype=dtype)
+    values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+    bias = torch.randn(n).to(dtype).to(DEV)
+    x = _inputs(tokens, k, dtype, seed=tokens + 1)
+    want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k, bias.double().cpu())
+    for split in (None, 3, None):  # 3: the fp32 atomic split-K path; None again: the cached config
+        got = sparse_matmul.nm24_linear(x, values, meta, k, bias, split_k=split)
+        assert got.shape == (tokens, n) and got.dtype == dtype
+        assert rel_err(got, want) < TOL[dtype], split
+    got = sparse_matmul.nm24_linear(x.reshape(1, tokens, k), values, meta, k)  # no bias, 3-D input
+    assert got.shape == (1, tokens, n)
+    assert rel_err(got[0], want - bias.double().cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 16, 33])
+def test_sell_kernel_matches_reference(tokens, dtype):
+    n, k, s = 45, 160, 16
+    w = sparse_weight(n, k, 0.9, seed=tokens, dtype=dtype)
+    values, col16, slice_ptr = (t.to(DEV) for t in reference.sell_pack(w, s, slot_block=4))
+    bias = torch.randn(n).to(dtype).to(DEV)
+    x = _inputs(tokens, k, dtype, seed=tokens + 2)
+    want = reference.sell_linear(x.double().cpu(), values.double().cpu(), col16.cpu(), slice_ptr.cpu(), n, k, s,
+                                 bias.double().cpu())
+    for split in (None, 1, 3, 3):  # 1: direct store; 3: the fp32 atomic split path (again: cached config)
+        got = sparse_matmul.sell_linear(x, values, col16, slice_ptr, n, k, s, bias, split=split)
+        assert got.shape == (tokens, n) and got.dtype == dtype
+        assert rel_err(got, want) < TOL[dtype], split
+
+
+def test_kernels_decline_and_check():
+    w = nm_weight(8, 64)
+    values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+    x = torch.randn(2, 64, device=DEV)
+    with pytest.raises(ops.Decline, match="float64"):
+        sparse_matmul.nm24_linear(x.double(), values.double(), meta, 64)
+    with pytest.raises(ops.Decline, match="weight dtype"):
+        sparse_matmul.nm24_linear(x.half(), values, meta, 64)
+    with pytest.raises(ops.Decline, match="% 32"):
+        sparse_matmul.nm24_linear(x[:, :48], values[:, :24], meta[:, :1], 48)
+    sv, sc, sp = (t.to(DEV) for t in reference.sell_pack(sparse_weight(8, 64, 0.9), 8))
+    with pytest.raises(ops.Decline, match="power of two"):
+        sparse_matmul.sell_linear(x, sv, sc, sp, 8, 64, 6)
+    with pytest.raises(ops.Decline, match="index dtypes"):
+        sparse_matmul.sell_linear(x, sv, sc.to(torch.int32), sp, 8, 64, 8)
+
+
+def test_ops_dispatch_falls_back_for_float64():
+    """float64 is declined by the kernels and computed by the reference (forced triton)."""
+    w = nm_weight(8, 64, dtype=torch.float64)
+    values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+    x = torch.randn(3, 64, dtype=torch.float64, device=DEV)
+    ops.reset_usage()
+    with ops.backend_scope("triton"):
+        got = ops.nm24_linear(x, values, meta, 64)
+        ops.nm24_linear(x.float(), values.float(), meta, 64)
+    assert ops.usage()["nm24_linear"] == {"reference": 1, "triton": 1}
+    assert rel_err(got, F.linear(x, w.to(DEV))) < 1e-14
+
+
+def test_ops_never_load_the_cuda_extension_for_the_decode_products(monkeypatch):
+    """Only Triton implements them: on CUDA tensors the extension (compiled on first use where
+    a toolkit exists) must not be loaded on their account."""
+    asked = []
+    real = ops.available
+    monkeypatch.setattr(ops, "available", lambda name, device=None: asked.append(name) or real(name, device))
+    names = [name for name, _ in ops._candidates("sell_linear", torch.device("cuda"))]
+    assert names == ["triton", "reference"] and "cuda" not in asked
+
+
+# ------------------------------------------------------------------------------------- SparseGPULinear
+
+def _linear_with(weight, bias=True):
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
+
+
+@pytest.mark.parametrize("fmt", ["nm24", "sell"])
+def test_sparse_gpu_linear_dispatch(fmt):
+    w = nm_weight(48, 64, seed=5) if fmt == "nm24" else sparse_weight(48, 64, 0.9, seed=5, uneven=False)
+    lin = _linear_with(w)
+    mod = SparseGPULinear(lin, max_sparse_tokens=4)
+    assert mod.format == fmt and mod.max_sparse_tokens == 4 and mod.weight.shape == (48, 64)
+    assert mod.packed_bytes() < mod.dense_bytes()
+    ops.reset_usage()
+    for shape in ((1, 64), (2, 2, 64), (5, 64), (2, 3, 64)):  # 1, 4 tokens: sparse; 5, 6: dense
+        x = torch.randn(*shape)
+        want = F.linear(x.double(), w.double(), lin.bias.double())
+        got = mod(x)
+        assert got.shape == (*shape[:-1], 48)
+        assert rel_err(got, want) < 1e-5
+    assert sum(ops.usage()[f"{fmt}_linear"].values()) == 2
+    assert SparseGPULinear(lin).max_sparse_tokens == sparse_gpu.MAX_SPARSE_TOKENS[fmt]
+
+
+def test_choose_format_reasons():
+    assert sparse_gpu.choose_format(_linear_with(nm_weight(8, 64, keep=1)))[0] == "nm24"  # 3:4
+    fmt, why, _ = sparse_gpu.choose_format(_linear_with(nm_weight(8, 48)))  # 2:4, K % 32 != 0, 50%-ish sparse
+    assert fmt is None and "% 32" in why and "sparsity" in why
+    fmt, why, _ = sparse_gpu.choose_format(_linear_with(nm_weight(8, 48, keep=1)))  # 3:4 but K=48: sell at ~80%
+    assert fmt == "sell" and "% 32" in why
+    fmt, why, _ = sparse_gpu.choose_format(_linear_with(sparse_weight(8, 64, 0.5)))
+    assert fmt is None and "< 0.7" in why
+    assert sparse_gpu.choose_format(nn.Conv1d(2, 2, 1))[0] is None
+    with pytest.raises(ValueError, match="not convertible"):
+        SparseGPULinear(_linear_with(sparse_weight(8, 64, 0.3)))
+
+
+# ------------------------------------------------------------------------------------- to_sparse_gpu
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_to_sparse_gpu_report_and_outputs():
+    model = tiny_llama()
+    with torch.no_grad():
+        layers = model.model.layers
+        for name, lin in model.named_modules():
+            if isinstance(lin, nn.Linear) and ".layers." in name:
+                w = lin.weight
+                if ".layers.0." in name:  # 2:4
+                    lin.weight.copy_(nm_weight(*w.shape, seed=len(name), empty_groups=False))
+                else:                     # 90% unstructured
+                    lin.weight.copy_(sparse_weight(*w.shape, 0.9, seed=len(name)))
+        layers[1].mlp.down_proj.weight.normal_()  # dense: stays
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        want_prefill = model(ids).logits
+        want_decode = model(ids[:, :1]).logits
+    report = to_sparse_gpu(model, max_sparse_tokens={"sell": 2})
+    json.dumps(report)
+    assert report["kind"] == "sparse-gpu" and report["n_converted"] == 13 and report["n_dense"] == 1
+    assert report["formats"] == {"nm24": 7, "sell": 6}
+    assert "< 0.7" in report["dense"]["model.layers.1.mlp.down_proj"]
+    entry = report["converted"]["model.layers.0.self_attn.q_proj"]
+    assert entry["format"] == "nm24" and entry["bytes_ratio"] == pytest.approx((0.5 * 4 + 4 / 32 / 4 * 4) / 4)
+    assert report["converted"]["model.layers.1.mlp.up_proj"]["max_sparse_tokens"] == 2
+    assert report["max_sparse_tokens"] == {"nm24": sparse_gpu.NM24_MAX_TOKENS, "sell": 2}
+    if DEV == "cpu":
+        assert report["available"] is False and "need a CUDA GPU" in report["note"]
+    assert isinstance(model.model.layers[0].mlp.up_proj, SparseGPULinear)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, SparseGPULinear)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, want_prefill) < 1e-5      # 16 tokens: dense above the crossovers
+        assert rel_err(model(ids[:, :1]).logits, want_decode) < 1e-5  # 2 tokens: sparse products
+    with pytest.raises(ExportError, match="before apply_export"):  # save the dense-masked model instead
+        save_pruned(model, None, "/nonexistent/never-written", sparsity_structure="unstructured")
+    with pytest.raises(ExportError, match="unknown formats"):
+        to_sparse_gpu(tiny_llama(), max_sparse_tokens={"coo": 3})
+
+
+def test_apply_export_and_settings_accept_sparse_gpu():
+    from sparsellm import config
+    from sparsellm.cli import build_parser, config_from_args
+
+    assert "sparse-gpu" in config.EXPORT_KINDS
+    model = tiny_llama()
+    report = apply_export(model, "sparse-gpu")  # random dense weights: nothing converts, all explained
+    assert report["kind"] == "sparse-gpu" and report["n_converted"] == 0 and report["n_dense"] == 14
+    assert report["available"] is False
+    args = build_parser().parse_args(["--export", "sparse-gpu"])
+    assert args.export == "sparse-gpu"
+    assert config_from_args(args).export == "sparse-gpu"
+    assert config.PruneConfig(export="sparse-gpu").export == "sparse-gpu"
+    with pytest.raises(ValueError, match="unknown export"):
+        config.PruneConfig(export="sparse-cpu")
+
+
+# ------------------------------------------------------------------------------------- GPU (compiled)
+
+GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out) of LLaMA-2-7B's linears
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 7])  # (16..2048 tokens: benchmarks/bench_export.py checks them)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}to{s[1]}")
+def test_gpu_kernels_at_7b_shapes(shape, tokens):
+    in_f, out_f = shape
+    torch.manual_seed(0)
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
+    bias = torch.randn(out_f, device="cuda", dtype=torch.float16)
+    w = torch.randn(out_f, in_f, device="cuda", dtype=torch.float16)
+    groups = w.abs().reshape(out_f, -1, 4)
+    drop = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.argsort(-1)[..., :2], True)
+    w24 = w.masked_fill(drop.reshape(out_f, in_f), 0)
+    values, meta = reference.nm24_pack(w24)
+    want = F.linear(x.float(), w24.float(), bias.float())
+    assert rel_err(sparse_matmul.nm24_linear(x, values, meta, in_f, bias), want) < 1e-2
+    w90 = w.masked_fill(torch.rand_like(w, dtype=torch.float32) < 0.9, 0)
+    sv, sc, sp = reference.sell_pack(w90, 32, sparse_gpu.SELL_SLOT_BLOCK)
+    want = F.linear(x.float(), w90.float(), bias.float())
+    assert rel_err(sparse_matmul.sell_linear(x, sv, sc, sp, out_f, in_f, 32, bias), want) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_bfloat16_and_ops_pick_triton():
+    torch.manual_seed(0)
+    w = nm_weight(256, 512, dtype=torch.bfloat16).cuda()
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    lin = _linear_with(w.cpu()).to("cuda", torch.bfloat16)
+    mod = SparseGPULinear(lin)
+    ops.reset_usage()
+    got = mod(x)
+    assert ops.usage()["nm24_linear"] == {"triton": 1}
+    assert rel_err(got, F.linear(x.double(), w.double(), lin.bias.double())) < 2e-2
