@@ -45,16 +45,20 @@ def build_model(tokenizer_dir: str, out: str, layers: int, tiny: bool, device: s
     tok.save_pretrained(out)
 
 
-def run_one(model_dir: str, method: str, sparsity: str, backend: str, args) -> dict:
-    report = os.path.join(args.workdir, f"{method}_{sparsity.replace(':', '_')}_{backend}.json")
+def run_one(model_dir: str, method: str, sparsity: str, backend: str, extra: list[str], args) -> dict:
+    tag = "_".join([method, sparsity.replace(":", "_"), backend] + [e.replace("=", "-") for e in extra])
+    report = os.path.join(args.workdir, f"{tag}.json")
     cmd = [sys.executable, "-m", "sparsellm.cli", "--model", model_dir, "--method", method, "--sparsity", sparsity,
            "--backend", backend, "--calib", args.calib, "--eval", "none", "--no-dense-eval",
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--dtype", "float16",
            "--device", args.device, "--quiet", "--report", report]
+    for option in extra:  # NAME=VALUE -> --NAME VALUE
+        name, _, value = option.partition("=")
+        cmd += [f"--{name}"] + ([value] if value else [])
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - start
-    row = {"method": method, "sparsity": sparsity, "backend": backend, "rc": proc.returncode,
+    row = {"method": method, "sparsity": sparsity, "backend": backend, "options": extra, "rc": proc.returncode,
            "process_seconds": round(wall, 2)}
     if proc.returncode or not os.path.exists(report):
         row["error"] = (proc.stderr or proc.stdout)[-2000:]
@@ -73,20 +77,25 @@ def run_one(model_dir: str, method: str, sparsity: str, backend: str, args) -> d
 
 def render(result: dict) -> str:
     rows = result["runs"]
-    base = {(r["sparsity"], r["backend"]): r for r in rows if r["method"] == "sparsegpt" and "prune_seconds" in r}
-    lines = ["| method | sparsity | backend | prune s | per layer s (steady) | x SparseGPT (steady) | peak memory GB | FFN buffers GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = {(r["sparsity"], r["backend"]): r for r in rows
+            if r["method"] == "sparsegpt" and "prune_seconds" in r and not r.get("options")}
+    lines = ["| method | sparsity | backend | options | prune s | per layer s (steady) | x SparseGPT (steady) "
+             "| peak memory GB | FFN buffers GB | FFN rel. error per layer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "prune_seconds" not in r:
-            lines.append(f"| {r['method']} | {r['sparsity']} | {r['backend']} | failed (rc {r['rc']}) | | | | |")
+            lines.append(f"| {r['method']} | {r['sparsity']} | {r['backend']} | {' '.join(r.get('options', []))} "
+                         f"| failed (rc {r['rc']}) | | | | | |")
             continue
         ref = base.get((r["sparsity"], r["backend"])) or base.get((r["sparsity"], "auto"))
         ratio = ""
         if ref and r["steady_layer_seconds"] and ref["steady_layer_seconds"]:
             ratio = f"{r['steady_layer_seconds'] / ref['steady_layer_seconds']:.2f}"
         gb = lambda b: f"{b / 1e9:.1f}" if b else ""  # noqa: E731
-        lines.append(f"| {r['method']} | {r['sparsity']} | {r['backend']} | {r['prune_seconds']} | "
-                     f"{r['steady_layer_seconds']} | {ratio} | {gb(r['peak_memory_bytes'])} | {gb(r['aux_buffer_bytes'])} |")
+        errors = " ".join(f"{e:.4f}" for e in r["ffn_rel_error"])
+        lines.append(f"| {r['method']} | {r['sparsity']} | {r['backend']} | {' '.join(r.get('options', []))} | "
+                     f"{r['prune_seconds']} | {r['steady_layer_seconds']} | {ratio} | {gb(r['peak_memory_bytes'])} | "
+                     f"{gb(r['aux_buffer_bytes'])} | {errors} |")
     s = result["settings"]
     lines.append("")
     shape = "toy (hidden 64)" if s["tiny"] else "LLaMA-2-7B"
@@ -101,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", required=True, help="folder holding the tokenizer files")
     ap.add_argument("--calib", required=True, help="calibration text (.txt)")
     ap.add_argument("--runs", default="sparsegpt:0.7:auto,sparsellm:0.7:auto",
-                    help="comma-separated METHOD:SPARSITY:BACKEND (an N:M sparsity as 2-4)")
+                    help="comma-separated METHOD:SPARSITY:BACKEND[:OPTION=VALUE...] (an N:M sparsity as 2-4; "
+                         "options are CLI flags without the dashes, e.g. product-precision=float32)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -124,8 +134,8 @@ def main(argv=None) -> int:
                            "tiny": args.tiny, "dtype": "float16"},
               "runs": []}
     for spec in args.runs.split(","):
-        method, sparsity, backend = spec.split(":")
-        row = run_one(model_dir, method, sparsity.replace("-", ":"), backend, args)
+        method, sparsity, backend, *extra = spec.split(":")
+        row = run_one(model_dir, method, sparsity.replace("-", ":"), backend, extra, args)
         result["runs"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
         if "error" in row:

@@ -6,8 +6,8 @@ import logging
 import sys
 
 from . import __version__
-from .config import (DEFAULT_MODEL, DTYPES, EXPORT_KINDS, SAVE_FORMATS, STRUCTURES, AllocationSettings, ElsaSettings,
-                     PruneConfig, SparseLLMSettings)
+from .config import (DEFAULT_MODEL, DTYPES, EXPORT_KINDS, PRODUCT_PRECISIONS, SAVE_FORMATS, STRUCTURES,
+                     AllocationSettings, ElsaSettings, PruneConfig, SparseLLMSettings)
 from .sparsity import SparsityPattern, SparsityError
 
 
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=s.beta)
     g.add_argument("--gamma", type=float, default=s.gamma)
     g.add_argument("--iterations", type=int, default=s.iterations)
+    g.add_argument("--product-precision", default=s.product_precision, choices=PRODUCT_PRECISIONS,
+                   help="precision of the FFN solver's large products on CUDA (the CPU computes float32)")
     e = ElsaSettings()
     g = p.add_argument_group("Elsa and masked-adam (whole-model training on the calibration text)")
     g.add_argument("--steps", type=int, default=e.steps, help="optimiser steps")
@@ -139,7 +141,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         model=args.model, method=args.method, sparsity=args.sparsity, layers=layers, sequential=args.sequential,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         blocksize=args.blocksize, percdamp=args.percdamp,
-        sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations),
+        sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations,
+                                    product_precision=args.product_precision),
         structure=args.structure, head_sparsity=args.head_sparsity,
         allocation=AllocationSettings(rule=args.allocation, temperature=args.temperature, owl_lambda=args.owl_lambda,
                                       owl_m=args.owl_m, min_sparsity=args.layer_sparsity_min,

@@ -14,6 +14,9 @@ SAVE_FORMATS = ("dense", "compressed")
 EXPORT_KINDS = ("semi-structured", "csr", "sparse-gpu")
 
 
+PRODUCT_PRECISIONS = ("tf32", "float32")
+
+
 @dataclass
 class SparseLLMSettings:
     """Hyperparameters of the SparseLLM FFN solver (see sparsellm.methods.sparsellm)."""
@@ -31,6 +34,12 @@ class SparseLLMSettings:
     s_step_iterations: int = 2  # warm-started each iteration; 5 cost 40% of the solver's time
     # Normalise alpha/beta/gamma by the scale of the terms they weigh (see the method's docs).
     scale_aware: bool = True
+    # Precision of the solver's large products on CUDA (the token-wise forward products and the
+    # Gram accumulations over all calibration tokens, ~95% of its arithmetic at 7B shapes):
+    # "tf32" uses the tensor cores' TF32 mode, "float32" plain float32 (the CPU always computes
+    # float32). Factorisations, the OBS sweeps and the p-step system stay float32 either way.
+    # Measured on an H100 (benchmarks/prune_7b.py, README "SparseLLM at 7B shapes").
+    product_precision: str = "tf32"
 
     def __post_init__(self):
         for name in ("alpha", "beta", "gamma"):
@@ -39,6 +48,9 @@ class SparseLLMSettings:
                 raise ValueError(f"sparsellm {name} must be a positive number, got {value!r}")
         if not (isinstance(self.iterations, int) and self.iterations >= 0):
             raise ValueError(f"sparsellm iterations must be an integer >= 0, got {self.iterations!r}")
+        if self.product_precision not in PRODUCT_PRECISIONS:
+            raise ValueError(f"sparsellm product_precision must be one of {', '.join(PRODUCT_PRECISIONS)}, "
+                             f"got {self.product_precision!r}")
         if not (isinstance(self.s_step_iterations, int) and self.s_step_iterations >= 1):
             raise ValueError(f"sparsellm s_step_iterations must be an integer >= 1, got {self.s_step_iterations!r}")
 

@@ -264,3 +264,28 @@ def test_real_model_90_percent_no_nan():
         assert all(math.isfinite(e["ffn_rel_error"]) for e in record.diagnostics["iterations"])
     with torch.no_grad():
         assert torch.isfinite(model(ids[:1]).logits).all()
+
+
+def test_large_products_switches_tf32_only_for_cuda_and_restores():
+    from sparsellm.methods.sparsellm import large_products
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with large_products(torch.device("cuda", 0), "tf32"):  # the flag only; no CUDA work is done
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    for device, precision in ((torch.device("cpu"), "tf32"), (torch.device("cuda", 0), "float32")):
+        with large_products(device, precision):
+            assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError):
+        with large_products(torch.device("cuda", 0), "tf32"):
+            raise RuntimeError("restored on the way out")
+    assert matmul.fp32_precision == before
+
+
+def test_product_precision_is_validated():
+    from sparsellm.config import SparseLLMSettings
+
+    assert SparseLLMSettings().product_precision == "tf32"
+    with pytest.raises(ValueError, match="product_precision"):
+        SparseLLMSettings(product_precision="bf16")

@@ -36,6 +36,7 @@ chunks of tokens, so the temporaries stay bounded. Their size is reported as ``a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -61,6 +62,28 @@ def _sq_norm(t: torch.Tensor) -> float:
     """||t||^2. In float32: torch's sum reduces pairwise, about 1e-7 relative at these sizes
     (checked against float64), about ten times cheaper than a float64 copy of the buffer."""
     return float(t.square().sum())
+
+
+@contextlib.contextmanager
+def large_products(device: torch.device, precision: str):
+    """Inside the block, float32 matmuls on ``device`` run in ``precision`` ("tf32": the tensor
+    cores' TF32 mode, on CUDA only; "float32": unchanged). The setting before is restored."""
+    matmul = torch.backends.cuda.matmul
+    if device.type != "cuda" or precision != "tf32":
+        yield
+        return
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+    else:
+        before, matmul.allow_tf32 = matmul.allow_tf32, True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = before
 
 
 def _act(swiglu: bool, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
@@ -196,28 +219,30 @@ class _FFNSolver:
         chol_x, damp_x = ops.damped_cholesky(gx, pd)
         lam_x = float(damp_x) * float(gx.diagonal().mean())
 
+        products = lambda: large_products(self.device, s.product_precision)  # noqa: E731
         # Dense pass: auxiliaries, Y' = Y - b2, the statistics of the first down W-step (dense p),
         # and those of candidate 0 (hidden of the pruned up/gate), in one sweep over the tokens.
         ptp, pty, h0th0, h0ty = self._zeros(f, f), self._zeros(f, d), self._zeros(f, f), self._zeros(f, d)
         norms = dict.fromkeys(("z", "s", "p", "y", "y_full"), 0.0)
-        for rows in self.chunks:
-            xc = x[rows]
-            z = self._lin(xc, dense["up"], self.b1)
-            sc = self._lin(xc, dense["gate"]) if swiglu else None
-            p = _act(swiglu, z, sc)
-            y = p @ dense["down"].t()
-            ptp.addmm_(p.t(), p)
-            pty.addmm_(p.t(), y)
-            h0 = _act(swiglu, self._lin(xc, up0, self.b1), self._lin(xc, gate0) if swiglu else None)
-            h0th0.addmm_(h0.t(), h0)
-            h0ty.addmm_(h0.t(), y)
-            for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)):
-                if val is not None:
-                    norms[key] += _sq_norm(val)
-                    if key in self.buf:
-                        self._put(key, rows, val)
-            norms["y_full"] += _sq_norm(y if self.b2 is None else y + self.b2)
-            del h0
+        with products():
+            for rows in self.chunks:
+                xc = x[rows]
+                z = self._lin(xc, dense["up"], self.b1)
+                sc = self._lin(xc, dense["gate"]) if swiglu else None
+                p = _act(swiglu, z, sc)
+                y = p @ dense["down"].t()
+                ptp.addmm_(p.t(), p)
+                pty.addmm_(p.t(), y)
+                h0 = _act(swiglu, self._lin(xc, up0, self.b1), self._lin(xc, gate0) if swiglu else None)
+                h0th0.addmm_(h0.t(), h0)
+                h0ty.addmm_(h0.t(), y)
+                for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)):
+                    if val is not None:
+                        norms[key] += _sq_norm(val)
+                        if key in self.buf:
+                            self._put(key, rows, val)
+                norms["y_full"] += _sq_norm(y if self.b2 is None else y + self.b2)
+                del h0
         y_full = norms["y_full"]
 
         # Candidate 0 = sequential SparseGPT; its error from the Gram matrices just gathered
@@ -270,33 +295,34 @@ class _FFNSolver:
                 xtz, xts = self._zeros(d, f), (self._zeros(d, f) if swiglu else None)
                 ptp.zero_()
                 pty.zero_()
-            for rows in self.chunks:
-                xc = x[rows]
-                m = self._lin(xc, up, self.b1)
-                g = self._lin(xc, gate) if swiglu else None
-                yc = self._get("y", rows)
-                err_sq += _sq_norm(yc - _act(swiglu, m, g) @ down.t())
-                if last:
-                    continue
-                z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
-                p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol)  # (2)
-                terms["y"] += beta * ratio ** 2 * _sq_norm(q)
-                if swiglu:  # (3) z with the current s, then s with the new z
-                    z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
-                    sc = ops.swiglu_s_step(sc, g, p, z, alpha_s, gamma, s.s_step_iterations)
-                    terms["s"] += alpha_s * _sq_norm(sc - g)
-                else:
-                    z = ops.relu_z_step(p, m, alpha_z, gamma)
-                terms["z"] += alpha_z * _sq_norm(z - m)
-                terms["p"] += gamma * _sq_norm(p - _act(swiglu, z, sc))
-                xtz.addmm_(xc.t(), z if self.b1 is None else z - self.b1)
-                if swiglu:
-                    xts.addmm_(xc.t(), sc)
-                    self._put("s", rows, sc)
-                ptp.addmm_(p.t(), p)
-                pty.addmm_(p.t(), yc)
-                self._put("z", rows, z)
-                del m, g, z, sc, p, q, yc
+            with products():
+                for rows in self.chunks:
+                    xc = x[rows]
+                    m = self._lin(xc, up, self.b1)
+                    g = self._lin(xc, gate) if swiglu else None
+                    yc = self._get("y", rows)
+                    err_sq += _sq_norm(yc - _act(swiglu, m, g) @ down.t())
+                    if last:
+                        continue
+                    z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
+                    p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol)  # (2)
+                    terms["y"] += beta * ratio ** 2 * _sq_norm(q)
+                    if swiglu:  # (3) z with the current s, then s with the new z
+                        z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
+                        sc = ops.swiglu_s_step(sc, g, p, z, alpha_s, gamma, s.s_step_iterations)
+                        terms["s"] += alpha_s * _sq_norm(sc - g)
+                    else:
+                        z = ops.relu_z_step(p, m, alpha_z, gamma)
+                    terms["z"] += alpha_z * _sq_norm(z - m)
+                    terms["p"] += gamma * _sq_norm(p - _act(swiglu, z, sc))
+                    xtz.addmm_(xc.t(), z if self.b1 is None else z - self.b1)
+                    if swiglu:
+                        xts.addmm_(xc.t(), sc)
+                        self._put("s", rows, sc)
+                    ptp.addmm_(p.t(), p)
+                    pty.addmm_(p.t(), yc)
+                    self._put("z", rows, z)
+                    del m, g, z, sc, p, q, yc
 
             error = math.sqrt(err_sq / y_full) if y_full > 0 else float("nan")
             entry = {"iteration": it, "ffn_rel_error": error}
