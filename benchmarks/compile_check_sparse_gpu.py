@@ -96,7 +96,7 @@ def main() -> int:
                                      cfg, label, args.arch)
         fn = sm._sell_kernel
         sig = {"x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "c_ptr": "*i16", "sp_ptr": "*i64", "b_ptr": f"*{dt}",
-               "T": "i32", "N": "i32", "n_split": "i32", "stride_xt": "i32", "stride_ot": "i32"}
+               "T": "i32", "N": "i32", "K": "i32", "n_split": "i32", "stride_xt": "i32", "stride_ot": "i32"}
         for tuner, block_t in ((sm._sell_gemv, 1), (sm._sell_multi, sm.SELL_BLOCK_T_MAX)):
             for cfg in tuner.configs:
                 for atomic in (False, True):

@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)
     parser.add_argument("--no-torch", action="store_true", help="skip torch's to_sparse_semi_structured path")
+    # off by default: on an H200 the search failed with an internal error and the process then
+    # crashed (tests/test_cusparselt.py, test_search_picks_an_algorithm)
+    parser.add_argument("--search", action="store_true", help="also time ours after search(T) (known to fail)")
     args = parser.parse_args(argv)
 
     from sparsellm.export import cusparselt
@@ -154,13 +157,14 @@ def main(argv=None) -> int:
                     row["fused_output"] = bool(lin.fused_output(tokens))
                     row["ours_alg"] = lin.alg_id(tokens)
                 measure(row, "ours", lambda: lin(x), ref)
-                t = time.perf_counter()
-                row["search_alg"], search_error = build(lambda: lin.search(tokens))
-                row["search_s"] = round(time.perf_counter() - t, 3)
-                if search_error is None:
-                    measure(row, "ours_search", lambda: lin(x), ref)
-                else:
-                    row["ours_search_error"] = search_error
+                if args.search:
+                    t = time.perf_counter()
+                    row["search_alg"], search_error = build(lambda: lin.search(tokens))
+                    row["search_s"] = round(time.perf_counter() - t, 3)
+                    if search_error is None:
+                        measure(row, "ours_search", lambda: lin(x), ref)
+                    else:
+                        row["ours_search_error"] = search_error
             else:
                 row["ours_error"] = lin_error
             if lin_t is not None:

@@ -170,12 +170,13 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
 
 _NM24_KEY = ["N", "K", "T"]
 # one token: a row block per program, long contiguous value rows per step
-# (an H100 run of the first two configs alone reached 1.28-1.44x dense at 7B shapes: the others
-# try fewer rows with longer runs, more rows, and more warps in flight per program)
+# Two configs: measured on an H100 at 1.28-1.44x dense (kernel time, 7B shapes, 1 token). A
+# ten-config set (also 4x1024, 16x512, 32x256, 8 warps) measured 0.79-1.19x on an H200 in the
+# next run (benchmarks/RESULTS.md, "GPU sparse decode"): different cards, so not a clean
+# comparison, but no evidence for the larger set.
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": 8, "BLOCK_K": 512}, {"BLOCK_N": 16, "BLOCK_K": 256}, {"BLOCK_N": 4, "BLOCK_K": 1024},
-                     {"BLOCK_N": 16, "BLOCK_K": 512}, {"BLOCK_N": 32, "BLOCK_K": 256}],
-                    {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4, 8)),
+    configs=configs([{"BLOCK_N": 8, "BLOCK_K": 512}, {"BLOCK_N": 16, "BLOCK_K": 256}],
+                    {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
 # than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3
@@ -241,7 +242,7 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
     block_t = min(NM24_BLOCK_T_MAX.get(x.dtype, 64), max(16, next_pow2(t))) if use_dot else 1
     t_blocks = triton.cdiv(t, block_t)
     if split_k is None:
-        # enough programs for every SM (row blocks counted at a typical BLOCK_N of the configs)
+        # enough programs for every SM (row blocks counted at the smallest BLOCK_N of the configs)
         programs = triton.cdiv(n, 8 if not use_dot else 64) * t_blocks
         split_k = 1
         target = _sm_count(x.device)
@@ -269,7 +270,7 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
 # ------------------------------------------------------------------------------------- sell
 
 @triton.jit
-def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, n_split, stride_xt, stride_ot,
+def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, stride_xt, stride_ot,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, S: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
     sl = tl.program_id(0)
@@ -316,10 +317,11 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, n_split, str
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok_out)
 
 
-_SELL_KEY = ["N", "T", "S", "BLOCK_T"]
+# K only keys the tuning (the kernel does not read it): the slots per row, and so the best slot
+# block, grow with the input size, and 4096->4096 and 11008->4096 share N
+_SELL_KEY = ["N", "K", "T", "S", "BLOCK_T"]
 # one token: long slot blocks, many bytes in flight per program
-_sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 64}, {"BLOCK_J": 128}, {"BLOCK_J": 256}], {"BLOCK_J": 8},
-                                             num_warps=(4, 8)),
+_sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 64}, {"BLOCK_J": 128}], {"BLOCK_J": 8}, num_warps=(4,)),
                              key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
 # several tokens: the [BLOCK_T, BLOCK_J, S] product tile shrinks the slot block (one config)
 _sell_multi = triton.autotune(configs=configs([{"BLOCK_J": 16}], {"BLOCK_J": 8}, num_warps=(4,)),
@@ -362,8 +364,8 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
                                                     dtype=torch.float32 if atomic else x.dtype)
     if t and n:
         kernel = _sell_gemv if block_t == 1 else _sell_multi
-        key = (n, s, t, x.dtype, split, bias is not None)
+        key = (n, k, s, t, x.dtype, split, bias is not None)
         _launch(kernel, (n_slices, split, t_blocks), key, x2, values.contiguous(), cols.contiguous(),
-                slice_ptr.contiguous(), x2 if bias is None else bias.contiguous(), out, t, n, split, x2.stride(0),
+                slice_ptr.contiguous(), x2 if bias is None else bias.contiguous(), out, t, n, k, split, x2.stride(0),
                 out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t)
     return _finish(out, x.dtype).reshape(*lead, n)

@@ -42,6 +42,23 @@ def test_greedy_decoder_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_greedy_decoder_eager_on_cuda_matches_generate():
+    model = tiny_llama(seed=4).to("cuda").eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=13, do_sample=False, min_new_tokens=13)[:, 6:]
+    dec = GreedyDecoder(model, max_len=40)
+    dec.prefill(prompt)
+    assert torch.equal(torch.cat([dec.decode(12), dec.ids], dim=1), want)
+
+
+# Known bug (sparsellm.decode's docs): on an H200 the replayed graph's logits differed from the
+# eager step's by up to ~0.1, enough to change greedy tokens. strict: a fix makes this fail, so
+# the expectation is updated together with the docs.
+@pytest.mark.xfail(strict=True, reason="CUDA-graph replay differs from the eager step (sparsellm.decode)")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_greedy_decoder_cuda_graph_is_greedy(dtype):
     """Each token the replayed graph picks is the argmax of a plain forward pass over the whole
@@ -51,7 +68,8 @@ def test_greedy_decoder_cuda_graph_is_greedy(dtype):
     model = tiny_llama(seed=4).to("cuda", dtype).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 6), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(1))
-    dec = GreedyDecoder(model, max_len=40, graph=True)
+    with pytest.warns(RuntimeWarning, match="timing only|time decoding"):
+        dec = GreedyDecoder(model, max_len=40, graph=True)
     dec.prefill(prompt)
     assert dec.mode == "cuda-graph", dec.graph_error
     tokens = dec.decode(12)
