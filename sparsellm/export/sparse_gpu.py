@@ -37,9 +37,12 @@ FORMATS = ("nm24", "sell")
 # and the gathers need a margin on top. To be measured on the GPU (benchmarks/bench_export.py).
 SELL_MIN_SPARSITY = 0.7
 # Tokens per call up to which the sparse kernel runs; above, the dense GEMM (kept alongside).
-# Initial guesses, to be measured on the GPU (benchmarks/bench_export.py, test_gpu_linear).
-NM24_MAX_TOKENS = 32
-SELL_MAX_TOKENS = 8
+# Measured on an H100 (benchmarks/RESULTS.md, "GPU sparse decode", kernel time at 7B shapes):
+# at 1 token the kernels beat dense (2:4 1.28-1.44x, 90% 2.26-3.09x); at 16 tokens, the next
+# size measured, both lose (2:4 0.22-0.62x, 90% 0.47-0.58x). Sizes 2-15 are not measured, and
+# 2 tokens and more take the multi-token paths, which lost at 16: so 1 token only, for now.
+NM24_MAX_TOKENS = 1
+SELL_MAX_TOKENS = 1
 MAX_SPARSE_TOKENS = {"nm24": NM24_MAX_TOKENS, "sell": SELL_MAX_TOKENS}
 # Rows per slice (a power of two: a program's row block). A slice's [slots, rows] tile is
 # contiguous whatever its height, so smaller slices cost nothing in coalescing, pad less (each
