@@ -13,15 +13,14 @@ and lists the matrices of the first ``--compare-layers`` layers whose masks diff
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from sparsellm import api, data
+from sparsellm import api
 from sparsellm.config import PruneConfig
 from sparsellm.driver import LayerDriver, capture_layer_inputs
 from sparsellm.methods import get_method
-from sparsellm.models import get_adapter
+
+from reference_protocol import load_protocol, protocol_parser, protocol_perplexity
 
 
 def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> list[dict[str, torch.Tensor]]:
@@ -61,25 +60,11 @@ def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> li
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sparsity", type=float, default=0.7)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--compare-layers", type=int, default=0, help="compare masks with our driver on this many layers")
-    p.add_argument("--no-eval", action="store_true", help="skip the perplexity of the reference loop")
-    args = p.parse_args()
-    torch.set_grad_enabled(False)
-
-    model, tokenizer = api.load_model("smollm2")
-    adapter = get_adapter(model)
-    windows = data.calibration_windows("wiki", tokenizer, args.nsamples, args.seqlen, 0)
-    num_layers = len(adapter.layers(model)) if not args.no_eval else args.compare_layers
+    args = protocol_parser(__doc__, 0.7).parse_args()
+    model, tokenizer, adapter, windows, num_layers = load_protocol(args)
     masks = reference_loop(model, adapter, windows, args.sparsity, num_layers)
     if not args.no_eval:
-        config = PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows,
-                             quiet=True, device="cpu")
-        print(f"reference-loop wanda {args.sparsity}: ppl {api.evaluate(model, tokenizer, config)['wiki']:.4f}")
+        print(f"reference-loop wanda {args.sparsity}: ppl {protocol_perplexity(model, tokenizer, args):.4f}")
     if args.compare_layers:
         ours, _ = api.load_model("smollm2")
         config = PruneConfig(method="wanda", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,

@@ -1,0 +1,39 @@
+"""What the reference-loop cross-checks share (benchmarks/wanda_reference_loop.py,
+benchmarks/sparsegpt_reference_loop.py): their command-line options for the quality protocol
+(../shared/PROTOCOL.md) and loading the default model with its calibration windows."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparsellm import api, data
+from sparsellm.config import PruneConfig
+from sparsellm.models import get_adapter
+
+
+def protocol_parser(doc: str, sparsity: float) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sparsity", type=float, default=sparsity)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--compare-layers", type=int, default=0, help="compare with our driver on this many layers")
+    p.add_argument("--no-eval", action="store_true", help="only the first --compare-layers layers, no perplexity")
+    return p
+
+
+def load_protocol(args):
+    """(model, tokenizer, adapter, calibration windows, layers to prune) for the parsed ``args``."""
+    torch.set_grad_enabled(False)
+    model, tokenizer = api.load_model("smollm2")
+    adapter = get_adapter(model)
+    windows = data.calibration_windows("wiki", tokenizer, args.nsamples, args.seqlen, 0)
+    num_layers = len(adapter.layers(model)) if not args.no_eval else args.compare_layers
+    return model, tokenizer, adapter, windows, num_layers
+
+
+def protocol_perplexity(model, tokenizer, args) -> float:
+    config = PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows,
+                         quiet=True, device="cpu")
+    return api.evaluate(model, tokenizer, config)["wiki"]
