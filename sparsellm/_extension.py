@@ -153,20 +153,31 @@ def _find_ninja() -> bool:
     return shutil.which("ninja") is not None
 
 
+def open_build_dir(build_dir: Path, module_name: str, what: str, compiling_message: str) -> Path:
+    """Create the JIT build folder ``build_dir`` and return its FAILED marker's path. Refuses
+    (ImportError) a folder where a build failed before: a toolchain that failed once fails
+    again, so do not spend a minute on it at every import. Prints ``compiling_message`` when
+    ``module_name`` is not built there yet."""
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    failed = build_dir / "FAILED"
+    if failed.exists():
+        raise ImportError(f"{what} in {build_dir} failed before (details in {failed}); delete that folder "
+                          "to try again")
+    if not (build_dir / f"{module_name}{cpp_extension.LIB_EXT}").exists():
+        print(compiling_message, file=sys.stderr, flush=True)
+    return failed
+
+
 def _jit_load():
     import torch
     from torch.utils import cpp_extension
 
     src = csrc_dir()
     build_dir = cache_root() / cache_key(torch.__version__, torch.version.cuda, arch_tag(), source_hash(src))
-    build_dir.mkdir(parents=True, exist_ok=True)
-    failed = build_dir / "FAILED"
-    if failed.exists():
-        # a toolchain that failed once fails again: do not spend a minute on it at every import
-        raise ImportError(f"the CUDA extension sparsellm._C is not built, and compiling it in {build_dir} failed "
-                          f"before (details in {failed}); delete that folder to try again")
-    if not (build_dir / f"{MODULE_NAME}{cpp_extension.LIB_EXT}").exists():
-        print(COMPILING_MESSAGE, file=sys.stderr, flush=True)
+    failed = open_build_dir(build_dir, MODULE_NAME, "the CUDA extension sparsellm._C is not built, and compiling it",
+                            COMPILING_MESSAGE)
     cxx_flags, nvcc_flags = kernel_constants.compile_flags()
     try:
         return cpp_extension.load(name=MODULE_NAME, sources=kernel_constants.extension_sources(src),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 from .. import _extension
@@ -173,13 +172,8 @@ def compile_extension(verbose: bool = False):
     key = _extension.cache_key(torch.__version__, str(torch.version.cuda), "host",
                                _build_key(src, include_dir, lib, extra_includes))
     build_dir = _extension.cache_root() / "cusparselt" / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    failed = build_dir / "FAILED"
-    if failed.exists():
-        raise ImportError(f"compiling the cuSPARSELt extension in {build_dir} failed before (details in "
-                          f"{failed}); delete that folder to try again")
-    if not (build_dir / f"{MODULE_NAME}{cpp_extension.LIB_EXT}").exists():
-        print(COMPILING_MESSAGE, file=sys.stderr, flush=True)
+    failed = _extension.open_build_dir(build_dir, MODULE_NAME, "compiling the cuSPARSELt extension",
+                                       COMPILING_MESSAGE)
     # -l:<file> because the wheels ship only libcusparseLt.so.0 (no unversioned link name);
     # the rpath lets the module find it without LD_LIBRARY_PATH (when torch has not already
     # loaded the same soname, which it does for its own cuSPARSELt backend).
