@@ -33,6 +33,10 @@ iteration makes that error worse than the previous iteration did.
 Memory: z (s) and Y' are [N, .] buffers for all calibration tokens; they live on the
 compute device when they fit and in host memory otherwise, and every token-wise step runs in
 chunks of tokens, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
+
+Precision: on CUDA the token-wise products and the Gram accumulations over all tokens (nearly all
+of the solver's arithmetic at 7B shapes) run in TF32 unless ``product_precision`` is "float32";
+factorisations, the OBS sweeps and the p-step's system stay float32.
 """
 from __future__ import annotations
 
@@ -182,6 +186,10 @@ class _FFNSolver:
     def _obs(self, weight, gram, hinv=None):
         return obs_prune_with_gram(weight, gram, self.pattern, self.config.blocksize, self.config.percdamp, hinv)
 
+    def _products(self):
+        """The precision of the token-wise products and Gram accumulations (:func:`large_products`)."""
+        return large_products(self.device, self.settings.product_precision)
+
     def _zeros(self, *shape):
         return torch.zeros(*shape, device=self.device, dtype=torch.float32)
 
@@ -219,12 +227,11 @@ class _FFNSolver:
         chol_x, damp_x = ops.damped_cholesky(gx, pd)
         lam_x = float(damp_x) * float(gx.diagonal().mean())
 
-        products = lambda: large_products(self.device, s.product_precision)  # noqa: E731
         # Dense pass: auxiliaries, Y' = Y - b2, the statistics of the first down W-step (dense p),
         # and those of candidate 0 (hidden of the pruned up/gate), in one sweep over the tokens.
         ptp, pty, h0th0, h0ty = self._zeros(f, f), self._zeros(f, d), self._zeros(f, f), self._zeros(f, d)
         norms = dict.fromkeys(("z", "s", "p", "y", "y_full"), 0.0)
-        with products():
+        with self._products():
             for rows in self.chunks:
                 xc = x[rows]
                 z = self._lin(xc, dense["up"], self.b1)
@@ -295,7 +302,7 @@ class _FFNSolver:
                 xtz, xts = self._zeros(d, f), (self._zeros(d, f) if swiglu else None)
                 ptp.zero_()
                 pty.zero_()
-            with products():
+            with self._products():
                 for rows in self.chunks:
                     xc = x[rows]
                     m = self._lin(xc, up, self.b1)
