@@ -10,10 +10,11 @@ a CPU) gives exactly ``model.generate``'s greedy tokens (tests/test_decode.py on
 H200 the same comparison, run by hand on a tiny float32 LLaMA, matched too).
 
 The CUDA-graph mode is for timing only, for now: on an H200 (transformers 5.17, a tiny float32
-LLaMA) the replayed step's logits differed from the eager step's on the same tokens by 5e-3 at
-the first replay and about 0.1 later, enough to change greedy tokens (without an explicit
-attention mask the tokens diverged from the third one; with an explicit [1, max_len] mask,
-from the ninth, and OPT's positions, which it derives from the mask, do not allow that). The
+LLaMA) its greedy tokens left the eager decode's (and ``generate``'s) from the third token on.
+Passing an explicit [1, max_len] attention mask (which OPT, deriving its positions from the
+mask, does not allow) moved the divergence to the ninth token, and there the replayed step's
+logits differed from the eager step's on the same tokens by 5e-3 at the first replay and about
+0.1 later. The
 replay runs the eager step's kernels on the same shapes, so its tokens/s measure that work, but
 its outputs are not right; ``graph=True`` warns. tests/test_decode.py keeps the check as a strict expected failure.
 """
