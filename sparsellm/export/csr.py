@@ -8,7 +8,7 @@ from torch import nn
 
 from ..sparsity import zero_fraction
 from .errors import ExportError
-from .targets import resolve_targets
+from .targets import replace_module, resolve_targets
 
 # CPU float32 CSR matmul (MKL) measured faster than dense from about this sparsity on for
 # 4096x4096 linears at token batches 1..128 (benchmarks/export_table.py; RESULTS.md, "Sparse export").
@@ -47,12 +47,6 @@ class CSRLinear(nn.Module):
                 f"bias={self.bias_col is not None}, sparsity={self.sparsity:.3f}")
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def to_csr(model, *, min_sparsity: float = CSR_MIN_SPARSITY, targets: list[str] | None = None) -> dict:
     """Replace targeted linears of sparsity >= ``min_sparsity`` by :class:`CSRLinear`; below
     it CSR measured slower than dense, so those stay dense. Returns a JSON-able report."""
@@ -65,7 +59,7 @@ def to_csr(model, *, min_sparsity: float = CSR_MIN_SPARSITY, targets: list[str] 
         if sparsity < min_sparsity:
             report["dense"][name] = f"sparsity {sparsity:.3f} < {min_sparsity:g}, where CSR stops beating dense"
             continue
-        _replace_module(model, name, CSRLinear(lin))
+        replace_module(model, name, CSRLinear(lin))
         report["converted"][name] = round(sparsity, 6)
     report["n_converted"] = len(report["converted"])
     report["n_dense"] = len(report["dense"])

@@ -26,10 +26,9 @@ from torch import nn
 
 from .. import ops, reference
 from ..sparsity import nm_violations, zero_fraction
-from .csr import _replace_module
 from .errors import ExportError
 from .semi_structured import is_semi_structured
-from .targets import resolve_targets
+from .targets import replace_module, resolve_targets
 
 FORMATS = ("nm24", "sell")
 # Unstructured weights below this sparsity stay dense: int16 index + value per non-zero is
@@ -180,7 +179,7 @@ def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: floa
             report["dense"][name] = reason
             continue
         new = SparseGPULinear(lin, fmt, max_sparse_tokens=crossover[fmt], slice_rows=slice_rows)
-        _replace_module(model, name, new)
+        replace_module(model, name, new)
         devices.add(str(lin.weight.device))
         packed, dense = new.packed_bytes(), new.dense_bytes()
         report["converted"][name] = {"format": fmt, "why": reason, "sparsity": round(sparsity, 6),

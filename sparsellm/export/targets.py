@@ -59,3 +59,10 @@ def recorded_selection(model: nn.Module, sparsity_config: dict) -> dict[str, nn.
     targets = sparsity_config.get("targets") or []
     ignore = sparsity_config.get("ignore") or []
     return {n: m for n, m in linears(model).items() if _any(targets, n, m) and not _any(ignore, n, m)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name`` (a dotted path) of ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
