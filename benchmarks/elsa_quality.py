@@ -30,6 +30,7 @@ from quality import achieved_sparsity, fmt_ppl, git_state, load, save, write_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "elsa.json")
+QUALITY_JSON = os.path.join(HERE, "results", "quality.json")
 MARKERS = ("<!-- elsa:start -->", "<!-- elsa:end -->")
 
 
@@ -98,21 +99,36 @@ def measure(setting: str, args, results: dict) -> None:
               flush=True)
 
 
-def render(results: dict) -> str:
+def sparsellm_rows(path: str = QUALITY_JSON) -> dict:
+    """SparseLLM's one-shot perplexity over all layers per setting, from the quality table's
+    JSON (benchmarks/quality.py measures it with the same protocol): {setting: entry}."""
+    runs = load(path)["runs"] if os.path.exists(path) else {}
+    return {k.split("|")[1]: v for k, v in runs.items() if k.startswith("sparsellm|") and k.endswith("|all")}
+
+
+def render(results: dict, sparsellm: dict | None = None) -> str:
     entries = [results["runs"][k] for k in sorted(results["runs"])]
     if not entries:
         return "No Elsa results yet.\n"
+    sparsellm = sparsellm_rows() if sparsellm is None else sparsellm
     lines = ["Perplexity on the wiki test part (40 x 512 tokens; dense 19.61), all 30 layers. SparseGPT: one-shot, "
              "32 x 512 calibration tokens. elsa and masked-adam start from that SparseGPT model and train on fresh "
              "calibration windows; time = SparseGPT's + training, wall-clock on this project's 2-core CPU.", "",
-             "| sparsity | sparsegpt | masked-adam | elsa | steps x tokens | time (min) | commit |",
-             "|---|---|---|---|---|---|---|"]
+             "| sparsity | sparsegpt | sparsellm | masked-adam | elsa | steps x tokens | time (min) | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    sparsellm_notes = []
     for e in entries:
         r = e["rows"]
         if not {"sparsegpt", "elsa", "masked-adam"} <= set(r):
             continue  # a benchmark still running
         tokens = e["settings"]["steps"] * e["settings"]["batch_size"] * e["settings"]["grad_accum"] * e["settings"]["seqlen"]
-        lines.append(f"| {e['setting']} | {fmt_ppl(r['sparsegpt']['ppl'])} | {fmt_ppl(r['masked-adam']['ppl'])} | "
+        one_shot = sparsellm.get(e["setting"])
+        if one_shot:
+            git = one_shot.get("git") or {}
+            label = git["commit"][:7] + ("+dirty" if git.get("dirty") else "") if git.get("commit") else "not recorded"
+            sparsellm_notes.append(f"{e['setting']}: {one_shot['prune_seconds'] / 60:.0f} min, commit {label}")
+        lines.append(f"| {e['setting']} | {fmt_ppl(r['sparsegpt']['ppl'])} | "
+                     f"{fmt_ppl(one_shot['ppl']) if one_shot else 'not run'} | {fmt_ppl(r['masked-adam']['ppl'])} | "
                      f"{fmt_ppl(r['elsa']['ppl'])} | {e['settings']['steps']} x "
                      f"{tokens // e['settings']['steps']} | {r['sparsegpt']['seconds'] / 60:.0f} + "
                      f"{r['masked-adam']['train_seconds'] / 60:.0f} / {r['elsa']['train_seconds'] / 60:.0f} | "
@@ -121,6 +137,9 @@ def render(results: dict) -> str:
     lines += ["", f"Training settings: lr {s['lr']} (linear decay), lambda {s['admm_lambda']}, interval "
               f"{s['admm_interval']}, score {s['score']}, batch {s['batch_size']} x {s['seqlen']} tokens. "
               f"Machine: {entries[-1]['machine']}."]
+    if sparsellm_notes:
+        lines += ["", "sparsellm: one-shot SparseLLM over all layers with the same calibration, from "
+                  "benchmarks/quality.py (its prune time and commit: " + "; ".join(sparsellm_notes) + ")."]
     return "\n".join(lines) + "\n"
 
 
