@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint here; a run finding a checkpoint of the same settings resumes from it")
     g.add_argument("--checkpoint-every", type=int, default=e.checkpoint_every, help="steps between checkpoints")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients, Adam's moments and the ADMM states (or the mask) "
+                        "over the processes with FSDP2; one process: the ordinary run")
     p.add_argument("--eval", default=",".join(d.eval),
                    help="comma-separated evaluation texts (same names as --calib), or none")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
@@ -154,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
             admm_lambda_start=args.admm_lambda_start, admm_schedule=args.admm_schedule,
             admm_interval=args.admm_interval, score=args.score, init=args.init,
             train_dense_params=args.train_dense_params, state_dtype=args.state_dtype, optimizer=args.optimizer,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every),
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, fsdp=args.fsdp),
         eval=tuple(e for e in args.eval.split(",") if e), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, eval_dense=args.eval_dense, device=args.device, dtype=args.dtype,
         backend=args.backend, quiet=args.quiet, save=args.save, save_format=args.save_format,

@@ -81,6 +81,9 @@ class ElsaSettings:
     optimizer: str = "adamw"  # adamw (torch, fp32 moments) or adamw8bit (bitsandbytes, 8-bit moments)
     checkpoint_dir: str | None = None  # resume is automatic when it holds a checkpoint of the same run
     checkpoint_every: int = 50  # steps between checkpoints
+    # Under torchrun: shard weights, gradients, Adam's moments and z/u (or the mask) over the
+    # processes with FSDP2 (each decoder layer, then the root); one process: the ordinary run.
+    fsdp: bool = False
 
     LR_SCHEDULES = ("linear", "cosine", "constant")
     ADMM_SCHEDULES = ("constant", "linear", "cosine")
@@ -110,6 +113,9 @@ class ElsaSettings:
                               ("optimizer", self.OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"elsa {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.fsdp and self.optimizer == "adamw8bit":
+            raise ValueError("--fsdp does not support --optimizer adamw8bit (bitsandbytes' 8-bit states are not "
+                             "sharded tensors); use --optimizer adamw, or drop --fsdp")
 
 
 STRUCTURES = ("channels", "heads", "channels+heads")
@@ -247,6 +253,10 @@ class PruneConfig:
         if init is not None and (init not in METHODS or not hasattr(METHODS[init], "plan")):
             layerwise = sorted(name for name, cls in METHODS.items() if hasattr(cls, "plan"))
             raise ValueError(f"elsa init must be a layer-wise method ({', '.join(layerwise)}), got {init!r}")
+        if self.elsa.fsdp and not getattr(METHODS[self.method], "whole_model", False):
+            whole = sorted(name for name, cls in METHODS.items() if getattr(cls, "whole_model", False))
+            raise ValueError(f"--fsdp shards the whole-model training of {', '.join(whole)}; method {self.method} "
+                             "prunes one layer at a time and does not use it")
         self._validate_structure(METHODS)
         METHODS[self.method].check_config(self)
 

@@ -355,3 +355,173 @@ def test_non_uniform_allocation_is_kept_by_the_projection():
 def test_structured_settings_are_refused():
     with pytest.raises(ValueError, match="method elsa has no structured version"):
         PruneConfig(method="elsa", sparsity="0.5", structure="channels")
+
+
+# ---- FSDP2: 2 gloo processes, sharded, against 1 process ------------------------------------
+
+FSDP_RUNS = {  # name: config arguments; every run: 2 windows per process (4 in all), 6 steps
+    "elsa-0.7": dict(),
+    "elsa-2:4": dict(sparsity="2:4"),
+    "elsa-float8": dict(state_dtype="float8"),
+    "masked-adam": dict(method="masked-adam", init="magnitude"),
+}
+
+
+def _fsdp_config(world, fsdp=True, **kw):
+    return config(batch_size=4 // world, steps=6, admm_interval=2, fsdp=fsdp, **kw)
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two processes on the shared cores: no oversubscription
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        def record(name, model, method, records):
+            targets = linears(model)
+            states = ([method.admm[i]["z"]["data"] for i in range(len(targets))] if hasattr(method, "admm")
+                      else [method.masks[i] for i in range(len(targets))])
+            torch.save({"params": [p.detach().clone() for p in model.parameters()] if rank == 0 else None,
+                        "details": method.details(), "state_numel": [s.numel() for s in states],
+                        "weight_numel": [lin.weight.numel() for lin in targets],
+                        "sparsity": {f"{r.index}.{k}": v["sparsity"] for r in records for k, v in r.matrices.items()}},
+                       os.path.join(out_dir, f"{name}-{rank}.pt"))
+
+        for name, kw in FSDP_RUNS.items():
+            record(name, *prune(_fsdp_config(world, **kw)))
+
+        # checkpoint and resume under FSDP: killed after step 5 (in both processes), resumed
+        # from the step-4 checkpoint, it must end as the uninterrupted elsa-0.7 run above
+        class Killed(Exception):
+            pass
+
+        class Dying(PatternCalibration):
+            def draw(self, count, index):
+                if index == 5:
+                    raise Killed
+                return super().draw(count, index)
+
+        def killed(cfg):
+            try:
+                model = tiny_llama()
+                get_method(cfg).prune_model(model, get_adapter(model), Dying())
+            except Killed:
+                pass
+
+        cfg = _fsdp_config(world, checkpoint_dir=os.path.join(out_dir, "ckpt"), checkpoint_every=2)
+        killed(cfg)
+        record("resumed", *prune(cfg))
+        # the checkpoint file is the same with and without FSDP: a data-parallel run's resumes sharded
+        folder = os.path.join(out_dir, "ckpt-dp")
+        killed(_fsdp_config(world, fsdp=False, checkpoint_dir=folder, checkpoint_every=2))
+        record("resumed-from-dp", *prune(_fsdp_config(world, checkpoint_dir=folder, checkpoint_every=2)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """The FSDP runs of FSDP_RUNS (and a resumed one), in 2 gloo processes: {name: [rank 0, rank 1]}."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_fsdp_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return {name: [torch.load(out / f"{name}-{r}.pt") for r in range(2)] for name in (*FSDP_RUNS, "resumed", "resumed-from-dp")}
+
+
+@pytest.mark.parametrize("name", list(FSDP_RUNS))
+def test_fsdp_two_processes_equal_one(fsdp_runs, name):
+    """FSDP over 2 gloo processes (2 windows each) ends with the weights of 1 process with 4
+    windows, up to float32 summation order, with the same masks, exactly sparse; training moved
+    the weights far more than that tolerance; z (or the mask) is sharded: each process holds
+    about half the rows of every matrix."""
+    kw = FSDP_RUNS[name]
+    single, _, single_records = prune(_fsdp_config(1, fsdp=False, **kw))
+    rank0, rank1 = fsdp_runs[name]
+    start = tiny_llama()
+    trained_moved = 0.0
+    for a, b, s in zip(single.parameters(), rank0["params"], start.parameters()):
+        torch.testing.assert_close(b, a.detach(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(a == 0, b == 0)
+        trained_moved = max(trained_moved, float((a.detach() - s.detach())[a != 0].abs().max()))
+    assert trained_moved > 1e-2  # far above the tolerance: the comparison is not trivial
+
+    pattern = SparsityPattern.parse(kw.get("sparsity", "0.7"))
+    fsdp_model = tiny_llama()
+    with torch.no_grad():
+        for p, value in zip(fsdp_model.parameters(), rank0["params"]):
+            p.copy_(value)
+    for lin in linears(fsdp_model):
+        assert zero_fraction(lin.weight) == int(lin.weight.numel() * pattern.fraction) / lin.weight.numel()
+        if pattern.is_nm:
+            assert satisfies_nm(lin.weight, pattern.n, pattern.m)
+    expected = {f"{r.index}.{k}": v["sparsity"] for r in single_records for k, v in r.matrices.items()}
+    assert rank0["sparsity"] == rank1["sparsity"] == expected  # global per-matrix records, on every process
+
+    for full, z0, z1 in zip(rank0["weight_numel"], rank0["state_numel"], rank1["state_numel"]):
+        assert z0 < full and z1 < full and z0 + z1 == full
+    details = rank0["details"]
+    assert details["fsdp"] is True and details["processes"] == 2
+    per_weight = details["state_bytes_per_param"]
+    assert details["state_bytes_per_param_per_process"] == pytest.approx(per_weight / 2)
+
+
+def test_fsdp_admm_records_are_global(fsdp_runs):
+    """The residual ||w - z|| / ||w|| and the mask change of the sharded run are those of the
+    whole matrices (the 1-process values), and the same in both processes."""
+    _, single, _ = prune(_fsdp_config(1, fsdp=False))
+    rank0, rank1 = fsdp_runs["elsa-0.7"]
+    assert rank0["details"]["admm"] == rank1["details"]["admm"]
+    for a, b in zip(single.details()["admm"], rank0["details"]["admm"]):
+        assert a["step"] == b["step"] and a["residual"] == pytest.approx(b["residual"], rel=1e-4)
+        assert a["mask_change"] == pytest.approx(b["mask_change"], abs=1e-6)
+    assert all(e["mask_change"] > 0 for e in single.details()["admm"])  # the masks did move
+
+
+def test_fsdp_resume_equals_uninterrupted(fsdp_runs):
+    """Under FSDP, a run killed after step 5 resumes from its step-4 checkpoint (full tensors
+    written by rank 0, each process taking its rows back) and ends bit for bit as the
+    uninterrupted FSDP run; a data-parallel run's checkpoint resumes under FSDP too."""
+    whole, resumed = fsdp_runs["elsa-0.7"][0], fsdp_runs["resumed"][0]
+    assert resumed["details"]["resumed_from_step"] == 4
+    for a, b in zip(whole["params"], resumed["params"]):
+        assert torch.equal(a, b)
+    assert [e["loss"] for e in resumed["details"]["loss_curve"]] == \
+        [e["loss"] for e in whole["details"]["loss_curve"]]
+    # a data-parallel (unsharded) run's step-4 checkpoint, resumed under FSDP: the same run, up to
+    # the summation order of the gradients
+    from_dp = fsdp_runs["resumed-from-dp"][0]
+    assert from_dp["details"]["resumed_from_step"] == 4 and from_dp["details"]["fsdp"] is True
+    for a, b in zip(whole["params"], from_dp["params"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_in_one_process_is_the_ordinary_run():
+    plain, _, _ = prune(config(steps=3))
+    alone, method, _ = prune(config(steps=3, fsdp=True))
+    assert method.details()["fsdp"] is False and method.details()["processes"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), alone.parameters()))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "sparsegpt", "--fsdp"], "--fsdp shards the whole-model training of elsa, masked-adam"),
+    (["--method", "elsa", "--fsdp", "--optimizer", "adamw8bit"], "--fsdp does not support --optimizer adamw8bit"),
+])
+def test_fsdp_bad_combinations_fail_before_loading(args, message, monkeypatch, capsys):
+    import sparsellm.api
+    from sparsellm.cli import main
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the settings were checked")
+    monkeypatch.setattr(sparsellm.api, "load_model", refuse)
+    code = main([*args, "--sparsity", "0.5", "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("error:") == 1
+
+
+def test_fsdp_is_in_the_help(capsys):
+    from sparsellm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--fsdp" in capsys.readouterr().out

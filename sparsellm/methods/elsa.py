@@ -34,6 +34,20 @@ Choices made here, and why:
   proximal term is added after that reduction, unscaled (the public code divides it by the
   number of processes while adding it after the averaging, which weakens the constraint as
   processes are added).
+- FSDP (``fsdp``, under torchrun with more than one process): the same split of the windows,
+  but the model is a sharded copy (FSDP2, each decoder layer then the root; see
+  :class:`sparsellm.distributed.Shards`) whose parameters, gradients and Adam moments are
+  blocks of rows, and z, u (Elsa) or the mask (masked-adam) are made from those blocks, so
+  each process holds about 1 / N of every state. The reduce-scatter *sums* the gradients (as
+  the data-parallel all_reduce does), clipping uses the global norm of the sharded gradients,
+  and the proximal term is added to each process's rows after that. Proj_S stays that of one
+  process: N:M groups lie within a row, so they are projected locally; the unstructured top
+  (1 - s) of a matrix needs all of its scores, which are gathered one matrix at a time (a
+  transient full score of the largest matrix per process) and the same selection is run on
+  them. Residual, mask change and the masked-adam check are sums over the processes; at the
+  end the full weights are gathered back into the caller's (never wrapped) model on every
+  process. Checkpoints hold full tensors, the same file as without FSDP (rank 0 writes it; a
+  resume gives each process its rows). bitsandbytes' 8-bit Adam is refused with FSDP.
 
 :class:`MaskedAdam` is the fair baseline: the mask of ``init`` kept fixed and the same Adam
 steps on the same data, so a table shows what ADMM adds over fine-tuning after one-shot pruning.
@@ -57,6 +71,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed, ops
+from ..distributed import local
 from ..driver import LayerRecord, resolve_device
 from ..sparsity import SparsityPattern, zero_fraction
 from .base import PruningMethod
@@ -122,12 +137,15 @@ class StateStore:
             raise ValueError("state dtype float8 needs a torch with float8_e4m3fn")
         self.dtype = dtype
 
-    def encode(self, t: torch.Tensor) -> dict:
+    def encode(self, t: torch.Tensor, amax: float | None = None) -> dict:
+        """``amax``: the largest |entry| of the whole tensor when ``t`` is one shard of it (float8
+        keeps one scale per tensor, the same on every process); None: that of ``t``."""
         if self.dtype == "float32":
             return {"data": t.float().clone()}
         if self.dtype == "bfloat16":
             return {"data": t.to(torch.bfloat16)}
-        amax = float(t.abs().max()) if t.numel() else 0.0
+        if amax is None:
+            amax = float(t.abs().max()) if t.numel() else 0.0
         scale = amax / FLOAT8_MAX if amax > 0 else 1.0
         return {"data": (t.float() / scale).to(torch.float8_e4m3fn), "scale": scale}
 
@@ -163,10 +181,11 @@ def make_optimizer(settings, params):
 
 
 def second_moment(optimizer, param) -> torch.Tensor | None:
-    """Adam's second-moment estimate v of ``param`` (float32), or None before its first step."""
+    """Adam's second-moment estimate v of ``param`` (float32), or None before its first step;
+    under FSDP this process's rows of it (Adam's states are split like their parameter)."""
     state = optimizer.state.get(param, {})
     if "exp_avg_sq" in state:
-        return state["exp_avg_sq"]
+        return local(state["exp_avg_sq"])
     if "state2" in state:  # bitsandbytes' 8-bit Adam: v blockwise quantised (float32 for small tensors)
         if state["state2"].dtype.is_floating_point:
             return state["state2"]
@@ -183,7 +202,8 @@ def second_moment(optimizer, param) -> torch.Tensor | None:
 def run_settings(config) -> dict:
     """What determines a run's result: a checkpoint resumes only a run with the same values."""
     settings = asdict(config.elsa)
-    for name in ("checkpoint_dir", "checkpoint_every"):  # where and how often, not what
+    # where and how often, and how the work is spread (a checkpoint holds full tensors either way)
+    for name in ("checkpoint_dir", "checkpoint_every", "fsdp"):
         settings.pop(name)
     settings["betas"] = list(settings["betas"])
     return {"method": config.method, "model": config.model, "sparsity": str(config.sparsity),
@@ -254,7 +274,12 @@ class _Target:
 class SparseTraining(PruningMethod):
     """Whole-model pruning by training on the calibration text (see the module docs). Subclasses
     set the constraint: :meth:`_start`, :meth:`_before_step`, :meth:`_after_step`,
-    :meth:`_finish`, and their checkpointed state."""
+    :meth:`_finish`, and their checkpointed state. Under FSDP the hooks see the sharded copy's
+    targets: their weights and gradients are DTensors, and the hooks work on this process's rows
+    (:func:`local`), with :meth:`_project`, :meth:`_encode`, :meth:`_full`, :meth:`_rows` and
+    :meth:`_sum` for what needs the whole matrix or all processes."""
+
+    whole_model = True  # trains the whole model at once: --fsdp applies
 
     @classmethod
     def check_config(cls, config):
@@ -273,6 +298,7 @@ class SparseTraining(PruningMethod):
         self.history: list[dict] = []
         self.admm_history: list[dict] = []
         self._details: dict = {}
+        self.shards: distributed.Shards | None = None  # set under FSDP
 
     def details(self) -> dict:
         return self._details
@@ -291,11 +317,45 @@ class SparseTraining(PruningMethod):
     def _finish(self, targets, optimizer) -> None:
         raise NotImplementedError
 
-    def _state(self) -> dict:
+    def _state(self, targets) -> dict:
+        """The method's state for a checkpoint, as full tensors (under FSDP gathered: a collective)."""
         return {}
 
-    def _load_state(self, state: dict) -> None:
+    def _load_state(self, state: dict, targets) -> None:
         pass
+
+    # -- one process's rows and the whole matrix (no-ops without FSDP) ------------------------------
+
+    def _project(self, values: torch.Tensor, score: torch.Tensor, target: _Target) -> torch.Tensor:
+        """Proj_S of this process's rows ``values`` of ``target``'s matrix, exactly as one process
+        projects the whole matrix (the same selection on the same scores)."""
+        pattern = target.pattern
+        if self.shards is None or pattern.is_nm:  # N:M groups lie within a row: local is exact
+            return project(values, score, pattern)
+        # Unstructured: the top (1 - s) of the whole matrix. Its scores are gathered (one matrix
+        # at a time, a transient full copy of its scores on each process) and the one-process
+        # selection runs on them; each process keeps its rows of the mask.
+        whole = self.shards.full(score, target.weight)
+        mask = ops.flat_prune_mask(whole, int(whole.numel() * pattern.fraction))
+        return values.masked_fill(self.shards.scatter(mask, target.weight, src=None), 0)
+
+    def _encode(self, values: torch.Tensor) -> dict:
+        """``store.encode`` of this process's rows, with the whole matrix's float8 scale."""
+        amax = None
+        if self.shards is not None and self.store.dtype == "float8":
+            amax = self.shards.max([float(values.abs().max()) if values.numel() else 0.0])[0]
+        return self.store.encode(values, amax)
+
+    def _full(self, part: torch.Tensor, target: _Target) -> torch.Tensor:
+        """The whole matrix of which ``part`` holds this process's rows (a collective under FSDP)."""
+        return part if self.shards is None else self.shards.full(part, target.weight)
+
+    def _rows(self, whole: torch.Tensor, target: _Target) -> torch.Tensor:
+        """This process's rows of a whole matrix (e.g. a loaded z)."""
+        return whole if self.shards is None else self.shards.scatter(whole, target.weight)
+
+    def _sum(self, values: list[float]) -> list[float]:
+        return values if self.shards is None else self.shards.sum(values)
 
     def _state_bytes_per_param(self) -> float:
         return 0.0
@@ -330,7 +390,8 @@ class SparseTraining(PruningMethod):
     def _initialise(self, model, adapter, calibration) -> None:
         from . import get_method  # the registry imports this module
 
-        init_config = replace(self.config, method=self.settings.init)
+        # the layer-wise init runs unsharded, in every process, before any sharding
+        init_config = replace(self.config, method=self.settings.init, elsa=replace(self.settings, fsdp=False))
         log.info("%s: starting from %s", self.name, self.settings.init)
         get_method(init_config).prune_model(model, adapter, calibration)
 
@@ -338,6 +399,7 @@ class SparseTraining(PruningMethod):
         s = self.settings
         rank, world = distributed.world()
         device = resolve_device(self.config.device)
+        sharded = s.fsdp and world > 1  # one process: nothing to shard over, the ordinary run
         per_step = s.batch_size * s.grad_accum * world
         folder = Path(s.checkpoint_dir) if s.checkpoint_dir else None
         saved = None
@@ -357,31 +419,36 @@ class SparseTraining(PruningMethod):
                    (s.train_dense_params and p.dtype.is_floating_point)]
         trained_ids = {id(p) for p in trained}
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        model.to(device)
         for p in model.parameters():
             p.requires_grad_(id(p) in trained_ids)
-        if world > 1:  # every process starts from the same weights
-            for p in trained:
-                dist.broadcast(p.data, src=0)
-        optimizer = make_optimizer(s, trained)
+        if sharded:
+            # Train a sharded copy (rank 0's weights; the original's parameters are freed until
+            # the end, when the trained ones are gathered back): its targets and parameters.
+            self.shards = distributed.Shards(device)
+            net = self.shards.shard(model, adapter.layers)
+            names = {id(p): name for name, p in model.named_parameters()}
+            by_name = dict(net.named_parameters())
+            params = [by_name[names[id(p)]] for p in trained]
+            train_targets = self._targets(adapter, net, self.patterns)
+        else:
+            self.shards = None
+            model.to(device)
+            if world > 1:  # every process starts from the same weights
+                for p in trained:
+                    dist.broadcast(p.data, src=0)
+            net, params, train_targets = model, trained, targets
+        optimizer = make_optimizer(s, params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(s.lr_schedule, step, s.steps))
         start_step = 0
         if saved is not None:
-            with torch.no_grad():
-                for p, value in zip(trained, saved["trained"]):
-                    p.copy_(value.to(p.device))
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            self.history, self.admm_history = saved["history"], saved["admm_history"]
-            self._load_state(saved["method"])
-            torch.set_rng_state(saved["rng"])
+            self._load_checkpoint(saved, params, optimizer, scheduler, train_targets)
             start_step = saved["step"]
         else:
-            self._start(targets)
+            self._start(train_targets)
 
-        was_training = model.training
-        model.eval()  # no dropout: deterministic, resumable (see the module docs)
+        was_training = net.training
+        net.eval()  # no dropout: deterministic, resumable (see the module docs)
         bar = tqdm(total=s.steps, initial=start_step, desc=f"{self.name} {self.config.sparsity}", unit="step",
                    disable=self.config.quiet or rank != 0)
         started = time.perf_counter()
@@ -389,21 +456,23 @@ class SparseTraining(PruningMethod):
             for step in range(start_step, s.steps):
                 tick = time.perf_counter()
                 windows = calibration.draw(per_step, step)
-                loss = self._backward(model, windows[rank::world], per_step, device)
+                loss = self._backward(net, windows[rank::world], per_step, device)
                 if world > 1:
-                    for p in trained:
-                        dist.all_reduce(p.grad)
-                    loss_t = torch.tensor([loss], dtype=torch.float64)
+                    if not sharded:  # FSDP's reduce-scatter has summed them already
+                        for p in params:
+                            dist.all_reduce(p.grad)
+                    loss_t = torch.tensor([loss], dtype=torch.float64,
+                                          device=device if dist.get_backend() == "nccl" else "cpu")
                     dist.all_reduce(loss_t)
                     loss = float(loss_t)
-                self._before_clip(targets)
-                torch.nn.utils.clip_grad_norm_(trained, s.max_grad_norm)
-                self._before_step(targets, optimizer)
+                self._before_clip(train_targets)
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # sharded: the global norm
+                self._before_step(train_targets, optimizer)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                self._after_step(step, targets, optimizer)
+                self._after_step(step, train_targets, optimizer)
                 seconds = time.perf_counter() - tick
                 entry = {"step": step + 1, "loss": loss, "lr": lr, "seconds": seconds,
                          "tokens_per_s": per_step * windows.shape[1] / seconds}
@@ -411,24 +480,33 @@ class SparseTraining(PruningMethod):
                 self.history.append(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(), tok_s=f"{entry['tokens_per_s']:.0f}")
-                if folder is not None and rank == 0 and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
-                    self._save_checkpoint(folder, step + 1, trained, optimizer, scheduler)
+                if folder is not None and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
+                    self._save_checkpoint(folder, step + 1, params, optimizer, scheduler, train_targets)
         finally:
             bar.close()
-            model.train(was_training)
+            net.train(was_training)
             for p in model.parameters():
                 p.requires_grad_(requires_grad[id(p)])
-        self._finish(targets, optimizer)
+        self._finish(train_targets, optimizer)
+        n_prunable = sum(t.weight.numel() for t in train_targets)  # a DTensor's numel is the whole matrix's
+        # bytes per prunable weight: the weight and its gradient (fp32), AdamW's two moments, the method's state
+        per_weight = 8 + OPTIMIZER_BYTES[s.optimizer] + self._state_bytes_per_param()
+        fsdp = {"fsdp": sharded}
+        if sharded:
+            # each process holds its rows of every prunable matrix and their states: the bytes of
+            # the process with the most rows, per prunable weight of the model (about per_weight / N)
+            most = self.shards.max([sum(local(t.weight).numel() for t in train_targets)])[0]
+            fsdp["state_bytes_per_param_per_process"] = per_weight * most / n_prunable
+            self.shards.unshard(model, net)  # the full trained weights, on every process
+            del net, params, train_targets, optimizer
         train_seconds = time.perf_counter() - started
-        n_prunable = sum(t.weight.numel() for t in targets)
         self._details = {
-            "steps": s.steps, "resumed_from_step": start_step, "processes": world,
+            "steps": s.steps, "resumed_from_step": start_step, "processes": world, **fsdp,
             "windows_per_step": per_step, "tokens_per_step": per_step * calibration.seqlen,
             "train_seconds": train_seconds, "init": s.init, "trained_parameters": sum(p.numel() for p in trained),
             "prunable_parameters": n_prunable,
-            # bytes per prunable weight: the weight and its gradient (fp32), AdamW's two moments, the method's state
             "optimizer": s.optimizer,
-            "state_bytes_per_param": 8 + OPTIMIZER_BYTES[s.optimizer] + self._state_bytes_per_param(),
+            "state_bytes_per_param": per_weight,
             "loss_curve": [{k: e[k] for k in ("step", "loss", "seconds", *self._step_info()) if k in e}
                            for e in self.history],
             "admm": self.admm_history,
@@ -457,17 +535,56 @@ class SparseTraining(PruningMethod):
     def _postfix(self) -> dict:
         return {}
 
-    def _save_checkpoint(self, folder: Path, step: int, trained, optimizer, scheduler) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {"step": step, "trained": [p.detach().cpu().clone() for p in trained],
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "history": self.history, "admm_history": self.admm_history, "method": self._state(),
-                 "patterns": {str(k): str(v) for k, v in self.patterns.items()},
-                 "rng": torch.get_rng_state()}
-        _atomic_write(folder / CHECKPOINT_STATE, lambda tmp: torch.save(state, tmp))
-        settings = run_settings(self.config)
-        _atomic_write(folder / CHECKPOINT_RUN, lambda tmp: tmp.write_text(json.dumps(
-            {"settings": settings, "key": _run_key(settings), "step": step}, indent=2)))
+    def _save_checkpoint(self, folder: Path, step: int, params, optimizer, scheduler, targets) -> None:
+        """Rank 0 writes (atomically) full tensors: under FSDP every process takes part in gathering
+        them; after the write all processes wait for it (a resume then reads the same file)."""
+        writer = distributed.is_main_process()
+        if writer or self.shards is not None:
+            state = {"step": step, "trained": [self._whole(p) for p in params],
+                     "optimizer": self._whole_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
+                     "history": self.history, "admm_history": self.admm_history, "method": self._state(targets),
+                     "patterns": {str(k): str(v) for k, v in self.patterns.items()},
+                     "rng": torch.get_rng_state()}
+        if writer:
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_write(folder / CHECKPOINT_STATE, lambda tmp: torch.save(state, tmp))
+            settings = run_settings(self.config)
+            _atomic_write(folder / CHECKPOINT_RUN, lambda tmp: tmp.write_text(json.dumps(
+                {"settings": settings, "key": _run_key(settings), "step": step}, indent=2)))
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _whole(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU copy of the full tensor (DTensors gathered: a collective)."""
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+    def _whole_optimizer_state(self, optimizer) -> dict:
+        state = optimizer.state_dict()
+        if self.shards is None:
+            return state
+        return {**state, "state": {i: {k: self._whole(v) if isinstance(v, torch.Tensor) else v
+                                       for k, v in entry.items()} for i, entry in state["state"].items()}}
+
+    def _load_checkpoint(self, saved: dict, params, optimizer, scheduler, targets) -> None:
+        """Weights, optimiser, schedules, history and method state of a checkpoint (under FSDP,
+        each process takes its rows of the full tensors)."""
+        with torch.no_grad():
+            for p, value in zip(params, saved["trained"]):
+                if self.shards is None:
+                    p.copy_(value.to(p.device))
+                else:
+                    local(p).copy_(self.shards.scatter(value, p))
+        opt_state = saved["optimizer"]
+        if self.shards is not None:  # Adam's moments as DTensors split like their parameter
+            opt_state = {**opt_state, "state": {
+                i: {k: self.shards.distribute(v, params[i]) if isinstance(v, torch.Tensor) and
+                    v.shape == params[i].shape else v for k, v in entry.items()}
+                for i, entry in opt_state["state"].items()}}
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(saved["scheduler"])
+        self.history, self.admm_history = saved["history"], saved["admm_history"]
+        self._load_state(saved["method"], targets)
+        torch.set_rng_state(saved["rng"])
 
     def _records(self, targets) -> list[LayerRecord]:
         records: dict[int, LayerRecord] = {}
@@ -487,18 +604,22 @@ class Elsa(SparseTraining):
     def _start(self, targets):
         self.store = StateStore(self.settings.state_dtype)
         self.lam = lambda_at(self.settings, 0)
-        self.admm: dict[int, dict] = {}
+        self.admm: dict[int, dict] = {}  # under FSDP: this process's rows of z and u
         for i, t in enumerate(targets):
-            w = t.weight.detach().float()
-            self.admm[i] = {"z": self.store.encode(project(w, w.abs(), t.pattern)),
-                            "u": self.store.encode(torch.zeros_like(w))}
+            w = local(t.weight).detach().float()
+            self.admm[i] = {"z": self._encode(self._project(w, w.abs(), t)),
+                            "u": self._encode(torch.zeros_like(w))}
 
-    def _state(self):
-        return {"lambda": self.lam, "admm": self.admm, "state_dtype": self.store.dtype}
+    def _state(self, targets):
+        admm = {i: {k: {**stored, "data": self._full(stored["data"], targets[i])} for k, stored in entry.items()}
+                for i, entry in self.admm.items()}
+        return {"lambda": self.lam, "admm": admm, "state_dtype": self.store.dtype}
 
-    def _load_state(self, state):
+    def _load_state(self, state, targets):
         self.store = StateStore(state["state_dtype"])
-        self.lam, self.admm = state["lambda"], state["admm"]
+        self.lam = state["lambda"]
+        self.admm = {int(i): {k: {**stored, "data": self._rows(stored["data"], targets[int(i)])}
+                              for k, stored in entry.items()} for i, entry in state["admm"].items()}
 
     def _state_bytes_per_param(self):
         return 2 * self.store.bytes_per_element()
@@ -506,8 +627,9 @@ class Elsa(SparseTraining):
     def _before_step(self, targets, optimizer):
         with torch.no_grad():
             for i, t in enumerate(targets):
-                z, u = (self.store.decode(self.admm[i][k]).to(t.weight.device) for k in ("z", "u"))
-                t.weight.grad.add_((t.weight.detach().float() - z + u).to(t.weight.grad.dtype), alpha=self.lam)
+                w, grad = local(t.weight).detach(), local(t.weight.grad)
+                z, u = (self.store.decode(self.admm[i][k]).to(w.device) for k in ("z", "u"))
+                grad.add_((w.float() - z + u).to(grad.dtype), alpha=self.lam)
 
     def _after_step(self, step, targets, optimizer):
         if (step + 1) % self.settings.admm_interval or step + 1 >= self.settings.steps:
@@ -517,17 +639,18 @@ class Elsa(SparseTraining):
         count = 0
         with torch.no_grad():
             for i, t in enumerate(targets):
-                w = t.weight.detach().float()
+                w = local(t.weight).detach().float()
                 u = self.store.decode(self.admm[i]["u"]).to(w.device) * (self.lam / new_lam)
                 old_z = self.store.decode(self.admm[i]["z"]).to(w.device)
                 v = second_moment(optimizer, t.weight)
-                z = project(w + u, importance(w + u, v, self.settings.score), t.pattern)
+                z = self._project(w + u, importance(w + u, v, self.settings.score), t)
                 u = u + w - z
                 residual += float((w - z).square().sum())
                 weight += float(w.square().sum())
                 flipped += float(((old_z == 0) != (z == 0)).sum())
                 count += w.numel()
-                self.admm[i] = {"z": self.store.encode(z), "u": self.store.encode(u)}
+                self.admm[i] = {"z": self._encode(z), "u": self._encode(u)}
+        residual, weight, flipped, count = self._sum([residual, weight, flipped, count])  # FSDP: all rows
         entry = {"step": step + 1, "lambda": new_lam, "residual": math.sqrt(residual / max(weight, 1e-30)),
                  "mask_change": flipped / max(count, 1)}
         self.admm_history.append(entry)
@@ -544,9 +667,10 @@ class Elsa(SparseTraining):
     def _finish(self, targets, optimizer):
         with torch.no_grad():
             for t in targets:
-                w = t.weight.detach().float()
+                weight = local(t.weight)
+                w = weight.detach().float()
                 v = second_moment(optimizer, t.weight)
-                t.weight.copy_(project(w, importance(w, v, self.settings.score), t.pattern).to(t.weight.dtype))
+                weight.copy_(self._project(w, importance(w, v, self.settings.score), t).to(weight.dtype))
 
 
 class MaskedAdam(SparseTraining):
@@ -557,29 +681,33 @@ class MaskedAdam(SparseTraining):
     name = "masked-adam"
 
     def _start(self, targets):
-        # The mask is the model's zeros: those of --init, or of a model pruned before (a saved one).
-        self.masks = {i: (t.weight.detach() == 0).cpu() for i, t in enumerate(targets)}
+        # The mask is the model's zeros: those of --init, or of a model pruned before (a saved one);
+        # under FSDP this process's rows of it.
+        self.masks = {i: (local(t.weight).detach() == 0).cpu() for i, t in enumerate(targets)}
+        zeros = self._sum([float(self.masks[i].sum()) for i in range(len(targets))])
         for i, t in enumerate(targets):
-            share = float(self.masks[i].float().mean())
+            share = zeros[i] / t.weight.numel()
             if share < t.pattern.fraction - 0.01:
                 raise ValueError(f"masked-adam keeps the model's mask, but layer {t.layer} {t.name} is only "
                                  f"{share:.1%} zeros for a target of {t.pattern}: set --init (e.g. sparsegpt) "
                                  "or pass a pruned model")
 
-    def _state(self):
-        return {"masks": self.masks}
+    def _state(self, targets):
+        return {"masks": {i: self._full(mask, targets[i]).cpu() for i, mask in self.masks.items()}}
 
-    def _load_state(self, state):
-        self.masks = state["masks"]
+    def _load_state(self, state, targets):
+        self.masks = {int(i): self._rows(mask, targets[int(i)]).cpu() for i, mask in state["masks"].items()}
 
     def _before_clip(self, targets):
         for i, t in enumerate(targets):
-            t.weight.grad.masked_fill_(self.masks[i].to(t.weight.device), 0)
+            grad = local(t.weight.grad)
+            grad.masked_fill_(self.masks[i].to(grad.device), 0)
 
     def _after_step(self, step, targets, optimizer):
         with torch.no_grad():  # AdamW's weight decay would move pruned entries: zero them again
             for i, t in enumerate(targets):
-                t.weight.masked_fill_(self.masks[i].to(t.weight.device), 0)
+                weight = local(t.weight)
+                weight.masked_fill_(self.masks[i].to(weight.device), 0)
 
     def _state_bytes_per_param(self):
         return 1  # the boolean mask
