@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .api import run
+    from .distributed import is_main_process
     from .report import summary
 
     try:
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as exc:
         print(f"sparsellm-prune: error: {exc}", file=sys.stderr)
         return 2
+    if not is_main_process():
+        return 0  # under torchrun only rank 0 writes, so only it reports what was written
     print(summary(report))
     if config.report:
         print(f"report written to {config.report}")

@@ -8,7 +8,6 @@ Mask convention: a boolean ``prune_mask`` is True where a weight is removed.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch

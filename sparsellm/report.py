@@ -6,7 +6,6 @@ import math
 import os
 import platform
 import tempfile
-from dataclasses import asdict
 
 import torch
 
