@@ -142,6 +142,14 @@ def render(results: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(
             f"{cells[c]['cost']['after']['parameters'] / cells[c]['cost']['before']['parameters']:.3f}, "
             f"{cells[c]['prune_seconds']:.0f} s" if c in cells else "" for c in columns) + " |")
+    by_commit: dict[str, list[str]] = {}
+    for label, cells in rows.items():
+        for c, r in cells.items():
+            git = r.get("git") or {}
+            commit = (git.get("commit") or "not recorded")[:7] + (" with uncommitted changes" if git.get("dirty") else "")
+            by_commit.setdefault(commit, []).append(f"{label} at {c:.0%}")
+    lines += ["", "Code each cell was measured with: " + "; ".join(
+        f"commit {commit}: {', '.join(cells)}" for commit, cells in by_commit.items()) + "."]
     for k, s in results.get("speed", {}).items():
         if "speedup_prefill_tokens_per_cpu_s" not in s:
             continue
