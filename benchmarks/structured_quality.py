@@ -149,7 +149,7 @@ def render(results: dict) -> str:
             commit = (git.get("commit") or "not recorded")[:7] + (" with uncommitted changes" if git.get("dirty") else "")
             by_commit.setdefault(commit, []).append(f"{label} at {c:.0%}")
     lines += ["", "Code each cell was measured with: " + "; ".join(
-        f"commit {commit}: {', '.join(cells)}" for commit, cells in by_commit.items()) + "."]
+        f"commit {commit}: {' / '.join(cells)}" for commit, cells in by_commit.items()) + "."]
     for k, s in results.get("speed", {}).items():
         if "speedup_prefill_tokens_per_cpu_s" not in s:
             continue
