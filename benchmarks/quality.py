@@ -46,13 +46,15 @@ def save(results: dict, path: str) -> None:
 
 
 def git_state() -> dict:
-    """The commit the numbers come from, and whether the tracked files differ from it."""
+    """The commit the numbers come from, and whether the tracked files differ from it (the
+    results folder aside: the benchmarks write their own results there while they run)."""
     import subprocess
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
 def achieved_sparsity(records) -> float:
