@@ -102,6 +102,12 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
+def local_exponents(runs: list[dict], method: str) -> list[float]:
+    """The slope between each pair of consecutive sizes: where it heads as N grows."""
+    mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["params"])
+    return [slope([a["params"], b["params"]], [a["working_bytes"], b["working_bytes"]]) for a, b in zip(mine, mine[1:])]
+
+
 def render(result: dict) -> str:
     lines = [f"Working memory of a prune (peak resident memory above the model, {result['nsamples']} x "
              f"{result['seqlen']} calibration tokens; random LLaMA shapes, L = d / 64, FFN 2.6875 d; float32, "
@@ -121,7 +127,8 @@ def render(result: dict) -> str:
                      f"{first['layer_weight_bytes'] / 2**20:.1f} MiB | " + " | ".join(cells) + " |")
     lines += ["", "Exponent of working memory in N (slope of the log-log fit): " + "; ".join(
         f"{m} {e:.2f}" for m, e in result["exponents"].items()) + f" (one layer's weights: "
-        f"{result['layer_exponent']:.2f}; sqrt N would be 0.50)."]
+        f"{result['layer_exponent']:.2f}; sqrt N would be 0.50). Between consecutive sizes: " + "; ".join(
+        f"{m} " + ", ".join(f"{e:.2f}" for e in local_exponents(result["runs"], m)) for m in result["methods"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -133,8 +140,13 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--out", default=os.path.join(HERE, "results", "structprune_memory.json"))
+    p.add_argument("--render", action="store_true", help="only print the table of --out")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # WIDTH:METHOD, run in a child process
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.out) as handle:
+            print(render(json.load(handle)))
+        return 0
     if args.one:
         width, method = args.one.split(":")
         print(json.dumps(measure_one(int(width), method, args.sparsity, args.nsamples, args.seqlen)))
