@@ -106,6 +106,14 @@ def sparsellm_rows(path: str = QUALITY_JSON) -> dict:
     return {k.split("|")[1]: v for k, v in runs.items() if k.startswith("sparsellm|") and k.endswith("|all")}
 
 
+def machines(entries: list[dict]) -> dict[str, list[str]]:
+    """{machine description: the settings measured on it}."""
+    out: dict[str, list[str]] = {}
+    for e in entries:
+        out.setdefault(e["machine"], []).append(e["setting"])
+    return out
+
+
 def render(results: dict, sparsellm: dict | None = None) -> str:
     entries = [results["runs"][k] for k in sorted(results["runs"])]
     if not entries:
@@ -136,7 +144,8 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
     s = entries[-1]["settings"]
     lines += ["", f"Training settings: lr {s['lr']} (linear decay), lambda {s['admm_lambda']}, interval "
               f"{s['admm_interval']}, score {s['score']}, batch {s['batch_size']} x {s['seqlen']} tokens. "
-              f"Machine: {entries[-1]['machine']}."]
+              "Machine: " + "; ".join(f"{m} ({', '.join(settings)})" for m, settings in machines(entries).items())
+              + "."]
     if sparsellm_notes:
         lines += ["", "sparsellm: one-shot SparseLLM over all layers with the same calibration, from "
                   "benchmarks/quality.py (its prune time and commit: " + "; ".join(sparsellm_notes) + ")."]
