@@ -125,6 +125,17 @@ def render(results: dict) -> str:
     for (label, _), cells in sorted_rows:
         lines.append(f"| {label} | " + " | ".join(f"{cells[s]['prune_seconds']:.0f}" if s in cells else ""
                                                   for s in settings) + " |")
+    by_commit: dict[str, list[str]] = {}
+    for (label, _), cells in sorted_rows:
+        for setting in settings:
+            if setting in cells:
+                git = cells[setting].get("git") or {}
+                commit = (git["commit"][:7] + (" with uncommitted changes" if git.get("dirty") else "")
+                          if git.get("commit") else "not recorded (code older than the recording)")
+                by_commit.setdefault(commit, []).append(f"{label} {setting}")
+    lines += ["", "Code of each cell: " + "; ".join(f"commit {c}: {', '.join(cells)}" if not c.startswith("not")
+                                                    else f"{c}: {', '.join(cells)}" for c, cells in by_commit.items())
+              + ". Times are wall-clock, some with other jobs sharing the two cores."]
     machine = proto.get("machine")
     if machine:
         lines += ["", f"Machine: {machine}."]
