@@ -33,6 +33,25 @@ class PatternCalibration:
         return (start + 3 * torch.arange(self.seqlen)) % VOCAB
 
 
+class Killed(Exception):
+    """The stand-in for a job killed mid-run."""
+
+
+class DyingCalibration(PatternCalibration):
+    """PatternCalibration whose draw for step 5 kills the run: the step-4 checkpoint survives."""
+
+    def draw(self, count, index):
+        if index == 5:
+            raise Killed
+        return super().draw(count, index)
+
+
+def run_until_killed(cfg):
+    """Start a run of ``cfg`` on a fresh tiny model and let it die at step 5."""
+    model = tiny_llama()
+    get_method(cfg).prune_model(model, get_adapter(model), DyingCalibration())
+
+
 def config(method="elsa", sparsity="0.7", **elsa):
     settings = dict(steps=8, batch_size=2, lr=3e-3, admm_lambda=0.05, admm_interval=2)
     settings.update(elsa)
@@ -232,21 +251,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     weights of an uninterrupted run."""
     settings = dict(steps=8, checkpoint_every=2, admm_interval=3, admm_schedule="cosine")
     whole, whole_method, _ = prune(config(**settings))
-
-    class Killed(Exception):
-        pass
-
-    class Dying(PatternCalibration):
-        def draw(self, count, index):
-            if index == 5:
-                raise Killed
-            return super().draw(count, index)
-
-    cfg = config(**settings, checkpoint_dir=str(tmp_path))
-    method = get_method(cfg)
     with pytest.raises(Killed):
-        model = tiny_llama()
-        method.prune_model(model, get_adapter(model), Dying())
+        run_until_killed(config(**settings, checkpoint_dir=str(tmp_path)))
     assert json.loads((tmp_path / CHECKPOINT_RUN).read_text())["step"] == 4
     resumed, resumed_method, _ = prune(config(**settings, checkpoint_dir=str(tmp_path)))
     assert resumed_method.details()["resumed_from_step"] == 4
@@ -392,19 +398,9 @@ def _fsdp_worker(rank, world, init_file, out_dir):
 
         # checkpoint and resume under FSDP: killed after step 5 (in both processes), resumed
         # from the step-4 checkpoint, it must end as the uninterrupted elsa-0.7 run above
-        class Killed(Exception):
-            pass
-
-        class Dying(PatternCalibration):
-            def draw(self, count, index):
-                if index == 5:
-                    raise Killed
-                return super().draw(count, index)
-
         def killed(cfg):
             try:
-                model = tiny_llama()
-                get_method(cfg).prune_model(model, get_adapter(model), Dying())
+                run_until_killed(cfg)
             except Killed:
                 pass
 
