@@ -26,7 +26,7 @@ import platform
 import sys
 import time
 
-from quality import achieved_sparsity, fmt_ppl, git_state, load, save, write_into
+from quality import achieved_sparsity, commit_label, fmt_ppl, git_state, load, save, write_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "elsa.json")
@@ -132,9 +132,8 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
         tokens = e["settings"]["steps"] * e["settings"]["batch_size"] * e["settings"]["grad_accum"] * e["settings"]["seqlen"]
         one_shot = sparsellm.get(e["setting"])
         if one_shot:
-            git = one_shot.get("git") or {}
-            label = git["commit"][:7] + ("+dirty" if git.get("dirty") else "") if git.get("commit") else "not recorded"
-            sparsellm_notes.append(f"{e['setting']}: {one_shot['prune_seconds'] / 60:.0f} min, commit {label}")
+            sparsellm_notes.append(f"{e['setting']}: {one_shot['prune_seconds'] / 60:.0f} min, "
+                                   f"commit {commit_label(one_shot.get('git'))}")
         lines.append(f"| {e['setting']} | {fmt_ppl(r['sparsegpt']['ppl'])} | "
                      f"{fmt_ppl(one_shot['ppl']) if one_shot else 'not run'} | {fmt_ppl(r['masked-adam']['ppl'])} | "
                      f"{fmt_ppl(r['elsa']['ppl'])} | {e['settings']['steps']} x "

@@ -57,6 +57,13 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
+def commit_label(git: dict | None) -> str:
+    """How a table names the code of a stored number (a :func:`git_state`)."""
+    if not git or not git.get("commit"):
+        return "not recorded"
+    return git["commit"][:7] + (" with uncommitted changes" if git.get("dirty") else "")
+
+
 def achieved_sparsity(records) -> float:
     """Zeros over all pruned weights of a run's layer records."""
     zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
@@ -129,9 +136,9 @@ def render(results: dict) -> str:
     for (label, _), cells in sorted_rows:
         for setting in settings:
             if setting in cells:
-                git = cells[setting].get("git") or {}
-                commit = (git["commit"][:7] + (" with uncommitted changes" if git.get("dirty") else "")
-                          if git.get("commit") else "not recorded (code older than the recording)")
+                commit = commit_label(cells[setting].get("git"))
+                if commit == "not recorded":
+                    commit += " (code older than the recording)"
                 by_commit.setdefault(commit, []).append(f"{label} {setting}")
     lines += ["", "Code of each cell: " + "; ".join(f"commit {c}: {', '.join(cells)}" if not c.startswith("not")
                                                     else f"{c}: {', '.join(cells)}" for c, cells in by_commit.items())

@@ -33,7 +33,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import git_state  # noqa: E402
+from quality import commit_label, git_state  # noqa: E402
 
 FFN_RATIO = 11008 / 4096  # LLaMA-2-7B's intermediate / hidden
 HEAD_DIM = 64
@@ -111,7 +111,7 @@ def local_exponents(runs: list[dict], method: str) -> list[float]:
 def render(result: dict) -> str:
     lines = [f"Working memory of a prune (peak resident memory above the model, {result['nsamples']} x "
              f"{result['seqlen']} calibration tokens; random LLaMA shapes, L = d / 64, FFN 2.6875 d; float32, "
-             f"CPU; commit {result['git']['commit'][:7]}{'+dirty' if result['git']['dirty'] else ''}):", "",
+             f"CPU; commit {commit_label(result['git'])}):", "",
              "| d | L | N (params) | one layer's weights | " + " | ".join(
                  f"{m} working memory" for m in result["methods"]) + " |",
              "|---|---|---|---|" + "---|" * len(result["methods"])]

@@ -30,7 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import fmt_ppl, git_state, load, save, write_into  # noqa: E402  (the quality table's helpers)
+from quality import commit_label, fmt_ppl, git_state, load, save, write_into  # noqa: E402  (the quality table's helpers)
 
 DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
@@ -145,8 +145,7 @@ def render(results: dict) -> str:
     by_commit: dict[str, list[str]] = {}
     for label, cells in rows.items():
         for c, r in cells.items():
-            git = r.get("git") or {}
-            commit = (git.get("commit") or "not recorded")[:7] + (" with uncommitted changes" if git.get("dirty") else "")
+            commit = commit_label(r.get("git"))
             by_commit.setdefault(commit, []).append(f"{label} at {c:.0%}")
     lines += ["", "Code each cell was measured with: " + "; ".join(
         f"commit {commit}: {' / '.join(cells)}" for commit, cells in by_commit.items()) + "."]
