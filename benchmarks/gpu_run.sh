@@ -2,11 +2,13 @@
 # The GPU measurements of issues 12 and 13 in one call, run ON a GPU machine from the project's
 # root (no install: PYTHONPATH is the checkout; the main CUDA extension is not built, so `auto`
 # means Triton for every method alike):
-#   STEPS="tests bench prune" BUDGET=420 bash benchmarks/gpu_run.sh
+#   STEPS="tests sweep" BUDGET=420 bash benchmarks/gpu_run.sh
 # needs .device-data/ (../shared/device/prepare.sh) for the tokenizer and the calibration text.
 # Steps (each capped so the whole ends by BUDGET seconds; logs and JSON land in $OUT):
-#   tests     gpu-marked tests of the sparse decode kernels, the CUDA-graph decoder, the SparseLLM
-#             element-wise kernels and (if built) the cuSPARSELt binding
+#   tests     gpu-marked tests of the sparse decode kernels and the CUDA-graph decoder
+#   steptests the SparseLLM element-wise kernels' tests, compiled
+#   sweep     benchmarks/sparse_gpu_sweep.py: every one-token config of the sparse kernels vs dense
+#             at 7B shapes -> sweep.json, sweep.md
 #   bench     benchmarks/bench_export.py -m gpu (linears at 7B shapes, 32-layer 7B-shaped model
 #             prefill / decode / CUDA-graph decode) -> bench_*.json, sparse_gpu_table.md
 #   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers
@@ -17,7 +19,7 @@ R=$PWD; D=$R/.device-data; O=${OUT:-/tmp/out}; L=$O/logs; mkdir -p "$L"
 END=$(( $(date +%s) + ${BUDGET:-420} ))
 cap(){ local c=$1 r=$(( END - $(date +%s) - 10 )); [ $r -lt $c ] && c=$r; [ $c -lt 5 ] && c=5; echo $c; }
 log(){ echo "== $(date +%T) $*" | tee -a "$O/steps.txt"; }
-has(){ case " ${STEPS:-tests bench prune cusparselt} " in *" $1 "*) return 0;; esac; return 1; }
+has(){ case " ${STEPS:-tests steptests sweep bench prune cusparselt} " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$O/steps.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" >> "$O/steps.txt" 2>&1
 P="python3 -m pytest -p no:cacheprovider"
@@ -27,9 +29,17 @@ if has tests; then
   timeout $(cap ${T_TESTS:-150}) $P -q -rs --timeout 140 tests/test_sparse_gpu.py tests/test_decode.py \
     > "$L/gpu_tests.log" 2>&1
   log "sparse/decode tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/gpu_tests.log)"
+fi
+if has steptests; then
   t0=$(date +%s)
   timeout $(cap 60) $P -q --timeout 50 tests/test_kernels_triton.py -k "step" > "$L/step_tests.log" 2>&1
   log "sparsellm step kernel tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/step_tests.log)"
+fi
+if has sweep; then
+  t0=$(date +%s)
+  timeout $(cap ${T_SWEEP:-300}) python3 benchmarks/sparse_gpu_sweep.py --rep-ms ${SWEEP_REP_MS:-10} \
+    --out "$O/sweep.json" --table "$O/sweep.md" > "$L/sweep.log" 2>&1
+  log "sparse kernel config sweep rc=$? $(( $(date +%s)-t0 )) s"
 fi
 if has bench; then
   # two runs, two JSON files: pytest-benchmark writes its JSON only when a run ends, so a run
@@ -63,7 +73,7 @@ if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
 fi
 log done
 # the tables last: the reply carries the end of the output
-for f in "$O/sparse_gpu_table.md"; do [ -f "$f" ] && cat "$f"; done
+for f in "$O/sweep.md" "$O/sparse_gpu_table.md"; do [ -f "$f" ] && cat "$f"; done
 tail -n 12 "$L/prune_7b.log" 2>/dev/null
 tail -n 20 "$L/cusparselt.log" 2>/dev/null
 grep -E "FAILED|ERROR|Error|assert" "$L"/*.log | head -30

@@ -55,6 +55,10 @@ from sparsellm.ops import Decline
 from ._common import check_device, configs, interpreting, next_pow2
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# How the one-token nm24 kernel meets x: 0 gathers x at each kept value's column; 1 reads the
+# tile's x contiguously and rebuilds each group dense (4 products); 2 reads it contiguously and
+# picks each kept value's input in registers (2 products, 3 selects)
+NM24_X_MODES = (0, 1, 2)
 MAX_SPLIT_K_BLOCK = 512  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
 
 
@@ -72,9 +76,29 @@ def _sm_count(device: torch.device) -> int:
 # ------------------------------------------------------------------------------------- nm24
 
 @triton.jit
+def _nm24_groups(vals, words, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr):
+    """A tile's groups: the first and second kept values [BLOCK_N, BLOCK_G] and their input
+    positions p0 < p1 (0..3) from the meta words (one 4-bit code per group, word w covering
+    groups 8w..8w+7)."""
+    gg = tl.arange(0, BLOCK_G)
+    code = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 8)), (BLOCK_N, BLOCK_G))
+    code = (code >> ((gg % 8) * 4)[None, :]) & 15
+    first, second = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_G, 2)))
+    return first, second, code & 3, (code >> 2) & 3
+
+
+@triton.jit
+def _nm24_dense_groups(first, second, p0, p1):
+    """The groups rebuilt dense: [BLOCK_N, BLOCK_G, 4], each kept value at its position."""
+    lane = tl.arange(0, 4)[None, None, :]
+    return tl.where(lane == p0[:, :, None], first[:, :, None],
+                    tl.where(lane == p1[:, :, None], second[:, :, None], tl.zeros_like(first)[:, :, None]))
+
+
+@triton.jit
 def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stride_v, stride_m, stride_xt, stride_ot,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_MODE: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -96,8 +120,6 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = t < T
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        gg = tl.arange(0, BLOCK_G)
-        lane = tl.arange(0, 4)[None, None, :]
         kk = tl.arange(0, BLOCK_K)
         for v0 in range(v_start, v_end, BLOCK_V):
             v0 = tl.multiple_of(v0, BLOCK_V)
@@ -108,14 +130,8 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             w_idx = v0 // 16 + ww
             words = tl.load(m_ptr + n64[:, None] * stride_m + w_idx[None, :],
                             mask=n_ok[:, None] & (w_idx[None, :] * 16 < v_end), other=0)
-            # one 4-bit code per group: word w covers groups 8w..8w+7
-            code = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 8)), (BLOCK_N, BLOCK_G))
-            code = (code >> ((gg % 8) * 4)[None, :]) & 15
-            p0 = (code & 3)[:, :, None]
-            p1 = ((code >> 2) & 3)[:, :, None]
-            first, second = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_G, 2)))
-            w3 = tl.where(lane == p0, first[:, :, None],
-                          tl.where(lane == p1, second[:, :, None], tl.zeros_like(first)[:, :, None]))
+            first, second, p0, p1 = _nm24_groups(vals, words, BLOCK_N, BLOCK_W, BLOCK_G)
+            w3 = _nm24_dense_groups(first, second, p0, p1)
             w = tl.reshape(w3, (BLOCK_N, BLOCK_K))
             k_idx = k0 + kk
             xt = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + k_idx[None, :],
@@ -123,10 +139,12 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc, input_precision=DOT_PREC)
     else:
         # products accumulate element-wise; the cross-thread reduction runs once, after the loop
-        acc2 = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)  # X_MODE 0: per value slot
+        acc_g = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)  # X_MODE 1, 2: per group
         x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
         v_rows = v_ptr + n64[:, None] * stride_v
         m_rows = m_ptr + n64[:, None] * stride_m
+        gg4 = tl.arange(0, BLOCK_G)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK_G, 4] inputs of a tile
         # software pipelining by hand: the next tile's values and meta are requested before
         # this tile's gathers, so two tiles per program are in flight
         v_idx = v_start + vv
@@ -140,15 +158,38 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             nw_idx = (v0 + BLOCK_V) // 16 + ww
             words_next = tl.load(m_rows + nw_idx[None, :], mask=n_ok[:, None] & (nw_idx[None, :] * 16 < v_end),
                                  other=0)
-            # value slot v (16 per word) keeps its input position in bits 2(v%16)..2(v%16)+1
-            wv = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 16)), (BLOCK_N, BLOCK_V))
-            pos = (wv >> ((vv % 16) * 2)[None, :]) & 3
-            col = v0 * 2 + (vv // 2)[None, :] * 4 + pos
-            xg = tl.load(x_row + col, mask=n_ok[:, None] & ((v0 + vv)[None, :] < v_end), other=0.0)
-            acc2 += vals.to(tl.float32) * xg.to(tl.float32)
+            if X_MODE == 0:
+                # gather: value slot v (16 per word) keeps its input position in bits
+                # 2(v%16)..2(v%16)+1; each slot loads x at its column (x is L1/L2-resident)
+                wv = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 16)), (BLOCK_N, BLOCK_V))
+                pos = (wv >> ((vv % 16) * 2)[None, :]) & 3
+                col = v0 * 2 + (vv // 2)[None, :] * 4 + pos
+                xg = tl.load(x_row + col, mask=n_ok[:, None] & ((v0 + vv)[None, :] < v_end), other=0.0)
+                acc2 += vals.to(tl.float32) * xg.to(tl.float32)
+            else:
+                # the tile's x read once, contiguous ([BLOCK_G, 4]); each group's two values pick
+                # their inputs in registers instead of gathering them (X_MODE 2), or the group
+                # is rebuilt dense and multiplied by all four (X_MODE 1)
+                k_in = v0 * 2 + gg4
+                x4 = tl.load(x_row + k_in, mask=k_in < v_end * 2, other=0.0).to(tl.float32)
+                first, second, p0, p1 = _nm24_groups(vals, words, BLOCK_N, BLOCK_W, BLOCK_G)
+                if X_MODE == 1:
+                    w3 = _nm24_dense_groups(first, second, p0, p1)
+                    prod = tl.sum(w3.to(tl.float32) * x4[None, :, :], axis=2)  # [BLOCK_N, BLOCK_G]
+                else:
+                    xa, xb = tl.split(tl.reshape(x4, (BLOCK_G, 2, 2)))  # (x0, x2), (x1, x3)
+                    x0, x2 = tl.split(xa)
+                    x1, x3 = tl.split(xb)
+                    pick0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
+                    pick1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
+                    prod = first.to(tl.float32) * pick0 + second.to(tl.float32) * pick1
+                acc_g += prod
             vals = vals_next
             words = words_next
-        acc = tl.sum(acc2, axis=1)
+        if X_MODE == 0:
+            acc = tl.sum(acc2, axis=1)
+        else:
+            acc = tl.sum(acc_g, axis=1)
     if HAS_BIAS:
         bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         bias = bias * (pid_s == 0).to(tl.float32)  # added once, by the first K split
@@ -169,14 +210,15 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
 
 
 _NM24_KEY = ["N", "K", "T"]
-# one token: a row block per program, long contiguous value rows per step
-# Two configs: measured on an H100 at 1.28-1.44x dense (kernel time, 7B shapes, 1 token). A
-# ten-config set (also 4x1024, 16x512, 32x256, 8 warps) measured 0.79-1.19x on an H200 in the
-# next run (benchmarks/RESULTS.md, "GPU sparse decode"): different cards, so not a clean
-# comparison, but no evidence for the larger set.
+# one token: a row block per program, long contiguous value rows per step, each of the three
+# ways to meet x (NM24_X_MODES). The two block shapes measured 1.28-1.44x dense on an H100 with
+# X_MODE 0 (kernel time, 7B shapes, 1 token); a ten-config set of X_MODE 0 block shapes (also
+# 4x1024, 16x512, 32x256, 8 warps) measured 0.79-1.19x on an H200 in the next run
+# (benchmarks/RESULTS.md, "GPU sparse decode"). benchmarks/sparse_gpu_sweep.py times every
+# candidate config separately.
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": 8, "BLOCK_K": 512}, {"BLOCK_N": 16, "BLOCK_K": 256}],
-                    {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk, "X_MODE": mode} for bn, bk in ((8, 512), (16, 256))
+                     for mode in NM24_X_MODES], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
 # than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3
@@ -194,10 +236,14 @@ NM24_BLOCK_T_MAX = {torch.float32: 32}  # tokens per program of the dot path (de
 _BEST: dict = {}
 
 
-def _launch(tuner, grid, key, *args, **kwargs):
+def _launch(tuner, grid, key, *args, config: dict | None = None, **kwargs):
     """Launch an autotuned kernel: through ``tuner`` (benchmarking its configs) the first time
     for ``key``, then the jitted kernel directly with the chosen config, which skips the
-    autotuner's per-call bookkeeping (microseconds, a visible share of a decode-size call)."""
+    autotuner's per-call bookkeeping (microseconds, a visible share of a decode-size call).
+    ``config`` (block sizes, ``num_warps``, ...) bypasses the tuner: tests and config sweeps."""
+    if config is not None:
+        tuner.fn[grid](*args, **kwargs, **{"num_warps": 4, **config})
+        return
     best = _BEST.get((id(tuner), key))
     if best is None:
         tuner[grid](*args, **kwargs)
@@ -219,9 +265,12 @@ def _finish(buf, dtype):
 
 
 def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
-                bias: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, *, split_k: int | None = None,
+                config: dict | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for the 2:4-packed ``(values, meta)`` of W [N, in_features]; x of
-    shape [..., in_features]. ``split_k`` forces the number of K splits (tests)."""
+    shape [..., in_features]. ``split_k`` forces the number of K splits and ``config`` the
+    kernel's meta-parameters (``BLOCK_N``, ``BLOCK_K``, ``X_MODE``, ``num_warps``), skipping
+    the autotuner (tests, benchmarks/sparse_gpu_sweep.py)."""
     k = int(in_features)
     if k % 32:
         raise Decline(f"in_features {k} % 32 != 0")
@@ -263,7 +312,7 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
         _launch(kernel, grid, key, x2, values, meta, x2 if bias is None else bias.contiguous(), out, t, n, k,
                 k_per_split // 2, values.stride(0), meta.stride(0), x2.stride(0), out.stride(0),
                 HAS_BIAS=bias is not None, ATOMIC=atomic, USE_DOT=use_dot,
-                DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32", BLOCK_T=block_t)
+                DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32", BLOCK_T=block_t, config=config)
     return _finish(out, x.dtype).reshape(*lead, n)
 
 
@@ -332,10 +381,11 @@ SELL_BLOCK_T_MAX = 8  # tokens per program; more tokens take more programs (each
 
 def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
                 out_features: int, in_features: int, slice_rows: int, bias: torch.Tensor | None = None,
-                *, split: int | None = None) -> torch.Tensor:
+                *, split: int | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for the sliced-ELLPACK ``(values, cols, slice_ptr)`` of W
     [out_features, in_features]; x of shape [..., in_features]. ``split`` forces the number
-    of programs per slice (tests)."""
+    of programs per slice and ``config`` the kernel's meta-parameters (``BLOCK_J``,
+    ``num_warps``), skipping the autotuner (tests, benchmarks/sparse_gpu_sweep.py)."""
     n, k, s = int(out_features), int(in_features), int(slice_rows)
     _check_dtypes(x, values, *(() if bias is None else (bias,)))
     if cols.dtype != torch.int16 or slice_ptr.dtype != torch.int64:
@@ -367,5 +417,5 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
         key = (n, k, s, t, x.dtype, split, bias is not None)
         _launch(kernel, (n_slices, split, t_blocks), key, x2, values.contiguous(), cols.contiguous(),
                 slice_ptr.contiguous(), x2 if bias is None else bias.contiguous(), out, t, n, k, split, x2.stride(0),
-                out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t)
+                out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t, config=config)
     return _finish(out, x.dtype).reshape(*lead, n)

@@ -5,35 +5,29 @@ step is a few milliseconds of GPU time; Hugging Face's eager forward spends abou
 Python launching its kernels, and that overhead hides what a compact weight format saves.
 :class:`GreedyDecoder` removes it the standard way: the KV cache is a ``StaticCache`` (fixed
 shapes, updated in place), the step's inputs live in fixed tensors, and the whole step is
-recorded once as a CUDA graph and replayed. The eager loop (the default, and the only mode on
-a CPU) gives exactly ``model.generate``'s greedy tokens (tests/test_decode.py on CPU; on an
-H200 the same comparison, run by hand on a tiny float32 LLaMA, matched too).
+recorded once as a CUDA graph and replayed. Both modes give ``model.generate``'s greedy tokens
+(tests/test_decode.py: eager on the CPU, eager and the graph on a GPU).
 
-The CUDA-graph mode is for timing only, for now: on an H200 (transformers 5.17, a tiny float32
-LLaMA) its greedy tokens left the eager decode's (and ``generate``'s) from the third token on.
-Passing an explicit [1, max_len] attention mask (which OPT, deriving its positions from the
-mask, does not allow) moved the divergence to the ninth token, and there the replayed step's
-logits differed from the eager step's on the same tokens by 5e-3 at the first replay and about
-0.1 later. The
-replay runs the eager step's kernels on the same shapes, so its tokens/s measure that work, but
-its outputs are not right; ``graph=True`` warns. tests/test_decode.py keeps the check as a strict expected failure.
+The cache's write position is its own counter: a static layer's ``cumulative_length`` is a
+tensor that every forward step advances in place (transformers 5), whatever ``cache_position``
+says. The steps run before a capture (autotuners and lazy initialisation must not run inside
+it) advance it too, so :meth:`GreedyDecoder._warm_up` puts every counter back afterwards;
+without that, the replays wrote each new key two slots past its position and the tokens left
+``generate``'s from the third on (seen on an H200). A cache whose counter is a Python number
+cannot be replayed (the graph would keep the value it was captured with): the decoder then
+runs eagerly and says why in ``graph_error``.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
-
-GRAPH_WARNING = ("GreedyDecoder(graph=True): the replayed CUDA graph's logits differ from the eager step's "
-                 "(see sparsellm.decode); use it to time decoding, not for its outputs")
 
 
 class GreedyDecoder:
     """Greedy decoding of one sequence: ``prefill(prompt_ids)`` then ``decode(steps)``.
 
     ``graph``: False (default) runs each step eagerly; True captures the step as a CUDA graph
-    and replays it (timing only, see the module docs; CUDA only). ``graph_error`` holds why a
-    capture failed (the decoder then runs eagerly)."""
+    and replays it (CUDA only). ``graph_error`` holds why a capture was not possible (the
+    decoder then runs eagerly)."""
 
     def __init__(self, model, max_len: int, graph: bool = False):
         from transformers import StaticCache
@@ -42,8 +36,6 @@ class GreedyDecoder:
         self.device = next(model.parameters()).device
         if graph and self.device.type != "cuda":
             raise ValueError("a CUDA graph needs the model on a CUDA device")
-        if graph:
-            warnings.warn(GRAPH_WARNING, RuntimeWarning, stacklevel=2)
         self.want_graph = bool(graph)
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -77,23 +69,51 @@ class GreedyDecoder:
             self._capture()
         return self.ids.clone()
 
-    def _capture(self) -> None:
-        # Warm-up steps on a side stream first (autotuners, lazy initialisation and allocator
-        # pools must not run inside the capture); they write the cache at the current position,
-        # which the replays overwrite.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
+    def _counters(self) -> list:
+        """(layer, attribute) of every write counter the cache keeps (see the module docs)."""
+        return [(layer, name) for layer in getattr(self.cache, "layers", ())
+                for name in ("cumulative_length",) if hasattr(layer, name)]
+
+    def _warm_up(self, steps: int) -> None:
+        """Run ``steps`` decode steps whose only lasting effect is what they leave initialised
+        (kernels tuned, cache tensors allocated): every cache counter is put back in place (same
+        tensor, so a graph captured afterwards advances the one the model reads). The keys and
+        values they wrote at the current position are the ones the next real step writes again."""
+        saved = [(layer, name, getattr(layer, name)) for layer, name in self._counters()]
+        saved = [(layer, name, v.clone() if torch.is_tensor(v) else v) for layer, name, v in saved]
+        if self.device.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(steps):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            for _ in range(steps):
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
+        for layer, name, value in saved:
+            current = getattr(layer, name)
+            if torch.is_tensor(current):
+                current.copy_(value)
+            else:
+                setattr(layer, name, value)
+
+    def _capture(self) -> None:
+        python_counters = [name for layer, name in self._counters() if not torch.is_tensor(getattr(layer, name))]
+        if python_counters:
+            self.graph_error = (f"the cache's {python_counters[0]} is a Python number: a replayed graph would keep "
+                                "its captured value")
+            return
+        # warm-up on a side stream: autotuners, lazy initialisation and allocator pools must not
+        # run inside the capture
+        self._warm_up(2)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
                 self.logits = self._step()
         except Exception as exc:  # an op that syncs with the host cannot be captured: run eagerly
             self.graph_error = f"{type(exc).__name__}: {exc}"[:500]
-            raise
+            self.logits = None
             torch.cuda.synchronize()
             return
         self.graph = graph

@@ -193,6 +193,24 @@ def test_nm24_kernel_matches_reference(tokens, dtype):
     assert rel_err(got[0], want - bias.double().cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("keep", [1, 2])  # 1: groups padded with a zero value (3:4 and sparser)
+@pytest.mark.parametrize("x_mode", sparse_matmul.NM24_X_MODES)
+def test_nm24_one_token_x_modes_match_reference(x_mode, keep):
+    """The one-token kernel's three ways to meet x (gather, dense group, register pick), each
+    forced through ``config``, with and without the atomic split-K path."""
+    n, k = 40, 256
+    w = nm_weight(n, k, keep=keep, seed=7 + keep, dtype=torch.float32)
+    values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(keep)).to(DEV)
+    x = _inputs(1, k, torch.float32, seed=11)
+    want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k, bias.double().cpu())
+    assert want.abs().max() > 1  # never compared on zeros
+    for split in (None, 3):
+        got = sparse_matmul.nm24_linear(x, values, meta, k, bias, split_k=split,
+                                        config={"BLOCK_N": 16, "BLOCK_K": 64, "X_MODE": x_mode, "num_warps": 1})
+        assert got.shape == (1, n) and rel_err(got, want) < TOL[torch.float32], split
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 16, 33])
 def test_sell_kernel_matches_reference(tokens, dtype):
@@ -378,6 +396,11 @@ def test_gpu_kernels_at_7b_shapes(shape, tokens):
     values, meta = reference.nm24_pack(w24)
     want = F.linear(x.float(), w24.float(), bias.float())
     assert rel_err(sparse_matmul.nm24_linear(x, values, meta, in_f, bias), want) < 1e-2
+    if tokens == 1:  # every way of meeting x, compiled (the autotuner picks among them)
+        for x_mode in sparse_matmul.NM24_X_MODES:
+            got = sparse_matmul.nm24_linear(x, values, meta, in_f, bias,
+                                            config={"BLOCK_N": 8, "BLOCK_K": 512, "X_MODE": x_mode})
+            assert rel_err(got, want) < 1e-2, x_mode
     w90 = w.masked_fill(torch.rand_like(w, dtype=torch.float32) < 0.9, 0)
     sv, sc, sp = reference.sell_pack(w90, 32, sparse_gpu.SELL_SLOT_BLOCK)
     want = F.linear(x.float(), w90.float(), bias.float())

@@ -1,0 +1,157 @@
+"""Sweep the one-token (decode) configs of the sparse kernels on a GPU, against dense cuBLAS.
+
+For each LLaMA-2-7B linear shape (4096->4096, 4096->11008, 11008->4096), fp16, 1 token: the
+kernel time (``triton.testing.do_bench``, CUDA events, L2 flushed before each call, median) of
+dense ``F.linear`` and of every candidate config of
+
+* ``nm24`` (a 2:4 weight): BLOCK_N x BLOCK_K x X_MODE (how x is met: kernels/sparse_matmul.py)
+  x num_warps, and
+* ``sell`` (a 90% magnitude-pruned weight, per-row): slice rows S x BLOCK_J x num_warps,
+
+each forced through the kernels' ``config`` argument (no autotuner), its output checked against
+the dense fp32 product. The autotune sets in kernels/sparse_matmul.py and
+``SELL_SLICE_ROWS`` are chosen from this table; it is the evidence for them.
+
+    python benchmarks/sparse_gpu_sweep.py --out sweep.json --table sweep.md [--quick]
+
+A smoke run of the script itself on a CPU (Triton's interpreter, small shapes, wall-clock
+timing, numbers meaningless): ``TRITON_INTERPRET=1 python benchmarks/sparse_gpu_sweep.py
+--device cpu --shapes 128x64 --quick --out /tmp/s.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsellm import reference
+from sparsellm.kernels import sparse_matmul as sm
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
+NM24_GRID = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (256, 512, 1024), "X_MODE": sm.NM24_X_MODES, "num_warps": (4, 8)}
+NM24_MAX_TILE = 8192  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
+SELL_GRID = {"S": (16, 32), "BLOCK_J": (32, 64, 128, 256), "num_warps": (2, 4, 8)}
+SELL_SLOT_BLOCK = 16
+
+
+def _grid(spec: dict) -> list[dict]:
+    return [dict(zip(spec, values)) for values in itertools.product(*spec.values())]
+
+
+def _two_four(out_f, in_f, gen, dtype):
+    w = torch.randn(out_f, in_f, device=gen.device, generator=gen).to(dtype)
+    groups = w.abs().reshape(out_f, -1, 4)
+    drop = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.argsort(-1)[..., :2], True)
+    return w.masked_fill(drop.reshape(out_f, in_f), 0)
+
+
+def _ninety(out_f, in_f, gen, dtype):
+    w = torch.randn(out_f, in_f, device=gen.device, generator=gen).to(dtype)
+    drop = w.abs().float().kthvalue(int(in_f * 0.9), dim=1, keepdim=True).values
+    return w.masked_fill(w.abs().float() <= drop, 0)
+
+
+def _time_us(fn, rep_ms: int) -> float:
+    if not torch.cuda.is_available():  # the CPU smoke run: wall clock of one call
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+
+
+def _run(fn, want) -> float:
+    got = fn().float()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def sweep(shapes, device: str, rep_ms: int, quick: bool) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32  # the interpreter is wrong in half
+    nm24_configs = [c for c in _grid(NM24_GRID) if c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
+    sell_configs = _grid(SELL_GRID)
+    if quick:
+        nm24_configs, sell_configs = nm24_configs[:4], sell_configs[:4]
+    for in_f, out_f in shapes:
+        x = torch.randn(1, in_f, device=device, generator=gen).to(dtype)
+        for fmt, make in (("nm24", _two_four), ("sell", _ninety)):
+            w = make(out_f, in_f, gen, dtype)
+            want = F.linear(x.float(), w.float())
+            base = {"shape": [in_f, out_f], "format": fmt, "tokens": 1, "dtype": str(dtype).removeprefix("torch.")}
+            rows.append({**base, "impl": "dense", "config": None,
+                         "us": _time_us(lambda: F.linear(x, w), rep_ms), "err": _run(lambda: F.linear(x, w), want)})
+            if fmt == "nm24":
+                values, meta = reference.nm24_pack(w)
+                candidates = [(c, lambda c=c: sm.nm24_linear(x, values, meta, in_f, config=c)) for c in nm24_configs]
+            else:
+                packs = {s: reference.sell_pack(w, s, SELL_SLOT_BLOCK) for s in SELL_GRID["S"]}
+                candidates = []
+                for c in sell_configs:
+                    v, col, ptr = packs[c["S"]]
+                    kernel = {k: val for k, val in c.items() if k != "S"}
+                    candidates.append((c, lambda v=v, col=col, ptr=ptr, s=c["S"], kernel=kernel:
+                                       sm.sell_linear(x, v, col, ptr, out_f, in_f, s, config=kernel)))
+            for config, fn in candidates:
+                row = {**base, "impl": fmt, "config": config}
+                try:
+                    row["err"] = _run(fn, want)  # compiles
+                    row["us"] = _time_us(fn, rep_ms)
+                except Exception as exc:  # a config that does not compile or fit: recorded, not fatal
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict], shapes, top: int = 5) -> str:
+    lines = []
+    for (in_f, out_f) in shapes:
+        for fmt in ("nm24", "sell"):
+            sel = [r for r in rows if r["shape"] == [in_f, out_f] and r["format"] == fmt]
+            dense = next((r["us"] for r in sel if r["impl"] == "dense"), None)
+            ok = sorted((r for r in sel if r["impl"] == fmt and "us" in r and r["err"] < 1e-2), key=lambda r: r["us"])
+            bad = [r for r in sel if r["impl"] == fmt and ("error" in r or r.get("err", 0) >= 1e-2)]
+            lines.append(f"\n{in_f}->{out_f} {fmt} (dense {dense:.1f} us; {len(ok)} configs ok, {len(bad)} failed):")
+            lines.append("| config | us | speedup vs dense |")
+            lines.append("|---|---:|---:|")
+            for r in ok[:top]:
+                lines.append(f"| {r['config']} | {r['us']:.1f} | {dense / r['us']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON of every (shape, format, config) timing")
+    ap.add_argument("--table", help="markdown summary (the fastest configs per shape and format)")
+    ap.add_argument("--rep-ms", type=int, default=20, help="do_bench repetition time per config")
+    ap.add_argument("--quick", action="store_true", help="four configs per format (a smoke run)")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 (smoke run)")
+    ap.add_argument("--shapes", help="in x out pairs, comma-separated (default: the three 7B shapes)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    t0 = time.time()
+    rows = sweep(shapes, args.device, args.rep_ms, args.quick)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+    meta = {"device": device, "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    text = f"{meta}\n" + table(rows, shapes)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
