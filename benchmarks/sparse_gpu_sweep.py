@@ -5,8 +5,8 @@ kernel time (``triton.testing.do_bench``, CUDA events, L2 flushed before each ca
 dense ``F.linear`` and of every candidate config of
 
 * ``nm24`` (a 2:4 weight): BLOCK_N x BLOCK_K x X_MODE (how x is met: kernels/sparse_matmul.py)
-  x num_warps, and
-* ``sell`` (a 90% magnitude-pruned weight, per-row): slice rows S x BLOCK_J x num_warps,
+  x num_warps x STREAM (eviction hints), and
+* ``sell`` (a 90% magnitude-pruned weight, per-row): slice rows S x BLOCK_J x num_warps x STREAM,
 
 each forced through the kernels' ``config`` argument (no autotuner), its output checked against
 the dense fp32 product. The autotune sets in kernels/sparse_matmul.py and
@@ -33,9 +33,11 @@ from sparsellm import reference
 from sparsellm.kernels import sparse_matmul as sm
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
-NM24_GRID = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (256, 512, 1024), "X_MODE": sm.NM24_X_MODES, "num_warps": (4, 8)}
+NM24_GRID = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (256, 512, 1024), "X_MODE": sm.NM24_X_MODES, "num_warps": (4, 8),
+             "STREAM": (0, 1)}
 NM24_MAX_TILE = 8192  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
-SELL_GRID = {"S": (16, 32), "BLOCK_J": (32, 64, 128, 256), "num_warps": (2, 4, 8)}
+NM24_MIN_TILE = 2048  # smaller ones were the slowest of the first sweep (commit 825b90a)
+SELL_GRID = {"S": (16, 32), "BLOCK_J": (64, 128, 256), "num_warps": (4, 8), "STREAM": (0, 1)}
 SELL_SLOT_BLOCK = 16
 
 
@@ -75,7 +77,7 @@ def sweep(shapes, device: str, rep_ms: int, quick: bool) -> list[dict]:
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32  # the interpreter is wrong in half
-    nm24_configs = [c for c in _grid(NM24_GRID) if c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
+    nm24_configs = [c for c in _grid(NM24_GRID) if NM24_MIN_TILE <= c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
     sell_configs = _grid(SELL_GRID)
     if quick:
         nm24_configs, sell_configs = nm24_configs[:4], sell_configs[:4]

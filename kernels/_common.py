@@ -27,11 +27,17 @@ def interpreting() -> bool:
 
 
 def configs(full: list[dict], interp: dict, num_warps=(4,)) -> list[triton.Config]:
-    """Autotune candidates: ``full`` on a GPU, the single ``interp`` under the interpreter
-    (where timing candidates would only multiply the already slow run time)."""
+    """Autotune candidates: ``full`` on a GPU, each with every ``num_warps`` unless its dict
+    names its own ``num_warps``; the single ``interp`` under the interpreter (where timing
+    candidates would only multiply the already slow run time)."""
     if interpreting():
         return [triton.Config(interp, num_warps=1)]
-    return [triton.Config(kw, num_warps=w) for kw in full for w in num_warps]
+    out = []
+    for kw in full:
+        kw = dict(kw)
+        own = kw.pop("num_warps", None)
+        out += [triton.Config(kw, num_warps=w) for w in ((own,) if own else num_warps)]
+    return out
 
 
 def next_pow2(x: int) -> int:

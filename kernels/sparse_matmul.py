@@ -56,10 +56,11 @@ from ._common import check_device, configs, interpreting, next_pow2
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # How the one-token nm24 kernel meets x: 0 gathers x at each kept value's column; 1 reads the
-# tile's x contiguously and rebuilds each group dense (4 products); 2 reads it contiguously and
-# picks each kept value's input in registers (2 products, 3 selects)
-NM24_X_MODES = (0, 1, 2)
-MAX_SPLIT_K_BLOCK = 512  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
+# tile's x contiguously and picks each kept value's input in registers (2 products, 3 selects).
+# (Rebuilding each group dense and taking 4 products was a third way: 1.7-2.3x slower than the
+# pick on an H200, benchmarks/sparse_gpu_sweep.py, so it is gone.)
+NM24_X_MODES = (0, 1)
+MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,9 +97,27 @@ def _nm24_dense_groups(first, second, p0, p1):
 
 
 @triton.jit
+def _stream_load(ptr, mask, STREAM: tl.constexpr):
+    """A load of packed weight data, read once per call: with STREAM, marked evict-first so it
+    does not push x (read by every program) out of the caches."""
+    if STREAM:
+        return tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
+    return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def _x_load(ptr, mask, STREAM: tl.constexpr):
+    """A load of x, which every program reads: with STREAM, marked evict-last."""
+    if STREAM:
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last")
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stride_v, stride_m, stride_xt, stride_ot,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_MODE: tl.constexpr = 0):
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_MODE: tl.constexpr = 0,
+                 STREAM: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -140,50 +159,44 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
     else:
         # products accumulate element-wise; the cross-thread reduction runs once, after the loop
         acc2 = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)  # X_MODE 0: per value slot
-        acc_g = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)  # X_MODE 1, 2: per group
+        acc_g = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)  # X_MODE 1: per group
         x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
         v_rows = v_ptr + n64[:, None] * stride_v
         m_rows = m_ptr + n64[:, None] * stride_m
         gg4 = tl.arange(0, BLOCK_G)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK_G, 4] inputs of a tile
         # software pipelining by hand: the next tile's values and meta are requested before
-        # this tile's gathers, so two tiles per program are in flight
+        # this tile's x is read, so two tiles per program are in flight
         v_idx = v_start + vv
-        vals = tl.load(v_rows + v_idx[None, :], mask=n_ok[:, None] & (v_idx[None, :] < v_end), other=0.0)
         w_idx = v_start // 16 + ww
-        words = tl.load(m_rows + w_idx[None, :], mask=n_ok[:, None] & (w_idx[None, :] * 16 < v_end), other=0)
+        vals = _stream_load(v_rows + v_idx[None, :], n_ok[:, None] & (v_idx[None, :] < v_end), STREAM)
+        words = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 16 < v_end), STREAM)
         for v0 in range(v_start, v_end, BLOCK_V):
             v0 = tl.multiple_of(v0, BLOCK_V)
             nv_idx = v0 + BLOCK_V + vv
-            vals_next = tl.load(v_rows + nv_idx[None, :], mask=n_ok[:, None] & (nv_idx[None, :] < v_end), other=0.0)
             nw_idx = (v0 + BLOCK_V) // 16 + ww
-            words_next = tl.load(m_rows + nw_idx[None, :], mask=n_ok[:, None] & (nw_idx[None, :] * 16 < v_end),
-                                 other=0)
+            vals_next = _stream_load(v_rows + nv_idx[None, :], n_ok[:, None] & (nv_idx[None, :] < v_end), STREAM)
+            words_next = _stream_load(m_rows + nw_idx[None, :], n_ok[:, None] & (nw_idx[None, :] * 16 < v_end),
+                                      STREAM)
             if X_MODE == 0:
                 # gather: value slot v (16 per word) keeps its input position in bits
                 # 2(v%16)..2(v%16)+1; each slot loads x at its column (x is L1/L2-resident)
                 wv = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 16)), (BLOCK_N, BLOCK_V))
                 pos = (wv >> ((vv % 16) * 2)[None, :]) & 3
                 col = v0 * 2 + (vv // 2)[None, :] * 4 + pos
-                xg = tl.load(x_row + col, mask=n_ok[:, None] & ((v0 + vv)[None, :] < v_end), other=0.0)
+                xg = _x_load(x_row + col, n_ok[:, None] & ((v0 + vv)[None, :] < v_end), STREAM)
                 acc2 += vals.to(tl.float32) * xg.to(tl.float32)
             else:
-                # the tile's x read once, contiguous ([BLOCK_G, 4]); each group's two values pick
-                # their inputs in registers instead of gathering them (X_MODE 2), or the group
-                # is rebuilt dense and multiplied by all four (X_MODE 1)
+                # pick: the tile's x read once, contiguous ([BLOCK_G, 4]); each group's two
+                # values pick their inputs in registers (positions p0 < p1, so p0 <= 2, p1 >= 1)
                 k_in = v0 * 2 + gg4
-                x4 = tl.load(x_row + k_in, mask=k_in < v_end * 2, other=0.0).to(tl.float32)
+                x4 = _x_load(x_row + k_in, k_in < v_end * 2, STREAM).to(tl.float32)
                 first, second, p0, p1 = _nm24_groups(vals, words, BLOCK_N, BLOCK_W, BLOCK_G)
-                if X_MODE == 1:
-                    w3 = _nm24_dense_groups(first, second, p0, p1)
-                    prod = tl.sum(w3.to(tl.float32) * x4[None, :, :], axis=2)  # [BLOCK_N, BLOCK_G]
-                else:
-                    xa, xb = tl.split(tl.reshape(x4, (BLOCK_G, 2, 2)))  # (x0, x2), (x1, x3)
-                    x0, x2 = tl.split(xa)
-                    x1, x3 = tl.split(xb)
-                    pick0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
-                    pick1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
-                    prod = first.to(tl.float32) * pick0 + second.to(tl.float32) * pick1
-                acc_g += prod
+                xa, xb = tl.split(tl.reshape(x4, (BLOCK_G, 2, 2)))  # (x0, x2), (x1, x3)
+                x0, x2 = tl.split(xa)
+                x1, x3 = tl.split(xb)
+                pick0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
+                pick1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
+                acc_g += first.to(tl.float32) * pick0 + second.to(tl.float32) * pick1
             vals = vals_next
             words = words_next
         if X_MODE == 0:
@@ -210,15 +223,14 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
 
 
 _NM24_KEY = ["N", "K", "T"]
-# one token: a row block per program, long contiguous value rows per step, each of the three
-# ways to meet x (NM24_X_MODES). The two block shapes measured 1.28-1.44x dense on an H100 with
-# X_MODE 0 (kernel time, 7B shapes, 1 token); a ten-config set of X_MODE 0 block shapes (also
-# 4x1024, 16x512, 32x256, 8 warps) measured 0.79-1.19x on an H200 in the next run
-# (benchmarks/RESULTS.md, "GPU sparse decode"). benchmarks/sparse_gpu_sweep.py times every
-# candidate config separately.
+# one token: a row block per program, long contiguous value rows per step. The candidates are
+# the fastest of benchmarks/sparse_gpu_sweep.py on an H200 (fp16, 7B shapes; its 48-config run
+# at commit 825b90a: the pick beat the gather by 7-13%, 4x512 and 8x512 tiles on 4 warps and
+# 8x1024 on 8 were the fastest), with and without the eviction hints (STREAM).
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": bn, "BLOCK_K": bk, "X_MODE": mode} for bn, bk in ((8, 512), (16, 256))
-                     for mode in NM24_X_MODES], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    configs=configs([{"BLOCK_N": bn, "BLOCK_K": 512, "X_MODE": 1, "STREAM": st} for bn in (4, 8) for st in (0, 1)]
+                    + [{"BLOCK_N": 8, "BLOCK_K": 1024, "X_MODE": 1, "STREAM": 0, "num_warps": 8}],
+                    {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
 # than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3
@@ -321,7 +333,7 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
 @triton.jit
 def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, stride_xt, stride_ot,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, S: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, STREAM: tl.constexpr = 0):
     sl = tl.program_id(0)
     pid_sp = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -340,16 +352,16 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, 
     j = pid_sp * BLOCK_J + jj
     ok = (j < width)[:, None]
     off = start + j[:, None].to(tl.int64) * S + r[None, :]
-    v = tl.load(v_ptr + off, mask=ok, other=0.0)
-    c = tl.load(c_ptr + off, mask=ok, other=0)
+    v = _stream_load(v_ptr + off, ok, STREAM)
+    c = _stream_load(c_ptr + off, ok, STREAM)
     for j0 in range(pid_sp * BLOCK_J, width, step):
         j_next = j0 + step + jj
         ok_next = (j_next < width)[:, None]
         off_next = start + j_next[:, None].to(tl.int64) * S + r[None, :]
-        v_next = tl.load(v_ptr + off_next, mask=ok_next, other=0.0)
-        c_next = tl.load(c_ptr + off_next, mask=ok_next, other=0)
+        v_next = _stream_load(v_ptr + off_next, ok_next, STREAM)
+        c_next = _stream_load(c_ptr + off_next, ok_next, STREAM)
         col = c.to(tl.int32) & 0xFFFF
-        xg = tl.load(x_rows + col[None, :, :], mask=t_ok[:, None, None] & ok[None, :, :], other=0.0)
+        xg = _x_load(x_rows + col[None, :, :], t_ok[:, None, None] & ok[None, :, :], STREAM)
         acc3 += xg.to(tl.float32) * v.to(tl.float32)[None, :, :]
         v = v_next
         c = c_next
@@ -369,9 +381,13 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, 
 # K only keys the tuning (the kernel does not read it): the slots per row, and so the best slot
 # block, grow with the input size, and 4096->4096 and 11008->4096 share N
 _SELL_KEY = ["N", "K", "T", "S", "BLOCK_T"]
-# one token: long slot blocks, many bytes in flight per program
-_sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 64}, {"BLOCK_J": 128}], {"BLOCK_J": 8}, num_warps=(4,)),
-                             key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
+# one token: long slot blocks, many bytes in flight per program; the fastest slot blocks of
+# benchmarks/sparse_gpu_sweep.py on an H200 at 16-row slices (commit 825b90a), with and without
+# the eviction hints (STREAM)
+_sell_gemv = triton.autotune(
+    configs=configs([{"BLOCK_J": bj, "STREAM": st, "num_warps": w} for bj, w in ((64, 4), (128, 4), (256, 8))
+                     for st in (0, 1)], {"BLOCK_J": 8}),
+    key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
 # several tokens: the [BLOCK_T, BLOCK_J, S] product tile shrinks the slot block (one config)
 _sell_multi = triton.autotune(configs=configs([{"BLOCK_J": 16}], {"BLOCK_J": 8}, num_warps=(4,)),
                               key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)

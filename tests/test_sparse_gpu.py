@@ -196,8 +196,8 @@ def test_nm24_kernel_matches_reference(tokens, dtype):
 @pytest.mark.parametrize("keep", [1, 2])  # 1: groups padded with a zero value (3:4 and sparser)
 @pytest.mark.parametrize("x_mode", sparse_matmul.NM24_X_MODES)
 def test_nm24_one_token_x_modes_match_reference(x_mode, keep):
-    """The one-token kernel's three ways to meet x (gather, dense group, register pick), each
-    forced through ``config``, with and without the atomic split-K path."""
+    """The one-token kernel's two ways to meet x (gather, register pick), each forced through
+    ``config``, with and without the eviction hints and the atomic split-K path."""
     n, k = 40, 256
     w = nm_weight(n, k, keep=keep, seed=7 + keep, dtype=torch.float32)
     values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
@@ -205,9 +205,9 @@ def test_nm24_one_token_x_modes_match_reference(x_mode, keep):
     x = _inputs(1, k, torch.float32, seed=11)
     want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k, bias.double().cpu())
     assert want.abs().max() > 1  # never compared on zeros
-    for split in (None, 3):
-        got = sparse_matmul.nm24_linear(x, values, meta, k, bias, split_k=split,
-                                        config={"BLOCK_N": 16, "BLOCK_K": 64, "X_MODE": x_mode, "num_warps": 1})
+    for split, stream in ((None, 0), (3, 1)):
+        config = {"BLOCK_N": 16, "BLOCK_K": 64, "X_MODE": x_mode, "STREAM": stream, "num_warps": 1}
+        got = sparse_matmul.nm24_linear(x, values, meta, k, bias, split_k=split, config=config)
         assert got.shape == (1, n) and rel_err(got, want) < TOL[torch.float32], split
 
 
@@ -225,6 +225,8 @@ def test_sell_kernel_matches_reference(tokens, dtype):
         got = sparse_matmul.sell_linear(x, values, col16, slice_ptr, n, k, s, bias, split=split)
         assert got.shape == (tokens, n) and got.dtype == dtype
         assert rel_err(got, want) < TOL[dtype], split
+    got = sparse_matmul.sell_linear(x, values, col16, slice_ptr, n, k, s, bias, config={"BLOCK_J": 8, "STREAM": 1})
+    assert rel_err(got, want) < TOL[dtype]  # the eviction hints
 
 
 def test_kernels_decline_and_check():
@@ -398,9 +400,10 @@ def test_gpu_kernels_at_7b_shapes(shape, tokens):
     assert rel_err(sparse_matmul.nm24_linear(x, values, meta, in_f, bias), want) < 1e-2
     if tokens == 1:  # every way of meeting x, compiled (the autotuner picks among them)
         for x_mode in sparse_matmul.NM24_X_MODES:
-            got = sparse_matmul.nm24_linear(x, values, meta, in_f, bias,
-                                            config={"BLOCK_N": 8, "BLOCK_K": 512, "X_MODE": x_mode})
-            assert rel_err(got, want) < 1e-2, x_mode
+            for stream in (0, 1):
+                got = sparse_matmul.nm24_linear(x, values, meta, in_f, bias,
+                                                config={"BLOCK_N": 8, "BLOCK_K": 512, "X_MODE": x_mode, "STREAM": stream})
+                assert rel_err(got, want) < 1e-2, (x_mode, stream)
     w90 = w.masked_fill(torch.rand_like(w, dtype=torch.float32) < 0.9, 0)
     sv, sc, sp = reference.sell_pack(w90, 32, sparse_gpu.SELL_SLOT_BLOCK)
     want = F.linear(x.float(), w90.float(), bias.float())
@@ -414,7 +417,7 @@ def test_gpu_bfloat16_and_ops_pick_triton():
     w = nm_weight(256, 512, dtype=torch.bfloat16).cuda()
     x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
     lin = _linear_with(w.cpu()).to("cuda", torch.bfloat16)
-    mod = SparseGPULinear(lin)
+    mod = SparseGPULinear(lin, max_sparse_tokens=3)  # 3 tokens: the multi-token (tl.dot) path
     ops.reset_usage()
     got = mod(x)
     assert ops.usage()["nm24_linear"] == {"triton": 1}
