@@ -37,7 +37,7 @@ if has steptests; then
 fi
 if has sweep; then
   t0=$(date +%s)
-  timeout $(cap ${T_SWEEP:-300}) python3 benchmarks/sparse_gpu_sweep.py --rep-ms ${SWEEP_REP_MS:-10} \
+  timeout $(cap ${T_SWEEP:-300}) python3 benchmarks/sparse_gpu_sweep.py ${SWEEP_ARGS:-} \
     --out "$O/sweep.json" --table "$O/sweep.md" > "$L/sweep.log" 2>&1
   log "sparse kernel config sweep rc=$? $(( $(date +%s)-t0 )) s"
 fi

@@ -1,15 +1,15 @@
 """Sweep the one-token (decode) configs of the sparse kernels on a GPU, against dense cuBLAS.
 
 For each LLaMA-2-7B linear shape (4096->4096, 4096->11008, 11008->4096), fp16, 1 token: the
-kernel time (``triton.testing.do_bench``, CUDA events, L2 flushed before each call, median) of
-dense ``F.linear`` and of every candidate config of
+kernel time of dense ``F.linear`` and of every candidate config of
 
 * ``nm24`` (a 2:4 weight): BLOCK_N x BLOCK_K x X_MODE (how x is met: kernels/sparse_matmul.py)
   x num_warps x STREAM (eviction hints), and
 * ``sell`` (a 90% magnitude-pruned weight, per-row): slice rows S x BLOCK_J x num_warps x STREAM,
 
 each forced through the kernels' ``config`` argument (no autotuner), its output checked against
-the dense fp32 product. The autotune sets in kernels/sparse_matmul.py and
+the dense fp32 product. Kernel time: ``gpu_timing.kernel_us`` (CUDA events, L2 flushed by a
+1 GiB write before each call, so the host's launch cost never shows; median of 50 calls). The autotune sets in kernels/sparse_matmul.py and
 ``SELL_SLICE_ROWS`` are chosen from this table; it is the evidence for them.
 
     python benchmarks/sparse_gpu_sweep.py --out sweep.json --table sweep.md [--quick]
@@ -29,15 +29,18 @@ import time
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import kernel_us
 from sparsellm import reference
 from sparsellm.kernels import sparse_matmul as sm
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
-NM24_GRID = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (256, 512, 1024), "X_MODE": sm.NM24_X_MODES, "num_warps": (4, 8),
+# the neighbourhood of the first sweep's winners (commit 825b90a, 48 configs: BLOCK_N 4-16,
+# BLOCK_K 256-1024; slices of 16 and 32 rows, slot blocks 32-256, 2-8 warps)
+NM24_GRID = {"BLOCK_N": (4, 8), "BLOCK_K": (512, 1024), "X_MODE": sm.NM24_X_MODES, "num_warps": (4, 8),
              "STREAM": (0, 1)}
 NM24_MAX_TILE = 8192  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
 NM24_MIN_TILE = 2048  # smaller ones were the slowest of the first sweep (commit 825b90a)
-SELL_GRID = {"S": (16, 32), "BLOCK_J": (64, 128, 256), "num_warps": (4, 8), "STREAM": (0, 1)}
+SELL_GRID = {"S": (16,), "BLOCK_J": (64, 128, 256), "num_warps": (4, 8), "STREAM": (0, 1)}
 SELL_SLOT_BLOCK = 16
 
 
@@ -58,14 +61,12 @@ def _ninety(out_f, in_f, gen, dtype):
     return w.masked_fill(w.abs().float() <= drop, 0)
 
 
-def _time_us(fn, rep_ms: int) -> float:
+def _time_us(fn, reps: int) -> float:
     if not torch.cuda.is_available():  # the CPU smoke run: wall clock of one call
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e6
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+    return kernel_us(fn, reps=reps)
 
 
 def _run(fn, want) -> float:
@@ -73,7 +74,7 @@ def _run(fn, want) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def sweep(shapes, device: str, rep_ms: int, quick: bool) -> list[dict]:
+def sweep(shapes, device: str, reps: int, quick: bool) -> list[dict]:
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32  # the interpreter is wrong in half
@@ -88,7 +89,7 @@ def sweep(shapes, device: str, rep_ms: int, quick: bool) -> list[dict]:
             want = F.linear(x.float(), w.float())
             base = {"shape": [in_f, out_f], "format": fmt, "tokens": 1, "dtype": str(dtype).removeprefix("torch.")}
             rows.append({**base, "impl": "dense", "config": None,
-                         "us": _time_us(lambda: F.linear(x, w), rep_ms), "err": _run(lambda: F.linear(x, w), want)})
+                         "us": _time_us(lambda: F.linear(x, w), reps), "err": _run(lambda: F.linear(x, w), want)})
             if fmt == "nm24":
                 values, meta = reference.nm24_pack(w)
                 candidates = [(c, lambda c=c: sm.nm24_linear(x, values, meta, in_f, config=c)) for c in nm24_configs]
@@ -104,7 +105,7 @@ def sweep(shapes, device: str, rep_ms: int, quick: bool) -> list[dict]:
                 row = {**base, "impl": fmt, "config": config}
                 try:
                     row["err"] = _run(fn, want)  # compiles
-                    row["us"] = _time_us(fn, rep_ms)
+                    row["us"] = _time_us(fn, reps)
                 except Exception as exc:  # a config that does not compile or fit: recorded, not fatal
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 rows.append(row)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON of every (shape, format, config) timing")
     ap.add_argument("--table", help="markdown summary (the fastest configs per shape and format)")
-    ap.add_argument("--rep-ms", type=int, default=20, help="do_bench repetition time per config")
+    ap.add_argument("--reps", type=int, default=50, help="timed calls per config (median)")
     ap.add_argument("--quick", action="store_true", help="four configs per format (a smoke run)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 (smoke run)")
     ap.add_argument("--shapes", help="in x out pairs, comma-separated (default: the three 7B shapes)")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         return 2
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     t0 = time.time()
-    rows = sweep(shapes, args.device, args.rep_ms, args.quick)
+    rows = sweep(shapes, args.device, args.reps, args.quick)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     meta = {"device": device, "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
     with open(args.out, "w") as f:

@@ -8,7 +8,7 @@ Per linear shape and token count: the dense time (median, microseconds) and each
 implementation's speedup over it (dense time / its time; > 1 is faster), twice: wall time
 per call as pytest-benchmark measured it (Python launch path included, weight possibly
 L2-resident between calls), and GPU kernel time with L2 flushed (``kernel_us``, from
-triton.testing.do_bench), which is what a decode step sees when the launch overhead hides
+gpu_timing.kernel_us), which is what a decode step sees when the launch overhead hides
 behind the GPU work. End to end: tokens/s
 of prefill and decode per implementation and the speedup over dense.
 """
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         out += linear + [""]
     kernel = linear_table(benches, kernel=True)
     if kernel:
-        out += ["Linear layers, GPU kernel time with L2 flushed (triton.testing.do_bench median):", ""]
+        out += ["Linear layers, GPU kernel time with L2 flushed (gpu_timing.kernel_us, median):", ""]
         out += kernel + [""]
     e2e = e2e_table(benches)
     if e2e:

@@ -60,7 +60,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (Rebuilding each group dense and taking 4 products was a third way: 1.7-2.3x slower than the
 # pick on an H200, benchmarks/sparse_gpu_sweep.py, so it is gone.)
 NM24_X_MODES = (0, 1)
-MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
+MAX_SPLIT_K_BLOCK = 512  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,14 +223,13 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
 
 
 _NM24_KEY = ["N", "K", "T"]
-# one token: a row block per program, long contiguous value rows per step. The candidates are
-# the fastest of benchmarks/sparse_gpu_sweep.py on an H200 (fp16, 7B shapes; its 48-config run
-# at commit 825b90a: the pick beat the gather by 7-13%, 4x512 and 8x512 tiles on 4 warps and
-# 8x1024 on 8 were the fastest), with and without the eviction hints (STREAM).
+# one token: one fixed config, the fastest over the three 7B shapes in benchmarks/sparse_gpu_sweep.py
+# on an H200 (fp16, commit 825b90a: 4x512 tiles, 4 warps, the register pick of x; 12.8 / 28.4 /
+# 28.0 us against dense 18.5 / 34.8 / 36.2). No autotuning here: the autotuner times its
+# candidates with do_bench, and on a second H200 machine that timing was dominated by the host's
+# launch cost (benchmarks/gpu_timing.py), so its pick was random.
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": bn, "BLOCK_K": 512, "X_MODE": 1, "STREAM": st} for bn in (4, 8) for st in (0, 1)]
-                    + [{"BLOCK_N": 8, "BLOCK_K": 1024, "X_MODE": 1, "STREAM": 0, "num_warps": 8}],
-                    {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    configs=configs([{"BLOCK_N": 4, "BLOCK_K": 512, "X_MODE": 1}], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
 # than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3
@@ -381,13 +380,11 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, 
 # K only keys the tuning (the kernel does not read it): the slots per row, and so the best slot
 # block, grow with the input size, and 4096->4096 and 11008->4096 share N
 _SELL_KEY = ["N", "K", "T", "S", "BLOCK_T"]
-# one token: long slot blocks, many bytes in flight per program; the fastest slot blocks of
-# benchmarks/sparse_gpu_sweep.py on an H200 at 16-row slices (commit 825b90a), with and without
-# the eviction hints (STREAM)
-_sell_gemv = triton.autotune(
-    configs=configs([{"BLOCK_J": bj, "STREAM": st, "num_warps": w} for bj, w in ((64, 4), (128, 4), (256, 8))
-                     for st in (0, 1)], {"BLOCK_J": 8}),
-    key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
+# one token: one fixed config, the fastest over the three 7B shapes in benchmarks/sparse_gpu_sweep.py
+# on an H200 at 16-row slices (commit 825b90a: 128-slot blocks, 4 warps; 8.6 / 13.7 / 14.0 us
+# against dense 18.6 / 33.9 / 36.4); no autotuning, as for nm24
+_sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 128}], {"BLOCK_J": 8}, num_warps=(4,)),
+                             key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
 # several tokens: the [BLOCK_T, BLOCK_J, S] product tile shrinks the slot block (one config)
 _sell_multi = triton.autotune(configs=configs([{"BLOCK_J": 16}], {"BLOCK_J": 8}, num_warps=(4,)),
                               key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
