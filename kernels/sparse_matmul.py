@@ -14,11 +14,13 @@ oracle: :mod:`sparsellm.reference`):
 
     Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(T, BLOCK_T)); a program owns BLOCK_N output rows of
     one token block and one K range, stepping BLOCK_K inputs (BLOCK_K/2 values and BLOCK_K/32
-    meta words per row, contiguous 16-byte vector loads). One token (``USE_DOT`` off; configs
-    BLOCK_N x BLOCK_K = 8 x 512 or 16 x 256, 4 warps): each value slot decodes its input column
-    and gathers x there (x is one row, L1/L2-resident): 2 gathers + 2 FMAs per group of 4; the
-    next tile's values and meta are loaded before this tile's gathers (two tiles in flight),
-    products accumulate element-wise and are reduced once at the end. Two or more tokens
+    meta words per row, contiguous 16-byte vector loads). One token (``USE_DOT`` off; BLOCK_N x
+    BLOCK_K = 4 x 512, 4 warps): the tile's x is read once, contiguously, and each group's two
+    kept values pick their inputs from its four in registers (``X_MODE`` 1; ``X_MODE`` 0, each
+    value gathering x at its column, measured 7-13% slower on an H200); the next tile's values
+    and meta are loaded before this tile's x (two tiles in flight), the packed weight marked
+    evict-first and x evict-last (``STREAM``), products accumulate per group and are reduced
+    once at the end. Two or more tokens
     (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,
     fp32 32 x 64 with BLOCK_T <= 32): the dense [BLOCK_N, BLOCK_K] tile is rebuilt
     with ``tl.where`` on the decoded positions and fed to ``tl.dot`` (fp32 inputs as TF32x3:
@@ -31,12 +33,14 @@ oracle: :mod:`sparsellm.reference`):
     indices are int16 read as ``& 0xFFFF`` (K up to 65536); ``slice_ptr`` int64 [n_slices + 1].
 
     Grid (n_slices, SPLIT, cdiv(T, BLOCK_T)); a program owns one slice and every SPLIT-th
-    block of BLOCK_J slots (one token: 64 or 128; up to BLOCK_T = 8 tokens: 16), loads
-    [BLOCK_J, S] values and columns (one contiguous run; the next block's before this one's
-    gathers), gathers x[t, col], accumulates element-wise and reduces over the slots at the end.
+    block of BLOCK_J slots (one token: 128, eviction hints as for nm24; up to BLOCK_T = 8
+    tokens: 16), loads [BLOCK_J, S] values and columns (one contiguous run; the next block's
+    before this one's gathers), gathers x[t, col], accumulates element-wise and reduces over
+    the slots at the end.
 
-Block sizes: ``triton.autotune`` between two configs on the one-token paths (decode), keyed
-on the shape and token count, one fixed config elsewhere and under the interpreter. Fewer programs than SMs (few output rows): the K range
+Block sizes: one fixed config per path, the one-token ones chosen by benchmarks/sparse_gpu_sweep.py
+on an H200 (not autotuned at run time: see the comment at ``_nm24_gemv``), a smaller one under
+the interpreter; ``config=`` forces another (tests, the sweep). Fewer programs than SMs (few output rows): the K range
 (nm24) or the slots (sell) is split over SPLIT programs that add fp32 partial sums atomically
 into a zeroed buffer, cast to the output dtype afterwards (two more launches, so only when the
 grid is small). Otherwise the kernel stores the result in the output dtype directly, bias
@@ -224,12 +228,14 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
 
 _NM24_KEY = ["N", "K", "T"]
 # one token: one fixed config, the fastest over the three 7B shapes in benchmarks/sparse_gpu_sweep.py
-# on an H200 (fp16, commit 825b90a: 4x512 tiles, 4 warps, the register pick of x; 12.8 / 28.4 /
-# 28.0 us against dense 18.5 / 34.8 / 36.2). No autotuning here: the autotuner times its
-# candidates with do_bench, and on a second H200 machine that timing was dominated by the host's
-# launch cost (benchmarks/gpu_timing.py), so its pick was random.
+# on an H200 (fp16, commit e16fa42, benchmarks/RESULTS.md run 3: 4x512 tiles, 4 warps, the
+# register pick of x, eviction hints; 13.2 / 25.4 / 26.7 us against dense 18.9 / 34.1 / 36.4,
+# 3-9% faster than without the hints). No autotuning here: the autotuner times its candidates
+# with do_bench, and on one H200 machine that timing was dominated by the host's launch cost
+# (benchmarks/gpu_timing.py), so its pick was random.
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": 4, "BLOCK_K": 512, "X_MODE": 1}], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    configs=configs([{"BLOCK_N": 4, "BLOCK_K": 512, "X_MODE": 1, "STREAM": 1}], {"BLOCK_N": 16, "BLOCK_K": 64},
+                    num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
 # than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3
@@ -381,9 +387,9 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, 
 # block, grow with the input size, and 4096->4096 and 11008->4096 share N
 _SELL_KEY = ["N", "K", "T", "S", "BLOCK_T"]
 # one token: one fixed config, the fastest over the three 7B shapes in benchmarks/sparse_gpu_sweep.py
-# on an H200 at 16-row slices (commit 825b90a: 128-slot blocks, 4 warps; 8.6 / 13.7 / 14.0 us
-# against dense 18.6 / 33.9 / 36.4); no autotuning, as for nm24
-_sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 128}], {"BLOCK_J": 8}, num_warps=(4,)),
+# on an H200 at 16-row slices (commit e16fa42: 128-slot blocks, 4 warps, eviction hints; 9.3 /
+# 13.8 / 13.9 us against dense 18.9 / 34.3 / 36.4); no autotuning, as for nm24
+_sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 128, "STREAM": 1}], {"BLOCK_J": 8}, num_warps=(4,)),
                              key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
 # several tokens: the [BLOCK_T, BLOCK_J, S] product tile shrinks the slot block (one config)
 _sell_multi = triton.autotune(configs=configs([{"BLOCK_J": 16}], {"BLOCK_J": 8}, num_warps=(4,)),
