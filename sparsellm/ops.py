@@ -7,10 +7,13 @@ backend is chosen among:
 - ``triton``: the Triton kernels (``kernels/``, installed as ``sparsellm.kernels``, registered
   by :mod:`sparsellm._triton_backend`), CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` is set before import;
+- ``inductor``: the reference's element-wise SparseLLM steps compiled by ``torch.compile``
+  (:mod:`sparsellm._inductor_backend`), CPU tensors of at least a million elements;
 - ``reference``: plain PyTorch (:mod:`sparsellm.reference`), always available.
 
-``auto`` (default) takes the first available of cuda, triton, reference for the tensor's
-device; a CPU tensor always gets the reference under ``auto``. The user can force one with
+``auto`` (default) takes the first available of cuda, triton, inductor, reference for the
+tensor's device: on a CPU tensor, inductor (where it has the operation and takes the call) or
+the reference. The user can force one with
 :func:`set_backend` (or, for a block of code, :func:`backend_scope`), the
 ``SPARSELLM_BACKEND`` environment variable, or ``--backend``. Forcing a backend that is not
 available is an error.
@@ -41,8 +44,8 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "cuda", "triton", "reference")
-_ORDER = ("cuda", "triton", "reference")
+BACKENDS = ("auto", "cuda", "triton", "inductor", "reference")
+_ORDER = ("cuda", "triton", "inductor", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -129,7 +132,8 @@ def reset_usage() -> None:
 def _ensure_loaded(backend: str) -> None:
     if backend in _loaded:
         return
-    module = {"cuda": "sparsellm._cuda_backend", "triton": "sparsellm._triton_backend"}[backend]
+    module = {"cuda": "sparsellm._cuda_backend", "triton": "sparsellm._triton_backend",
+              "inductor": "sparsellm._inductor_backend"}[backend]
     try:
         importlib.import_module(module)
         _loaded[backend] = True
@@ -146,6 +150,8 @@ def available(backend: str, device: torch.device | str | None = None) -> bool:
     if not _loaded[backend]:
         return False
     device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "inductor":
+        return device_type == "cpu"
     if device_type == "cuda":
         return True
     return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -158,7 +164,7 @@ def _candidates(op: str, device: torch.device) -> Iterator[tuple[str, Callable]]
     if forced == "reference":
         names = ["reference"]
     elif forced == "auto":
-        names = list(_ORDER) if device.type == "cuda" else ["reference"]
+        names = list(_ORDER) if device.type == "cuda" else ["inductor", "reference"]
     else:
         if not available(forced, device):
             raise BackendUnavailable(

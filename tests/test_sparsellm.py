@@ -109,6 +109,31 @@ def test_p_step_float32_matches_float64():
     assert float((p32.double() - p64).norm() / p64.norm()) < 1e-4
 
 
+def test_bfloat16_products_match_float32():
+    """The bfloat16 products: float32 results (float64 in, float64 out), bias added in float32,
+    Gram accumulation in place; each within bfloat16's rounding (8 mantissa bits, errors that
+    average over the inner dimension) of the float32 products, and the p-step through them too."""
+    from sparsellm.methods.sparsellm import Products
+
+    low, exact = Products("bfloat16"), Products("float32")
+    x, w, bias = randn(300, 48, seed=1).float(), randn(96, 48, seed=2).float(), randn(96, seed=3).float()
+    got, want = low.linear(x, w, bias), exact.linear(x, w, bias)
+    assert got.dtype == torch.float32 and got.shape == (300, 96)
+    rel = float((got - want).norm() / want.norm())
+    assert 1e-5 < rel < 1e-2  # rounded (not silently float32), but only by bfloat16's rounding
+    acc_low, acc = torch.ones(48, 96), torch.ones(48, 96)
+    low.gram_add(acc_low, x, got)
+    exact.gram_add(acc, x, want)
+    assert float((acc_low - acc).norm() / acc.norm()) < 1e-2
+    assert low.mm(x.double(), w.t().double()).dtype == torch.float64
+    d, f, n = 24, 64, 200
+    w2, r, y = randn(d, f, seed=1) / 8, torch.relu(randn(n, f, seed=2)), randn(n, d, seed=3)
+    chol = p_step_factor(w2, GAMMA / BETA)
+    p_low, _ = p_step(r, y, w2, chol, low)
+    p_exact, _ = p_step(r, y, w2, chol)
+    assert float((p_low - p_exact).norm() / p_exact.norm()) < 1e-2
+
+
 def test_least_squares_step():
     n, din, dout = 500, 32, 48
     x = correlated_inputs(n, din, seed=3).double()
@@ -287,5 +312,6 @@ def test_product_precision_is_validated():
     from sparsellm.config import SparseLLMSettings
 
     assert SparseLLMSettings().product_precision == "tf32"
+    assert SparseLLMSettings(product_precision="bfloat16").product_precision == "bfloat16"
     with pytest.raises(ValueError, match="product_precision"):
         SparseLLMSettings(product_precision="bf16")

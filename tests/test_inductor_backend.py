@@ -1,0 +1,78 @@
+"""The inductor backend (sparsellm/_inductor_backend.py): SparseLLM's element-wise steps compiled
+by torch.compile from the reference's own functions, against the eager reference; when ops
+picks it and when it declines."""
+import pytest
+import torch
+
+from sparsellm import ops, reference
+
+inductor = pytest.importorskip("sparsellm._inductor_backend")
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def small_calls_compile(monkeypatch):
+    """Let small inputs compile (one compilation per step, dynamic shapes: about 10-30 s)."""
+    monkeypatch.setattr(inductor, "MIN_ELEMENTS", 1)
+    monkeypatch.setitem(inductor._state, "broken", None)
+
+
+def test_compiled_steps_match_the_reference(small_calls_compile):
+    """Fresh random inputs, two shapes (one compilation each: dynamic shapes), penalties that
+    change between calls (0-d tensors: no recompilation), results equal to the eager reference
+    up to float32 rounding order."""
+    for rows, seed in ((37, 1), (129, 2)):
+        s, g, p, z = (_rand(rows, 48, seed=seed * 10 + i) for i in range(4))
+        m = _rand(rows, 48, seed=seed * 10 + 5)
+        for alpha, gamma in ((0.7, 1.3), (2.0, 0.25)):
+            want = reference.swiglu_s_step(s, g, p, z, alpha, gamma, 2)
+            got = inductor.swiglu_s_step(s, g, p, z, alpha, gamma, 2)
+            assert not torch.equal(want, s)  # the step moved s: the comparison is not on the input
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(inductor.swiglu_z_step(p, m, s, alpha, gamma),
+                                       reference.swiglu_z_step(p, m, s, alpha, gamma), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(inductor.relu_z_step(p, m, alpha, gamma),
+                                       reference.relu_z_step(p, m, alpha, gamma), rtol=1e-6, atol=1e-6)
+    # the s-step never raises the objective (the reference's safeguard, compiled too)
+    f0 = reference.swiglu_s_objective(s, g, p, z, 2.0, 0.25)
+    f1 = reference.swiglu_s_objective(inductor.swiglu_s_step(s, g, p, z, 2.0, 0.25, 2), g, p, z, 2.0, 0.25)
+    assert (f1 <= f0).all() and (f1 < f0).any()
+
+
+def test_ops_picks_inductor_for_large_cpu_calls_and_the_reference_for_small_ones(small_calls_compile,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(inductor, "MIN_ELEMENTS", 1000)
+    ops.reset_usage()
+    with ops.backend_scope("auto"):
+        ops.relu_z_step(_rand(40, 50, seed=1), _rand(40, 50, seed=2), 1.0, 2.0)  # 2000 elements
+        ops.relu_z_step(_rand(4, 50, seed=3), _rand(4, 50, seed=4), 1.0, 2.0)    # 200
+    assert ops.usage()["relu_z_step"] == {"inductor": 1, "reference": 1}
+    assert ops.fallbacks()["relu_z_step"] == {
+        "inductor->reference: fewer than 1000 elements: eager is cheaper than compiling": 1}
+    with ops.backend_scope("reference"):
+        ops.reset_usage()
+        ops.relu_z_step(_rand(40, 50, seed=1), _rand(40, 50, seed=2), 1.0, 2.0)
+    assert ops.usage()["relu_z_step"] == {"reference": 1}
+
+
+def test_a_failing_compiler_declines_every_later_call(small_calls_compile, monkeypatch):
+    def no_compiler(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler here")
+        return fails
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setitem(inductor._state, "compiled", {})
+    p, m = _rand(6, 7, seed=1), _rand(6, 7, seed=2)
+    ops.reset_usage()
+    with ops.backend_scope("auto"):
+        got = ops.relu_z_step(p, m, 1.0, 2.0)
+        ops.relu_z_step(p, m, 1.0, 2.0)
+    assert torch.equal(got, reference.relu_z_step(p, m, 1.0, 2.0))
+    assert ops.usage()["relu_z_step"] == {"reference": 2}
+    (reason, count), = ops.fallbacks()["relu_z_step"].items()
+    assert count == 2 and "no C++ compiler here" in reason and reason.startswith("inductor->reference: torch.compile failed")
+    with pytest.raises(ops.Decline, match="not a CPU tensor"):
+        inductor.relu_z_step(p.to("meta"), m.to("meta"), 1.0, 2.0)
