@@ -73,19 +73,22 @@ def achieved_sparsity(records) -> float:
 
 def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> dict:
     from sparsellm import api
-    from sparsellm.config import PruneConfig
+    from sparsellm.config import PruneConfig, SparseLLMSettings
 
+    extra = {}
+    if method == "sparsellm" and args.product_precision:
+        extra["sparsellm"] = SparseLLMSettings(product_precision=args.product_precision)
     config = PruneConfig(method=method, sparsity=setting, layers=layers, nsamples=args.nsamples,
                          seqlen=args.seqlen, seed=0, eval=("wiki",), eval_windows=args.eval_windows,
                          quiet=not args.progress, device="cpu" if args.cpu else None,
-                         sequential=not args.no_sequential)
+                         sequential=not args.no_sequential, **extra)
     model, tokenizer = api.load_model(config.model)
     start = time.perf_counter()
     records = api.prune(model, tokenizer, config)
     seconds = time.perf_counter() - start
     ppl = api.evaluate(model, tokenizer, config)["wiki"]
     return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
-            "sequential": config.sequential, "git": git_state(), "measured": time.strftime("%Y-%m-%d"),
+            "sequential": config.sequential, **({"product_precision": args.product_precision} if extra else {}), "git": git_state(), "measured": time.strftime("%Y-%m-%d"),
             "prune_seconds": seconds, "achieved_sparsity": achieved_sparsity(records),
             "ffn_rel_error": [r.ffn_rel_error for r in records],
             "output_rel_error": [r.output_rel_error for r in records]}
@@ -114,6 +117,8 @@ def render(results: dict) -> str:
         label = run["method"] if run["layers"] == "all" else f"{run['method']} (layers {run['layers'][0]}:{run['layers'][1]})"
         if not run.get("sequential", True):
             label += " (non-sequential)"
+        if run.get("product_precision"):
+            label += f" ({run['product_precision']} products)"
         rows.setdefault((label, str(run["layers"])), {})[run["setting"]] = run
     settings = [s for s in SETTINGS_ORDER if any(s in r for r in rows.values())]
     settings += sorted({s for r in rows.values() for s in r} - set(settings))
@@ -164,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-sequential", action="store_true",
                    help="gather each layer's statistics from the dense layer, as the reference code does")
     p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
+    p.add_argument("--product-precision", default=None, choices=("tf32", "float32", "bfloat16"),
+                   help="SparseLLM's product precision (default: the method's; a separate row)")
     p.add_argument("--progress", action="store_true", help="show per-layer progress bars")
     p.add_argument("--readme", default=None,
                    help=f"also put the tables into this Markdown file between {README_START} and {README_END}")
@@ -188,6 +195,8 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             for setting in args.settings.split(","):
                 k = key(method, setting, layer_key) + ("|non-sequential" if args.no_sequential else "")
+                if method == "sparsellm" and args.product_precision:
+                    k += f"|{args.product_precision}"
                 if k in results["runs"] and not args.rerun:
                     continue
                 entry = run_one(method, setting, layers, args)
