@@ -49,16 +49,15 @@ def _grid(spec: dict) -> list[dict]:
 
 
 def _two_four(out_f, in_f, gen, dtype):
+    """A random weight, magnitude-pruned 2:4 (the project's N:M mask)."""
     w = torch.randn(out_f, in_f, device=gen.device, generator=gen).to(dtype)
-    groups = w.abs().reshape(out_f, -1, 4)
-    drop = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.argsort(-1)[..., :2], True)
-    return w.masked_fill(drop.reshape(out_f, in_f), 0)
+    return w.masked_fill(reference.nm_prune_mask(w.abs().float(), 2, 4), 0)
 
 
 def _ninety(out_f, in_f, gen, dtype):
+    """A random weight, magnitude-pruned to 90% in every row (the project's row mask)."""
     w = torch.randn(out_f, in_f, device=gen.device, generator=gen).to(dtype)
-    drop = w.abs().float().kthvalue(int(in_f * 0.9), dim=1, keepdim=True).values
-    return w.masked_fill(w.abs().float() <= drop, 0)
+    return w.masked_fill(reference.row_prune_mask(w.abs().float(), int(in_f * 0.9)), 0)
 
 
 def _time_us(fn, reps: int) -> float:

@@ -204,7 +204,7 @@ class _FFNSolver:
             self.store = torch.device("cpu")
         pin = self.store.type == "cpu" and self.device.type == "cuda"
         self.buf = {n: torch.empty(self.tokens, widths[n], device=self.store, pin_memory=pin) for n in names}
-        self.mm = Products(settings.product_precision)
+        self.products = Products(settings.product_precision)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class _FFNSolver:
         self.buf[name][rows].copy_(value, non_blocking=True)
 
     def _lin(self, xc, w, bias=None):
-        return self.mm.linear(xc, w, bias)
+        return self.products.linear(xc, w, bias)
 
     def _obs(self, weight, gram, hinv=None):
         return obs_prune_with_gram(weight, gram, self.pattern, self.config.blocksize, self.config.percdamp, hinv)
@@ -272,11 +272,11 @@ class _FFNSolver:
                 sc = self._lin(xc, dense["gate"]) if swiglu else None
                 p = _act(swiglu, z, sc)
                 y = self._lin(p, dense["down"])
-                self.mm.gram_add(ptp, p, p)
-                self.mm.gram_add(pty, p, y)
+                self.products.gram_add(ptp, p, p)
+                self.products.gram_add(pty, p, y)
                 h0 = _act(swiglu, self._lin(xc, up0, self.b1), self._lin(xc, gate0) if swiglu else None)
-                self.mm.gram_add(h0th0, h0, h0)
-                self.mm.gram_add(h0ty, h0, y)
+                self.products.gram_add(h0th0, h0, h0)
+                self.products.gram_add(h0ty, h0, y)
                 for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)):
                     if val is not None:
                         norms[key] += _sq_norm(val)
@@ -346,7 +346,7 @@ class _FFNSolver:
                     if last:
                         continue
                     z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
-                    p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol, self.mm)  # (2)
+                    p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol, self.products)  # (2)
                     terms["y"] += beta * ratio ** 2 * _sq_norm(q)
                     if swiglu:  # (3) z with the current s, then s with the new z
                         z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
@@ -356,12 +356,12 @@ class _FFNSolver:
                         z = ops.relu_z_step(p, m, alpha_z, gamma)
                     terms["z"] += alpha_z * _sq_norm(z - m)
                     terms["p"] += gamma * _sq_norm(p - _act(swiglu, z, sc))
-                    self.mm.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
+                    self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
-                        self.mm.gram_add(xts, xc, sc)
+                        self.products.gram_add(xts, xc, sc)
                         self._put("s", rows, sc)
-                    self.mm.gram_add(ptp, p, p)
-                    self.mm.gram_add(pty, p, yc)
+                    self.products.gram_add(ptp, p, p)
+                    self.products.gram_add(pty, p, yc)
                     self._put("z", rows, z)
                     del m, g, z, sc, p, q, yc
 
