@@ -64,29 +64,44 @@ def run_one(method, channels, heads, allocation, args) -> dict:
             "settings": report["settings"], "git": git_state(), "started": started, "saved_to": save_dir}
 
 
+def _timed(fn, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds (time.process_time) of ``repeats`` calls of ``fn`` after a warm-up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
 def prefill_and_decode(model, vocab: int, prompt: int = 512, new_tokens: int = 16, repeats: int = 3) -> dict:
-    """CPU tokens/s: prefill of one ``prompt``-token window (median of ``repeats`` after a
-    warm-up), and greedy decode of ``new_tokens`` with the KV cache after a 64-token prompt.
-    Both by wall clock and by this process's CPU time (time.process_time): on a machine whose
-    cores other jobs share, the CPU time is the steadier measure of the work each model does."""
+    """CPU tokens/s of one ``prompt``-token window (median of ``repeats`` after a warm-up):
+
+    - prefill as ``generate`` runs it: the KV cache and the logits of the last position only
+      (``logits_to_keep=1``);
+    - scoring: the logits of every position (as a perplexity evaluation), where the 49152-word
+      output layer, which pruning does not shrink, is about a fifth of the work;
+
+    and greedy decode of ``new_tokens`` with the KV cache after a 64-token prompt. Both by wall
+    clock and by this process's CPU time (time.process_time): on a machine whose cores other
+    jobs share, the CPU time is the steadier measure of the work each model does."""
     import torch
 
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
-    wall, cpu = [], []
+    out = {"prompt": prompt, "new_tokens": new_tokens}
     with torch.no_grad():
-        model(ids, use_cache=False)
-        for _ in range(repeats):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            model(ids, use_cache=False)
-            wall.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
+        for name, call in (("prefill", lambda: model(ids, use_cache=True, logits_to_keep=1)),
+                           ("scoring", lambda: model(ids, use_cache=False))):
+            wall, cpu = _timed(call, repeats)
+            out.update({f"{name}_tokens_per_s": prompt / statistics.median(wall), f"{name}_seconds": wall,
+                        f"{name}_tokens_per_cpu_s": prompt / statistics.median(cpu), f"{name}_cpu_seconds": cpu})
         start, start_cpu = time.perf_counter(), time.process_time()
         model.generate(ids[:, :64], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         decode, decode_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    return {"prefill_tokens_per_s": prompt / statistics.median(wall), "prefill_seconds": wall,
-            "prefill_tokens_per_cpu_s": prompt / statistics.median(cpu), "prefill_cpu_seconds": cpu,
-            "decode_tokens_per_s": new_tokens / decode, "decode_tokens_per_cpu_s": new_tokens / decode_cpu,
-            "prompt": prompt, "new_tokens": new_tokens}
+    out.update({"decode_tokens_per_s": new_tokens / decode, "decode_tokens_per_cpu_s": new_tokens / decode_cpu})
+    return out
 
 
 def speed(entry: dict, args) -> dict:
@@ -104,8 +119,8 @@ def speed(entry: dict, args) -> dict:
     for round_ in range(args.speed_rounds):  # alternate, so load from other jobs hits both alike
         for name, model in (("dense", dense), ("pruned", pruned)):
             out.setdefault(name, []).append(prefill_and_decode(model.eval(), vocab))
-    for measure in ("prefill_tokens_per_s", "prefill_tokens_per_cpu_s", "decode_tokens_per_s",
-                    "decode_tokens_per_cpu_s"):
+    for measure in ("prefill_tokens_per_s", "prefill_tokens_per_cpu_s", "scoring_tokens_per_s",
+                    "scoring_tokens_per_cpu_s", "decode_tokens_per_s", "decode_tokens_per_cpu_s"):
         for name in ("dense", "pruned"):
             out[f"{name}_{measure}"] = statistics.median(r[measure] for r in out[name])
         out[f"speedup_{measure}"] = out[f"pruned_{measure}"] / out[f"dense_{measure}"]
@@ -153,13 +168,13 @@ def render(results: dict) -> str:
         if "speedup_prefill_tokens_per_cpu_s" not in s:
             continue
         lines += ["", f"CPU speed of `{k}` vs dense ({s['threads']} thread(s), median of {len(s['dense'])} "
-                      "alternating rounds, other jobs sharing the cores): prefill of 512 tokens "
-                      f"{s['dense_prefill_tokens_per_cpu_s']:.0f} -> {s['pruned_prefill_tokens_per_cpu_s']:.0f} tokens "
-                      f"per CPU second ({s['speedup_prefill_tokens_per_cpu_s']:.2f}x; wall clock "
-                      f"{s['speedup_prefill_tokens_per_s']:.2f}x); greedy decode "
-                      f"{s['dense_decode_tokens_per_cpu_s']:.1f} -> {s['pruned_decode_tokens_per_cpu_s']:.1f} tokens "
-                      f"per CPU second ({s['speedup_decode_tokens_per_cpu_s']:.2f}x; wall clock "
-                      f"{s['speedup_decode_tokens_per_s']:.2f}x)."]
+                      f"alternating rounds, commit {commit_label(s.get('git'))}): " + "; ".join(
+                          f"{label} {s[f'dense_{m}_tokens_per_cpu_s']:.1f} -> {s[f'pruned_{m}_tokens_per_cpu_s']:.1f} "
+                          f"tokens per CPU second ({s[f'speedup_{m}_tokens_per_cpu_s']:.2f}x; wall clock "
+                          f"{s[f'speedup_{m}_tokens_per_s']:.2f}x)" for m, label in (
+                              ("prefill", "prefill of 512 tokens (KV cache and last logits, as generate)"),
+                              ("scoring", "scoring 512 tokens (every position's logits)"),
+                              ("decode", "greedy decode")) if f"speedup_{m}_tokens_per_cpu_s" in s) + "."]
     return "\n".join(lines) + "\n"
 
 
