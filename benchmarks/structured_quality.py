@@ -8,6 +8,7 @@ uncommitted changes), the settings, the parameters and FLOPs per token, and when
 
     python benchmarks/structured_quality.py --methods structprune,sparsegpt,wanda,magnitude --channels 0.2,0.5
     python benchmarks/structured_quality.py --methods structprune --channels 0.5 --allocation energy
+    python benchmarks/structured_quality.py --methods sparsegpt --channels 0.3 --allocation energy:3  # temperature 3
     python benchmarks/structured_quality.py --methods structprune,sparsegpt --channels 0.5 --heads 0.25
     python benchmarks/structured_quality.py --speed structprune,0.5   # needs the run made with --save-models
     python benchmarks/structured_quality.py --merge benchmarks/results/structured_speed.json --readme README.md
@@ -48,10 +49,12 @@ def run_one(method, channels, heads, allocation, args) -> dict:
     from sparsellm.config import PruneConfig
 
     structure = "channels+heads" if heads else "channels"
+    rule, _, temperature = allocation.partition(":")  # energy:T, a temperature other than the default
     save_dir = os.path.join(MODELS_DIR, key(method, channels, heads, allocation).replace("|", "_")) \
         if args.save_models else None
     config = PruneConfig(method=method, sparsity=channels, structure=structure, head_sparsity=heads or None,
-                         allocation=allocation, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                         allocation={"rule": rule, **({"temperature": float(temperature)} if temperature else {})},
+                         nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                          eval=("wiki",), eval_windows=args.eval_windows, eval_dense=False,
                          quiet=not args.progress, device="cpu", save=save_dir, overwrite=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -140,7 +143,8 @@ def render(results: dict) -> str:
         if r["heads"]:  # SmolLM2 removes heads in steps of one per key/value group: say what was removed
             heads = r["layer_sizes"]["num_attention_heads"]
             label += f", --head-sparsity {r['heads']:g} ({1 - sum(heads) / (len(heads) * DENSE_HEADS):.0%} of heads removed)"
-        label += f", {r['allocation']}"
+        rule, _, temperature = r["allocation"].partition(":")
+        label += f", {rule}" + (f" (temperature {temperature})" if temperature else "")
         rows.setdefault(label, {})[r["channels"]] = r
     proto = results.get("protocol", {})
     lines = [f"Perplexity on the wiki test part ({proto.get('eval_windows', 40)} windows of 512 tokens), "
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="structprune,sparsegpt,wanda,magnitude")
     p.add_argument("--channels", default="0.2,0.5", help="shares of FFN channels removed")
     p.add_argument("--heads", default="0", help="shares of query heads removed (0: channels only)")
-    p.add_argument("--allocation", default="uniform")
+    p.add_argument("--allocation", default="uniform", help="uniform, energy, or energy:T (temperature T)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)

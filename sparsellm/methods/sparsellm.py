@@ -227,7 +227,7 @@ class _FFNSolver:
     def _zeros(self, *shape):
         return torch.zeros(*shape, device=self.device, dtype=torch.float32)
 
-    # -- where the pruning happens (StructPrune's structured solver overrides these three) ----
+    # -- where the pruning happens (StructPrune's structured solver overrides these) ----------
 
     def _start_inputs(self, gx):
         """Candidate 0's up and gate, and the factor of the input Hessian the later W-steps share."""
@@ -238,6 +238,11 @@ class _FFNSolver:
     def _candidate_zero(self, up0, gate0, hidden_gram):
         """Candidate 0 (sequential SparseGPT): down pruned on the Gram of the pruned up/gate's hidden."""
         return up0, gate0, self._obs(self.dense["down"], hidden_gram)[0]
+
+    def _selection_error(self, weights: dict, fit_error: float) -> float:
+        """The error by which the safeguard keeps the best iterate and stops: here the FFN's
+        error on the calibration tokens it was fitted on (StructPrune: on held-out tokens)."""
+        return fit_error
 
     def _prune_w_steps(self, up_ls, gate_ls, down_ls, gx, hinv_x, gp, up0, gate0):
         """Prune the W-steps' least-squares fits (up_ls/gate_ls None: candidate 0's up0/gate0),
@@ -305,6 +310,7 @@ class _FFNSolver:
         ratio = gamma / beta
 
         best = {"error": err0, "iteration": 0, "weights": {"up": up0, "gate": gate0, "down": down0}}
+        best["score"] = score0 = self._selection_error(best["weights"], err0)
         history = []
         log.info("sparsellm: start (sequential SparseGPT) ffn rel error %.5g", err0)
         xtz = xts = None
@@ -376,14 +382,18 @@ class _FFNSolver:
             log.info("sparsellm: iteration %d ffn rel error %.5g%s", it, error,
                      "" if last else " objective %.5g (%s)" % (entry["objective"], ", ".join(
                          f"{k} {v:.4g}" for k, v in terms.items())))
-            if error < best["error"]:
-                best = {"error": error, "iteration": it, "weights": {"up": up, "gate": gate, "down": down}}
+            weights = {"up": up, "gate": gate, "down": down}
+            score = self._selection_error(weights, error)
+            if score != error:
+                entry["selection_error"] = score
+            if score < best["score"]:
+                best = {"error": error, "score": score, "iteration": it, "weights": weights}
             # Iteration 1's down is fitted on the dense hidden, a different start than candidate
             # 0's, so the stopping rule compares iterations with each other.
-            if previous is not None and not error <= previous:
+            if previous is not None and not score <= previous:
                 stopped_early = not last
                 break
-            previous = error
+            previous = score
 
         for name, weight in best["weights"].items():
             if weight is not None:
@@ -396,6 +406,8 @@ class _FFNSolver:
             "start_ffn_rel_error": err0,
             "best_iteration": best["iteration"],
             "best_ffn_rel_error": best["error"],
+            "start_selection_error": score0,
+            "best_selection_error": best["score"],
             "stopped_early": stopped_early,
             "iterations": history,
             "penalties": penalties,
