@@ -64,6 +64,10 @@ def run_one(method, channels, heads, allocation, args) -> dict:
             "cost": report["cost"], "layer_sizes": report["structure"]["layer_sizes"],
             "ffn_rel_error": [e["ffn_rel_error"] for e in report["layer_errors"]],
             "output_rel_error": [e["output_rel_error"] for e in report["layer_errors"]],
+            # StructPrune's per-layer choices: the kept iterate, the down dampening, held-out errors
+            "solver": [{k: e["diagnostics"][k] for k in ("best_iteration", "down_damping", "start_selection_error",
+                                                       "best_selection_error") if k in e["diagnostics"]}
+                       for e in report["layer_errors"]],
             "settings": report["settings"], "git": git_state(), "started": started, "saved_to": save_dir}
 
 
