@@ -88,7 +88,8 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
     seconds = time.perf_counter() - start
     ppl = api.evaluate(model, tokenizer, config)["wiki"]
     return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
-            "sequential": config.sequential, **({"product_precision": args.product_precision} if extra else {}), "git": git_state(), "measured": time.strftime("%Y-%m-%d"),
+            "sequential": config.sequential, **({"product_precision": args.product_precision} if extra else {}),
+            "git": git_state(), "measured": time.strftime("%Y-%m-%d"),
             "prune_seconds": seconds, "achieved_sparsity": achieved_sparsity(records),
             "ffn_rel_error": [r.ffn_rel_error for r in records],
             "output_rel_error": [r.output_rel_error for r in records]}

@@ -58,27 +58,22 @@ def main(argv=None) -> int:
         with torch.no_grad():
             y_fit, y_held = ffn.forward(fit[i], dense).double(), ffn.forward(held[i], dense).double()
 
-        def errors():
-            with torch.no_grad():
-                return tuple(float((y - ffn.forward(x).double()).norm() / y.norm())
-                             for x, y in ((fit[i], y_fit), (held[i], y_held)))
-
-        channels = round(args.channels * ffn.down.in_features)
-        rows = []
-        for damping in (float(d) for d in args.dampings.split(",")):
+        def solve(damping: float, iterations: int) -> tuple[float, float]:
+            """Prune the FFN, return its errors on the fitted and the other tokens, restore it."""
             config = PruneConfig(method="structprune", sparsity=args.channels, percdamp=damping,
-                                 sparsellm=SparseLLMSettings(iterations=0))
-            structprune._StructuredFFNSolver(ffn, fit[i], channels, config).run()
-            rows.append(("local structured OBS, dampening %g" % damping, *errors()))
-            for name, weight in dense.items():
-                getattr(ffn, name).weight.data.copy_(weight)
-        for iterations in (int(k) for k in args.iterations.split(",")):
-            config = PruneConfig(method="structprune", sparsity=args.channels,
                                  sparsellm=SparseLLMSettings(iterations=iterations))
-            structprune._StructuredFFNSolver(ffn, fit[i], channels, config).run()
-            rows.append((f"structured solve, {iterations} iterations (kept by fitted-token error)", *errors()))
+            structprune._StructuredFFNSolver(ffn, fit[i], round(args.channels * ffn.down.in_features), config).run()
+            with torch.no_grad():
+                errors = tuple(float((y - ffn.forward(x).double()).norm() / y.norm())
+                               for x, y in ((fit[i], y_fit), (held[i], y_held)))
             for name, weight in dense.items():
                 getattr(ffn, name).weight.data.copy_(weight)
+            return errors
+
+        rows = [("local structured OBS, dampening %g" % d, *solve(d, 0))
+                for d in (float(d) for d in args.dampings.split(","))]
+        rows += [(f"structured solve, {k} iterations (kept by fitted-token error)", *solve(0.01, k))
+                 for k in (int(k) for k in args.iterations.split(","))]
         print(f"FFN {i}, {args.channels:.0%} of channels: relative error on the fitted tokens / on other windows")
         for label, e_fit, e_held in rows:
             print(f"  {label}: {e_fit:.4f} / {e_held:.4f}")

@@ -68,13 +68,16 @@ class _StructuredFFNSolver(_FFNSolver):
     """SparseLLM's solver with whole channels removed (see the module docs)."""
 
     def __init__(self, ffn, x, channels: int, config):
-        held = int(len(x) * HELD_OUT_SHARE) if len(x) * HELD_OUT_SHARE >= 64 else 0
+        held = int(len(x) * HELD_OUT_SHARE)
+        held = held if held >= 64 else 0  # too few tokens to judge by: fit them all
         super().__init__(ffn, x[:len(x) - held], config.sparsity, config)
         self.channels = channels
-        self.held_x = x[len(x) - held:].float() if held else None
-        with torch.no_grad():
-            self.held_y = ffn.forward(self.held_x, self.dense).double() if held else None
         self.down_damping = config.percdamp
+        self.held_x = self.held_y = None
+        if held:
+            self.held_x = x[len(x) - held:].float()
+            with torch.no_grad():
+                self.held_y = ffn.forward(self.held_x, self.dense).double()
 
     def _held_out_error(self, weights: dict) -> float:
         with torch.no_grad():
@@ -107,11 +110,11 @@ class _StructuredFFNSolver(_FFNSolver):
         for damping in (DOWN_DAMPINGS if self.held_x is not None else (self.down_damping,)):
             self.down_damping = damping
             removed, down = self._choose_down(self.dense["down"], hidden_gram)
-            weights = self._masked(up0, removed), self._masked(gate0, removed), down
-            error = self._held_out_error(dict(zip(("up", "gate", "down"), weights))) if self.held_x is not None else 0.0
-            tried.append((error, damping, weights))
-        error, self.down_damping, self.start = min(tried, key=lambda t: t[0])
+            weights = {"up": self._masked(up0, removed), "gate": self._masked(gate0, removed), "down": down}
+            tried.append((self._selection_error(weights, 0.0), damping, weights))
+        _, self.down_damping, best = min(tried, key=lambda t: t[0])
         self.dampings_tried = {damping: err for err, damping, _ in tried}
+        self.start = best["up"], best["gate"], best["down"]
         return self.start
 
     def _prune_w_steps(self, up_ls, gate_ls, down_ls, gx, hinv_x, gp, up0, gate0):
