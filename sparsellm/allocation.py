@@ -10,12 +10,23 @@
 
 The energy of a layer, as used here (inferred: the paper names a softmax over layer energies
 with a temperature, the public code does not match it, and we could not read the paper's exact
-energy): the share of the layer's importance mass that pruning it uniformly at the target would
-remove, with importance the Wanda score (per weight, unstructured; per FFN channel,
-||X_j|| sum_i |W_down,ij|, structured), on the dense model. A layer whose importance is spread
-evenly (pruning it removes much of its mass) has high energy and is pruned less. Energies are
-standardised over the layers before the softmax, so the temperature is in units of their spread
-(T = 1: a layer one standard deviation above the mean gets e^-1 times the weight of an average one).
+energy), from the dense model:
+
+- structured (FFN channels): the log of the relative perturbation that pruning the layer
+  uniformly at the target would inject into the residual stream,
+  E_l = log sum_{j in S_l} ||W_down[:, j]||^2 sum_t x_tj^2 / ||r_t||^2,
+  with S_l the target share of channels of lowest Wanda-style score ||X_j|| sum_i |W_down,ij|,
+  x_t the down projection's input and r_t the layer's input (the residual stream) at token t.
+  Each token's share is relative to its own residual, so the few tokens with massive residual
+  activations (SmolLM2 writes ~1e5-norm values into a handful of positions) do not set the
+  scale; the log makes the layers comparable over the orders of magnitude they span. A layer
+  whose removed channels would move the stream more is pruned less.
+- unstructured: the share of the layer's Wanda importance mass (|W_ij| ||X_j|| over every linear)
+  that pruning it uniformly at the target would remove; evenly spread importance, high energy.
+
+Energies are standardised over the layers before the softmax, so the temperature is in units of
+their spread (T = 1: a layer one standard deviation above the mean gets e^-1 times the weight of
+an average one).
 
 The budget is kept exactly: the mean of the per-layer shares is the target (to float rounding)
 and, for structured runs, the channel counts sum to round(target x channels) through
@@ -126,16 +137,44 @@ def lowest_mass_share(scores: torch.Tensor, share: float) -> float:
     return float(torch.sort(flat).values[:k].sum()) / total if total > 0 else 0.0
 
 
+def residual_perturbation_energy(channel_scores: torch.Tensor, relative_squares: torch.Tensor, share: float) -> float:
+    """Structured energy: log of the sum of ``relative_squares`` (per channel, the squared
+    relative perturbation of the residual stream its removal causes) over the ``share`` of
+    channels with the lowest ``channel_scores`` (those uniform pruning would remove)."""
+    lowest = torch.argsort(channel_scores)[:int(channel_scores.numel() * share)]
+    total = float(relative_squares.double()[lowest].sum())
+    return math.log(max(total, 1e-300))  # removed channels that never fire: the lowest energy, not -inf
+
+
 # --------------------------------------------------------------------------------------------
 # statistics of the dense layers
 
 
+class RelativeChannelSquares:
+    """sum_t x_tj^2 / ||r_t||^2 per channel j of an FFN's down projection input x, with r_t the
+    residual stream at the layer's input for the same token (float64: d numbers). The layer's
+    pre-hook records the residual norms of the batch that the down projection then sees."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.sums = torch.zeros(width, dtype=torch.float64, device=device)
+        self.inverse_residual_squares: torch.Tensor | None = None
+
+    def see_residual(self, residual: torch.Tensor) -> None:
+        self.inverse_residual_squares = residual.double().square().sum(-1).reshape(-1).reciprocal()
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double().reshape(-1, self.sums.numel())
+        self.sums += self.inverse_residual_squares @ x.square()
+
+
 def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleList, indices: range,
-                  run_layer: Callable, device: torch.device) -> dict[int, torch.Tensor]:
+                  run_layer: Callable, device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Per layer in ``indices``: its Wanda scores (structured: per FFN channel; else per weight
-    of every linear, concatenated), from one pass of the dense layers; ``run_layer(layer, hooks)``
-    runs a layer over the current hidden states and replaces them by its outputs."""
+    of every linear, concatenated) and, structured, its channels' :class:`RelativeChannelSquares`,
+    from one pass of the dense layers; ``run_layer(layer, hooks)`` runs a layer over the current
+    hidden states and replaces them by its outputs."""
     scores: dict[int, torch.Tensor] = {}
+    relative: dict[int, torch.Tensor] = {}
     for index in tqdm(range(indices.stop), desc=f"allocation {config.allocation.rule}: dense statistics",
                       unit="layer", disable=config.quiet):
         layer = layers[index]
@@ -154,17 +193,23 @@ def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleL
                     stat.add(x)
                 return linear.register_forward_pre_hook(hook)
 
-            run_layer(layer, [observer(lin) for lin in linears])
+            hooks = [observer(lin) for lin in linears]
+            if config.structure:
+                squares = RelativeChannelSquares(ffn.down.in_features, device)
+                hooks += [layer.register_forward_pre_hook(lambda module, args: squares.see_residual(args[0].detach())),
+                          ffn.down.register_forward_pre_hook(lambda module, args: squares.add(args[0].detach()))]
+            run_layer(layer, hooks)
             norms = {id(lin): stats[id(lin)].result() for lin in linears}
             if config.structure:
                 scores[index] = (ffn.down.weight.detach().float().abs().sum(0) * norms[id(ffn.down)]).cpu()
+                relative[index] = (squares.sums * ffn.down.weight.detach().double().square().sum(0)).cpu()
             else:
                 scores[index] = torch.cat([(lin.weight.detach().float().abs() * norms[id(lin)]).reshape(-1).cpu()
                                            for lin in linears])
         else:
             run_layer(layer, [])
         layer.to(home)
-    return scores
+    return scores, relative
 
 
 def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, indices: range,
@@ -178,13 +223,16 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
     if rule == "uniform" or (config.structure is not None and "channels" not in config.structure):
         shares = [target] * len(indices)
     else:
-        scores = _dense_scores(config, adapter, layers, indices, run_layer, device)
+        scores, relative = _dense_scores(config, adapter, layers, indices, run_layer, device)
         if rule == "owl":
             m = config.allocation.owl_m
             ratios = [float((s > m * s.mean()).double().mean()) for s in (scores[i] for i in indices)]
             shares = owl_shares(ratios, target, config.allocation.owl_lambda)
         else:
-            energies = [lowest_mass_share(scores[i], target) for i in indices]
+            if config.structure:
+                energies = [residual_perturbation_energy(scores[i], relative[i], target) for i in indices]
+            else:
+                energies = [lowest_mass_share(scores[i], target) for i in indices]
             shares = energy_shares(energies, target, config.allocation.temperature, low, high)
     if config.structure is None:
         return {i: LayerTarget(SparsityPattern(s) if rule != "uniform" else config.sparsity)

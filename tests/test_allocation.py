@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from sparsellm.allocation import energy_shares, integer_counts, lowest_mass_share, owl_shares
+from sparsellm.allocation import (RelativeChannelSquares, energy_shares, integer_counts, lowest_mass_share, owl_shares,
+                                  residual_perturbation_energy)
 from sparsellm.config import AllocationSettings, PruneConfig
 from sparsellm.driver import LayerDriver
 from sparsellm.methods import get_method
@@ -64,6 +65,60 @@ def test_integer_counts_sum_exactly_within_bounds(seed):
 def test_lowest_mass_share():
     scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert lowest_mass_share(scores, 0.5) == pytest.approx(0.3)
+
+
+def test_residual_perturbation_energy_sums_the_lowest_scored_channels():
+    g = torch.Generator().manual_seed(3)
+    scores, squares = torch.rand(40, generator=g), torch.rand(40, generator=g, dtype=torch.float64)
+    lowest = sorted(range(40), key=lambda j: float(scores[j]))[:12]  # 30% of 40 channels
+    expected = math.log(math.fsum(float(squares[j]) for j in lowest))
+    assert residual_perturbation_energy(scores, squares, 0.3) == pytest.approx(expected, rel=1e-12)
+
+
+def test_relative_channel_squares_normalise_each_token_by_its_own_residual():
+    g = torch.Generator().manual_seed(4)
+    stat = RelativeChannelSquares(6, torch.device("cpu"))
+    expected = torch.zeros(6, dtype=torch.float64)
+    for batch in range(3):
+        residual, x = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 6, generator=g)
+        residual[0, 0] *= 1e4  # a massive-activation token: its share shrinks, it does not set the scale
+        stat.see_residual(residual)
+        stat.add(x)
+        for r, row in zip(residual.reshape(-1, 8).double(), x.reshape(-1, 6).double()):
+            expected += row.square() / r.square().sum()
+    torch.testing.assert_close(stat.sums, expected, rtol=1e-12, atol=0)
+
+
+def test_structured_energy_comes_from_each_layers_residual_and_down_input():
+    """The driver's allocation equals the rule applied to statistics gathered here by hand
+    from the dense layers (the layer's input and its down projection's input, same tokens)."""
+    model = tiny_llama(layers=3)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hooks = []
+    for index, layer in enumerate(adapter.layers(model)):
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=index: seen.setdefault(i, {}).update(residual=(args or [kwargs["hidden_states"]])[0]),
+            with_kwargs=True))
+        hooks.append(adapter.ffn(layer).down.register_forward_pre_hook(
+            lambda m, args, i=index: seen[i].update(down_input=args[0])))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    energies = []
+    for index, layer in enumerate(adapter.layers(model)):
+        r = seen[index]["residual"].double().reshape(-1, 64)
+        x = seen[index]["down_input"].double().reshape(-1, 128)
+        down = adapter.ffn(layer).down.weight.detach().double()
+        wanda = x.norm(dim=0) * down.abs().sum(0)
+        relative = (x.square() / r.square().sum(1, keepdim=True)).sum(0) * down.square().sum(0)
+        energies.append(residual_perturbation_energy(wanda.float(), relative, 0.3))
+    expected = integer_counts(energy_shares(energies, 0.3, 1.0, 0.15, 0.45), [128] * 3, 0.15, 0.45)
+    records = prune(model, method="wanda", sparsity=0.3, structure="channels", allocation="energy")
+    assert [r.target["channels_removed"] for r in records] == expected
+    assert len(set(expected)) > 1
 
 
 def test_bad_allocation_settings_are_one_clear_error():
