@@ -72,6 +72,13 @@ def _sq_norm(t: torch.Tensor) -> float:
     return float(t.square().sum())
 
 
+def _sq_norm_(t: torch.Tensor) -> float:
+    """:func:`_sq_norm` of a temporary, squared in place: the same float without allocating
+    another buffer of its size (each fresh one of a token chunk's [5461, 1536] costs page faults
+    on the CPU)."""
+    return float(t.square_().sum())
+
+
 @contextlib.contextmanager
 def large_products(device: torch.device, precision: str):
     """Inside the block, float32 matmuls on ``device`` run in ``precision`` ("tf32": the tensor
@@ -148,7 +155,7 @@ def full_gram(acc: torch.Tensor) -> torch.Tensor:
 
 
 def _act(swiglu: bool, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-    return F.silu(s) * z if swiglu else torch.relu(z)
+    return F.silu(s).mul_(z) if swiglu else torch.relu(z)  # a fresh tensor (callers change it in place)
 
 
 def least_squares_towards(reference: torch.Tensor, cross: torch.Tensor, chol: torch.Tensor,
@@ -185,7 +192,7 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     """
     products = products or Products("float32")
     q = torch.cholesky_solve((y - products.linear(r, w2)).t(), chol).t()
-    return r + products.mm(q, w2), q
+    return products.mm(q, w2).add_(r), q  # r + W2^T q, into the product's fresh buffer
 
 
 class SparseLLM(SparseGPT):
@@ -281,6 +288,28 @@ class _FFNSolver:
 
     # -- the algorithm -----------------------------------------------------------------------
 
+    def _hidden(self, xc, up, gate):
+        """The down projection's input for the tokens ``xc`` and the weights ``up``, ``gate``."""
+        return _act(self.swiglu, self._lin(xc, up, self.b1), self._lin(xc, gate) if self.swiglu else None)
+
+    def _gather(self, stats, h, yc):
+        """Add the tokens' hidden ``h`` and targets ``yc`` to ``stats`` = (H^T H, H^T Y')."""
+        self.products.sym_gram_add(stats[0], h)
+        self.products.gram_add(stats[1], h, yc)
+
+    def _start(self, up0, gate0, stats, y_sq, y_full) -> dict:
+        """Candidate 0 (sequential SparseGPT), from the statistics of its up/gate's hidden H
+        (:meth:`_gather`); its error from them too (||Y' - H W^T||^2 = ||Y'||^2 - 2 <W, Y'^T H>
+        + <W H, W>, in float64). Returns the safeguard's first best iterate."""
+        hh, hy = full_gram(stats[0]), stats[1]
+        up0, gate0, down0 = self._candidate_zero(up0, gate0, hh / self.tokens)
+        d0 = down0.double()
+        err_sq = y_sq - 2 * float((d0 * hy.t().double()).sum()) + float(((d0 @ hh.double()) * d0).sum())
+        error = math.sqrt(max(err_sq, 0.0) / y_full) if y_full > 0 else float("nan")
+        log.info("sparsellm: start (sequential SparseGPT) ffn rel error %.5g", error)
+        weights = {"up": up0, "gate": gate0, "down": down0}
+        return {"error": error, "score": self._selection_error(weights, error), "iteration": 0, "weights": weights}
+
     def run(self) -> dict:
         s, x, n, f, d = self.settings, self.x, self.tokens, self.hidden, self.width
         swiglu, dense = self.swiglu, self.dense
@@ -292,9 +321,18 @@ class _FFNSolver:
         chol_x, damp_x = ops.damped_cholesky(gx, pd)
         lam_x = float(damp_x) * float(gx.diagonal().mean())
 
-        # Dense pass: auxiliaries, Y' = Y - b2, the statistics of the first down W-step (dense p),
-        # and those of candidate 0 (hidden of the pruned up/gate), in one sweep over the tokens.
-        ptp, pty, h0th0, h0ty = self._zeros(f, f), self._zeros(f, d), self._zeros(f, f), self._zeros(f, d)
+        # Candidate 0 is judged on the hidden H0 of its up/gate. Where those are the dense weights
+        # (StructPrune), H0 is the dense p, whose statistics the dense pass gathers anyway.
+        # Otherwise H0 is the hidden of iteration 1 (its up/gate are candidate 0's): that sweep
+        # gathers them, and candidate 0 is judged after it, which saves two products per token
+        # chunk. Only without iterations does the dense pass compute H0.
+        h0_is_p = up0 is dense["up"] and gate0 is dense.get("gate")
+        h0_stats = None if h0_is_p else (self._zeros(f, f), self._zeros(f, d))
+        h0_in_dense = h0_stats is not None and s.iterations == 0
+
+        # Dense pass: auxiliaries, Y' = Y - b2 and the statistics of the first down W-step (dense
+        # p), in one sweep over the tokens.
+        ptp, pty = self._zeros(f, f), self._zeros(f, d)
         norms = dict.fromkeys(("z", "s", "p", "y", "y_full"), 0.0)
         with self._products():
             for rows in self.chunks:
@@ -303,28 +341,21 @@ class _FFNSolver:
                 sc = self._lin(xc, dense["gate"]) if swiglu else None
                 p = _act(swiglu, z, sc)
                 y = self._lin(p, dense["down"])
-                self.products.sym_gram_add(ptp, p)
-                self.products.gram_add(pty, p, y)
-                h0 = _act(swiglu, self._lin(xc, up0, self.b1), self._lin(xc, gate0) if swiglu else None)
-                self.products.sym_gram_add(h0th0, h0)
-                self.products.gram_add(h0ty, h0, y)
-                for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)):
-                    if val is not None:
-                        norms[key] += _sq_norm(val)
-                        if key in self.buf:
-                            self._put(key, rows, val)
-                norms["y_full"] += _sq_norm(y if self.b2 is None else y + self.b2)
-                del h0
+                self._gather((ptp, pty), p, y)
+                if h0_in_dense:
+                    self._gather(h0_stats, self._hidden(xc, up0, gate0), y)
+                chunk = {key: _sq_norm(val) for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)) if val is not None}
+                chunk["y_full"] = chunk["y"] if self.b2 is None else _sq_norm(y + self.b2)  # Y' = Y without bias
+                for key, value in chunk.items():
+                    norms[key] += value
+                for key, val in (("z", z), ("s", sc), ("y", y)):
+                    if key in self.buf:
+                        self._put(key, rows, val)
         y_full = norms["y_full"]
 
-        # Candidate 0 = sequential SparseGPT; its error from the Gram matrices just gathered
-        # (||Y' - H W^T||^2 = ||Y'||^2 - 2 <W, Y'^T H> + <W H, W>), in float64.
-        h0th0 = full_gram(h0th0)
-        up0, gate0, down0 = self._candidate_zero(up0, gate0, h0th0 / n)
-        d0 = down0.double()
-        err0_sq = norms["y"] - 2 * float((d0 * h0ty.t().double()).sum()) + float(((d0 @ h0th0.double()) * d0).sum())
-        err0 = math.sqrt(max(err0_sq, 0.0) / y_full) if y_full > 0 else float("nan")
-        del h0th0, h0ty
+        if h0_stats is None or h0_in_dense:  # else after iteration 1's sweep
+            start = best = self._start(up0, gate0, h0_stats or (ptp, pty), norms["y"], y_full)
+            h0_stats = None
 
         if s.scale_aware:  # each term becomes a relative squared error (see module docs)
             alpha_z = s.alpha / max(norms["z"], 1e-30)
@@ -336,10 +367,7 @@ class _FFNSolver:
             beta, gamma = s.beta, s.gamma
         ratio = gamma / beta
 
-        best = {"error": err0, "iteration": 0, "weights": {"up": up0, "gate": gate0, "down": down0}}
-        best["score"] = score0 = self._selection_error(best["weights"], err0)
         history = []
-        log.info("sparsellm: start (sequential SparseGPT) ffn rel error %.5g", err0)
         xtz = xts = None
         previous = None
         stopped_early = False
@@ -375,7 +403,13 @@ class _FFNSolver:
                     m = self._lin(xc, up, self.b1)
                     g = self._lin(xc, gate) if swiglu else None
                     yc = self._get("y", rows)
-                    err_sq += _sq_norm(yc - self._lin(_act(swiglu, m, g), down))
+                    h = _act(swiglu, m, g)
+                    if h0_stats is not None:
+                        self._gather(h0_stats, h if up is up0 and gate is gate0 else self._hidden(xc, up0, gate0), yc)
+                    # Temporaries that are not needed afterwards are squared in place
+                    # (_sq_norm_), here and below: the same floats, fewer large allocations.
+                    err_sq += _sq_norm_(self._lin(h, down).sub_(yc))
+                    del h
                     if last:
                         continue
                     z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
@@ -384,20 +418,22 @@ class _FFNSolver:
                     if swiglu:  # (3) z with the current s, then s with the new z
                         z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
                         sc = ops.swiglu_s_step(sc, g, p, z, alpha_s, gamma, s.s_step_iterations)
-                        terms["s"] += alpha_s * _sq_norm(sc - g)
+                        terms["s"] += alpha_s * _sq_norm_(g.sub_(sc))
                     else:
                         z = ops.relu_z_step(p, m, alpha_z, gamma)
-                    terms["z"] += alpha_z * _sq_norm(z - m)
-                    terms["p"] += gamma * _sq_norm(p - _act(swiglu, z, sc))
+                    terms["z"] += alpha_z * _sq_norm_(m.sub_(z))
+                    terms["p"] += gamma * _sq_norm_(_act(swiglu, z, sc).sub_(p))
                     self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
                         self.products.gram_add(xts, xc, sc)
                         self._put("s", rows, sc)
-                    self.products.sym_gram_add(ptp, p)
-                    self.products.gram_add(pty, p, yc)
+                    self._gather((ptp, pty), p, yc)
                     self._put("z", rows, z)
                     del m, g, z, sc, p, q, yc
 
+            if h0_stats is not None:
+                start = best = self._start(up0, gate0, h0_stats, norms["y"], y_full)
+                h0_stats = None
             error = math.sqrt(err_sq / y_full) if y_full > 0 else float("nan")
             entry = {"iteration": it, "ffn_rel_error": error}
             if not last:
@@ -428,12 +464,13 @@ class _FFNSolver:
         penalties = {"alpha": alpha_z, "beta": beta, "gamma": gamma}
         if swiglu:
             penalties["alpha_s"] = alpha_s
-        log.info("sparsellm: kept iteration %d (ffn rel error %.5g; start %.5g)", best["iteration"], best["error"], err0)
+        log.info("sparsellm: kept iteration %d (ffn rel error %.5g; start %.5g)", best["iteration"], best["error"],
+                 start["error"])
         return {
-            "start_ffn_rel_error": err0,
+            "start_ffn_rel_error": start["error"],
             "best_iteration": best["iteration"],
             "best_ffn_rel_error": best["error"],
-            "start_selection_error": score0,
+            "start_selection_error": start["score"],
             "best_selection_error": best["score"],
             "stopped_early": stopped_early,
             "iterations": history,
