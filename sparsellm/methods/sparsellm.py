@@ -30,9 +30,9 @@ down with the Hessian of the hidden of the *pruned* up/gate). Each iterate is me
 FFN output error ||Y - FFN(X)|| / ||Y|| and the best one is kept; iterating stops when an
 iteration makes that error worse than the previous iteration did.
 
-Memory: z (s) and Y' are [N, .] buffers for all calibration tokens; they live on the
-compute device when they fit and in host memory otherwise, and every token-wise step runs in
-chunks of tokens, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
+Memory: z (s) and Y' are kept for all calibration tokens, chunk by chunk of tokens; they live on
+the compute device when they fit and in host memory otherwise, and every token-wise step runs on
+one chunk at a time, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
 
 Precision: on CUDA the token-wise products and the Gram accumulations over all tokens (nearly all
 of the solver's arithmetic at 7B shapes) run in TF32 unless ``product_precision`` is "float32";
@@ -235,17 +235,26 @@ class _FFNSolver:
         self.store = self.device
         if self.device.type == "cuda" and self.aux_bytes > DEVICE_AUX_SHARE * torch.cuda.mem_get_info(self.device)[0]:
             self.store = torch.device("cpu")
-        pin = self.store.type == "cpu" and self.device.type == "cuda"
-        self.buf = {n: torch.empty(self.tokens, widths[n], device=self.store, pin_memory=pin) for n in names}
+        # The auxiliaries per token chunk: on the compute device, the tensors the steps return (kept,
+        # not copied); in host memory, pinned buffers the results are copied into.
+        if self.store == self.device:
+            self.buf = {n: [None] * len(self.chunks) for n in names}
+        else:
+            self.buf = {n: [torch.empty(c.stop - c.start, widths[n], pin_memory=True) for c in self.chunks]
+                        for n in names}
         self.products = Products(settings.product_precision)
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _get(self, name, rows):
-        return self.buf[name][rows].to(self.device, non_blocking=True)
+    def _get(self, name, chunk):
+        return self.buf[name][chunk].to(self.device, non_blocking=True)
 
-    def _put(self, name, rows, value):
-        self.buf[name][rows].copy_(value, non_blocking=True)
+    def _put(self, name, chunk, value):
+        """Store ``value`` (not changed afterwards) as auxiliary ``name`` of token chunk ``chunk``."""
+        if self.store == self.device:
+            self.buf[name][chunk] = value
+        else:
+            self.buf[name][chunk].copy_(value, non_blocking=True)
 
     def _lin(self, xc, w, bias=None):
         return self.products.linear(xc, w, bias)
@@ -335,7 +344,7 @@ class _FFNSolver:
         ptp, pty = self._zeros(f, f), self._zeros(f, d)
         norms = dict.fromkeys(("z", "s", "p", "y", "y_full"), 0.0)
         with self._products():
-            for rows in self.chunks:
+            for chunk, rows in enumerate(self.chunks):
                 xc = x[rows]
                 z = self._lin(xc, dense["up"], self.b1)
                 sc = self._lin(xc, dense["gate"]) if swiglu else None
@@ -344,13 +353,13 @@ class _FFNSolver:
                 self._gather((ptp, pty), p, y)
                 if h0_in_dense:
                     self._gather(h0_stats, self._hidden(xc, up0, gate0), y)
-                chunk = {key: _sq_norm(val) for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)) if val is not None}
-                chunk["y_full"] = chunk["y"] if self.b2 is None else _sq_norm(y + self.b2)  # Y' = Y without bias
-                for key, value in chunk.items():
+                sq = {key: _sq_norm(val) for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)) if val is not None}
+                sq["y_full"] = sq["y"] if self.b2 is None else _sq_norm(y + self.b2)  # Y' = Y without bias
+                for key, value in sq.items():
                     norms[key] += value
                 for key, val in (("z", z), ("s", sc), ("y", y)):
                     if key in self.buf:
-                        self._put(key, rows, val)
+                        self._put(key, chunk, val)
         y_full = norms["y_full"]
 
         if h0_stats is None or h0_in_dense:  # else after iteration 1's sweep
@@ -398,11 +407,11 @@ class _FFNSolver:
                 ptp.zero_()
                 pty.zero_()
             with self._products():
-                for rows in self.chunks:
+                for chunk, rows in enumerate(self.chunks):
                     xc = x[rows]
                     m = self._lin(xc, up, self.b1)
                     g = self._lin(xc, gate) if swiglu else None
-                    yc = self._get("y", rows)
+                    yc = self._get("y", chunk)
                     h = _act(swiglu, m, g)
                     if h0_stats is not None:
                         self._gather(h0_stats, h if up is up0 and gate is gate0 else self._hidden(xc, up0, gate0), yc)
@@ -412,7 +421,7 @@ class _FFNSolver:
                     del h
                     if last:
                         continue
-                    z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
+                    z, sc = self._get("z", chunk), (self._get("s", chunk) if swiglu else None)
                     p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol, self.products)  # (2)
                     terms["y"] += beta * ratio ** 2 * _sq_norm(q)
                     if swiglu:  # (3) z with the current s, then s with the new z
@@ -426,9 +435,9 @@ class _FFNSolver:
                     self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
                         self.products.gram_add(xts, xc, sc)
-                        self._put("s", rows, sc)
+                        self._put("s", chunk, sc)
                     self._gather((ptp, pty), p, yc)
-                    self._put("z", rows, z)
+                    self._put("z", chunk, z)
                     del m, g, z, sc, p, q, yc
 
             if h0_stats is not None:
