@@ -30,7 +30,7 @@ down with the Hessian of the hidden of the *pruned* up/gate). Each iterate is me
 FFN output error ||Y - FFN(X)|| / ||Y|| and the best one is kept; iterating stops when an
 iteration makes that error worse than the previous iteration did.
 
-Memory: z (s) and Y' are kept for all calibration tokens, chunk by chunk of tokens; they live on
+Memory: act(z, s), s and Y' are kept for all calibration tokens, chunk by chunk; they live on
 the compute device when they fit and in host memory otherwise, and every token-wise step runs on
 one chunk at a time, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
 
@@ -228,9 +228,11 @@ class _FFNSolver:
         self.hidden = self.dense["up"].shape[0]
         step = max(256, CHUNK_ELEMENTS // self.hidden)
         self.chunks = [slice(i, min(i + step, self.tokens)) for i in range(0, self.tokens, step)]
-        # p is recomputed from z (s) and Y' in every sweep, so it needs no buffer.
-        names = ["z", "y"] + (["s"] if self.swiglu else [])
-        widths = {"z": self.hidden, "s": self.hidden, "y": self.width}
+        # p is recomputed from r = act(z, s) and Y' in every sweep, so it needs no buffer; z enters
+        # the next sweep only through r, so r is kept instead of z (the same size, one
+        # activation fewer per token chunk and sweep); s is kept for the s-step's warm start.
+        names = ["r", "y"] + (["s"] if self.swiglu else [])
+        widths = {"r": self.hidden, "s": self.hidden, "y": self.width}
         self.aux_bytes = sum(self.tokens * widths[n] * 4 for n in names)
         self.store = self.device
         if self.device.type == "cuda" and self.aux_bytes > DEVICE_AUX_SHARE * torch.cuda.mem_get_info(self.device)[0]:
@@ -357,7 +359,7 @@ class _FFNSolver:
                 sq["y_full"] = sq["y"] if self.b2 is None else _sq_norm(y + self.b2)  # Y' = Y without bias
                 for key, value in sq.items():
                     norms[key] += value
-                for key, val in (("z", z), ("s", sc), ("y", y)):
+                for key, val in (("r", p), ("s", sc), ("y", y)):
                     if key in self.buf:
                         self._put(key, chunk, val)
         y_full = norms["y_full"]
@@ -421,8 +423,8 @@ class _FFNSolver:
                     del h
                     if last:
                         continue
-                    z, sc = self._get("z", chunk), (self._get("s", chunk) if swiglu else None)
-                    p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol, self.products)  # (2)
+                    r, sc = self._get("r", chunk), (self._get("s", chunk) if swiglu else None)
+                    p, q = p_step(r, yc, down, p_chol, self.products)  # (2)
                     terms["y"] += beta * ratio ** 2 * _sq_norm(q)
                     if swiglu:  # (3) z with the current s, then s with the new z
                         z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
@@ -431,14 +433,15 @@ class _FFNSolver:
                     else:
                         z = ops.relu_z_step(p, m, alpha_z, gamma)
                     terms["z"] += alpha_z * _sq_norm_(m.sub_(z))
-                    terms["p"] += gamma * _sq_norm_(_act(swiglu, z, sc).sub_(p))
+                    r = _act(swiglu, z, sc)
+                    terms["p"] += gamma * _sq_norm_(r - p)
                     self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
                         self.products.gram_add(xts, xc, sc)
                         self._put("s", chunk, sc)
                     self._gather((ptp, pty), p, yc)
-                    self._put("z", chunk, z)
-                    del m, g, z, sc, p, q, yc
+                    self._put("r", chunk, r)
+                    del m, g, z, sc, p, q, yc, r
 
             if h0_stats is not None:
                 start = best = self._start(up0, gate0, h0_stats, norms["y"], y_full)
