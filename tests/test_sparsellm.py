@@ -134,6 +134,28 @@ def test_bfloat16_products_match_float32():
     assert float((p_low - p_exact).norm() / p_exact.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_symmetric_gram_accumulation_is_the_gram(precision):
+    """sym_gram_add (upper block triangle only, on the CPU) completed by full_gram is A^T A, summed
+    over chunks of rows: exactly symmetric, and equal to the full product's accumulation (float32:
+    to its rounding, against float64; bfloat16: to the full bfloat16 product's)."""
+    from sparsellm.methods.sparsellm import SYM_BLOCK, Products, full_gram
+
+    products = Products(precision)
+    f = 2 * SYM_BLOCK + 37  # whole blocks and a ragged last one
+    a = randn(300, f, seed=5).float()
+    acc, full = torch.zeros(f, f), torch.zeros(f, f)
+    for rows in (slice(0, 170), slice(170, 300)):
+        products.sym_gram_add(acc, a[rows])
+        products.gram_add(full, a[rows], a[rows])
+    got = full_gram(acc)
+    assert torch.equal(got, got.T)
+    if precision == "float32":
+        torch.testing.assert_close(got.double(), a.double().T @ a.double(), rtol=1e-5, atol=1e-3)
+    else:
+        torch.testing.assert_close(got, full, rtol=1e-2, atol=1e-1)
+
+
 def test_least_squares_step():
     n, din, dout = 500, 32, 48
     x = correlated_inputs(n, din, seed=3).double()
