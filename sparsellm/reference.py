@@ -17,12 +17,16 @@ import torch.nn.functional as F
 # Masks
 # ----------------------------------------------------------------------------------------
 
+# The masks take the k lowest scores with ``topk(..., sorted=False)``: only the set matters (it
+# feeds a scatter), and it is the same set as a sorted topk's, without the sort of k values
+# (measured 4x faster for 70% of a 1536 x 128 OBS block, the CPU sweep's mask).
+
 
 def nm_prune_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the ``n`` lowest-scoring entries of every ``m`` consecutive entries of each row."""
     rows, cols = score.shape
     groups = score.reshape(rows, cols // m, m)
-    drop = torch.topk(groups, n, dim=-1, largest=False).indices
+    drop = torch.topk(groups, n, dim=-1, largest=False, sorted=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True)
     return mask.reshape(rows, cols)
 
@@ -31,7 +35,7 @@ def row_prune_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the ``k`` lowest-scoring entries of each row."""
     mask = torch.zeros_like(score, dtype=torch.bool)
     if k > 0:
-        drop = torch.topk(score, k, dim=1, largest=False).indices
+        drop = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
         mask.scatter_(1, drop, True)
     return mask
 
@@ -40,7 +44,7 @@ def flat_prune_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Prune the ``k`` lowest-scoring entries of the whole tensor."""
     mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
-        mask[torch.topk(score.flatten(), k, largest=False).indices] = True
+        mask[torch.topk(score.flatten(), k, largest=False, sorted=False).indices] = True
     return mask.reshape(score.shape)
 
 

@@ -30,9 +30,9 @@ down with the Hessian of the hidden of the *pruned* up/gate). Each iterate is me
 FFN output error ||Y - FFN(X)|| / ||Y|| and the best one is kept; iterating stops when an
 iteration makes that error worse than the previous iteration did.
 
-Memory: z (s) and Y' are [N, .] buffers for all calibration tokens; they live on the
-compute device when they fit and in host memory otherwise, and every token-wise step runs in
-chunks of tokens, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
+Memory: act(z, s), s and Y' are kept for all calibration tokens, chunk by chunk; they live on
+the compute device when they fit and in host memory otherwise, and every token-wise step runs on
+one chunk at a time, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
 
 Precision: on CUDA the token-wise products and the Gram accumulations over all tokens (nearly all
 of the solver's arithmetic at 7B shapes) run in TF32 unless ``product_precision`` is "float32";
@@ -60,12 +60,23 @@ log = logging.getLogger(__name__)
 CHUNK_ELEMENTS = 1 << 23
 # Auxiliary buffers stay on a CUDA device only if they take at most this share of its free memory.
 DEVICE_AUX_SHARE = 0.5
+# Row blocks of the symmetric Gram accumulations (Products.sym_gram_add). With 256 each block's
+# entries are the full product's bit for bit (MKL, 1 thread, the default model's [5461, 1536]
+# chunks; 128 rounds differently), and the accumulation took 90 ms instead of 131 ms.
+SYM_BLOCK = 256
 
 
 def _sq_norm(t: torch.Tensor) -> float:
     """||t||^2. In float32: torch's sum reduces pairwise, about 1e-7 relative at these sizes
     (checked against float64), about ten times cheaper than a float64 copy of the buffer."""
     return float(t.square().sum())
+
+
+def _sq_norm_(t: torch.Tensor) -> float:
+    """:func:`_sq_norm` of a temporary, squared in place: the same float without allocating
+    another buffer of its size (each fresh one of a token chunk's [5461, 1536] costs page faults
+    on the CPU)."""
+    return float(t.square_().sum())
 
 
 @contextlib.contextmanager
@@ -117,12 +128,34 @@ class Products:
         """acc += a^T b (acc float32)."""
         if self.low is None:
             acc.addmm_(a.t(), b)
-        else:
-            acc.add_(self.mm(a.t(), b))
+        else:  # a product of low operands is low: added to acc, it is widened exactly
+            acc.add_(a.to(self.low).t() @ b.to(self.low))
+
+    def sym_gram_add(self, acc: torch.Tensor, a: torch.Tensor) -> None:
+        """acc += a^T a. On the CPU only the blocks of rows [i, i + SYM_BLOCK) from column i on
+        (the upper block triangle): about 60% of the full product's work at the FFN width 1536;
+        the blocks below are not touched and :func:`full_gram` completes the matrix. Elsewhere
+        (not measured there) the full product."""
+        if not _blocked_gram(acc):
+            self.gram_add(acc, a, a)
+            return
+        a = a if self.low is None else a.to(self.low)  # cast once, not once per block
+        for i in range(0, a.shape[1], SYM_BLOCK):
+            self.gram_add(acc[i:i + SYM_BLOCK, i:], a[:, i:i + SYM_BLOCK], a[:, i:])
+
+
+def _blocked_gram(acc: torch.Tensor) -> bool:
+    return acc.device.type == "cpu"
+
+
+def full_gram(acc: torch.Tensor) -> torch.Tensor:
+    """The whole Gram matrix of a :meth:`Products.sym_gram_add` accumulation (on the CPU its
+    upper triangle mirrored; the full product's is symmetric bit for bit there too)."""
+    return acc.triu() + acc.triu(1).t() if _blocked_gram(acc) else acc
 
 
 def _act(swiglu: bool, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-    return F.silu(s) * z if swiglu else torch.relu(z)
+    return F.silu(s).mul_(z) if swiglu else torch.relu(z)  # a fresh tensor (callers change it in place)
 
 
 def least_squares_towards(reference: torch.Tensor, cross: torch.Tensor, chol: torch.Tensor,
@@ -159,7 +192,7 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     """
     products = products or Products("float32")
     q = torch.cholesky_solve((y - products.linear(r, w2)).t(), chol).t()
-    return r + products.mm(q, w2), q
+    return products.mm(q, w2).add_(r), q  # r + W2^T q, into the product's fresh buffer
 
 
 class SparseLLM(SparseGPT):
@@ -195,24 +228,35 @@ class _FFNSolver:
         self.hidden = self.dense["up"].shape[0]
         step = max(256, CHUNK_ELEMENTS // self.hidden)
         self.chunks = [slice(i, min(i + step, self.tokens)) for i in range(0, self.tokens, step)]
-        # p is recomputed from z (s) and Y' in every sweep, so it needs no buffer.
-        names = ["z", "y"] + (["s"] if self.swiglu else [])
-        widths = {"z": self.hidden, "s": self.hidden, "y": self.width}
+        # p is recomputed from r = act(z, s) and Y' in every sweep, so it needs no buffer; z enters
+        # the next sweep only through r, so r is kept instead of z (the same size, one
+        # activation fewer per token chunk and sweep); s is kept for the s-step's warm start.
+        names = ["r", "y"] + (["s"] if self.swiglu else [])
+        widths = {"r": self.hidden, "s": self.hidden, "y": self.width}
         self.aux_bytes = sum(self.tokens * widths[n] * 4 for n in names)
         self.store = self.device
         if self.device.type == "cuda" and self.aux_bytes > DEVICE_AUX_SHARE * torch.cuda.mem_get_info(self.device)[0]:
             self.store = torch.device("cpu")
-        pin = self.store.type == "cpu" and self.device.type == "cuda"
-        self.buf = {n: torch.empty(self.tokens, widths[n], device=self.store, pin_memory=pin) for n in names}
+        # The auxiliaries per token chunk: on the compute device, the tensors the steps return (kept,
+        # not copied); in host memory, pinned buffers the results are copied into.
+        if self.store == self.device:
+            self.buf = {n: [None] * len(self.chunks) for n in names}
+        else:
+            self.buf = {n: [torch.empty(c.stop - c.start, widths[n], pin_memory=True) for c in self.chunks]
+                        for n in names}
         self.products = Products(settings.product_precision)
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _get(self, name, rows):
-        return self.buf[name][rows].to(self.device, non_blocking=True)
+    def _get(self, name, chunk):
+        return self.buf[name][chunk].to(self.device, non_blocking=True)
 
-    def _put(self, name, rows, value):
-        self.buf[name][rows].copy_(value, non_blocking=True)
+    def _put(self, name, chunk, value):
+        """Store ``value`` (not changed afterwards) as auxiliary ``name`` of token chunk ``chunk``."""
+        if self.store == self.device:
+            self.buf[name][chunk] = value
+        else:
+            self.buf[name][chunk].copy_(value, non_blocking=True)
 
     def _lin(self, xc, w, bias=None):
         return self.products.linear(xc, w, bias)
@@ -255,6 +299,28 @@ class _FFNSolver:
 
     # -- the algorithm -----------------------------------------------------------------------
 
+    def _hidden(self, xc, up, gate):
+        """The down projection's input for the tokens ``xc`` and the weights ``up``, ``gate``."""
+        return _act(self.swiglu, self._lin(xc, up, self.b1), self._lin(xc, gate) if self.swiglu else None)
+
+    def _gather(self, stats, h, yc):
+        """Add the tokens' hidden ``h`` and targets ``yc`` to ``stats`` = (H^T H, H^T Y')."""
+        self.products.sym_gram_add(stats[0], h)
+        self.products.gram_add(stats[1], h, yc)
+
+    def _start(self, up0, gate0, stats, y_sq, y_full) -> dict:
+        """Candidate 0 (sequential SparseGPT), from the statistics of its up/gate's hidden H
+        (:meth:`_gather`); its error from them too (||Y' - H W^T||^2 = ||Y'||^2 - 2 <W, Y'^T H>
+        + <W H, W>, in float64). Returns the safeguard's first best iterate."""
+        hh, hy = full_gram(stats[0]), stats[1]
+        up0, gate0, down0 = self._candidate_zero(up0, gate0, hh / self.tokens)
+        d0 = down0.double()
+        err_sq = y_sq - 2 * float((d0 * hy.t().double()).sum()) + float(((d0 @ hh.double()) * d0).sum())
+        error = math.sqrt(max(err_sq, 0.0) / y_full) if y_full > 0 else float("nan")
+        log.info("sparsellm: start (sequential SparseGPT) ffn rel error %.5g", error)
+        weights = {"up": up0, "gate": gate0, "down": down0}
+        return {"error": error, "score": self._selection_error(weights, error), "iteration": 0, "weights": weights}
+
     def run(self) -> dict:
         s, x, n, f, d = self.settings, self.x, self.tokens, self.hidden, self.width
         swiglu, dense = self.swiglu, self.dense
@@ -266,38 +332,41 @@ class _FFNSolver:
         chol_x, damp_x = ops.damped_cholesky(gx, pd)
         lam_x = float(damp_x) * float(gx.diagonal().mean())
 
-        # Dense pass: auxiliaries, Y' = Y - b2, the statistics of the first down W-step (dense p),
-        # and those of candidate 0 (hidden of the pruned up/gate), in one sweep over the tokens.
-        ptp, pty, h0th0, h0ty = self._zeros(f, f), self._zeros(f, d), self._zeros(f, f), self._zeros(f, d)
+        # Candidate 0 is judged on the hidden H0 of its up/gate. Where those are the dense weights
+        # (StructPrune), H0 is the dense p, whose statistics the dense pass gathers anyway.
+        # Otherwise H0 is the hidden of iteration 1 (its up/gate are candidate 0's): that sweep
+        # gathers them, and candidate 0 is judged after it, which saves two products per token
+        # chunk. Only without iterations does the dense pass compute H0.
+        h0_is_p = up0 is dense["up"] and gate0 is dense.get("gate")
+        h0_stats = None if h0_is_p else (self._zeros(f, f), self._zeros(f, d))
+        h0_in_dense = h0_stats is not None and s.iterations == 0
+
+        # Dense pass: auxiliaries, Y' = Y - b2 and the statistics of the first down W-step (dense
+        # p), in one sweep over the tokens.
+        ptp, pty = self._zeros(f, f), self._zeros(f, d)
         norms = dict.fromkeys(("z", "s", "p", "y", "y_full"), 0.0)
         with self._products():
-            for rows in self.chunks:
+            for chunk, rows in enumerate(self.chunks):
                 xc = x[rows]
                 z = self._lin(xc, dense["up"], self.b1)
                 sc = self._lin(xc, dense["gate"]) if swiglu else None
                 p = _act(swiglu, z, sc)
                 y = self._lin(p, dense["down"])
-                self.products.gram_add(ptp, p, p)
-                self.products.gram_add(pty, p, y)
-                h0 = _act(swiglu, self._lin(xc, up0, self.b1), self._lin(xc, gate0) if swiglu else None)
-                self.products.gram_add(h0th0, h0, h0)
-                self.products.gram_add(h0ty, h0, y)
-                for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)):
-                    if val is not None:
-                        norms[key] += _sq_norm(val)
-                        if key in self.buf:
-                            self._put(key, rows, val)
-                norms["y_full"] += _sq_norm(y if self.b2 is None else y + self.b2)
-                del h0
+                self._gather((ptp, pty), p, y)
+                if h0_in_dense:
+                    self._gather(h0_stats, self._hidden(xc, up0, gate0), y)
+                sq = {key: _sq_norm(val) for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)) if val is not None}
+                sq["y_full"] = sq["y"] if self.b2 is None else _sq_norm(y + self.b2)  # Y' = Y without bias
+                for key, value in sq.items():
+                    norms[key] += value
+                for key, val in (("r", p), ("s", sc), ("y", y)):
+                    if key in self.buf:
+                        self._put(key, chunk, val)
         y_full = norms["y_full"]
 
-        # Candidate 0 = sequential SparseGPT; its error from the Gram matrices just gathered
-        # (||Y' - H W^T||^2 = ||Y'||^2 - 2 <W, Y'^T H> + <W H, W>), in float64.
-        up0, gate0, down0 = self._candidate_zero(up0, gate0, h0th0 / n)
-        d0 = down0.double()
-        err0_sq = norms["y"] - 2 * float((d0 * h0ty.t().double()).sum()) + float(((d0 @ h0th0.double()) * d0).sum())
-        err0 = math.sqrt(max(err0_sq, 0.0) / y_full) if y_full > 0 else float("nan")
-        del h0th0, h0ty
+        if h0_stats is None or h0_in_dense:  # else after iteration 1's sweep
+            start = best = self._start(up0, gate0, h0_stats or (ptp, pty), norms["y"], y_full)
+            h0_stats = None
 
         if s.scale_aware:  # each term becomes a relative squared error (see module docs)
             alpha_z = s.alpha / max(norms["z"], 1e-30)
@@ -309,10 +378,7 @@ class _FFNSolver:
             beta, gamma = s.beta, s.gamma
         ratio = gamma / beta
 
-        best = {"error": err0, "iteration": 0, "weights": {"up": up0, "gate": gate0, "down": down0}}
-        best["score"] = score0 = self._selection_error(best["weights"], err0)
         history = []
-        log.info("sparsellm: start (sequential SparseGPT) ffn rel error %.5g", err0)
         xtz = xts = None
         previous = None
         stopped_early = False
@@ -326,7 +392,7 @@ class _FFNSolver:
             else:
                 up_ls = least_squares_towards(dense["up"], xtz / n, chol_x, lam_x)
                 gate_ls = least_squares_towards(dense["gate"], xts / n, chol_x, lam_x) if swiglu else None
-            gp = ptp / n
+            gp = full_gram(ptp) / n
             chol_p, damp_p = ops.damped_cholesky(gp, pd)
             down_ls = least_squares_towards(dense["down"], pty / n, chol_p, float(damp_p) * float(gp.diagonal().mean()))
             up, gate, down = self._prune_w_steps(up_ls, gate_ls, down_ls, gx, hinv_x, gp, up0, gate0)
@@ -343,34 +409,43 @@ class _FFNSolver:
                 ptp.zero_()
                 pty.zero_()
             with self._products():
-                for rows in self.chunks:
+                for chunk, rows in enumerate(self.chunks):
                     xc = x[rows]
                     m = self._lin(xc, up, self.b1)
                     g = self._lin(xc, gate) if swiglu else None
-                    yc = self._get("y", rows)
-                    err_sq += _sq_norm(yc - self._lin(_act(swiglu, m, g), down))
+                    yc = self._get("y", chunk)
+                    h = _act(swiglu, m, g)
+                    if h0_stats is not None:
+                        self._gather(h0_stats, h if up is up0 and gate is gate0 else self._hidden(xc, up0, gate0), yc)
+                    # Temporaries that are not needed afterwards are squared in place
+                    # (_sq_norm_), here and below: the same floats, fewer large allocations.
+                    err_sq += _sq_norm_(self._lin(h, down).sub_(yc))
+                    del h
                     if last:
                         continue
-                    z, sc = self._get("z", rows), (self._get("s", rows) if swiglu else None)
-                    p, q = p_step(_act(swiglu, z, sc), yc, down, p_chol, self.products)  # (2)
+                    r, sc = self._get("r", chunk), (self._get("s", chunk) if swiglu else None)
+                    p, q = p_step(r, yc, down, p_chol, self.products)  # (2)
                     terms["y"] += beta * ratio ** 2 * _sq_norm(q)
                     if swiglu:  # (3) z with the current s, then s with the new z
                         z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
                         sc = ops.swiglu_s_step(sc, g, p, z, alpha_s, gamma, s.s_step_iterations)
-                        terms["s"] += alpha_s * _sq_norm(sc - g)
+                        terms["s"] += alpha_s * _sq_norm_(g.sub_(sc))
                     else:
                         z = ops.relu_z_step(p, m, alpha_z, gamma)
-                    terms["z"] += alpha_z * _sq_norm(z - m)
-                    terms["p"] += gamma * _sq_norm(p - _act(swiglu, z, sc))
+                    terms["z"] += alpha_z * _sq_norm_(m.sub_(z))
+                    r = _act(swiglu, z, sc)
+                    terms["p"] += gamma * _sq_norm_(r - p)
                     self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
                         self.products.gram_add(xts, xc, sc)
-                        self._put("s", rows, sc)
-                    self.products.gram_add(ptp, p, p)
-                    self.products.gram_add(pty, p, yc)
-                    self._put("z", rows, z)
-                    del m, g, z, sc, p, q, yc
+                        self._put("s", chunk, sc)
+                    self._gather((ptp, pty), p, yc)
+                    self._put("r", chunk, r)
+                    del m, g, z, sc, p, q, yc, r
 
+            if h0_stats is not None:
+                start = best = self._start(up0, gate0, h0_stats, norms["y"], y_full)
+                h0_stats = None
             error = math.sqrt(err_sq / y_full) if y_full > 0 else float("nan")
             entry = {"iteration": it, "ffn_rel_error": error}
             if not last:
@@ -401,12 +476,13 @@ class _FFNSolver:
         penalties = {"alpha": alpha_z, "beta": beta, "gamma": gamma}
         if swiglu:
             penalties["alpha_s"] = alpha_s
-        log.info("sparsellm: kept iteration %d (ffn rel error %.5g; start %.5g)", best["iteration"], best["error"], err0)
+        log.info("sparsellm: kept iteration %d (ffn rel error %.5g; start %.5g)", best["iteration"], best["error"],
+                 start["error"])
         return {
-            "start_ffn_rel_error": err0,
+            "start_ffn_rel_error": start["error"],
             "best_iteration": best["iteration"],
             "best_ffn_rel_error": best["error"],
-            "start_selection_error": score0,
+            "start_selection_error": start["score"],
             "best_selection_error": best["score"],
             "stopped_early": stopped_early,
             "iterations": history,
