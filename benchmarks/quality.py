@@ -7,7 +7,13 @@ windows of the test part.
 
     python benchmarks/quality.py --methods magnitude,wanda,sparsegpt --settings 0.5,0.7,0.8,0.9,2:4,3:4
     python benchmarks/quality.py --methods sparsegpt,sparsellm --settings 0.7,0.8,0.9,3:4 --layers 0:15
+    python benchmarks/quality.py --full --jobs 2 --rerun --readme README.md   # the whole table
     python benchmarks/quality.py --render --readme README.md   # only re-render, also into the README
+
+``--full`` measures the whole table in one run: every method at every setting over all layers,
+and SparseGPT and SparseLLM also over the first half of the layers (the SparseLLM paper's
+setting). ``--jobs N`` runs N cells at a time in worker processes that split the machine's
+threads between them; each cell records its thread count and how many jobs shared the machine.
 
 Results accumulate in a JSON file (one entry per method, setting and layer range; existing
 entries are skipped unless --rerun), and the Markdown tables are rendered from all of it.
@@ -71,7 +77,36 @@ def achieved_sparsity(records) -> float:
     return zeros / total
 
 
+FULL_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
+FULL_HALF_METHODS = ("sparsegpt", "sparsellm")  # also measured over the first half of the layers
+
+
+def cells(args, num_layers: int) -> list[tuple[str, str, tuple[int, int] | None]]:
+    """The (method, setting, layer range) cells this run measures."""
+    settings = args.settings.split(",")
+    if args.full:
+        half = (0, num_layers // 2)
+        return ([(m, s, None) for m in FULL_METHODS for s in settings]
+                + [(m, s, half) for m in FULL_HALF_METHODS for s in settings])
+    layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
+    return [(m, s, layers) for m in args.methods.split(",") for s in settings]
+
+
+def cell_key(method: str, setting: str, layers: tuple[int, int] | None, args) -> str:
+    k = key(method, setting, f"{layers[0]}:{layers[1]}" if layers else "all")
+    k += "|non-sequential" if args.no_sequential else ""
+    return k + (f"|{args.product_precision}" if method == "sparsellm" and args.product_precision else "")
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> dict:
+    import torch
+
     from sparsellm import api
     from sparsellm.config import PruneConfig, SparseLLMSettings
 
@@ -90,6 +125,7 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
     return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
             "sequential": config.sequential, **({"product_precision": args.product_precision} if extra else {}),
             "git": git_state(), "measured": time.strftime("%Y-%m-%d"),
+            "threads": torch.get_num_threads(), "jobs": args.jobs,
             "prune_seconds": seconds, "achieved_sparsity": achieved_sparsity(records),
             "ffn_rel_error": [r.ffn_rel_error for r in records],
             "output_rel_error": [r.output_rel_error for r in records]}
@@ -102,7 +138,29 @@ def dense_ppl(args) -> float:
     config = PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval=("wiki",),
                          eval_windows=args.eval_windows, quiet=not args.progress)
     model, tokenizer = api.load_model(config.model)
-    return api.evaluate(model, tokenizer, config)["wiki"]
+    return api.evaluate(model, tokenizer, config)["wiki"], model.config.num_hidden_layers
+
+
+def measure(todo: list, args):
+    """Yield (method, setting, layers, entry) for each cell of ``todo``: in this process, or in
+    ``args.jobs`` worker processes, the longest cells first, as they finish."""
+    if args.jobs == 1:
+        for cell in todo:
+            yield (*cell, run_one(*cell, args))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    cost = {"sparsellm": 0, "sparsegpt": 1, "wanda": 2, "magnitude": 3}
+    todo = sorted(todo, key=lambda c: (cost.get(c[0], 9), c[2] is not None))
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_one, *cell, args): cell for cell in todo}
+        for future in as_completed(futures):
+            yield (*futures[future], future.result())
 
 
 def fmt_ppl(value) -> str:
@@ -146,9 +204,16 @@ def render(results: dict) -> str:
                 if commit == "not recorded":
                     commit += " (code older than the recording)"
                 by_commit.setdefault(commit, []).append(f"{label} {setting}")
+    sharing = {(cell.get("threads"), cell.get("jobs")) for row in rows.values() for cell in row.values()}
+    if len(sharing) == 1 and None not in next(iter(sharing)):
+        threads, jobs = next(iter(sharing))
+        timing = (f"Times are wall-clock, each cell on {threads} thread{'s' * (threads > 1)}"
+                  + (f" with {jobs} cells measured at a time." if jobs > 1 else ", one cell at a time."))
+    else:
+        timing = "Times are wall-clock, some with other jobs sharing the two cores."
     lines += ["", "Code of each cell: " + "; ".join(f"commit {c}: {', '.join(cells)}" if not c.startswith("not")
                                                     else f"{c}: {', '.join(cells)}" for c, cells in by_commit.items())
-              + ". Times are wall-clock, some with other jobs sharing the two cores."]
+              + ". " + timing]
     machine = proto.get("machine")
     if machine:
         lines += ["", f"Machine: {machine}."]
@@ -160,6 +225,10 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     p.add_argument("--settings", default=",".join(SETTINGS_ORDER))
     p.add_argument("--layers", default=None, help="START:STOP range (default: all layers)")
+    p.add_argument("--full", action="store_true",
+                   help="the whole table: every method at every setting over all layers, and SparseGPT and "
+                        "SparseLLM over the first half of the layers (--methods and --layers are ignored)")
+    p.add_argument("--jobs", type=int, default=1, help="cells measured at a time, in worker processes")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
@@ -176,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None,
                    help=f"also put the tables into this Markdown file between {README_START} and {README_END}")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
 
     results = load(args.json)
     if not args.render:
@@ -186,25 +257,19 @@ def main(argv=None) -> int:
         results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
                                "eval_windows": args.eval_windows, "seed": 0,
                                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                                          f"{torch.get_num_threads()} threads"}
-        if results.get("dense") is None or args.rerun:
-            results["dense"] = dense_ppl(args)
+                                          f"{torch.get_num_threads()} threads"
+                                          + (f" shared by {args.jobs} jobs" if args.jobs > 1 else "")}
+        if results.get("dense") is None or results.get("num_layers") is None or args.rerun:
+            results["dense"], results["num_layers"] = dense_ppl(args)
             save(results, args.json)
             print(f"dense: {results['dense']:.4f}", flush=True)
-        layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
-        layer_key = f"{layers[0]}:{layers[1]}" if layers else "all"
-        for method in args.methods.split(","):
-            for setting in args.settings.split(","):
-                k = key(method, setting, layer_key) + ("|non-sequential" if args.no_sequential else "")
-                if method == "sparsellm" and args.product_precision:
-                    k += f"|{args.product_precision}"
-                if k in results["runs"] and not args.rerun:
-                    continue
-                entry = run_one(method, setting, layers, args)
-                results["runs"][k] = entry
-                save(results, args.json)
-                print(f"{method} {setting} layers={layer_key}: ppl {fmt_ppl(entry['ppl'])}, "
-                      f"prune {entry['prune_seconds']:.1f}s, sparsity {entry['achieved_sparsity']:.4f}", flush=True)
+        todo = [c for c in cells(args, results["num_layers"])
+                if args.rerun or cell_key(*c, args) not in results["runs"]]
+        for method, setting, layers, entry in measure(todo, args):
+            results["runs"][cell_key(method, setting, layers, args)] = entry
+            save(results, args.json)
+            print(f"{method} {setting} layers={'%d:%d' % layers if layers else 'all'}: ppl {fmt_ppl(entry['ppl'])}, "
+                  f"prune {entry['prune_seconds']:.1f}s, sparsity {entry['achieved_sparsity']:.4f}", flush=True)
     text = render(results)
     os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
     with open(args.markdown, "w") as handle:
