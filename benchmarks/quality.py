@@ -211,9 +211,12 @@ def render(results: dict) -> str:
                   + (f" with {jobs} cells measured at a time." if jobs > 1 else ", one cell at a time."))
     else:
         timing = "Times are wall-clock, some with other jobs sharing the two cores."
-    lines += ["", "Code of each cell: " + "; ".join(f"commit {c}: {', '.join(cells)}" if not c.startswith("not")
-                                                    else f"{c}: {', '.join(cells)}" for c, cells in by_commit.items())
-              + ". " + timing]
+    if len(by_commit) == 1 and not next(iter(by_commit)).startswith("not"):
+        code = f"Code of every cell: commit {next(iter(by_commit))}"
+    else:
+        code = "Code of each cell: " + "; ".join(f"commit {c}: {', '.join(cells)}" if not c.startswith("not")
+                                                 else f"{c}: {', '.join(cells)}" for c, cells in by_commit.items())
+    lines += ["", code + ". " + timing]
     machine = proto.get("machine")
     if machine:
         lines += ["", f"Machine: {machine}."]
