@@ -12,7 +12,8 @@ windows of the test part.
 
 ``--full`` measures the whole table in one run: every method at every setting over all layers,
 and SparseGPT and SparseLLM also over the first half of the layers (the SparseLLM paper's
-setting). ``--jobs N`` runs N cells at a time in worker processes that split the machine's
+setting); entries of other cells are dropped from the JSON, and without ``--rerun`` the cells it
+already holds are kept (an interrupted run resumes). ``--jobs N`` runs N cells at a time in worker processes that split the machine's
 threads between them; each cell records its thread count and how many jobs shared the machine.
 
 Results accumulate in a JSON file (one entry per method, setting and layer range; existing
@@ -266,8 +267,12 @@ def main(argv=None) -> int:
             results["dense"], results["num_layers"] = dense_ppl(args)
             save(results, args.json)
             print(f"dense: {results['dense']:.4f}", flush=True)
-        todo = [c for c in cells(args, results["num_layers"])
-                if args.rerun or cell_key(*c, args) not in results["runs"]]
+        planned = cells(args, results["num_layers"])
+        if args.full:  # the table is this run's cells only (kept ones resume an interrupted run)
+            keys = {cell_key(*c, args) for c in planned}
+            results["runs"] = {k: v for k, v in results["runs"].items() if k in keys}
+            save(results, args.json)
+        todo = [c for c in planned if args.rerun or cell_key(*c, args) not in results["runs"]]
         for method, setting, layers, entry in measure(todo, args):
             results["runs"][cell_key(method, setting, layers, args)] = entry
             save(results, args.json)
