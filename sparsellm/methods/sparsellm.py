@@ -434,7 +434,7 @@ class _FFNSolver:
                         z = ops.relu_z_step(p, m, alpha_z, gamma)
                     terms["z"] += alpha_z * _sq_norm_(m.sub_(z))
                     r = _act(swiglu, z, sc)
-                    terms["p"] += gamma * _sq_norm_(r - p)
+                    terms["p"] += gamma * _sq_norm_(torch.sub(r, p, out=m))  # m is dead: its buffer holds r - p
                     self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
                         self.products.gram_add(xts, xc, sc)
