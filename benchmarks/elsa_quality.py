@@ -15,7 +15,12 @@ tokens trained on and the wall-clock seconds (SparseGPT's included in the two tr
 the table is rendered from that file, into the README between the elsa markers with --readme.
 
     python benchmarks/elsa_quality.py --settings 0.9 --steps 300 --batch-size 2 --lr 5e-4 --readme README.md
+    python benchmarks/elsa_quality.py --settings 0.9 --methods elsa --admm-schedule linear \
+        --admm-lambda 1 --admm-lambda-start 0.01 --tag ramp --readme README.md
     python benchmarks/elsa_quality.py --render --readme README.md
+
+Runs are keyed by setting (and ``--tag``, so that several recipes of one setting stand side by
+side); a run whose commit or settings differ from the stored one of its key replaces it.
 """
 from __future__ import annotations
 
@@ -34,15 +39,50 @@ QUALITY_JSON = os.path.join(HERE, "results", "quality.json")
 MARKERS = ("<!-- elsa:start -->", "<!-- elsa:end -->")
 
 
+def run_key(setting: str, tag: str = "") -> str:
+    """The key of a run in the JSON: the setting, and the tag of a recipe variant if any."""
+    return f"{setting}|{tag}" if tag else setting
+
+
+def recipe(settings: dict) -> str:
+    """The training recipe of a run, in words (the runs stored before the lambda schedule was
+    an option ran with a constant lambda)."""
+    schedule = settings.get("admm_schedule", "constant")
+    if schedule == "constant":
+        lam = f"lambda {settings['admm_lambda']}"
+    else:
+        start = settings.get("admm_lambda_start")
+        start = settings["admm_lambda"] / 10 if start is None else start
+        lam = f"lambda {start} -> {settings['admm_lambda']} ({schedule})"
+    return (f"lr {settings['lr']} (linear decay), {lam}, interval {settings['admm_interval']}, score "
+            f"{settings['score']}, batch {settings['batch_size']} x {settings['grad_accum']} x {settings['seqlen']} "
+            "tokens")
+
+
 def commit() -> str:
     """The commit the numbers come from; '+dirty' when the tracked files differ from it."""
     state = git_state()
     return state["commit"][:7] + ("+dirty" if state["dirty"] else "")
 
 
+ONE_SHOT_SETTINGS = ("nsamples", "seqlen", "eval_windows")  # what the SparseGPT row depends on, with the commit
+
+
+def shared_sparsegpt_row(results: dict, entry: dict) -> dict:
+    """The SparseGPT row another run of the same setting, commit and calibration already holds
+    (its pruned model is the one cached on disk), so a recipe variant does not prune again."""
+    for other in results["runs"].values():
+        if (other["setting"] == entry["setting"] and other["commit"] == entry["commit"]
+                and "sparsegpt" in other["rows"]
+                and all(other["settings"].get(k) == entry["settings"][k] for k in ONE_SHOT_SETTINGS)):
+            return {"sparsegpt": other["rows"]["sparsegpt"]}
+    return {}
+
+
 def measure(setting: str, args, results: dict) -> None:
-    """Fill ``results["runs"][setting]``, saving after each row; the SparseGPT model is cached
-    on disk (per setting and commit), so an interrupted benchmark resumes without redoing it."""
+    """Fill the run of ``setting`` (and ``--tag``), saving after each row; the SparseGPT model is
+    cached on disk (per setting and commit), so an interrupted benchmark resumes without redoing
+    it and a recipe variant starts from the same model."""
     import torch
 
     from sparsellm import api
@@ -51,18 +91,23 @@ def measure(setting: str, args, results: dict) -> None:
     common = dict(sparsity=setting, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, eval=("wiki",),
                   eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None)
     elsa = ElsaSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                        admm_lambda=args.admm_lambda, admm_interval=args.admm_interval, score=args.score)
-    entry = {"setting": setting, "rows": {}, "commit": commit(), "init": "sparsegpt",
+                        admm_lambda=args.admm_lambda, admm_schedule=args.admm_schedule,
+                        admm_lambda_start=args.admm_lambda_start, admm_interval=args.admm_interval, score=args.score)
+    entry = {"setting": setting, "tag": args.tag, "rows": {}, "commit": commit(), "init": "sparsegpt",
              "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                           "seqlen": args.seqlen, "lr": args.lr, "admm_lambda": args.admm_lambda,
+                          "admm_schedule": args.admm_schedule, "admm_lambda_start": args.admm_lambda_start,
                           "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
                           "eval_windows": args.eval_windows},
              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                         f"{torch.get_num_threads()} threads"}
-    previous = results["runs"].get(setting)
+    key = run_key(setting, args.tag)
+    previous = results["runs"].get(key)
     if previous and previous["commit"] == entry["commit"] and previous["settings"] == entry["settings"]:
         entry["rows"] = previous["rows"]  # the same code and settings: keep the rows already measured
     rows = entry["rows"]
+    if "sparsegpt" not in rows:
+        rows.update(shared_sparsegpt_row(results, entry))
     model, tokenizer = api.load_model("smollm2")
     cache = os.path.join(args.cache, f"sparsegpt-{setting.replace(':', 'of')}-{entry['commit']}.pt")
     if "sparsegpt" in rows and os.path.exists(cache):
@@ -74,7 +119,7 @@ def measure(setting: str, args, results: dict) -> None:
         rows["sparsegpt"] = {"ppl": api.evaluate(model, tokenizer, PruneConfig(**common))["wiki"], "seconds": seconds}
         os.makedirs(args.cache, exist_ok=True)
         torch.save(model.state_dict(), cache)
-        results["runs"][setting] = entry
+        results["runs"][key] = entry
         save(results, args.json)
     print(f"{setting} sparsegpt: ppl {fmt_ppl(rows['sparsegpt']['ppl'])} ({rows['sparsegpt']['seconds']:.0f} s)",
           flush=True)
@@ -93,7 +138,7 @@ def measure(setting: str, args, results: dict) -> None:
                         "achieved_sparsity": sparsity, "final_loss": details["loss_curve"][-1]["loss"],
                         "first_loss": details["loss_curve"][0]["loss"], "admm": details["admm"],
                         "tokens": details["tokens_per_step"] * details["steps"]}
-        results["runs"][setting] = entry
+        results["runs"][key] = entry
         save(results, args.json)
         print(f"{setting} {method}: ppl {fmt_ppl(ppl)} ({seconds:.0f} s training, sparsity {sparsity:.4f})",
               flush=True)
@@ -106,48 +151,58 @@ def sparsellm_rows(path: str = QUALITY_JSON) -> dict:
     return {k.split("|")[1]: v for k, v in runs.items() if k.startswith("sparsellm|") and k.endswith("|all")}
 
 
+def label(entry: dict) -> str:
+    """How a run is named in the table: its setting, and its tag if any."""
+    return f"{entry['setting']} ({entry['tag']})" if entry.get("tag") else entry["setting"]
+
+
 def machines(entries: list[dict]) -> dict[str, list[str]]:
-    """{machine description: the settings measured on it}."""
+    """{machine description: the runs measured on it}."""
     out: dict[str, list[str]] = {}
     for e in entries:
-        out.setdefault(e["machine"], []).append(e["setting"])
+        out.setdefault(e["machine"], []).append(label(e))
     return out
 
 
 def render(results: dict, sparsellm: dict | None = None) -> str:
     entries = [results["runs"][k] for k in sorted(results["runs"])]
+    entries = [e for e in entries if {"sparsegpt", "elsa"} <= set(e["rows"])]  # not a benchmark still running
     if not entries:
         return "No Elsa results yet.\n"
     sparsellm = sparsellm_rows() if sparsellm is None else sparsellm
+    recipes: list[str] = []  # the distinct training recipes, numbered in the order of the rows
+    for e in entries:
+        if recipe(e["settings"]) not in recipes:
+            recipes.append(recipe(e["settings"]))
     lines = ["Perplexity on the wiki test part (40 x 512 tokens; dense 19.61), all 30 layers. SparseGPT: one-shot, "
              "32 x 512 calibration tokens. elsa and masked-adam start from that SparseGPT model and train on fresh "
-             "calibration windows; time = SparseGPT's + training, wall-clock on this project's 2-core CPU.", "",
-             "| sparsity | sparsegpt | sparsellm | masked-adam | elsa | steps x tokens | time (min) | commit |",
-             "|---|---|---|---|---|---|---|---|"]
-    sparsellm_notes = []
+             "calibration windows (the recipe column: below); residual: Elsa's ||w - z|| / ||w|| at its last z-update, "
+             "before the final projection; time = SparseGPT's + training, wall-clock on this project's 2-core CPU.", "",
+             "| sparsity | recipe | sparsegpt | sparsellm | masked-adam | elsa | residual | steps x tokens | time (min) "
+             "| commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    sparsellm_notes = {}
     for e in entries:
         r = e["rows"]
-        if not {"sparsegpt", "elsa", "masked-adam"} <= set(r):
-            continue  # a benchmark still running
         tokens = e["settings"]["steps"] * e["settings"]["batch_size"] * e["settings"]["grad_accum"] * e["settings"]["seqlen"]
         one_shot = sparsellm.get(e["setting"])
         if one_shot:
-            sparsellm_notes.append(f"{e['setting']}: {one_shot['prune_seconds'] / 60:.0f} min, "
-                                   f"commit {commit_label(one_shot.get('git'))}")
-        lines.append(f"| {e['setting']} | {fmt_ppl(r['sparsegpt']['ppl'])} | "
-                     f"{fmt_ppl(one_shot['ppl']) if one_shot else 'not run'} | {fmt_ppl(r['masked-adam']['ppl'])} | "
-                     f"{fmt_ppl(r['elsa']['ppl'])} | {e['settings']['steps']} x "
-                     f"{tokens // e['settings']['steps']} | {r['sparsegpt']['seconds'] / 60:.0f} + "
-                     f"{r['masked-adam']['train_seconds'] / 60:.0f} / {r['elsa']['train_seconds'] / 60:.0f} | "
-                     f"{e['commit']} |")
-    s = entries[-1]["settings"]
-    lines += ["", f"Training settings: lr {s['lr']} (linear decay), lambda {s['admm_lambda']}, interval "
-              f"{s['admm_interval']}, score {s['score']}, batch {s['batch_size']} x {s['seqlen']} tokens. "
-              "Machine: " + "; ".join(f"{m} ({', '.join(settings)})" for m, settings in machines(entries).items())
-              + "."]
+            sparsellm_notes[e["setting"]] = (f"{e['setting']}: {one_shot['prune_seconds'] / 60:.0f} min, "
+                                             f"commit {commit_label(one_shot.get('git'))}")
+        masked = r.get("masked-adam")
+        admm = r["elsa"].get("admm") or [{}]
+        residual = f"{admm[-1]['residual']:.3f}" if "residual" in admm[-1] else "-"
+        masked_minutes = f"{masked['train_seconds'] / 60:.0f}" if masked else "-"
+        minutes = f"{r['sparsegpt']['seconds'] / 60:.0f} + {masked_minutes} / {r['elsa']['train_seconds'] / 60:.0f}"
+        lines.append(f"| {e['setting']} | R{recipes.index(recipe(e['settings'])) + 1} | {fmt_ppl(r['sparsegpt']['ppl'])} | "
+                     f"{fmt_ppl(one_shot['ppl']) if one_shot else 'not run'} | "
+                     f"{fmt_ppl(masked['ppl']) if masked else 'not run'} | {fmt_ppl(r['elsa']['ppl'])} | {residual} | "
+                     f"{e['settings']['steps']} x {tokens // e['settings']['steps']} | {minutes} | {e['commit']} |")
+    lines += ["", "Recipes: " + "; ".join(f"R{i + 1}: {text}" for i, text in enumerate(recipes)) + ".",
+              "", "Machine: " + "; ".join(f"{m} ({', '.join(runs)})" for m, runs in machines(entries).items()) + "."]
     if sparsellm_notes:
         lines += ["", "sparsellm: one-shot SparseLLM over all layers with the same calibration, from "
-                  "benchmarks/quality.py (its prune time and commit: " + "; ".join(sparsellm_notes) + ")."]
+                  "benchmarks/quality.py (its prune time and commit: " + "; ".join(sparsellm_notes.values()) + ")."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +217,10 @@ def main(argv=None) -> int:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--admm-lambda", type=float, default=0.01)
+    p.add_argument("--admm-schedule", default="constant", help="lambda's ramp: constant, linear or cosine")
+    p.add_argument("--admm-lambda-start", type=float, default=None, help="where a ramp starts (default lambda / 10)")
     p.add_argument("--admm-interval", type=int, default=20)
+    p.add_argument("--tag", default="", help="names a recipe variant, kept beside the setting's other runs")
     p.add_argument("--score", default="fisher")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
