@@ -145,8 +145,10 @@ def measure(setting: str, args, results: dict) -> None:
 
 
 def sparsellm_rows(path: str = QUALITY_JSON) -> dict:
-    """SparseLLM's one-shot perplexity over all layers per setting, from the quality table's
-    JSON (benchmarks/quality.py measures it with the same protocol): {setting: entry}."""
+    """SparseLLM's one-shot perplexity over all layers per setting, from a JSON of
+    benchmarks/quality.py (the same protocol; by default the quality table's): {setting: entry}.
+    A relative path is taken from the repository root."""
+    path = path if os.path.isabs(path) else os.path.join(HERE, os.pardir, path)
     runs = load(path)["runs"] if os.path.exists(path) else {}
     return {k.split("|")[1]: v for k, v in runs.items() if k.startswith("sparsellm|") and k.endswith("|all")}
 
@@ -169,7 +171,8 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
     entries = [e for e in entries if {"sparsegpt", "elsa"} <= set(e["rows"])]  # not a benchmark still running
     if not entries:
         return "No Elsa results yet.\n"
-    sparsellm = sparsellm_rows() if sparsellm is None else sparsellm
+    if sparsellm is None:
+        sparsellm = sparsellm_rows(results.get("sparsellm_json", QUALITY_JSON))
     recipes: list[str] = []  # the distinct training recipes, numbered in the order of the rows
     for e in entries:
         if recipe(e["settings"]) not in recipes:
@@ -187,8 +190,10 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
         tokens = e["settings"]["steps"] * e["settings"]["batch_size"] * e["settings"]["grad_accum"] * e["settings"]["seqlen"]
         one_shot = sparsellm.get(e["setting"])
         if one_shot:
+            threads = one_shot.get("threads")
             sparsellm_notes[e["setting"]] = (f"{e['setting']}: {one_shot['prune_seconds'] / 60:.0f} min, "
-                                             f"commit {commit_label(one_shot.get('git'))}")
+                                             + (f"{threads} thread{'s' * (threads != 1)}, " if threads else "")
+                                             + f"commit {commit_label(one_shot.get('git'))}")
         masked = r.get("masked-adam")
         admm = r["elsa"].get("admm") or [{}]
         residual = f"{admm[-1]['residual']:.3f}" if "residual" in admm[-1] else "-"
@@ -202,7 +207,7 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
               "", "Machine: " + "; ".join(f"{m} ({', '.join(runs)})" for m, runs in machines(entries).items()) + "."]
     if sparsellm_notes:
         lines += ["", "sparsellm: one-shot SparseLLM over all layers with the same calibration, from "
-                  "benchmarks/quality.py (its prune time and commit: " + "; ".join(sparsellm_notes.values()) + ")."]
+                  "benchmarks/quality.py (its prune time, threads and commit: " + "; ".join(sparsellm_notes.values()) + ")."]
     return "\n".join(lines) + "\n"
 
 
@@ -230,8 +235,14 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--readme", default=None)
+    p.add_argument("--sparsellm-json", default=None,
+                   help="a benchmarks/quality.py JSON for the sparsellm column (default: the quality table's, "
+                        "benchmarks/results/quality.json); remembered in --json")
     args = p.parse_args(argv)
     results = load(args.json)
+    if args.sparsellm_json:
+        results["sparsellm_json"] = os.path.relpath(os.path.abspath(args.sparsellm_json), os.path.join(HERE, os.pardir))
+        save(results, args.json)
     if not args.render:
         for setting in args.settings.split(","):
             measure(setting, args, results)
