@@ -167,8 +167,8 @@ def machines(entries: list[dict]) -> dict[str, list[str]]:
 
 
 def render(results: dict, sparsellm: dict | None = None) -> str:
-    entries = [results["runs"][k] for k in sorted(results["runs"])]
-    entries = [e for e in entries if {"sparsegpt", "elsa"} <= set(e["rows"])]  # not a benchmark still running
+    entries = sorted((e for e in results["runs"].values() if {"sparsegpt", "elsa"} <= set(e["rows"])),
+                     key=lambda e: (e["setting"], e["settings"]["steps"], e.get("tag", "")))  # finished runs
     if not entries:
         return "No Elsa results yet.\n"
     if sparsellm is None:
