@@ -51,8 +51,10 @@ def recipe(settings: dict) -> str:
     if schedule == "constant":
         lam = f"lambda {settings['admm_lambda']}"
     else:
-        start = settings.get("admm_lambda_start")
-        start = settings["admm_lambda"] / 10 if start is None else start
+        from sparsellm.config import ElsaSettings
+
+        start = ElsaSettings(admm_lambda=settings["admm_lambda"], admm_schedule=schedule,
+                             admm_lambda_start=settings.get("admm_lambda_start")).lambda_start
         lam = f"lambda {start} -> {settings['admm_lambda']} ({schedule})"
     return (f"lr {settings['lr']} (linear decay), {lam}, interval {settings['admm_interval']}, score "
             f"{settings['score']}, batch {settings['batch_size']} x {settings['grad_accum']} x {settings['seqlen']} "

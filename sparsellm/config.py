@@ -120,6 +120,11 @@ class ElsaSettings:
             raise ValueError("--fsdp does not support --optimizer adamw8bit (bitsandbytes' 8-bit states are not "
                              "sharded tensors); use --optimizer adamw, or drop --fsdp")
 
+    @property
+    def lambda_start(self) -> float:
+        """Where a linear or cosine ramp of lambda starts: ``admm_lambda_start``, or lambda / 10."""
+        return self.admm_lambda_start if self.admm_lambda_start is not None else self.admm_lambda / 10
+
 
 STRUCTURES = ("channels", "heads", "channels+heads")
 

@@ -109,7 +109,7 @@ def lambda_at(settings, step: int) -> float:
     final = settings.admm_lambda
     if settings.admm_schedule == "constant":
         return final
-    start = settings.admm_lambda_start if settings.admm_lambda_start is not None else final / 10
+    start = settings.lambda_start
     t = min(max(step / settings.steps, 0.0), 1.0)
     ramp = t if settings.admm_schedule == "linear" else 0.5 * (1 - math.cos(math.pi * t))
     return start + (final - start) * ramp
