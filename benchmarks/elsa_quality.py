@@ -21,6 +21,11 @@ the table is rendered from that file, into the README between the elsa markers w
 
 Runs are keyed by setting (and ``--tag``, so that several recipes of one setting stand side by
 side); a run whose commit or settings differ from the stored one of its key replaces it.
+
+On a machine without gensim (a GPU machine), ``--calib``/``--eval`` take the wiki splits as .txt
+files (``../shared/device/prepare.sh`` writes them: the same tokens, checked), and the default
+model comes from ``benchmarks/device_model.sh``; ``benchmarks/gpu_run.sh``'s ``elsafull`` step
+runs this script there.
 """
 from __future__ import annotations
 
@@ -90,7 +95,8 @@ def measure(setting: str, args, results: dict) -> None:
     from sparsellm import api
     from sparsellm.config import ElsaSettings, PruneConfig
 
-    common = dict(sparsity=setting, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, eval=("wiki",),
+    common = dict(sparsity=setting, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib,
+                  eval=(args.eval,),
                   eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None)
     elsa = ElsaSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         admm_lambda=args.admm_lambda, admm_schedule=args.admm_schedule,
@@ -101,8 +107,12 @@ def measure(setting: str, args, results: dict) -> None:
                           "admm_schedule": args.admm_schedule, "admm_lambda_start": args.admm_lambda_start,
                           "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
                           "eval_windows": args.eval_windows},
-             "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                        f"{torch.get_num_threads()} threads"}
+             "machine": (f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+                         if torch.cuda.is_available() and not args.cpu else
+                         f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                         f"{torch.get_num_threads()} threads")}
+    if (args.calib, args.eval) != ("wiki", "wiki"):  # the wiki splits from files: say which
+        entry["text"] = {"calib": args.calib, "eval": args.eval}
     key = run_key(setting, args.tag)
     previous = results["runs"].get(key)
     if previous and previous["commit"] == entry["commit"] and previous["settings"] == entry["settings"]:
@@ -118,7 +128,8 @@ def measure(setting: str, args, results: dict) -> None:
         start = time.perf_counter()
         api.prune(model, tokenizer, PruneConfig(method="sparsegpt", **common))
         seconds = time.perf_counter() - start
-        rows["sparsegpt"] = {"ppl": api.evaluate(model, tokenizer, PruneConfig(**common))["wiki"], "seconds": seconds}
+        rows["sparsegpt"] = {"ppl": api.evaluate(model, tokenizer, PruneConfig(**common))[args.eval],
+                             "seconds": seconds}
         os.makedirs(args.cache, exist_ok=True)
         torch.save(model.state_dict(), cache)
         results["runs"][key] = entry
@@ -134,7 +145,7 @@ def measure(setting: str, args, results: dict) -> None:
         start = time.perf_counter()
         records, details = api._prune(model, tokenizer, config)
         seconds = time.perf_counter() - start
-        ppl = api.evaluate(model, tokenizer, config)["wiki"]
+        ppl = api.evaluate(model, tokenizer, config)[args.eval]
         sparsity = achieved_sparsity(records)
         rows[method] = {"ppl": ppl, "seconds": rows["sparsegpt"]["seconds"] + seconds, "train_seconds": seconds,
                         "achieved_sparsity": sparsity, "final_loss": details["loss_curve"][-1]["loss"],
@@ -182,7 +193,7 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
     lines = ["Perplexity on the wiki test part (40 x 512 tokens; dense 19.61), all 30 layers. SparseGPT: one-shot, "
              "32 x 512 calibration tokens. elsa and masked-adam start from that SparseGPT model and train on fresh "
              "calibration windows (the recipe column: below); residual: Elsa's ||w - z|| / ||w|| at its last z-update, "
-             "before the final projection; time = SparseGPT's + training, wall-clock on this project's 2-core CPU.", "",
+             "before the final projection; time = SparseGPT's + training, wall-clock on the machine named below.", "",
              "| sparsity | recipe | sparsegpt | sparsellm | masked-adam | elsa | residual | steps x tokens | time (min) "
              "| commit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -232,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki, or its calibration split as a .txt file")
+    p.add_argument("--eval", default="wiki", help="test text: wiki, or its test split as a .txt file")
     p.add_argument("--json", default=DEFAULT_JSON)
     p.add_argument("--render", action="store_true", help="only render the table from the JSON")
     p.add_argument("--cpu", action="store_true")

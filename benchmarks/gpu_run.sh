@@ -13,13 +13,19 @@
 #             prefill / decode / CUDA-graph decode) -> bench_*.json, sparse_gpu_table.md
 #   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers
 #   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
+#   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
+#             layers, plain and FSDP2 over one process (issue 10)
+#   elsafull  benchmarks/elsa_quality.py on the default model at the public recipe's length
+#             (ELSA_STEPS, default 4096 steps of 4 x 512 tokens, lr 2e-4, lambda 0.01, interval 32;
+#             ELSA_SETTINGS, default 0.9) -> elsa_gpu.json; needs the model carried in two calls
+#             (benchmarks/device_model.sh), so it is not among the default steps
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD SPARSELLM_JIT=0
 R=$PWD; D=$R/.device-data; O=${OUT:-/tmp/out}; L=$O/logs; mkdir -p "$L"
 END=$(( $(date +%s) + ${BUDGET:-420} ))
 cap(){ local c=$1 r=$(( END - $(date +%s) - 10 )); [ $r -lt $c ] && c=$r; [ $c -lt 5 ] && c=5; echo $c; }
 log(){ echo "== $(date +%T) $*" | tee -a "$O/steps.txt"; }
-has(){ case " ${STEPS:-tests steptests sweep bench prune cusparselt} " in *" $1 "*) return 0;; esac; return 1; }
+has(){ case " ${STEPS:-tests steptests sweep bench prune cusparselt elsa7b} " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$O/steps.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" >> "$O/steps.txt" 2>&1
 P="python3 -m pytest -p no:cacheprovider"
@@ -71,11 +77,28 @@ if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
   SPARSELLM_JIT=1 timeout $(cap 60) $P -q -rs --timeout 50 tests/test_cusparselt.py > "$L/cusparselt_tests.log" 2>&1
   log "cusparselt tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/cusparselt_tests.log)"
 fi
+if has elsa7b; then
+  t0=$(date +%s)
+  timeout $(cap ${T_ELSA:-200}) python3 benchmarks/elsa_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
+    --runs "${ELSA_RUNS:-plain:float32,fsdp:float32,fsdp:bfloat16}" --layers ${ELSA_LAYERS:-4} \
+    --timeout 180 --out "$O/elsa_7b.json" > "$L/elsa_7b.log" 2>&1
+  log "elsa_7b rc=$? $(( $(date +%s)-t0 )) s"
+fi
+if has elsafull; then
+  t0=$(date +%s)
+  if ( . benchmarks/device_model.sh unpack > "$L/elsa_full.log" 2>&1 && \
+       timeout $(cap ${T_ELSA_FULL:-540}) python3 benchmarks/elsa_quality.py --settings "${ELSA_SETTINGS:-0.9}" \
+         --steps ${ELSA_STEPS:-4096} --batch-size 4 --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 --tag gpu \
+         --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json "$O/elsa_gpu.json" \
+         --progress >> "$L/elsa_full.log" 2>&1 ); then rc=0; else rc=$?; fi
+  log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(grep -E '(sparsegpt|elsa|masked-adam): ppl|device_model' $L/elsa_full.log | tr '\n' ' ')"
+fi
 log done
 # the tables last: the reply carries the end of the output
 for f in "$O/sweep.md" "$O/sparse_gpu_table.md"; do [ -f "$f" ] && cat "$f"; done
 tail -n 12 "$L/prune_7b.log" 2>/dev/null
 tail -n 20 "$L/cusparselt.log" 2>/dev/null
+tail -n 8 "$L/elsa_7b.log" 2>/dev/null
 grep -E "FAILED|ERROR|Error|assert" "$L"/*.log | head -30
 # the logs as one file (the reply brings back 8 files at most)
 (cd "$O" && tar czf logs.tgz logs && rm -rf logs)

@@ -75,6 +75,53 @@ def run_one(model_dir: str, method: str, sparsity: str, backend: str, extra: lis
     return row
 
 
+def new_result(device: str, settings: dict) -> dict:
+    """The results file of a 7B-shaped benchmark: commit (SPARSELLM_COMMIT names it where the
+    checkout has no git, as on a GPU machine), device, torch, the settings, and no runs yet."""
+    import torch
+
+    git = git_state()
+    return {"git": {"commit": os.environ.get("SPARSELLM_COMMIT") or git["commit"],
+                    "dirty": False if os.environ.get("SPARSELLM_COMMIT") else git["dirty"]},
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "settings": settings, "runs": []}
+
+
+def add_run(result: dict, row: dict, out: str | None, unprinted: tuple[str, ...] = ()) -> None:
+    """Keep ``row``, print it (its error in full on stderr) and rewrite ``out``: a benchmark cut
+    short keeps the runs it finished."""
+    result["runs"].append(row)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("error", *unprinted)}), flush=True)
+    if "error" in row:
+        print(row["error"], file=sys.stderr)
+    if out:
+        with open(out, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
+def shape_text(result: dict) -> str:
+    s = result["settings"]
+    return f"{s['layers']} decoder layers of {'toy (hidden 64)' if s['tiny'] else 'LLaMA-2-7B'} shape"
+
+
+def origin_text(result: dict) -> str:
+    return (f"{result['device']}, torch {result['torch']}; commit {result['git']['commit'][:7]}"
+            f"{' (dirty)' if result['git']['dirty'] else ''}")
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every 7B-shaped benchmark takes; each adds ``--runs`` and its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", required=True, help="folder holding the tokenizer files")
+    ap.add_argument("--calib", required=True, help="calibration text (.txt)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes, for a CPU smoke run")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--out", default=None, help="JSON results (the table is printed)")
+    ap.add_argument("--workdir", default=None)
+    return ap
+
+
 def render(result: dict) -> str:
     rows = result["runs"]
     base = {(r["sparsity"], r["backend"]): r for r in rows
@@ -98,51 +145,28 @@ def render(result: dict) -> str:
                      f"{gb(r['aux_buffer_bytes'])} | {errors} |")
     s = result["settings"]
     lines.append("")
-    shape = "toy (hidden 64)" if s["tiny"] else "LLaMA-2-7B"
-    lines.append(f"{s['layers']} decoder layers of {shape} shape, float16, {s['nsamples']} x {s['seqlen']} "
-                 f"calibration tokens; {result['device']}; commit {result['git']['commit'][:7]}"
-                 f"{' (dirty)' if result['git']['dirty'] else ''}.")
+    lines.append(f"{shape_text(result)}, float16, {s['nsamples']} x {s['seqlen']} calibration tokens; "
+                 f"{origin_text(result)}.")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", required=True, help="folder holding the tokenizer files")
-    ap.add_argument("--calib", required=True, help="calibration text (.txt)")
+    ap = base_parser(__doc__)
     ap.add_argument("--runs", default="sparsegpt:0.7:auto,sparsellm:0.7:auto",
                     help="comma-separated METHOD:SPARSITY:BACKEND[:OPTION=VALUE...] (an N:M sparsity as 2-4; "
                          "options are CLI flags without the dashes, e.g. product-precision=float32)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="toy shapes, for a CPU smoke run")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
-    ap.add_argument("--out", default=None, help="JSON results (the table is printed)")
-    ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="prune7b-")
     model_dir = os.path.join(args.workdir, "model")
     build_model(args.tokenizer, model_dir, args.layers, args.tiny, args.device)
-    import torch
-
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    result = {"git": {"commit": os.environ.get("SPARSELLM_COMMIT") or git_state()["commit"],
-                      "dirty": git_state()["dirty"] if not os.environ.get("SPARSELLM_COMMIT") else False},
-              "device": device, "torch": torch.__version__,
-              "settings": {"layers": args.layers, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                           "tiny": args.tiny, "dtype": "float16"},
-              "runs": []}
+    result = new_result(args.device, {"layers": args.layers, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                      "tiny": args.tiny, "dtype": "float16"})
     for spec in args.runs.split(","):
         method, sparsity, backend, *extra = spec.split(":")
-        row = run_one(model_dir, method, sparsity.replace("-", ":"), backend, extra, args)
-        result["runs"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-        if "error" in row:
-            print(row["error"], file=sys.stderr)
-        if args.out:
-            with open(args.out, "w") as handle:
-                json.dump(result, handle, indent=1)
+        add_run(result, run_one(model_dir, method, sparsity.replace("-", ":"), backend, extra, args), args.out)
     print(render(result))
     return 0 if all("prune_seconds" in r for r in result["runs"]) else 1
 

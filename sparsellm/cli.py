@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=e.checkpoint_every, help="steps between checkpoints")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients, Adam's moments and the ADMM states (or the mask) "
-                        "over the processes with FSDP2; one process: the ordinary run")
+                        "over the processes with FSDP2 (one included); without torchrun: the ordinary run")
     p.add_argument("--eval", default=",".join(d.eval),
                    help="comma-separated evaluation texts (same names as --calib), or none")
     p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")

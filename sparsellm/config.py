@@ -85,7 +85,8 @@ class ElsaSettings:
     checkpoint_dir: str | None = None  # resume is automatic when it holds a checkpoint of the same run
     checkpoint_every: int = 50  # steps between checkpoints
     # Under torchrun: shard weights, gradients, Adam's moments and z/u (or the mask) over the
-    # processes with FSDP2 (each decoder layer, then the root); one process: the ordinary run.
+    # processes with FSDP2 (each decoder layer, then the root), a torchrun job of one process
+    # included (FSDP2's code path on one device); without torchrun: the ordinary run.
     fsdp: bool = False
 
     LR_SCHEDULES = ("linear", "cosine", "constant")

@@ -10,11 +10,14 @@ import torch.distributed as dist
 from torch import nn
 
 
-def world() -> tuple[int, int]:
+def world(join_single: bool = False) -> tuple[int, int]:
     """(rank, world size). Joins the process group that torchrun describes in the environment
     (gloo for CPU tensors, nccl where CUDA is available, each process on the GPU of its
-    LOCAL_RANK) on first use; (0, 1) for one process."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    LOCAL_RANK) on first use; (0, 1) for one process. A torchrun job of one process joins its
+    (one-process) group only with ``join_single``: FSDP shards over it, nothing else needs it."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ  # as torchrun starts a process
+    if not dist.is_initialized() and (size > 1 or (join_single and launched)):
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" = this process's GPU
             dist.init_process_group("nccl")

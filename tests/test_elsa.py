@@ -492,11 +492,47 @@ def test_fsdp_resume_equals_uninterrupted(fsdp_runs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_fsdp_in_one_process_is_the_ordinary_run():
+def test_fsdp_without_torchrun_is_the_ordinary_run(monkeypatch):
+    for name in ("WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
     plain, _, _ = prune(config(steps=3))
     alone, method, _ = prune(config(steps=3, fsdp=True))
     assert method.details()["fsdp"] is False and method.details()["processes"] == 1
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), alone.parameters()))
+
+
+def test_fsdp_in_a_one_process_torchrun_job_shards_over_it(monkeypatch):
+    """torchrun --nproc-per-node 1 (its environment, here by hand) with fsdp: the method joins
+    the one-process group and trains through FSDP2 (how its cost is measured on one GPU); the
+    result is the ordinary run's, up to float32 summation order, with the same masks."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:  # a free port for the group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plain, _, _ = prune(config(steps=6))
+    for name, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    try:
+        sharded, method, _ = prune(config(steps=6, fsdp=True))
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    details = method.details()
+    assert details["fsdp"] is True and details["processes"] == 1
+    assert details["state_bytes_per_param_per_process"] == pytest.approx(details["state_bytes_per_param"])
+    start = tiny_llama()
+    moved = 0.0
+    for a, b, s0 in zip(plain.parameters(), sharded.parameters(), start.parameters()):
+        assert not hasattr(b, "to_local")  # the caller's model gets plain tensors back
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(a == 0, b == 0)
+        moved = max(moved, float((a.detach() - s0.detach())[a != 0].abs().max()))
+    assert moved > 1e-2  # training moved the weights far beyond the tolerance
 
 
 @pytest.mark.parametrize("args, message", [

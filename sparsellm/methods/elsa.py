@@ -397,9 +397,11 @@ class SparseTraining(PruningMethod):
 
     def prune_model(self, model, adapter, calibration):
         s = self.settings
-        rank, world = distributed.world()
+        rank, world = distributed.world(join_single=s.fsdp)
         device = resolve_device(self.config.device)
-        sharded = s.fsdp and world > 1  # one process: nothing to shard over, the ordinary run
+        # FSDP over the job's processes, also one under torchrun (FSDP2's own code path on one
+        # device: the same result, and its cost measurable); without a process group, the ordinary run
+        sharded = s.fsdp and dist.is_initialized()
         per_step = s.batch_size * s.grad_accum * world
         folder = Path(s.checkpoint_dir) if s.checkpoint_dir else None
         saved = None
