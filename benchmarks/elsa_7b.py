@@ -60,8 +60,12 @@ def run_one(model_dir: str, run: dict, args) -> dict:
     tag = f"{run['mode']}_{run['state_dtype']}_{run['processes']}"
     report = os.path.join(args.workdir, f"{tag}.json")
     start = time.perf_counter()
-    proc = subprocess.run(command(model_dir, run, report, args), capture_output=True, text=True,
-                          timeout=args.timeout)
+    try:
+        proc = subprocess.run(command(model_dir, run, report, args), capture_output=True, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:  # a hung run (e.g. a stuck rendezvous) must not sink the rest
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return dict(run, rc="timeout", error=f"killed after {args.timeout} s: {err[-2000:]}")
     row = dict(run, rc=proc.returncode, process_seconds=round(time.perf_counter() - start, 2))
     if proc.returncode or not os.path.exists(report):
         row["error"] = (proc.stderr or proc.stdout)[-2000:]

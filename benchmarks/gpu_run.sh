@@ -16,7 +16,8 @@
 #   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
 #             layers, plain and FSDP2 over one process (issue 10)
 #   elsafull  benchmarks/elsa_quality.py on the default model at the public recipe's length
-#             (ELSA_STEPS, default 4096 steps of 4 x 512 tokens, lr 2e-4, lambda 0.01, interval 32;
+#             (ELSA_STEPS, default 4096 steps of 2 x 4 windows of 512 tokens: the public recipe's
+#             batch and accumulation at the protocol's window; lr 2e-4, lambda 0.01, interval 32;
 #             ELSA_SETTINGS, default 0.9) -> elsa_gpu.json; needs the model carried in two calls
 #             (benchmarks/device_model.sh), so it is not among the default steps
 set -u
@@ -88,7 +89,7 @@ if has elsafull; then
   t0=$(date +%s)
   if ( . benchmarks/device_model.sh unpack > "$L/elsa_full.log" 2>&1 && \
        timeout $(cap ${T_ELSA_FULL:-540}) python3 benchmarks/elsa_quality.py --settings "${ELSA_SETTINGS:-0.9}" \
-         --steps ${ELSA_STEPS:-4096} --batch-size 4 --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 --tag gpu \
+         --steps ${ELSA_STEPS:-4096} --batch-size 2 --grad-accum 4 --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 --tag gpu \
          --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json "$O/elsa_gpu.json" \
          --progress >> "$L/elsa_full.log" 2>&1 ); then rc=0; else rc=$?; fi
   log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(grep -E '(sparsegpt|elsa|masked-adam): ppl|device_model' $L/elsa_full.log | tr '\n' ' ')"
