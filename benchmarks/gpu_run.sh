@@ -92,7 +92,7 @@ if has elsafull; then
          --steps ${ELSA_STEPS:-4096} --batch-size 2 --grad-accum 4 --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 --tag gpu \
          --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json "$O/elsa_gpu.json" \
          --progress >> "$L/elsa_full.log" 2>&1 ); then rc=0; else rc=$?; fi
-  log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(grep -E '(sparsegpt|elsa|masked-adam): ppl|device_model' $L/elsa_full.log | tr '\n' ' ')"
+  log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(tr '\r' '\n' < $L/elsa_full.log | grep -E '^[0-9.:]+ (sparsegpt|elsa|masked-adam): ppl|^device_model' | tr '\n' ' ')"
 fi
 log done
 # the tables last: the reply carries the end of the output

@@ -76,13 +76,11 @@ def run_one(model_dir: str, method: str, sparsity: str, backend: str, extra: lis
 
 
 def new_result(device: str, settings: dict) -> dict:
-    """The results file of a 7B-shaped benchmark: commit (SPARSELLM_COMMIT names it where the
-    checkout has no git, as on a GPU machine), device, torch, the settings, and no runs yet."""
+    """The results file of a 7B-shaped benchmark: commit (see quality.git_state), device, torch,
+    the settings, and no runs yet."""
     import torch
 
-    git = git_state()
-    return {"git": {"commit": os.environ.get("SPARSELLM_COMMIT") or git["commit"],
-                    "dirty": False if os.environ.get("SPARSELLM_COMMIT") else git["dirty"]},
+    return {"git": git_state(),
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "settings": settings, "runs": []}
 

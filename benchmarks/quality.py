@@ -54,8 +54,13 @@ def save(results: dict, path: str) -> None:
 
 def git_state() -> dict:
     """The commit the numbers come from, and whether the tracked files differ from it (the
-    results folder aside: the benchmarks write their own results there while they run)."""
+    results folder aside: the benchmarks write their own results there while they run).
+    SPARSELLM_COMMIT names the commit where the checkout has no git history (a GPU machine gets
+    a copy of the working tree: pass the commit in the command)."""
     import subprocess
+
+    if os.environ.get("SPARSELLM_COMMIT"):
+        return {"commit": os.environ["SPARSELLM_COMMIT"], "dirty": False}
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
