@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 12 and 13 in one call, run ON a GPU machine from the project's
-# root (no install: PYTHONPATH is the checkout; the main CUDA extension is not built, so `auto`
-# means Triton for every method alike):
-#   STEPS="tests sweep" BUDGET=420 bash benchmarks/gpu_run.sh
-# needs .device-data/ (../shared/device/prepare.sh) for the tokenizer and the calibration text.
+# The GPU measurements of issues 10, 12 and 13, run ON a GPU machine from the project's root (no
+# install: PYTHONPATH is the checkout; the main CUDA extension is not built, so `auto` means
+# Triton for every method alike):
+#   SPARSELLM_COMMIT=<commit> STEPS="tests sweep" BUDGET=420 bash benchmarks/gpu_run.sh
+# needs .device-data/ (../shared/device/prepare.sh) for the tokenizer and the calibration text;
+# SPARSELLM_COMMIT names the commit in the results (the machine's copy has no git history).
 # Steps (each capped so the whole ends by BUDGET seconds; logs and JSON land in $OUT):
 #   tests     gpu-marked tests of the sparse decode kernels and the CUDA-graph decoder
 #   steptests the SparseLLM element-wise kernels' tests, compiled
