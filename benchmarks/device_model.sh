@@ -7,9 +7,10 @@
 #   here, in the project's root and venv:  bash benchmarks/device_model.sh pack
 #     -> .device-model/a (the first half, and the gguf package transformers reads it with)
 #        .device-model/b (the second half, and the whole file's sha256)
-#   call 1: carry [".device-data", ".device-model/a"], any command (e.g. STEPS="tests sweep" ... gpu_run.sh)
+#   call 1: carry [".device-data", ".device-model/a"], any command (e.g.
+#     SPARSELLM_COMMIT=<commit> STEPS="tests elsa7b" BUDGET=400 bash benchmarks/gpu_run.sh)
 #   call 2, at once (the machine goes back after a short idle time): carry [".device-model/b"],
-#     command: STEPS=elsafull BUDGET=540 bash benchmarks/gpu_run.sh
+#     command: SPARSELLM_COMMIT=<commit> STEPS=elsafull BUDGET=540 bash benchmarks/gpu_run.sh
 #   there, gpu_run.sh's elsafull step runs:  . benchmarks/device_model.sh unpack
 #     -> joins the halves under /tmp/device-model, checks the sha256, and exports PYTHONPATH and
 #        SPARSELLM_CACHE so that `--model smollm2` (the default) loads it as it does here

@@ -96,8 +96,8 @@ def measure(setting: str, args, results: dict) -> None:
     from sparsellm.config import ElsaSettings, PruneConfig
 
     common = dict(sparsity=setting, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib,
-                  eval=(args.eval,),
-                  eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None)
+                  eval=(args.eval,), eval_windows=args.eval_windows, quiet=not args.progress,
+                  device="cpu" if args.cpu else None)
     elsa = ElsaSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         admm_lambda=args.admm_lambda, admm_schedule=args.admm_schedule,
                         admm_lambda_start=args.admm_lambda_start, admm_interval=args.admm_interval, score=args.score)
