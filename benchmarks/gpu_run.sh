@@ -81,7 +81,7 @@ if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
 fi
 if has elsa7b; then
   t0=$(date +%s)
-  timeout $(cap ${T_ELSA:-200}) python3 benchmarks/elsa_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
+  timeout $(cap ${T_ELSA:-240}) python3 benchmarks/elsa_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
     --runs "${ELSA_RUNS:-plain:float32,fsdp:float32,fsdp:bfloat16}" --layers ${ELSA_LAYERS:-4} \
     --timeout 180 --out "$O/elsa_7b.json" > "$L/elsa_7b.log" 2>&1
   log "elsa_7b rc=$? $(( $(date +%s)-t0 )) s"
