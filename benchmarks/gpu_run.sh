@@ -12,7 +12,10 @@
 #             at 7B shapes -> sweep.json, sweep.md
 #   bench     benchmarks/bench_export.py -m gpu (linears at 7B shapes, 32-layer 7B-shaped model
 #             prefill / decode / CUDA-graph decode) -> bench_*.json, sparse_gpu_table.md
-#   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers
+#   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers (and
+#             SparseLLM at the CPU's token chunk, 762 tokens, the chunk of every run before 2026-11-27)
+#   profile   the same on 2 layers under torch.profiler (benchmarks/profile_prune.py): device time
+#             by named part of the prune and by kernel -> logs/profile/*.md
 #   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
 #   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
 #             layers, plain and FSDP2 over one process (issue 10)
@@ -27,7 +30,7 @@ R=$PWD; D=$R/.device-data; O=${OUT:-/tmp/out}; L=$O/logs; mkdir -p "$L"
 END=$(( $(date +%s) + ${BUDGET:-420} ))
 cap(){ local c=$1 r=$(( END - $(date +%s) - 10 )); [ $r -lt $c ] && c=$r; [ $c -lt 5 ] && c=5; echo $c; }
 log(){ echo "== $(date +%T) $*" | tee -a "$O/steps.txt"; }
-has(){ case " ${STEPS:-tests steptests sweep bench prune cusparselt elsa7b} " in *" $1 "*) return 0;; esac; return 1; }
+has(){ case " ${STEPS:-tests steptests sweep bench prune profile cusparselt elsa7b} " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$O/steps.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" >> "$O/steps.txt" 2>&1
 P="python3 -m pytest -p no:cacheprovider"
@@ -64,9 +67,16 @@ fi
 if has prune; then
   t0=$(date +%s)
   timeout $(cap ${T_PRUNE:-200}) python3 benchmarks/prune_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
-    --runs "${RUNS:-sparsegpt:0.7:auto,sparsellm:0.7:auto}" --layers 3 --nsamples 64 --seqlen 2048 \
-    --timeout 180 --out "$O/prune_7b.json" > "$L/prune_7b.log" 2>&1
+    --runs "${RUNS:-sparsegpt:0.7:auto,sparsellm:0.7:auto,sparsellm:0.7:auto:chunk-tokens=762}" --layers 3 \
+    --nsamples 64 --seqlen 2048 --timeout 180 --out "$O/prune_7b.json" > "$L/prune_7b.log" 2>&1
   log "prune_7b rc=$? $(( $(date +%s)-t0 )) s"
+fi
+if has profile; then
+  t0=$(date +%s)
+  timeout $(cap ${T_PROFILE:-200}) python3 benchmarks/prune_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
+    --runs "${PROFILE_RUNS:-sparsegpt:0.7:auto,sparsellm:0.7:auto}" --layers 2 --nsamples 64 --seqlen 2048 \
+    --timeout 180 --profile "$L/profile" --out "$L/profile/prune_7b_profiled.json" > "$L/profile.log" 2>&1
+  log "profile rc=$? $(( $(date +%s)-t0 )) s"
 fi
 if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
   # its own JIT build (cuSPARSELt binding, ~40 s): the switch that keeps the main extension off
@@ -99,6 +109,7 @@ log done
 # the tables last: the reply carries the end of the output
 for f in "$O/sweep.md" "$O/sparse_gpu_table.md"; do [ -f "$f" ] && cat "$f"; done
 tail -n 12 "$L/prune_7b.log" 2>/dev/null
+for f in "$L"/profile/*.md; do [ -f "$f" ] && head -n 16 "$f"; done
 tail -n 20 "$L/cusparselt.log" 2>/dev/null
 tail -n 8 "$L/elsa_7b.log" 2>/dev/null
 grep -E "FAILED|ERROR|Error|assert" "$L"/*.log | head -30

@@ -12,6 +12,8 @@ steady-state time per layer (median over the layers after the first, which pays 
         --runs sparsegpt:0.7:auto,sparsellm:0.7:auto --layers 3 --out $OUT/prune_7b.json
 
 ``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script.
+``--profile DIR`` runs each prune under torch.profiler instead (``profile_prune.py``: where the
+time goes, by named part of the prune and by operator or kernel), into DIR/<run>.md and .json.
 """
 from __future__ import annotations
 
@@ -48,7 +50,12 @@ def build_model(tokenizer_dir: str, out: str, layers: int, tiny: bool, device: s
 def run_one(model_dir: str, method: str, sparsity: str, backend: str, extra: list[str], args) -> dict:
     tag = "_".join([method, sparsity.replace(":", "_"), backend] + [e.replace("=", "-") for e in extra])
     report = os.path.join(args.workdir, f"{tag}.json")
-    cmd = [sys.executable, "-m", "sparsellm.cli", "--model", model_dir, "--method", method, "--sparsity", sparsity,
+    program = ["-m", "sparsellm.cli"]
+    if args.profile:  # the same command under torch.profiler (benchmarks/profile_prune.py)
+        stem = os.path.join(args.profile, tag)
+        program = [os.path.join(HERE, "profile_prune.py"), "--out", f"{stem}.json", "--table", f"{stem}.md",
+                   "--title", tag, "--"]
+    cmd = [sys.executable, *program, "--model", model_dir, "--method", method, "--sparsity", sparsity,
            "--backend", backend, "--calib", args.calib, "--eval", "none", "--no-dense-eval",
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--dtype", "float16",
            "--device", args.device, "--quiet", "--report", report]
@@ -144,7 +151,7 @@ def render(result: dict) -> str:
     s = result["settings"]
     lines.append("")
     lines.append(f"{shape_text(result)}, float16, {s['nsamples']} x {s['seqlen']} calibration tokens; "
-                 f"{origin_text(result)}.")
+                 f"{origin_text(result)}{'; under torch.profiler' if s.get('profiled') else ''}.")
     return "\n".join(lines)
 
 
@@ -156,12 +163,17 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="run every prune under torch.profiler (benchmarks/profile_prune.py) and write its tables "
+                         "to DIR/<run>.md and .json; the times in the table are then the profiled ones")
     args = ap.parse_args(argv)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="prune7b-")
     model_dir = os.path.join(args.workdir, "model")
     build_model(args.tokenizer, model_dir, args.layers, args.tiny, args.device)
     result = new_result(args.device, {"layers": args.layers, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                      "tiny": args.tiny, "dtype": "float16"})
+                                      "tiny": args.tiny, "dtype": "float16", "profiled": bool(args.profile)})
     for spec in args.runs.split(","):
         method, sparsity, backend, *extra = spec.split(":")
         add_run(result, run_one(model_dir, method, sparsity.replace("-", ":"), backend, extra, args), args.out)

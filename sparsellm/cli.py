@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--product-precision", default=s.product_precision, choices=PRODUCT_PRECISIONS,
                    help="precision of the FFN solver's large products: tf32 (TF32 on CUDA, float32 on the "
                         "CPU), float32, or bfloat16 operands (fastest on CPUs with AMX; FFN errors move slightly)")
+    g.add_argument("--chunk-tokens", type=int, default=s.chunk_tokens,
+                   help="calibration tokens per chunk of the FFN solver's token-wise steps (default: automatic, "
+                        "32 MB temporaries on the CPU, 128 MB on CUDA); memory and speed only")
     e = ElsaSettings()
     g = p.add_argument_group("Elsa and masked-adam (whole-model training on the calibration text)")
     g.add_argument("--steps", type=int, default=e.steps, help="optimiser steps")
@@ -146,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         blocksize=args.blocksize, percdamp=args.percdamp,
         sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations,
-                                    product_precision=args.product_precision),
+                                    product_precision=args.product_precision, chunk_tokens=args.chunk_tokens),
         structure=args.structure, head_sparsity=args.head_sparsity,
         allocation=AllocationSettings(rule=args.allocation, temperature=args.temperature, owl_lambda=args.owl_lambda,
                                       owl_m=args.owl_m, min_sparsity=args.layer_sparsity_min,

@@ -43,6 +43,10 @@ class SparseLLMSettings:
     # stay float32 in every mode. Measured on an H100 (benchmarks/prune_7b.py, README "SparseLLM
     # at 7B shapes") and on the 2-core CPU (README, SparseLLM).
     product_precision: str = "tf32"
+    # Calibration tokens per chunk of the solver's token-wise steps (None: automatic, temporaries
+    # of 32 MB on the CPU and 128 MB on CUDA; see sparsellm.methods.sparsellm). Only memory and
+    # speed depend on it (and float32 rounding of sums over chunks).
+    chunk_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("alpha", "beta", "gamma"):
@@ -56,6 +60,8 @@ class SparseLLMSettings:
                              f"got {self.product_precision!r}")
         if not (isinstance(self.s_step_iterations, int) and self.s_step_iterations >= 1):
             raise ValueError(f"sparsellm s_step_iterations must be an integer >= 1, got {self.s_step_iterations!r}")
+        if self.chunk_tokens is not None and not (isinstance(self.chunk_tokens, int) and self.chunk_tokens >= 1):
+            raise ValueError(f"sparsellm chunk_tokens must be a positive integer or None, got {self.chunk_tokens!r}")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function as stage
 from tqdm.auto import tqdm
 
 from .allocation import layer_targets
@@ -133,7 +134,7 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch
 
 class _ErrorMeter:
     """Accumulates ||reference - actual||^2 and ||reference||^2. Squared norms are summed in
-    float32 (torch reduces pairwise: about 1e-7 relative) and accumulated in Python floats, so
+    float32 (torch reduces pairwise: about 1e-7 relative) and accumulated in float64 scalars, so
     no float64 copy of a large activation is made."""
 
     def __init__(self):
@@ -141,13 +142,16 @@ class _ErrorMeter:
         self.ref = 0.0
 
     def add(self, reference: torch.Tensor, actual: torch.Tensor) -> None:
+        # the sums stay on the device (float64 scalars, the same values as Python floats of
+        # the float32 sums) until `relative` reads them: no wait for the GPU per batch
         reference = reference.float()
-        self.err += float((reference - actual.float()).square().sum())
-        self.ref += float(reference.square().sum())
+        self.err += (reference - actual.float()).square().sum().double()
+        self.ref += reference.square().sum().double()
 
     @property
     def relative(self) -> float:
-        return (self.err / self.ref) ** 0.5 if self.ref > 0 else float("nan")
+        err, ref = float(self.err), float(self.ref)
+        return (err / ref) ** 0.5 if ref > 0 else float("nan")
 
 
 class LayerDriver:
@@ -180,6 +184,7 @@ class LayerDriver:
                 if outputs is not None:
                     outputs[rows] = out
 
+    @stage("driver.observe")
     def _observe(self, layer, inputs, kwargs, steps: list[Step], outputs=None) -> list:
         """One pass gathering each step's statistic of its observed module's input; returns
         the statistics' results in the order of ``steps``."""
@@ -229,7 +234,7 @@ class LayerDriver:
                 observed = {id(s): r for s, r in zip(observing, results)}
                 reference_pending = False
             for step in batch:
-                with torch.no_grad():
+                with torch.no_grad(), stage("driver.solve"):
                     diagnostics = step.solve(observed.pop(id(step), None))
                 record.diagnostics.update(diagnostics or {})
         if reference_pending:  # a plan without steps still measures (and propagates) the layer
@@ -242,6 +247,7 @@ class LayerDriver:
         record.seconds = time.perf_counter() - start
         return record
 
+    @stage("driver.final_pass")
     def _final_pass(self, layer, view, planned, dense, inputs, kwargs, dense_out, outputs, record):
         """Run the pruned layer: its outputs feed the next layer, and its errors against the
         dense references are measured on the same inputs. Returns each planned linear's

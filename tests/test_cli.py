@@ -123,6 +123,7 @@ def test_missing_data_file(where, no_loading, capsys, tmp_path):
     (["--method", "sparsellm", "--alpha", "0"], "alpha must be a positive number"),
     (["--method", "sparsellm", "--gamma", "nan"], "gamma must be a positive number"),
     (["--method", "sparsellm", "--iterations", "-1"], "iterations must be an integer >= 0"),
+    (["--method", "sparsellm", "--chunk-tokens", "0"], "chunk_tokens must be a positive integer"),
     (["--eval-windows", "0"], "eval_windows must be a positive integer"),
     (["--nsamples", "0"], "nsamples must be a positive integer"),
     (["--percdamp", "-0.01"], "percdamp must be positive"),

@@ -8,6 +8,7 @@ their error over the columns not yet visited.
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function as stage
 
 from .. import ops
 from ..plan import Gram
@@ -15,6 +16,7 @@ from ..sparsity import SparsityPattern
 from .base import LocalMethod, set_weight
 
 
+@stage("obs_prune")
 def obs_prune_with_gram(weight: torch.Tensor, gram: torch.Tensor, pattern: SparsityPattern,
                         blocksize: int, percdamp: float, hinv_upper: torch.Tensor | None = None):
     """Prune ``weight`` (out x in, float32) against inputs with Gram matrix ``gram``.

@@ -47,6 +47,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torch.profiler import record_function as stage
+
 from .. import ops
 from ..plan import LayerView, Step, Tokens
 from ..sparsity import SparsityPattern
@@ -58,6 +60,11 @@ log = logging.getLogger(__name__)
 # Elements of one [chunk, ffn_dim] temporary: ~32 MB in float32. The s-step keeps about ten
 # such temporaries alive, so a chunk costs a few hundred MB at most.
 CHUNK_ELEMENTS = 1 << 23
+# On a CUDA device, four times that (128 MB temporaries, ~3k tokens of a 7B FFN): each token-wise
+# step is one launch per chunk, and at the CPU's chunk a 7B layer's sweep is ~170 chunks of
+# kernels short enough for the host's launch path to show (not yet measured on a GPU;
+# --chunk-tokens sets it).
+CUDA_CHUNK_ELEMENTS = 1 << 25
 # Auxiliary buffers stay on a CUDA device only if they take at most this share of its free memory.
 DEVICE_AUX_SHARE = 0.5
 # Row blocks of the symmetric Gram accumulations (Products.sym_gram_add). With 256 each block's
@@ -66,17 +73,19 @@ DEVICE_AUX_SHARE = 0.5
 SYM_BLOCK = 256
 
 
-def _sq_norm(t: torch.Tensor) -> float:
-    """||t||^2. In float32: torch's sum reduces pairwise, about 1e-7 relative at these sizes
-    (checked against float64), about ten times cheaper than a float64 copy of the buffer."""
-    return float(t.square().sum())
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """||t||^2, a float64 scalar on t's device. Summed in float32: torch's sum reduces pairwise,
+    about 1e-7 relative at these sizes (checked against float64), about ten times cheaper than a
+    float64 copy of the buffer; widened so that the sums over token chunks add in float64. It
+    stays on the device: reading it on the host would wait for the GPU once per chunk and term."""
+    return t.square().sum().double()
 
 
-def _sq_norm_(t: torch.Tensor) -> float:
-    """:func:`_sq_norm` of a temporary, squared in place: the same float without allocating
+def _sq_norm_(t: torch.Tensor) -> torch.Tensor:
+    """:func:`_sq_norm` of a temporary, squared in place: the same value without allocating
     another buffer of its size (each fresh one of a token chunk's [5461, 1536] costs page faults
     on the CPU)."""
-    return float(t.square_().sum())
+    return t.square_().sum().double()
 
 
 @contextlib.contextmanager
@@ -181,6 +190,7 @@ def p_step_factor(w2: torch.Tensor, ratio: float) -> torch.Tensor:
     return chol
 
 
+@stage("sparsellm.p_step")
 def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tensor, products: Products | None = None):
     """argmin_p beta ||y - p W2^T||^2 + gamma ||p - r||^2 for rows of tokens; ratio = gamma / beta.
 
@@ -226,7 +236,8 @@ class _FFNSolver:
         self.b1 = None if ffn.up.bias is None else ffn.up.bias.detach().float()
         self.b2 = None if ffn.down.bias is None else ffn.down.bias.detach().float()
         self.hidden = self.dense["up"].shape[0]
-        step = max(256, CHUNK_ELEMENTS // self.hidden)
+        step = settings.chunk_tokens or max(
+            256, (CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS) // self.hidden)
         self.chunks = [slice(i, min(i + step, self.tokens)) for i in range(0, self.tokens, step)]
         # p is recomputed from r = act(z, s) and Y' in every sweep, so it needs no buffer; z enters
         # the next sweep only through r, so r is kept instead of z (the same size, one
@@ -303,6 +314,7 @@ class _FFNSolver:
         """The down projection's input for the tokens ``xc`` and the weights ``up``, ``gate``."""
         return _act(self.swiglu, self._lin(xc, up, self.b1), self._lin(xc, gate) if self.swiglu else None)
 
+    @stage("sparsellm.gram_stats")
     def _gather(self, stats, h, yc):
         """Add the tokens' hidden ``h`` and targets ``yc`` to ``stats`` = (H^T H, H^T Y')."""
         self.products.sym_gram_add(stats[0], h)
@@ -345,7 +357,9 @@ class _FFNSolver:
         # p), in one sweep over the tokens.
         ptp, pty = self._zeros(f, f), self._zeros(f, d)
         norms = dict.fromkeys(("z", "s", "p", "y", "y_full"), 0.0)
-        with self._products():
+        # (The profiler ranges, ``stage``, name the solver's parts in a torch.profiler trace:
+        # benchmarks/prune_7b.py --profile.)
+        with stage("sparsellm.dense_pass"), self._products():
             for chunk, rows in enumerate(self.chunks):
                 xc = x[rows]
                 z = self._lin(xc, dense["up"], self.b1)
@@ -362,6 +376,7 @@ class _FFNSolver:
                 for key, val in (("r", p), ("s", sc), ("y", y)):
                     if key in self.buf:
                         self._put(key, chunk, val)
+        norms = {key: float(value) for key, value in norms.items()}  # read once per pass (see _sq_norm)
         y_full = norms["y_full"]
 
         if h0_stats is None or h0_in_dense:  # else after iteration 1's sweep
@@ -387,16 +402,18 @@ class _FFNSolver:
             # (1) W-steps: least squares to the targets, then pruned (_prune_w_steps). In the first
             # iteration up/gate targets are the dense outputs, whose dampened least squares is
             # exactly the dense weight: no fit (None), candidate 0's up/gate.
-            if it == 1:
-                up_ls = gate_ls = None
-            else:
-                up_ls = least_squares_towards(dense["up"], xtz / n, chol_x, lam_x)
-                gate_ls = least_squares_towards(dense["gate"], xts / n, chol_x, lam_x) if swiglu else None
-            gp = full_gram(ptp) / n
-            chol_p, damp_p = ops.damped_cholesky(gp, pd)
-            down_ls = least_squares_towards(dense["down"], pty / n, chol_p, float(damp_p) * float(gp.diagonal().mean()))
-            up, gate, down = self._prune_w_steps(up_ls, gate_ls, down_ls, gx, hinv_x, gp, up0, gate0)
-            del chol_p, down_ls, gp, up_ls, gate_ls
+            with stage("sparsellm.w_steps"):
+                if it == 1:
+                    up_ls = gate_ls = None
+                else:
+                    up_ls = least_squares_towards(dense["up"], xtz / n, chol_x, lam_x)
+                    gate_ls = least_squares_towards(dense["gate"], xts / n, chol_x, lam_x) if swiglu else None
+                gp = full_gram(ptp) / n
+                chol_p, damp_p = ops.damped_cholesky(gp, pd)
+                lam_p = float(damp_p) * float(gp.diagonal().mean())
+                down_ls = least_squares_towards(dense["down"], pty / n, chol_p, lam_p)
+                up, gate, down = self._prune_w_steps(up_ls, gate_ls, down_ls, gx, hinv_x, gp, up0, gate0)
+                del chol_p, down_ls, gp, up_ls, gate_ls
 
             # One sweep over the tokens: this iterate's FFN error and (unless it is the last
             # iteration) the p-, z- and s-steps and the next W-steps' statistics. The aux update
@@ -408,7 +425,7 @@ class _FFNSolver:
                 xtz, xts = self._zeros(d, f), (self._zeros(d, f) if swiglu else None)
                 ptp.zero_()
                 pty.zero_()
-            with self._products():
+            with stage("sparsellm.sweep"), self._products():
                 for chunk, rows in enumerate(self.chunks):
                     xc = x[rows]
                     m = self._lin(xc, up, self.b1)
@@ -443,6 +460,8 @@ class _FFNSolver:
                     self._put("r", chunk, r)
                     del m, g, z, sc, p, q, yc, r
 
+            err_sq = float(err_sq)
+            terms = {key: float(value) for key, value in terms.items()}
             if h0_stats is not None:
                 start = best = self._start(up0, gate0, h0_stats, norms["y"], y_full)
                 h0_stats = None

@@ -1,0 +1,105 @@
+"""Run one ``sparsellm-prune`` command under torch.profiler and say where its time went.
+
+    python benchmarks/profile_prune.py --out prof.json --table prof.md -- --method sparsellm ...
+
+Everything after ``--`` is the CLI's own arguments. Two tables come out:
+
+* the named parts of a prune: the driver's passes (``driver.observe``: calibration passes
+  gathering statistics, ``driver.solve``: a method's solve, ``driver.final_pass``: errors and
+  propagation), the OBS solver (``obs_prune``) and SparseLLM's FFN solver
+  (``sparsellm.dense_pass``, ``sparsellm.w_steps``, ``sparsellm.sweep``, and inside the sweeps
+  ``sparsellm.p_step`` and ``sparsellm.gram_stats``): the ``record_function`` ranges in the
+  code, with host time and, on a GPU, the device time of the kernels they launched;
+* the operators and kernels with the most time of their own (device time on a GPU, host time
+  on the CPU).
+
+Ranges nest (``driver.solve`` holds ``obs_prune``), so their times do not add up to the whole.
+The profiler slows a run down (host-side bookkeeping per op): compare the shares, not the
+seconds, with an unprofiled run (``benchmarks/prune_7b.py --profile`` runs it next to the timed
+runs, not instead of them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+STAGE_PREFIXES = ("driver.", "sparsellm.", "obs_prune")
+
+
+def _row(event, total_us: float, device: bool) -> dict:
+    own = event.self_device_time_total if device else event.self_cpu_time_total
+    return {"name": event.key, "calls": event.count,
+            "host_s": round(event.cpu_time_total / 1e6, 4),
+            "device_s": round(event.device_time_total / 1e6, 4) if device else None,
+            "self_s": round(own / 1e6, 4),
+            "self_share": round(own / total_us, 4) if total_us else None}
+
+
+def summarise(prof, wall: float, device: bool, top: int) -> dict:
+    events = prof.key_averages()
+    stages = [e for e in events if e.key.startswith(STAGE_PREFIXES)]
+    ops = [e for e in events if not e.key.startswith(STAGE_PREFIXES)]
+    own = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    total = sum(own(e) for e in ops)
+    ops.sort(key=own, reverse=True)
+    stages.sort(key=lambda e: e.key)
+    return {"wall_s": round(wall, 2), "timed": "device" if device else "host",
+            "self_total_s": round(total / 1e6, 3),
+            "stages": [_row(e, total, device) for e in stages],
+            "top_ops": [_row(e, total, device) for e in ops[:top]]}
+
+
+def render(summary: dict, title: str) -> str:
+    device = summary["timed"] == "device"
+    lines = [f"### {title}", "",
+             f"wall {summary['wall_s']} s under the profiler; own {summary['timed']} time of all ops "
+             f"{summary['self_total_s']} s", "",
+             "| range | calls | host s | device s |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['name']} | {r['calls']} | {r['host_s']} | {r['device_s'] if device else ''} |"
+              for r in summary["stages"]]
+    lines += ["", f"| op or kernel | calls | own {summary['timed']} s | share |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['name'][:90]} | {r['calls']} | {r['self_s']} | {100 * (r['self_share'] or 0):.1f}% |"
+              for r in summary["top_ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cli_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own_args = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="JSON of both tables")
+    ap.add_argument("--table", help="markdown of both tables")
+    ap.add_argument("--title", default="profile", help="the tables' heading")
+    ap.add_argument("--top", type=int, default=30, help="rows of the op table")
+    args = ap.parse_args(own_args)
+    if not cli_args:
+        ap.error("give the sparsellm-prune arguments after --")
+    from sparsellm import cli
+    from sparsellm.driver import resolve_device
+
+    device = resolve_device(cli.build_parser().parse_args(cli_args).device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        rc = cli.main(cli_args)
+    wall = time.perf_counter() - start
+    summary = {"cli_args": cli_args, "rc": rc, **summarise(prof, wall, device, args.top)}
+    text = render(summary, args.title)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(summary, handle, indent=1)
+    if args.table:
+        with open(args.table, "w") as handle:
+            handle.write(text)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
