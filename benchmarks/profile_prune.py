@@ -25,7 +25,6 @@ import json
 import sys
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 STAGE_PREFIXES = ("driver.", "sparsellm.", "obs_prune")
