@@ -11,7 +11,8 @@
 #   sweep     benchmarks/sparse_gpu_sweep.py: every one-token config of the sparse kernels vs dense
 #             at 7B shapes -> sweep.json, sweep.md
 #   bench     benchmarks/bench_export.py -m gpu (linears at 7B shapes, 32-layer 7B-shaped model
-#             prefill / decode / CUDA-graph decode) -> bench_*.json, sparse_gpu_table.md
+#             prefill / decode / CUDA-graph decode / compiled CUDA-graph decode; E2E_K narrows
+#             them, e.g. E2E_K="decode-graph or decode-compiled") -> bench_*.json, sparse_gpu_table.md
 #   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers (and
 #             SparseLLM at the CPU's token chunk, 762 tokens, the chunk of every run before 2026-11-27)
 #   profile   the same on 2 layers under torch.profiler (benchmarks/profile_prune.py): device time

@@ -68,7 +68,7 @@ def e2e_table(benches: list[dict]) -> list[str]:
         return []
     lines = ["| phase | impl | tokens/s | speedup vs dense |", "|---|---|---:|---:|"]
     for phase in sorted(rows, key=lambda p: p != "decode"):
-        dense = rows[phase].get("dense", rows[phase].get("dense (cuda-graph)"))
+        dense = next((v for k, v in rows[phase].items() if k == "dense" or k.startswith("dense (")), None)
         for impl in [i for i in E2E_IMPLS if i in rows[phase]] + sorted(set(rows[phase]) - set(E2E_IMPLS)):
             tps = rows[phase][impl]
             speed = "-" if dense is None else f"{tps / dense:.2f}x"

@@ -16,6 +16,14 @@ without that, the replays wrote each new key two slots past its position and the
 ``generate``'s from the third on (seen on an H200). A cache whose counter is a Python number
 cannot be replayed (the graph would keep the value it was captured with): the decoder then
 runs eagerly and says why in ``graph_error``.
+
+``compile=True`` also puts the step through ``torch.compile`` (inductor) first, which fuses the
+small operations between the linears (norms, rotary embedding, residual adds, the cache writes):
+in a graph-replayed step each of them is still a kernel of a few microseconds, and at batch 1
+they are a share of the step that grows as the linears shrink. The sparse linears of
+:mod:`sparsellm.export.sparse_gpu` stay their own kernels (custom operators), so the step
+compiles without a graph break at each of them. Compiling happens in the first decode step (in
+the warm-up, with ``graph``).
 """
 from __future__ import annotations
 
@@ -27,9 +35,10 @@ class GreedyDecoder:
 
     ``graph``: False (default) runs each step eagerly; True captures the step as a CUDA graph
     and replays it (CUDA only). ``graph_error`` holds why a capture was not possible (the
-    decoder then runs eagerly)."""
+    decoder then runs eagerly). ``compile``: the step goes through ``torch.compile`` (module
+    docs), with or without the graph."""
 
-    def __init__(self, model, max_len: int, graph: bool = False):
+    def __init__(self, model, max_len: int, graph: bool = False, compile: bool = False):
         from transformers import StaticCache
 
         self.model = model
@@ -45,11 +54,17 @@ class GreedyDecoder:
         self.graph = None
         self.graph_error = None
         self.logits = None
+        self.compiled = bool(compile)
+        # dynamic=False: a decode step has one shape; a recompile is a bug, not a new shape
+        self._run = torch.compile(self._forward_step, dynamic=False) if compile else self._forward_step
+
+    def _forward_step(self) -> torch.Tensor:
+        out = self.model(self.ids, past_key_values=self.cache, cache_position=self.position, use_cache=True)
+        return out.logits[:, -1]
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
-        out = self.model(self.ids, past_key_values=self.cache, cache_position=self.position, use_cache=True)
-        return out.logits[:, -1]
+        return self._run()
 
     @torch.no_grad()
     def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -140,4 +155,5 @@ class GreedyDecoder:
 
     @property
     def mode(self) -> str:
-        return "cuda-graph" if self.graph is not None else "eager"
+        mode = "cuda-graph" if self.graph is not None else "eager"
+        return f"compiled+{mode}" if self.compiled else mode

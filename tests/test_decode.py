@@ -3,8 +3,12 @@
 import pytest
 import torch
 
+from torch import nn
+
 from helpers import tiny_llama, tiny_opt
+from sparsellm import ops, reference
 from sparsellm.decode import GreedyDecoder
+from sparsellm.export import to_sparse_gpu
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
@@ -60,6 +64,48 @@ def test_warm_up_steps_leave_the_cache_where_it_was(make):
     assert _step_logits_error(model, dec, prompt, steps=5) > 1e-3
 
 
+def _sparse_tiny_llama():
+    """tiny_llama with layer 0 pruned 2:4 and layer 1 to 90% per row (magnitude), exported with
+    to_sparse_gpu: every decoder linear a SparseGPULinear, 7 nm24 and 7 sell."""
+    model = tiny_llama(seed=3).eval()
+    with torch.no_grad():
+        for name, lin in model.named_modules():
+            if isinstance(lin, nn.Linear) and ".layers." in name:
+                w = lin.weight
+                if ".layers.0." in name:
+                    w.masked_fill_(reference.nm_prune_mask(w.abs(), 2, 4), 0)
+                else:
+                    w.masked_fill_(reference.row_prune_mask(w.abs(), int(w.shape[1] * 0.9)), 0)
+    assert to_sparse_gpu(model)["formats"] == {"nm24": 7, "sell": 7}
+    return model
+
+
+def test_compiled_decoder_with_sparse_linears_matches_generate():
+    """compile=True: the tokens are generate's, the step compiles to one graph without a break,
+    and the sparse products run at every step as the custom operators (ops counts each call:
+    traced through instead, they would run only while tracing)."""
+    import torch._dynamo
+
+    model = _sparse_tiny_llama()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=9, do_sample=False, min_new_tokens=9)[:, 7:]
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    ops.reset_usage()
+    dec = GreedyDecoder(model, max_len=32, compile=True)
+    first = dec.prefill(prompt)
+    got = dec.decode(8)
+    assert dec.mode == "compiled+eager"
+    assert torch.equal(got[:, :1], first)
+    assert torch.equal(torch.cat([got, dec.ids], dim=1), want)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    used = ops.usage()
+    assert sum(used["nm24_linear"].values()) == sum(used["sell_linear"].values()) == 7 * 8
+
+
 def test_greedy_decoder_errors():
     model = tiny_llama().eval()
     dec = GreedyDecoder(model, max_len=8)
@@ -92,18 +138,23 @@ def test_greedy_decoder_eager_on_cuda_matches_generate():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_greedy_decoder_cuda_graph_is_greedy(dtype):
+@pytest.mark.parametrize("kind", ["dense", "sparse", "sparse-compiled"])
+def test_greedy_decoder_cuda_graph_is_greedy(dtype, kind):
     """Each token the replayed graph picks is the argmax of a plain forward pass over the whole
     sequence so far (up to rounding: its logit within a tolerance of the maximum), so the graph
     computed the right step at every position, also where a near-tie makes exact token
-    equality with another decode a matter of rounding."""
-    model = tiny_llama(seed=4).to("cuda", dtype).eval()
+    equality with another decode a matter of rounding. The same with the sparse kernels
+    (to_sparse_gpu), eager and compiled inside the graph; and a second prompt on the same
+    decoder replays the same graph from a fresh cache."""
+    model = (tiny_llama(seed=4) if kind == "dense" else _sparse_tiny_llama()).to("cuda", dtype).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 6), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(1))
-    dec = GreedyDecoder(model, max_len=40, graph=True)
+    dec = GreedyDecoder(model, max_len=40, graph=True, compile=kind == "sparse-compiled")
     dec.prefill(prompt)
-    assert dec.mode == "cuda-graph", dec.graph_error
+    assert dec.mode.endswith("cuda-graph"), dec.graph_error
     tokens = dec.decode(12)
+    dec.prefill(prompt)
+    assert torch.equal(dec.decode(12), tokens)
     seq = torch.cat([prompt, tokens, dec.ids], dim=1)
     with torch.no_grad():
         logits = model(seq[:, :-1]).logits[0, prompt.shape[1] - 1:].float()  # predicts seq[6:]
