@@ -229,10 +229,13 @@ def _llama7b(kind):
 def test_gpu_llama7b_tokens_per_s(benchmark, impl, phase):
     from transformers import DynamicCache
 
+    from sparsellm.decode import cache_argument, output_cache
+
     if phase == "decode-compiled" and impl == "torch-2:4":
         pytest.skip("torch's semi-structured tensors are not compiled here (only our kernels' custom operators)")
     model = _llama7b(impl)
     batch, prompt, steps = 1, 2048 if phase == "prefill" else 128, 64
+    cache_kw = cache_argument(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
 
     def prefill():
@@ -244,15 +247,15 @@ def test_gpu_llama7b_tokens_per_s(benchmark, impl, phase):
         # untimed (pedantic setup): prefill the prompt, so only the decode steps are measured
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True)
+            out = model(ids, use_cache=True, **{cache_kw: cache})
         torch.cuda.synchronize()
-        return (out.past_key_values, out.logits[:, -1:].argmax(-1)), {}
+        return (output_cache(out), out.logits[:, -1:].argmax(-1)), {}
 
     def decode(cache, nxt):
         with torch.no_grad():
             for _ in range(steps):
-                out = model(nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, use_cache=True, **{cache_kw: cache})
+                cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
 
     decoders = []

@@ -27,7 +27,20 @@ the warm-up, with ``graph``).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` in newer
+    transformers (5.24 warns that ``past_key_values`` goes in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned (``cache`` or, in older transformers, ``past_key_values``)."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
 
 
 class GreedyDecoder:
@@ -54,12 +67,13 @@ class GreedyDecoder:
         self.graph = None
         self.graph_error = None
         self.logits = None
+        self.cache_kw = cache_argument(model)
         self.compiled = bool(compile)
         # dynamic=False: a decode step has one shape; a recompile is a bug, not a new shape
         self._run = torch.compile(self._forward_step, dynamic=False) if compile else self._forward_step
 
     def _forward_step(self) -> torch.Tensor:
-        out = self.model(self.ids, past_key_values=self.cache, cache_position=self.position, use_cache=True)
+        out = self.model(self.ids, cache_position=self.position, use_cache=True, **{self.cache_kw: self.cache})
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -75,8 +89,8 @@ class GreedyDecoder:
         if length >= self.max_len:
             raise ValueError(f"a prompt of {length} tokens leaves no room in a cache of {self.max_len}")
         self.cache.reset()
-        out = self.model(prompt_ids.to(self.device), past_key_values=self.cache,
-                         cache_position=torch.arange(length, device=self.device), use_cache=True)
+        out = self.model(prompt_ids.to(self.device), cache_position=torch.arange(length, device=self.device),
+                         use_cache=True, **{self.cache_kw: self.cache})
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
         self.position.fill_(length)
         self.length = length
