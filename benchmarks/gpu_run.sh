@@ -17,6 +17,8 @@
 #             SparseLLM at the CPU's token chunk, 762 tokens, the chunk of every run before 2026-11-27)
 #   profile   the same on 2 layers under torch.profiler (benchmarks/profile_prune.py): device time
 #             by named part of the prune and by kernel -> logs/profile/*.md
+#   memory    SparseLLM on 2 layers at 128 x 2048 calibration tokens (issue 12's memory target:
+#             where its token buffers live, peak memory) -> prune_7b_128.json
 #   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
 #   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
 #             layers, plain and FSDP2 over one process (issue 10)
@@ -31,7 +33,7 @@ R=$PWD; D=$R/.device-data; O=${OUT:-/tmp/out}; L=$O/logs; mkdir -p "$L"
 END=$(( $(date +%s) + ${BUDGET:-420} ))
 cap(){ local c=$1 r=$(( END - $(date +%s) - 10 )); [ $r -lt $c ] && c=$r; [ $c -lt 5 ] && c=5; echo $c; }
 log(){ echo "== $(date +%T) $*" | tee -a "$O/steps.txt"; }
-has(){ case " ${STEPS:-tests steptests sweep bench prune profile cusparselt elsa7b} " in *" $1 "*) return 0;; esac; return 1; }
+has(){ case " ${STEPS:-tests steptests sweep bench prune profile memory cusparselt elsa7b} " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$O/steps.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" >> "$O/steps.txt" 2>&1
 P="python3 -m pytest -p no:cacheprovider"
@@ -79,6 +81,13 @@ if has profile; then
     --timeout 180 --profile "$L/profile" --out "$L/profile/prune_7b_profiled.json" > "$L/profile.log" 2>&1
   log "profile rc=$? $(( $(date +%s)-t0 )) s"
 fi
+if has memory; then
+  t0=$(date +%s)
+  timeout $(cap ${T_MEMORY:-200}) python3 benchmarks/prune_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
+    --runs sparsellm:0.7:auto --layers 2 --nsamples 128 --seqlen 2048 --timeout 190 --out "$O/prune_7b_128.json" \
+    > "$L/memory.log" 2>&1
+  log "prune_7b at 128 x 2048 rc=$? $(( $(date +%s)-t0 )) s"
+fi
 if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
   # its own JIT build (cuSPARSELt binding, ~40 s): the switch that keeps the main extension off
   # must not stop this one; the benchmark first, so its printed compile time is the real one
@@ -110,6 +119,7 @@ log done
 # the tables last: the reply carries the end of the output
 for f in "$O/sweep.md" "$O/sparse_gpu_table.md"; do [ -f "$f" ] && cat "$f"; done
 tail -n 12 "$L/prune_7b.log" 2>/dev/null
+tail -n 5 "$L/memory.log" 2>/dev/null
 for f in "$L"/profile/*.md; do [ -f "$f" ] && head -n 16 "$f"; done
 tail -n 20 "$L/cusparselt.log" 2>/dev/null
 tail -n 8 "$L/elsa_7b.log" 2>/dev/null

@@ -145,9 +145,11 @@ def render(result: dict) -> str:
             ratio = f"{r['steady_layer_seconds'] / ref['steady_layer_seconds']:.2f}"
         gb = lambda b: f"{b / 1e9:.1f}" if b else ""  # noqa: E731
         errors = " ".join(f"{e:.4f}" for e in r["ffn_rel_error"])
+        places = sorted({d for d in r.get("aux_device") or () if d})  # where the FFN buffers lived
+        where = f" ({', '.join('host' if d == 'cpu' else d for d in places)})" if places else ""
         lines.append(f"| {r['method']} | {r['sparsity']} | {r['backend']} | {' '.join(r.get('options', []))} | "
                      f"{r['prune_seconds']} | {r['steady_layer_seconds']} | {ratio} | {gb(r['peak_memory_bytes'])} | "
-                     f"{gb(r['aux_buffer_bytes'])} | {errors} |")
+                     f"{gb(r['aux_buffer_bytes'])}{where} | {errors} |")
     s = result["settings"]
     lines.append("")
     lines.append(f"{shape_text(result)}, float16, {s['nsamples']} x {s['seqlen']} calibration tokens; "
