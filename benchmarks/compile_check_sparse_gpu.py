@@ -6,6 +6,8 @@ every autotune config can be checked on a CPU-only machine before GPU time is sp
 
     python benchmarks/compile_check_sparse_gpu.py            # sm_90 (H100), fp16/bf16/fp32
     python benchmarks/compile_check_sparse_gpu.py --arch 80  # sm_80 (A100)
+    python benchmarks/compile_check_sparse_gpu.py --sweep    # also every one-token config of
+                                                             # benchmarks/sparse_gpu_sweep.py (fp16)
 
 Exit status 1 if any variant fails to compile or spills registers.
 """
@@ -70,8 +72,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
+    ap.add_argument("--sweep", action="store_true", help="also the sweep's one-token configs (fp16)")
     args = ap.parse_args()
-    failures = 0
+    failures = _sweep_configs(args.arch) if args.sweep else 0
     for dname in args.dtypes.split(","):
         dt = DT[dname]
         # nm24: both autotuned variants, with and without bias / atomics
@@ -107,6 +110,33 @@ def main() -> int:
                                      cfg, label, args.arch)
     print("FAILED" if failures else "all variants compiled without spills", f"({failures} problems)")
     return 1 if failures else 0
+
+
+def _sweep_configs(arch) -> int:
+    """Compile each one-token config benchmarks/sparse_gpu_sweep.py will time (fp16, no atomics:
+    the 7B shapes need no split), so a config that fails or spills is known before the GPU call."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sparse_gpu_sweep as sweep
+
+    failures = 0
+    nm24_sig = {"x_ptr": "*fp16", "v_ptr": "*fp16", "m_ptr": "*i32", "b_ptr": "*fp16", "out_ptr": "*fp16",
+                "T": "i32", "N": "i32", "K": "i32", "v_per_split": "i32", "stride_v": "i32", "stride_m": "i32",
+                "stride_xt": "i32", "stride_ot": "i32"}
+    for c in sweep.nm24_configs():
+        cfg = triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
+        const = dict(cfg.kwargs, HAS_BIAS=False, ATOMIC=False, USE_DOT=False, DOT_PREC="tf32", BLOCK_T=1)
+        failures += _one(sm._nm24_kernel, nm24_sig, const, ["x_ptr", "v_ptr", "m_ptr", "b_ptr", "out_ptr", "K",
+                                                           "v_per_split", "stride_v", "stride_xt"],
+                         cfg, f"sweep nm24 {c}", arch)
+    sell_sig = {"x_ptr": "*fp16", "v_ptr": "*fp16", "c_ptr": "*i16", "sp_ptr": "*i64", "b_ptr": "*fp16",
+                "out_ptr": "*fp16", "T": "i32", "N": "i32", "K": "i32", "n_split": "i32", "stride_xt": "i32",
+                "stride_ot": "i32"}
+    for c in sweep.sell_configs():
+        cfg = triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "S")}, num_warps=c["num_warps"])
+        const = dict(cfg.kwargs, HAS_BIAS=False, ATOMIC=False, S=c["S"], BLOCK_T=1)
+        failures += _one(sm._sell_kernel, sell_sig, const, ["x_ptr", "v_ptr", "c_ptr", "sp_ptr", "b_ptr", "out_ptr"],
+                         cfg, f"sweep sell {c}", arch)
+    return failures
 
 
 def _one(fn, sig, const, aligned, cfg, label, arch) -> int:
