@@ -46,7 +46,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from torch.profiler import record_function as stage
 
 from .. import ops
