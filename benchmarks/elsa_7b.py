@@ -13,8 +13,10 @@ its peak memory is its own. Elsa starts from the dense weights (no ``--init``), 
     python benchmarks/elsa_7b.py --tokenizer .device-data/tok --calib .device-data/wiki_calib.txt \\
         --runs plain:float32,fsdp:float32,fsdp:bfloat16 --layers 4 --out $OUT/elsa_7b.json
 
-A run is MODE:STATE_DTYPE[:PROCESSES] with MODE plain or fsdp; ``--tiny`` swaps the 7B shapes
-for a toy model (hidden 64), for a CPU smoke run of the script (gloo there).
+A run is MODE:STATE_DTYPE[:PROCESSES[:PRECISION]] with MODE plain or fsdp and PRECISION the
+training passes' arithmetic (``--train-precision``: tf32, the default, float32 or bfloat16);
+``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script
+(gloo there).
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ WARMUP_STEPS = 2  # the first steps pay allocator growth and kernel selection
 
 def parse_run(spec: str) -> dict:
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in MODES:
-        raise SystemExit(f"--runs: {spec!r} is not MODE:STATE_DTYPE[:PROCESSES] with MODE one of {', '.join(MODES)}")
-    processes = int(parts[2]) if len(parts) == 3 else 1
+    if len(parts) not in (2, 3, 4) or parts[0] not in MODES:
+        raise SystemExit(f"--runs: {spec!r} is not MODE:STATE_DTYPE[:PROCESSES[:PRECISION]] with MODE one of "
+                         f"{', '.join(MODES)}")
+    processes = int(parts[2]) if len(parts) >= 3 else 1
     if parts[0] == "plain" and processes != 1:
         raise SystemExit(f"--runs: {spec!r}: a plain run is one process")
-    return {"mode": parts[0], "state_dtype": parts[1], "processes": processes}
+    return {"mode": parts[0], "state_dtype": parts[1], "processes": processes,
+            "precision": parts[3] if len(parts) == 4 else "tf32"}
 
 
 def command(model_dir: str, run: dict, report: str, args) -> list[str]:
@@ -49,7 +53,8 @@ def command(model_dir: str, run: dict, report: str, args) -> list[str]:
            "--calib", args.calib, "--eval", "none", "--no-dense-eval", "--nsamples", "1",
            "--seqlen", str(args.seqlen), "--dtype", args.dtype, "--device", args.device, "--quiet",
            "--report", report, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--admm-interval", str(args.admm_interval), "--state-dtype", run["state_dtype"]]
+           "--admm-interval", str(args.admm_interval), "--state-dtype", run["state_dtype"],
+           "--train-precision", run["precision"]]
     if run["mode"] == "plain":
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -57,7 +62,7 @@ def command(model_dir: str, run: dict, report: str, args) -> list[str]:
 
 
 def run_one(model_dir: str, run: dict, args) -> dict:
-    tag = f"{run['mode']}_{run['state_dtype']}_{run['processes']}"
+    tag = f"{run['mode']}_{run['state_dtype']}_{run['processes']}_{run['precision']}"
     report = os.path.join(args.workdir, f"{tag}.json")
     start = time.perf_counter()
     try:
@@ -89,11 +94,11 @@ def run_one(model_dir: str, run: dict, args) -> dict:
 
 
 def render(result: dict) -> str:
-    lines = ["| run | state dtype | processes | step s (median) | step s (mean, with z-updates) | tokens/s "
+    lines = ["| run | state dtype | processes | precision | step s (median) | step s (mean, with z-updates) | tokens/s "
              "| first step s | peak memory GB | peak B / prunable weight | state B / prunable weight (per process) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        head = f"| {r['mode']} | {r['state_dtype']} | {r['processes']} "
+        head = f"| {r['mode']} | {r['state_dtype']} | {r['processes']} | {r.get('precision', 'float32')} "
         if "median_step_seconds" not in r:
             lines.append(head + f"| failed (rc {r['rc']}) | | | | | | |")
             continue

@@ -61,9 +61,10 @@ def recipe(settings: dict) -> str:
         start = ElsaSettings(admm_lambda=settings["admm_lambda"], admm_schedule=schedule,
                              admm_lambda_start=settings.get("admm_lambda_start")).lambda_start
         lam = f"lambda {start} -> {settings['admm_lambda']} ({schedule})"
+    precision = settings.get("train_precision")  # absent: tf32 (float32 on a CPU)
     return (f"lr {settings['lr']} (linear decay), {lam}, interval {settings['admm_interval']}, score "
             f"{settings['score']}, batch {settings['batch_size']} x {settings['grad_accum']} x {settings['seqlen']} "
-            "tokens")
+            "tokens" + (f", {precision} training passes" if precision else ""))
 
 
 def commit() -> str:
@@ -100,12 +101,14 @@ def measure(setting: str, args, results: dict) -> None:
                   device="cpu" if args.cpu else None)
     elsa = ElsaSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         admm_lambda=args.admm_lambda, admm_schedule=args.admm_schedule,
-                        admm_lambda_start=args.admm_lambda_start, admm_interval=args.admm_interval, score=args.score)
+                        admm_lambda_start=args.admm_lambda_start, admm_interval=args.admm_interval, score=args.score,
+                        train_precision=args.train_precision)
     entry = {"setting": setting, "tag": args.tag, "rows": {}, "commit": commit(), "init": "sparsegpt",
              "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                           "seqlen": args.seqlen, "lr": args.lr, "admm_lambda": args.admm_lambda,
                           "admm_schedule": args.admm_schedule, "admm_lambda_start": args.admm_lambda_start,
                           "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
+                          **({} if args.train_precision == "tf32" else {"train_precision": args.train_precision}),
                           "eval_windows": args.eval_windows},
              "machine": (f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
                          if torch.cuda.is_available() and not args.cpu else
@@ -240,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--admm-interval", type=int, default=20)
     p.add_argument("--tag", default="", help="names a recipe variant, kept beside the setting's other runs")
     p.add_argument("--score", default="fisher")
+    p.add_argument("--train-precision", default="tf32",
+                   help="tf32 (the CLI's default: TF32 matmuls on a GPU, float32 on the CPU), float32 or bfloat16")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)

@@ -21,11 +21,14 @@
 #             where its token buffers live, peak memory) -> prune_7b_128.json
 #   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
 #   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
-#             layers, plain and FSDP2 over one process (issue 10)
+#             layers, plain (TF32 and bfloat16 autocast) and FSDP2 over one process (issue 10)
 #   elsafull  benchmarks/elsa_quality.py on the default model at the public recipe's length
-#             (ELSA_STEPS, default 4096 steps of 2 x 4 windows of 512 tokens: the public recipe's
-#             batch and accumulation at the protocol's window; lr 2e-4, lambda 0.01, interval 32;
-#             ELSA_SETTINGS, default 0.9) -> elsa_gpu.json; needs the model carried in two calls
+#             (ELSA_STEPS, default 4096 steps of 8 windows of 512 tokens: the public recipe's
+#             batch 2 x accumulation 4 at the protocol's window, taken as one micro-batch of 8, the
+#             same mean loss in a quarter of the launches; ELSA_BATCH / ELSA_ACCUM split it again;
+#             lr 2e-4, lambda 0.01, interval 32; ELSA_SETTINGS, default 0.9; ELSA_METHODS, default
+#             elsa,masked-adam, Elsa first; ELSA_PRECISION, default tf32) -> elsa_gpu.json (each
+#             method's row is written when it ends); needs the model carried in two calls
 #             (benchmarks/device_model.sh), so it is not among the default steps
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD SPARSELLM_JIT=0
@@ -101,8 +104,8 @@ if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
 fi
 if has elsa7b; then
   t0=$(date +%s)
-  timeout $(cap ${T_ELSA:-240}) python3 benchmarks/elsa_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
-    --runs "${ELSA_RUNS:-plain:float32,fsdp:float32,fsdp:bfloat16}" --layers ${ELSA_LAYERS:-4} \
+  timeout $(cap ${T_ELSA:-300}) python3 benchmarks/elsa_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
+    --runs "${ELSA_RUNS:-plain:float32,plain:float32:1:bfloat16,fsdp:float32,fsdp:bfloat16}" --layers ${ELSA_LAYERS:-4} \
     --timeout 180 --out "$O/elsa_7b.json" > "$L/elsa_7b.log" 2>&1
   log "elsa_7b rc=$? $(( $(date +%s)-t0 )) s"
 fi
@@ -110,7 +113,9 @@ if has elsafull; then
   t0=$(date +%s)
   if ( . benchmarks/device_model.sh unpack > "$L/elsa_full.log" 2>&1 && \
        timeout $(cap ${T_ELSA_FULL:-540}) python3 benchmarks/elsa_quality.py --settings "${ELSA_SETTINGS:-0.9}" \
-         --steps ${ELSA_STEPS:-4096} --batch-size 2 --grad-accum 4 --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 --tag gpu \
+         --steps ${ELSA_STEPS:-4096} --batch-size ${ELSA_BATCH:-8} --grad-accum ${ELSA_ACCUM:-1} --lr 2e-4 \
+         --admm-lambda 0.01 --admm-interval 32 --methods "${ELSA_METHODS:-elsa,masked-adam}" \
+         --train-precision "${ELSA_PRECISION:-tf32}" --tag gpu \
          --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json "$O/elsa_gpu.json" \
          --progress >> "$L/elsa_full.log" 2>&1 ); then rc=0; else rc=$?; fi
   log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(tr '\r' '\n' < $L/elsa_full.log | grep -E '^[0-9.:]+ (sparsegpt|elsa|masked-adam): ppl|^device_model' | tr '\n' ' ')"

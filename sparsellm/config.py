@@ -88,6 +88,12 @@ class ElsaSettings:
     train_dense_params: bool = False  # also train embeddings, norms, lm_head (never pruned)
     state_dtype: str = "float32"  # storage of z and u: float32, bfloat16, or float8 (per-tensor scale)
     optimizer: str = "adamw"  # adamw (torch, fp32 moments) or adamw8bit (bitsandbytes, 8-bit moments)
+    # Arithmetic of the forward and backward passes. Weights, gradients, Adam's moments and z/u
+    # keep their own dtypes in every mode. "tf32": float32 matmuls on CUDA in the tensor cores'
+    # TF32 mode (as SparseLLM's product_precision), plain float32 on the CPU; "float32": plain
+    # float32 everywhere; "bfloat16": the forward under torch.autocast(bfloat16), on either device
+    # (mixed precision: float32 master weights).
+    train_precision: str = "tf32"
     checkpoint_dir: str | None = None  # resume is automatic when it holds a checkpoint of the same run
     checkpoint_every: int = 50  # steps between checkpoints
     # Under torchrun: shard weights, gradients, Adam's moments and z/u (or the mask) over the
@@ -100,6 +106,7 @@ class ElsaSettings:
     SCORES = ("fisher", "magnitude")
     STATE_DTYPES = ("float32", "bfloat16", "float8")
     OPTIMIZERS = ("adamw", "adamw8bit")
+    TRAIN_PRECISIONS = ("tf32", "float32", "bfloat16")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -120,7 +127,7 @@ class ElsaSettings:
             raise ValueError(f"elsa betas must be two numbers in [0, 1), got {self.betas!r}")
         for name, allowed in (("lr_schedule", self.LR_SCHEDULES), ("admm_schedule", self.ADMM_SCHEDULES),
                               ("score", self.SCORES), ("state_dtype", self.STATE_DTYPES),
-                              ("optimizer", self.OPTIMIZERS)):
+                              ("optimizer", self.OPTIMIZERS), ("train_precision", self.TRAIN_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"elsa {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.fsdp and self.optimizer == "adamw8bit":

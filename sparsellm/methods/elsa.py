@@ -75,6 +75,7 @@ from ..distributed import local
 from ..driver import LayerRecord, resolve_device
 from ..sparsity import SparsityPattern, zero_fraction
 from .base import PruningMethod
+from .sparsellm import large_products
 
 log = logging.getLogger(__name__)
 
@@ -455,35 +456,36 @@ class SparseTraining(PruningMethod):
                    disable=self.config.quiet or rank != 0)
         started = time.perf_counter()
         try:
-            for step in range(start_step, s.steps):
-                tick = time.perf_counter()
-                windows = calibration.draw(per_step, step)
-                loss = self._backward(net, windows[rank::world], per_step, device)
-                if world > 1:
-                    if not sharded:  # FSDP's reduce-scatter has summed them already
-                        for p in params:
-                            dist.all_reduce(p.grad)
-                    loss_t = torch.tensor([loss], dtype=torch.float64,
-                                          device=device if dist.get_backend() == "nccl" else "cpu")
-                    dist.all_reduce(loss_t)
-                    loss = float(loss_t)
-                self._before_clip(train_targets)
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # sharded: the global norm
-                self._before_step(train_targets, optimizer)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self._after_step(step, train_targets, optimizer)
-                seconds = time.perf_counter() - tick
-                entry = {"step": step + 1, "loss": loss, "lr": lr, "seconds": seconds,
-                         "tokens_per_s": per_step * windows.shape[1] / seconds}
-                entry.update(self._step_info())
-                self.history.append(entry)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(), tok_s=f"{entry['tokens_per_s']:.0f}")
-                if folder is not None and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
-                    self._save_checkpoint(folder, step + 1, params, optimizer, scheduler, train_targets)
+            with large_products(device, "tf32" if s.train_precision == "tf32" else "float32"):
+                for step in range(start_step, s.steps):
+                    tick = time.perf_counter()
+                    windows = calibration.draw(per_step, step)
+                    loss = self._backward(net, windows[rank::world], per_step, device)
+                    if world > 1:
+                        if not sharded:  # FSDP's reduce-scatter has summed them already
+                            for p in params:
+                                dist.all_reduce(p.grad)
+                        loss_t = torch.tensor([loss], dtype=torch.float64,
+                                              device=device if dist.get_backend() == "nccl" else "cpu")
+                        dist.all_reduce(loss_t)
+                        loss = float(loss_t)
+                    self._before_clip(train_targets)
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # sharded: the global norm
+                    self._before_step(train_targets, optimizer)
+                    lr = optimizer.param_groups[0]["lr"]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self._after_step(step, train_targets, optimizer)
+                    seconds = time.perf_counter() - tick
+                    entry = {"step": step + 1, "loss": loss, "lr": lr, "seconds": seconds,
+                             "tokens_per_s": per_step * windows.shape[1] / seconds}
+                    entry.update(self._step_info())
+                    self.history.append(entry)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(), tok_s=f"{entry['tokens_per_s']:.0f}")
+                    if folder is not None and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
+                        self._save_checkpoint(folder, step + 1, params, optimizer, scheduler, train_targets)
         finally:
             bar.close()
             net.train(was_training)
@@ -507,7 +509,7 @@ class SparseTraining(PruningMethod):
             "windows_per_step": per_step, "tokens_per_step": per_step * calibration.seqlen,
             "train_seconds": train_seconds, "init": s.init, "trained_parameters": sum(p.numel() for p in trained),
             "prunable_parameters": n_prunable,
-            "optimizer": s.optimizer,
+            "optimizer": s.optimizer, "train_precision": s.train_precision,
             "state_bytes_per_param": per_weight,
             "loss_curve": [{k: e[k] for k in ("step", "loss", "seconds", *self._step_info()) if k in e}
                            for e in self.history],
@@ -519,9 +521,11 @@ class SparseTraining(PruningMethod):
         """Backpropagate this process's share of the global mean loss (each window's mean
         next-token NLL, averaged over the step's windows); returns that share's sum."""
         total = 0.0
+        autocast = self.settings.train_precision == "bfloat16"  # mixed precision: the forward only
         for micro in windows.split(self.settings.batch_size):
             ids = micro.to(device)
-            logits = model(ids, use_cache=False).logits
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(ids, use_cache=False).logits
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                   reduction="none").view(ids.shape[0], -1).mean(1)
             (nll.sum() / global_count).backward()
