@@ -43,7 +43,7 @@ P="python3 -m pytest -p no:cacheprovider"
 if has tests; then
   t0=$(date +%s)
   # the whole files: on a GPU their non-gpu tests also run the compiled kernels (small shapes)
-  timeout $(cap ${T_TESTS:-150}) $P -q -rs --timeout 140 tests/test_sparse_gpu.py tests/test_decode.py \
+  timeout $(cap ${T_TESTS:-200}) $P -q -rs --timeout 140 tests/test_sparse_gpu.py tests/test_decode.py \
     > "$L/gpu_tests.log" 2>&1
   log "sparse/decode tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/gpu_tests.log)"
 fi
