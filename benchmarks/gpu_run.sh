@@ -22,6 +22,10 @@
 #   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
 #   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
 #             layers, plain (TF32 and bfloat16 autocast) and FSDP2 over one process (issue 10)
+#   quality   benchmarks/quality.py --full on the default model (issue 12's table: every method at
+#             every setting over all layers, SparseGPT and SparseLLM over the first half; the wiki
+#             splits as .txt files; QUALITY_ARGS replaces --full) -> quality_gpu.json, quality_gpu.md;
+#             needs the model carried as for elsafull, so it is not among the default steps either
 #   elsafull  benchmarks/elsa_quality.py on the default model at the public recipe's length
 #             (ELSA_STEPS, default 4096 steps of 8 windows of 512 tokens: the public recipe's
 #             batch 2 x accumulation 4 at the protocol's window, taken as one micro-batch of 8, the
@@ -109,6 +113,14 @@ if has elsa7b; then
     --timeout 180 --out "$O/elsa_7b.json" > "$L/elsa_7b.log" 2>&1
   log "elsa_7b rc=$? $(( $(date +%s)-t0 )) s"
 fi
+if has quality; then
+  t0=$(date +%s)
+  if ( . benchmarks/device_model.sh unpack > "$L/quality.log" 2>&1 && \
+       timeout $(cap ${T_QUALITY:-540}) python3 benchmarks/quality.py ${QUALITY_ARGS:---full} --calib "$D/wiki_calib.txt" \
+         --eval "$D/wiki_test.txt" --json "$O/quality_gpu.json" --markdown "$O/quality_gpu.md" >> "$L/quality.log" 2>&1 )
+  then rc=0; else rc=$?; fi
+  log "quality table rc=$rc $(( $(date +%s)-t0 )) s: $(grep -c ': ppl ' $L/quality.log) cells"
+fi
 if has elsafull; then
   t0=$(date +%s)
   if ( . benchmarks/device_model.sh unpack > "$L/elsa_full.log" 2>&1 && \
@@ -122,7 +134,7 @@ if has elsafull; then
 fi
 log done
 # the tables last: the reply carries the end of the output
-for f in "$O/sweep.md" "$O/sparse_gpu_table.md"; do [ -f "$f" ] && cat "$f"; done
+for f in "$O/sweep.md" "$O/sparse_gpu_table.md" "$O/quality_gpu.md"; do [ -f "$f" ] && cat "$f"; done
 tail -n 12 "$L/prune_7b.log" 2>/dev/null
 tail -n 5 "$L/memory.log" 2>/dev/null
 for f in "$L"/profile/*.md; do [ -f "$f" ] && head -n 16 "$f"; done

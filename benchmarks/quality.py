@@ -120,14 +120,14 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
     if method == "sparsellm" and args.product_precision:
         extra["sparsellm"] = SparseLLMSettings(product_precision=args.product_precision)
     config = PruneConfig(method=method, sparsity=setting, layers=layers, nsamples=args.nsamples,
-                         seqlen=args.seqlen, seed=0, eval=("wiki",), eval_windows=args.eval_windows,
-                         quiet=not args.progress, device="cpu" if args.cpu else None,
+                         seqlen=args.seqlen, seed=0, calib=args.calib, eval=(args.eval,),
+                         eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None,
                          sequential=not args.no_sequential, **extra)
     model, tokenizer = api.load_model(config.model)
     start = time.perf_counter()
     records = api.prune(model, tokenizer, config)
     seconds = time.perf_counter() - start
-    ppl = api.evaluate(model, tokenizer, config)["wiki"]
+    ppl = api.evaluate(model, tokenizer, config)[args.eval]
     return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
             "sequential": config.sequential, **({"product_precision": args.product_precision} if extra else {}),
             "git": git_state(), "measured": time.strftime("%Y-%m-%d"),
@@ -141,10 +141,10 @@ def dense_ppl(args) -> float:
     from sparsellm import api
     from sparsellm.config import PruneConfig
 
-    config = PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval=("wiki",),
-                         eval_windows=args.eval_windows, quiet=not args.progress)
+    config = PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval=(args.eval,),
+                         eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None)
     model, tokenizer = api.load_model(config.model)
-    return api.evaluate(model, tokenizer, config)["wiki"], model.config.num_hidden_layers
+    return api.evaluate(model, tokenizer, config)[args.eval], model.config.num_hidden_layers
 
 
 def measure(todo: list, args):
@@ -248,6 +248,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-sequential", action="store_true",
                    help="gather each layer's statistics from the dense layer, as the reference code does")
     p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki, or its calibration split as a .txt file "
+                                                   "(../shared/device/prepare.sh writes both splits: the same tokens)")
+    p.add_argument("--eval", default="wiki", help="test text: wiki, or its test split as a .txt file")
     p.add_argument("--product-precision", default=None, choices=("tf32", "float32", "bfloat16"),
                    help="SparseLLM's product precision (default: the method's; a separate row)")
     p.add_argument("--progress", action="store_true", help="show per-layer progress bars")
@@ -263,11 +266,15 @@ def main(argv=None) -> int:
 
         import torch
 
+        gpu = torch.cuda.is_available() and not args.cpu
         results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
                                "eval_windows": args.eval_windows, "seed": 0,
-                               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                               "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if gpu else
+                                          f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                                           f"{torch.get_num_threads()} threads"
                                           + (f" shared by {args.jobs} jobs" if args.jobs > 1 else "")}
+        if (args.calib, args.eval) != ("wiki", "wiki"):  # the wiki splits from files: say which
+            results["protocol"]["text"] = {"calib": args.calib, "eval": args.eval}
         if results.get("dense") is None or results.get("num_layers") is None or args.rerun:
             results["dense"], results["num_layers"] = dense_ppl(args)
             save(results, args.json)
