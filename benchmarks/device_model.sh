@@ -11,7 +11,8 @@
 #     SPARSELLM_COMMIT=<commit> STEPS="tests elsa7b" BUDGET=400 bash benchmarks/gpu_run.sh)
 #   call 2, at once (the machine goes back after a short idle time): carry [".device-model/b"],
 #     command: SPARSELLM_COMMIT=<commit> STEPS=elsafull BUDGET=540 bash benchmarks/gpu_run.sh
-#   there, gpu_run.sh's elsafull step runs:  . benchmarks/device_model.sh unpack
+#     (or STEPS=quality, or both)
+#   there, gpu_run.sh's elsafull and quality steps run:  . benchmarks/device_model.sh unpack
 #     -> joins the halves under /tmp/device-model, checks the sha256, and exports PYTHONPATH and
 #        SPARSELLM_CACHE so that `--model smollm2` (the default) loads it as it does here
 d=.device-model
