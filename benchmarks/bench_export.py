@@ -13,7 +13,8 @@ tokens/s of a random LLaMA-7B-shaped model, dense vs ``torch-2:4`` vs ``--export
 on 2:4 and 90% magnitude-pruned weights (``SPARSELLM_BENCH_LAYERS`` shrinks the layer count,
 default 32); decode eager (Hugging Face's loop), ``decode-graph`` (one step replayed as a CUDA
 graph, :class:`sparsellm.decode.GreedyDecoder`) and ``decode-compiled`` (the same step through
-``torch.compile`` first: a minute or more of compiling per implementation at 32 layers). The whole GPU part takes about 3 minutes on an H100 with
+``torch.compile`` first: a minute or more of compiling per implementation at 32 layers). The
+whole GPU part without ``decode-compiled`` took about 3 minutes on an H100 with
 ``--benchmark-max-time=0.1``; ``benchmarks/sparse_gpu_table.py`` turns its JSON into the
 speedup table of RESULTS.md:
 
