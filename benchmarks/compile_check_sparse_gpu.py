@@ -14,6 +14,7 @@ Exit status 1 if any variant fails to compile or spills registers.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import sys
@@ -41,6 +42,10 @@ def _attrs(fn, names):
 
 def _compile(fn, signature, constexprs, attrs, num_warps, num_stages, arch):
     sig = {name: signature.get(name, "constexpr") for name in fn.arg_names}
+    # meta-parameters a config leaves out take their defaults, as in a launch
+    defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    constexprs = {**{k: v for k, v in defaults.items() if sig.get(k) == "constexpr"}, **constexprs}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})

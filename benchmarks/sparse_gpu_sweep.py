@@ -36,12 +36,13 @@ from sparsellm.kernels import sparse_matmul as sm
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 # Around the third sweep's winners (commit e16fa42, benchmarks/RESULTS.md run 3). nm24 won at
 # the corner of that grid (BLOCK_N 4 of 4-8, BLOCK_K 512 of 512-1024, 4 warps of 4-8), so the
-# grid now goes one step past it on each axis (2 rows, 256 inputs, 2 warps); the register pick
-# of x (X_MODE 1) and the eviction hints won at every shape, so they are fixed. The first sweep
+# grid now goes one step past it on each axis (2 rows, 256 inputs, 2 warps) and adds a third
+# tile in flight (AHEAD 2); the register pick of x (X_MODE 1) and the eviction hints won at every
+# shape, so they are fixed. The first sweep
 # (825b90a) covered BLOCK_N 4-16, BLOCK_K 256-1024, 16- and 32-row slices, slot blocks 32-256,
 # 2-8 warps.
 NM24_GRID = {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512, 1024), "X_MODE": (1,), "num_warps": (2, 4, 8),
-             "STREAM": (1,)}
+             "STREAM": (1,), "AHEAD": (1, 2)}
 NM24_MAX_TILE = 8192  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
 NM24_MIN_TILE = 1024  # 2 x 512 is new; smaller tiles were the slowest of the first sweep
 SELL_GRID = {"S": (16,), "BLOCK_J": (64, 128, 256), "num_warps": (2, 4, 8), "STREAM": (1,)}

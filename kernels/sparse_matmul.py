@@ -18,7 +18,8 @@ oracle: :mod:`sparsellm.reference`):
     BLOCK_K = 4 x 512, 4 warps): the tile's x is read once, contiguously, and each group's two
     kept values pick their inputs from its four in registers (``X_MODE`` 1; ``X_MODE`` 0, each
     value gathering x at its column, measured 7-13% slower on an H200); the next tile's values
-    and meta are loaded before this tile's x (two tiles in flight), the packed weight marked
+    and meta are loaded before this tile's x (two tiles in flight; ``AHEAD`` 2: three, the one
+    after next loaded too), the packed weight marked
     evict-first and x evict-last (``STREAM``), products accumulate per group and are reduced
     once at the end. Two or more tokens
     (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,
@@ -121,7 +122,7 @@ def _x_load(ptr, mask, STREAM: tl.constexpr):
 def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stride_v, stride_m, stride_xt, stride_ot,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_MODE: tl.constexpr = 0,
-                 STREAM: tl.constexpr = 0):
+                 STREAM: tl.constexpr = 0, AHEAD: tl.constexpr = 1):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -174,10 +175,17 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
         w_idx = v_start // 16 + ww
         vals = _stream_load(v_rows + v_idx[None, :], n_ok[:, None] & (v_idx[None, :] < v_end), STREAM)
         words = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 16 < v_end), STREAM)
+        # AHEAD 2: a third tile in flight, the one after next: more bytes requested per thread
+        # while the GPU waits on memory (a candidate of benchmarks/sparse_gpu_sweep.py)
+        if AHEAD == 2:
+            v_idx = v_start + BLOCK_V + vv
+            w_idx = (v_start + BLOCK_V) // 16 + ww
+            vals1 = _stream_load(v_rows + v_idx[None, :], n_ok[:, None] & (v_idx[None, :] < v_end), STREAM)
+            words1 = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 16 < v_end), STREAM)
         for v0 in range(v_start, v_end, BLOCK_V):
             v0 = tl.multiple_of(v0, BLOCK_V)
-            nv_idx = v0 + BLOCK_V + vv
-            nw_idx = (v0 + BLOCK_V) // 16 + ww
+            nv_idx = v0 + AHEAD * BLOCK_V + vv
+            nw_idx = (v0 + AHEAD * BLOCK_V) // 16 + ww
             vals_next = _stream_load(v_rows + nv_idx[None, :], n_ok[:, None] & (nv_idx[None, :] < v_end), STREAM)
             words_next = _stream_load(m_rows + nw_idx[None, :], n_ok[:, None] & (nw_idx[None, :] * 16 < v_end),
                                       STREAM)
@@ -201,8 +209,14 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
                 pick0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
                 pick1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
                 acc_g += first.to(tl.float32) * pick0 + second.to(tl.float32) * pick1
-            vals = vals_next
-            words = words_next
+            if AHEAD == 2:
+                vals = vals1
+                words = words1
+                vals1 = vals_next
+                words1 = words_next
+            else:
+                vals = vals_next
+                words = words_next
         if X_MODE == 0:
             acc = tl.sum(acc2, axis=1)
         else:

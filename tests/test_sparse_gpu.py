@@ -197,7 +197,8 @@ def test_nm24_kernel_matches_reference(tokens, dtype):
 @pytest.mark.parametrize("x_mode", sparse_matmul.NM24_X_MODES)
 def test_nm24_one_token_x_modes_match_reference(x_mode, keep):
     """The one-token kernel's two ways to meet x (gather, register pick), each forced through
-    ``config``, with and without the eviction hints and the atomic split-K path."""
+    ``config``, with and without the eviction hints, the atomic split-K path and a third tile
+    in flight (AHEAD 2: K = 256 is four 64-input tiles, so the prefetch runs past the end too)."""
     n, k = 40, 256
     w = nm_weight(n, k, keep=keep, seed=7 + keep, dtype=torch.float32)
     values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
@@ -205,10 +206,10 @@ def test_nm24_one_token_x_modes_match_reference(x_mode, keep):
     x = _inputs(1, k, torch.float32, seed=11)
     want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k, bias.double().cpu())
     assert want.abs().max() > 1  # never compared on zeros
-    for split, stream in ((None, 0), (3, 1)):
-        config = {"BLOCK_N": 16, "BLOCK_K": 64, "X_MODE": x_mode, "STREAM": stream, "num_warps": 1}
+    for split, stream, ahead in ((None, 0, 1), (3, 1, 1), (None, 1, 2), (3, 0, 2)):
+        config = {"BLOCK_N": 16, "BLOCK_K": 64, "X_MODE": x_mode, "STREAM": stream, "AHEAD": ahead, "num_warps": 1}
         got = sparse_matmul.nm24_linear(x, values, meta, k, bias, split_k=split, config=config)
-        assert got.shape == (1, n) and rel_err(got, want) < TOL[torch.float32], split
+        assert got.shape == (1, n) and rel_err(got, want) < TOL[torch.float32], (split, ahead)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
@@ -400,10 +401,10 @@ def test_gpu_kernels_at_7b_shapes(shape, tokens):
     assert rel_err(sparse_matmul.nm24_linear(x, values, meta, in_f, bias), want) < 1e-2
     if tokens == 1:  # every way of meeting x, compiled (the autotuner picks among them)
         for x_mode in sparse_matmul.NM24_X_MODES:
-            for stream in (0, 1):
-                got = sparse_matmul.nm24_linear(x, values, meta, in_f, bias,
-                                                config={"BLOCK_N": 8, "BLOCK_K": 512, "X_MODE": x_mode, "STREAM": stream})
-                assert rel_err(got, want) < 1e-2, (x_mode, stream)
+            for stream, ahead in ((0, 1), (1, 1), (1, 2)):
+                got = sparse_matmul.nm24_linear(x, values, meta, in_f, bias, config={
+                    "BLOCK_N": 8, "BLOCK_K": 512, "X_MODE": x_mode, "STREAM": stream, "AHEAD": ahead})
+                assert rel_err(got, want) < 1e-2, (x_mode, stream, ahead)
     w90 = w.masked_fill(torch.rand_like(w, dtype=torch.float32) < 0.9, 0)
     sv, sc, sp = reference.sell_pack(w90, 32, sparse_gpu.SELL_SLOT_BLOCK)
     want = F.linear(x.float(), w90.float(), bias.float())
