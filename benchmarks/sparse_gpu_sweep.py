@@ -89,7 +89,8 @@ def _run(fn, want) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def sweep(shapes, device: str, reps: int, quick: bool) -> list[dict]:
+def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None) -> list[dict]:
+    """Every (shape, format, config) row; ``save(rows)`` after each, so a run cut short keeps its rows."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32  # the interpreter is wrong in half
@@ -124,6 +125,7 @@ def sweep(shapes, device: str, reps: int, quick: bool) -> list[dict]:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                save(rows)
     return rows
 
 
@@ -133,6 +135,8 @@ def table(rows: list[dict], shapes, top: int = 5) -> str:
         for fmt in ("nm24", "sell"):
             sel = [r for r in rows if r["shape"] == [in_f, out_f] and r["format"] == fmt]
             dense = next((r["us"] for r in sel if r["impl"] == "dense"), None)
+            if dense is None:  # not reached (a run cut short)
+                continue
             ok = sorted((r for r in sel if r["impl"] == fmt and "us" in r and r["err"] < 1e-2), key=lambda r: r["us"])
             bad = [r for r in sel if r["impl"] == fmt and ("error" in r or r.get("err", 0) >= 1e-2)]
             lines.append(f"\n{in_f}->{out_f} {fmt} (dense {dense:.1f} us; {len(ok)} configs ok, {len(bad)} failed):")
@@ -157,16 +161,21 @@ def main(argv=None) -> int:
         return 2
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     t0 = time.time()
-    rows = sweep(shapes, args.device, args.reps, args.quick)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
-    meta = {"device": device, "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    text = f"{meta}\n" + table(rows, shapes)
-    if args.table:
-        with open(args.table, "w") as f:
-            f.write(text + "\n")
-    print(text)
+
+    def save(rows, complete=False) -> str:
+        meta = {"device": device, "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
+                "complete": complete}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        text = f"{meta}\n" + table(rows, shapes)
+        if args.table:
+            with open(args.table, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    rows = sweep(shapes, args.device, args.reps, args.quick, save)
+    print(save(rows, complete=True))
     return 0
 
 
