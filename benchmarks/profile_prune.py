@@ -25,32 +25,44 @@ import json
 import sys
 import time
 
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 STAGE_PREFIXES = ("driver.", "sparsellm.", "obs_prune")
 
 
-def _row(event, total_us: float, device: bool) -> dict:
+def _op_row(event, total_us: float, device: bool) -> dict:
     own = event.self_device_time_total if device else event.self_cpu_time_total
-    return {"name": event.key, "calls": event.count,
-            "host_s": round(event.cpu_time_total / 1e6, 4),
-            "device_s": round(event.device_time_total / 1e6, 4) if device else None,
-            "self_s": round(own / 1e6, 4),
+    return {"name": event.key, "calls": event.count, "self_s": round(own / 1e6, 4),
             "self_share": round(own / total_us, 4) if total_us else None}
 
 
+def _stage_rows(prof, device: bool) -> list[dict]:
+    """The named ranges, from their host-side events: host time, and the device time of the
+    kernels launched inside them (on a GPU the profiler also records each range on the device
+    timeline under the same name; those copies are left out, so nothing is counted twice)."""
+    stages: dict[str, dict] = {}
+    for e in prof.events():
+        if e.name.startswith(STAGE_PREFIXES) and e.device_type == DeviceType.CPU:
+            row = stages.setdefault(e.name, {"name": e.name, "calls": 0, "host_s": 0.0, "device_s": 0.0})
+            row["calls"] += 1
+            row["host_s"] += e.cpu_time_total / 1e6
+            row["device_s"] += e.device_time_total / 1e6
+    rows = sorted(stages.values(), key=lambda r: r["name"])
+    for row in rows:
+        row["host_s"] = round(row["host_s"], 4)
+        row["device_s"] = round(row["device_s"], 4) if device else None
+    return rows
+
+
 def summarise(prof, wall: float, device: bool, top: int) -> dict:
-    events = prof.key_averages()
-    stages = [e for e in events if e.key.startswith(STAGE_PREFIXES)]
-    ops = [e for e in events if not e.key.startswith(STAGE_PREFIXES)]
+    ops = [e for e in prof.key_averages() if not e.key.startswith(STAGE_PREFIXES)]
     own = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)  # noqa: E731
     total = sum(own(e) for e in ops)
     ops.sort(key=own, reverse=True)
-    stages.sort(key=lambda e: e.key)
     return {"wall_s": round(wall, 2), "timed": "device" if device else "host",
-            "self_total_s": round(total / 1e6, 3),
-            "stages": [_row(e, total, device) for e in stages],
-            "top_ops": [_row(e, total, device) for e in ops[:top]]}
+            "self_total_s": round(total / 1e6, 3), "stages": _stage_rows(prof, device),
+            "top_ops": [_op_row(e, total, device) for e in ops[:top]]}
 
 
 def render(summary: dict, title: str) -> str:
