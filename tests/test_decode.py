@@ -2,7 +2,6 @@
 ``model.generate``'s greedy tokens; its errors."""
 import pytest
 import torch
-
 from torch import nn
 
 from helpers import tiny_llama, tiny_opt
