@@ -32,11 +32,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 
-from quality import achieved_sparsity, commit_label, fmt_ppl, git_state, load, save, write_into
+from quality import (achieved_sparsity, add_text_options, commit_label, fmt_ppl, git_state, load, machine, save,
+                     text_sources, write_into)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "elsa.json")
@@ -110,12 +110,7 @@ def measure(setting: str, args, results: dict) -> None:
                           "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
                           **({} if args.train_precision == "tf32" else {"train_precision": args.train_precision}),
                           "eval_windows": args.eval_windows},
-             "machine": (f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-                         if torch.cuda.is_available() and not args.cpu else
-                         f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} threads")}
-    if (args.calib, args.eval) != ("wiki", "wiki"):  # the wiki splits from files: say which
-        entry["text"] = {"calib": args.calib, "eval": args.eval}
+             "machine": machine(args.cpu), **text_sources(args)}
     key = run_key(setting, args.tag)
     previous = results["runs"].get(key)
     if previous and previous["commit"] == entry["commit"] and previous["settings"] == entry["settings"]:
@@ -248,8 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--calib", default="wiki", help="calibration text: wiki, or its calibration split as a .txt file")
-    p.add_argument("--eval", default="wiki", help="test text: wiki, or its test split as a .txt file")
+    add_text_options(p)
     p.add_argument("--json", default=DEFAULT_JSON)
     p.add_argument("--render", action="store_true", help="only render the table from the JSON")
     p.add_argument("--cpu", action="store_true")

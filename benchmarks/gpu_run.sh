@@ -44,6 +44,10 @@ has(){ case " ${STEPS:-tests steptests sweep bench prune profile memory cusparse
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$O/steps.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" >> "$O/steps.txt" 2>&1
 P="python3 -m pytest -p no:cacheprovider"
+# with_model LOG CAP CMD...: run CMD with the default model carried in two halves
+# (benchmarks/device_model.sh), capped, output to LOG; its status is the step's
+with_model(){ local log=$1 c=$2; shift 2
+  ( . benchmarks/device_model.sh unpack > "$log" 2>&1 && timeout $(cap $c) "$@" >> "$log" 2>&1 ); }
 if has tests; then
   t0=$(date +%s)
   # the whole files: on a GPU their non-gpu tests also run the compiled kernels (small shapes)
@@ -115,21 +119,19 @@ if has elsa7b; then
 fi
 if has quality; then
   t0=$(date +%s)
-  if ( . benchmarks/device_model.sh unpack > "$L/quality.log" 2>&1 && \
-       timeout $(cap ${T_QUALITY:-540}) python3 benchmarks/quality.py ${QUALITY_ARGS:---full} --calib "$D/wiki_calib.txt" \
-         --eval "$D/wiki_test.txt" --json "$O/quality_gpu.json" --markdown "$O/quality_gpu.md" >> "$L/quality.log" 2>&1 )
+  if with_model "$L/quality.log" ${T_QUALITY:-540} python3 benchmarks/quality.py ${QUALITY_ARGS:---full} \
+       --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --json "$O/quality_gpu.json" --markdown "$O/quality_gpu.md"
   then rc=0; else rc=$?; fi
   log "quality table rc=$rc $(( $(date +%s)-t0 )) s: $(grep -c ': ppl ' $L/quality.log) cells"
 fi
 if has elsafull; then
   t0=$(date +%s)
-  if ( . benchmarks/device_model.sh unpack > "$L/elsa_full.log" 2>&1 && \
-       timeout $(cap ${T_ELSA_FULL:-540}) python3 benchmarks/elsa_quality.py --settings "${ELSA_SETTINGS:-0.9}" \
-         --steps ${ELSA_STEPS:-4096} --batch-size ${ELSA_BATCH:-8} --grad-accum ${ELSA_ACCUM:-1} --lr 2e-4 \
-         --admm-lambda 0.01 --admm-interval 32 --methods "${ELSA_METHODS:-elsa,masked-adam}" \
-         --train-precision "${ELSA_PRECISION:-tf32}" --tag gpu \
-         --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json "$O/elsa_gpu.json" \
-         --progress >> "$L/elsa_full.log" 2>&1 ); then rc=0; else rc=$?; fi
+  if with_model "$L/elsa_full.log" ${T_ELSA_FULL:-540} python3 benchmarks/elsa_quality.py \
+       --settings "${ELSA_SETTINGS:-0.9}" --steps ${ELSA_STEPS:-4096} --batch-size ${ELSA_BATCH:-8} \
+       --grad-accum ${ELSA_ACCUM:-1} --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 \
+       --methods "${ELSA_METHODS:-elsa,masked-adam}" --train-precision "${ELSA_PRECISION:-tf32}" --tag gpu \
+       --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json "$O/elsa_gpu.json" \
+       --progress; then rc=0; else rc=$?; fi
   log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(tr '\r' '\n' < $L/elsa_full.log | grep -E '^[0-9.:]+ (sparsegpt|elsa|masked-adam): ppl|^device_model' | tr '\n' ' ')"
 fi
 log done

@@ -52,6 +52,30 @@ def save(results: dict, path: str) -> None:
     write_report(results, path)
 
 
+def machine(cpu_only: bool) -> str:
+    """The machine a benchmark ran on: the GPU's name where one is used, else the CPU and the
+    thread count."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available() and not cpu_only:
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def add_text_options(p: argparse.ArgumentParser) -> None:
+    """--calib / --eval: the wiki protocol's text, or its splits as .txt files (a machine without
+    gensim; ../shared/device/prepare.sh writes them: the same tokens)."""
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki, or its calibration split as a .txt file")
+    p.add_argument("--eval", default="wiki", help="test text: wiki, or its test split as a .txt file")
+
+
+def text_sources(args) -> dict:
+    """What a results file records about the text: nothing for the wiki source, else the files."""
+    return {} if (args.calib, args.eval) == ("wiki", "wiki") else {"text": {"calib": args.calib, "eval": args.eval}}
+
+
 def git_state() -> dict:
     """The commit the numbers come from, and whether the tracked files differ from it (the
     results folder aside: the benchmarks write their own results there while they run).
@@ -248,9 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-sequential", action="store_true",
                    help="gather each layer's statistics from the dense layer, as the reference code does")
     p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
-    p.add_argument("--calib", default="wiki", help="calibration text: wiki, or its calibration split as a .txt file "
-                                                   "(../shared/device/prepare.sh writes both splits: the same tokens)")
-    p.add_argument("--eval", default="wiki", help="test text: wiki, or its test split as a .txt file")
+    add_text_options(p)
     p.add_argument("--product-precision", default=None, choices=("tf32", "float32", "bfloat16"),
                    help="SparseLLM's product precision (default: the method's; a separate row)")
     p.add_argument("--progress", action="store_true", help="show per-layer progress bars")
@@ -262,19 +284,10 @@ def main(argv=None) -> int:
 
     results = load(args.json)
     if not args.render:
-        import platform
-
-        import torch
-
-        gpu = torch.cuda.is_available() and not args.cpu
         results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
                                "eval_windows": args.eval_windows, "seed": 0,
-                               "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if gpu else
-                                          f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                                          f"{torch.get_num_threads()} threads"
-                                          + (f" shared by {args.jobs} jobs" if args.jobs > 1 else "")}
-        if (args.calib, args.eval) != ("wiki", "wiki"):  # the wiki splits from files: say which
-            results["protocol"]["text"] = {"calib": args.calib, "eval": args.eval}
+                               "machine": machine(args.cpu) + (f" shared by {args.jobs} jobs" if args.jobs > 1 else ""),
+                               **text_sources(args)}
         if results.get("dense") is None or results.get("num_layers") is None or args.rerun:
             results["dense"], results["num_layers"] = dense_ppl(args)
             save(results, args.json)

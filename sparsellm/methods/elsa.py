@@ -456,36 +456,35 @@ class SparseTraining(PruningMethod):
                    disable=self.config.quiet or rank != 0)
         started = time.perf_counter()
         try:
-            with large_products(device, "tf32" if s.train_precision == "tf32" else "float32"):
-                for step in range(start_step, s.steps):
-                    tick = time.perf_counter()
-                    windows = calibration.draw(per_step, step)
-                    loss = self._backward(net, windows[rank::world], per_step, device)
-                    if world > 1:
-                        if not sharded:  # FSDP's reduce-scatter has summed them already
-                            for p in params:
-                                dist.all_reduce(p.grad)
-                        loss_t = torch.tensor([loss], dtype=torch.float64,
-                                              device=device if dist.get_backend() == "nccl" else "cpu")
-                        dist.all_reduce(loss_t)
-                        loss = float(loss_t)
-                    self._before_clip(train_targets)
-                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # sharded: the global norm
-                    self._before_step(train_targets, optimizer)
-                    lr = optimizer.param_groups[0]["lr"]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    self._after_step(step, train_targets, optimizer)
-                    seconds = time.perf_counter() - tick
-                    entry = {"step": step + 1, "loss": loss, "lr": lr, "seconds": seconds,
-                             "tokens_per_s": per_step * windows.shape[1] / seconds}
-                    entry.update(self._step_info())
-                    self.history.append(entry)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(), tok_s=f"{entry['tokens_per_s']:.0f}")
-                    if folder is not None and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
-                        self._save_checkpoint(folder, step + 1, params, optimizer, scheduler, train_targets)
+            for step in range(start_step, s.steps):
+                tick = time.perf_counter()
+                windows = calibration.draw(per_step, step)
+                loss = self._backward(net, windows[rank::world], per_step, device)
+                if world > 1:
+                    if not sharded:  # FSDP's reduce-scatter has summed them already
+                        for p in params:
+                            dist.all_reduce(p.grad)
+                    loss_t = torch.tensor([loss], dtype=torch.float64,
+                                          device=device if dist.get_backend() == "nccl" else "cpu")
+                    dist.all_reduce(loss_t)
+                    loss = float(loss_t)
+                self._before_clip(train_targets)
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # sharded: the global norm
+                self._before_step(train_targets, optimizer)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                self._after_step(step, train_targets, optimizer)
+                seconds = time.perf_counter() - tick
+                entry = {"step": step + 1, "loss": loss, "lr": lr, "seconds": seconds,
+                         "tokens_per_s": per_step * windows.shape[1] / seconds}
+                entry.update(self._step_info())
+                self.history.append(entry)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(), tok_s=f"{entry['tokens_per_s']:.0f}")
+                if folder is not None and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
+                    self._save_checkpoint(folder, step + 1, params, optimizer, scheduler, train_targets)
         finally:
             bar.close()
             net.train(was_training)
@@ -521,15 +520,17 @@ class SparseTraining(PruningMethod):
         """Backpropagate this process's share of the global mean loss (each window's mean
         next-token NLL, averaged over the step's windows); returns that share's sum."""
         total = 0.0
-        autocast = self.settings.train_precision == "bfloat16"  # mixed precision: the forward only
-        for micro in windows.split(self.settings.batch_size):
-            ids = micro.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(ids, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                  reduction="none").view(ids.shape[0], -1).mean(1)
-            (nll.sum() / global_count).backward()
-            total += float(nll.detach().sum())
+        precision = self.settings.train_precision  # tf32: TF32 matmuls on CUDA, forward and backward
+        with large_products(device, precision):
+            for micro in windows.split(self.settings.batch_size):
+                ids = micro.to(device)
+                # bfloat16: mixed precision, the forward under autocast (its backward follows it)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                    logits = model(ids, use_cache=False).logits
+                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                      reduction="none").view(ids.shape[0], -1).mean(1)
+                (nll.sum() / global_count).backward()
+                total += float(nll.detach().sum())
         return total / global_count
 
     def _before_clip(self, targets) -> None:
