@@ -10,7 +10,8 @@ from sparsellm.config import PruneConfig, SparseLLMSettings
 from sparsellm.driver import LayerDriver
 from sparsellm.methods import get_method
 from sparsellm.methods.sparsegpt import obs_prune_with_gram
-from sparsellm.methods.sparsellm import SparseLLM, _FFNSolver, least_squares_towards, p_step, p_step_factor
+from sparsellm.methods.sparsellm import (SparseLLM, _FFNSolver, least_squares_towards, p_step, p_step_factor,
+                                         p_step_inverse)
 from sparsellm.models import get_adapter
 from sparsellm.models.base import FFN
 from sparsellm.sparsity import SparsityPattern, satisfies_nm, zero_fraction
@@ -256,19 +257,18 @@ def test_never_worse_than_start(activation):
     assert all(b <= a for a, b in zip(later[:-2], later[1:-1]))
 
 
-def test_chunk_size_changes_only_rounding():
-    """The token chunk is a memory/speed knob: seven uneven chunks (the last one short) give the
-    one-chunk run's iterates up to float32 rounding of the sums over chunks."""
-    ffn, x = synthetic_ffn("swiglu")
-    results = {}
-    for chunk_tokens in (None, 300):
-        config = PruneConfig(method="sparsellm", sparsity="0.7",
-                             sparsellm=SparseLLMSettings(chunk_tokens=chunk_tokens, iterations=3))
-        layer = FFN("swiglu", *(copy_linear(getattr(ffn, n)) for n in ("up", "down", "gate")))
-        solver = _FFNSolver(layer, x, config.sparsity, config)
-        assert len(solver.chunks) == (1 if chunk_tokens is None else math.ceil(x.shape[0] / chunk_tokens))
-        results[chunk_tokens] = (solver.run(), {n: lin.weight.detach().clone() for n, lin in layer.linears().items()})
-    (one, w_one), (many, w_many) = results[None], results[300]
+def run_solver(ffn, x, chunk_tokens=None):
+    """A 3-iteration SparseLLM solve of a copy of ``ffn``: its diagnostics and pruned weights."""
+    config = PruneConfig(method="sparsellm", sparsity="0.7",
+                         sparsellm=SparseLLMSettings(chunk_tokens=chunk_tokens, iterations=3))
+    layer = FFN("swiglu", *(copy_linear(getattr(ffn, n)) for n in ("up", "down", "gate")))
+    solver = _FFNSolver(layer, x, config.sparsity, config)
+    assert len(solver.chunks) == (1 if chunk_tokens is None else math.ceil(x.shape[0] / chunk_tokens))
+    return solver.run(), {n: lin.weight.detach().clone() for n, lin in layer.linears().items()}
+
+
+def assert_same_solve_up_to_rounding(result, other):
+    (one, w_one), (many, w_many) = result, other
     assert many["best_iteration"] == one["best_iteration"] >= 1
     errors = lambda d: [d["start_ffn_rel_error"]] + [e["ffn_rel_error"] for e in d["iterations"]]  # noqa: E731
     assert errors(many) == pytest.approx(errors(one), rel=2e-5)  # seen: 1e-6
@@ -277,6 +277,45 @@ def test_chunk_size_changes_only_rounding():
         assert same_mask > 0.995, name  # a near-tie may flip; rounding moves nothing more (seen: none)
         # seen: at most 5e-5 of the largest weight
         assert torch.allclose(w_many[name], w_one[name], rtol=0, atol=2e-4 * float(w_one[name].abs().max())), name
+
+
+def test_chunk_size_changes_only_rounding():
+    """The token chunk is a memory/speed knob: seven uneven chunks (the last one short) give the
+    one-chunk run's iterates up to float32 rounding of the sums over chunks."""
+    ffn, x = synthetic_ffn("swiglu")
+    assert_same_solve_up_to_rounding(run_solver(ffn, x), run_solver(ffn, x, chunk_tokens=300))
+
+
+def test_p_step_by_inverse_changes_only_rounding(monkeypatch):
+    """CUDA's p-step (the product with the system's inverse, formed once per iteration) gives
+    the CPU's (two triangular solves per chunk) iterates up to float32 rounding; forced here on
+    the CPU, over seven chunks."""
+    from sparsellm.methods import sparsellm as module
+
+    ffn, x = synthetic_ffn("swiglu")
+    solved = run_solver(ffn, x, chunk_tokens=300)
+    inverses = []
+    monkeypatch.setattr(module, "p_step_inverse", lambda chol: inverses.append(torch.cholesky_inverse(chol)) or inverses[-1])
+    assert_same_solve_up_to_rounding(solved, run_solver(ffn, x, chunk_tokens=300))
+    assert len(inverses) == 2  # once per iteration that updates the auxiliaries (not per chunk)
+
+
+def test_p_step_with_the_inverse_is_the_solve():
+    """p_step given the inverse returns the solve's p and q (float64: to rounding; float32: within
+    1e-4 of float64 with an outlier-scale target, as the solve); p_step_inverse keeps the solve
+    on the CPU."""
+    d, f, n = 64, 160, 512
+    w2, r, y = randn(d, f, seed=4) / 10, torch.relu(randn(n, f, seed=5)), randn(n, d, seed=6)
+    y[:, 0] *= 50
+    ratio = 0.05
+    chol = p_step_factor(w2, ratio)
+    p, q = p_step(r, y, w2, chol)
+    p_inv, q_inv = p_step(r, y, w2, chol, inverse=torch.cholesky_inverse(chol))
+    assert float((p_inv - p).norm() / p.norm()) < 1e-12 and float((q_inv - q).norm() / q.norm()) < 1e-12
+    chol32 = p_step_factor(w2.float(), ratio)
+    p32, _ = p_step(r.float(), y.float(), w2.float(), chol32, inverse=torch.cholesky_inverse(chol32))
+    assert float((p32.double() - p).norm() / p.norm()) < 1e-4
+    assert p_step_inverse(chol) is None and p_step_inverse(chol32) is None
 
 
 def copy_linear(linear):

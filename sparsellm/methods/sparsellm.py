@@ -189,18 +189,40 @@ def p_step_factor(w2: torch.Tensor, ratio: float) -> torch.Tensor:
     return chol
 
 
+def p_step_inverse(chol: torch.Tensor) -> torch.Tensor | None:
+    """(W2 W2^T + ratio I)^-1 from :func:`p_step_factor`'s factor where :func:`p_step` should
+    apply the inverse rather than solve with the factor (None elsewhere): on CUDA. There the
+    solve of one token chunk runs as a chain of small blocked triangular-solve kernels: 220
+    solves of ~3k-token chunks took 1.38 s of device time, 6.3 ms each, on an H200 at d = 4096
+    (``benchmarks/profile_prune.py``, commit f8def43; 0.7 s of a 4.9 s 7B layer), where the
+    product with the inverse is one [chunk, d] x [d, d] GEMM. The inverse is formed once per
+    iteration, in float32, from the same factor. The system is well conditioned: cond <= 1 +
+    ||W2||^2 / ratio, and under the default scale-aware penalties ratio is
+    ||y||^2 / ||p||^2 (y ~ W2 p), so ||W2||^2 / ratio is the spread of W2's singular values
+    over the hidden's directions, not a rounding-level damping. On the CPU LAPACK's solve is a
+    single call and stays (the published CPU numbers are its)."""
+    return torch.cholesky_inverse(chol) if chol.device.type == "cuda" else None
+
+
 @stage("sparsellm.p_step")
-def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tensor, products: Products | None = None):
+def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tensor, products: Products | None = None,
+           inverse: torch.Tensor | None = None):
     """argmin_p beta ||y - p W2^T||^2 + gamma ||p - r||^2 for rows of tokens; ratio = gamma / beta.
 
     The minimiser is p = (beta W2^T W2 + gamma I)^-1 (beta W2^T y + gamma r). Written as
     p = r + W2^T q with (W2 W2^T + ratio I) q = y - W2 r (push-through identity), the system is
     d x d (model width) instead of f x f (FFN width); ``chol`` is its Cholesky factor
-    (:func:`p_step_factor`). Returns ``(p, q)``; the fit residual y - W2 p equals ratio * q.
-    ``products`` computes the two token-wise products (default: float32).
+    (:func:`p_step_factor`), ``inverse`` its inverse where given (:func:`p_step_inverse`: q is
+    then a product, in the products' precision, instead of two triangular solves). Returns
+    ``(p, q)``; the fit residual y - W2 p equals ratio * q. ``products`` computes the token-wise
+    products (default: float32).
     """
     products = products or Products("float32")
-    q = torch.cholesky_solve((y - products.linear(r, w2)).t(), chol).t()
+    residual = y - products.linear(r, w2)
+    if inverse is None:
+        q = torch.cholesky_solve(residual.t(), chol).t()
+    else:
+        q = products.mm(residual, inverse)  # the system is symmetric: (M^-1 v^T)^T = v M^-1
     return products.mm(q, w2).add_(r), q  # r + W2^T q, into the product's fresh buffer
 
 
@@ -421,6 +443,7 @@ class _FFNSolver:
             terms = dict.fromkeys(("z", "s", "p", "y"), 0.0)
             if not last:
                 p_chol = p_step_factor(down, ratio)
+                p_inv = p_step_inverse(p_chol)
                 xtz, xts = self._zeros(d, f), (self._zeros(d, f) if swiglu else None)
                 ptp.zero_()
                 pty.zero_()
@@ -440,7 +463,7 @@ class _FFNSolver:
                     if last:
                         continue
                     r, sc = self._get("r", chunk), (self._get("s", chunk) if swiglu else None)
-                    p, q = p_step(r, yc, down, p_chol, self.products)  # (2)
+                    p, q = p_step(r, yc, down, p_chol, self.products, p_inv)  # (2)
                     terms["y"] += beta * ratio ** 2 * _sq_norm(q)
                     if swiglu:  # (3) z with the current s, then s with the new z
                         z = ops.swiglu_z_step(p, m, sc, alpha_z, gamma)
