@@ -401,8 +401,9 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, 
 # block, grow with the input size, and 4096->4096 and 11008->4096 share N
 _SELL_KEY = ["N", "K", "T", "S", "BLOCK_T"]
 # one token: one fixed config, the fastest over the three 7B shapes in benchmarks/sparse_gpu_sweep.py
-# on an H200 at 16-row slices (commit e16fa42: 128-slot blocks, 4 warps, eviction hints; 9.3 /
-# 13.8 / 13.9 us against dense 18.9 / 34.3 / 36.4); no autotuning, as for nm24
+# on an H200 (commit f8def43, 8-row slices: 128-slot blocks, 4 warps, eviction hints; 9.1 / 12.5 /
+# 12.8 us against dense 18.9 / 34.7 / 36.7; the best config of each shape was at most 6% faster);
+# no autotuning, as for nm24
 _sell_gemv = triton.autotune(configs=configs([{"BLOCK_J": 128, "STREAM": 1}], {"BLOCK_J": 8}, num_warps=(4,)),
                              key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
 # several tokens: the [BLOCK_T, BLOCK_J, S] product tile shrinks the slot block (one config)

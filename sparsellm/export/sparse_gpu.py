@@ -51,9 +51,11 @@ SELL_MAX_TOKENS = 1
 MAX_SPARSE_TOKENS = {"nm24": NM24_MAX_TOKENS, "sell": SELL_MAX_TOKENS}
 # Rows per slice (a power of two: a program's row block). A slice's [slots, rows] tile is
 # contiguous whatever its height, so smaller slices cost nothing in coalescing, pad less (each
-# slice is as wide as its longest row) and give more programs: 16 fills 132 SMs without a split
-# at 4096 output rows. To be measured on the GPU against 32.
-SELL_SLICE_ROWS = 16
+# slice is as wide as its longest row) and give more programs. 8 rows: in the one-token sweep
+# (benchmarks/sparse_gpu_sweep.py, H200, commit f8def43, 90% magnitude-pruned fp16, 128-slot
+# blocks, 4 warps) 8-row slices ran at 2.08x / 2.77x / 2.87x dense on 4096->4096 / 4096->11008 /
+# 11008->4096, 16-row slices at 2.04x / 2.46x / 2.74x (benchmarks/results/gpu_h200_f8def43/).
+SELL_SLICE_ROWS = 8
 SELL_SLOT_BLOCK = 16  # slice widths are rounded up to this many slots
 
 
