@@ -10,8 +10,9 @@ Everything after ``--`` is the CLI's own arguments. Two tables come out:
   (``sparsellm.dense_pass``, ``sparsellm.w_steps``, ``sparsellm.sweep``, and inside the sweeps
   ``sparsellm.p_step`` and ``sparsellm.gram_stats``): the ``record_function`` ranges in the
   code, with host time and, on a GPU, the device time of the kernels they launched;
-* the operators and kernels with the most time of their own (device time on a GPU, host time
-  on the CPU).
+* on a GPU the kernels and copies with the most device time, on the CPU the operators with the
+  most host time of their own. CUPTI's overhead records ("Command Buffer Full": the host waiting
+  on a full launch queue) are not device work and are counted nowhere.
 
 Ranges nest (``driver.solve`` holds ``obs_prune``), so their times do not add up to the whole.
 The profiler slows a run down (host-side bookkeeping per op): compare the shares, not the
@@ -29,6 +30,27 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 STAGE_PREFIXES = ("driver.", "sparsellm.", "obs_prune")
+# CUPTI's overhead records, which the profiler lists beside the kernels but which are no device
+# work: "Command Buffer Full" is the host blocked on a full launch queue, attached to the launch
+# that waited. Counted as device time (this script did at commit f8def43) they gave SparseLLM's
+# p-step 106 s of "device time" in a 26 s run on an H200.
+NOT_DEVICE_WORK = frozenset({"Command Buffer Full", "Lazy Function Loading", "Activity Buffer Request",
+                             "CUPTI Resource Creation and Destruction", "Instrumentation", "Runtime Triggered Module Loading"})
+
+
+def _device_work(name: str) -> bool:
+    return name not in NOT_DEVICE_WORK
+
+
+def _kernel_seconds(event) -> float:
+    """The device time of the kernels (and copies) a host-side event and everything under it
+    launched, without CUPTI's overhead records."""
+    total, stack = 0.0, [event]
+    while stack:
+        e = stack.pop()
+        total += sum(k.duration for k in e.kernels if _device_work(k.name))
+        stack.extend(e.cpu_children)
+    return total / 1e6
 
 
 def _op_row(event, total_us: float, device: bool) -> dict:
@@ -47,7 +69,8 @@ def _stage_rows(prof, device: bool) -> list[dict]:
             row = stages.setdefault(e.name, {"name": e.name, "calls": 0, "host_s": 0.0, "device_s": 0.0})
             row["calls"] += 1
             row["host_s"] += e.cpu_time_total / 1e6
-            row["device_s"] += e.device_time_total / 1e6
+            if device:
+                row["device_s"] += _kernel_seconds(e)
     rows = sorted(stages.values(), key=lambda r: r["name"])
     for row in rows:
         row["host_s"] = round(row["host_s"], 4)
@@ -55,8 +78,18 @@ def _stage_rows(prof, device: bool) -> list[dict]:
     return rows
 
 
+def _own_time_rows(prof, device: bool) -> list:
+    """What the op table ranks: on a GPU the device-side records (kernels, copies, memsets:
+    each once, not again under the operator that launched it) that are device work; on the CPU
+    the operators, by their own host time."""
+    rows = [e for e in prof.key_averages() if not e.key.startswith(STAGE_PREFIXES)]
+    if device:
+        rows = [e for e in rows if e.device_type != DeviceType.CPU and _device_work(e.key)]
+    return rows
+
+
 def summarise(prof, wall: float, device: bool, top: int) -> dict:
-    ops = [e for e in prof.key_averages() if not e.key.startswith(STAGE_PREFIXES)]
+    ops = _own_time_rows(prof, device)
     own = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)  # noqa: E731
     total = sum(own(e) for e in ops)
     ops.sort(key=own, reverse=True)
@@ -68,8 +101,8 @@ def summarise(prof, wall: float, device: bool, top: int) -> dict:
 def render(summary: dict, title: str) -> str:
     device = summary["timed"] == "device"
     lines = [f"### {title}", "",
-             f"wall {summary['wall_s']} s under the profiler; own {summary['timed']} time of all ops "
-             f"{summary['self_total_s']} s", "",
+             f"wall {summary['wall_s']} s under the profiler; {summary['timed']} time of all "
+             f"{'kernels and copies' if device else 'ops'} {summary['self_total_s']} s", "",
              "| range | calls | host s | device s |", "|---|---:|---:|---:|"]
     lines += [f"| {r['name']} | {r['calls']} | {r['host_s']} | {r['device_s'] if device else ''} |"
               for r in summary["stages"]]
