@@ -213,7 +213,7 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     p = r + W2^T q with (W2 W2^T + ratio I) q = y - W2 r (push-through identity), the system is
     d x d (model width) instead of f x f (FFN width); ``chol`` is its Cholesky factor
     (:func:`p_step_factor`), ``inverse`` its inverse where given (:func:`p_step_inverse`: q is
-    then a product, in the products' precision, instead of two triangular solves). Returns
+    then a float32 product instead of two triangular solves). Returns
     ``(p, q)``; the fit residual y - W2 p equals ratio * q. ``products`` computes the token-wise
     products (default: float32).
     """
@@ -222,7 +222,9 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     if inverse is None:
         q = torch.cholesky_solve(residual.t(), chol).t()
     else:
-        q = products.mm(residual, inverse)  # the system is symmetric: (M^-1 v^T)^T = v M^-1
+        # float32 operands even where the products are bfloat16 (the inverse stands in for the
+        # float32 solve); TF32 inside large_products' "tf32". Symmetric: (M^-1 v^T)^T = v M^-1.
+        q = residual @ inverse
     return products.mm(q, w2).add_(r), q  # r + W2^T q, into the product's fresh buffer
 
 
