@@ -12,9 +12,10 @@
 #             at 7B shapes -> sweep.json, sweep.md
 #   bench     benchmarks/bench_export.py -m gpu (linears at 7B shapes, 32-layer 7B-shaped model
 #             prefill / decode / CUDA-graph decode / compiled CUDA-graph decode; E2E_K narrows
-#             them, e.g. E2E_K="decode-graph or decode-compiled") -> bench_*.json, sparse_gpu_table.md
-#   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers (and
-#             SparseLLM at the CPU's token chunk, 762 tokens, the chunk of every run before 2026-11-27)
+#             them, e.g. E2E_K="decode-graph or decode-compiled"; BENCH_PARTS="llama7b" runs only
+#             the model) -> bench_*.json, sparse_gpu_table.md
+#   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers (RUNS
+#             adds others, e.g. sparsellm:0.7:auto:chunk-tokens=762, the chunk before 2026-11-27)
 #   profile   the same on 2 layers under torch.profiler (benchmarks/profile_prune.py): device time
 #             by named part of the prune and by kernel -> logs/profile/*.md
 #   memory    SparseLLM on 2 layers at 128 x 2048 calibration tokens (issue 12's memory target:
@@ -70,18 +71,21 @@ if has bench; then
   # two runs, two JSON files: pytest-benchmark writes its JSON only when a run ends, so a run
   # cut by its cap must not take the other's numbers with it
   # LINEAR_K / E2E_K narrow each part (pytest -k expressions)
-  for part in linear llama7b; do
+  # BENCH_PARTS picks the parts (default both)
+  for part in ${BENCH_PARTS:-linear llama7b}; do
     t0=$(date +%s); k=$([ $part = linear ] && echo "${LINEAR_K:-}" || echo "${E2E_K:-}")
     SPARSELLM_BENCH_LAYERS=${LAYERS:-32} timeout $(cap ${T_BENCH:-150}) $P -q -m gpu --timeout 140 benchmarks/bench_export.py \
       -k "$part${k:+ and ($k)}" --benchmark-max-time=0.1 --benchmark-json "$O/bench_$part.json" > "$L/bench_$part.log" 2>&1
     log "bench_export $part rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/bench_$part.log)"
+    # a run that selected nothing leaves an empty JSON, which the table script cannot read
+    [ -s "$O/bench_$part.json" ] || rm -f "$O/bench_$part.json"
   done
   python3 benchmarks/sparse_gpu_table.py $(ls "$O"/bench_*.json) --out "$O/sparse_gpu_table.md" >> "$L/bench_table.log" 2>&1
 fi
 if has prune; then
   t0=$(date +%s)
   timeout $(cap ${T_PRUNE:-200}) python3 benchmarks/prune_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
-    --runs "${RUNS:-sparsegpt:0.7:auto,sparsellm:0.7:auto,sparsellm:0.7:auto:chunk-tokens=762}" --layers 3 \
+    --runs "${RUNS:-sparsegpt:0.7:auto,sparsellm:0.7:auto}" --layers 3 \
     --nsamples 64 --seqlen 2048 --timeout 180 --out "$O/prune_7b.json" > "$L/prune_7b.log" 2>&1
   log "prune_7b rc=$? $(( $(date +%s)-t0 )) s"
 fi
