@@ -135,15 +135,18 @@ def test_bfloat16_products_match_float32():
     assert float((p_low - p_exact).norm() / p_exact.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("block", [256, 96])  # the CPU's, and another (CUDA's is 2048)
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_symmetric_gram_accumulation_is_the_gram(precision):
-    """sym_gram_add (upper block triangle only, on the CPU) completed by full_gram is A^T A, summed
-    over chunks of rows: exactly symmetric, and equal to the full product's accumulation (float32:
+def test_symmetric_gram_accumulation_is_the_gram(precision, block, monkeypatch):
+    """sym_gram_add (upper block triangle only) completed by full_gram is A^T A, summed over
+    chunks of rows: exactly symmetric, and equal to the full product's accumulation (float32:
     to its rounding, against float64; bfloat16: to the full bfloat16 product's)."""
-    from sparsellm.methods.sparsellm import SYM_BLOCK, Products, full_gram
+    from sparsellm.methods import sparsellm as module
+    from sparsellm.methods.sparsellm import Products, full_gram
 
+    monkeypatch.setattr(module, "SYM_BLOCK", block)
     products = Products(precision)
-    f = 2 * SYM_BLOCK + 37  # whole blocks and a ragged last one
+    f = 2 * block + 37  # whole blocks and a ragged last one
     a = randn(300, f, seed=5).float()
     acc, full = torch.zeros(f, f), torch.zeros(f, f)
     for rows in (slice(0, 170), slice(170, 300)):

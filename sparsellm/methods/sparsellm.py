@@ -66,10 +66,14 @@ CHUNK_ELEMENTS = 1 << 23
 CUDA_CHUNK_ELEMENTS = 1 << 25
 # Auxiliary buffers stay on a CUDA device only if they take at most this share of its free memory.
 DEVICE_AUX_SHARE = 0.5
-# Row blocks of the symmetric Gram accumulations (Products.sym_gram_add). With 256 each block's
-# entries are the full product's bit for bit (MKL, 1 thread, the default model's [5461, 1536]
-# chunks; 128 rounds differently), and the accumulation took 90 ms instead of 131 ms.
+# Row blocks of the symmetric Gram accumulations (Products.sym_gram_add). On the CPU 256: each
+# block's entries are the full product's bit for bit (MKL, 1 thread, the default model's
+# [5461, 1536] chunks; 128 rounds differently), and the accumulation took 90 ms instead of 131 ms.
 SYM_BLOCK = 256
+# On CUDA 2048: a 7B FFN's hidden Gram (f = 11008, the full product a quarter of a sweep's TF32
+# GEMM work in the H200 profile at f8def43) in 6 row blocks, 59% of the full product's work, each
+# block a GEMM of at least 768 x 768 x the chunk's tokens (not yet measured on a GPU).
+CUDA_SYM_BLOCK = 2048
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
@@ -140,26 +144,24 @@ class Products:
             acc.add_(a.to(self.low).t() @ b.to(self.low))
 
     def sym_gram_add(self, acc: torch.Tensor, a: torch.Tensor) -> None:
-        """acc += a^T a. On the CPU only the blocks of rows [i, i + SYM_BLOCK) from column i on
-        (the upper block triangle): about 60% of the full product's work at the FFN width 1536;
-        the blocks below are not touched and :func:`full_gram` completes the matrix. Elsewhere
-        (not measured there) the full product."""
-        if not _blocked_gram(acc):
-            self.gram_add(acc, a, a)
-            return
+        """acc += a^T a, only the blocks of rows [i, i + block) from column i on (the upper block
+        triangle; :func:`_sym_block`): about 60% of the full product's work at the default
+        model's FFN width 1536 (CPU) and a 7B FFN's 11008 (CUDA). The blocks below are not
+        touched and :func:`full_gram` completes the matrix."""
         a = a if self.low is None else a.to(self.low)  # cast once, not once per block
-        for i in range(0, a.shape[1], SYM_BLOCK):
-            self.gram_add(acc[i:i + SYM_BLOCK, i:], a[:, i:i + SYM_BLOCK], a[:, i:])
+        block = _sym_block(acc)
+        for i in range(0, a.shape[1], block):
+            self.gram_add(acc[i:i + block, i:], a[:, i:i + block], a[:, i:])
 
 
-def _blocked_gram(acc: torch.Tensor) -> bool:
-    return acc.device.type == "cpu"
+def _sym_block(acc: torch.Tensor) -> int:
+    return CUDA_SYM_BLOCK if acc.device.type == "cuda" else SYM_BLOCK
 
 
 def full_gram(acc: torch.Tensor) -> torch.Tensor:
-    """The whole Gram matrix of a :meth:`Products.sym_gram_add` accumulation (on the CPU its
-    upper triangle mirrored; the full product's is symmetric bit for bit there too)."""
-    return acc.triu() + acc.triu(1).t() if _blocked_gram(acc) else acc
+    """The whole Gram matrix of a :meth:`Products.sym_gram_add` accumulation: its upper triangle
+    mirrored (exactly symmetric)."""
+    return acc.triu() + acc.triu(1).t()
 
 
 def _act(swiglu: bool, z: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
