@@ -215,9 +215,9 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     p = r + W2^T q with (W2 W2^T + ratio I) q = y - W2 r (push-through identity), the system is
     d x d (model width) instead of f x f (FFN width); ``chol`` is its Cholesky factor
     (:func:`p_step_factor`), ``inverse`` its inverse where given (:func:`p_step_inverse`: q is
-    then a float32 product instead of two triangular solves). Returns
-    ``(p, q)``; the fit residual y - W2 p equals ratio * q. ``products`` computes the token-wise
-    products (default: float32).
+    then a float32 product instead of two triangular solves). Returns ``(p, q)``; the fit
+    residual y - W2 p equals ratio * q. ``products`` computes the token-wise products (default:
+    float32).
     """
     products = products or Products("float32")
     residual = y - products.linear(r, w2)
