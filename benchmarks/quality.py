@@ -53,15 +53,17 @@ def save(results: dict, path: str) -> None:
 
 
 def machine(cpu_only: bool) -> str:
-    """The machine a benchmark ran on: the GPU's name where one is used, else the CPU and the
-    thread count."""
+    """The machine a benchmark ran on: the GPU's name where one is used, else the CPU, its
+    vector instruction set as torch uses it (machines of the same kind have differed in it, and
+    with it in the rounding of the same sums: the README's quick start) and the thread count."""
     import platform
 
     import torch
 
     if torch.cuda.is_available() and not cpu_only:
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{platform.machine()} {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def add_text_options(p: argparse.ArgumentParser) -> None:
