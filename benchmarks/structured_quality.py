@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import commit_label, fmt_ppl, git_state, load, save, write_into  # noqa: E402  (the quality table's helpers)
+from quality import commit_label, fmt_ppl, git_state, load, machine, save, write_into  # noqa: E402  (the quality table's helpers)
 
 DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
@@ -229,12 +228,8 @@ def main(argv=None) -> int:
             results["speed"][k] = entry
             save(results, args.json)
     elif not args.render:
-        import torch
-
         results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                               "eval_windows": args.eval_windows, "seed": 0,
-                               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                                          f"{torch.get_num_threads()} threads"}
+                               "eval_windows": args.eval_windows, "seed": 0, "machine": machine(True)}
         for heads in (float(h) for h in args.heads.split(",")):
             for channels in (float(c) for c in args.channels.split(",")):
                 for method in args.methods.split(","):
