@@ -19,7 +19,8 @@ oracle: :mod:`sparsellm.reference`):
     kept values pick their inputs from its four in registers (``X_MODE`` 1; ``X_MODE`` 0, each
     value gathering x at its column, measured 7-13% slower on an H200); the next tile's values
     and meta are loaded before this tile's x (two tiles in flight; ``AHEAD`` 2: three, the one
-    after next loaded too), the packed weight marked
+    after next loaded too, a sweep candidate that was slower at every 7B shape on an H200), the
+    packed weight marked
     evict-first and x evict-last (``STREAM``), products accumulate per group and are reduced
     once at the end. Two or more tokens
     (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,

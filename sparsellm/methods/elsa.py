@@ -73,9 +73,9 @@ from tqdm.auto import tqdm
 from .. import distributed, ops
 from ..distributed import local
 from ..driver import LayerRecord, resolve_device
+from ..precision import large_products
 from ..sparsity import SparsityPattern, zero_fraction
 from .base import PruningMethod
-from .sparsellm import large_products
 
 log = logging.getLogger(__name__)
 

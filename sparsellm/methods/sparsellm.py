@@ -40,7 +40,6 @@ factorisations, the OBS sweeps and the p-step's system stay float32.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function as stage
 
 from .. import ops
+from ..precision import large_products
 from ..plan import LayerView, Step, Tokens
 from ..sparsity import SparsityPattern
 from .base import set_weight
@@ -89,28 +89,6 @@ def _sq_norm_(t: torch.Tensor) -> torch.Tensor:
     another buffer of its size (each fresh one of a token chunk's [5461, 1536] costs page faults
     on the CPU)."""
     return t.square_().sum().double()
-
-
-@contextlib.contextmanager
-def large_products(device: torch.device, precision: str):
-    """Inside the block, float32 matmuls on ``device`` run in ``precision`` ("tf32": the tensor
-    cores' TF32 mode, on CUDA only; anything else: unchanged). The setting before is restored."""
-    matmul = torch.backends.cuda.matmul
-    if device.type != "cuda" or precision != "tf32":
-        yield
-        return
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
-    else:
-        before, matmul.allow_tf32 = matmul.allow_tf32, True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = before
 
 
 class Products:

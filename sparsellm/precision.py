@@ -1,0 +1,30 @@
+"""The arithmetic of float32 matmuls inside a block of code: SparseLLM's large products
+(``SparseLLMSettings.product_precision``) and Elsa's training passes
+(``ElsaSettings.train_precision``) switch it the same way."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def large_products(device: torch.device, precision: str):
+    """Inside the block, float32 matmuls on ``device`` run in ``precision`` ("tf32": the tensor
+    cores' TF32 mode, on CUDA only; anything else: unchanged). The setting before is restored."""
+    matmul = torch.backends.cuda.matmul
+    if device.type != "cuda" or precision != "tf32":
+        yield
+        return
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+    else:
+        before, matmul.allow_tf32 = matmul.allow_tf32, True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = before
