@@ -7,13 +7,15 @@ backend is chosen among:
 - ``triton``: the Triton kernels (``kernels/``, installed as ``sparsellm.kernels``, registered
   by :mod:`sparsellm._triton_backend`), CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` is set before import;
+- ``cpu``: the OBS sweep of a column block in C (``csrc/obs_sweep_cpu.c``, compiled on first
+  use with the system C compiler: :mod:`sparsellm._cpu_backend`), float32 CPU tensors;
 - ``inductor``: the reference's element-wise SparseLLM steps compiled by ``torch.compile``
   (:mod:`sparsellm._inductor_backend`), CPU tensors of at least a million elements;
 - ``reference``: plain PyTorch (:mod:`sparsellm.reference`), always available.
 
-``auto`` (default) takes the first available of cuda, triton, inductor, reference for the
-tensor's device: on a CPU tensor, inductor (where it has the operation and takes the call) or
-the reference. The user can force one with
+``auto`` (default) takes the first available of cuda, triton, cpu, inductor, reference for the
+tensor's device: on a CPU tensor, cpu or inductor (where they have the operation and take the
+call) or the reference. The user can force one with
 :func:`set_backend` (or, for a block of code, :func:`backend_scope`), the
 ``SPARSELLM_BACKEND`` environment variable, or ``--backend``. Forcing a backend that is not
 available is an error.
@@ -28,7 +30,7 @@ the triton backend implements these two, so ops never loads the CUDA extension f
 An operation the chosen backend does not implement, or a call it does not handle (an
 implementation raises :class:`Decline` before computing anything: a block too wide for the
 CUDA sweep, float64 for an fp32 kernel, ...), goes to the next backend in the order cuda,
-triton, reference. No backend calls another one for an operation it declines, so
+triton, cpu, inductor, reference. No backend calls another one for an operation it declines, so
 :func:`usage` records the backend that actually computed each call, and :func:`fallbacks`
 why the ones before it declined.
 """
@@ -44,8 +46,8 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "cuda", "triton", "inductor", "reference")
-_ORDER = ("cuda", "triton", "inductor", "reference")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "inductor", "reference")
+_ORDER = ("cuda", "triton", "cpu", "inductor", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -133,7 +135,7 @@ def _ensure_loaded(backend: str) -> None:
     if backend in _loaded:
         return
     module = {"cuda": "sparsellm._cuda_backend", "triton": "sparsellm._triton_backend",
-              "inductor": "sparsellm._inductor_backend"}[backend]
+              "cpu": "sparsellm._cpu_backend", "inductor": "sparsellm._inductor_backend"}[backend]
     try:
         importlib.import_module(module)
         _loaded[backend] = True
@@ -146,12 +148,15 @@ def available(backend: str, device: torch.device | str | None = None) -> bool:
     """Whether ``backend`` can run on tensors of ``device``."""
     if backend == "reference":
         return True
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if backend in ("cpu", "inductor"):  # CPU tensors only: not even loaded for others
+        if device_type != "cpu":
+            return False
+        _ensure_loaded(backend)
+        return _loaded[backend]
     _ensure_loaded(backend)
     if not _loaded[backend]:
         return False
-    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "inductor":
-        return device_type == "cpu"
     if device_type == "cuda":
         return True
     return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -164,7 +169,7 @@ def _candidates(op: str, device: torch.device) -> Iterator[tuple[str, Callable]]
     if forced == "reference":
         names = ["reference"]
     elif forced == "auto":
-        names = list(_ORDER) if device.type == "cuda" else ["inductor", "reference"]
+        names = list(_ORDER) if device.type == "cuda" else ["cpu", "inductor", "reference"]
     else:
         if not available(forced, device):
             raise BackendUnavailable(

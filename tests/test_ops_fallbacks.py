@@ -152,6 +152,8 @@ def fake_cuda(monkeypatch):
             return real_available("cuda", "cuda")  # the fake backend "runs" CPU tensors
         if backend == "triton" and not triton_on["value"]:
             return False
+        if backend in ("cpu", "inductor"):  # the tensors stand for CUDA ones: no CPU-only backend
+            return False
         return real_available(backend, device)
 
     monkeypatch.setattr(ops, "available", available)

@@ -1,0 +1,149 @@
+"""The cpu backend (sparsellm/_cpu_backend.py): the OBS sweep of a column block in C, compiled on
+first use, against the reference on fresh random inputs; what it declines; what happens when it
+cannot be compiled; and the pruned model it gives, against the reference backend's."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from helpers import VOCAB, tiny_llama
+from sparsellm import ops, reference
+from sparsellm.config import PruneConfig
+from sparsellm.driver import LayerDriver
+from sparsellm.methods import get_method
+from sparsellm.models import get_adapter
+
+cpu = pytest.importorskip("sparsellm._cpu_backend", reason="needs a C compiler (the CI machines have one)")
+
+# Bit for bit where torch's rank-1 update rounds the product before subtracting it, as MKL does
+# on x86-64 (the C code does the same operations in the same order). Elsewhere, float32
+# rounding of the ~width updates each weight gets.
+EXACT = platform.machine() in ("x86_64", "AMD64")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _hinv_upper(width, seed):
+    """The upper Cholesky factor of a random well-conditioned H^-1 (what the sweep walks)."""
+    a = torch.randn(width, 2 * width, generator=_gen(seed), dtype=torch.float64)
+    gram = a @ a.T / (2 * width) + 0.05 * torch.eye(width, dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(gram)), upper=True).float()
+
+
+def _assert_same(got, want):
+    (q, err, loss), (q_ref, err_ref, loss_ref) = got, want
+    assert torch.equal(q == 0, q_ref == 0)  # the same weights pruned
+    if EXACT:
+        assert torch.equal(q, q_ref) and torch.equal(err, err_ref) and torch.equal(loss, loss_ref)
+    else:
+        torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5 * float(q_ref.abs().max()))
+        torch.testing.assert_close(err, err_ref, rtol=1e-5, atol=1e-5 * float(err_ref.abs().max()))
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+
+
+# rows: fewer than a tile, whole tiles split between threads, a ragged last tile; widths: the
+# default block, an odd one
+@pytest.mark.parametrize("rows,width", [(5, 17), (192, 128), (700, 37), (1100, 128)])
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_sweep_matches_the_reference(rows, width, fraction):
+    weight = torch.randn(rows, width, generator=_gen(rows + width))
+    hinv = _hinv_upper(width, seed=width)
+    got = cpu.obs_prune_block(weight, hinv, fraction)
+    want = reference.obs_prune_block(weight, hinv, fraction)
+    _assert_same(got, want)
+    assert not torch.equal(got[0][got[0] != 0], weight[got[0] != 0])  # the kept weights were updated
+    assert float((got[0] == 0).float().mean()) == pytest.approx(fraction, abs=1 / (rows * width) + 1e-6)
+    assert torch.isfinite(got[1]).all() and float(got[2]) > 0
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_given_mask_and_a_strided_factor_block(layout):
+    """obs_prune passes a diagonal block of the whole factor (a strided view: column-major as
+    torch.linalg.cholesky(upper=True) returns it, or row-major) and, for N:M patterns chosen
+    elsewhere, a mask."""
+    weight = torch.randn(300, 64, generator=_gen(1))
+    whole = _hinv_upper(192, seed=2)
+    whole = whole.contiguous() if layout == "row-major" else whole.t().contiguous().t()
+    hinv = whole[64:128, 64:128]
+    assert hinv.stride() == ((192, 1) if layout == "row-major" else (1, 192))
+    mask = torch.rand(300, 64, generator=_gen(3)) < 0.6
+    got = cpu.obs_prune_block(weight, hinv, 0.0, prune_mask=mask)
+    _assert_same(got, reference.obs_prune_block(weight, hinv, 0.0, prune_mask=mask))
+    assert torch.equal(got[0] == 0, mask)
+
+
+def test_whole_sweep_through_ops_uses_it_on_cpu():
+    weight = torch.randn(257, 300, generator=_gen(4))
+    hinv = _hinv_upper(300, seed=5)
+    ops.reset_usage()
+    with ops.backend_scope("auto"):
+        got, loss = ops.obs_prune(weight, hinv, 0.7, blocksize=128)
+    assert ops.usage() == {"obs_prune_block": {"cpu": 3}}  # blocks of 128, 128, 44 columns
+    want, loss_ref = reference.obs_prune(weight, hinv, 0.7, blocksize=128)
+    _assert_same((got, got, loss), (want, want, loss_ref))
+
+
+@pytest.mark.parametrize("case", ["float64", "nm"])
+def test_declines_go_to_the_reference(case):
+    weight = torch.randn(8, 16, generator=_gen(6))
+    hinv = _hinv_upper(16, seed=7)
+    args = {"float64": (weight.double(), hinv.double(), 0.5), "nm": (weight, hinv, 0.5, 2, 4)}[case]
+    reason = {"float64": "torch.float64 (the C sweep is float32)", "nm": "N:M mask chosen during the sweep"}[case]
+    with pytest.raises(ops.Decline, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        cpu.obs_prune_block(*args)
+    ops.reset_usage()
+    with ops.backend_scope("cpu"):
+        q = ops.obs_prune_block(*args)[0]
+    assert ops.usage() == {"obs_prune_block": {"reference": 1}}
+    assert ops.fallbacks() == {"obs_prune_block": {f"cpu->reference: {reason}": 1}}
+    assert torch.equal(q, reference.obs_prune_block(*args)[0])
+
+
+def test_compiling_writes_the_library_or_nothing(tmp_path, monkeypatch):
+    """A fresh cache: the library is compiled into it; a compiler that fails leaves no file and
+    says why; a missing compiler is an ImportError (ops: the backend is unavailable)."""
+    monkeypatch.setenv("SPARSELLM_EXT_CACHE", str(tmp_path))
+    source, compiler = cpu._source(), cpu._compiler()
+    target = cpu.library_path(source, compiler)
+    assert target.is_relative_to(tmp_path) and not target.exists()
+    cpu.compile_library(source, compiler, target)
+    assert target.stat().st_size > 0
+
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    with pytest.raises(ImportError, match="compiling broken.c with .* failed"):
+        cpu.compile_library(broken, compiler, tmp_path / "out" / "broken.so")
+    assert list((tmp_path / "out").iterdir()) == []  # no half-written library
+
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    with pytest.raises(ImportError, match="no C compiler: 'no-such-compiler-here'"):
+        cpu.load_library()
+    monkeypatch.setenv("SPARSELLM_JIT", "0")
+    with pytest.raises(ImportError, match="SPARSELLM_JIT=0"):
+        cpu.load_library()
+
+
+def test_pruned_model_equals_the_reference_backends():
+    """SparseGPT of a tiny LLaMA, the driver's whole layer loop: the cpu backend prunes the
+    same weights as the reference."""
+    models = {}
+    ids = torch.randint(0, VOCAB, (4, 32), generator=_gen(8))
+    for backend in ("auto", "reference"):
+        model = tiny_llama(seed=0)
+        config = PruneConfig(method="sparsegpt", sparsity="0.6", nsamples=4, seqlen=32, quiet=True, device="cpu")
+        ops.reset_usage()
+        with ops.backend_scope(backend):
+            LayerDriver(model, get_adapter(model), get_method(config), config).run(ids)
+        assert set(ops.usage()["obs_prune_block"]) == {"cpu" if backend == "auto" else "reference"}
+        models[backend] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, want in models["reference"].items():
+        got = models["auto"][name]
+        assert torch.equal(got == 0, want == 0), name
+        if EXACT:
+            assert torch.equal(got, want), name
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
