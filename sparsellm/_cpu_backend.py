@@ -5,8 +5,8 @@ Why: the reference sweep runs about seven PyTorch operations per column of a blo
 2-core CPU each costs several microseconds of dispatch, more than its arithmetic: a 128-column
 block of a 1536-row weight took ~18 ms, of which the column loop ~15 ms. The C loop does the
 same arithmetic in one call (~2 ms there; the mask selection, torch's topk as in the
-reference, stays). SparseGPT sweeps about 4,000 columns per decoder layer of the default
-model, SparseLLM about 12,000 (its W-steps prune the FFN once per iteration).
+reference, stays). SparseGPT sweeps about 5,000 columns per decoder layer of the default
+model, SparseLLM about 14,600 (its W-steps prune the FFN once per iteration).
 
 Equal to the reference bit for bit where torch's rank-1 update rounds each product before the
 subtraction (MKL on x86-64 does; tests/test_cpu_backend.py checks it there): the C code does
@@ -108,9 +108,17 @@ def load_library() -> ctypes.CDLL:
 
 
 _sweep = load_library().sparsellm_obs_sweep_f32
-# ctypes releases the GIL during the call, so threads sweep their rows in parallel.
-_WORKERS = max(1, torch.get_num_threads())
-_pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="sparsellm-obs")
+# ctypes releases the GIL during the call, so threads sweep their rows in parallel. One pool per
+# process: a forked child does not inherit the parent's threads, so it makes its own.
+_pools: dict[int, tuple[ThreadPoolExecutor, int]] = {}  # pid -> (pool, its worker count)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    pool, size = _pools.get(os.getpid(), (None, 0))
+    if pool is None or size < workers:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsellm-obs")
+        _pools[os.getpid()] = (pool, workers)
+    return pool
 
 
 def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
@@ -126,19 +134,20 @@ def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
         diag = torch.diagonal(hinv)
         prune_mask = reference.flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, int(rows * width * fraction))
     work = weight.t().contiguous()
-    mask_t = prune_mask.t().contiguous()  # bool: one byte, 0 or 1
+    mask_t = prune_mask.to(torch.bool).t().contiguous()  # one byte, 0 or 1
     hinv = hinv if hinv.stride(1) == 1 else hinv.contiguous()
     err = torch.empty_like(work)
     losses = torch.empty(rows, dtype=torch.float32)
     args = (work.data_ptr(), mask_t.data_ptr(), hinv.data_ptr(), hinv.stride(0), err.data_ptr(), losses.data_ptr(),
             rows, width)
-    threads = min(torch.get_num_threads(), _WORKERS, rows // MIN_ROWS_PER_THREAD)
+    threads = min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD)
     if threads <= 1:
         _sweep(*args, 0, rows)
     else:
         tiles = -(-rows // TILE_ROWS)
         cuts = [min(rows, tiles * i // threads * TILE_ROWS) for i in range(threads)] + [rows]
-        for future in [_pool.submit(_sweep, *args, cuts[i], cuts[i + 1]) for i in range(threads)]:
+        pool = _pool(threads)
+        for future in [pool.submit(_sweep, *args, cuts[i], cuts[i + 1]) for i in range(threads)]:
             future.result()
     return work.t(), err.t(), losses.sum() / 2
 

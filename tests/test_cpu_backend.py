@@ -3,6 +3,8 @@ first use, against the reference on fresh random inputs; what it declines; what 
 cannot be compiled; and the pruned model it gives, against the reference backend's."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import platform
 
 import pytest
@@ -58,6 +60,30 @@ def test_sweep_matches_the_reference(rows, width, fraction):
     assert not torch.equal(got[0][got[0] != 0], weight[got[0] != 0])  # the kept weights were updated
     assert float((got[0] == 0).float().mean()) == pytest.approx(fraction, abs=1 / (rows * width) + 1e-6)
     assert torch.isfinite(got[1]).all() and float(got[2]) > 0
+
+
+def _pool_in_child(queue):
+    queue.put([cpu._pool(2).submit(pow, 2, k).result(timeout=30) for k in range(3)])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_gets_its_own_thread_pool():
+    """The parent's worker threads do not exist in a forked child: the child makes its own pool
+    (handed the parent's, its tasks would never run). Only the pool is exercised in the child:
+    torch's own OpenMP threads are not fork-safe after the parent used them."""
+    weight = torch.randn(1100, 128, generator=_gen(9))
+    cpu.obs_prune_block(weight, _hinv_upper(128, seed=10), 0.5)  # two threads: the parent's pool exists
+    assert os.getpid() in cpu._pools
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_pool_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert queue.get(timeout=5) == [1, 2, 4]
 
 
 @pytest.mark.parametrize("layout", ["row-major", "column-major"])
