@@ -131,8 +131,7 @@ def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
     if prune_mask is None:
         if n is not None:
             raise ops.Decline("N:M mask chosen during the sweep")
-        diag = torch.diagonal(hinv)
-        prune_mask = reference.flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, int(rows * width * fraction))
+        prune_mask = reference.obs_unstructured_mask(weight, torch.diagonal(hinv), fraction)
     work = weight.t().contiguous()
     mask_t = prune_mask.to(torch.bool).t().contiguous()  # one byte, 0 or 1
     hinv = hinv if hinv.stride(1) == 1 else hinv.contiguous()

@@ -16,15 +16,11 @@ def large_products(device: torch.device, precision: str):
     if device.type != "cuda" or precision != "tf32":
         yield
         return
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
-    else:
-        before, matmul.allow_tf32 = matmul.allow_tf32, True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = before
+    # torch >= 2.9 names the mode fp32_precision; older releases have the allow_tf32 switch
+    attr, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    before = getattr(matmul, attr)
+    setattr(matmul, attr, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, attr, before)

@@ -120,6 +120,12 @@ def _plain_cholesky(matrix):
 # ----------------------------------------------------------------------------------------
 
 
+def obs_unstructured_mask(weight: torch.Tensor, diag: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The mask of an unstructured OBS block: its ``int(numel * fraction)`` lowest scores
+    ``w^2 / hinv_jj^2`` (``diag``: the block's diagonal of the H^-1 factor)."""
+    return flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, int(weight.numel() * fraction))
+
+
 def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
                     n: int | None = None, m: int | None = None,
                     prune_mask: torch.Tensor | None = None):
@@ -139,7 +145,7 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     diag = torch.diagonal(hinv)
     if prune_mask is None:
         if n is None:
-            prune_mask = flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, int(rows * width * fraction))
+            prune_mask = obs_unstructured_mask(weight, diag, fraction)
         else:
             prune_mask = torch.zeros_like(weight, dtype=torch.bool)
     # Work on the transpose so that each column is a contiguous row: the sweep touches one

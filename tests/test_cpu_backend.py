@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import VOCAB, tiny_llama
+from kernel_checks import hinv_factor
 from sparsellm import ops, reference
 from sparsellm.config import PruneConfig
 from sparsellm.driver import LayerDriver
@@ -27,13 +28,6 @@ EXACT = platform.machine() in ("x86_64", "AMD64")
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def _hinv_upper(width, seed):
-    """The upper Cholesky factor of a random well-conditioned H^-1 (what the sweep walks)."""
-    a = torch.randn(width, 2 * width, generator=_gen(seed), dtype=torch.float64)
-    gram = a @ a.T / (2 * width) + 0.05 * torch.eye(width, dtype=torch.float64)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(gram)), upper=True).float()
 
 
 def _assert_same(got, want):
@@ -53,7 +47,7 @@ def _assert_same(got, want):
 @pytest.mark.parametrize("fraction", [0.5, 0.9])
 def test_sweep_matches_the_reference(rows, width, fraction):
     weight = torch.randn(rows, width, generator=_gen(rows + width))
-    hinv = _hinv_upper(width, seed=width)
+    hinv = hinv_factor(width, seed=width)
     got = cpu.obs_prune_block(weight, hinv, fraction)
     want = reference.obs_prune_block(weight, hinv, fraction)
     _assert_same(got, want)
@@ -72,7 +66,7 @@ def test_a_forked_child_gets_its_own_thread_pool():
     (handed the parent's, its tasks would never run). Only the pool is exercised in the child:
     torch's own OpenMP threads are not fork-safe after the parent used them."""
     weight = torch.randn(1100, 128, generator=_gen(9))
-    cpu.obs_prune_block(weight, _hinv_upper(128, seed=10), 0.5)  # two threads: the parent's pool exists
+    cpu.obs_prune_block(weight, hinv_factor(128, seed=10), 0.5)  # two threads: the parent's pool exists
     assert os.getpid() in cpu._pools
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
@@ -92,7 +86,7 @@ def test_given_mask_and_a_strided_factor_block(layout):
     torch.linalg.cholesky(upper=True) returns it, or row-major) and, for N:M patterns chosen
     elsewhere, a mask."""
     weight = torch.randn(300, 64, generator=_gen(1))
-    whole = _hinv_upper(192, seed=2)
+    whole = hinv_factor(192, seed=2)
     whole = whole.contiguous() if layout == "row-major" else whole.t().contiguous().t()
     hinv = whole[64:128, 64:128]
     assert hinv.stride() == ((192, 1) if layout == "row-major" else (1, 192))
@@ -104,7 +98,7 @@ def test_given_mask_and_a_strided_factor_block(layout):
 
 def test_whole_sweep_through_ops_uses_it_on_cpu():
     weight = torch.randn(257, 300, generator=_gen(4))
-    hinv = _hinv_upper(300, seed=5)
+    hinv = hinv_factor(300, seed=5)
     ops.reset_usage()
     with ops.backend_scope("auto"):
         got, loss = ops.obs_prune(weight, hinv, 0.7, blocksize=128)
@@ -116,7 +110,7 @@ def test_whole_sweep_through_ops_uses_it_on_cpu():
 @pytest.mark.parametrize("case", ["float64", "nm"])
 def test_declines_go_to_the_reference(case):
     weight = torch.randn(8, 16, generator=_gen(6))
-    hinv = _hinv_upper(16, seed=7)
+    hinv = hinv_factor(16, seed=7)
     args = {"float64": (weight.double(), hinv.double(), 0.5), "nm": (weight, hinv, 0.5, 2, 4)}[case]
     reason = {"float64": "torch.float64 (the C sweep is float32)", "nm": "N:M mask chosen during the sweep"}[case]
     with pytest.raises(ops.Decline, match=reason.replace("(", r"\(").replace(")", r"\)")):
