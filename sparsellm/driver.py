@@ -292,9 +292,15 @@ class LayerDriver:
                              run_layer=lambda layer, hooks: self._pass(layer, hidden, kwargs, hooks, outputs=hidden))
 
     def run(self, windows: torch.Tensor) -> list[LayerRecord]:
+        return list(self.prune_layers(windows))
+
+    def prune_layers(self, windows: torch.Tensor):
+        """:meth:`run` one layer at a time: yields each pruned layer's record as soon as that layer
+        is done (the first ``next`` also captures the inputs and allocates). Two drivers of two
+        model copies can so be advanced in turn, and timed under the same machine conditions
+        (``benchmarks/interleaved_ratio.py``)."""
         layers = self.adapter.layers(self.model)
         start, stop = self.config.layers or (0, len(layers))
-        records: list[LayerRecord] = []
         inputs, kwargs = capture_layer_inputs(self.model, self.adapter, windows, self.device)
         self.targets = self.allocate(inputs, kwargs)
         bar = tqdm(range(stop), desc=f"{self.method.name} {self.config.sparsity}", unit="layer",
@@ -305,11 +311,11 @@ class LayerDriver:
             layer.to(self.device)
             if index >= start:
                 record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
-                records.append(record)
                 bar.set_postfix(ffn_err=f"{record.ffn_rel_error:.3g}", out_err=f"{record.output_rel_error:.3g}")
                 log.info("layer %d: ffn rel error %.4g, output rel error %.4g (%.1fs)", index,
                          record.ffn_rel_error, record.output_rel_error, record.seconds)
             elif index + 1 < stop:
                 self._pass(layer, inputs, kwargs, outputs=inputs)  # next layer's inputs
             layer.to(home)
-        return records
+            if index >= start:
+                yield record

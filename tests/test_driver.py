@@ -170,3 +170,33 @@ def test_magnitude_same_weights_either_mode():
         run(model, method="magnitude", sparsity="0.6", sequential=sequential)
         weights[sequential] = [p.clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+
+def test_two_drivers_advanced_in_turn_equal_separate_runs():
+    """prune_layers yields one record per pruned layer, as soon as it is done; two drivers of two
+    model copies advanced in turn (benchmarks/interleaved_ratio.py) end with the weights and
+    records of separate runs: nothing is shared between them."""
+    def setup(method):
+        model = tiny_llama(layers=3)
+        config = PruneConfig(method=method, sparsity=0.5, layers=(1, 3), nsamples=4, seqlen=32, quiet=True,
+                             device="cpu")
+        return model, LayerDriver(model, get_adapter(model), get_method(config), config)
+
+    separate = {}
+    for method in ("sparsellm", "sparsegpt"):
+        model, driver = setup(method)
+        separate[method] = (driver.run(windows()), model.state_dict())
+    (model_a, driver_a), (model_b, driver_b) = setup("sparsellm"), setup("sparsegpt")
+    layers_a, layers_b = driver_a.prune_layers(windows()), driver_b.prune_layers(windows())
+    first = next(layers_a)
+    assert first.index == 1 and zero_fraction(get_adapter(model_a).layers(model_a)[1].mlp.up_proj.weight) > 0.4
+    assert zero_fraction(get_adapter(model_a).layers(model_a)[2].mlp.up_proj.weight) == 0  # not yet pruned
+    records_b = [next(layers_b), next(layers_b)]
+    records_a = [first, next(layers_a)]
+    assert next(layers_a, None) is None and next(layers_b, None) is None
+    for (expected, state), records, model in ((separate["sparsellm"], records_a, model_a),
+                                              (separate["sparsegpt"], records_b, model_b)):
+        assert [r.index for r in records] == [r.index for r in expected] == [1, 2]
+        assert [r.ffn_rel_error for r in records] == [r.ffn_rel_error for r in expected]
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, state[name]), name

@@ -1,0 +1,164 @@
+"""Prune time of two layer-wise methods, measured layer by layer in turn on one machine.
+
+    python benchmarks/interleaved_ratio.py --methods sparsellm,sparsegpt --sparsity 0.7 --layers 0:15 \\
+        --json benchmarks/results/sparsellm_cpu_ratio_interleaved.json
+
+Why: the 2-core machines here drift by 10-20% in speed within the hour, so two whole runs one
+after the other (``benchmarks/quality.py``, about 9 minutes for the pair) measure the drift as
+much as the methods. Here each method prunes its own copy of the model, and the two drivers are
+advanced one decoder layer at a time in turn (:meth:`sparsellm.driver.LayerDriver.prune_layers`),
+the first method first on even layers and the second first on odd ones: both see the same
+machine within seconds. Nothing is shared between the two copies but the calibration windows,
+so each copy ends with the weights (and perplexity) of a run of its method alone.
+
+Each method's time is that of ``benchmarks/quality.py``'s ``prune_seconds`` (the calibration
+sample, the capture of the first layer's inputs and every layer's prune) but for tokenizing the
+calibration text, which a process does once: it is done before either method is timed (in
+quality.py each run pays it, a few seconds that pull its ratio towards 1). The JSON holds each
+layer's seconds for both methods, the total ratio, the median of the per-layer ratios, and the
+perplexities, with the commit, the machine and the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from quality import achieved_sparsity, add_text_options, git_state, machine, text_sources  # noqa: E402
+
+
+class _Run:
+    """One method on its own copy of the model, advanced a layer at a time."""
+
+    def __init__(self, method_name: str, args):
+        from sparsellm import api
+        from sparsellm.config import PruneConfig
+        from sparsellm.driver import LayerDriver
+        from sparsellm.methods import get_method
+        from sparsellm.models import get_adapter
+
+        layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
+        self.config = PruneConfig(method=method_name, sparsity=args.sparsity, layers=layers, nsamples=args.nsamples,
+                                  seqlen=args.seqlen, seed=0, calib=args.calib, eval=(args.eval,),
+                                  eval_windows=args.eval_windows, quiet=True, device="cpu" if args.cpu else None)
+        self.model, self.tokenizer = api.load_model(self.config.model)
+        adapter = get_adapter(self.model)
+        api._check_layers(self.config, len(adapter.layers(self.model)))
+        self.name = method_name
+        self.seconds: list[float] = []  # per step: the first also holds the capture of the inputs
+        self.records = []
+        self._driver = LayerDriver(self.model, adapter, get_method(self.config), self.config)
+        self._layers = None
+        self.sample_seconds = 0.0
+
+    def calibration(self):
+        from sparsellm import data
+
+        return data.Calibration.sample(self.config.calib, self.tokenizer, self.config.nsamples, self.config.seqlen,
+                                       self.config.seed)
+
+    def start(self) -> None:
+        start = time.perf_counter()
+        windows = self.calibration().windows
+        self.sample_seconds = time.perf_counter() - start
+        self._layers = self._driver.prune_layers(windows)
+
+    def step(self) -> bool:
+        """Prune the next layer; False when none is left."""
+        start = time.perf_counter()
+        record = next(self._layers, None)
+        if record is None:
+            return False
+        self.seconds.append(time.perf_counter() - start)
+        self.records.append(record)
+        return True
+
+    def perplexity(self) -> float:
+        from sparsellm import api
+
+        return api.evaluate(self.model, self.tokenizer, self.config)[self.config.eval[0]]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="sparsellm,sparsegpt", help="two layer-wise methods: A,B (ratio A/B)")
+    p.add_argument("--sparsity", default="0.7")
+    p.add_argument("--layers", default="0:15", help="START:STOP range of decoder layers ('' for all)")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
+    add_text_options(p)
+    p.add_argument("--json", default=None, help="write the measurement here (a new file)")
+    args = p.parse_args(argv)
+    names = args.methods.split(",")
+    if len(names) != 2:
+        p.error(f"--methods takes two methods, got {args.methods!r}")
+    if args.json and os.path.exists(args.json):
+        p.error(f"{args.json} exists: this script writes a new file")
+
+    import torch
+
+    from sparsellm.methods import METHODS, LayerwiseMethod
+
+    for name in names:
+        if name not in METHODS or not issubclass(METHODS[name], LayerwiseMethod):
+            p.error(f"{name!r} is not a layer-wise method (choose from "
+                    f"{', '.join(n for n, c in METHODS.items() if issubclass(c, LayerwiseMethod))})")
+    # api.prune seeds the global RNG before a prune; the same here, once for both runs (no
+    # layer-wise method draws from it, so interleaving them cannot change what either computes:
+    # the perplexities of the JSON equal those of separate runs)
+    torch.manual_seed(0)
+    runs = [_Run(name, args) for name in names]
+    runs[0].calibration()  # tokenizes the calibration text, once per process: before either is timed
+    for run in runs:
+        run.start()
+    layer = 0
+    while True:
+        order = runs if layer % 2 == 0 else runs[::-1]
+        done = [not run.step() for run in order]
+        if any(done):
+            if not all(done):
+                raise RuntimeError("the two runs prune different numbers of layers")
+            break
+        print(f"layer {runs[0].records[-1].index}: " + ", ".join(
+            f"{run.name} {run.seconds[-1]:.1f}s" for run in runs), flush=True)
+        layer += 1
+
+    totals = [run.sample_seconds + sum(run.seconds) for run in runs]
+    # per-layer ratios from the second layer on: the first step also captures the inputs, and the
+    # first SparseLLM layer compiles the element-wise steps
+    per_layer = [a / b for a, b in zip(runs[0].seconds[1:], runs[1].seconds[1:])]
+    result = {
+        "what": f"prune time of {names[0]} over {names[1]}, the two advanced one decoder layer at a time in turn "
+                f"(benchmarks/interleaved_ratio.py)",
+        "command": "python benchmarks/interleaved_ratio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "git": git_state(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(args.cpu), "threads": torch.get_num_threads(),
+        "protocol": {"model": "smollm2", "sparsity": args.sparsity, "layers": args.layers, "nsamples": args.nsamples,
+                     "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seed": 0, **text_sources(args)},
+        "ratio": totals[0] / totals[1],
+        "median_layer_ratio": statistics.median(per_layer) if per_layer else None,
+        "runs": {},
+    }
+    for run, total in zip(runs, totals):
+        result["runs"][run.name] = {
+            "prune_seconds": total, "sample_seconds": run.sample_seconds, "layer_seconds": run.seconds,
+            "ppl": run.perplexity(), "achieved_sparsity": achieved_sparsity(run.records),
+            "ffn_rel_error": [r.ffn_rel_error for r in run.records]}
+        print(f"{run.name}: prune {total:.1f}s, ppl {result['runs'][run.name]['ppl']:.4f}", flush=True)
+    print(f"ratio {result['ratio']:.3f} (median per layer {result['median_layer_ratio']:.3f})", flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "x") as handle:
+            json.dump(result, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
