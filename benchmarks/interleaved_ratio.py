@@ -43,9 +43,10 @@ class _Run:
         from sparsellm.models import get_adapter
 
         layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
-        self.config = PruneConfig(method=method_name, sparsity=args.sparsity, layers=layers, nsamples=args.nsamples,
-                                  seqlen=args.seqlen, seed=0, calib=args.calib, eval=(args.eval,),
-                                  eval_windows=args.eval_windows, quiet=True, device="cpu" if args.cpu else None)
+        self.config = PruneConfig(model=args.model, method=method_name, sparsity=args.sparsity, layers=layers,
+                                  nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib,
+                                  eval=(args.eval,), eval_windows=args.eval_windows, quiet=True,
+                                  device="cpu" if args.cpu else None)
         self.model, self.tokenizer = api.load_model(self.config.model)
         adapter = get_adapter(self.model)
         api._check_layers(self.config, len(adapter.layers(self.model)))
@@ -87,6 +88,7 @@ class _Run:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sparsellm,sparsegpt", help="two layer-wise methods: A,B (ratio A/B)")
+    p.add_argument("--model", default="default", help="the model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sparsity", default="0.7")
     p.add_argument("--layers", default="0:15", help="START:STOP range of decoder layers ('' for all)")
     p.add_argument("--nsamples", type=int, default=32)
@@ -104,6 +106,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from sparsellm.default_model import ALIASES as DEFAULT_ALIASES
     from sparsellm.methods import METHODS, LayerwiseMethod
 
     for name in names:
@@ -115,6 +118,7 @@ def main(argv=None) -> int:
     # the perplexities of the JSON equal those of separate runs)
     torch.manual_seed(0)
     runs = [_Run(name, args) for name in names]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runs[0].calibration()  # tokenizes the calibration text, once per process: before either is timed
     for run in runs:
         run.start()
@@ -138,9 +142,9 @@ def main(argv=None) -> int:
         "what": f"prune time of {names[0]} over {names[1]}, the two advanced one decoder layer at a time in turn "
                 f"(benchmarks/interleaved_ratio.py)",
         "command": "python benchmarks/interleaved_ratio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git": git_state(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "git": git_state(), "started": started, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(args.cpu), "threads": torch.get_num_threads(),
-        "protocol": {"model": "smollm2", "sparsity": args.sparsity, "layers": args.layers, "nsamples": args.nsamples,
+        "protocol": {"model": "smollm2" if args.model in DEFAULT_ALIASES else args.model, "sparsity": args.sparsity, "layers": args.layers, "nsamples": args.nsamples,
                      "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seed": 0, **text_sources(args)},
         "ratio": totals[0] / totals[1],
         "median_layer_ratio": statistics.median(per_layer) if per_layer else None,
