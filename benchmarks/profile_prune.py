@@ -2,7 +2,7 @@
 
     python benchmarks/profile_prune.py --out prof.json --table prof.md -- --method sparsellm ...
 
-Everything after ``--`` is the CLI's own arguments. Two tables come out:
+Everything after ``--`` is the CLI's own arguments. Three tables come out:
 
 * the named parts of a prune: the driver's passes (``driver.observe``: calibration passes
   gathering statistics, ``driver.solve``: a method's solve, ``driver.final_pass``: errors and
@@ -11,8 +11,12 @@ Everything after ``--`` is the CLI's own arguments. Two tables come out:
   ``sparsellm.p_step`` and ``sparsellm.gram_stats``): the ``record_function`` ranges in the
   code, with host time and, on a GPU, the device time of the kernels they launched;
 * on a GPU the kernels and copies with the most device time, on the CPU the operators with the
-  most host time of their own. CUPTI's overhead records ("Command Buffer Full": the host waiting
-  on a full launch queue) are not device work and are counted nowhere.
+  most host time of their own;
+* the floating-point work of the matrix products (``mm``, ``addmm``, the in-place ``addmm_`` of
+  the Gram accumulations, ``bmm``) and of attention, from the operators' recorded shapes.
+
+CUPTI's overhead records ("Command Buffer Full": the host waiting on a full launch queue) are
+not device work and are counted nowhere.
 
 Ranges nest (``driver.solve`` holds ``obs_prune``), so their times do not add up to the whole.
 The profiler slows a run down (host-side bookkeeping per op): compare the shares, not the
@@ -88,6 +92,41 @@ def _own_time_rows(prof, device: bool) -> list:
     return rows
 
 
+def _product_flops(name: str, shapes: list) -> int:
+    """Floating-point operations of one matrix product from its recorded input shapes (2 per
+    multiply-add), 0 for any other operator. The profiler's own ``with_flops`` leaves out the
+    in-place ``addmm_`` (the Gram accumulations) and attention. Attention is counted whole (QK^T
+    and PV over all L x S pairs), as the CPU kernel is charged, causal or not."""
+    if name == "aten::mm":
+        (m, k), (_, n) = shapes[0][-2:], shapes[1][-2:]
+        return 2 * m * k * n
+    if name in ("aten::addmm", "aten::addmm_"):
+        (m, k), (_, n) = shapes[1][-2:], shapes[2][-2:]
+        return 2 * m * k * n
+    if name in ("aten::bmm", "aten::baddbmm"):
+        (b, m, k), (_, _, n) = shapes[-2], shapes[-1]
+        return 2 * b * m * k * n
+    if name.startswith("aten::_scaled_dot_product") and len(shapes[0]) == 4 and len(shapes[1]) == 4:
+        b, h, length, dim = shapes[0]
+        return 4 * b * h * length * shapes[1][2] * dim
+    return 0
+
+
+def _product_rows(prof) -> list[dict]:
+    """GFLOP of the matrix products and attention, per operator (host-side events)."""
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU or not e.input_shapes:
+            continue
+        flops = _product_flops(e.name, e.input_shapes)
+        if flops:
+            row = totals.setdefault(e.name, [0, 0])
+            row[0] += 1
+            row[1] += flops
+    return [{"name": name, "calls": calls, "flops": flops, "gflop": round(flops / 1e9, 1)}
+            for name, (calls, flops) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
+
+
 def summarise(prof, wall: float, device: bool, top: int) -> dict:
     ops = _own_time_rows(prof, device)
     own = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)  # noqa: E731
@@ -95,7 +134,7 @@ def summarise(prof, wall: float, device: bool, top: int) -> dict:
     ops.sort(key=own, reverse=True)
     return {"wall_s": round(wall, 2), "timed": "device" if device else "host",
             "self_total_s": round(total / 1e6, 3), "stages": _stage_rows(prof, device),
-            "top_ops": [_op_row(e, total, device) for e in ops[:top]]}
+            "top_ops": [_op_row(e, total, device) for e in ops[:top]], "products": _product_rows(prof)}
 
 
 def render(summary: dict, title: str) -> str:
@@ -109,6 +148,11 @@ def render(summary: dict, title: str) -> str:
     lines += ["", f"| op or kernel | calls | own {summary['timed']} s | share |", "|---|---:|---:|---:|"]
     lines += [f"| {r['name'][:90]} | {r['calls']} | {r['self_s']} | {100 * (r['self_share'] or 0):.1f}% |"
               for r in summary["top_ops"]]
+    if summary.get("products"):
+        lines += ["", "| matrix product | calls | GFLOP |", "|---|---:|---:|"]
+        lines += [f"| {r['name']} | {r['calls']} | {r['gflop']} |" for r in summary["products"]]
+        lines += [f"| all | {sum(r['calls'] for r in summary['products'])} | "
+                  f"{round(sum(r['gflop'] for r in summary['products']), 1)} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +174,7 @@ def main(argv=None) -> int:
     device = resolve_device(cli.build_parser().parse_args(cli_args).device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:  # shapes: the products' FLOPs
         rc = cli.main(cli_args)
     wall = time.perf_counter() - start
     summary = {"cli_args": cli_args, "rc": rc, **summarise(prof, wall, device, args.top)}

@@ -41,3 +41,25 @@ def test_cpu_summary_names_the_ranges_and_ranks_operators():
     assert summary["self_total_s"] > 0 and all(row["self_share"] <= 1 for row in summary["top_ops"])
     text = profile_prune.render(summary, "cpu")
     assert "| sparsellm.p_step | 3 |" in text and "host time of all ops" in text
+
+
+def test_product_flops_count_every_product_once_from_shapes():
+    """The FLOP table counts mm, addmm, the in-place addmm_ (which the profiler's with_flops
+    leaves out) and attention, each from its shapes: here exactly 2 m k n per product."""
+    a, b, acc = torch.randn(48, 40), torch.randn(40, 24), torch.zeros(40, 40)
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        a @ b                                                     # mm: 2 * 48 * 40 * 24
+        torch.nn.functional.linear(a, b.t().contiguous(), torch.zeros(24))  # addmm: the same
+        acc.addmm_(a.t(), a)                                      # addmm_: 2 * 40 * 48 * 40
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)  # 4 * 2 * 3 * 16 * 16 * 8
+        a + 1                                                     # not a product
+    rows = {r["name"]: r for r in profile_prune._product_rows(prof)}
+    expected = {"aten::mm": 2 * 48 * 40 * 24, "aten::addmm": 2 * 48 * 40 * 24, "aten::addmm_": 2 * 40 * 48 * 40}
+    for name, flops in expected.items():
+        assert rows[name]["calls"] == 1 and rows[name]["flops"] == flops, name
+    attention = [r for name, r in rows.items() if "scaled_dot_product" in name]  # the CPU kernel, not its wrapper
+    assert len(attention) == 1 and attention[0]["calls"] == 1
+    assert attention[0]["flops"] == 4 * 2 * 3 * 16 * 16 * 8
+    assert set(rows) == {"aten::mm", "aten::addmm", "aten::addmm_", attention[0]["name"]}
+    assert profile_prune._product_flops("aten::add", [[48, 40], []]) == 0
