@@ -1,7 +1,8 @@
 """Prune time of two layer-wise methods, measured layer by layer in turn on one machine.
 
-    python benchmarks/interleaved_ratio.py --methods sparsellm,sparsegpt --sparsity 0.7 --layers 0:15 \\
-        --json benchmarks/results/sparsellm_cpu_ratio_interleaved.json
+    python benchmarks/interleaved_ratio.py --methods sparsellm,sparsegpt --sparsity 0.7 --layers 0:15 --json X
+
+(``benchmarks/results/sparsellm_cpu_ratio.json``'s ``interleaved_avx2_3456f80`` holds two such runs.)
 
 Why: the 2-core machines here drift by 10-20% in speed within the hour, so two whole runs one
 after the other (``benchmarks/quality.py``, about 9 minutes for the pair) measure the drift as
@@ -35,22 +36,17 @@ from quality import achieved_sparsity, add_text_options, git_state, machine, tex
 class _Run:
     """One method on its own copy of the model, advanced a layer at a time."""
 
-    def __init__(self, method_name: str, args):
+    def __init__(self, config):
         from sparsellm import api
-        from sparsellm.config import PruneConfig
         from sparsellm.driver import LayerDriver
         from sparsellm.methods import get_method
         from sparsellm.models import get_adapter
 
-        layers = tuple(int(x) for x in args.layers.split(":")) if args.layers else None
-        self.config = PruneConfig(model=args.model, method=method_name, sparsity=args.sparsity, layers=layers,
-                                  nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib,
-                                  eval=(args.eval,), eval_windows=args.eval_windows, quiet=True,
-                                  device="cpu" if args.cpu else None)
-        self.model, self.tokenizer = api.load_model(self.config.model)
+        self.config = config
+        self.model, self.tokenizer = api.load_model(config.model)
         adapter = get_adapter(self.model)
-        api._check_layers(self.config, len(adapter.layers(self.model)))
-        self.name = method_name
+        api._check_layers(config, len(adapter.layers(self.model)))  # the API's check of --layers
+        self.name = config.method
         self.seconds: list[float] = []  # per step: the first also holds the capture of the inputs
         self.records = []
         self._driver = LayerDriver(self.model, adapter, get_method(self.config), self.config)
@@ -109,15 +105,33 @@ def main(argv=None) -> int:
     from sparsellm.default_model import ALIASES as DEFAULT_ALIASES
     from sparsellm.methods import METHODS, LayerwiseMethod
 
+    from sparsellm.config import PruneConfig
+
     for name in names:
         if name not in METHODS or not issubclass(METHODS[name], LayerwiseMethod):
             p.error(f"{name!r} is not a layer-wise method (choose from "
                     f"{', '.join(n for n, c in METHODS.items() if issubclass(c, LayerwiseMethod))})")
+    try:  # bad settings fail here, before a model is loaded
+        layers = None
+        if args.layers:
+            parts = args.layers.split(":")
+            if len(parts) != 2 or not all(part.isdigit() for part in parts):
+                raise ValueError(f"--layers takes START:STOP (two whole numbers), got {args.layers!r}")
+            layers = (int(parts[0]), int(parts[1]))
+        configs = [PruneConfig(model=args.model, method=name, sparsity=args.sparsity, layers=layers,
+                               nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib, eval=(args.eval,),
+                               eval_windows=args.eval_windows, quiet=True, device="cpu" if args.cpu else None)
+                   for name in names]
+    except ValueError as exc:
+        p.error(str(exc))
     # api.prune seeds the global RNG before a prune; the same here, once for both runs (no
     # layer-wise method draws from it, so interleaving them cannot change what either computes:
     # the perplexities of the JSON equal those of separate runs)
     torch.manual_seed(0)
-    runs = [_Run(name, args) for name in names]
+    try:
+        runs = [_Run(config) for config in configs]
+    except ValueError as exc:  # a layer range the model does not have
+        p.error(str(exc))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runs[0].calibration()  # tokenizes the calibration text, once per process: before either is timed
     for run in runs:

@@ -57,3 +57,14 @@ def test_existing_json_is_not_overwritten(tmp_path, capsys):
         interleaved_ratio.main(["--json", str(out)])
     assert exit_info.value.code == 2 and "exists" in capsys.readouterr().err
     assert out.read_text() == "{}"
+
+
+@pytest.mark.parametrize("bad, message", [(["--layers", "a:b"], "START:STOP"), (["--layers", "3"], "START:STOP"),
+                                          (["--sparsity", "1.5"], "sparsity")])
+def test_bad_settings_fail_before_a_model_loads(bad, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "ratio.json"
+    with pytest.raises(SystemExit) as exit_info:
+        interleaved_ratio.main(bad + ["--json", str(out)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
