@@ -2,7 +2,7 @@
 
     python benchmarks/profile_prune.py --out prof.json --table prof.md -- --method sparsellm ...
 
-Everything after ``--`` is the CLI's own arguments. Three tables come out:
+Everything after ``--`` is the CLI's own arguments. Two tables come out, three with ``--flops``:
 
 * the named parts of a prune: the driver's passes (``driver.observe``: calibration passes
   gathering statistics, ``driver.solve``: a method's solve, ``driver.final_pass``: errors and
@@ -12,8 +12,9 @@ Everything after ``--`` is the CLI's own arguments. Three tables come out:
   code, with host time and, on a GPU, the device time of the kernels they launched;
 * on a GPU the kernels and copies with the most device time, on the CPU the operators with the
   most host time of their own;
-* the floating-point work of the matrix products (``mm``, ``addmm``, the in-place ``addmm_`` of
-  the Gram accumulations, ``bmm``) and of attention, from the operators' recorded shapes.
+* with ``--flops``, the floating-point work of the matrix products (``mm``, ``addmm``, the in-place
+  ``addmm_`` of the Gram accumulations, ``bmm``) and of attention, from the operators' recorded
+  shapes (recording them costs host time per op, so it is off by default).
 
 CUPTI's overhead records ("Command Buffer Full": the host waiting on a full launch queue) are
 not device work and are counted nowhere.
@@ -127,14 +128,15 @@ def _product_rows(prof) -> list[dict]:
             for name, (calls, flops) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
 
 
-def summarise(prof, wall: float, device: bool, top: int) -> dict:
+def summarise(prof, wall: float, device: bool, top: int, flops: bool = False) -> dict:
     ops = _own_time_rows(prof, device)
     own = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)  # noqa: E731
     total = sum(own(e) for e in ops)
     ops.sort(key=own, reverse=True)
     return {"wall_s": round(wall, 2), "timed": "device" if device else "host",
             "self_total_s": round(total / 1e6, 3), "stages": _stage_rows(prof, device),
-            "top_ops": [_op_row(e, total, device) for e in ops[:top]], "products": _product_rows(prof)}
+            "top_ops": [_op_row(e, total, device) for e in ops[:top]],
+            **({"products": _product_rows(prof)} if flops else {})}
 
 
 def render(summary: dict, title: str) -> str:
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--table", help="markdown of both tables")
     ap.add_argument("--title", default="profile", help="the tables' heading")
     ap.add_argument("--top", type=int, default=30, help="rows of the op table")
+    ap.add_argument("--flops", action="store_true", help="also the matrix products' floating-point work "
+                                                          "(records every op's input shapes)")
     args = ap.parse_args(own_args)
     if not cli_args:
         ap.error("give the sparsellm-prune arguments after --")
@@ -174,10 +178,10 @@ def main(argv=None) -> int:
     device = resolve_device(cli.build_parser().parse_args(cli_args).device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
     start = time.perf_counter()
-    with profile(activities=activities, record_shapes=True) as prof:  # shapes: the products' FLOPs
+    with profile(activities=activities, record_shapes=args.flops) as prof:  # shapes: the products' FLOPs
         rc = cli.main(cli_args)
     wall = time.perf_counter() - start
-    summary = {"cli_args": cli_args, "rc": rc, **summarise(prof, wall, device, args.top)}
+    summary = {"cli_args": cli_args, "rc": rc, **summarise(prof, wall, device, args.top, args.flops)}
     text = render(summary, args.title)
     print(text)
     if args.out:
