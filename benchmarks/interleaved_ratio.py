@@ -32,6 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from quality import achieved_sparsity, add_text_options, git_state, machine, text_sources  # noqa: E402
 
+from sparsellm.cli import parse_layers  # noqa: E402
+
 
 class _Run:
     """One method on its own copy of the model, advanced a layer at a time."""
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="sparsellm,sparsegpt", help="two layer-wise methods: A,B (ratio A/B)")
     p.add_argument("--model", default="default", help="the model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sparsity", default="0.7")
-    p.add_argument("--layers", default="0:15", help="START:STOP range of decoder layers ('' for all)")
+    p.add_argument("--layers", default="0:15", type=parse_layers,
+                   help="START:STOP range of decoder layers, as sparsellm-prune takes it (':' for all)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
@@ -102,23 +105,17 @@ def main(argv=None) -> int:
 
     import torch
 
+    from sparsellm.config import PruneConfig
     from sparsellm.default_model import ALIASES as DEFAULT_ALIASES
     from sparsellm.methods import METHODS, LayerwiseMethod
-
-    from sparsellm.config import PruneConfig
 
     for name in names:
         if name not in METHODS or not issubclass(METHODS[name], LayerwiseMethod):
             p.error(f"{name!r} is not a layer-wise method (choose from "
                     f"{', '.join(n for n, c in METHODS.items() if issubclass(c, LayerwiseMethod))})")
+    layers_text = f"{args.layers[0]}:{'' if args.layers[1] is None else args.layers[1]}"
     try:  # bad settings fail here, before a model is loaded
-        layers = None
-        if args.layers:
-            parts = args.layers.split(":")
-            if len(parts) != 2 or not all(part.isdigit() for part in parts):
-                raise ValueError(f"--layers takes START:STOP (two whole numbers), got {args.layers!r}")
-            layers = (int(parts[0]), int(parts[1]))
-        configs = [PruneConfig(model=args.model, method=name, sparsity=args.sparsity, layers=layers,
+        configs = [PruneConfig(model=args.model, method=name, sparsity=args.sparsity, layers=args.layers,
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib, eval=(args.eval,),
                                eval_windows=args.eval_windows, quiet=True, device="cpu" if args.cpu else None)
                    for name in names]
@@ -158,8 +155,9 @@ def main(argv=None) -> int:
         "command": "python benchmarks/interleaved_ratio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git": git_state(), "started": started, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(args.cpu), "threads": torch.get_num_threads(),
-        "protocol": {"model": "smollm2" if args.model in DEFAULT_ALIASES else args.model, "sparsity": args.sparsity, "layers": args.layers, "nsamples": args.nsamples,
-                     "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seed": 0, **text_sources(args)},
+        "protocol": {"model": "smollm2" if args.model in DEFAULT_ALIASES else args.model, "sparsity": args.sparsity,
+                     "layers": layers_text, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                     "eval_windows": args.eval_windows, "seed": 0, **text_sources(args)},
         "ratio": totals[0] / totals[1],
         "median_layer_ratio": statistics.median(per_layer) if per_layer else None,
         "runs": {},

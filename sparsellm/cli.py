@@ -11,7 +11,8 @@ from .config import (DEFAULT_MODEL, DTYPES, EXPORT_KINDS, PRODUCT_PRECISIONS, SA
 from .sparsity import SparsityPattern, SparsityError
 
 
-def _layers(text: str) -> tuple[int, int]:
+def parse_layers(text: str) -> tuple[int, int]:
+    """``--layers START:STOP`` (half-open; an empty STOP runs to the last layer)."""
     try:
         start, stop = (int(p) if p else None for p in text.split(":"))
     except ValueError:
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"lowest per-layer sparsity (default: --sparsity - {a.spread})")
     g.add_argument("--layer-sparsity-max", type=float, default=None,
                    help=f"highest per-layer sparsity (default: --sparsity + {a.spread}, at most 0.95)")
-    p.add_argument("--layers", type=_layers, default=None,
+    p.add_argument("--layers", type=parse_layers, default=None,
                    help="half-open range START:STOP of decoder layers to prune (default: all)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
                    help="gather all of a layer's statistics from the dense layer (as the reference code) "
