@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import PruneConfig
-from .models import ModelAdapter
+from .models import AttentionHeads, ModelAdapter
 from .plan import ColumnSquares
 from .sparsity import SparsityPattern
 from .structure import LayerStructure
@@ -60,7 +60,8 @@ class LayerTarget:
     def to_dict(self) -> dict:
         out = {"sparsity": self.pattern.fraction if not self.pattern.is_nm else str(self.pattern)}
         if self.structure is not None:
-            out = {"channels_removed": self.structure.channels, "heads_removed_per_group": self.structure.heads_per_group}
+            out = {"channels_removed": self.structure.channels, "heads_removed_per_group": self.structure.heads_per_group,
+                   "key_value_heads_removed": self.structure.kv_groups}
         return out
 
 
@@ -242,12 +243,28 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
     channels = [0] * len(indices)
     if "channels" in config.structure:
         channels = integer_counts(shares, widths, low, high)
-    per_group = [0] * len(indices)
+    heads = [(0, 0)] * len(indices)
     if "heads" in config.structure:
-        # Heads are allocated uniformly: the same count leaves every key/value group of every
-        # layer, the nearest to the share that keeps one head per group (see sparsellm.structure).
-        for k, i in enumerate(indices):
-            attention = adapter.attention(layers[i])
-            per_group[k] = min(round(config.head_sparsity * attention.heads_per_group), attention.heads_per_group - 1)
-    return {i: LayerTarget(SparsityPattern(target), LayerStructure(c, h))
-            for i, c, h in zip(indices, channels, per_group)}
+        heads = [head_removal(config.head_sparsity, adapter.attention(layers[i])) for i in indices]
+    return {i: LayerTarget(SparsityPattern(target), LayerStructure(c, *h))
+            for i, c, h in zip(indices, channels, heads)}
+
+
+def head_removal(share: float, attention: AttentionHeads) -> tuple[int, int]:
+    """The heads a layer loses for ``--head-sparsity share``, allocated uniformly (every layer
+    alike): ``(query heads per key/value group, whole key/value groups)`` (see
+    :mod:`sparsellm.structure`). Grouped-query attention loses the same number of query heads
+    from every group, the nearest to the share that keeps one per group; multi-head attention
+    (one query head per group) loses whole groups, the nearest number that keeps one. A share
+    that rounds to nothing is a ValueError: a run asked to remove heads never silently keeps
+    them all."""
+    per_group, groups = attention.heads_per_group, attention.num_kv_heads
+    units, what = (groups, "heads") if per_group == 1 else (per_group, "query heads per key/value group")
+    if units == 1:
+        raise ValueError(f"head_sparsity (--head-sparsity) {share}: a layer with a single attention head has none to remove")
+    removed = min(round(share * units), units - 1)
+    if removed == 0:
+        raise ValueError(f"head_sparsity (--head-sparsity) {share} removes no attention heads: this model has {units} {what} and keeps "
+                         f"at least one (round({share} x {units}) = 0); the smallest share that removes one is "
+                         f"1/{units} = {1 / units:.3g}")
+    return (0, removed) if per_group == 1 else (removed, 0)

@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import __version__, data, ops
+from .allocation import head_removal
 from .distributed import is_main_process
 from .config import DTYPES, PruneConfig
 from .default_model import ALIASES as DEFAULT_ALIASES
@@ -128,7 +129,8 @@ def _run(config: PruneConfig) -> dict:
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))
     if config.structure is not None and "heads" in config.structure:
-        adapter.attention(adapter.layers(model)[0])  # a family without head removal fails now
+        # a family without head removal, or a share that removes no head, fails now
+        head_removal(config.head_sparsity, adapter.attention(adapter.layers(model)[0]))
     cost_before = model_cost(model, adapter, config.resolved_eval_seqlen)
     on_device = device.type == "cpu" or _fits(model, device)
 

@@ -208,7 +208,7 @@ class LayerDriver:
                          attention_groups=self.adapter.groups(layer, "attention"),
                          ffn_groups=self.adapter.groups(layer, "ffn"), ffn=self.adapter.ffn(layer),
                          structure=structure,
-                         attention=self.adapter.attention(layer) if structure and structure.heads_per_group else None)
+                         attention=self.adapter.attention(layer) if structure and structure.removes_heads else None)
 
     def prune_layer(self, index: int, layer: nn.Module, inputs: torch.Tensor, kwargs: dict,
                     outputs: torch.Tensor) -> LayerRecord:

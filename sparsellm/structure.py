@@ -17,6 +17,11 @@ keeps the layer a plain GQA layer (num_heads = groups x heads per group), which 
 runs and, with the same count in every layer, loads from a plain config. A layer keeps at
 least one query head per group.
 
+Multi-head attention (one query head per key/value head: LLaMA-1/2, Vicuna) has no head to spare
+inside a group, so there the unit is a *whole group*: the query head with its key and value
+heads (rows of q, k, v and their biases, columns of o). A layer keeps at least one. The layer
+stays a plain MHA layer with fewer heads (num_heads = num_key_value_heads).
+
 Zeroing in place (:func:`zero_channels`, :func:`zero_heads`) keeps every shape, so the driver
 measures errors as for any method; :func:`compact_model` then removes what is zero (the
 structures whose consuming columns, of down or o, are exactly zero) and records the sizes in
@@ -38,10 +43,16 @@ LAYER_SIZES_FIELD = "sparsellm_layer_sizes"
 
 @dataclass(frozen=True)
 class LayerStructure:
-    """What one decoder layer is to lose: FFN channels, and query heads per key/value group."""
+    """What one decoder layer is to lose: FFN channels, and query heads per key/value group or
+    whole key/value groups (see the module docs; never both)."""
 
     channels: int = 0
-    heads_per_group: int = 0
+    heads_per_group: int = 0  # query heads removed from every key/value group (grouped-query attention)
+    kv_groups: int = 0  # whole key/value groups removed with their query heads (multi-head attention)
+
+    @property
+    def removes_heads(self) -> bool:
+        return bool(self.heads_per_group or self.kv_groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +85,22 @@ def zero_heads(attention: AttentionHeads, heads: torch.Tensor) -> None:
     cols = head_columns(heads, attention.head_dim).to(attention.o.weight.device)
     _zero_rows(attention.q, cols)
     attention.o.weight.data[:, cols] = 0
+
+
+def group_heads(attention: AttentionHeads, groups: torch.Tensor) -> torch.Tensor:
+    """The query heads of key/value groups ``groups`` (indices)."""
+    groups = torch.as_tensor(groups, dtype=torch.long).reshape(-1)
+    return (groups[:, None] * attention.heads_per_group + torch.arange(attention.heads_per_group)).reshape(-1)
+
+
+def zero_groups(attention: AttentionHeads, groups: torch.Tensor) -> None:
+    """Zero whole key/value groups ``groups`` in place: their query heads (:func:`zero_heads`) and
+    their rows of k and v. Once o's columns are zero the k/v rows change no output; zeroing them
+    makes the weights say what :func:`compact_model` removes."""
+    zero_heads(attention, group_heads(attention, groups))
+    rows = head_columns(groups, attention.head_dim).to(attention.k.weight.device)
+    _zero_rows(attention.k, rows)
+    _zero_rows(attention.v, rows)
 
 
 def removed_channels(ffn: FFN) -> torch.Tensor:
@@ -122,30 +149,37 @@ def compact_ffn(ffn: FFN, keep: torch.Tensor) -> None:
 
 
 def compact_attention(attention: AttentionHeads, keep: torch.Tensor) -> None:
-    """Keep only query heads ``keep`` (sorted indices; the same count in every key/value group)."""
-    per_group = len(keep) // attention.num_kv_heads
-    groups = torch.bincount(torch.as_tensor(keep) // attention.heads_per_group, minlength=attention.num_kv_heads)
-    if len(keep) % attention.num_kv_heads or not (groups == per_group).all() or per_group == 0:
+    """Keep only query heads ``keep`` (sorted indices): the same count in every key/value group
+    that keeps any; a group that keeps none loses its key and value heads too."""
+    counts = torch.bincount(torch.as_tensor(keep) // attention.heads_per_group, minlength=attention.num_kv_heads)
+    kept_groups = counts.nonzero().reshape(-1)
+    per_group = int(counts[kept_groups[0]]) if len(kept_groups) else 0
+    if per_group == 0 or not (counts[kept_groups] == per_group).all():
         raise ValueError(f"cannot remove query heads unevenly across key/value groups (kept per group: "
-                         f"{groups.tolist()}); grouped-query attention needs the same count in every group")
+                         f"{counts.tolist()}); grouped-query attention needs the same count in every group")
     cols = head_columns(keep, attention.head_dim)
     _keep(attention.q, rows=cols)
     _keep(attention.o, cols=cols)
+    if len(kept_groups) < attention.num_kv_heads:
+        rows = head_columns(kept_groups, attention.head_dim)
+        _keep(attention.k, rows=rows)
+        _keep(attention.v, rows=rows)
     attention.module.num_key_value_groups = per_group  # what the attention forward repeats k/v by
 
 
 def layer_sizes(model: nn.Module, adapter: ModelAdapter) -> dict[str, list[int]]:
-    """Per decoder layer: its FFN width and (where heads are supported) its query-head count."""
-    sizes: dict[str, list[int]] = {"intermediate_size": [], "num_attention_heads": []}
+    """Per decoder layer: its FFN width and (where heads are supported) its query- and
+    key/value-head counts."""
+    sizes: dict[str, list[int]] = {"intermediate_size": [], "num_attention_heads": [], "num_key_value_heads": []}
     for layer in adapter.layers(model):
         sizes["intermediate_size"].append(adapter.ffn(layer).down.in_features)
         try:
-            sizes["num_attention_heads"].append(adapter.attention(layer).num_heads)
+            attention = adapter.attention(layer)
         except NotImplementedError:
-            pass
-    if not sizes["num_attention_heads"]:
-        del sizes["num_attention_heads"]
-    return sizes
+            continue
+        sizes["num_attention_heads"].append(attention.num_heads)
+        sizes["num_key_value_heads"].append(attention.num_kv_heads)
+    return {field: values for field, values in sizes.items() if values}
 
 
 def _record_sizes(model: nn.Module, adapter: ModelAdapter) -> dict[str, list[int]]:
@@ -158,10 +192,12 @@ def _record_sizes(model: nn.Module, adapter: ModelAdapter) -> dict[str, list[int
     if len(widths) == 1:
         setattr(config, adapter.ffn_size_field, widths.pop())
     heads = set(sizes.get("num_attention_heads", ()))
-    if len(heads) == 1:
+    kv_heads = set(sizes.get("num_key_value_heads", ()))
+    if len(heads) == 1 and len(kv_heads) == 1:
         # head_dim would otherwise be derived as hidden_size // num_attention_heads
         config.head_dim = adapter.attention(adapter.layers(model)[0]).head_dim
         setattr(config, adapter.heads_field, heads.pop())
+        setattr(config, adapter.kv_heads_field, kv_heads.pop())
     return sizes
 
 
@@ -170,9 +206,10 @@ def is_uniform(sizes: dict[str, list[int]]) -> bool:
 
 
 def compact_model(model: nn.Module, adapter: ModelAdapter) -> dict:
-    """Remove every zeroed FFN channel and query head (see the module docs) and record the new
-    sizes in ``model.config``. The outputs do not change. Returns what was removed per layer."""
-    removed: dict[str, list[int]] = {"channels": [], "heads": []}
+    """Remove every zeroed FFN channel and query head, and every key/value head left without
+    query heads (see the module docs), and record the new sizes in ``model.config``. The outputs
+    do not change. Returns what was removed per layer."""
+    removed: dict[str, list[int]] = {"channels": [], "heads": [], "key_value_heads": []}
     with torch.no_grad():
         for layer in adapter.layers(model):
             ffn = adapter.ffn(layer)
@@ -186,12 +223,12 @@ def compact_model(model: nn.Module, adapter: ModelAdapter) -> dict:
                 attention = adapter.attention(layer)
             except NotImplementedError:
                 continue
-            heads = removed_heads(attention)
+            heads, kv_heads = removed_heads(attention), attention.num_kv_heads
             if len(heads):
                 compact_attention(attention, _complement(heads, attention.num_heads))
             removed["heads"].append(len(heads))
-    if not removed["heads"]:
-        del removed["heads"]
+            removed["key_value_heads"].append(kv_heads - attention.k.out_features // attention.head_dim)
+    removed = {unit: counts for unit, counts in removed.items() if counts}
     sizes = _record_sizes(model, adapter)
     return {"removed": removed, "layer_sizes": sizes, "uniform": is_uniform(sizes)}
 
@@ -210,10 +247,10 @@ def shrink_to_sizes(model: nn.Module, adapter: ModelAdapter, sizes: dict[str, li
             if "num_attention_heads" in sizes:
                 attention = adapter.attention(layer)
                 heads = sizes["num_attention_heads"][index]
-                per_group = heads // attention.num_kv_heads
-                keep = (torch.arange(attention.num_kv_heads)[:, None] * attention.heads_per_group
-                        + torch.arange(per_group)).reshape(-1)
-                compact_attention(attention, keep)
+                # checkpoints written before key/value heads could be removed do not list them
+                kv_heads = sizes.get("num_key_value_heads", [attention.num_kv_heads] * len(layers))[index]
+                keep = group_heads(attention, torch.arange(kv_heads)).reshape(kv_heads, -1)[:, :heads // kv_heads]
+                compact_attention(attention, keep.reshape(-1))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 VOCAB = 128
 
 
-def tiny_llama(seed=0, layers=2):
+def tiny_llama(seed=0, layers=2, kv_heads=2):
+    """4 query heads of 16: grouped-query attention (2 per key/value head) by default, multi-head
+    attention with ``kv_heads=4``."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+                         num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256)
     return LlamaForCausalLM(config).eval()
 
 

@@ -96,6 +96,27 @@ def test_unsupported_model_type(tmp_path, tokenizer_dir, text_file, capsys):
     assert code == 2 and "gpt2" in err and "llama" in err and "opt" in err
 
 
+def test_head_share_that_removes_no_head_fails_before_the_work(tiny_llama_dir, text_file, capsys, tmp_path):
+    """2 query heads per key/value group: 0.2 of them is none. Refused once the model is read,
+    before the dense evaluation, with the smallest share that would remove one."""
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--structure", "heads", "--head-sparsity", "0.2",
+                       "--calib", text_file, "--eval", text_file, "--report", str(report), *SMALL)
+    assert code == 2 and "removes no attention heads" in err and "1/2 = 0.5" in err
+    assert not report.exists()
+
+
+def test_llama_architecture_without_silu_is_refused(tmp_path, tokenizer_dir, text_file, capsys):
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=49152, hidden_act="gelu")
+    folder = _save_tiny(tmp_path / "gelu", LlamaForCausalLM(config), tokenizer_dir)
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, "--model", folder, "--calib", text_file, "--eval", text_file,
+                       "--report", str(report), *SMALL)
+    assert code == 2 and "SiLU" in err and "GELUActivation" in err
+    assert not report.exists()
+
+
 def test_missing_model_path(capsys):
     code, _, err = cli(capsys, "--model", "./no/such/model", *SMALL)
     assert code == 2 and "does not exist" in err

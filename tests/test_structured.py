@@ -12,12 +12,13 @@ from sparsellm.export import load_pruned, save_pruned
 from sparsellm.methods import get_method
 from sparsellm.methods.structured import damped_gram, lowest_units, obs_select, refit_consumer
 from sparsellm.models import get_adapter
+from sparsellm.allocation import head_removal
 from sparsellm.structure import (LAYER_SIZES_FIELD, compact_model, model_cost, removed_channels, removed_heads,
-                                 zero_channels, zero_heads)
+                                 zero_channels, zero_groups, zero_heads)
 
 from helpers import VOCAB, correlated_inputs, tiny_llama, tiny_opt
 
-BUILDERS = {"llama": tiny_llama, "opt": tiny_opt}
+BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "llama-mha": lambda layers: tiny_llama(layers=layers, kv_heads=4)}
 
 
 def windows(n=4, seqlen=32, seed=0):
@@ -150,9 +151,31 @@ def test_removal_gives_the_same_outputs_as_zeroing(family):
 def test_uneven_heads_across_groups_are_refused():
     model = tiny_llama(layers=1)
     adapter = get_adapter(model)
-    zero_heads(adapter.attention(adapter.layers(model)[0]), torch.tensor([0, 1]))  # both of group 0
+    zero_heads(adapter.attention(adapter.layers(model)[0]), torch.tensor([0]))  # group 0 would keep 1, group 1 2
     with pytest.raises(ValueError, match="unevenly"):
         compact_model(model, adapter)
+
+
+def test_a_group_without_query_heads_loses_its_key_value_heads():
+    """Both query heads of key/value group 0 zeroed: the group goes whole (k and v rows too),
+    the layer is a plain attention layer of one group, and the logits do not change."""
+    model = tiny_llama(layers=1).double()
+    adapter = get_adapter(model)
+    attention = adapter.attention(adapter.layers(model)[0])
+    zero_heads(attention, torch.tensor([0, 1]))
+    k_kept = attention.k.weight[16:].clone()
+    ids = windows(2)
+    with torch.no_grad():
+        zeroed = model(ids).logits
+    info = compact_model(model, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, zeroed, rtol=0, atol=1e-12)
+    attention = adapter.attention(adapter.layers(model)[0])
+    assert attention.q.weight.shape == (32, 64) and attention.k.weight.shape == (16, 64)
+    assert torch.equal(attention.k.weight, k_kept) and attention.v.weight.shape == (16, 64)
+    assert attention.module.num_key_value_groups == 2
+    assert info["removed"]["heads"] == [2] and info["removed"]["key_value_heads"] == [1]
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
 
 
 def test_opt_heads_are_refused_clearly():
@@ -192,7 +215,8 @@ def test_structured_methods_remove_whole_units(method):
     for layer, record in zip(adapter.layers(model), records):
         ffn, attention = adapter.ffn(layer), adapter.attention(layer)
         gone = removed_channels(ffn)
-        assert len(gone) == 32 and record.target == {"channels_removed": 32, "heads_removed_per_group": 1}
+        assert len(gone) == 32 and record.target == {"channels_removed": 32, "heads_removed_per_group": 1,
+                                                     "key_value_heads_removed": 0}
         assert (ffn.up.weight[gone] == 0).all() and (ffn.gate.weight[gone] == 0).all()
         kept = torch.ones(128, dtype=torch.bool)
         kept[gone] = False
@@ -200,6 +224,54 @@ def test_structured_methods_remove_whole_units(method):
         heads = removed_heads(attention)
         assert torch.bincount(heads // 2, minlength=2).tolist() == [1, 1]
         assert 0 < record.output_rel_error < 1 and record.ffn_rel_error == record.ffn_rel_error
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "structprune"])
+def test_multi_head_attention_loses_whole_heads_with_their_keys_and_values(method):
+    """One query head per key/value head (LLaMA-2's attention): --head-sparsity 0.5 removes 2 of 4
+    heads per layer with their k/v rows, which the compacted model no longer has; its logits are
+    the zeroed model's."""
+    model = tiny_llama(layers=2, kv_heads=4)
+    records = prune(model, method=method, sparsity=0.25, structure="heads", head_sparsity=0.5)
+    adapter = get_adapter(model)
+    for layer, record in zip(adapter.layers(model), records):
+        attention = adapter.attention(layer)
+        heads = removed_heads(attention)
+        assert record.target == {"channels_removed": 0, "heads_removed_per_group": 0, "key_value_heads_removed": 2}
+        assert len(heads) == 2 and sorted(record.diagnostics["removed_kv_groups"]) == heads.tolist()
+        rows = torch.cat([torch.arange(16) + 16 * h for h in heads.tolist()])
+        assert (attention.k.weight[rows] == 0).all() and (attention.v.weight[rows] == 0).all()
+        assert (attention.q.weight[rows] == 0).all()
+        assert 0 < record.output_rel_error < 1
+    ids = windows(2)
+    with torch.no_grad():
+        zeroed = model(ids).logits
+    info = compact_model(model, adapter)
+    assert info["removed"]["heads"] == [2, 2] and info["removed"]["key_value_heads"] == [2, 2]
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, zeroed, rtol=1e-5, atol=1e-6)
+    for layer in adapter.layers(model):
+        attention = adapter.attention(layer)
+        assert attention.k.weight.shape == attention.v.weight.shape == attention.q.weight.shape == (32, 64)
+
+
+@pytest.mark.parametrize("share, message", [(0.2, r"round\(0.2 x 2\) = 0"), (0.1, "1/2 = 0.5")])
+def test_a_head_share_that_removes_nothing_is_refused(share, message):
+    """Grouped-query attention with 2 query heads per group: 0.2 or 0.1 of them round to none."""
+    model = tiny_llama(layers=1)
+    with pytest.raises(ValueError, match=message):
+        prune(model, method="sparsegpt", sparsity=0.25, structure="heads", head_sparsity=share)
+
+
+def test_head_counts_for_grouped_and_multi_head_attention():
+    gqa_model, mha_model = tiny_llama(layers=1), tiny_llama(layers=1, kv_heads=4)
+    gqa = get_adapter(gqa_model).attention(gqa_model.model.layers[0])
+    mha = get_adapter(mha_model).attention(mha_model.model.layers[0])
+    assert head_removal(0.5, gqa) == (1, 0) and head_removal(0.9, gqa) == (1, 0)  # one head per group stays
+    assert head_removal(0.5, mha) == (0, 2) and head_removal(0.3, mha) == (0, 1) and head_removal(0.99, mha) == (0, 3)
+    with pytest.raises(ValueError, match="removes no attention heads: this model has 4 heads"):
+        head_removal(0.1, mha)
 
 
 def test_structured_obs_beats_the_scores_on_the_ffn():
@@ -224,16 +296,20 @@ def _pruned(family, channels):
         zero_channels(adapter.ffn(layer), torch.randperm(128, generator=g)[:count])
         if family == "llama":
             zero_heads(adapter.attention(layer), torch.tensor([1, 2]))
+        elif family == "llama-mha":
+            zero_groups(adapter.attention(layer), torch.tensor([0, 2]))
     compact_model(model, adapter)
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "llama-mha"])
 def test_uniform_structure_is_a_plain_transformers_checkpoint(family, tmp_path):
     model = _pruned(family, [48, 48])
     save_pruned(model, None, tmp_path / "out", sparsity_structure="unstructured")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["intermediate_size" if family == "llama" else "ffn_dim"] == 80
+    assert config["ffn_dim" if family == "opt" else "intermediate_size"] == 80
+    if family == "llama-mha":  # two of four heads gone, each with its key/value head
+        assert config["num_attention_heads"] == config["num_key_value_heads"] == 2
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # no sparsellm involved
     state = model.state_dict()
     for name, tensor in loaded.state_dict().items():
@@ -242,7 +318,7 @@ def test_uniform_structure_is_a_plain_transformers_checkpoint(family, tmp_path):
         assert torch.equal(loaded(windows(2)).logits, model(windows(2)).logits)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "llama-mha"])
 def test_per_layer_sizes_round_trip_through_load_pruned(family, tmp_path):
     model = _pruned(family, [40, 72])
     save_pruned(model, None, tmp_path / "out", sparsity_structure="unstructured")

@@ -149,7 +149,7 @@ class StructPrune(LayerwiseMethod):
 
     def plan(self, layer: LayerView) -> list[Step]:
         steps = []
-        if layer.structure.heads_per_group:
+        if layer.structure.removes_heads:
             steps.append(head_step(OBSUnits(self.config.percdamp), layer))
         if layer.structure.channels:
             ffn_linears = {name: lin for group in layer.ffn_groups for name, lin in group.items()}

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..plan import ColumnSquares, Gram, LayerView, Statistic, Step
-from ..structure import zero_channels, zero_heads
+from ..structure import zero_channels, zero_groups, zero_heads
 from .base import set_weight
 
 
@@ -183,18 +183,25 @@ def _apply(consumer: nn.Linear, new_weight: torch.Tensor | None, zero) -> None:
 
 
 def head_step(criterion: UnitCriterion, layer: LayerView) -> Step:
-    """Remove ``layer.structure.heads_per_group`` query heads from every key/value group."""
-    attention = layer.attention
-    per_group = layer.structure.heads_per_group
+    """Remove ``layer.structure.heads_per_group`` query heads from every key/value group
+    (grouped-query attention), or ``layer.structure.kv_groups`` whole groups with their key and
+    value heads (multi-head attention). Either way the units are column blocks of o: a head's
+    ``head_dim`` columns, or a group's (its query heads are consecutive)."""
+    attention, structure = layer.attention, layer.structure
+    if structure.kv_groups:
+        count, unit, buckets = structure.kv_groups, attention.head_dim * attention.heads_per_group, 1
+        linears, zero, key = (attention.q, attention.k, attention.v, attention.o), zero_groups, "removed_kv_groups"
+    else:
+        count, unit, buckets = structure.heads_per_group * attention.num_kv_heads, attention.head_dim, attention.num_kv_heads
+        linears, zero, key = (attention.q, attention.o), zero_heads, "removed_heads"
 
     def solve(observed):
         removed, new_o = criterion.choose(attention.o.weight.detach().float(), [attention.q.weight.detach().float()],
-                                          observed, per_group * attention.num_kv_heads, attention.head_dim,
-                                          attention.num_kv_heads)
-        _apply(attention.o, new_o, lambda: zero_heads(attention, removed))
-        return {"removed_heads": removed.tolist()}
+                                          observed, count, unit, buckets)
+        _apply(attention.o, new_o, lambda: zero(attention, removed))
+        return {key: removed.tolist()}
 
-    return Step(_names(layer, attention.q, attention.o), solve, observe=criterion.statistic, source=attention.o)
+    return Step(_names(layer, *linears), solve, observe=criterion.statistic, source=attention.o)
 
 
 def channel_step(criterion: UnitCriterion, layer: LayerView) -> Step:
@@ -220,7 +227,7 @@ def _names(layer: LayerView, *linears: nn.Linear) -> dict[str, nn.Linear]:
 def structured_steps(criterion: UnitCriterion, layer: LayerView) -> list[Step]:
     """A layer's plan for a local structured method: heads first (data-flow order), then channels."""
     steps = []
-    if layer.structure.heads_per_group:
+    if layer.structure.removes_heads:
         steps.append(head_step(criterion, layer))
     if layer.structure.channels:
         steps.append(channel_step(criterion, layer))

@@ -20,7 +20,12 @@ def get_adapter(model) -> ModelAdapter:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
-            return cls()
+            adapter = cls()
+            try:
+                adapter.check(model)
+            except (ValueError, NotImplementedError) as exc:
+                raise UnsupportedModel(f"{model_type} model not supported: {exc}") from None
+            return adapter
     raise UnsupportedModel(f"no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}")
 
 

@@ -82,9 +82,22 @@ class ModelAdapter:
     # rewrites them when every layer keeps the same sizes).
     ffn_size_field: str = "intermediate_size"
     heads_field: str = "num_attention_heads"
+    kv_heads_field: str = "num_key_value_heads"
     # Groups of linears in the order they see data; members of a group share one input.
     attention_groups: tuple[tuple[str, ...], ...] = ()
     ffn_groups: tuple[tuple[str, ...], ...] = ()
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse (ValueError, NotImplementedError) a model of this family that the driver or the
+        methods would get wrong. Layers of different attention types (sliding-window and full, per
+        ``config.layer_types``) are refused: the driver runs every layer with the keyword
+        arguments (the attention mask) captured at the first one."""
+        kinds = set(getattr(model.config, "layer_types", None) or ())
+        if len(kinds) > 1:
+            raise ValueError(f"layers of different attention types ({', '.join(sorted(kinds))}) are not supported: "
+                             "every layer would run with the first layer's attention mask")
+        for layer in self.layers(model)[:1]:
+            self.ffn(layer)  # a family's FFN check (e.g. its activation) fails here, before any work
 
     def decoder(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

@@ -1,7 +1,13 @@
 """LLaMA family: llama, mistral, qwen2, ... (gated SiLU FFN, rotary positions, GQA)."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 from .base import FFN, AttentionHeads, ModelAdapter
+
+# Where the FFN's activation is compared with SiLU: both tails and the bend.
+_PROBE = torch.linspace(-8.0, 8.0, 161)
 
 
 class LlamaAdapter(ModelAdapter):
@@ -18,6 +24,12 @@ class LlamaAdapter(ModelAdapter):
 
     def ffn(self, layer):
         mlp = layer.mlp
+        # The FFN is modelled (SparseLLM's solve, the FFN error) as down(SiLU(gate x) * up x): a
+        # LLaMA-architecture model with another hidden_act (e.g. GELU) is refused, not mis-modelled.
+        with torch.no_grad():  # (activations hold no weights: the probe stays on the CPU)
+            if not torch.allclose(mlp.act_fn(_PROBE), F.silu(_PROBE), rtol=1e-5, atol=1e-6):
+                raise NotImplementedError(f"the LLaMA adapter supports SiLU-gated FFNs (hidden_act 'silu') only, "
+                                          f"got {type(mlp.act_fn).__name__}")
         return FFN("swiglu", up=mlp.up_proj, down=mlp.down_proj, gate=mlp.gate_proj)
 
     def attention(self, layer):
@@ -25,5 +37,13 @@ class LlamaAdapter(ModelAdapter):
         # takes the query heads per key/value head from its own num_key_value_groups, so a layer
         # can run with fewer query heads than the config says once that attribute is updated.
         attn = layer.self_attn
+        for name in ("q_norm", "k_norm"):
+            # a norm over the whole projection (OLMo-2), not over each head (Qwen3), couples the
+            # heads: zeroing one changes the others' scale, so heads cannot be removed
+            norm = getattr(attn, name, None)
+            weight = getattr(norm, "weight", None)
+            if weight is not None and weight.numel() != attn.head_dim:
+                raise NotImplementedError(f"removing attention heads is not supported where {name} normalises the "
+                                          f"whole projection ({weight.numel()} values, not one head's {attn.head_dim})")
         return AttentionHeads(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj, head_dim=attn.head_dim,
                               num_kv_heads=attn.k_proj.out_features // attn.head_dim, module=attn)
