@@ -26,8 +26,11 @@ class LlamaAdapter(ModelAdapter):
         mlp = layer.mlp
         # The FFN is modelled (SparseLLM's solve, the FFN error) as down(SiLU(gate x) * up x): a
         # LLaMA-architecture model with another hidden_act (e.g. GELU) is refused, not mis-modelled.
-        with torch.no_grad():  # (activations hold no weights: the probe stays on the CPU)
-            if not torch.allclose(mlp.act_fn(_PROBE), F.silu(_PROBE), rtol=1e-5, atol=1e-6):
+        device = mlp.gate_proj.weight.device
+        # on the model's device: a hub kernel put in place of the activation's forward may take only that
+        probe = _PROBE if device.type == "meta" else _PROBE.to(device)
+        with torch.no_grad():
+            if not torch.allclose(mlp.act_fn(probe), F.silu(probe), rtol=1e-5, atol=1e-6):
                 raise NotImplementedError(f"the LLaMA adapter supports SiLU-gated FFNs (hidden_act 'silu') only, "
                                           f"got {type(mlp.act_fn).__name__}")
         return FFN("swiglu", up=mlp.up_proj, down=mlp.down_proj, gate=mlp.gate_proj)
