@@ -227,7 +227,7 @@ def compact_model(model: nn.Module, adapter: ModelAdapter) -> dict:
             if len(heads):
                 compact_attention(attention, _complement(heads, attention.num_heads))
             removed["heads"].append(len(heads))
-            removed["key_value_heads"].append(kv_heads - attention.k.out_features // attention.head_dim)
+            removed["key_value_heads"].append(kv_heads - attention.num_kv_heads)
     removed = {unit: counts for unit, counts in removed.items() if counts}
     sizes = _record_sizes(model, adapter)
     return {"removed": removed, "layer_sizes": sizes, "uniform": is_uniform(sizes)}

@@ -62,12 +62,17 @@ class AttentionHeads:
     v: nn.Linear
     o: nn.Linear
     head_dim: int
-    num_kv_heads: int
     module: nn.Module
 
+    # Both counts are read from the projections' current shapes, so they stay true after
+    # :func:`sparsellm.structure.compact_attention` shrinks them.
     @property
     def num_heads(self) -> int:
         return self.q.out_features // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.out_features // self.head_dim
 
     @property
     def heads_per_group(self) -> int:
@@ -97,7 +102,7 @@ class ModelAdapter:
             raise ValueError(f"layers of different attention types ({', '.join(sorted(kinds))}) are not supported: "
                              "every layer would run with the first layer's attention mask")
         for layer in self.layers(model)[:1]:
-            self.ffn(layer)  # a family's FFN check (e.g. its activation) fails here, before any work
+            self.ffn(layer)  # a family's FFN that it cannot describe (e.g. OPT's non-ReLU) fails here
 
     def decoder(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

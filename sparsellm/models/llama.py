@@ -22,10 +22,12 @@ class LlamaAdapter(ModelAdapter):
         decoder = model.model
         return [m for m in (decoder.embed_tokens, getattr(decoder, "rotary_emb", None)) if m is not None]
 
-    def ffn(self, layer):
-        mlp = layer.mlp
+    def check(self, model):
+        super().check(model)
         # The FFN is modelled (SparseLLM's solve, the FFN error) as down(SiLU(gate x) * up x): a
         # LLaMA-architecture model with another hidden_act (e.g. GELU) is refused, not mis-modelled.
+        # Once per model (every layer is built from the same hidden_act), not on every ffn() call.
+        mlp = self.layers(model)[0].mlp
         device = mlp.gate_proj.weight.device
         # on the model's device: a hub kernel put in place of the activation's forward may take only that
         probe = _PROBE if device.type == "meta" else _PROBE.to(device)
@@ -33,6 +35,9 @@ class LlamaAdapter(ModelAdapter):
             if not torch.allclose(mlp.act_fn(probe), F.silu(probe), rtol=1e-5, atol=1e-6):
                 raise NotImplementedError(f"the LLaMA adapter supports SiLU-gated FFNs (hidden_act 'silu') only, "
                                           f"got {type(mlp.act_fn).__name__}")
+
+    def ffn(self, layer):
+        mlp = layer.mlp
         return FFN("swiglu", up=mlp.up_proj, down=mlp.down_proj, gate=mlp.gate_proj)
 
     def attention(self, layer):
@@ -49,4 +54,4 @@ class LlamaAdapter(ModelAdapter):
                 raise NotImplementedError(f"removing attention heads is not supported where {name} normalises the "
                                           f"whole projection ({weight.numel()} values, not one head's {attn.head_dim})")
         return AttentionHeads(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj, head_dim=attn.head_dim,
-                              num_kv_heads=attn.k_proj.out_features // attn.head_dim, module=attn)
+                              module=attn)
