@@ -156,6 +156,7 @@ def _run(config: PruneConfig) -> dict:
     if config.save and main:  # the dense-masked weights, before any export changes their layout
         export.save_pruned(model, tokenizer, config.save, sparsity_structure=_structure(config),
                            save_format=config.save_format, overwrite=config.overwrite,
+                           targets=_pruned_linears(model, adapter, config),
                            extra={"sparsellm": {"method": config.method, "version": __version__}})
     model.to(device if on_device else "cpu")
     export_info = export.apply_export(model, config.export) if config.export else None
@@ -176,6 +177,21 @@ def _run(config: PruneConfig) -> dict:
 
 def _structure(config: PruneConfig) -> str:
     return str(config.sparsity) if config.sparsity.is_nm else "unstructured"
+
+
+def _pruned_linears(model, adapter, config: PruneConfig) -> list[str] | None:
+    """The qualified names of the linears this run pruned, where ``--layers`` left some decoder
+    layers dense; None (the export's default: every decoder layer's linears) where it pruned
+    them all. A checkpoint targets exactly what was pruned: the claimed N:M structure is
+    checked on those linears only (the dense layers would fail it), and the compressed format
+    stores the dense layers dense."""
+    layers = adapter.layers(model)
+    start, stop = config.layers or (0, len(layers))
+    if (start, stop) == (0, len(layers)):
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(linear)] for layer in list(layers)[start:stop] for kind in ("attention", "ffn")
+            for group in adapter.groups(layer, kind) for linear in group.values()]
 
 
 def _fits(model, device) -> bool:

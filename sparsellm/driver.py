@@ -13,7 +13,8 @@ Per layer, with the method's plan (its steps in data-flow order, e.g. q/k/v, o, 
   needs no pass. Non-sequential: one pass of the dense layer gathers every step's statistic
   (as the Wanda and SparseGPT reference code), then the steps are solved in order.
 - The first pass always runs the dense layer and keeps its outputs: the reference for the
-  layer's output error.
+  layer's output error. Every other observing pass stops as soon as its observed modules have
+  received their inputs (what follows them in the layer is not needed).
 - A final pass runs the pruned layer: its outputs are the next layer's inputs, and on the way
   it measures each pruned linear's output error, the FFN's and the layer's, against dense
   copies of the same weights on the same inputs.
@@ -159,7 +160,7 @@ class LayerDriver:
 
     Passes over the calibration windows per pruned layer: one per step that observes data
     (sequential), or one for all steps (non-sequential), at least one (the dense reference),
-    plus the final pass.
+    plus the final pass. Only the first and the final pass run the whole layer.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, method: "LayerwiseMethod", config: PruneConfig):
@@ -178,7 +179,10 @@ class LayerDriver:
         with torch.no_grad(), _hooks(list(hooks)):
             for i in range(0, inputs.shape[0], step):
                 rows = slice(i, min(i + step, inputs.shape[0]))
-                out = self.adapter.call_layer(layer, inputs[rows], kwargs)
+                try:
+                    out = self.adapter.call_layer(layer, inputs[rows], kwargs)
+                except _StopForward:  # a hook has what this pass needs of the batch (see _observe)
+                    continue
                 if per_batch is not None:
                     per_batch(rows, out)
                 if outputs is not None:
@@ -187,18 +191,34 @@ class LayerDriver:
     @stage("driver.observe")
     def _observe(self, layer, inputs, kwargs, steps: list[Step], outputs=None) -> list:
         """One pass gathering each step's statistic of its observed module's input; returns
-        the statistics' results in the order of ``steps``."""
-        stats: list[Statistic | None] = [None] * len(steps)
+        the statistics' results in the order of ``steps``.
 
-        def observer(i: int, step: Step):
+        Without ``outputs`` the rest of the layer is not needed: each batch's forward stops
+        as soon as every observed module has received its input (before the last of them
+        runs). What was gathered is what the whole forward would have gathered, so the result
+        is the same, and a pass observing o_proj, the FFN's input or down_proj skips what
+        follows them."""
+        stats: list[Statistic | None] = [None] * len(steps)
+        observers: dict[int, tuple[nn.Module, list[int]]] = {}  # module id -> (module, its steps)
+        for i, step in enumerate(steps):
+            observers.setdefault(id(step.observed_module), (step.observed_module, []))[1].append(i)
+        seen: set[int] = set()  # the observed modules that have received the current batch
+
+        def observer(module: nn.Module, indices: list[int]):
             def hook(module, args):
                 x = args[0].detach()
-                if stats[i] is None:
-                    stats[i] = step.observe(x.shape[-1], x.device)
-                stats[i].add(x)
-            return step.observed_module.register_forward_pre_hook(hook)
+                for i in indices:
+                    if stats[i] is None:
+                        stats[i] = steps[i].observe(x.shape[-1], x.device)
+                    stats[i].add(x)
+                seen.add(id(module))
+                if outputs is None and len(seen) == len(observers):
+                    raise _StopForward  # caught by _pass: on to the next batch
+            return module.register_forward_pre_hook(hook)
 
-        self._pass(layer, inputs, kwargs, [observer(i, s) for i, s in enumerate(steps)], outputs=outputs)
+        hooks = [layer.register_forward_pre_hook(lambda module, args: seen.clear())]
+        hooks += [observer(module, indices) for module, indices in observers.values()]
+        self._pass(layer, inputs, kwargs, hooks, outputs=outputs)
         return [stat.result() for stat in stats]
 
     def layer_view(self, index: int, layer: nn.Module) -> LayerView:

@@ -271,6 +271,32 @@ def test_sparsellm_layer_range(model_fixture, layers, expected, text_file, tmp_p
     assert 0 < report["aux_buffer_bytes"] < report["peak_memory"]["host_max_rss"]
 
 
+@pytest.mark.parametrize("save_format", ["dense", "compressed"])
+def test_nm_run_on_a_layer_range_saves_what_it_pruned(tiny_llama_dir, text_file, tmp_path, capsys, save_format):
+    """--layers leaves other decoder layers dense: the checkpoint targets the pruned linears only
+    (the claimed 2:4 was once checked on every layer, and the save failed after the prune)."""
+    from sparsellm import load_pruned
+
+    save_dir = tmp_path / "pruned"
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "sparsegpt", "--sparsity", "2:4",
+                       "--layers", "1:", "--calib", text_file, "--eval", "none", "--save", str(save_dir),
+                       "--save-format", save_format, *SMALL)
+    assert code == 0, err
+    config = json.loads((save_dir / "config.json").read_text())
+    block = config["quantization_config"]["sparsity_config"] if save_format == "compressed" else config["sparsity_config"]
+    roles = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    assert sorted(block["targets"]) == sorted(f"model.layers.{i}.{r}" for i in (1, 2) for r in roles)
+    assert block["sparsity_structure"] == "2:4" and block["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    model, _ = load_pruned(save_dir)
+    dense = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    for role in roles:
+        assert torch.equal(model.get_submodule(f"model.layers.0.{role}").weight,
+                           dense.get_submodule(f"model.layers.0.{role}").weight)
+        for i in (1, 2):
+            assert satisfies_nm(model.get_submodule(f"model.layers.{i}.{role}").weight, 2, 4)
+
+
 def test_elsa_end_to_end(tiny_llama_dir, text_file, tmp_path, capsys):
     """Elsa from the command line: exact sparsity, the training curve and ADMM residuals in the
     report, the reported perplexity that of the saved model; then a changed setting on the same

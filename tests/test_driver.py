@@ -129,6 +129,26 @@ def test_passes_per_layer(method, passes):
     assert len(calls) == passes  # 4 windows of 32 tokens go through in one call per pass
 
 
+@pytest.mark.parametrize("method, runs", [
+    # passes: 1 dense (q/k/v observed, the reference outputs), 2 observes o, 3 gate/up, 4 down, 5 final
+    ("sparsegpt", {"q_proj": 5, "k_proj": 5, "v_proj": 5, "o_proj": 4, "gate_proj": 3, "up_proj": 3, "down_proj": 2}),
+    # 1 dense, 2 observes o, 3 the FFN's input (at up, which runs after gate), 4 final
+    ("sparsellm", {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 3, "gate_proj": 3, "up_proj": 2, "down_proj": 2}),
+])
+def test_observing_passes_stop_at_the_last_observed_module(method, runs):
+    """A pass that only gathers statistics ends where its last observed module receives its input:
+    what runs after it in the layer is not needed (the weights it gives are the full passes')."""
+    model = tiny_llama(layers=1)
+    layer = get_adapter(model).layers(model)[0]
+    counts = dict.fromkeys(runs, 0)
+    for name, module in layer.named_modules():
+        role = name.rpartition(".")[2]
+        if role in counts:
+            module.register_forward_hook(lambda mod, args, out, role=role: counts.__setitem__(role, counts[role] + 1))
+    run(model, method=method, sparsity="0.5")
+    assert counts == runs
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("sequential", [True, False])
 def test_reported_errors_are_the_pruned_models(family, sequential):

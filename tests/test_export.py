@@ -125,6 +125,8 @@ def test_round_trip_bit_for_bit(tmp_path, family, structure, save_format):
     out = save_pruned(model, tok, tmp_path / "ckpt", sparsity_structure=structure, save_format=save_format,
                       extra={"method": "test"})
     cfg = json.loads((out / "config.json").read_text())
+    # an ordinary folder that others can read (safetensors writes its files 0600)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {p.name: "0o644" for p in out.iterdir()}
     sc = sparsity_config(out)
     assert sc["format"] == ("dense" if save_format == "dense" else "sparse-bitmask")
     assert sc["sparsity_structure"] == structure

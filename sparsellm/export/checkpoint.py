@@ -217,6 +217,8 @@ def save_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_form
         place_sparsity_config(cfg, block, library)
         cfg[EXPORT_META_KEY] = meta
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for path in staging.rglob("*"):  # safetensors writes its files private (0600); an ordinary folder's are 0644
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         _publish(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
