@@ -276,16 +276,30 @@ class LayerDriver:
         ffn_meter, layer_meter = _ErrorMeter(), _ErrorMeter()
         meters = {name: _ErrorMeter() for name in planned}
         ffn_inputs: list[torch.Tensor] = []
-        dense_ffn = {role: dense[id(linear)] for role, linear in ffn.linears().items()}
+        ffn_linears = ffn.linears()
+        dense_ffn = {role: dense[id(linear)] for role, linear in ffn_linears.items()}
+        # This batch's dense up/gate outputs, from the linears' error references: the dense FFN
+        # below reuses them instead of computing them again (where the linear has no bias, whose
+        # addition would round differently from the fused product's)
+        reusable = {id(linear): role for role, linear in ffn_linears.items() if role != "down" and linear.bias is None}
+        dense_outputs: dict[str, torch.Tensor] = {}
 
         def linear_hook(name):
             def hook(module, args, out):
+                reference = F.linear(args[0], dense[id(module)])
+                if id(module) in reusable:
+                    dense_outputs[reusable[id(module)]] = reference
                 actual = out if module.bias is None else out - module.bias
-                meters[name].add(F.linear(args[0], dense[id(module)]), actual)
+                meters[name].add(reference, actual)
             return hook
 
         def ffn_hook(module, args, out):  # the dense FFN on the same (pruned-attention) inputs
-            ffn_meter.add(ffn.forward(ffn_inputs.pop(), dense_ffn), out)
+            x = ffn_inputs.pop()
+            pre = {role: dense_outputs.pop(role, None) for role in dense_ffn if role != "down"}
+            pre = {role: F.linear(x, dense_ffn[role], ffn_linears[role].bias) if value is None else value
+                   for role, value in pre.items()}
+            dense_out = F.linear(ffn.activate(pre["up"], pre.get("gate")), dense_ffn["down"], ffn.down.bias)
+            ffn_meter.add(dense_out, out)
 
         hooks = [linear.register_forward_hook(linear_hook(name)) for name, linear in planned.items()]
         hooks.append(ffn.up.register_forward_pre_hook(lambda module, args: ffn_inputs.append(args[0])))

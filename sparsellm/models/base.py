@@ -30,9 +30,12 @@ class FFN:
 
     def hidden(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The down projection's input: ReLU(up x) or SiLU(gate x) * up x."""
-        if self.activation == "relu":
-            return torch.relu(self._linear("up", weights)(x))
-        return F.silu(self._linear("gate", weights)(x)) * self._linear("up", weights)(x)
+        gate = self._linear("gate", weights)(x) if self.activation == "swiglu" else None
+        return self.activate(self._linear("up", weights)(x), gate)
+
+    def activate(self, up: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The down projection's input from the outputs of up (and gate), biases included."""
+        return torch.relu(up) if self.activation == "relu" else F.silu(gate) * up
 
     def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The FFN output for inputs ``x`` (..., d), with the current weights or with
