@@ -184,8 +184,7 @@ def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleL
         stats: dict[int, ColumnSquares] = {}
         if index in indices:
             ffn = adapter.ffn(layer)
-            linears = [ffn.down] if config.structure else [lin for group in adapter.groups(layer, "attention")
-                                                            + adapter.groups(layer, "ffn") for lin in group.values()]
+            linears = [ffn.down] if config.structure else list(adapter.linears(layer).values())
 
             def observer(linear):
                 def hook(module, args):

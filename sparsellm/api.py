@@ -190,8 +190,7 @@ def _pruned_linears(model, adapter, config: PruneConfig) -> list[str] | None:
     if (start, stop) == (0, len(layers)):
         return None
     names = {id(module): name for name, module in model.named_modules()}
-    return [names[id(linear)] for layer in list(layers)[start:stop] for kind in ("attention", "ffn")
-            for group in adapter.groups(layer, kind) for linear in group.values()]
+    return [names[id(linear)] for layer in list(layers)[start:stop] for linear in adapter.linears(layer).values()]
 
 
 def _fits(model, device) -> bool:

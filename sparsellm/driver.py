@@ -294,12 +294,9 @@ class LayerDriver:
             return hook
 
         def ffn_hook(module, args, out):  # the dense FFN on the same (pruned-attention) inputs
-            x = ffn_inputs.pop()
-            pre = {role: dense_outputs.pop(role, None) for role in dense_ffn if role != "down"}
-            pre = {role: F.linear(x, dense_ffn[role], ffn_linears[role].bias) if value is None else value
-                   for role, value in pre.items()}
-            dense_out = F.linear(ffn.activate(pre["up"], pre.get("gate")), dense_ffn["down"], ffn.down.bias)
-            ffn_meter.add(dense_out, out)
+            known = dict(dense_outputs)
+            dense_outputs.clear()
+            ffn_meter.add(ffn.forward(ffn_inputs.pop(), dense_ffn, known), out)
 
         hooks = [linear.register_forward_hook(linear_hook(name)) for name, linear in planned.items()]
         hooks.append(ffn.up.register_forward_pre_hook(lambda module, args: ffn_inputs.append(args[0])))

@@ -381,11 +381,9 @@ class SparseTraining(PruningMethod):
         targets = []
         for index in range(start, stop):
             pattern = patterns.get(index, self.config.sparsity)
-            for part in ("attention", "ffn"):
-                for group in adapter.groups(layers[index], part):
-                    for name, linear in group.items():
-                        pattern.check_shape(linear.in_features)
-                        targets.append(_Target(index, name, linear, pattern))
+            for name, linear in adapter.linears(layers[index]).items():
+                pattern.check_shape(linear.in_features)
+                targets.append(_Target(index, name, linear, pattern))
         return targets
 
     def _initialise(self, model, adapter, calibration) -> None:

@@ -28,20 +28,26 @@ class FFN:
         weight = module.weight if weights is None else weights[name]
         return lambda t: F.linear(t, weight.to(t.dtype), None if module.bias is None else module.bias.to(t.dtype))
 
-    def hidden(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The down projection's input: ReLU(up x) or SiLU(gate x) * up x."""
-        gate = self._linear("gate", weights)(x) if self.activation == "swiglu" else None
-        return self.activate(self._linear("up", weights)(x), gate)
+    def hidden(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
+               known: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The down projection's input: ReLU(up x) or SiLU(gate x) * up x. ``known`` holds
+        outputs of up/gate for ``x`` and these weights that the caller already has (biases
+        included): they are used instead of computed again."""
+        known = known or {}
 
-    def activate(self, up: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """The down projection's input from the outputs of up (and gate), biases included."""
-        return torch.relu(up) if self.activation == "relu" else F.silu(gate) * up
+        def out(name):
+            return known[name] if name in known else self._linear(name, weights)(x)
 
-    def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu(out("up"))
+        return F.silu(out("gate")) * out("up")
+
+    def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
+                known: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The FFN output for inputs ``x`` (..., d), with the current weights or with
         ``weights`` ({"up": W, "down": W, "gate": W}, e.g. a dense copy); biases are the
-        modules' own."""
-        return self._linear("down", weights)(self.hidden(x, weights))
+        modules' own; ``known`` as in :meth:`hidden`."""
+        return self._linear("down", weights)(self.hidden(x, weights, known))
 
     def dense_copy(self) -> dict[str, torch.Tensor]:
         return {name: lin.weight.detach().clone() for name, lin in self.linears().items()}
@@ -133,6 +139,11 @@ class ModelAdapter:
         """``part`` is "attention" or "ffn": its groups as {qualified name: linear}."""
         names = self.attention_groups if part == "attention" else self.ffn_groups
         return [{name: self.linear(layer, name) for name in group} for group in names]
+
+    def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        """Every prunable linear of ``layer`` ({qualified name: linear}), attention then FFN."""
+        return {name: linear for part in ("attention", "ffn") for group in self.groups(layer, part)
+                for name, linear in group.items()}
 
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
         """Run a decoder layer on captured inputs; transformers 5.x layers return a tensor,
