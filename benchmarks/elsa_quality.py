@@ -126,6 +126,7 @@ def measure(setting: str, args, results: dict) -> None:
         start = time.perf_counter()
         api.prune(model, tokenizer, PruneConfig(method="sparsegpt", **common))
         seconds = time.perf_counter() - start
+        model.to(api.resolve_device(common["device"]))  # the driver returned each layer to host memory
         rows["sparsegpt"] = {"ppl": api.evaluate(model, tokenizer, PruneConfig(**common))[args.eval],
                              "seconds": seconds}
         os.makedirs(args.cache, exist_ok=True)

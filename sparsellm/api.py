@@ -84,15 +84,16 @@ def _prune(model, tokenizer, config: PruneConfig):
 
 
 def evaluate(model, tokenizer, config: PruneConfig, label: str = "") -> dict[str, float]:
-    """Perplexity on each of ``config.eval`` (skipped for ``none``)."""
+    """Perplexity on each of ``config.eval`` (skipped for ``none``), where the model's weights
+    are: a layer-wise prune on a GPU returns each layer to host memory, so ``config.device`` need
+    not be where the model is."""
     results = {}
-    device = resolve_device(config.device)
     for source in config.eval:
         if source == "none":
             continue
         tokens = data.eval_tokens(source, tokenizer, config.resolved_eval_seqlen)
         results[source] = perplexity(model, tokens, config.resolved_eval_seqlen, config.eval_windows,
-                                     device=device, quiet=config.quiet, desc=f"{label} ppl {source}".strip())
+                                     quiet=config.quiet, desc=f"{label} ppl {source}".strip())
     return results
 
 

@@ -325,3 +325,23 @@ def test_elsa_end_to_end(tiny_llama_dir, text_file, tmp_path, capsys):
     code, _, err = cli(capsys, *args, "--lr", "1e-3")
     assert code == 2 and "different run" in err and "elsa.lr" in err
     assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+
+
+def test_evaluate_scores_the_model_where_its_weights_are(tiny_llama_dir, text_file):
+    """A layer-wise prune on a GPU returns each layer to host memory, so ``config.device`` can name
+    a device the model is not on: evaluate scores it where its weights are (it used to send the
+    tokens to config.device and fail there). The value is exp(mean next-token NLL) over the
+    windows, restated here in float64."""
+    from sparsellm import PruneConfig, api
+    from sparsellm.data import eval_tokens
+
+    model, tokenizer = api.load_model(tiny_llama_dir)
+    config = PruneConfig(model=tiny_llama_dir, eval=(text_file,), eval_seqlen=32, eval_windows=3,
+                         device="cuda", quiet=True)
+    ppl = api.evaluate(model, tokenizer, config)[text_file]
+    stream = eval_tokens(text_file, tokenizer, 32).reshape(-1)[:3 * 32].reshape(3, 32)
+    with torch.no_grad():
+        logits = model(stream, use_cache=False).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), stream[:, 1:].reshape(-1))
+    assert math.isfinite(ppl) and ppl > 1
+    assert ppl == pytest.approx(math.exp(float(nll)), rel=1e-4)
