@@ -517,7 +517,7 @@ class SparseTraining(PruningMethod):
     def _backward(self, model, windows: torch.Tensor, global_count: int, device) -> float:
         """Backpropagate this process's share of the global mean loss (each window's mean
         next-token NLL, averaged over the step's windows); returns that share's sum."""
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once, after the last micro-batch
         precision = self.settings.train_precision  # tf32: TF32 matmuls on CUDA, forward and backward
         with large_products(device, precision):
             for micro in windows.split(self.settings.batch_size):
@@ -528,8 +528,8 @@ class SparseTraining(PruningMethod):
                 nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                       reduction="none").view(ids.shape[0], -1).mean(1)
                 (nll.sum() / global_count).backward()
-                total += float(nll.detach().sum())
-        return total / global_count
+                total += nll.detach().sum().double()
+        return float(total) / global_count
 
     def _before_clip(self, targets) -> None:
         """Change the loss gradient before clipping (the masked baseline zeroes pruned entries)."""
@@ -630,17 +630,23 @@ class Elsa(SparseTraining):
         return 2 * self.store.bytes_per_element()
 
     def _before_step(self, targets, optimizer):
+        # grad += lambda (w - z + u) over all the matrices at once: multi-tensor kernels (as torch's
+        # own optimisers use) where a loop launches three kernels per matrix, which on a GPU bounds
+        # the step of a small model (the same arithmetic, element for element)
         with torch.no_grad():
-            for i, t in enumerate(targets):
-                w, grad = local(t.weight).detach(), local(t.weight.grad)
-                z, u = (self.store.decode(self.admm[i][k]).to(w.device) for k in ("z", "u"))
-                grad.add_((w.float() - z + u).to(grad.dtype), alpha=self.lam)
+            weights = [local(t.weight).detach() for t in targets]
+            grads = [local(t.weight.grad) for t in targets]
+            z, u = ([self.store.decode(self.admm[i][k]).to(w.device) for i, w in enumerate(weights)]
+                    for k in ("z", "u"))
+            proximal = torch._foreach_sub([w.float() for w in weights], z)
+            torch._foreach_add_(proximal, u)
+            torch._foreach_add_(grads, [p.to(g.dtype) for p, g in zip(proximal, grads)], alpha=self.lam)
 
     def _after_step(self, step, targets, optimizer):
         if (step + 1) % self.settings.admm_interval or step + 1 >= self.settings.steps:
             return
         new_lam = lambda_at(self.settings, step + 1)
-        residual = weight = flipped = 0.0
+        sums = []  # per matrix: ||w - z||^2, ||w||^2, entries whose kept/pruned state flipped
         count = 0
         with torch.no_grad():
             for i, t in enumerate(targets):
@@ -650,12 +656,13 @@ class Elsa(SparseTraining):
                 v = second_moment(optimizer, t.weight)
                 z = self._project(w + u, importance(w + u, v, self.settings.score), t)
                 u = u + w - z
-                residual += float((w - z).square().sum())
-                weight += float(w.square().sum())
-                flipped += float(((old_z == 0) != (z == 0)).sum())
+                sums.append(torch.stack([(w - z).square().sum().double(), w.square().sum().double(),
+                                         ((old_z == 0) != (z == 0)).sum().double()]))
                 count += w.numel()
                 self.admm[i] = {"z": self._encode(z), "u": self._encode(u)}
-        residual, weight, flipped, count = self._sum([residual, weight, flipped, count])  # FSDP: all rows
+            # read once, not three times per matrix (each read waits for the GPU)
+            totals = torch.stack(sums).sum(0).tolist() if sums else [0.0, 0.0, 0.0]
+        residual, weight, flipped, count = self._sum([*totals, count])  # FSDP: all rows
         entry = {"step": step + 1, "lambda": new_lam, "residual": math.sqrt(residual / max(weight, 1e-30)),
                  "mask_change": flipped / max(count, 1)}
         self.admm_history.append(entry)
@@ -688,7 +695,8 @@ class MaskedAdam(SparseTraining):
     def _start(self, targets):
         # The mask is the model's zeros: those of --init, or of a model pruned before (a saved one);
         # under FSDP this process's rows of it.
-        self.masks = {i: (local(t.weight).detach() == 0).cpu() for i, t in enumerate(targets)}
+        # on the weights' device (1 byte a weight): read twice a step, a host copy would cross the bus each time
+        self.masks = {i: local(t.weight).detach() == 0 for i, t in enumerate(targets)}
         zeros = self._sum([float(self.masks[i].sum()) for i in range(len(targets))])
         for i, t in enumerate(targets):
             share = zeros[i] / t.weight.numel()
@@ -701,18 +709,19 @@ class MaskedAdam(SparseTraining):
         return {"masks": {i: self._full(mask, targets[i]).cpu() for i, mask in self.masks.items()}}
 
     def _load_state(self, state, targets):
-        self.masks = {int(i): self._rows(mask, targets[int(i)]).cpu() for i, mask in state["masks"].items()}
+        self.masks = {int(i): self._rows(mask, targets[int(i)]).to(local(targets[int(i)].weight).device)
+                      for i, mask in state["masks"].items()}
 
     def _before_clip(self, targets):
         for i, t in enumerate(targets):
             grad = local(t.weight.grad)
-            grad.masked_fill_(self.masks[i].to(grad.device), 0)
+            grad.masked_fill_(self.masks[i], 0)
 
     def _after_step(self, step, targets, optimizer):
         with torch.no_grad():  # AdamW's weight decay would move pruned entries: zero them again
             for i, t in enumerate(targets):
                 weight = local(t.weight)
-                weight.masked_fill_(self.masks[i].to(weight.device), 0)
+                weight.masked_fill_(self.masks[i], 0)
 
     def _state_bytes_per_param(self):
         return 1  # the boolean mask
