@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -140,16 +141,28 @@ def measure(setting: str, args, results: dict) -> None:
         if method in rows:
             continue
         model.load_state_dict(pruned)
-        config = PruneConfig(method=method, elsa=elsa, **common)
+        checkpoints = {}
+        if args.checkpoint_root:  # one folder per run, setting, method and commit: a cut run resumes
+            checkpoints = {"checkpoint_dir": os.path.join(args.checkpoint_root, f"{key.replace('|', '-')}-{method}-"
+                                                                               f"{entry['commit']}".replace(":", "of")),
+                           "checkpoint_every": args.checkpoint_every}
+        config = PruneConfig(method=method, elsa=dataclasses.replace(elsa, **checkpoints), **common)
         start = time.perf_counter()
         records, details = api._prune(model, tokenizer, config)
         seconds = time.perf_counter() - start
+        resumed = details["resumed_from_step"]
+        if resumed:
+            # this process trained only the steps after the checkpoint: the training time is the
+            # sum of every step's time (the loss curve's, kept in the checkpoint)
+            seconds = sum(e["seconds"] for e in details["loss_curve"])
         ppl = api.evaluate(model, tokenizer, config)[args.eval]
         sparsity = achieved_sparsity(records)
         rows[method] = {"ppl": ppl, "seconds": rows["sparsegpt"]["seconds"] + seconds, "train_seconds": seconds,
                         "achieved_sparsity": sparsity, "final_loss": details["loss_curve"][-1]["loss"],
                         "first_loss": details["loss_curve"][0]["loss"], "admm": details["admm"],
-                        "tokens": details["tokens_per_step"] * details["steps"]}
+                        "tokens": details["tokens_per_step"] * details["steps"],
+                        **({"resumed_from_step": resumed, "train_seconds_measure": "sum of step times"}
+                           if resumed else {})}
         results["runs"][key] = entry
         save(results, args.json)
         print(f"{setting} {method}: ppl {fmt_ppl(ppl)} ({seconds:.0f} s training, sparsity {sparsity:.4f})",
@@ -244,6 +257,9 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--checkpoint-root", default=None,
+                   help="keep each trained run's checkpoints under this folder: a run cut short resumes there")
+    p.add_argument("--checkpoint-every", type=int, default=512)
     add_text_options(p)
     p.add_argument("--json", default=DEFAULT_JSON)
     p.add_argument("--render", action="store_true", help="only render the table from the JSON")

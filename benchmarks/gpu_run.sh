@@ -33,7 +33,9 @@
 #             same mean loss in a quarter of the launches; ELSA_BATCH / ELSA_ACCUM split it again;
 #             lr 2e-4, lambda 0.01, interval 32; ELSA_SETTINGS, default 0.9; ELSA_METHODS, default
 #             elsa,masked-adam, Elsa first; ELSA_PRECISION, default tf32) -> elsa_gpu.json (each
-#             method's row is written when it ends); needs the model carried in two calls
+#             method's row is written when it ends; Elsa checkpoints every ELSA_CKPT_EVERY steps, default
+#             512, in /tmp/elsa-keep with the JSON, so a run cut by its cap resumes when the same
+#             command runs again on the same warm machine); needs the model carried in two calls
 #             (benchmarks/device_model.sh), so it is not among the default steps
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD SPARSELLM_JIT=0
@@ -45,6 +47,7 @@ has(){ case " ${STEPS:-tests steptests sweep bench prune profile memory cusparse
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >> "$O/steps.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" >> "$O/steps.txt" 2>&1
 P="python3 -m pytest -p no:cacheprovider"
+bash benchmarks/device_model.sh keep >> "$O/steps.txt"  # a carried first half of the model, for the next call
 # with_model LOG CAP CMD...: run CMD with the default model carried in two halves
 # (benchmarks/device_model.sh), capped, output to LOG; its status is the step's
 with_model(){ local log=$1 c=$2; shift 2
@@ -130,12 +133,16 @@ if has quality; then
 fi
 if has elsafull; then
   t0=$(date +%s)
+  # the JSON and Elsa's checkpoints (every ELSA_CKPT_EVERY steps) live on in /tmp on this machine:
+  # a run cut by its cap resumes in the next call with the same command
+  K=/tmp/elsa-keep; mkdir -p $K
   if with_model "$L/elsa_full.log" ${T_ELSA_FULL:-540} python3 benchmarks/elsa_quality.py \
        --settings "${ELSA_SETTINGS:-0.9}" --steps ${ELSA_STEPS:-4096} --batch-size ${ELSA_BATCH:-8} \
        --grad-accum ${ELSA_ACCUM:-1} --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 \
        --methods "${ELSA_METHODS:-elsa,masked-adam}" --train-precision "${ELSA_PRECISION:-tf32}" --tag gpu \
-       --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json "$O/elsa_gpu.json" \
-       --progress; then rc=0; else rc=$?; fi
+       --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json $K/elsa_gpu.json \
+       --checkpoint-root $K/checkpoints --checkpoint-every ${ELSA_CKPT_EVERY:-512} --progress; then rc=0; else rc=$?; fi
+  cp $K/elsa_gpu.json "$O/" 2>/dev/null
   log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(tr '\r' '\n' < $L/elsa_full.log | grep -E '^[0-9.:]+ (sparsegpt|elsa|masked-adam): ppl|^device_model' | tr '\n' ' ')"
 fi
 log done
