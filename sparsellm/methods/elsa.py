@@ -352,8 +352,11 @@ class SparseTraining(PruningMethod):
         return part if self.shards is None else self.shards.full(part, target.weight)
 
     def _rows(self, whole: torch.Tensor, target: _Target) -> torch.Tensor:
-        """This process's rows of a whole matrix (e.g. a loaded z)."""
-        return whole if self.shards is None else self.shards.scatter(whole, target.weight)
+        """This process's rows of a whole matrix (e.g. a loaded z), on its weight's device: a
+        checkpoint loads into host memory, and a state left there would cross the bus every step."""
+        if self.shards is None:
+            return whole.to(target.weight.device)
+        return self.shards.scatter(whole, target.weight)
 
     def _sum(self, values: list[float]) -> list[float]:
         return values if self.shards is None else self.shards.sum(values)
@@ -709,8 +712,7 @@ class MaskedAdam(SparseTraining):
         return {"masks": {i: self._full(mask, targets[i]).cpu() for i, mask in self.masks.items()}}
 
     def _load_state(self, state, targets):
-        self.masks = {int(i): self._rows(mask, targets[int(i)]).to(local(targets[int(i)].weight).device)
-                      for i, mask in state["masks"].items()}
+        self.masks = {int(i): self._rows(mask, targets[int(i)]) for i, mask in state["masks"].items()}
 
     def _before_clip(self, targets):
         for i, t in enumerate(targets):
