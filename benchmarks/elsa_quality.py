@@ -103,13 +103,14 @@ def measure(setting: str, args, results: dict) -> None:
     elsa = ElsaSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         admm_lambda=args.admm_lambda, admm_schedule=args.admm_schedule,
                         admm_lambda_start=args.admm_lambda_start, admm_interval=args.admm_interval, score=args.score,
-                        train_precision=args.train_precision)
+                        train_precision=args.train_precision, compile=args.compile)
     entry = {"setting": setting, "tag": args.tag, "rows": {}, "commit": commit(), "init": "sparsegpt",
              "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                           "seqlen": args.seqlen, "lr": args.lr, "admm_lambda": args.admm_lambda,
                           "admm_schedule": args.admm_schedule, "admm_lambda_start": args.admm_lambda_start,
                           "admm_interval": args.admm_interval, "score": args.score, "nsamples": args.nsamples,
                           **({} if args.train_precision == "tf32" else {"train_precision": args.train_precision}),
+                          **({"compile": True} if args.compile else {}),
                           "eval_windows": args.eval_windows},
              "machine": machine(args.cpu), **text_sources(args)}
     key = run_key(setting, args.tag)
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--compile", action="store_true", help="train the torch.compile'd model (Elsa's --compile)")
     p.add_argument("--checkpoint-root", default=None,
                    help="keep each trained run's checkpoints under this folder: a run cut short resumes there")
     p.add_argument("--checkpoint-every", type=int, default=512)

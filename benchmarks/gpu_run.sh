@@ -32,7 +32,8 @@
 #             batch 2 x accumulation 4 at the protocol's window, taken as one micro-batch of 8, the
 #             same mean loss in a quarter of the launches; ELSA_BATCH / ELSA_ACCUM split it again;
 #             lr 2e-4, lambda 0.01, interval 32; ELSA_SETTINGS, default 0.9; ELSA_METHODS, default
-#             elsa,masked-adam, Elsa first; ELSA_PRECISION, default tf32) -> elsa_gpu.json (each
+#             elsa,masked-adam, Elsa first; ELSA_PRECISION, default tf32; ELSA_COMPILE=1 trains the
+#             torch.compile'd model) -> elsa_gpu.json (each
 #             method's row is written when it ends; Elsa checkpoints every ELSA_CKPT_EVERY steps, default
 #             512, in /tmp/elsa-keep with the JSON, so a run cut by its cap resumes when the same
 #             command runs again on the same warm machine); needs the model carried in two calls
@@ -141,7 +142,8 @@ if has elsafull; then
        --grad-accum ${ELSA_ACCUM:-1} --lr 2e-4 --admm-lambda 0.01 --admm-interval 32 \
        --methods "${ELSA_METHODS:-elsa,masked-adam}" --train-precision "${ELSA_PRECISION:-tf32}" --tag gpu \
        --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" --cache /tmp/elsa-cache --json $K/elsa_gpu.json \
-       --checkpoint-root $K/checkpoints --checkpoint-every ${ELSA_CKPT_EVERY:-512} --progress; then rc=0; else rc=$?; fi
+       --checkpoint-root $K/checkpoints --checkpoint-every ${ELSA_CKPT_EVERY:-512} ${ELSA_COMPILE:+--compile} \
+       --progress; then rc=0; else rc=$?; fi
   cp $K/elsa_gpu.json "$O/" 2>/dev/null
   log "elsa full recipe rc=$rc $(( $(date +%s)-t0 )) s: $(tr '\r' '\n' < $L/elsa_full.log | grep -E '^[0-9.:]+ (sparsegpt|elsa|masked-adam): ppl|^device_model' | tr '\n' ' ')"
 fi

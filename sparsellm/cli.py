@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-precision", default=e.train_precision, choices=ElsaSettings.TRAIN_PRECISIONS,
                    help="arithmetic of the training passes: tf32 (TF32 matmuls on CUDA, float32 on the CPU), "
                         "float32, or bfloat16 (autocast; float32 weights and optimizer states)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for the training passes (fewer kernel launches; the first "
+                        "step pays the compile)")
     g.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint here; a run finding a checkpoint of the same settings resumes from it")
     g.add_argument("--checkpoint-every", type=int, default=e.checkpoint_every, help="steps between checkpoints")
@@ -165,7 +168,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
             admm_lambda_start=args.admm_lambda_start, admm_schedule=args.admm_schedule,
             admm_interval=args.admm_interval, score=args.score, init=args.init,
             train_dense_params=args.train_dense_params, state_dtype=args.state_dtype, optimizer=args.optimizer,
-            train_precision=args.train_precision,
+            train_precision=args.train_precision, compile=args.compile,
             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, fsdp=args.fsdp),
         eval=tuple(e for e in args.eval.split(",") if e), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, eval_dense=args.eval_dense, device=args.device, dtype=args.dtype,

@@ -206,6 +206,8 @@ def run_settings(config) -> dict:
     # where and how often, and how the work is spread (a checkpoint holds full tensors either way)
     for name in ("checkpoint_dir", "checkpoint_every", "fsdp"):
         settings.pop(name)
+    if not settings["compile"]:
+        settings.pop("compile")  # the key of an eager run stays that of the checkpoints written before the option
     settings["betas"] = list(settings["betas"])
     return {"method": config.method, "model": config.model, "sparsity": str(config.sparsity),
             "layers": list(config.layers) if config.layers else None, "calib": config.calib,
@@ -453,6 +455,8 @@ class SparseTraining(PruningMethod):
 
         was_training = net.training
         net.eval()  # no dropout: deterministic, resumable (see the module docs)
+        # the compiled module shares net's parameters: the optimiser, hooks and checkpoints see the same tensors
+        forward = torch.compile(net) if s.compile else net
         bar = tqdm(total=s.steps, initial=start_step, desc=f"{self.name} {self.config.sparsity}", unit="step",
                    disable=self.config.quiet or rank != 0)
         started = time.perf_counter()
@@ -460,7 +464,7 @@ class SparseTraining(PruningMethod):
             for step in range(start_step, s.steps):
                 tick = time.perf_counter()
                 windows = calibration.draw(per_step, step)
-                loss = self._backward(net, windows[rank::world], per_step, device)
+                loss = self._backward(forward, windows[rank::world], per_step, device)
                 if world > 1:
                     if not sharded:  # FSDP's reduce-scatter has summed them already
                         for p in params:
@@ -509,7 +513,7 @@ class SparseTraining(PruningMethod):
             "windows_per_step": per_step, "tokens_per_step": per_step * calibration.seqlen,
             "train_seconds": train_seconds, "init": s.init, "trained_parameters": sum(p.numel() for p in trained),
             "prunable_parameters": n_prunable,
-            "optimizer": s.optimizer, "train_precision": s.train_precision,
+            "optimizer": s.optimizer, "train_precision": s.train_precision, "compiled": s.compile,
             "state_bytes_per_param": per_weight,
             "loss_curve": [{k: e[k] for k in ("step", "loss", "seconds", *self._step_info()) if k in e}
                            for e in self.history],
