@@ -13,8 +13,10 @@ its peak memory is its own. Elsa starts from the dense weights (no ``--init``), 
     python benchmarks/elsa_7b.py --tokenizer .device-data/tok --calib .device-data/wiki_calib.txt \\
         --runs plain:float32,fsdp:float32,fsdp:bfloat16 --layers 4 --out $OUT/elsa_7b.json
 
-A run is MODE:STATE_DTYPE[:PROCESSES[:PRECISION]] with MODE plain or fsdp and PRECISION the
-training passes' arithmetic (``--train-precision``: tf32, the default, float32 or bfloat16);
+A run is MODE:STATE_DTYPE[:PROCESSES[:PRECISION[:compile]]] with MODE plain or fsdp, PRECISION the
+training passes' arithmetic (``--train-precision``: tf32, the default, float32 or bfloat16) and
+``compile`` for ``--compile`` (the step times then exclude the first steps, which compile);
+``--shape smollm2-135m --layers 30`` is the default model's shape, whose step is many small kernels;
 ``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script
 (gloo there).
 """
@@ -38,14 +40,14 @@ WARMUP_STEPS = 2  # the first steps pay allocator growth and kernel selection
 
 def parse_run(spec: str) -> dict:
     parts = spec.split(":")
-    if len(parts) not in (2, 3, 4) or parts[0] not in MODES:
-        raise SystemExit(f"--runs: {spec!r} is not MODE:STATE_DTYPE[:PROCESSES[:PRECISION]] with MODE one of "
-                         f"{', '.join(MODES)}")
+    if len(parts) not in (2, 3, 4, 5) or parts[0] not in MODES or (len(parts) == 5 and parts[4] != "compile"):
+        raise SystemExit(f"--runs: {spec!r} is not MODE:STATE_DTYPE[:PROCESSES[:PRECISION[:compile]]] with MODE "
+                         f"one of {', '.join(MODES)}")
     processes = int(parts[2]) if len(parts) >= 3 else 1
     if parts[0] == "plain" and processes != 1:
         raise SystemExit(f"--runs: {spec!r}: a plain run is one process")
     return {"mode": parts[0], "state_dtype": parts[1], "processes": processes,
-            "precision": parts[3] if len(parts) == 4 else "tf32"}
+            "precision": parts[3] if len(parts) >= 4 else "tf32", "compile": len(parts) == 5}
 
 
 def command(model_dir: str, run: dict, report: str, args) -> list[str]:
@@ -54,7 +56,7 @@ def command(model_dir: str, run: dict, report: str, args) -> list[str]:
            "--seqlen", str(args.seqlen), "--dtype", args.dtype, "--device", args.device, "--quiet",
            "--report", report, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--admm-interval", str(args.admm_interval), "--state-dtype", run["state_dtype"],
-           "--train-precision", run["precision"]]
+           "--train-precision", run["precision"]] + (["--compile"] if run.get("compile") else [])
     if run["mode"] == "plain":
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -62,7 +64,7 @@ def command(model_dir: str, run: dict, report: str, args) -> list[str]:
 
 
 def run_one(model_dir: str, run: dict, args) -> dict:
-    tag = f"{run['mode']}_{run['state_dtype']}_{run['processes']}_{run['precision']}"
+    tag = f"{run['mode']}_{run['state_dtype']}_{run['processes']}_{run['precision']}{'_compile' if run['compile'] else ''}"
     report = os.path.join(args.workdir, f"{tag}.json")
     start = time.perf_counter()
     try:
@@ -98,7 +100,8 @@ def render(result: dict) -> str:
              "| first step s | peak memory GB | peak B / prunable weight | state B / prunable weight (per process) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        head = f"| {r['mode']} | {r['state_dtype']} | {r['processes']} | {r.get('precision', 'float32')} "
+        head = (f"| {r['mode']} | {r['state_dtype']} | {r['processes']} | {r.get('precision', 'float32')}"
+                f"{', compiled' if r.get('compile') else ''} ")
         if "median_step_seconds" not in r:
             lines.append(head + f"| failed (rc {r['rc']}) | | | | | | |")
             continue
@@ -118,7 +121,7 @@ def render(result: dict) -> str:
 def main(argv=None) -> int:
     ap = base_parser(__doc__)
     ap.add_argument("--runs", default="plain:float32,fsdp:float32,fsdp:bfloat16",
-                    help="comma-separated MODE:STATE_DTYPE[:PROCESSES], MODE plain or fsdp")
+                    help="comma-separated MODE:STATE_DTYPE[:PROCESSES[:PRECISION[:compile]]], MODE plain or fsdp")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--sparsity", default="0.9")
     ap.add_argument("--steps", type=int, default=10)
@@ -130,9 +133,9 @@ def main(argv=None) -> int:
     runs = [parse_run(spec) for spec in args.runs.split(",")]
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="elsa7b-")
     model_dir = os.path.join(args.workdir, "model")
-    build_model(args.tokenizer, model_dir, args.layers, args.tiny, args.device)
+    build_model(args.tokenizer, model_dir, args.layers, args.shape, args.device)
     result = new_result(args.device, {k: getattr(args, k) for k in ("layers", "sparsity", "steps", "batch_size",
-                                                                    "seqlen", "admm_interval", "dtype", "tiny")})
+                                                                    "seqlen", "admm_interval", "dtype", "shape")})
     for run in runs:
         add_run(result, run_one(model_dir, run, args), args.out, unprinted=("peak_memory",))
     print(render(result))

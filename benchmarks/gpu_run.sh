@@ -23,6 +23,10 @@
 #   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
 #   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
 #             layers, plain (TF32 and bfloat16 autocast) and FSDP2 over one process (issue 10)
+#   elsasmall benchmarks/elsa_7b.py on a random model of the default model's shape (30 layers, 8 x 512
+#             tokens a step, as the full recipe): Elsa's step eager and with --compile -> elsa_small.json
+#   sg90      SparseGPT at 90% on the default model with --backend reference and auto (needs the model
+#             carried as for elsafull) -> sg90_*.json
 #   quality   benchmarks/quality.py --full on the default model (issue 12's table: every method at
 #             every setting over all layers, SparseGPT and SparseLLM over the first half; the wiki
 #             splits as .txt files; QUALITY_ARGS replaces --full) -> quality_gpu.json, quality_gpu.md;
@@ -124,6 +128,26 @@ if has elsa7b; then
     --runs "${ELSA_RUNS:-plain:float32,plain:float32:1:bfloat16,fsdp:float32,fsdp:bfloat16}" --layers ${ELSA_LAYERS:-4} \
     --timeout 180 --out "$O/elsa_7b.json" > "$L/elsa_7b.log" 2>&1
   log "elsa_7b rc=$? $(( $(date +%s)-t0 )) s"
+fi
+if has elsasmall; then
+  # the default model's shape (random weights): eager against --compile, the recipe's 8 x 512 tokens a step
+  t0=$(date +%s)
+  timeout $(cap ${T_ELSA_SMALL:-240}) python3 benchmarks/elsa_7b.py --tokenizer "$D/tok" --calib "$D/wiki_calib.txt" \
+    --shape smollm2-135m --layers 30 --batch-size 8 --seqlen 512 --steps ${ELSA_SMALL_STEPS:-40} --admm-interval 32 \
+    --runs "${ELSA_SMALL_RUNS:-plain:float32,plain:float32:1:tf32:compile}" --timeout 220 \
+    --out "$O/elsa_small.json" > "$L/elsa_small.log" 2>&1
+  log "elsa_small rc=$? $(( $(date +%s)-t0 )) s"
+fi
+if has sg90; then
+  # SparseGPT at 90% on the default model, the reference backend against auto (Triton here): run 1
+  # of Elsa's call saw 8942 on an H200 where this CPU gives 3769 (and 4486 with one thread)
+  for b in reference auto; do
+    t0=$(date +%s)
+    if with_model "$L/sg90_$b.log" ${T_SG90:-150} python3 -m sparsellm.cli --method sparsegpt --sparsity 0.9 \
+         --backend $b --nsamples 32 --seqlen 512 --calib "$D/wiki_calib.txt" --eval "$D/wiki_test.txt" \
+         --eval-windows 40 --no-dense-eval --quiet --report "$O/sg90_$b.json"; then rc=0; else rc=$?; fi
+    log "sparsegpt 0.9 --backend $b rc=$rc $(( $(date +%s)-t0 )) s: $(grep -h '^perplexity' $L/sg90_$b.log)"
+  done
 fi
 if has quality; then
   t0=$(date +%s)

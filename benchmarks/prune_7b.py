@@ -11,7 +11,8 @@ steady-state time per layer (median over the layers after the first, which pays 
     python benchmarks/prune_7b.py --tokenizer .device-data/tok --calib .device-data/wiki_calib.txt \\
         --runs sparsegpt:0.7:auto,sparsellm:0.7:auto --layers 3 --out $OUT/prune_7b.json
 
-``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script.
+``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script;
+``--shape`` names another (``smollm2-135m``: the default model's).
 ``--profile DIR`` runs each prune under torch.profiler instead (``profile_prune.py``: where the
 time goes, by named part of the prune and by operator or kernel), into DIR/<run>.md and .json.
 """
@@ -31,15 +32,25 @@ sys.path.insert(0, HERE)
 from quality import git_state  # noqa: E402
 
 
-def build_model(tokenizer_dir: str, out: str, layers: int, tiny: bool, device: str) -> None:
+# The random models' shapes: (name in the tables, LlamaConfig fields); the vocabulary is the tokenizer's
+SHAPES = {
+    "llama2-7b": ("LLaMA-2-7B", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                     num_key_value_heads=32)),
+    # the default model's (a small model: its steps are many small kernels, so launch-bound on a GPU)
+    "smollm2-135m": ("SmolLM2-135M", dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                          num_key_value_heads=3, tie_word_embeddings=True)),
+    "tiny": ("toy (hidden 64)", dict(hidden_size=64, intermediate_size=172, num_attention_heads=4,
+                                     num_key_value_heads=4)),
+}
+
+
+def build_model(tokenizer_dir: str, out: str, layers: int, shape: str, device: str) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = (dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4) if tiny else
-             dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32))
     cfg = LlamaConfig(num_hidden_layers=layers, vocab_size=len(tok), max_position_embeddings=4096,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape][1])
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.float16)
@@ -106,7 +117,8 @@ def add_run(result: dict, row: dict, out: str | None, unprinted: tuple[str, ...]
 
 def shape_text(result: dict) -> str:
     s = result["settings"]
-    return f"{s['layers']} decoder layers of {'toy (hidden 64)' if s['tiny'] else 'LLaMA-2-7B'} shape"
+    shape = s.get("shape") or ("tiny" if s.get("tiny") else "llama2-7b")  # results from before --shape
+    return f"{s['layers']} decoder layers of {SHAPES[shape][0]} shape"
 
 
 def origin_text(result: dict) -> str:
@@ -120,7 +132,9 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", required=True, help="folder holding the tokenizer files")
     ap.add_argument("--calib", required=True, help="calibration text (.txt)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="toy shapes, for a CPU smoke run")
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES), help="the decoder layers' shape")
+    ap.add_argument("--tiny", dest="shape", action="store_const", const="tiny",
+                    help="toy shapes, for a CPU smoke run (--shape tiny)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=None, help="JSON results (the table is printed)")
     ap.add_argument("--workdir", default=None)
@@ -173,9 +187,9 @@ def main(argv=None) -> int:
         os.makedirs(args.profile, exist_ok=True)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="prune7b-")
     model_dir = os.path.join(args.workdir, "model")
-    build_model(args.tokenizer, model_dir, args.layers, args.tiny, args.device)
+    build_model(args.tokenizer, model_dir, args.layers, args.shape, args.device)
     result = new_result(args.device, {"layers": args.layers, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                      "tiny": args.tiny, "dtype": "float16", "profiled": bool(args.profile)})
+                                      "shape": args.shape, "dtype": "float16", "profiled": bool(args.profile)})
     for spec in args.runs.split(","):
         method, sparsity, backend, *extra = spec.split(":")
         add_run(result, run_one(model_dir, method, sparsity.replace("-", ":"), backend, extra, args), args.out)
