@@ -56,7 +56,7 @@ def command(model_dir: str, run: dict, report: str, args) -> list[str]:
            "--seqlen", str(args.seqlen), "--dtype", args.dtype, "--device", args.device, "--quiet",
            "--report", report, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--admm-interval", str(args.admm_interval), "--state-dtype", run["state_dtype"],
-           "--train-precision", run["precision"]] + (["--compile"] if run.get("compile") else [])
+           "--train-precision", run["precision"]] + (["--compile"] if run["compile"] else [])
     if run["mode"] == "plain":
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",

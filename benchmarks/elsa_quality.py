@@ -50,6 +50,11 @@ def run_key(setting: str, tag: str = "") -> str:
     return f"{setting}|{tag}" if tag else setting
 
 
+def file_name(*parts: str) -> str:
+    """A file or folder name from the parts of a run's key (no '|' or ':' in it)."""
+    return "-".join(parts).replace("|", "-").replace(":", "of")
+
+
 def recipe(settings: dict) -> str:
     """The training recipe of a run, in words (the runs stored before the lambda schedule was
     an option ran with a constant lambda)."""
@@ -121,7 +126,7 @@ def measure(setting: str, args, results: dict) -> None:
     if "sparsegpt" not in rows:
         rows.update(shared_sparsegpt_row(results, entry))
     model, tokenizer = api.load_model("smollm2")
-    cache = os.path.join(args.cache, f"sparsegpt-{setting.replace(':', 'of')}-{entry['commit']}.pt")
+    cache = os.path.join(args.cache, file_name("sparsegpt", setting, entry["commit"]) + ".pt")
     if "sparsegpt" in rows and os.path.exists(cache):
         model.load_state_dict(torch.load(cache))
     else:
@@ -144,8 +149,7 @@ def measure(setting: str, args, results: dict) -> None:
         model.load_state_dict(pruned)
         checkpoints = {}
         if args.checkpoint_root:  # one folder per run, setting, method and commit: a cut run resumes
-            checkpoints = {"checkpoint_dir": os.path.join(args.checkpoint_root, f"{key.replace('|', '-')}-{method}-"
-                                                                               f"{entry['commit']}".replace(":", "of")),
+            checkpoints = {"checkpoint_dir": os.path.join(args.checkpoint_root, file_name(key, method, entry["commit"])),
                            "checkpoint_every": args.checkpoint_every}
         config = PruneConfig(method=method, elsa=dataclasses.replace(elsa, **checkpoints), **common)
         start = time.perf_counter()
