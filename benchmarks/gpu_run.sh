@@ -7,6 +7,8 @@
 # SPARSELLM_COMMIT names the commit in the results (the machine's copy has no git history).
 # Steps (each capped so the whole ends by BUDGET seconds; logs and JSON land in $OUT):
 #   tests     gpu-marked tests of the sparse decode kernels and the CUDA-graph decoder
+#   placement tests/test_placement.py on the GPU: a pruned layer's weights go home into their own
+#             host tensors (sparsellm/placement.py; about 15 s)
 #   steptests the SparseLLM element-wise kernels' tests, compiled
 #   sweep     benchmarks/sparse_gpu_sweep.py: every one-token config of the sparse kernels vs dense
 #             at 7B shapes -> sweep.json, sweep.md
@@ -63,6 +65,11 @@ if has tests; then
   timeout $(cap ${T_TESTS:-200}) $P -q -rs --timeout 140 tests/test_sparse_gpu.py tests/test_decode.py \
     > "$L/gpu_tests.log" 2>&1
   log "sparse/decode tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/gpu_tests.log)"
+fi
+if has placement; then
+  t0=$(date +%s)
+  timeout $(cap 60) $P -q -rs --timeout 50 tests/test_placement.py > "$L/placement_tests.log" 2>&1
+  log "placement tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/placement_tests.log)"
 fi
 if has steptests; then
   t0=$(date +%s)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .config import PruneConfig
 from .models import AttentionHeads, ModelAdapter
+from .placement import on_device
 from .plan import ColumnSquares
 from .sparsity import SparsityPattern
 from .structure import LayerStructure
@@ -179,36 +180,34 @@ def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleL
     for index in tqdm(range(indices.stop), desc=f"allocation {config.allocation.rule}: dense statistics",
                       unit="layer", disable=config.quiet):
         layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        stats: dict[int, ColumnSquares] = {}
-        if index in indices:
-            ffn = adapter.ffn(layer)
-            linears = [ffn.down] if config.structure else list(adapter.linears(layer).values())
+        with on_device(layer, device, changed=False):  # a dense pass: the host weights stay as they are
+            stats: dict[int, ColumnSquares] = {}
+            if index in indices:
+                ffn = adapter.ffn(layer)
+                linears = [ffn.down] if config.structure else list(adapter.linears(layer).values())
 
-            def observer(linear):
-                def hook(module, args):
-                    x = args[0].detach()
-                    stat = stats.setdefault(id(module), ColumnSquares(x.shape[-1], x.device))
-                    stat.add(x)
-                return linear.register_forward_pre_hook(hook)
+                def observer(linear):
+                    def hook(module, args):
+                        x = args[0].detach()
+                        stat = stats.setdefault(id(module), ColumnSquares(x.shape[-1], x.device))
+                        stat.add(x)
+                    return linear.register_forward_pre_hook(hook)
 
-            hooks = [observer(lin) for lin in linears]
-            if config.structure:
-                squares = RelativeChannelSquares(ffn.down.in_features, device)
-                hooks += [layer.register_forward_pre_hook(lambda module, args: squares.see_residual(args[0].detach())),
-                          ffn.down.register_forward_pre_hook(lambda module, args: squares.add(args[0].detach()))]
-            run_layer(layer, hooks)
-            norms = {id(lin): stats[id(lin)].result() for lin in linears}
-            if config.structure:
-                scores[index] = (ffn.down.weight.detach().float().abs().sum(0) * norms[id(ffn.down)]).cpu()
-                relative[index] = (squares.sums * ffn.down.weight.detach().double().square().sum(0)).cpu()
+                hooks = [observer(lin) for lin in linears]
+                if config.structure:
+                    squares = RelativeChannelSquares(ffn.down.in_features, device)
+                    hooks += [layer.register_forward_pre_hook(lambda module, args: squares.see_residual(args[0].detach())),
+                              ffn.down.register_forward_pre_hook(lambda module, args: squares.add(args[0].detach()))]
+                run_layer(layer, hooks)
+                norms = {id(lin): stats[id(lin)].result() for lin in linears}
+                if config.structure:
+                    scores[index] = (ffn.down.weight.detach().float().abs().sum(0) * norms[id(ffn.down)]).cpu()
+                    relative[index] = (squares.sums * ffn.down.weight.detach().double().square().sum(0)).cpu()
+                else:
+                    scores[index] = torch.cat([(lin.weight.detach().float().abs() * norms[id(lin)]).reshape(-1).cpu()
+                                               for lin in linears])
             else:
-                scores[index] = torch.cat([(lin.weight.detach().float().abs() * norms[id(lin)]).reshape(-1).cpu()
-                                           for lin in linears])
-        else:
-            run_layer(layer, [])
-        layer.to(home)
+                run_layer(layer, [])
     return scores, relative
 
 

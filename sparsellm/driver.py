@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .allocation import layer_targets
 from .config import PruneConfig
 from .models import ModelAdapter
+from .placement import on_device
 from .plan import LayerView, Statistic, Step
 from .sparsity import zero_fraction
 
@@ -103,10 +104,6 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch
     arguments (position embeddings, masks) that are the same for every window."""
     layers = adapter.layers(model)
     first = layers[0]
-    moved = [m for m in adapter.pre_layer_modules(model)] + [first]
-    homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
-    for m in moved:
-        m.to(device)
     captured: list[torch.Tensor] = []
     kwargs_seen: dict = {}
 
@@ -120,7 +117,9 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ExitStack() as on_device_now:
+            for module in [*adapter.pre_layer_modules(model), first]:  # unchanged: no copy back
+                on_device_now.enter_context(on_device(module, device, changed=False))
             for row in windows:
                 try:
                     model(row.unsqueeze(0).to(device), use_cache=False)
@@ -128,8 +127,6 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch
                     pass
     finally:
         handle.remove()
-        for m, home in zip(moved, homes):
-            m.to(home)
     return torch.cat(captured, dim=0), kwargs_seen
 
 
@@ -338,15 +335,14 @@ class LayerDriver:
                    disable=self.config.quiet)
         for index in bar:
             layer = layers[index]
-            home = next(layer.parameters()).device
-            layer.to(self.device)
-            if index >= start:
-                record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
-                bar.set_postfix(ffn_err=f"{record.ffn_rel_error:.3g}", out_err=f"{record.output_rel_error:.3g}")
-                log.info("layer %d: ffn rel error %.4g, output rel error %.4g (%.1fs)", index,
-                         record.ffn_rel_error, record.output_rel_error, record.seconds)
-            elif index + 1 < stop:
-                self._pass(layer, inputs, kwargs, outputs=inputs)  # next layer's inputs
-            layer.to(home)
+            # a layer below the range only propagates: its host weights need no copy back
+            with on_device(layer, self.device, changed=index >= start):
+                if index >= start:
+                    record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
+                    bar.set_postfix(ffn_err=f"{record.ffn_rel_error:.3g}", out_err=f"{record.output_rel_error:.3g}")
+                    log.info("layer %d: ffn rel error %.4g, output rel error %.4g (%.1fs)", index,
+                             record.ffn_rel_error, record.output_rel_error, record.seconds)
+                elif index + 1 < stop:
+                    self._pass(layer, inputs, kwargs, outputs=inputs)  # next layer's inputs
             if index >= start:
                 yield record
