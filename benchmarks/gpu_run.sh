@@ -7,8 +7,10 @@
 # SPARSELLM_COMMIT names the commit in the results (the machine's copy has no git history).
 # Steps (each capped so the whole ends by BUDGET seconds; logs and JSON land in $OUT):
 #   tests     gpu-marked tests of the sparse decode kernels and the CUDA-graph decoder
-#   placement tests/test_placement.py on the GPU: a pruned layer's weights go home into their own
-#             host tensors (sparsellm/placement.py; about 15 s)
+#   placement the gpu-marked tests of what lives in host memory (about 20 s): a pruned layer's weights
+#             go home into their own host tensors (tests/test_placement.py), and SparseLLM's token
+#             buffers in pinned host memory give the on-GPU results (the path that takes when they
+#             do not fit; tests/test_sparsellm.py)
 #   steptests the SparseLLM element-wise kernels' tests, compiled
 #   sweep     benchmarks/sparse_gpu_sweep.py: every one-token config of the sparse kernels vs dense
 #             at 7B shapes -> sweep.json, sweep.md
@@ -68,7 +70,8 @@ if has tests; then
 fi
 if has placement; then
   t0=$(date +%s)
-  timeout $(cap 60) $P -q -rs --timeout 50 tests/test_placement.py > "$L/placement_tests.log" 2>&1
+  timeout $(cap 60) $P -q -rs --timeout 50 tests/test_placement.py \
+    tests/test_sparsellm.py::test_auxiliaries_in_host_memory_give_the_device_results > "$L/placement_tests.log" 2>&1
   log "placement tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/placement_tests.log)"
 fi
 if has steptests; then

@@ -245,6 +245,34 @@ def test_beats_sequential_sparsegpt(activation, sparsity):
     assert diag["aux_bytes"] == solver.aux_bytes == sum(b.numel() * b.element_size() for b in kept)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_auxiliaries_in_host_memory_give_the_device_results(monkeypatch, activation):
+    """Where the token buffers would take more than their share of the GPU's free memory they
+    live in pinned host memory and every token chunk is copied over and back: the same
+    weights, errors and objective as with the buffers on the GPU (the same arithmetic, only
+    where the buffers are), and the report says where they were."""
+    from sparsellm.methods import sparsellm as method_module
+
+    results = {}
+    for share in (1.0, 0.0):  # 0: nothing fits, the host path
+        monkeypatch.setattr(method_module, "DEVICE_AUX_SHARE", share)
+        ffn, x = synthetic_ffn(activation)
+        ffn.up.cuda(), ffn.down.cuda()
+        if ffn.gate is not None:
+            ffn.gate.cuda()
+        config = PruneConfig(method="sparsellm", sparsity="0.7", device="cuda",
+                             sparsellm=SparseLLMSettings(chunk_tokens=300, iterations=3))
+        diag = SparseLLM(config).prune_ffn(ffn, x.cuda(), config.sparsity)
+        results[share] = diag, {name: lin.weight.detach().cpu() for name, lin in ffn.linears().items()}
+    (on_gpu, gpu_weights), (on_host, host_weights) = results[1.0], results[0.0]
+    assert on_gpu["aux_device"].startswith("cuda") and on_host["aux_device"] == "cpu"
+    assert on_gpu["aux_bytes"] == on_host["aux_bytes"] > 0
+    assert on_host["iterations"] == on_gpu["iterations"]
+    for name, weight in gpu_weights.items():
+        assert torch.equal(host_weights[name], weight), name
+
+
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_never_worse_than_start(activation):
     """Penalties that wreck the iterates (a tiny consistency weight lets p drift away from
