@@ -284,6 +284,31 @@ def test_resume_equals_uninterrupted(tmp_path):
         [e["loss"] for e in whole_method.details()["loss_curve"]]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, extra", [("elsa", {}), ("elsa", {"state_dtype": "bfloat16"}),
+                                           ("elsa", {"state_dtype": "float8", "score": "magnitude"}),
+                                           ("masked-adam", {"init": "magnitude"})])
+def test_on_cuda_a_resumed_run_keeps_its_states_on_the_gpu(tmp_path, method, extra):
+    """On a GPU: a run killed after step 5 and resumed from its step-4 checkpoint (which loads into
+    host memory) trains on with every state on the GPU (Elsa's z and u, masked-adam's masks), ends
+    exactly sparse, with a finite loss curve over all eight steps."""
+    settings = dict(steps=8, batch_size=2, lr=3e-3, admm_lambda=0.05, admm_interval=2, checkpoint_every=2,
+                    checkpoint_dir=str(tmp_path), **extra)
+    cfg = PruneConfig(method=method, sparsity="0.7", nsamples=4, seqlen=SEQLEN, quiet=True, device="cuda",
+                      elsa=ElsaSettings(**settings))
+    with pytest.raises(Killed):
+        run_until_killed(cfg)
+    model, resumed, _ = prune(cfg)
+    assert resumed.details()["resumed_from_step"] == 4
+    states = ([stored["data"] for entry in resumed.admm.values() for stored in entry.values()] if method == "elsa"
+              else list(resumed.masks.values()))
+    assert states and all(t.device.type == "cuda" for t in states)
+    curve = [e["loss"] for e in resumed.details()["loss_curve"]]  # the checkpoint's four steps and four more
+    assert len(curve) == 8 and all(math.isfinite(loss) for loss in curve)
+    for lin in linears(model):
+        assert zero_fraction(lin.weight) == int(lin.weight.numel() * 0.7) / lin.weight.numel()
+
+
 def test_checkpoint_of_another_run_is_refused_untouched(tmp_path):
     prune(config(steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path)))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
