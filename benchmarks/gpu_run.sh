@@ -71,7 +71,7 @@ if has tests; then
 fi
 if has smoke; then
   t0=$(date +%s)
-  timeout $(cap 100) $P -q -rs --timeout 60 tests/test_placement.py \
+  timeout $(cap ${T_SMOKE:-110}) $P -q -rs --timeout 60 tests/test_placement.py \
     tests/test_sparsellm.py::test_auxiliaries_in_host_memory_give_the_device_results \
     tests/test_elsa.py::test_on_cuda_a_resumed_run_keeps_its_states_on_the_gpu > "$L/smoke_tests.log" 2>&1
   log "smoke tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/smoke_tests.log)"
