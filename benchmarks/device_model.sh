@@ -12,7 +12,7 @@
 #     keeps the half in /tmp/device-model-keep/a (`keep`), since a carried path does not stay in
 #     the tree for the next call (seen 2026-11-27: the second call's tree had no .device-model/a)
 #   call 2, at once (the machine goes back after a short idle time): carry [".device-data",
-#     ".device-model/b"], command: SPARSELLM_COMMIT=<commit> STEPS=elsafull BUDGET=585 bash
+#     ".device-model/b"], command: SPARSELLM_COMMIT=<commit> STEPS=elsafull BUDGET=598 bash
 #     benchmarks/gpu_run.sh (or STEPS=quality, or both; benchmarks/RESULTS.md has the plan)
 #   there, gpu_run.sh's elsafull and quality steps run:  . benchmarks/device_model.sh unpack
 #     -> joins the halves under /tmp/device-model, checks the sha256, and exports PYTHONPATH and

@@ -134,11 +134,11 @@ class ElsaSettings:
                               ("optimizer", self.OPTIMIZERS), ("train_precision", self.TRAIN_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"elsa {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"elsa compile must be true or false, got {self.compile!r}")
         if self.fsdp and self.compile:
             raise ValueError("--compile is not supported with --fsdp yet (the sharded model is trained eagerly); "
                              "drop one of them")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"elsa compile must be true or false, got {self.compile!r}")
         if self.fsdp and self.optimizer == "adamw8bit":
             raise ValueError("--fsdp does not support --optimizer adamw8bit (bitsandbytes' 8-bit states are not "
                              "sharded tensors); use --optimizer adamw, or drop --fsdp")

@@ -22,6 +22,12 @@ def fake_move(self, *args, **kwargs):
     return self._apply(lambda t: t.clone())
 
 
+def prune_tiny(model, config):
+    """Run the driver over four calibration windows of 32 tokens."""
+    windows = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    LayerDriver(model, get_adapter(model), get_method(config), config).run(windows)
+
+
 def small_module(seed=0):
     torch.manual_seed(seed)
     module = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
@@ -114,7 +120,6 @@ def test_prune_with_moving_layers_equals_the_plain_run(settings):
     """The driver with every move giving fresh storage (as a real device does) prunes to the same
     weights as the plain CPU run, and every tensor whose shape the prune kept ends in the host
     storage it started in."""
-    windows = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     config = PruneConfig(nsamples=4, seqlen=32, quiet=True, device="cpu", **settings)
     results = {}
     for move in (False, True):
@@ -123,7 +128,7 @@ def test_prune_with_moving_layers_equals_the_plain_run(settings):
         with pytest.MonkeyPatch.context() as patch:
             if move:
                 patch.setattr(nn.Module, "to", fake_move)
-            LayerDriver(model, get_adapter(model), get_method(config), config).run(windows)
+            prune_tiny(model, config)
         results[move] = values(model)
         if move:
             kept = [name for name, t in tensors(model).items() if t.shape == shapes[name]]
@@ -143,8 +148,7 @@ def test_prune_on_cuda_leaves_the_weights_in_their_host_tensors(layers):
     home, dense = pointers(model), values(model)
     config = PruneConfig(method="sparsegpt", sparsity="0.5", nsamples=4, seqlen=32, quiet=True, device="cuda",
                          layers=layers)
-    windows = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    LayerDriver(model, get_adapter(model), get_method(config), config).run(windows)
+    prune_tiny(model, config)
     assert pointers(model) == home
     assert all(t.device.type == "cpu" for t in tensors(model).values())
     pruned = range(*(layers or (0, 2)))
