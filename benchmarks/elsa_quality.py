@@ -18,6 +18,7 @@ the table is rendered from that file, into the README between the elsa markers w
     python benchmarks/elsa_quality.py --settings 0.9 --methods elsa --admm-schedule linear \
         --admm-lambda 1 --admm-lambda-start 0.01 --tag ramp --readme README.md
     python benchmarks/elsa_quality.py --render --readme README.md
+    python benchmarks/elsa_quality.py --merge benchmarks/results/gpu_h200_f1dea5c/elsa_gpu.json --readme README.md
 
 Runs are keyed by setting (and ``--tag``, so that several recipes of one setting stand side by
 side); a run whose commit or settings differ from the stored one of its key replaces it.
@@ -82,6 +83,23 @@ def commit() -> str:
 ONE_SHOT_SETTINGS = ("nsamples", "seqlen", "eval_windows")  # what the SparseGPT row depends on, with the commit
 
 
+def same_run(a: dict | None, b: dict) -> bool:
+    """Whether two entries are one run: the same code, settings and machine (rows may then join)."""
+    return bool(a) and all(a.get(k) == b.get(k) for k in ("commit", "settings", "machine"))
+
+
+def merge(results: dict, other: dict) -> None:
+    """Add the runs of ``other`` (a results file of another machine): the rows of a run that is the
+    same as a stored one join its rows (e.g. masked-adam measured in a later call at the same
+    commit); a different run of the same key replaces the stored one."""
+    for key, entry in other["runs"].items():
+        previous = results["runs"].get(key)
+        if same_run(previous, entry):
+            previous["rows"].update(entry["rows"])
+        else:
+            results["runs"][key] = entry
+
+
 def shared_sparsegpt_row(results: dict, entry: dict) -> dict:
     """The SparseGPT row another run of the same setting, commit and calibration already holds
     (its pruned model is the one cached on disk), so a recipe variant does not prune again."""
@@ -120,8 +138,8 @@ def measure(setting: str, args, results: dict) -> None:
              "machine": machine(args.cpu), **text_sources(args)}
     key = run_key(setting, args.tag)
     previous = results["runs"].get(key)
-    if previous and previous["commit"] == entry["commit"] and previous["settings"] == entry["settings"]:
-        entry["rows"] = previous["rows"]  # the same code and settings: keep the rows already measured
+    if same_run(previous, entry):
+        entry["rows"] = previous["rows"]  # the same code, settings and machine: keep the rows already measured
     rows = entry["rows"]
     if "sparsegpt" not in rows:
         rows.update(shared_sparsegpt_row(results, entry))
@@ -269,6 +287,9 @@ def main(argv=None) -> int:
     add_text_options(p)
     p.add_argument("--json", default=DEFAULT_JSON)
     p.add_argument("--render", action="store_true", help="only render the table from the JSON")
+    p.add_argument("--merge", default=None,
+                   help="add the runs of another results file (e.g. a GPU machine's elsa_gpu.json) to --json "
+                        "(rows of the same run join, a different run of a key replaces it); then render")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--readme", default=None)
@@ -280,7 +301,10 @@ def main(argv=None) -> int:
     if args.sparsellm_json:
         results["sparsellm_json"] = os.path.relpath(os.path.abspath(args.sparsellm_json), os.path.join(HERE, os.pardir))
         save(results, args.json)
-    if not args.render:
+    if args.merge:
+        merge(results, load(args.merge))
+        save(results, args.json)
+    elif not args.render:
         for setting in args.settings.split(","):
             measure(setting, args, results)
     text = render(results)

@@ -7,11 +7,12 @@
 # SPARSELLM_COMMIT names the commit in the results (the machine's copy has no git history).
 # Steps (each capped so the whole ends by BUDGET seconds; logs and JSON land in $OUT):
 #   tests     gpu-marked tests of the sparse decode kernels and the CUDA-graph decoder
-#   smoke     the gpu-marked tests of code that has not run on a GPU yet (about a minute): a pruned
+#   smoke     the gpu-marked tests of the host-memory paths and Elsa's resume (30 s on an H200): a pruned
 #             layer's weights go home into their own host tensors (tests/test_placement.py);
 #             SparseLLM's token buffers in pinned host memory give the on-GPU results (the path
-#             taken when they do not fit); Elsa and masked-adam resumed on the GPU keep their
-#             states there (tests/test_elsa.py). Run it before a long call that needs them
+#             taken when they do not fit); SparseLLM's float16 products on CUDA equal their CPU
+#             emulation; Elsa and masked-adam resumed on the GPU keep their states there
+#             (tests/test_elsa.py). Run it before a long call that needs them
 #   steptests the SparseLLM element-wise kernels' tests, compiled
 #   sweep     benchmarks/sparse_gpu_sweep.py: every one-token config of the sparse kernels vs dense
 #             at 7B shapes -> sweep.json, sweep.md
@@ -73,6 +74,7 @@ if has smoke; then
   t0=$(date +%s)
   timeout $(cap ${T_SMOKE:-110}) $P -q -rs --timeout 60 tests/test_placement.py \
     tests/test_sparsellm.py::test_auxiliaries_in_host_memory_give_the_device_results \
+    tests/test_sparsellm.py::test_float16_products_on_cuda_are_the_emulated_ones \
     tests/test_elsa.py::test_on_cuda_a_resumed_run_keeps_its_states_on_the_gpu > "$L/smoke_tests.log" 2>&1
   log "smoke tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/smoke_tests.log)"
 fi

@@ -14,7 +14,7 @@ SAVE_FORMATS = ("dense", "compressed")
 EXPORT_KINDS = ("semi-structured", "csr", "sparse-gpu")
 
 
-PRODUCT_PRECISIONS = ("tf32", "float32", "bfloat16")
+PRODUCT_PRECISIONS = ("tf32", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -39,7 +39,10 @@ class SparseLLMSettings:
     # uses the tensor cores' TF32 mode on CUDA and plain float32 on the CPU, "float32" plain
     # float32 everywhere, "bfloat16" bfloat16 operands with float32 results (the CPU's AMX units:
     # on the default model's first 15 layers at 70% it moved the mean FFN error from 0.3733 to
-    # 0.3743, so it is not the default). Factorisations, the OBS sweeps and the p-step system
+    # 0.3743, so it is not the default), "float16" float16 operands scaled by a power of two into
+    # its range, float32 results (meant for CUDA: twice TF32's tensor-core rate on Hopper with the
+    # same 11 significant bits per operand; not yet measured on a GPU, so not the default; on the
+    # CPU emulated in float32, slower). Factorisations, the OBS sweeps and the p-step system
     # stay float32 in every mode. Measured on an H100 (benchmarks/prune_7b.py, README "SparseLLM
     # at 7B shapes") and on the 2-core CPU (README, SparseLLM).
     product_precision: str = "tf32"

@@ -135,8 +135,105 @@ def test_bfloat16_products_match_float32():
     assert float((p_low - p_exact).norm() / p_exact.norm()) < 1e-2
 
 
+def float16_rel_errors(products, scale, seed=0):
+    """Relative errors (Frobenius, against float64) of mm, linear and gram_add of inputs with
+    outlier columns, multiplied by ``scale``."""
+    x, w, bias = randn(300, 48, seed=seed + 1), randn(96, 48, seed=seed + 2), randn(96, seed=seed + 3)
+    x[:, 3] *= 40  # an outlier feature, as in LLM activations
+    x, w, bias = x * scale, w * scale, bias * scale * scale
+    acc = torch.zeros(48, 96, dtype=torch.float32)
+    for rows in (slice(0, 100), slice(100, 300)):  # accumulated in place over two chunks
+        products.gram_add(acc, x[rows].float(), (x[rows] @ w.T).float())
+    want = {"linear": x @ w.T + bias, "gram": x.T @ (x @ w.T)}
+    got = {"linear": products.linear(x.float(), w.float(), bias.float()).double(), "gram": acc.double()}
+    return {k: float((got[k] - want[k]).norm() / want[k].norm()) for k in want}
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_float16_products_keep_float16_precision_at_any_scale(scale):
+    """float16 products: each operand scaled by a power of two into float16's range, so the
+    results are within float16's rounding (11 significant bits, 2^-11 = 4.9e-4 per operand, errors
+    that average over the inner dimension) of the float64 products at any scale, where plain
+    float16 operands overflow (1e6: products of inf) or lose their digits (1e-6: subnormals)."""
+    from sparsellm.methods.sparsellm import Products
+
+    errors = float16_rel_errors(Products("float16"), scale)
+    for name, rel in errors.items():
+        assert 1e-6 < rel < 1e-3, (name, rel)  # rounded (not silently float32), by float16's rounding only
+    x, w = randn(300, 48, seed=1) * scale, randn(96, 48, seed=2) * scale
+    x[:, 3] *= 40
+    naive = x.half().float() @ w.half().float().T
+    exact = x @ w.T
+    if scale != 1.0:  # what the scaling is for
+        assert not (float(((naive.double() - exact).norm() / exact.norm())) < 1e-3)
+    low = Products("float16")
+    assert low.mm(x, w.T).dtype == torch.float64  # results in a's dtype
+
+
+def test_float16_operands_are_reused_only_while_unchanged():
+    """The scaled float16 operand of a tensor is kept for its next product, but a tensor changed
+    in place since gets a new one, and the kept ones stay bounded (FLOAT16_KEPT)."""
+    from sparsellm.methods.sparsellm import FLOAT16_KEPT, Products
+
+    products = Products("float16")
+    a, b = randn(200, 32, seed=1).float(), randn(200, 16, seed=2).float()
+    first = torch.zeros(32, 16)
+    products.gram_add(first, a, b)
+    again = torch.zeros(32, 16)
+    products.gram_add(again, a, b)
+    assert torch.equal(again, first)
+    a.mul_(1000.0)  # in place: the kept operand of a is stale now (and would overflow float16 unscaled)
+    changed = torch.zeros(32, 16)
+    products.gram_add(changed, a, b)
+    exact = a.double().T @ b.double()  # a stale operand would give a thousandth of it
+    assert float((changed.double() - exact).norm() / exact.norm()) < 1e-3
+    for seed in range(3 * FLOAT16_KEPT):
+        products.mm(randn(8, 4, seed=seed).float(), randn(4, 8, seed=seed + 100).float())
+    assert len(products._kept) == FLOAT16_KEPT
+
+
+@pytest.mark.gpu
+def test_float16_products_on_cuda_are_the_emulated_ones():
+    """On CUDA the float16 products are tensor-core GEMMs with float32 outputs (torch.mm's
+    out_dtype): the same operands and exact products as the CPU's emulation in float32, so the
+    two differ only by the order of float32 sums; both within float16's rounding of float64."""
+    from sparsellm.methods.sparsellm import Products, full_gram
+
+    products = Products("float16")
+    x, w, bias = randn(3000, 512, seed=1).float(), randn(1024, 512, seed=2).float(), randn(1024, seed=3).float()
+    x[:, 7] *= 40
+    cpu_out = products.linear(x, w, bias)
+    gpu_out = products.linear(x.cuda(), w.cuda(), bias.cuda())
+    assert gpu_out.dtype == torch.float32 and gpu_out.is_cuda
+    assert float((gpu_out.cpu() - cpu_out).norm() / cpu_out.norm()) < 1e-5
+    exact = x.double() @ w.double().T + bias.double()
+    assert float((gpu_out.cpu().double() - exact).norm() / exact.norm()) < 1e-3
+    for device in ("cpu", "cuda"):  # the block triangle (each device's own block size)
+        acc = torch.zeros(1024, 1024, device=device)
+        products.sym_gram_add(acc, cpu_out.to(device))
+        if device == "cpu":
+            cpu_gram = full_gram(acc)
+        else:
+            gpu_gram = full_gram(acc).cpu()
+    assert float((gpu_gram - cpu_gram).norm() / cpu_gram.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_float16_products_follow_float32_through_the_solver(activation):
+    """The whole FFN solve with float16 products stays with float32's: the same exact sparsity, and
+    the first iterate's and the kept iterate's FFN errors within 2e-3 of float32's (relative;
+    bfloat16 products move them by up to 3% on these layers)."""
+    runs = {p: solve(activation, "0.7", product_precision=p) for p in ("float32", "float16")}
+    (_, _, _, config, want), (ffn, x, dense, _, got) = runs["float32"], runs["float16"]
+    assert got["best_ffn_rel_error"] == pytest.approx(want["best_ffn_rel_error"], rel=2e-3)
+    assert got["iterations"][0]["ffn_rel_error"] == pytest.approx(want["iterations"][0]["ffn_rel_error"], rel=2e-3)
+    assert rel_error(ffn, x, dense) == pytest.approx(got["best_ffn_rel_error"], rel=1e-3)
+    for name, lin in ffn.linears().items():
+        assert zero_fraction(lin.weight) == pytest.approx(config.sparsity.fraction, abs=2e-3), name
+
+
 @pytest.mark.parametrize("block", [256, 96])  # the CPU's, and another (CUDA's is 2048)
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
 def test_symmetric_gram_accumulation_is_the_gram(precision, block, monkeypatch):
     """sym_gram_add (upper block triangle only) completed by full_gram is A^T A, summed over
     chunks of rows: exactly symmetric, and equal to the full product's accumulation (float32:
@@ -156,6 +253,10 @@ def test_symmetric_gram_accumulation_is_the_gram(precision, block, monkeypatch):
     assert torch.equal(got, got.T)
     if precision == "float32":
         torch.testing.assert_close(got.double(), a.double().T @ a.double(), rtol=1e-5, atol=1e-3)
+    elif precision == "float16":  # the full product's float16 operands (one scale), float32 sums
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-3)
+        exact = a.double().T @ a.double()
+        assert float((got.double() - exact).norm() / exact.norm()) < 1e-3
     else:
         torch.testing.assert_close(got, full, rtol=1e-2, atol=1e-1)
 

@@ -35,11 +35,13 @@ the compute device when they fit and in host memory otherwise, and every token-w
 one chunk at a time, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
 
 Precision: on CUDA the token-wise products and the Gram accumulations over all tokens (nearly all
-of the solver's arithmetic at 7B shapes) run in TF32 unless ``product_precision`` is "float32";
+of the solver's arithmetic at 7B shapes) run in TF32 unless ``product_precision`` says otherwise
+("float32"; "float16": scaled float16 operands, float32 results, see :class:`Products`);
 factorisations, the OBS sweeps and the p-step's system stay float32.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 
@@ -91,45 +93,116 @@ def _sq_norm_(t: torch.Tensor) -> torch.Tensor:
     return t.square_().sum().double()
 
 
+# float16 operands are scaled by a power of two (exact) so that the largest magnitude lies in
+# (2^13, 2^14]: float16's largest finite value is 65504 (just under 2^16), and its normal range
+# reaches down to 2^-14, so every entry above 2^-27 of its tensor's largest keeps float16's 11
+# significant bits (TF32's too). The scale's exponent is kept within +-60 so that the product of
+# two inverse scales stays a normal float32.
+FLOAT16_TOP = 2.0 ** 14
+FLOAT16_MAX_EXPONENT = 60
+# Scaled float16 operands kept for reuse (least recently used dropped): within a token chunk the
+# chunk's inputs enter four products and the down weight three, and the weights every chunk's.
+# At 7B shapes a weight's cast reads and writes ~0.8 GB; redone per product it would cost about
+# 0.1 s a layer.
+FLOAT16_KEPT = 16
+
+
 class Products:
     """The solver's large products (token-wise forward products and Gram accumulations over
-    the calibration tokens) in its ``product_precision``: float32 operands ("float32"; "tf32"
-    is float32 here and TF32 on CUDA inside :func:`large_products`), or bfloat16 operands
-    ("bfloat16", results back in float32), which the CPU's AMX units multiply about 8x faster
-    than float32 (a [5461, 576] x [576, 1536] product, 2-core Sapphire Rapids)."""
+    the calibration tokens) in its ``product_precision``, results in float32 (a's dtype):
+
+    - "float32" and "tf32": float32 operands ("tf32" is float32 here and TF32 on CUDA inside
+      :func:`large_products`);
+    - "bfloat16": bfloat16 operands and products, widened to float32, which the CPU's AMX units
+      multiply about 8x faster than float32 (a [5461, 576] x [576, 1536] product, 2-core
+      Sapphire Rapids);
+    - "float16": float16 operands, each scaled by a power of two into float16's range, products
+      accumulated and returned in float32 (on CUDA one tensor-core GEMM with a float32 output,
+      twice TF32's peak rate on Hopper at the same 11 significant bits per operand; elsewhere
+      the same arithmetic emulated in float32, where products of float16 values are exact).
+    """
 
     def __init__(self, precision: str):
-        self.low = torch.bfloat16 if precision == "bfloat16" else None
+        self.low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+        self._kept: collections.OrderedDict = collections.OrderedDict()  # float16 operands, see FLOAT16_KEPT
+
+    def _operand(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``t`` as a product's operand, and the factor that undoes its scaling (None: unscaled)."""
+        if self.low is not torch.float16:
+            return (t if self.low is None else t.to(self.low)), None
+        # The entry holds t itself, so t's memory cannot be reused by another tensor while the
+        # key (its address, layout and version: an in-place change makes a new key) is kept.
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version)
+        kept = self._kept.get(key)
+        if kept is not None:
+            self._kept.move_to_end(key)
+            return kept[1], kept[2]
+        top = torch.linalg.vector_norm(t, float("inf")).float()  # on the device: no wait for the GPU
+        exponent = torch.floor(torch.log2(FLOAT16_TOP / top)).clamp_(-FLOAT16_MAX_EXPONENT, FLOAT16_MAX_EXPONENT)
+        scale = torch.exp2(exponent)
+        operand, inverse = (t * scale).to(torch.float16), scale.reciprocal()
+        self._kept[key] = (t, operand, inverse)
+        if len(self._kept) > FLOAT16_KEPT:
+            self._kept.popitem(last=False)
+        return operand, inverse
+
+    def _product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b of two operands (:meth:`_operand`), float32 for float16 operands."""
+        if self.low is not torch.float16:
+            return a @ b
+        if a.device.type == "cuda":
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return a.float() @ b.float()
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b, in a's dtype."""
         if self.low is None:
             return a @ b
-        return (a.to(self.low) @ b.to(self.low)).to(a.dtype)
+        (a_op, a_inv), (b_op, b_inv) = self._operand(a), self._operand(b)
+        out = self._product(a_op, b_op).to(a.dtype)
+        return out if a_inv is None else out.mul_(a_inv * b_inv)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w^T (+ bias, added in float32)."""
         if self.low is None:
             return F.linear(x, w, bias)
-        out = self.mm(x, w.t())
+        if self.low is torch.float16:  # w's own operand (not its transpose's), shared with mm(q, w)
+            (x_op, x_inv), (w_op, w_inv) = self._operand(x), self._operand(w)
+            out = self._product(x_op, w_op.t()).to(x.dtype).mul_(x_inv * w_inv)
+        else:
+            out = self.mm(x, w.t())
         return out if bias is None else out.add_(bias)
+
+    @staticmethod
+    def _accumulate(acc: torch.Tensor, product: torch.Tensor, inverse: torch.Tensor | None) -> None:
+        # a bfloat16 product added to acc is widened exactly; a scaled one is unscaled on the way
+        if inverse is None:
+            acc.add_(product)
+        else:
+            acc.addcmul_(product, inverse)
 
     def gram_add(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """acc += a^T b (acc float32)."""
         if self.low is None:
             acc.addmm_(a.t(), b)
-        else:  # a product of low operands is low: added to acc, it is widened exactly
-            acc.add_(a.to(self.low).t() @ b.to(self.low))
+            return
+        (a_op, a_inv), (b_op, b_inv) = self._operand(a), self._operand(b)
+        self._accumulate(acc, self._product(a_op.t(), b_op), None if a_inv is None else a_inv * b_inv)
 
     def sym_gram_add(self, acc: torch.Tensor, a: torch.Tensor) -> None:
         """acc += a^T a, only the blocks of rows [i, i + block) from column i on (the upper block
         triangle; :func:`_sym_block`): about 60% of the full product's work at the default
         model's FFN width 1536 (CPU) and a 7B FFN's 11008 (CUDA). The blocks below are not
         touched and :func:`full_gram` completes the matrix."""
-        a = a if self.low is None else a.to(self.low)  # cast once, not once per block
         block = _sym_block(acc)
+        if self.low is None:
+            for i in range(0, a.shape[1], block):
+                acc[i:i + block, i:].addmm_(a[:, i:i + block].t(), a[:, i:])
+            return
+        op, inv = self._operand(a)  # cast once, not once per block
+        inv = None if inv is None else inv * inv
         for i in range(0, a.shape[1], block):
-            self.gram_add(acc[i:i + block, i:], a[:, i:i + block], a[:, i:])
+            self._accumulate(acc[i:i + block, i:], self._product(op[:, i:i + block].t(), op[:, i:]), inv)
 
 
 def _sym_block(acc: torch.Tensor) -> int:
@@ -202,8 +275,8 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     if inverse is None:
         q = torch.cholesky_solve(residual.t(), chol).t()
     else:
-        # float32 operands even where the products are bfloat16 (the inverse stands in for the
-        # float32 solve); TF32 inside large_products' "tf32". Symmetric: (M^-1 v^T)^T = v M^-1.
+        # float32 operands even where the products are bfloat16 or float16 (the inverse stands in
+        # for the float32 solve); TF32 inside large_products' "tf32". Symmetric: (M^-1 v^T)^T = v M^-1.
         q = residual @ inverse
     return products.mm(q, w2).add_(r), q  # r + W2^T q, into the product's fresh buffer
 
@@ -279,8 +352,11 @@ class _FFNSolver:
         return obs_prune_with_gram(weight, gram, self.pattern, self.config.blocksize, self.config.percdamp, hinv)
 
     def _products(self):
-        """The precision of the token-wise products and Gram accumulations (:func:`large_products`)."""
-        return large_products(self.device, self.settings.product_precision)
+        """The precision of the float32 matmuls among the token-wise steps (:func:`large_products`):
+        under "float16" products, the p-step's product by the inverse stays float32 operands and
+        runs in TF32 as under the default."""
+        precision = self.settings.product_precision
+        return large_products(self.device, "tf32" if precision == "float16" else precision)
 
     def _zeros(self, *shape):
         return torch.zeros(*shape, device=self.device, dtype=torch.float32)
