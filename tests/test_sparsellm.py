@@ -190,6 +190,12 @@ def test_float16_operands_are_reused_only_while_unchanged():
     for seed in range(3 * FLOAT16_KEPT):
         products.mm(randn(8, 4, seed=seed).float(), randn(4, 8, seed=seed + 100).float())
     assert len(products._kept) == FLOAT16_KEPT
+    with torch.inference_mode():  # tensors without a version counter: products, but nothing kept
+        fresh = Products("float16")
+        out = fresh.mm(a.T.clone(), b.clone())
+        assert not fresh._kept
+    exact = a.double().T @ b.double()
+    assert float((out.double() - exact).norm() / exact.norm()) < 1e-3
 
 
 @pytest.mark.gpu

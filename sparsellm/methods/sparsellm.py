@@ -132,7 +132,8 @@ class Products:
             return (t if self.low is None else t.to(self.low)), None
         # The entry holds t itself, so t's memory cannot be reused by another tensor while the
         # key (its address, layout and version: an in-place change makes a new key) is kept.
-        key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version)
+        # Tensors made under torch.inference_mode have no version counter: never kept.
+        key = None if t.is_inference() else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version)
         kept = self._kept.get(key)
         if kept is not None:
             self._kept.move_to_end(key)
@@ -141,9 +142,10 @@ class Products:
         exponent = torch.floor(torch.log2(FLOAT16_TOP / top)).clamp_(-FLOAT16_MAX_EXPONENT, FLOAT16_MAX_EXPONENT)
         scale = torch.exp2(exponent)
         operand, inverse = (t * scale).to(torch.float16), scale.reciprocal()
-        self._kept[key] = (t, operand, inverse)
-        if len(self._kept) > FLOAT16_KEPT:
-            self._kept.popitem(last=False)
+        if key is not None:
+            self._kept[key] = (t, operand, inverse)
+            if len(self._kept) > FLOAT16_KEPT:
+                self._kept.popitem(last=False)
         return operand, inverse
 
     def _product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
