@@ -198,6 +198,22 @@ def test_float16_operands_are_reused_only_while_unchanged():
     assert float((out.double() - exact).norm() / exact.norm()) < 1e-3
 
 
+@pytest.mark.parametrize("method", ["sparsellm", "structprune"])
+def test_float16_products_on_cuda_need_a_torch_with_float32_output_gemms(monkeypatch, method):
+    """Where torch.mm has no out_dtype (torch < 2.8), float16 products on CUDA are refused before
+    anything loads; on the CPU (emulated) they run on any torch."""
+    from sparsellm.methods import METHODS
+    from sparsellm.methods import sparsellm as module
+
+    monkeypatch.setattr(module, "FLOAT16_GEMM", False)
+    monkeypatch.setattr("sparsellm.driver.resolve_device", lambda device: torch.device(device or "cuda"))
+    settings = SparseLLMSettings(product_precision="float16")
+    with pytest.raises(ValueError, match="torch >= 2.8"):
+        METHODS[method].preflight(PruneConfig(method=method, sparsity="0.5", device="cuda", sparsellm=settings))
+    METHODS[method].preflight(PruneConfig(method=method, sparsity="0.5", device="cpu", sparsellm=settings))
+    METHODS[method].preflight(PruneConfig(method=method, sparsity="0.5", device="cuda", sparsellm=SparseLLMSettings()))
+
+
 @pytest.mark.gpu
 def test_float16_products_on_cuda_are_the_emulated_ones():
     """On CUDA the float16 products are tensor-core GEMMs with float32 outputs (torch.mm's

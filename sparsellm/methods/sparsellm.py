@@ -105,6 +105,8 @@ FLOAT16_MAX_EXPONENT = 60
 # At 7B shapes a weight's cast reads and writes ~0.8 GB; redone per product it would cost about
 # 0.1 s a layer.
 FLOAT16_KEPT = 16
+# torch.mm(float16, float16, out_dtype=torch.float32) on CUDA (torch 2.8+): the overload exists
+FLOAT16_GEMM = hasattr(torch.ops.aten.mm, "dtype")
 
 
 class Products:
@@ -207,6 +209,17 @@ class Products:
             self._accumulate(acc[i:i + block, i:], self._product(op[:, i:i + block].t(), op[:, i:]), inv)
 
 
+def check_product_precision(config) -> None:
+    """float16 products on CUDA need torch.mm's float32 output of float16 operands (torch 2.8+):
+    without it, a ValueError before anything loads (SparseLLM's and StructPrune's preflight)."""
+    from ..driver import resolve_device  # (the driver imports the methods' modules)
+
+    if (config.sparsellm.product_precision == "float16" and not FLOAT16_GEMM
+            and resolve_device(config.device).type == "cuda"):
+        raise ValueError(f"--product-precision float16 on CUDA needs torch >= 2.8 (torch.mm with out_dtype); "
+                         f"this torch is {torch.__version__}: use tf32 (the default)")
+
+
 def _sym_block(acc: torch.Tensor) -> int:
     return CUDA_SYM_BLOCK if acc.device.type == "cuda" else SYM_BLOCK
 
@@ -288,6 +301,10 @@ class SparseLLM(SparseGPT):
 
     name = "sparsellm"
     structured = None  # its structured member is StructPrune (sparsellm.methods.structprune)
+
+    @classmethod
+    def preflight(cls, config) -> None:
+        check_product_precision(config)
 
     def plan(self, layer: LayerView) -> list[Step]:
         ffn_linears = {name: lin for group in layer.ffn_groups for name, lin in group.items()}

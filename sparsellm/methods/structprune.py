@@ -48,7 +48,7 @@ import torch
 from ..plan import LayerView, Step, Tokens
 from ..structure import zero_channels
 from .base import LayerwiseMethod
-from .sparsellm import _FFNSolver
+from .sparsellm import _FFNSolver, check_product_precision
 from .structured import OBSUnits, head_step, obs_remove
 
 
@@ -146,6 +146,10 @@ class StructPrune(LayerwiseMethod):
 
     name = "structprune"
     structured = "obs"  # it takes --structure (heads: the local structured OBS)
+
+    @classmethod
+    def preflight(cls, config) -> None:
+        check_product_precision(config)  # its FFN solve is SparseLLM's, in the same precision
 
     def plan(self, layer: LayerView) -> list[Step]:
         steps = []
