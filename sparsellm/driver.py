@@ -59,6 +59,8 @@ class LayerRecord:
     ffn_rel_error: float = float("nan")  # ||Y - FFN_pruned(X)|| / ||Y||, X = the FFN's inputs
     output_rel_error: float = float("nan")  # the same for the whole decoder layer
     seconds: float = 0.0
+    # moving the layer to the compute device and back home (outside ``seconds``; 0 on the CPU)
+    placement_seconds: float = 0.0
     diagnostics: dict = field(default_factory=dict)  # method-specific (e.g. SparseLLM iterations)
     target: dict = field(default_factory=dict)  # what the allocation asked of this layer
 
@@ -335,8 +337,10 @@ class LayerDriver:
                    disable=self.config.quiet)
         for index in bar:
             layer = layers[index]
+            moving = time.perf_counter()
             # a layer below the range only propagates: its host weights need no copy back
             with on_device(layer, self.device, changed=index >= start):
+                placement = time.perf_counter() - moving
                 if index >= start:
                     record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
                     bar.set_postfix(ffn_err=f"{record.ffn_rel_error:.3g}", out_err=f"{record.output_rel_error:.3g}")
@@ -344,5 +348,7 @@ class LayerDriver:
                              record.ffn_rel_error, record.output_rel_error, record.seconds)
                 elif index + 1 < stop:
                     self._pass(layer, inputs, kwargs, outputs=inputs)  # next layer's inputs
+                moving = time.perf_counter()
             if index >= start:
+                record.placement_seconds = placement + time.perf_counter() - moving
                 yield record

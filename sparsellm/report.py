@@ -53,7 +53,8 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         "layer_errors": [{"layer": r.index, "ffn_rel_error": r.ffn_rel_error,
                           "output_rel_error": r.output_rel_error,
                           "matrix_rel_error": {k: v["rel_error"] for k, v in r.matrices.items()},
-                          "seconds": r.seconds, "diagnostics": r.diagnostics} for r in records],
+                          "seconds": r.seconds, "placement_seconds": r.placement_seconds,
+                          "diagnostics": r.diagnostics} for r in records],
         "ppl": {"dense": dense_ppl, "pruned": pruned_ppl},
         "prune_seconds": prune_seconds,
         # the compute device's peak where it is a GPU, else the host's; both are in peak_memory

@@ -2,6 +2,8 @@
 host tensors it came with. On the CPU a move to another device is simulated: ``Module.to`` is
 patched to give every parameter new ``.data`` and every buffer a new tensor, as a real move
 does; the gpu-marked test moves to CUDA."""
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -23,9 +25,9 @@ def fake_move(self, *args, **kwargs):
 
 
 def prune_tiny(model, config):
-    """Run the driver over four calibration windows of 32 tokens."""
+    """Run the driver over four calibration windows of 32 tokens; its layer records."""
     windows = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    LayerDriver(model, get_adapter(model), get_method(config), config).run(windows)
+    return LayerDriver(model, get_adapter(model), get_method(config), config).run(windows)
 
 
 def small_module(seed=0):
@@ -136,6 +138,25 @@ def test_prune_with_moving_layers_equals_the_plain_run(settings):
     assert results[True].keys() == results[False].keys()
     for name, value in results[True].items():
         assert torch.equal(value, results[False][name]), name
+
+
+def test_moving_a_layer_is_timed_apart_from_pruning_it(monkeypatch):
+    """Each layer record's placement_seconds is the time of moving the layer to the compute device
+    and back, and its seconds leave it out: a move made 0.5 s slower shows in the former only."""
+    def slow_move(self, *args, **kwargs):
+        time.sleep(0.5)
+        return fake_move(self, *args, **kwargs)
+
+    config = PruneConfig(method="sparsegpt", sparsity="0.5", nsamples=4, seqlen=32, quiet=True, device="cpu")
+    runs = {}
+    for move in (fake_move, slow_move):
+        monkeypatch.setattr(nn.Module, "to", move)
+        runs[move] = [r for r in prune_tiny(tiny_llama(layers=2), config) if r is not None]
+    fast, slow = runs[fake_move], runs[slow_move]
+    assert [r.index for r in slow] == [0, 1]
+    for quick, slowed in zip(fast, slow):
+        assert slowed.placement_seconds - quick.placement_seconds >= 0.49
+        assert slowed.seconds < quick.seconds + 0.4  # the pruning's own time does not hold the move
 
 
 @pytest.mark.gpu
