@@ -142,9 +142,9 @@ def test_prune_with_moving_layers_equals_the_plain_run(settings):
 
 def test_moving_a_layer_is_timed_apart_from_pruning_it(monkeypatch):
     """Each layer record's placement_seconds is the time of moving the layer to the compute device
-    and back, and its seconds leave it out: a move made 0.5 s slower shows in the former only."""
+    and back, and its seconds leave it out: a move made 0.8 s slower shows in the former only."""
     def slow_move(self, *args, **kwargs):
-        time.sleep(0.5)
+        time.sleep(0.8)
         return fake_move(self, *args, **kwargs)
 
     config = PruneConfig(method="sparsegpt", sparsity="0.5", nsamples=4, seqlen=32, quiet=True, device="cpu")
@@ -155,8 +155,8 @@ def test_moving_a_layer_is_timed_apart_from_pruning_it(monkeypatch):
     fast, slow = runs[fake_move], runs[slow_move]
     assert [r.index for r in slow] == [0, 1]
     for quick, slowed in zip(fast, slow):
-        assert slowed.placement_seconds - quick.placement_seconds >= 0.49
-        assert slowed.seconds < quick.seconds + 0.4  # the pruning's own time does not hold the move
+        assert slowed.placement_seconds - quick.placement_seconds >= 0.79
+        assert slowed.seconds < quick.seconds + 0.6  # the pruning's own time does not hold the move
 
 
 @pytest.mark.gpu
