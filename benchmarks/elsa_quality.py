@@ -21,7 +21,8 @@ the table is rendered from that file, into the README between the elsa markers w
     python benchmarks/elsa_quality.py --merge benchmarks/results/gpu_h200_f1dea5c/elsa_gpu.json --readme README.md
 
 Runs are keyed by setting (and ``--tag``, so that several recipes of one setting stand side by
-side); a run whose commit or settings differ from the stored one of its key replaces it.
+side); a run whose commit, settings or machine differ from the stored one of its key replaces it
+(``--merge`` adds another machine's file the same way: the rows of the same run join).
 
 On a machine without gensim (a GPU machine), ``--calib``/``--eval`` take the wiki splits as .txt
 files (``../shared/device/prepare.sh`` writes them: the same tokens, checked), and the default
