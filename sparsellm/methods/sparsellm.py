@@ -131,7 +131,7 @@ class Products:
     def _operand(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``t`` as a product's operand, and the factor that undoes its scaling (None: unscaled)."""
         if self.low is not torch.float16:
-            return (t if self.low is None else t.to(self.low)), None
+            return t.to(self.low), None
         # The entry holds t itself, so t's memory cannot be reused by another tensor while the
         # key (its address, layout and version: an in-place change makes a new key) is kept.
         # Tensors made under torch.inference_mode have no version counter: never kept.
@@ -158,23 +158,23 @@ class Products:
             return torch.mm(a, b, out_dtype=torch.float32)
         return a.float() @ b.float()
 
+    def _unscaled(self, a: tuple, b: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """The product of two (operand, inverse scale) pairs, in ``dtype``, its scaling undone."""
+        out = self._product(a[0], b[0]).to(dtype)
+        return out if a[1] is None else out.mul_(a[1] * b[1])
+
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b, in a's dtype."""
         if self.low is None:
             return a @ b
-        (a_op, a_inv), (b_op, b_inv) = self._operand(a), self._operand(b)
-        out = self._product(a_op, b_op).to(a.dtype)
-        return out if a_inv is None else out.mul_(a_inv * b_inv)
+        return self._unscaled(self._operand(a), self._operand(b), a.dtype)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w^T (+ bias, added in float32)."""
         if self.low is None:
             return F.linear(x, w, bias)
-        if self.low is torch.float16:  # w's own operand (not its transpose's), shared with mm(q, w)
-            (x_op, x_inv), (w_op, w_inv) = self._operand(x), self._operand(w)
-            out = self._product(x_op, w_op.t()).to(x.dtype).mul_(x_inv * w_inv)
-        else:
-            out = self.mm(x, w.t())
+        w_op, w_inv = self._operand(w)  # w's own operand, not its transpose's: shared with mm(q, w)
+        out = self._unscaled(self._operand(x), (w_op.t(), w_inv), x.dtype)
         return out if bias is None else out.add_(bias)
 
     @staticmethod
