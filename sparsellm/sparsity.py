@@ -80,6 +80,14 @@ def zero_fraction(*weights: torch.Tensor) -> float:
     return zeros / total if total else 0.0
 
 
+def reaches_sparsity(share: float, min_sparsity: float, in_features: int) -> bool:
+    """Whether a weight whose zero share is ``share`` counts as pruned to ``min_sparsity``. The
+    pruners round a zero count down (per row, or over the whole weight), which loses less than
+    one entry per row: a weight pruned at exactly ``min_sparsity`` holds at least
+    ``min_sparsity - 1 / in_features`` (e.g. 0.89990 at 90% of a 4096-wide row)."""
+    return share >= min_sparsity - 1.0 / max(int(in_features), 1)
+
+
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of groups of M consecutive input weights (per row) holding fewer than N zeros;
     -1 if the input size is not a multiple of M (no such groups exist)."""

@@ -248,6 +248,31 @@ def test_overwrite_replaces_whole_directory(tmp_path):
     assert_same_model(model, load_pruned(target)[0])
 
 
+def test_overwrite_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "stale.bin").write_bytes(b"old")
+    (tmp_path / "link").symlink_to(target)
+    model = prune_(tiny_llama(), "unstructured")
+    save_pruned(model, None, tmp_path / "link", sparsity_structure="unstructured", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and not (target / "stale.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no backup or staging left
+    assert_same_model(model, load_pruned(tmp_path / "link")[0])
+
+
+def test_compressed_resave_of_a_loaded_model_keeps_one_sparsity_block(tmp_path):
+    """A model loaded from a dense save carries its block at the top level of its config; the
+    compressed save nests it, and must not leave the old one (format "dense") beside it."""
+    model = prune_(tiny_llama(), "2:4")
+    save_pruned(model, None, tmp_path / "dense", sparsity_structure="2:4")
+    loaded, _ = load_pruned(tmp_path / "dense")
+    save_pruned(loaded, None, tmp_path / "compressed", sparsity_structure="2:4", save_format="compressed")
+    config = json.loads((tmp_path / "compressed" / "config.json").read_text())
+    assert "sparsity_config" not in config
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
+    assert_same_model(model, load_pruned(tmp_path / "compressed")[0])
+
+
 def test_lying_pattern_is_refused_before_writing(tmp_path):
     model = prune_(tiny_llama(), "unstructured", 0.5)
     with pytest.raises(ExportError, match="do not satisfy the claimed 2:4"):
@@ -380,6 +405,25 @@ def test_corrupt_missing_piece_and_file(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_tensors_that_do_not_fit_the_config_are_refused(tmp_path, fmt):
+    """What from_pretrained only warns about is an error: a missing tensor (it would be random),
+    a config with fewer layers (the extra tensors dropped), a damaged file; in both layouts."""
+    _, out = _saved(tmp_path, "2:4", fmt)
+    original = (out / "model.safetensors").read_bytes()
+    _edit_tensors(out, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match="missing_keys.*model.norm.weight"):
+        load_pruned(out)
+    (out / "model.safetensors").write_bytes(original)
+    _edit_config(out, lambda c, sc: c.update(num_hidden_layers=1))
+    with pytest.raises(CheckpointError, match="unexpected_keys.*layers.1"):
+        load_pruned(out)
+    _edit_config(out, lambda c, sc: c.update(num_hidden_layers=2))
+    (out / "model.safetensors").write_bytes(original[: len(original) // 2])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_pruned(out)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
 def test_config_lies_about_structure_or_sparsity(tmp_path, fmt):
     _, out = _saved(tmp_path, "2:4", fmt)
     _edit_config(out, lambda c, sc: sc.__setitem__("sparsity_structure", "3:4"))
@@ -440,6 +484,31 @@ def test_csr_threshold_keeps_low_sparsity_dense():
     assert all("< 0.9" in r for r in report["dense"].values())
     assert isinstance(model.model.layers[1].mlp.up_proj, nn.Linear)
     assert isinstance(model.model.layers[0].mlp.up_proj, CSRLinear)
+
+
+def test_export_thresholds_allow_the_pruners_rounding():
+    """A weight pruned at exactly the threshold holds floor(share x row) zeros per row (or over
+    the weight): 57 of 64 at 90%, 0.8906. It converts; one zero fewer per row does not."""
+    def pruned_linear(zeros_per_row):
+        gen = torch.Generator().manual_seed(0)
+        lin = nn.Linear(64, 48, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(48, 64, generator=gen))
+            lin.weight.scatter_(1, torch.rand(48, 64, generator=gen).argsort(dim=1)[:, :zeros_per_row], 0.0)
+        return lin
+
+    def csr_report(lin):
+        model = nn.Sequential()
+        model.add_module("layers", nn.ModuleList([lin]))
+        return to_csr(model, min_sparsity=0.9)
+
+    at_threshold = pruned_linear(int(64 * 0.9))
+    assert ex.sparse_gpu.choose_format(at_threshold, 0.9)[0] == "sell"
+    assert csr_report(at_threshold)["n_converted"] == 1
+    below = pruned_linear(56)  # 0.875 < 0.9 - 1/64
+    assert ex.sparse_gpu.choose_format(below, 0.9)[0] is None
+    report = csr_report(below)
+    assert report["n_converted"] == 0 and report["dense"]["layers.0"].startswith("sparsity 0.87500 < 0.9")
 
 
 def test_csr_linear_bias_and_dtype():

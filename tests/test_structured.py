@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from sparsellm.config import PruneConfig
 from sparsellm.driver import LayerDriver
-from sparsellm.export import load_pruned, save_pruned
+from sparsellm.export import ExportError, load_pruned, save_pruned
 from sparsellm.methods import get_method
 from sparsellm.methods.structured import damped_gram, lowest_units, obs_select, refit_consumer
 from sparsellm.models import get_adapter
@@ -331,3 +331,30 @@ def test_per_layer_sizes_round_trip_through_load_pruned(family, tmp_path):
         assert torch.equal(loaded(windows(2)).logits, model(windows(2)).logits)
     with pytest.raises(Exception):  # a plain load cannot build layers of different sizes
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float16])
+def test_per_layer_sizes_load_in_half_precision_keeps_float32_buffers(dtype, tmp_path):
+    """Only the parameters take the half dtype, as in from_pretrained: RoPE's inv_freq stays
+    float32 (a bfloat16 one moves the rotary angles), so the logits are the saved model's, bit
+    for bit; the dtype may be given as a string."""
+    half = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = _pruned("llama", [40, 72])
+    for param in model.parameters():  # as from_pretrained(dtype=half) leaves a model: float32 buffers
+        param.data = param.data.to(half)
+    save_pruned(model, None, tmp_path / "out", sparsity_structure="unstructured")
+    for load_dtype in (None, dtype):
+        loaded, _ = load_pruned(tmp_path / "out", dtype=load_dtype)
+        assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+        assert {p.dtype for p in loaded.parameters()} == {half}
+        long = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert torch.equal(loaded(long).logits, model(long).logits)
+
+
+def test_per_layer_sizes_are_refused_in_the_compressed_layout(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    with pytest.raises(ExportError, match="saved dense"):
+        save_pruned(_pruned("llama", [40, 72]), None, tmp_path / "out", sparsity_structure="unstructured",
+                    save_format="compressed")
+    assert not (tmp_path / "out").exists()

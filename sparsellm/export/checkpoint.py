@@ -24,7 +24,7 @@ from torch import nn
 from ..sparsity import SparsityError, SparsityPattern, nm_violations, zero_fraction
 from .compressed import (FORMAT_BITMASK, FORMAT_DENSE, QUANTIZATION_CONFIG_KEY, SAVE_FORMATS, SPARSITY_CONFIG_KEY,
                          check_save_format, compress_checkpoint, find_sparsity_config, place_sparsity_config,
-                         read_compressed, sparsity_config_block)
+                         read_compressed, read_tensors, sparsity_config_block)
 from .csr import CSRLinear
 from .errors import CheckpointError, ExportError
 from .semi_structured import is_semi_structured
@@ -79,13 +79,25 @@ def _check_structure(weights: dict[str, torch.Tensor], pattern: SparsityPattern 
 # output folder: checks, staging, atomic publish
 
 
+def check_writable(path) -> None:
+    """Refuse a path whose nearest existing folder cannot be written (the path itself, or the
+    parent its folders would be made in): found now, not after the prune."""
+    folder = Path(path).expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write under {folder} (for {path})")
+
+
 def check_output_dir(out_dir, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty directory without overwrite (before any long work)."""
-    out_dir = Path(out_dir)
+    """Refuse a file, a non-empty directory without overwrite, or a place that cannot be
+    written (before any long work)."""
+    out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_writable(out_dir.absolute().parent)  # the staging folder is made beside it
 
 
 def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -167,21 +179,54 @@ def _refuse_exported(model: nn.Module) -> None:
                               "model, before apply_export()")
 
 
-def save_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_format: str = "dense",
-                overwrite: bool = False, targets: list[str] | None = None, ignore: list[str] | None = None,
-                extra: dict | None = None) -> Path:
+class StagedCheckpoint:
+    """A complete checkpoint written beside its destination, not yet in place: :meth:`publish`
+    renames it into ``out_dir`` (atomic), :meth:`discard` deletes it. A run that has more to do
+    after saving (export, evaluation, report) stages first and publishes last, so a failure or an
+    interrupt in between leaves ``out_dir`` as it was."""
+
+    def __init__(self, staging: Path, out_dir: Path, overwrite: bool):
+        self.staging, self.out_dir, self.overwrite = staging, out_dir, overwrite
+
+    def publish(self) -> Path:
+        try:
+            _publish(self.staging, self.out_dir, self.overwrite)
+        except BaseException:
+            self.discard()
+            raise
+        return self.out_dir
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def save_pruned(model, tokenizer, out_dir, **kwargs) -> Path:
     """Save a pruned (dense-masked) model and its tokenizer; returns the output directory.
 
     Everything is checked before anything is written, then written into a temporary sibling
     directory that is renamed into place only when complete: a failure leaves ``out_dir`` as
-    it was. ``save_format`` is ``"dense"`` or ``"compressed"`` (sparse-bitmask, which needs the
-    ``compressed`` extra: compressed-tensors).
+    it was. Keywords: those of :func:`stage_pruned`.
     """
+    return stage_pruned(model, tokenizer, out_dir, **kwargs).publish()
+
+
+def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_format: str = "dense",
+                 overwrite: bool = False, targets: list[str] | None = None, ignore: list[str] | None = None,
+                 extra: dict | None = None) -> StagedCheckpoint:
+    """Check and write the checkpoint of :func:`save_pruned` into a temporary sibling of
+    ``out_dir``, and return it staged (:class:`StagedCheckpoint`). ``save_format`` is
+    ``"dense"`` or ``"compressed"`` (sparse-bitmask, which needs the ``compressed`` extra:
+    compressed-tensors)."""
     library = check_save_format(save_format)
     pattern = parse_structure(sparsity_structure)
     structure = "unstructured" if pattern is None else str(pattern)
-    out_dir = Path(out_dir).expanduser().absolute()
+    # resolved: a symlinked folder is replaced where it points, and the link kept
+    out_dir = Path(out_dir).expanduser().resolve()
     check_output_dir(out_dir, overwrite)
+    sizes = getattr(getattr(model, "config", None), LAYER_SIZES_FIELD, None)
+    if library is not None and sizes and not is_uniform(sizes):
+        raise ExportError("a structured model whose layers differ in size is saved dense (save_format='dense'): "
+                          "the compressed layout is loaded against the config's uniform sizes")
     meta = {"version": EXPORT_META_VERSION, "nm_convention": NM_CONVENTION, "extra": extra or {}}
     try:
         json.dumps(meta)
@@ -219,11 +264,10 @@ def save_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_form
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for path in staging.rglob("*"):  # safetensors writes its files private (0600); an ordinary folder's are 0644
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        _publish(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
+    return StagedCheckpoint(staging, out_dir, overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,19 +294,25 @@ def _load_with_layer_sizes(path: Path, config, sizes: dict, dtype):
     """A structured checkpoint whose layers differ in size (non-uniform allocation): no config
     field says that, so build the model at the config's full sizes, shrink each layer to the
     sizes recorded in config.json (sparsellm.structure), then load the tensors as saved."""
-    from safetensors.torch import load_file
-
     from ..models import get_adapter
     from ..structure import shrink_to_sizes
 
     state = {}
     for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
+        state.update(read_tensors(file))
     if dtype is None or dtype == "auto":
         dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"unknown dtype {dtype!r}")
     model = _causal_lm_class(config)(config)
     shrink_to_sizes(model, get_adapter(model), sizes)
-    model.to(dtype)
+    # Parameters only, as from_pretrained(dtype=...) does: buffers such as RoPE's inv_freq are
+    # computed in float32 at construction and stay so (a bfloat16 inv_freq moves the rotary
+    # angles, more at longer positions).
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
@@ -274,6 +324,25 @@ def _load_with_layer_sizes(path: Path, config, sizes: dict, dtype):
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"{path}: tensors disagree with config.json: missing {sorted(set(missing) - tied)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
+    return model
+
+
+def _checked_from_pretrained(path: Path, cls, *args, **kwargs):
+    """``cls.from_pretrained(*args, **kwargs)``, refusing what from_pretrained only warns about:
+    tensors missing (it would initialise them at random), unexpected (a config with fewer layers
+    would silently drop them) or of another shape; and damaged files, as CheckpointError."""
+    try:
+        model, info = cls.from_pretrained(*args, **kwargs, output_loading_info=True)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: tensors disagree with config.json: {err}") from None
+    except Exception as err:  # a missing file (OSError); safetensors' own error types for damaged ones
+        if not isinstance(err, OSError) and type(err).__module__.split(".")[0] != "safetensors":
+            raise
+        raise CheckpointError(f"{path}: cannot read the tensors: {err}") from None
+    problems = {k: sorted(map(str, v)) for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(f"{path}: tensors disagree with config.json: {problems}")
     return model
 
 
@@ -317,20 +386,14 @@ def load_pruned(path, device=None, dtype=None):
         model = _load_with_layer_sizes(path, config, sizes, dtype)
         stored = None
     elif fmt == FORMAT_DENSE:
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or "auto")
+        model = _checked_from_pretrained(path, AutoModelForCausalLM, str(path), config=config, dtype=dtype or "auto")
         stored = None
     else:
         state, stored = read_compressed(path, legacy=not nested)
         if dtype is None:  # keep the saved dtype: "auto" would fall back to float32 without config.dtype
             dtype = getattr(config, "dtype", None) or next(t.dtype for t in state.values() if t.is_floating_point())
-        try:
-            model, info = _causal_lm_class(config).from_pretrained(None, config=config, state_dict=state, dtype=dtype,
-                                                                   output_loading_info=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: tensors disagree with config.json: {err}") from None
-        problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if problems:
-            raise CheckpointError(f"{path}: tensors disagree with config.json: {problems}")
+        model = _checked_from_pretrained(path, _causal_lm_class(config), None, config=config, state_dict=state,
+                                         dtype=dtype)
 
     selected = recorded_selection(model, sc)
     if not selected:

@@ -110,6 +110,17 @@ def place_sparsity_config(cfg: dict, block: dict, library=None) -> None:
         return
     cfg[QUANTIZATION_CONFIG_KEY] = {"quant_method": QUANT_METHOD, "version": library.__version__,
                                     SPARSITY_CONFIG_KEY: block, "transform_config": {}}
+    cfg.pop(SPARSITY_CONFIG_KEY, None)  # a model loaded from a dense save carries its block at the top level
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged file is a CheckpointError that names it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read {file}: {err}") from None
 
 
 def find_sparsity_config(cfg: dict) -> tuple[object, bool]:
@@ -269,8 +280,6 @@ def compress_checkpoint(folder: Path, target_keys: set[str]) -> None:
 def read_compressed(path: Path, legacy: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Dense state dict (checkpoint keys) of a compressed checkpoint, and the weight keys that
     were stored compressed. ``legacy``: the version-1 file and key names."""
-    from safetensors.torch import load_file
-
     files = _weight_files(path, LEGACY_INDEX, None) if legacy else _weight_files(path, HF_INDEX, HF_WEIGHTS)
     if not files:
         wanted = LEGACY_INDEX if legacy else f"{HF_WEIGHTS} or {HF_INDEX}"
@@ -279,10 +288,7 @@ def read_compressed(path: Path, legacy: bool = False) -> tuple[dict[str, torch.T
     for name in files:
         if not (path / name).is_file():
             raise CheckpointError(f"{path} lacks {name}, listed in its index")
-        try:
-            raw.update(load_file(str(path / name)))
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"cannot read {path / name}: {err}") from None
+        raw.update(read_tensors(path / name))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     state = {}
     for key, tensor in raw.items():

@@ -6,7 +6,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..sparsity import zero_fraction
+from ..sparsity import reaches_sparsity, zero_fraction
 from .errors import ExportError
 from .targets import replace_module, resolve_targets
 
@@ -48,16 +48,17 @@ class CSRLinear(nn.Module):
 
 
 def to_csr(model, *, min_sparsity: float = CSR_MIN_SPARSITY, targets: list[str] | None = None) -> dict:
-    """Replace targeted linears of sparsity >= ``min_sparsity`` by :class:`CSRLinear`; below
-    it CSR measured slower than dense, so those stay dense. Returns a JSON-able report."""
+    """Replace targeted linears pruned to at least ``min_sparsity`` (up to the pruners' rounding:
+    :func:`~sparsellm.sparsity.reaches_sparsity`) by :class:`CSRLinear`; below it CSR measured
+    slower than dense, so those stay dense. Returns a JSON-able report."""
     if not 0.0 <= min_sparsity <= 1.0:
         raise ExportError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
     selected, _, _ = resolve_targets(model, targets)
     report = {"kind": "csr", "min_sparsity": min_sparsity, "converted": {}, "dense": {}}
     for name, lin in selected.items():
         sparsity = zero_fraction(lin.weight.detach())
-        if sparsity < min_sparsity:
-            report["dense"][name] = f"sparsity {sparsity:.3f} < {min_sparsity:g}, where CSR stops beating dense"
+        if not reaches_sparsity(sparsity, min_sparsity, lin.weight.shape[-1]):
+            report["dense"][name] = f"sparsity {sparsity:.5f} < {min_sparsity:g}, where CSR stops beating dense"
             continue
         replace_module(model, name, CSRLinear(lin))
         report["converted"][name] = round(sparsity, 6)

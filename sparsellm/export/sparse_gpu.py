@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
-from ..sparsity import nm_violations, zero_fraction
+from ..sparsity import nm_violations, reaches_sparsity, zero_fraction
 from .errors import ExportError
 from .semi_structured import is_semi_structured
 from .targets import replace_module, resolve_targets
@@ -84,8 +84,9 @@ def _(x, values, cols, slice_ptr, out_features, in_features, slice_rows, bias):
 
 def choose_format(linear: nn.Module, min_sparsity: float = SELL_MIN_SPARSITY) -> tuple[str | None, str, float]:
     """(format or None, reason, sparsity) for a linear: ``nm24`` when its weight is 2:4 (at
-    most 2 non-zeros per group of 4 inputs) and in_features % 32 == 0, else ``sell`` when its
-    zero fraction is at least ``min_sparsity``, else None with the reason it stays dense."""
+    most 2 non-zeros per group of 4 inputs) and in_features % 32 == 0, else ``sell`` when it
+    is pruned to at least ``min_sparsity`` (up to the pruners' rounding: :func:`reaches_sparsity`),
+    else None with the reason it stays dense."""
     if not isinstance(linear, nn.Linear):
         return None, f"not an nn.Linear ({type(linear).__name__})", 0.0
     w = linear.weight
@@ -102,11 +103,11 @@ def choose_format(linear: nn.Module, min_sparsity: float = SELL_MIN_SPARSITY) ->
         if cols % reference.NM24_K_MULTIPLE == 0:
             return "nm24", "2:4", sparsity
         nm_note = f"2:4 but in_features {cols} % {reference.NM24_K_MULTIPLE} != 0; "
-    if sparsity >= min_sparsity:
+    if reaches_sparsity(sparsity, min_sparsity, cols):
         if cols > 65536:
             return None, f"{nm_note}in_features {cols} > 65536 does not fit int16 column indices", sparsity
-        return "sell", f"{nm_note}unstructured, sparsity {sparsity:.3f} >= {min_sparsity:g}", sparsity
-    return None, (f"{nm_note}not 2:4 and sparsity {sparsity:.3f} < {min_sparsity:g}, "
+        return "sell", f"{nm_note}unstructured, sparsity {sparsity:.5f} >= {min_sparsity:g}", sparsity
+    return None, (f"{nm_note}not 2:4 and sparsity {sparsity:.5f} < {min_sparsity:g}, "
                   "below which the sparse kernel does not beat dense"), sparsity
 
 

@@ -1,0 +1,34 @@
+"""Perplexity over non-overlapping windows: PPL = exp(mean next-token NLL).
+
+Each window of ``seqlen`` tokens is scored on its ``seqlen - 1`` shifted positions, so the
+windows are independent (no context carried over), as in the SparseGPT and Wanda code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None = None,
+               device: torch.device | str | None = None, quiet: bool = False, desc: str = "perplexity") -> float:
+    """``tokens``: [1, T] evaluation stream. Uses ``floor(T / seqlen)`` windows from token 0,
+    capped at ``max_windows``."""
+    tokens = tokens.reshape(1, -1)
+    windows = tokens.shape[1] // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise ValueError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    total_nll, count = 0.0, 0
+    for i in tqdm(range(windows), desc=desc, unit="window", disable=quiet, leave=False):
+        ids = tokens[:, i * seqlen:(i + 1) * seqlen].to(device)
+        logits = model(ids, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        total_nll += float(nll)
+        count += seqlen - 1
+    return math.exp(total_nll / count)
