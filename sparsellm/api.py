@@ -21,10 +21,10 @@ from .config import DTYPES, PruneConfig
 from .default_model import ALIASES as DEFAULT_ALIASES
 from .default_model import resolve as resolve_default
 from .driver import LayerRecord, resolve_device
-from .evaluate import perplexity
+from .perplexity import perplexity
 from .methods import METHODS, get_method
 from .models import get_adapter
-from .report import build_report, write_report
+from .report import build_report, check_report_path, write_report
 from .structure import compact_model, model_cost
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,28 @@ def _check_layers(config: PruneConfig, num_layers: int) -> None:
     if not (0 <= start < stop <= num_layers):
         raise ValueError(f"layer range {start}:{stop} is out of bounds for a model with {num_layers} "
                          f"decoder layers (valid: 0 <= start < stop <= {num_layers})")
+
+
+def _check_model_fits(config: PruneConfig, model, adapter) -> None:
+    """What the settings ask of this model, checked before the dense evaluation and the prune:
+    an N:M pattern's group size divides every pruned linear's input width, and the calibration
+    and evaluation windows fit the model's positions (OPT's learned position table fails on an
+    index past it, RoPE models run on positions they were not trained on)."""
+    layers = adapter.layers(model)
+    start, stop = config.layers or (0, len(layers))
+    for index in range(start, stop):
+        for name, linear in adapter.linears(layers[index]).items():
+            try:
+                config.sparsity.check_shape(linear.in_features)
+            except ValueError as err:
+                raise ValueError(f"layer {index} {name}: {err}") from None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    lengths = {"--seqlen": config.seqlen}
+    if any(e != "none" for e in config.eval):
+        lengths["--eval-seqlen" if config.eval_seqlen else "--seqlen (the evaluation's too)"] = config.resolved_eval_seqlen
+    for flag, length in lengths.items():
+        if positions is not None and length > positions:
+            raise ValueError(f"{flag} {length} exceeds the model's {positions} positions (max_position_embeddings)")
 
 
 def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
@@ -122,6 +144,8 @@ def _run(config: PruneConfig) -> dict:
     if config.save:
         export.check_output_dir(config.save, config.overwrite)  # fail now, not after the prune
         export.check_save_format(config.save_format)  # e.g. 'compressed' without its extra: fail now too
+    if config.report:
+        check_report_path(config.report, config.save)
     device = resolve_device(config.device)
     for source in {config.calib, *config.eval} - {"none"}:  # a missing file fails now, not after the dense eval
         data.check_source(source)
@@ -129,6 +153,7 @@ def _run(config: PruneConfig) -> dict:
     model, tokenizer = load_model(config.model, config.dtype)
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))
+    _check_model_fits(config, model, adapter)
     if config.structure is not None and "heads" in config.structure:
         # a family without head removal, or a share that removes no head, fails now
         head_removal(config.head_sparsity, adapter.attention(adapter.layers(model)[0]))
@@ -154,23 +179,30 @@ def _run(config: PruneConfig) -> dict:
     structure_info = compact_model(model, adapter) if config.structure is not None else None
 
     main = is_main_process()  # under torchrun every process prunes; one writes
-    if config.save and main:  # the dense-masked weights, before any export changes their layout
-        export.save_pruned(model, tokenizer, config.save, sparsity_structure=_structure(config),
-                           save_format=config.save_format, overwrite=config.overwrite,
-                           targets=_pruned_linears(model, adapter, config),
-                           extra={"sparsellm": {"method": config.method, "version": __version__}})
-    model.to(device if on_device else "cpu")
-    export_info = export.apply_export(model, config.export) if config.export else None
-    pruned_ppl = evaluate(model, tokenizer, config, "pruned")
-    report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
-                          prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
-                          backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__,
-                          method_details=method_details)
-    report["cost"] = {"before": cost_before, "after": model_cost(model, adapter, config.resolved_eval_seqlen)}
-    if structure_info is not None:
-        report["structure"] = structure_info
-    if config.save:
-        report["saved_to"] = os.path.abspath(config.save)
+    staged = None
+    if config.save and main:  # the dense-masked weights, before any export changes their layout;
+        # published only when the rest has run, so a failure or an interrupt leaves no output
+        staged = export.stage_pruned(model, tokenizer, config.save, sparsity_structure=_structure(config),
+                                     save_format=config.save_format, overwrite=config.overwrite,
+                                     targets=_pruned_linears(model, adapter, config),
+                                     extra={"sparsellm": {"method": config.method, "version": __version__}})
+    try:
+        model.to(device if on_device else "cpu")
+        export_info = export.apply_export(model, config.export) if config.export else None
+        pruned_ppl = evaluate(model, tokenizer, config, "pruned")
+        report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
+                              prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
+                              backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__,
+                              method_details=method_details)
+        report["cost"] = {"before": cost_before, "after": model_cost(model, adapter, config.resolved_eval_seqlen)}
+        if structure_info is not None:
+            report["structure"] = structure_info
+        if staged is not None:
+            report["saved_to"] = str(staged.publish())
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        raise
     if config.report and main:
         write_report(report, config.report)
     return report

@@ -34,6 +34,16 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" where it informs: not to a help text that states its own default,
+    not to a switch (a store_true/store_false default only says the switch is off), not for None."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .ops import BACKENDS
@@ -43,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparsellm-prune",
         description="Prune a causal language model layer by layer and report dense and pruned perplexity.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"sparsellm {__version__}")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="local folder or hub id; 'smollm2' is the embedded SmolLM2-135M-Instruct (offline)")
-    p.add_argument("--method", default=d.method, choices=sorted(METHODS))
+    p.add_argument("--method", default=d.method, choices=sorted(METHODS), help="pruning method (README, Methods)")
     p.add_argument("--sparsity", type=_sparsity, default=d.sparsity,
                    help="unstructured fraction pruned (0.7) or N:M with N pruned of every M consecutive "
                         "input weights (3:4 = 75%% sparse, 2:4 = 50%%); with --structure channels*: the share "
@@ -79,14 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "c4, NAME:PATH for local files of that data set, or a path to a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and of the run")
     p.add_argument("--blocksize", type=int, default=d.blocksize, help="OBS column block (SparseGPT, SparseLLM)")
     p.add_argument("--percdamp", type=float, default=d.percdamp, help="Hessian dampening, share of mean diagonal")
     g = p.add_argument_group("SparseLLM")
-    g.add_argument("--alpha", type=float, default=s.alpha)
-    g.add_argument("--beta", type=float, default=s.beta)
-    g.add_argument("--gamma", type=float, default=s.gamma)
-    g.add_argument("--iterations", type=int, default=s.iterations)
+    g.add_argument("--alpha", type=float, default=s.alpha, help="weight of the pre-activation terms (z, s)")
+    g.add_argument("--beta", type=float, default=s.beta, help="weight of the FFN output term")
+    g.add_argument("--gamma", type=float, default=s.gamma, help="weight of the down projection's input term (p)")
+    g.add_argument("--iterations", type=int, default=s.iterations, help="alternating iterations of the FFN solver")
     g.add_argument("--product-precision", default=s.product_precision, choices=PRODUCT_PRECISIONS,
                    help="precision of the FFN solver's large products: tf32 (TF32 on CUDA, float32 on the "
                         "CPU), float32, bfloat16 operands (fastest on CPUs with AMX; FFN errors move slightly), or "
@@ -101,12 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=e.grad_accum, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=e.lr, help="AdamW learning rate")
     g.add_argument("--adam-betas", default=",".join(map(str, e.betas)), help="AdamW betas, as B1,B2")
-    g.add_argument("--weight-decay", type=float, default=e.weight_decay)
-    g.add_argument("--lr-schedule", default=e.lr_schedule, choices=ElsaSettings.LR_SCHEDULES)
+    g.add_argument("--weight-decay", type=float, default=e.weight_decay, help="AdamW weight decay")
+    g.add_argument("--lr-schedule", default=e.lr_schedule, choices=ElsaSettings.LR_SCHEDULES, help="learning-rate schedule")
     g.add_argument("--max-grad-norm", type=float, default=e.max_grad_norm, help="clipping of the loss gradient")
     g.add_argument("--admm-lambda", type=float, default=e.admm_lambda, help="ADMM penalty (final value of a ramp)")
     g.add_argument("--admm-lambda-start", type=float, default=None, help="start of a linear/cosine ramp; None: lambda / 10")
-    g.add_argument("--admm-schedule", default=e.admm_schedule, choices=ElsaSettings.ADMM_SCHEDULES)
+    g.add_argument("--admm-schedule", default=e.admm_schedule, choices=ElsaSettings.ADMM_SCHEDULES,
+                   help="ramp of the ADMM penalty from --admm-lambda-start to --admm-lambda")
     g.add_argument("--admm-interval", type=int, default=e.admm_interval, help="steps between z/u updates")
     g.add_argument("--score", default=e.score, choices=ElsaSettings.SCORES,
                    help="projection score: fisher = Adam's v * (w + u)^2, or magnitude |w + u|")
@@ -140,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=d.backend, choices=list(BACKENDS),
                    help="kernels for the hot operations (also SPARSELLM_BACKEND)")
     p.add_argument("--save", default=None, help="write the pruned model (safetensors + tokenizer) to this folder")
-    p.add_argument("--save-format", default=d.save_format, choices=SAVE_FORMATS)
+    p.add_argument("--save-format", default=d.save_format, choices=SAVE_FORMATS,
+                   help="dense safetensors, or compressed (sparse-bitmask; the compressed extra)")
     p.add_argument("--export", default=None, choices=EXPORT_KINDS,
                    help="after pruning, swap eligible weights to sparse kernels before evaluation")
     p.add_argument("--overwrite", action="store_true", help="allow --save into a non-empty folder")
@@ -189,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         report = run(config)
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # outputs are published only when complete (sparsellm.api.run)
+        print("interrupted; no pruned model or report was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as exc:
+    except (ValueError, OSError, RuntimeError, NotImplementedError) as exc:
         print(f"sparsellm-prune: error: {exc}", file=sys.stderr)
         return 2
     if not is_main_process():

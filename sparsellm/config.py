@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,6 +240,9 @@ class PruneConfig:
 
     def __post_init__(self):
         self.sparsity = SparsityPattern.parse(self.sparsity)
+        for name in ("save", "report"):  # checked before the prune and written after: the same path
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         if isinstance(self.eval, str):
             self.eval = tuple(e for e in self.eval.split(",") if e)
         if isinstance(self.sparsellm, dict):
@@ -275,6 +279,9 @@ class PruneConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.structure is None and self.sparsity.fraction == 0:
+            raise ValueError("sparsity 0 prunes nothing, yet is no no-op (the weights of inputs that never fire on "
+                             "the calibration text are zeroed); give a sparsity above 0")
         if self.export is not None and self.export not in EXPORT_KINDS:
             raise ValueError(f"unknown export {self.export!r}; choose one of {', '.join(EXPORT_KINDS)}")
         if self.layers is not None:

@@ -78,6 +78,18 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
     })
 
 
+def check_report_path(path: str, save: str | None = None) -> None:
+    """Refuse a report path that cannot be written as a file (a folder, the --save folder, a
+    place without write access), before any long work."""
+    from .export import check_writable
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"report path {path} is a folder; give a file name such as {path}/report.json")
+    if save is not None and os.path.abspath(path) == os.path.abspath(save):
+        raise ValueError(f"report path {path} is the --save folder")
+    check_writable(os.path.dirname(os.path.abspath(path)))
+
+
 def write_report(report: dict, path: str) -> None:
     """Write atomically: a temporary file in the same folder, renamed when complete."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -100,6 +112,11 @@ def summary(report: dict) -> str:
         dense = report["ppl"]["dense"].get(dataset)
         dense_text = f"{dense:.3f}" if dense is not None else "n/a"
         lines.append(f"perplexity [{dataset}]  dense {dense_text}  pruned {value:.3f}")
+    exported = report.get("export") or {}
+    if exported.get("kind"):  # say what the export did, also when it converted nothing
+        line = (f"export {exported['kind']}: {exported['n_converted']} linears converted, {exported['n_dense']} "
+                "left dense (the report's export section says why)")
+        lines.append(line + (f"; {exported['note']}" if exported.get("note") else ""))
     cost = report.get("cost")
     if cost and cost["after"]["parameters"] != cost["before"]["parameters"]:
         lines.append("parameters {:,} -> {:,}  FLOPs/token {:.4g} -> {:.4g}".format(

@@ -149,6 +149,8 @@ def test_missing_data_file(where, no_loading, capsys, tmp_path):
     (["--nsamples", "0"], "nsamples must be a positive integer"),
     (["--percdamp", "-0.01"], "percdamp must be positive"),
     (["--layers", "3:1"], "layer range 3:1 is empty"),
+    (["--sparsity", "0"], "sparsity 0 prunes nothing"),
+    (["--method", "elsa", "--sparsity", "0%"], "sparsity 0 prunes nothing"),
 ])
 def test_bad_settings_fail_before_loading(args, message, no_loading, capsys, tmp_path):
     report = tmp_path / "r.json"
@@ -194,6 +196,84 @@ def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys)
                        "--save", str(out), "--report", str(report), *SMALL)
     assert code == 2 and "--overwrite" in err
     assert os.listdir(out) == ["keep.txt"] and not report.exists()
+
+
+def test_a_failure_after_the_prune_publishes_nothing(tiny_llama_dir, text_file, tmp_path, capsys):
+    """The save is staged and published only when the export, the evaluation and the report are
+    done: an evaluation that fails after the prune leaves the --overwrite target as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    short = tmp_path / "short.txt"
+    short.write_text("too short to evaluate")
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", text_file,
+                       "--eval", str(short), "--no-dense-eval", "--save", str(out), "--overwrite",
+                       "--report", str(report), *SMALL)
+    assert code == 2 and "tokens" in err, err
+    assert os.listdir(out) == ["keep.txt"] and not report.exists()
+    assert sorted(os.listdir(tmp_path)) == ["out", "short.txt"]  # no staging folder left
+
+
+@pytest.mark.parametrize("where", ["folder", "save"])
+def test_report_path_that_cannot_be_a_file_fails_before_loading(where, no_loading, capsys, tmp_path):
+    save = tmp_path / "out"
+    report = tmp_path if where == "folder" else save
+    code, _, err = cli(capsys, *SMALL, "--save", str(save), "--report", str(report))
+    assert code == 2 and "Traceback" not in err
+    assert ("is a folder" if where == "folder" else "is the --save folder") in err, err
+    assert not save.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "wanda", "--sparsity", "2:3"], "needs the input size (64) to be a multiple of 3"),
+    (["--sparsity", "2:3"], "needs the input size (64) to be a multiple of 3"),
+    (["--seqlen", "1024"], "--seqlen 1024 exceeds the model's 512 positions"),
+    (["--eval-seqlen", "600"], "--eval-seqlen 600 exceeds the model's 512 positions"),
+])
+def test_what_the_model_cannot_take_fails_before_the_dense_evaluation(args, message, tiny_opt_dir, text_file,
+                                                                       capsys, tmp_path, monkeypatch):
+    import sparsellm.api
+
+    def refuse(*a, **k):
+        raise AssertionError("evaluated before the settings were checked against the model")
+    monkeypatch.setattr(sparsellm.api, "evaluate", refuse)
+    code, _, err = cli(capsys, "--model", tiny_opt_dir, "--calib", text_file, "--eval", text_file, *SMALL, *args)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_the_package_evaluate_is_the_function_after_the_api_loads():
+    import sparsellm
+    from sparsellm import api
+
+    assert sparsellm.evaluate is api.evaluate and callable(sparsellm.evaluate)
+
+
+def test_summary_says_what_the_export_converted():
+    from sparsellm.report import summary
+
+    report = {"method": "magnitude", "sparsity_pattern": "2:4", "achieved_sparsity": 0.5, "prune_seconds": 1.0,
+              "ppl": {"pruned": {}, "dense": {}},
+              "export": {"kind": "semi-structured", "n_converted": 0, "n_dense": 14, "note": "no CUDA device"}}
+    assert "export semi-structured: 0 linears converted, 14 left dense" in summary(report)
+    assert "no CUDA device" in summary(report)
+
+
+def test_help_states_each_default_once_and_not_for_switches(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    assert text.count("(default: all)") == 2 and "(default: all) (default" not in text
+    assert "alternating iterations of the FFN solver (default: 4)" in text
+
+
+def test_home_relative_output_paths_are_expanded(monkeypatch, tmp_path):
+    from sparsellm import PruneConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = PruneConfig(save="~/pruned", report="~/r.json")
+    assert (config.save, config.report) == (str(tmp_path / "pruned"), str(tmp_path / "r.json"))
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_opt_dir"])

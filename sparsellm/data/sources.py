@@ -21,6 +21,7 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,12 @@ def _bare_kind(path: Path) -> str | None:
 
 
 def _stamp(paths: Sequence[Path]) -> tuple:
+    """Each local file's identity for the caches (path, mtime, size); a file that cannot be read
+    is refused here, when the source is parsed, not when its text is first needed."""
     out = []
     for p in paths:
+        if not os.access(p, os.R_OK):
+            raise DataSourceError(f"data file {p} cannot be read (permission denied)")
         st = p.stat()
         out.append((str(p), st.st_mtime_ns, st.st_size))
     return tuple(out)

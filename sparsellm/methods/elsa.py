@@ -285,11 +285,6 @@ class SparseTraining(PruningMethod):
     whole_model = True  # trains the whole model at once: --fsdp applies
 
     @classmethod
-    def check_config(cls, config):
-        if config.sparsity.fraction == 0:
-            raise ValueError(f"{cls.name} needs a sparsity above 0")
-
-    @classmethod
     def preflight(cls, config):
         check_checkpoint_dir(config)
         if config.elsa.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
