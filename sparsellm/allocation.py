@@ -4,7 +4,8 @@
 - ``owl`` (Yin et al. 2023, "Outlier Weighed Layerwise sparsity"): per layer, the share D_l of
   Wanda scores |W_ij| ||X_j|| above M times the layer's mean score (outliers); the layer's
   density is made linear in D_l over a range of 2 lambda and centred on 1 - target, so layers
-  with more outliers are pruned less (lambda 0.08, M 5: the paper's defaults). Unstructured only.
+  with more outliers are pruned less (lambda 0.08, M 5: the paper's defaults); then shifted and
+  clipped to the per-layer bounds, the mean kept at the target. Unstructured only.
 - ``energy`` (StructPrune, Song, Bai, Zhao 2025): a softmax over per-layer energies,
   s_l proportional to exp(-E_l / T), rescaled so the mean is the target and clipped to the per-layer bounds.
 
@@ -70,36 +71,44 @@ class LayerTarget:
 # the rules (pure functions of per-layer numbers: what the tests check)
 
 
-def owl_shares(outlier_ratios: list[float], target: float, lam: float) -> list[float]:
-    """OWL: density linear in the outlier ratio over a range of 2 lambda, mean 1 - target."""
+def owl_shares(outlier_ratios: list[float], target: float, lam: float, low: float, high: float) -> list[float]:
+    """OWL: density linear in the outlier ratio over a range of 2 lambda, mean 1 - target; the
+    shares then clipped to [low, high] and shifted by one offset so that the mean stays the target
+    (the published rule has no bounds, and its shares can leave [0, 1] near the ends)."""
     d = torch.tensor(outlier_ratios, dtype=torch.float64)
     spread = float(d.max() - d.min())
     scaled = (d - d.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(d)
-    density = scaled - scaled.mean() + (1 - target)
-    return (1 - density).tolist()
+    raw = 1 - (scaled - scaled.mean() + (1 - target))
+    # raw lies within target -/+ 2 lambda, inside (-2, 3): offsets -/+ 3 take every share past the bounds
+    return _clipped_with_mean(lambda b: raw + b, target, low, high, -3.0, 3.0)
 
 
 def energy_shares(energies: list[float], target: float, temperature: float, low: float, high: float) -> list[float]:
     """s_l = clip(c * L * target * softmax(-z_l / T), low, high), z the standardised energies,
-    with c found (bisection; the clipped sum is monotone in c) so that mean(s) = target; the
-    last rounding residue goes to the layers strictly inside the bounds."""
+    with c chosen so that mean(s) = target (:func:`_clipped_with_mean`)."""
     e = torch.tensor(energies, dtype=torch.float64)
     layers = len(e)
     std = float(e.std()) if layers > 1 else 0.0
     z = (e - e.mean()) / std if std > 0 else torch.zeros_like(e)
     weights = torch.softmax(-z / temperature, dim=0) * layers * target
-    budget = layers * target
+    return _clipped_with_mean(lambda c: c * weights, target, low, high, 0.0, 1.0)
 
-    def shares(c):
-        return (c * weights).clamp(low, high)
 
-    lo_c, hi_c = 0.0, 1.0
-    while float(shares(hi_c).sum()) < budget and hi_c < 1e12:
-        hi_c *= 2
+def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float, low: float, high: float,
+                       lo_p: float, hi_p: float) -> list[float]:
+    """clip(unclipped(p), low, high) with the parameter p found (bisection from [lo_p, hi_p],
+    hi_p doubled until it is high enough; the clipped sum is monotone in p) so that the mean is
+    ``target``; the last rounding residue goes to the layers strictly inside the bounds."""
+    def shares(p):
+        return unclipped(p).clamp(low, high)
+
+    budget = unclipped(lo_p).numel() * target
+    while float(shares(hi_p).sum()) < budget and hi_p < 1e12:
+        hi_p *= 2
     for _ in range(200):
-        mid = (lo_c + hi_c) / 2
-        lo_c, hi_c = (mid, hi_c) if float(shares(mid).sum()) < budget else (lo_c, mid)
-    s = shares(hi_c)
+        mid = (lo_p + hi_p) / 2
+        lo_p, hi_p = (mid, hi_p) if float(shares(mid).sum()) < budget else (lo_p, mid)
+    s = shares(hi_p)
     free = (s > low) & (s < high)
     if free.any():
         s[free] += (budget - float(s.sum())) / int(free.sum())
@@ -226,7 +235,7 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
         if rule == "owl":
             m = config.allocation.owl_m
             ratios = [float((s > m * s.mean()).double().mean()) for s in (scores[i] for i in indices)]
-            shares = owl_shares(ratios, target, config.allocation.owl_lambda)
+            shares = owl_shares(ratios, target, config.allocation.owl_lambda, low, high)
         else:
             if config.structure:
                 energies = [residual_perturbation_energy(scores[i], relative[i], target) for i in indices]

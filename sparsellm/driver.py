@@ -239,8 +239,11 @@ class LayerDriver:
             record.target = self.targets[index].to_dict()
         steps = self.method.plan(view)
         planned = {name: linear for step in steps for name, linear in step.linears.items()}
-        # Dense copies of every linear of the layer: the references of the final pass.
+        # Dense copies of every linear of the layer: the references of the final pass; the FFN's
+        # biases too (the dense FFN's reference), which structured pruning zeroes with their channels.
         dense = {id(linear): linear.weight.detach().clone() for group in view.groups for linear in group.values()}
+        dense_ffn_biases = {role: None if linear.bias is None else linear.bias.detach().clone()
+                            for role, linear in view.ffn.linears().items()}
 
         dense_out = torch.empty_like(inputs)
         reference_pending = True  # the first pass runs the dense layer and keeps its outputs
@@ -259,7 +262,8 @@ class LayerDriver:
         if reference_pending:  # a plan without steps still measures (and propagates) the layer
             self._pass(layer, inputs, kwargs, outputs=dense_out)
 
-        linear_errors = self._final_pass(layer, view, planned, dense, inputs, kwargs, dense_out, outputs, record)
+        linear_errors = self._final_pass(layer, view, planned, dense, dense_ffn_biases, inputs, kwargs, dense_out,
+                                         outputs, record)
         for name, linear in planned.items():
             record.matrices[name] = {"sparsity": zero_fraction(linear.weight), "rel_error": linear_errors[name],
                                      "numel": linear.weight.numel()}
@@ -267,7 +271,7 @@ class LayerDriver:
         return record
 
     @stage("driver.final_pass")
-    def _final_pass(self, layer, view, planned, dense, inputs, kwargs, dense_out, outputs, record):
+    def _final_pass(self, layer, view, planned, dense, dense_ffn_biases, inputs, kwargs, dense_out, outputs, record):
         """Run the pruned layer: its outputs feed the next layer, and its errors against the
         dense references are measured on the same inputs. Returns each planned linear's
         relative output error ||(W - W_p) x|| / ||W x||."""
@@ -295,7 +299,7 @@ class LayerDriver:
         def ffn_hook(module, args, out):  # the dense FFN on the same (pruned-attention) inputs
             known = dict(dense_outputs)
             dense_outputs.clear()
-            ffn_meter.add(ffn.forward(ffn_inputs.pop(), dense_ffn, known), out)
+            ffn_meter.add(ffn.forward(ffn_inputs.pop(), dense_ffn, known, dense_ffn_biases), out)
 
         hooks = [linear.register_forward_hook(linear_hook(name)) for name, linear in planned.items()]
         hooks.append(ffn.up.register_forward_pre_hook(lambda module, args: ffn_inputs.append(args[0])))

@@ -25,9 +25,10 @@ stays a plain MHA layer with fewer heads (num_heads = num_key_value_heads).
 Zeroing in place (:func:`zero_channels`, :func:`zero_heads`) keeps every shape, so the driver
 measures errors as for any method; :func:`compact_model` then removes what is zero (the
 structures whose consuming columns, of down or o, are exactly zero) and records the sizes in
-the model's config: the standard fields when every layer has the same sizes (a plain
-transformers checkpoint), and ``sparsellm_layer_sizes`` per layer always, from which
-:func:`shrink_to_sizes` rebuilds a model of that shape for :func:`sparsellm.load_pruned`.
+the model's config: the standard fields when every layer has the same sizes and transformers
+accepts them (a plain transformers checkpoint; :func:`config_holds_sizes`), and
+``sparsellm_layer_sizes`` per layer always, from which :func:`shrink_to_sizes` rebuilds a model
+of that shape for :func:`sparsellm.load_pruned`.
 """
 from __future__ import annotations
 
@@ -182,9 +183,25 @@ def layer_sizes(model: nn.Module, adapter: ModelAdapter) -> dict[str, list[int]]
     return {field: values for field, values in sizes.items() if values}
 
 
+def _config_takes_heads(config, heads: int) -> bool:
+    # transformers' LlamaConfig refuses (on save and on load) a hidden_size that is not a multiple
+    # of num_attention_heads, although head_dim is explicit: LLaMA-2-7B at --head-sparsity 0.25
+    # keeps 24 heads, and 4096 % 24 != 0
+    return config.hidden_size % heads == 0
+
+
+def config_holds_sizes(config, sizes: dict[str, list[int]]) -> bool:
+    """Whether ``config``'s standard fields state every layer's ``sizes`` (:func:`_record_sizes`
+    writes them then), so that a plain ``from_pretrained`` builds the model: the same sizes in
+    every layer, and a head count that transformers accepts."""
+    return is_uniform(sizes) and all(_config_takes_heads(config, h) for h in sizes.get("num_attention_heads", ()))
+
+
 def _record_sizes(model: nn.Module, adapter: ModelAdapter) -> dict[str, list[int]]:
     """Write the layer sizes into the model's config: per layer always; into the standard fields
-    (the FFN width, the head count and, explicitly, head_dim) where every layer agrees."""
+    (the FFN width, the head count and, explicitly, head_dim) where every layer agrees and, for
+    the heads, transformers accepts the count (else the config keeps the dense head count and
+    :func:`shrink_to_sizes` rebuilds the layers)."""
     config = model.config
     sizes = layer_sizes(model, adapter)
     setattr(config, LAYER_SIZES_FIELD, sizes)
@@ -193,7 +210,7 @@ def _record_sizes(model: nn.Module, adapter: ModelAdapter) -> dict[str, list[int
         setattr(config, adapter.ffn_size_field, widths.pop())
     heads = set(sizes.get("num_attention_heads", ()))
     kv_heads = set(sizes.get("num_key_value_heads", ()))
-    if len(heads) == 1 and len(kv_heads) == 1:
+    if len(heads) == 1 and len(kv_heads) == 1 and _config_takes_heads(config, min(heads)):
         # head_dim would otherwise be derived as hidden_size // num_attention_heads
         config.head_dim = adapter.attention(adapter.layers(model)[0]).head_dim
         setattr(config, adapter.heads_field, heads.pop())
@@ -208,7 +225,9 @@ def is_uniform(sizes: dict[str, list[int]]) -> bool:
 def compact_model(model: nn.Module, adapter: ModelAdapter) -> dict:
     """Remove every zeroed FFN channel and query head, and every key/value head left without
     query heads (see the module docs), and record the new sizes in ``model.config``. The outputs
-    do not change. Returns what was removed per layer."""
+    do not change. Returns what was removed per layer, the sizes, whether they are the same in
+    every layer (``uniform``) and whether the saved model is a plain transformers checkpoint
+    (``plain_checkpoint``; else :func:`sparsellm.load_pruned` loads it)."""
     removed: dict[str, list[int]] = {"channels": [], "heads": [], "key_value_heads": []}
     with torch.no_grad():
         for layer in adapter.layers(model):
@@ -230,7 +249,8 @@ def compact_model(model: nn.Module, adapter: ModelAdapter) -> dict:
             removed["key_value_heads"].append(kv_heads - attention.num_kv_heads)
     removed = {unit: counts for unit, counts in removed.items() if counts}
     sizes = _record_sizes(model, adapter)
-    return {"removed": removed, "layer_sizes": sizes, "uniform": is_uniform(sizes)}
+    return {"removed": removed, "layer_sizes": sizes, "uniform": is_uniform(sizes),
+            "plain_checkpoint": config_holds_sizes(model.config, sizes)}
 
 
 def shrink_to_sizes(model: nn.Module, adapter: ModelAdapter, sizes: dict[str, list[int]]) -> None:

@@ -46,11 +46,25 @@ def test_equal_energies_give_the_uniform_allocation():
 @pytest.mark.parametrize("seed", range(3))
 def test_owl_shares_follow_the_published_rule(seed):
     ratios = rand(16, seed)
-    shares = owl_shares(ratios, 0.7, 0.08)
+    shares = owl_shares(ratios, 0.7, 0.08, 0.0, 0.95)  # bounds wider than 0.7 -/+ 2 lambda: the rule unclipped
     assert math.fsum(shares) / 16 == pytest.approx(0.7, abs=1e-12)
     assert max(shares) - min(shares) == pytest.approx(0.16, abs=1e-12)  # 2 lambda
     order = sorted(range(16), key=lambda i: ratios[i])  # more outliers, less sparsity
     assert all(shares[a] > shares[b] for a, b in zip(order, order[1:]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("target, low, high", [(0.9, 0.75, 0.95), (0.05, 0.0, 0.2), (0.5, 0.48, 0.52)])
+def test_owl_shares_keep_the_budget_and_bounds(seed, target, low, high):
+    """Where the published rule would leave the bounds (or [0, 1]), the shares are clipped and
+    the mean stays the target; the order (more outliers, less sparsity) is kept."""
+    ratios = rand(16, seed)
+    shares = owl_shares(ratios, target, 0.2, low, high)
+    assert math.fsum(shares) / 16 == pytest.approx(target, abs=1e-12)
+    assert all(low - 1e-12 <= s <= high + 1e-12 for s in shares)
+    assert min(shares) == pytest.approx(low, abs=1e-12) or max(shares) == pytest.approx(high, abs=1e-12)
+    order = sorted(range(16), key=lambda i: ratios[i])
+    assert all(shares[a] >= shares[b] - 1e-12 for a, b in zip(order, order[1:]))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -147,6 +161,18 @@ def test_driver_applies_the_per_layer_sparsity(rule):
     assert max(shares) - min(shares) > 0.01  # the layers differ
     for layer, share in zip(get_adapter(model).layers(model), shares):
         assert zero_fraction(layer.mlp.up_proj.weight) == pytest.approx(share, abs=1 / 64)
+
+
+@pytest.mark.parametrize("sparsity, bounds", [(0.5, dict(min_sparsity=0.48, max_sparsity=0.52)), (0.95, {})])
+def test_driver_keeps_owl_within_the_per_layer_bounds(sparsity, bounds):
+    """OWL's per-layer shares obey the bounds (0.95: the default's [0.8, 0.95], where the unclipped
+    rule asked a layer for more than all of it)."""
+    allocation = AllocationSettings(rule="owl", **bounds)
+    low, high = allocation.bounds(sparsity)
+    shares = [r.target["sparsity"] for r in prune(tiny_llama(layers=2), method="wanda", sparsity=sparsity,
+                                                   allocation=allocation)]
+    assert math.fsum(shares) / 2 == pytest.approx(sparsity, abs=1e-9)
+    assert all(low - 1e-12 <= s <= high + 1e-12 for s in shares)
 
 
 def test_structured_energy_allocation_keeps_the_channel_budget():

@@ -183,6 +183,30 @@ def test_reported_errors_are_the_pruned_models(family, sequential):
     assert records[0].output_rel_error == pytest.approx(expected, rel=1e-4)
 
 
+def test_reported_ffn_error_uses_the_dense_biases():
+    """Structured channel pruning zeroes fc1's bias entries of the removed channels: the reported
+    FFN error is still against the dense FFN (dense weights and biases), recomputed here from
+    the pruned model's FFN inputs."""
+    model, dense_model = tiny_opt(layers=1), tiny_opt(layers=1)
+    for m in (model, dense_model):  # the same random biases in both (a fresh model's are zero)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("bias") and "layer_norm" not in name:
+                    p.normal_(0, 0.05)
+    records = run(model, method="sparsegpt", sparsity=0.25, structure="channels")
+    layer, dense_layer = model.model.decoder.layers[0], dense_model.model.decoder.layers[0]
+    assert (layer.fc1.bias == 0).sum() > (dense_layer.fc1.bias == 0).sum()  # biases of removed channels zeroed
+    inputs = []
+    hook = layer.fc1.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        model(windows())
+        hook.remove()
+        x = torch.cat(inputs)
+        dense, pruned = (l.fc2(torch.relu(l.fc1(x))).double() for l in (dense_layer, layer))
+    assert records[0].ffn_rel_error == pytest.approx(float((dense - pruned).norm() / dense.norm()), rel=1e-4)
+
+
 def test_magnitude_same_weights_either_mode():
     weights = {}
     for sequential in (True, False):

@@ -30,7 +30,7 @@ from .errors import CheckpointError, ExportError
 from .semi_structured import is_semi_structured
 from .sparse_gpu import SparseGPULinear
 from .targets import recorded_selection, resolve_targets
-from ..structure import LAYER_SIZES_FIELD, is_uniform
+from ..structure import LAYER_SIZES_FIELD, config_holds_sizes
 
 # Project-specific metadata lives beside (not inside) sparsity_config so that block stays in the
 # compressed-tensors schema. Version 2: compressed saves in the compressed-tensors layout
@@ -223,10 +223,12 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
     # resolved: a symlinked folder is replaced where it points, and the link kept
     out_dir = Path(out_dir).expanduser().resolve()
     check_output_dir(out_dir, overwrite)
-    sizes = getattr(getattr(model, "config", None), LAYER_SIZES_FIELD, None)
-    if library is not None and sizes and not is_uniform(sizes):
-        raise ExportError("a structured model whose layers differ in size is saved dense (save_format='dense'): "
-                          "the compressed layout is loaded against the config's uniform sizes")
+    config = getattr(model, "config", None)
+    sizes = getattr(config, LAYER_SIZES_FIELD, None)
+    if library is not None and sizes and not config_holds_sizes(config, sizes):
+        raise ExportError("a structured model whose sizes config.json cannot state (layers that differ in size, "
+                          "or a head count transformers refuses) is saved dense (save_format='dense'): the "
+                          "compressed layout is loaded against the config's sizes")
     meta = {"version": EXPORT_META_VERSION, "nm_convention": NM_CONVENTION, "extra": extra or {}}
     try:
         json.dumps(meta)
@@ -291,9 +293,10 @@ def _causal_lm_class(config):
 
 
 def _load_with_layer_sizes(path: Path, config, sizes: dict, dtype):
-    """A structured checkpoint whose layers differ in size (non-uniform allocation): no config
-    field says that, so build the model at the config's full sizes, shrink each layer to the
-    sizes recorded in config.json (sparsellm.structure), then load the tensors as saved."""
+    """A structured checkpoint whose sizes the standard config fields do not state (layers that
+    differ in size, or a head count transformers refuses): build the model at the config's
+    sizes, shrink each layer to the sizes recorded in config.json (sparsellm.structure), then
+    load the tensors as saved."""
     from ..models import get_adapter
     from ..structure import shrink_to_sizes
 
@@ -382,7 +385,7 @@ def load_pruned(path, device=None, dtype=None):
         delattr(config, QUANTIZATION_CONFIG_KEY)
     setattr(config, SPARSITY_CONFIG_KEY, {**sc, "format": FORMAT_DENSE})
     sizes = getattr(config, LAYER_SIZES_FIELD, None)
-    if fmt == FORMAT_DENSE and sizes and not is_uniform(sizes):  # structured, sizes differ per layer
+    if fmt == FORMAT_DENSE and sizes and not config_holds_sizes(config, sizes):  # structured, not plain
         model = _load_with_layer_sizes(path, config, sizes, dtype)
         stored = None
     elif fmt == FORMAT_DENSE:

@@ -23,31 +23,37 @@ class FFN:
     down: nn.Linear
     gate: nn.Linear | None = None
 
-    def _linear(self, name: str, weights: dict[str, torch.Tensor] | None):
+    def _linear(self, name: str, weights: dict[str, torch.Tensor] | None,
+                biases: dict[str, torch.Tensor | None] | None):
         module = getattr(self, name)
         weight = module.weight if weights is None else weights[name]
-        return lambda t: F.linear(t, weight.to(t.dtype), None if module.bias is None else module.bias.to(t.dtype))
+        bias = module.bias if biases is None else biases[name]
+        return lambda t: F.linear(t, weight.to(t.dtype), None if bias is None else bias.to(t.dtype))
 
     def hidden(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
-               known: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+               known: dict[str, torch.Tensor] | None = None,
+               biases: dict[str, torch.Tensor | None] | None = None) -> torch.Tensor:
         """The down projection's input: ReLU(up x) or SiLU(gate x) * up x. ``known`` holds
         outputs of up/gate for ``x`` and these weights that the caller already has (biases
         included): they are used instead of computed again."""
         known = known or {}
 
         def out(name):
-            return known[name] if name in known else self._linear(name, weights)(x)
+            return known[name] if name in known else self._linear(name, weights, biases)(x)
 
         if self.activation == "relu":
             return torch.relu(out("up"))
         return F.silu(out("gate")) * out("up")
 
     def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
-                known: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                known: dict[str, torch.Tensor] | None = None,
+                biases: dict[str, torch.Tensor | None] | None = None) -> torch.Tensor:
         """The FFN output for inputs ``x`` (..., d), with the current weights or with
-        ``weights`` ({"up": W, "down": W, "gate": W}, e.g. a dense copy); biases are the
-        modules' own; ``known`` as in :meth:`hidden`."""
-        return self._linear("down", weights)(self.hidden(x, weights, known))
+        ``weights`` ({"up": W, "down": W, "gate": W}, e.g. a dense copy), and with the modules'
+        own biases or with ``biases`` (the same keys, None where a linear has none: a dense
+        copy's, where pruning changed them, e.g. the biases of removed channels are zeroed);
+        ``known`` as in :meth:`hidden`."""
+        return self._linear("down", weights, biases)(self.hidden(x, weights, known, biases))
 
     def dense_copy(self) -> dict[str, torch.Tensor]:
         return {name: lin.weight.detach().clone() for name, lin in self.linears().items()}
