@@ -318,6 +318,17 @@ def test_uniform_structure_is_a_plain_transformers_checkpoint(family, tmp_path):
         assert torch.equal(loaded(windows(2)).logits, model(windows(2)).logits)
 
 
+def _assert_loads_exactly(model, folder):
+    """load_pruned gives the saved model: the same tensors and logits, bit for bit."""
+    loaded, _ = load_pruned(folder)
+    state = model.state_dict()
+    assert set(loaded.state_dict()) == set(state)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    with torch.no_grad():
+        assert torch.equal(loaded(windows(2)).logits, model(windows(2)).logits)
+
+
 def test_head_count_that_does_not_divide_hidden_size_saves_and_round_trips(tmp_path):
     """One group of 4 query heads losing one: 3 heads, and 64 % 3 != 0, which transformers'
     config refuses to save or load (head_dim explicit or not). The config keeps the dense head
@@ -330,13 +341,7 @@ def test_head_count_that_does_not_divide_hidden_size_saves_and_round_trips(tmp_p
     assert info["layer_sizes"]["num_attention_heads"] == [3, 3]
     save_pruned(model, None, tmp_path / "out", sparsity_structure="unstructured")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_attention_heads"] == 4
-    loaded, _ = load_pruned(tmp_path / "out")
-    state = model.state_dict()
-    assert set(loaded.state_dict()) == set(state)
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, state[name]), name
-    with torch.no_grad():
-        assert torch.equal(loaded(windows(2)).logits, model(windows(2)).logits)
+    _assert_loads_exactly(model, tmp_path / "out")
     assert info["uniform"] and not info["plain_checkpoint"]  # the same sizes everywhere, still not plain
 
 
@@ -344,13 +349,7 @@ def test_head_count_that_does_not_divide_hidden_size_saves_and_round_trips(tmp_p
 def test_per_layer_sizes_round_trip_through_load_pruned(family, tmp_path):
     model = _pruned(family, [40, 72])
     save_pruned(model, None, tmp_path / "out", sparsity_structure="unstructured")
-    loaded, _ = load_pruned(tmp_path / "out")
-    state = model.state_dict()
-    assert set(loaded.state_dict()) == set(state)
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, state[name]), name
-    with torch.no_grad():
-        assert torch.equal(loaded(windows(2)).logits, model(windows(2)).logits)
+    _assert_loads_exactly(model, tmp_path / "out")
     with pytest.raises(Exception):  # a plain load cannot build layers of different sizes
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
