@@ -7,6 +7,7 @@ or step by step: :func:`load_model`, :func:`prune`, :func:`evaluate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -89,8 +90,9 @@ def _check_model_fits(config: PruneConfig, model, adapter) -> None:
 
 
 def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
-    """Prune ``model`` in place with the settings of ``config``; returns per-layer records."""
-    return _prune(model, tokenizer, config)[0]
+    """Prune ``model`` in place with the settings of ``config`` (not changed: the run resolves its
+    layer range in a copy); returns per-layer records."""
+    return _prune(model, tokenizer, dataclasses.replace(config))[0]
 
 
 def _prune(model, tokenizer, config: PruneConfig):
@@ -135,7 +137,7 @@ def run(config: PruneConfig) -> dict:
     A forced ``config.backend`` holds for this run only (``auto`` keeps the process's setting).
     """
     with ops.backend_scope(None if config.backend == "auto" else config.backend):
-        return _run(config)
+        return _run(dataclasses.replace(config))  # a copy: the run resolves its layer range in it
 
 
 def _run(config: PruneConfig) -> dict:

@@ -271,6 +271,9 @@ class PruneConfig:
 
         for name in ("nsamples", "seqlen", "blocksize"):
             positive_int(name, getattr(self, name))
+        for name in ("sequential", "eval_dense", "quiet", "overwrite"):  # a string "false" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         positive_int("eval_seqlen", self.eval_seqlen, allow_none=True)
         positive_int("eval_windows", self.eval_windows, allow_none=True)
         if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < float("inf")):

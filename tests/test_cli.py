@@ -425,3 +425,23 @@ def test_evaluate_scores_the_model_where_its_weights_are(tiny_llama_dir, text_fi
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), stream[:, 1:].reshape(-1))
     assert math.isfinite(ppl) and ppl > 1
     assert ppl == pytest.approx(math.exp(float(nll)), rel=1e-4)
+
+
+def test_prune_leaves_the_callers_settings_as_they_were(tiny_llama_dir, text_file):
+    """A range to the last layer stays open-ended in the caller's settings, so the same settings
+    prune layers 1: of a deeper model too (the run used to write its resolved range back)."""
+    from sparsellm import PruneConfig, api
+
+    model, tokenizer = api.load_model(tiny_llama_dir)
+    config = PruneConfig(model=tiny_llama_dir, method="magnitude", layers=(1, None), calib=text_file, nsamples=2,
+                         seqlen=32, quiet=True)
+    records = api.prune(model, tokenizer, config)
+    assert config.layers == (1, None) and [r.index for r in records] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["overwrite", "sequential", "eval_dense", "quiet"])
+def test_switches_take_booleans_only(name):
+    from sparsellm import PruneConfig
+
+    with pytest.raises(ValueError, match=f"{name} must be True or False"):
+        PruneConfig(**{name: "false"})
