@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import time
+import warnings
 
 import torch
 
@@ -54,6 +55,22 @@ def load_model(name_or_path: str, dtype: str = "float32"):
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
     model.eval()
     return model, tokenizer
+
+
+def _warn_unused_settings(config: PruneConfig) -> None:
+    """Say so when a settings group differs from its defaults but the method never reads it (e.g.
+    --steps with sparsegpt): the report records every setting, and should not look as if it ran."""
+    used = set(METHODS[config.method].settings_groups)
+    if config.elsa.init:  # Elsa and masked-adam start from a layer-wise method's prune
+        used |= set(METHODS[config.elsa.init].settings_groups)
+    for group in ("sparsellm", "elsa"):
+        settings = getattr(config, group)
+        changed = [f.name for f in dataclasses.fields(settings)
+                   if getattr(settings, f.name) != getattr(type(settings)(), f.name)]
+        if group not in used and changed:
+            readers = sorted(name for name, cls in METHODS.items() if group in cls.settings_groups)
+            warnings.warn(f"{', '.join(changed)} ({group} settings) apply to {', '.join(readers)}, not to "
+                          f"{config.method}: ignored", UserWarning, stacklevel=3)
 
 
 def _check_layers(config: PruneConfig, num_layers: int) -> None:
@@ -152,6 +169,7 @@ def _run(config: PruneConfig) -> dict:
     for source in {config.calib, *config.eval} - {"none"}:  # a missing file fails now, not after the dense eval
         data.check_source(source)
     METHODS[config.method].preflight(config)
+    _warn_unused_settings(config)
     model, tokenizer = load_model(config.model, config.dtype)
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))

@@ -445,3 +445,18 @@ def test_switches_take_booleans_only(name):
 
     with pytest.raises(ValueError, match=f"{name} must be True or False"):
         PruneConfig(**{name: "false"})
+
+
+def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
+    """--steps and --iterations with sparsegpt: a warning that names them (the report records
+    every setting and must not read as if they ran); the CLI's defaults warn about nothing."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"steps \(elsa settings\) apply to elsa, masked-adam, not to sparsegpt"):
+        with pytest.raises(AssertionError, match="a model was loaded"):  # no_loading stops the run there
+            main([*SMALL, "--method", "sparsegpt", "--steps", "5", "--quiet"])
+    for method in ("sparsegpt", "sparsellm", "elsa"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(AssertionError, match="a model was loaded"):
+                main([*SMALL, "--method", method, "--quiet"])

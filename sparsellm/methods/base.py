@@ -32,6 +32,8 @@ class PruningMethod:
     """Base of every method; ``name`` is what ``--method`` takes."""
 
     name: str = ""
+    # the PruneConfig settings groups (fields) this method reads besides the common ones
+    settings_groups: tuple[str, ...] = ()
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -283,6 +283,7 @@ class SparseTraining(PruningMethod):
     :meth:`_sum` for what needs the whole matrix or all processes."""
 
     whole_model = True  # trains the whole model at once: --fsdp applies
+    settings_groups = ("elsa",)
 
     @classmethod
     def preflight(cls, config):

@@ -301,6 +301,7 @@ class SparseLLM(SparseGPT):
 
     name = "sparsellm"
     structured = None  # its structured member is StructPrune (sparsellm.methods.structprune)
+    settings_groups = ("sparsellm",)
 
     @classmethod
     def preflight(cls, config) -> None:

@@ -145,6 +145,7 @@ class StructPrune(LayerwiseMethod):
     """Heads by local structured OBS, then the FFN's channels by the structured global solve."""
 
     name = "structprune"
+    settings_groups = ("sparsellm",)  # its FFN solve is SparseLLM's
     structured = "obs"  # it takes --structure (heads: the local structured OBS)
 
     @classmethod
