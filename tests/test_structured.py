@@ -379,3 +379,20 @@ def test_per_layer_sizes_are_refused_in_the_compressed_layout(tmp_path):
         save_pruned(_pruned("llama", [40, 72]), None, tmp_path / "out", sparsity_structure="unstructured",
                     save_format="compressed")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "structprune"])
+def test_channels_that_never_fire_are_removed_only_within_the_count(method):
+    """OPT's ReLU channels whose fc1 bias keeps them shut never fire on the calibration tokens
+    (more of them than the count): exactly the count is removed per layer, as the targets and
+    diagnostics say, and the sizes stay uniform (dead channels were zeroed and all cut)."""
+    model = tiny_opt()
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        for layer in adapter.layers(model):
+            adapter.ffn(layer).up.bias[:40] = -1e4  # 40 of 128 channels never open
+    config = PruneConfig(method=method, structure="channels", sparsity=0.125, nsamples=8, seqlen=32, quiet=True)
+    records = LayerDriver(model, adapter, get_method(config), config).run(windows(8))
+    info = compact_model(model, adapter)
+    assert [r.diagnostics["removed_channels"] for r in records] == [16, 16]
+    assert info["removed"]["channels"] == [16, 16] and info["uniform"]

@@ -158,8 +158,11 @@ def obs_remove(weight: torch.Tensor, gram: torch.Tensor, count: int, unit: int, 
     """Structured OBS of a consumer matrix: the units to remove (:func:`obs_select`) and the
     weight with the rest refitted (:func:`refit_consumer`, float32), on the damped ``gram``."""
     g = damped_gram(gram, percdamp)
+    # Units whose input never fired on the calibration tokens keep their weights unless chosen
+    # (removing one costs almost nothing, only the dampening sees it, so it goes first while the
+    # count allows): zeroed, every one would be cut by compact_model on top of the count, and the
+    # layers would come out uneven.
     w = weight.double().clone()
-    w[:, torch.diagonal(gram) == 0] = 0  # inputs that never fire: nothing to keep
     removed = obs_select(w, g, count, unit, buckets)
     keep = torch.ones(w.shape[1], dtype=torch.bool)
     keep[_unit_columns(w.shape[1] // unit, unit)[removed].reshape(-1)] = False
