@@ -98,9 +98,9 @@ def _check_model_fits(config: PruneConfig, model, adapter) -> None:
             except ValueError as err:
                 raise ValueError(f"layer {index} {name}: {err}") from None
     positions = getattr(model.config, "max_position_embeddings", None)
-    lengths = {"--seqlen": config.seqlen}
-    if any(e != "none" for e in config.eval):
-        lengths["--eval-seqlen" if config.eval_seqlen else "--seqlen (the evaluation's too)"] = config.resolved_eval_seqlen
+    lengths = {"--seqlen": config.seqlen}  # also the evaluation's window unless --eval-seqlen is given
+    if config.eval_seqlen and any(e != "none" for e in config.eval):
+        lengths["--eval-seqlen"] = config.eval_seqlen
     for flag, length in lengths.items():
         if positions is not None and length > positions:
             raise ValueError(f"{flag} {length} exceeds the model's {positions} positions (max_position_embeddings)")
