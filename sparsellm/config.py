@@ -283,8 +283,8 @@ class PruneConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.structure is None and self.sparsity.fraction == 0:
-            raise ValueError("sparsity 0 prunes nothing, yet is no no-op (the weights of inputs that never fire on "
-                             "the calibration text are zeroed); give a sparsity above 0")
+            raise ValueError("sparsity 0 prunes nothing, and the run would still change the model (the weights of "
+                             "inputs that never fire on the calibration text are zeroed); give a sparsity above 0")
         if self.export is not None and self.export not in EXPORT_KINDS:
             raise ValueError(f"unknown export {self.export!r}; choose one of {', '.join(EXPORT_KINDS)}")
         if self.layers is not None:
