@@ -118,28 +118,32 @@ class ElsaSettings:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+
+        def number(value) -> bool:  # True is an int to Python, and "0.1" compares with nothing
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         for name in ("steps", "batch_size", "grad_accum", "admm_interval", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"elsa {name} must be a positive integer, got {value!r}")
         for name in ("lr", "admm_lambda", "max_grad_norm"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (number(value) and value > 0):
                 raise ValueError(f"elsa {name} must be a positive number, got {value!r}")
-        if self.admm_lambda_start is not None and not (math.isfinite(self.admm_lambda_start)
-                                                       and self.admm_lambda_start > 0):
+        if self.admm_lambda_start is not None and not (number(self.admm_lambda_start) and self.admm_lambda_start > 0):
             raise ValueError(f"elsa admm_lambda_start must be a positive number, got {self.admm_lambda_start!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < float("inf")):
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"elsa weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"elsa betas must be two numbers in [0, 1), got {self.betas!r}")
         for name, allowed in (("lr_schedule", self.LR_SCHEDULES), ("admm_schedule", self.ADMM_SCHEDULES),
                               ("score", self.SCORES), ("state_dtype", self.STATE_DTYPES),
                               ("optimizer", self.OPTIMIZERS), ("train_precision", self.TRAIN_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"elsa {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"elsa compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "train_dense_params", "fsdp"):  # a string "false" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"elsa {name} must be true or false, got {getattr(self, name)!r}")
         if self.fsdp and self.compile:
             raise ValueError("--compile is not supported with --fsdp yet (the sharded model is trained eagerly); "
                              "drop one of them")

@@ -1,4 +1,6 @@
 """Elsa (ADMM on the model's own loss) and its masked-Adam baseline, on tiny models."""
+import dataclasses
+import io
 import json
 import math
 import os
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from sparsellm.config import ElsaSettings, PruneConfig
 from sparsellm.methods import get_method
 from sparsellm.methods.elsa import (CHECKPOINT_RUN, CHECKPOINT_STATE, Elsa, StateStore, _Target, check_checkpoint_dir,
-                                    importance, lambda_at, project)
+                                    importance, lambda_at, project, run_settings)
 from sparsellm.models import get_adapter
 from sparsellm.sparsity import SparsityPattern, satisfies_nm, zero_fraction
 
@@ -243,6 +245,12 @@ def test_masked_adam_needs_a_pruned_model_or_init():
     ({"train_precision": "fp16"}, "train_precision must be one of"),
     ({"compile": True, "fsdp": True}, "--compile is not supported with --fsdp"),
     ({"compile": "yes"}, "compile must be true or false"),
+    ({"train_dense_params": "false"}, "train_dense_params must be true or false"),
+    ({"fsdp": "no"}, "fsdp must be true or false"),
+    ({"lr": True}, "lr must be a positive number"),
+    ({"weight_decay": True}, "weight_decay must be >= 0"),
+    ({"admm_lambda_start": "0.1"}, "admm_lambda_start must be a positive number"),
+    ({"betas": ("a", 0.9)}, "betas must be two numbers"),
 ])
 def test_bad_settings(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -319,6 +327,54 @@ def test_checkpoint_of_another_run_is_refused_untouched(tmp_path):
         prune(other)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert {CHECKPOINT_RUN, CHECKPOINT_STATE} <= set(before)
+
+
+def test_checkpoint_of_other_start_settings_is_refused_and_a_default_key_is_unchanged(tmp_path):
+    """The allocation, the --init prune's sequential switch and SparseLLM's settings shape the
+    result: a checkpoint of other values is refused. A default run's key names none of them, so
+    checkpoints written before they were part of it still resume."""
+    base = config(checkpoint_dir=str(tmp_path))
+    assert not {"allocation", "sequential", "sparsellm"} & set(run_settings(base))
+    (tmp_path / CHECKPOINT_RUN).write_text(json.dumps({"settings": run_settings(base)}))
+    for change, name in ((dict(allocation="owl"), "allocation.rule"), (dict(sequential=False), "sequential"),
+                         (dict(sparsellm={"iterations": 2}), "sparsellm.iterations")):
+        with pytest.raises(ValueError, match=rf"different run \(.*{name}: None there"):
+            check_checkpoint_dir(dataclasses.replace(base, **change))
+
+
+def test_unverifiable_or_damaged_checkpoints_are_refused(tmp_path):
+    """A state file without its run record (a first checkpoint cut between its two writes) cannot
+    be checked against the settings; a truncated or incomplete one is one clear error."""
+    cfg = config(steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    prune(cfg)
+    state = (tmp_path / CHECKPOINT_STATE).read_bytes()
+    (tmp_path / CHECKPOINT_RUN).rename(tmp_path / "record.json")
+    with pytest.raises(ValueError, match=f"holds {CHECKPOINT_STATE} without {CHECKPOINT_RUN}"):
+        check_checkpoint_dir(cfg)
+    (tmp_path / "record.json").rename(tmp_path / CHECKPOINT_RUN)
+    (tmp_path / CHECKPOINT_STATE).write_bytes(state[: len(state) // 2])
+    with pytest.raises(ValueError, match=f"unreadable checkpoint .*{CHECKPOINT_STATE}"):
+        prune(cfg)
+    saved = torch.load(io.BytesIO(state), weights_only=False)
+    del saved["method"]["admm"]
+    torch.save(saved, tmp_path / CHECKPOINT_STATE)
+    with pytest.raises(ValueError, match="lacks 'admm'"):
+        prune(cfg)
+
+
+def test_the_curve_records_the_lambda_each_step_used():
+    """A z-update moves lambda on after its step: the curve shows the value the step trained with."""
+    cfg = config(steps=6, admm_interval=2, admm_schedule="linear", admm_lambda_start=0.01, admm_lambda=0.1)
+    _, method, _ = prune(cfg)
+    used = [lambda_at(cfg.elsa, step - step % 2) for step in range(6)]
+    assert [entry["lambda"] for entry in method.history] == pytest.approx(used)
+
+
+def test_masked_adam_refuses_a_mask_off_the_target_pattern():
+    pruned, _, _ = prune(PruneConfig(method="magnitude", sparsity="0.5", nsamples=4, seqlen=SEQLEN, quiet=True,
+                                     device="cpu"))
+    with pytest.raises(ValueError, match="groups breaking 2:4"):
+        prune(config(method="masked-adam", sparsity="2:4", steps=2), model=pruned)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8"])

@@ -74,7 +74,7 @@ from .. import distributed, ops
 from ..distributed import local
 from ..driver import LayerRecord, resolve_device
 from ..precision import large_products
-from ..sparsity import SparsityPattern, zero_fraction
+from ..sparsity import SparsityPattern, nm_violations, reaches_sparsity, zero_fraction
 from .base import PruningMethod
 
 log = logging.getLogger(__name__)
@@ -209,10 +209,21 @@ def run_settings(config) -> dict:
     if not settings["compile"]:
         settings.pop("compile")  # the key of an eager run stays that of the checkpoints written before the option
     settings["betas"] = list(settings["betas"])
-    return {"method": config.method, "model": config.model, "sparsity": str(config.sparsity),
-            "layers": list(config.layers) if config.layers else None, "calib": config.calib,
-            "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed, "dtype": config.dtype,
-            "percdamp": config.percdamp, "blocksize": config.blocksize, "elsa": settings}
+    key = {"method": config.method, "model": config.model, "sparsity": str(config.sparsity),
+           "layers": list(config.layers) if config.layers else None, "calib": config.calib,
+           "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed, "dtype": config.dtype,
+           "percdamp": config.percdamp, "blocksize": config.blocksize, "elsa": settings}
+    # The per-layer patterns (allocation) and the --init prune (sequential, SparseLLM's settings)
+    # shape the result too; named only where they differ from the defaults, so that the key of a
+    # default run stays that of the checkpoints written before they were part of it.
+    from ..config import AllocationSettings, SparseLLMSettings  # late: config imports the methods' names
+    if config.allocation != AllocationSettings():
+        key["allocation"] = asdict(config.allocation)
+    if not config.sequential:
+        key["sequential"] = False
+    if config.sparsellm != SparseLLMSettings():
+        key["sparsellm"] = asdict(config.sparsellm)
+    return key
 
 
 def _run_key(settings: dict) -> str:
@@ -230,6 +241,9 @@ def check_checkpoint_dir(config) -> None:
         raise ValueError(f"checkpoint dir {folder} is a file")
     record = path / CHECKPOINT_RUN
     if not record.exists():
+        if (path / CHECKPOINT_STATE).exists():  # the first checkpoint's write was cut between its two files
+            raise ValueError(f"checkpoint dir {folder} holds {CHECKPOINT_STATE} without {CHECKPOINT_RUN}, so whose run "
+                             "it is cannot be checked; delete it or use another folder")
         return
     try:
         saved = json.loads(record.read_text())["settings"]
@@ -242,6 +256,22 @@ def check_checkpoint_dir(config) -> None:
                    for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
         raise ValueError(f"checkpoint dir {folder} holds a different run ({'; '.join(changed)}); "
                          "use another folder, or the same settings to resume")
+
+
+STATE_KEYS = ("step", "trained", "optimizer", "scheduler", "history", "admm_history", "method", "patterns", "rng")
+
+
+def _read_state(path: Path) -> dict:
+    """A checkpoint's state, or one clear error naming the file (a damaged or foreign file)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"unreadable checkpoint {path} ({type(exc).__name__}: {exc}); delete it or use another "
+                         "folder") from None
+    missing = [k for k in STATE_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}; delete it or use another folder")
+    return saved
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -407,7 +437,7 @@ class SparseTraining(PruningMethod):
         saved = None
         if folder is not None and (folder / CHECKPOINT_STATE).exists():
             check_checkpoint_dir(self.config)  # the same run, or one clear error
-            saved = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+            saved = _read_state(folder / CHECKPOINT_STATE)
             log.info("%s: resuming from step %d of %s", self.name, saved["step"], folder)
             self.patterns = {int(k): SparsityPattern.parse(v) for k, v in saved["patterns"].items()}
         else:
@@ -444,7 +474,11 @@ class SparseTraining(PruningMethod):
             optimizer, lambda step: lr_factor(s.lr_schedule, step, s.steps))
         start_step = 0
         if saved is not None:
-            self._load_checkpoint(saved, params, optimizer, scheduler, train_targets)
+            try:
+                self._load_checkpoint(saved, params, optimizer, scheduler, train_targets)
+            except KeyError as exc:  # the method's own state (z and u, or the masks)
+                raise ValueError(f"checkpoint {folder / CHECKPOINT_STATE} lacks {exc} in its state; delete it or "
+                                 "use another folder") from None
             start_step = saved["step"]
         else:
             self._start(train_targets)
@@ -476,11 +510,12 @@ class SparseTraining(PruningMethod):
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                info = self._step_info()  # what this step used, before a z-update moves lambda on
                 self._after_step(step, train_targets, optimizer)
                 seconds = time.perf_counter() - tick
                 entry = {"step": step + 1, "loss": loss, "lr": lr, "seconds": seconds,
                          "tokens_per_s": per_step * windows.shape[1] / seconds}
-                entry.update(self._step_info())
+                entry.update(info)
                 self.history.append(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", **self._postfix(), tok_s=f"{entry['tokens_per_s']:.0f}")
@@ -701,12 +736,16 @@ class MaskedAdam(SparseTraining):
         # on the weights' device (1 byte a weight): read twice a step, a host copy would cross the bus each time
         self.masks = {i: local(t.weight).detach() == 0 for i, t in enumerate(targets)}
         zeros = self._sum([float(self.masks[i].sum()) for i in range(len(targets))])
+        # N:M groups lie within a row, so each process counts its own rows' groups that break the pattern
+        broken = self._sum([float(nm_violations(local(t.weight).detach(), t.pattern.n, t.pattern.m))
+                            if t.pattern.is_nm else 0.0 for t in targets])
         for i, t in enumerate(targets):
             share = zeros[i] / t.weight.numel()
-            if share < t.pattern.fraction - 0.01:
-                raise ValueError(f"masked-adam keeps the model's mask, but layer {t.layer} {t.name} is only "
-                                 f"{share:.1%} zeros for a target of {t.pattern}: set --init (e.g. sparsegpt) "
-                                 "or pass a pruned model")
+            # the pruners' own rounding (less than one entry a row) passes; anything less does not
+            if broken[i] or not reaches_sparsity(share, t.pattern.fraction, t.weight.shape[1]):
+                found = f"{int(broken[i])} groups breaking {t.pattern}" if broken[i] else f"{share:.2%} zeros"
+                raise ValueError(f"masked-adam keeps the model's mask, but layer {t.layer} {t.name} has {found} for a "
+                                 f"target of {t.pattern}: set --init (e.g. sparsegpt) or pass a model pruned to it")
 
     def _state(self, targets):
         return {"masks": {i: self._full(mask, targets[i]).cpu() for i, mask in self.masks.items()}}
