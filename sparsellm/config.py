@@ -279,6 +279,9 @@ class PruneConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         positive_int("eval_seqlen", self.eval_seqlen, allow_none=True)
+        if self.resolved_eval_seqlen < 2 and any(e != "none" for e in self.eval):  # a window scores seqlen - 1 tokens
+            raise ValueError(f"the evaluation window (--eval-seqlen, else --seqlen) needs at least 2 tokens, got "
+                             f"{self.resolved_eval_seqlen}")
         positive_int("eval_windows", self.eval_windows, allow_none=True)
         if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < float("inf")):
             raise ValueError(f"percdamp must be positive, got {self.percdamp!r}")

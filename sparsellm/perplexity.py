@@ -17,6 +17,8 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
                device: torch.device | str | None = None, quiet: bool = False, desc: str = "perplexity") -> float:
     """``tokens``: [1, T] evaluation stream. Uses ``floor(T / seqlen)`` windows from token 0,
     capped at ``max_windows``."""
+    if seqlen < 2:  # a window scores its seqlen - 1 next tokens
+        raise ValueError(f"an evaluation window needs at least 2 tokens, got {seqlen}")
     tokens = tokens.reshape(1, -1)
     windows = tokens.shape[1] // seqlen
     if max_windows is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import random
 import sys
 import types
@@ -209,7 +210,73 @@ def test_bare_text_and_json_files(tmp_path):
         load_split(str(bad), "calib")
 
 
+def test_json_lines_may_hold_unicode_line_separators_and_a_byte_order_mark(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid unescaped in a JSON string (they split str.splitlines'
+    lines, not JSON lines); a leading byte order mark is not text."""
+    jl = tmp_path / "ls.jsonl"
+    jl.write_text("\ufeff" + json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n"
+                  + json.dumps({"text": "c\u0085d\u2029e"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_split(str(jl), "calib") == "a\u2028b\n\nc\u0085d\u2029e"
+    txt = tmp_path / "bom.txt"
+    txt.write_text("\ufeffhello\n", encoding="utf-8")
+    assert load_split(str(txt), "calib") == "hello\n"
+
+
+def test_cache_notices_a_copy_that_keeps_mtime_and_size(tmp_path):
+    """cp -p, rsync -a and tar x keep a file's mtime: its inode or ctime still tells."""
+    path = tmp_path / "t.txt"
+    path.write_text(numbers(10, 40))
+    tok = NumberTokenizer()
+    first = eval_tokens(str(path), tok, 8)
+    stat = path.stat()
+    path.write_text(numbers(50, 80))  # the same length
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert int(eval_tokens(str(path), tok, 8)[0, 0]) == 50 and int(first[0, 0]) == 10
+
+
+def test_tokenizers_loaded_with_other_options_do_not_share_the_cache(tmp_path, smollm_tokenizer):
+    """The same folder loaded once plainly and once adding a BOS token: each gets its own
+    tokenization (the cache was keyed by class, folder and vocabulary size only)."""
+    from transformers import AutoTokenizer
+
+    with_bos = AutoTokenizer.from_pretrained(smollm_tokenizer.name_or_path, add_bos_token=True,
+                                             bos_token="<|endoftext|>")
+    path = tmp_path / "t.txt"
+    path.write_text("Hello world, this is a short text.\n")
+    plain_ids = eval_tokens(str(path), smollm_tokenizer, 2)
+    bos_ids = eval_tokens(str(path), with_bos, 2)
+    assert plain_ids[0].tolist() == smollm_tokenizer(path.read_text())["input_ids"]
+    assert bos_ids[0].tolist() == with_bos(path.read_text())["input_ids"] != plain_ids[0].tolist()
+
+
 # --------------------------------------------------------------------------- errors
+
+def test_unreadable_or_short_texts_name_the_file(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataSourceError, match=f"{latin}: cannot be read as UTF-8 text"):
+        load_split(str(latin), "calib")
+    fake_gz = tmp_path / "plain.txt.gz"
+    fake_gz.write_text("not gzip")
+    with pytest.raises(DataSourceError, match=f"{fake_gz}: cannot be read as UTF-8 text in gzip"):
+        load_split(str(fake_gz), "calib")
+    short = tmp_path / "short.txt"
+    short.write_text(numbers(0, 4))
+    with pytest.raises(DataSourceError, match=f"{short}: the evaluation text has 4 tokens, fewer than one window of 8"):
+        eval_tokens(str(short), NumberTokenizer(), 8)
+
+
+def test_an_evaluation_window_needs_two_tokens():
+    from sparsellm import PruneConfig
+    from sparsellm.perplexity import perplexity
+
+    with pytest.raises(ValueError, match="needs at least 2 tokens, got 1"):
+        PruneConfig(eval_seqlen=1)
+    PruneConfig(eval_seqlen=1, eval=("none",))  # nothing is evaluated: no window
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(torch.nn.Linear(1, 1), torch.arange(4), 1)
+
 
 def test_unknown_source_names_the_known_ones():
     with pytest.raises(DataSourceError) as info:

@@ -16,6 +16,7 @@ with the papers (see the comments at each loader).
 from __future__ import annotations
 
 import bz2
+import contextlib
 import functools
 import gzip
 import importlib.util
@@ -91,14 +92,17 @@ def _bare_kind(path: Path) -> str | None:
 
 
 def _stamp(paths: Sequence[Path]) -> tuple:
-    """Each local file's identity for the caches (path, mtime, size); a file that cannot be read
+    """Each local file's identity for the caches (resolved path, mtime, ctime, inode, size); a file that cannot be read
     is refused here, when the source is parsed, not when its text is first needed."""
     out = []
     for p in paths:
         if not os.access(p, os.R_OK):
             raise DataSourceError(f"data file {p} cannot be read (permission denied)")
+        p = p.resolve()  # a relative path means another file after a chdir
         st = p.stat()
-        out.append((str(p), st.st_mtime_ns, st.st_size))
+        # ctime and inode as well: a copy that keeps the old mtime and size (cp -p, rsync -a, tar x)
+        # still changes them
+        out.append((str(p), st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size))
     return tuple(out)
 
 
@@ -174,12 +178,18 @@ def check_source(source: str) -> None:
 
 # --------------------------------------------------------------------------- file readers
 
+@contextlib.contextmanager
 def _open_text(path: str | Path):
-    """Open a (possibly gzip-compressed) file as UTF-8 text with universal newlines."""
+    """A (possibly gzip-compressed) file as UTF-8 text with universal newlines, a leading byte
+    order mark dropped; a file that is not UTF-8 (or not gzip) is a DataSourceError naming it."""
     path = str(path)
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    gz = path.endswith(".gz")
+    try:
+        with (io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig") if gz
+              else open(path, encoding="utf-8-sig")) as f:
+            yield f
+    except (UnicodeDecodeError, OSError) as err:  # gzip.BadGzipFile is an OSError
+        raise DataSourceError(f"{path}: cannot be read as UTF-8 text{' in gzip' if gz else ''} ({err})") from None
 
 
 def _json_texts(path: str | Path) -> list[str]:
@@ -192,7 +202,9 @@ def _json_texts(path: str | Path) -> list[str]:
         records = whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError:
         records = []  # JSON lines: one record per line (fails fast above at the second record)
-        for lineno, line in enumerate(content.splitlines(), 1):
+        # "\n" only: splitlines() also splits inside a record at U+2028, U+2029 and U+0085, which
+        # JSON strings may hold unescaped
+        for lineno, line in enumerate(content.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -8,6 +8,7 @@ seed picks the same windows as there: ``random.seed(seed)``, then per sample
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -17,16 +18,31 @@ from .sources import (C4_EVAL_WINDOWS, DataSourceError, Source, _split_text, c4_
                       parse_source)
 
 
+def _encoding_fingerprint(tokenizer) -> str:
+    """What decides how ``tokenizer`` encodes beyond where it was loaded from: a fast tokenizer's
+    whole backend definition (options given at load time, e.g. ``add_bos_token``, change its
+    post-processor), else the options it was loaded with; and the flags a tokenizer may apply
+    in Python."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = repr(sorted((str(k), str(v)) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()))
+    flags = repr([getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token")])
+    return hashlib.sha256((text + flags).encode()).hexdigest()
+
+
 class _TokKey:
     """Hashable handle of a tokenizer for the caches: two tokenizers loaded from the same place
-    (same class, name_or_path and vocabulary size) tokenize alike, so they share cache entries."""
+    (same class, name_or_path and vocabulary size) with the same options (the same
+    :func:`_encoding_fingerprint`) tokenize alike, so they share cache entries."""
 
     __slots__ = ("tokenizer", "key")
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.key = (type(tokenizer).__qualname__, str(getattr(tokenizer, "name_or_path", "") or ""),
-                    len(tokenizer))
+                    len(tokenizer), _encoding_fingerprint(tokenizer))
 
     @property
     def cacheable(self) -> bool:
@@ -124,6 +140,9 @@ def eval_tokens(source: str, tokenizer, seqlen: int) -> torch.Tensor:
         ids = ids[:C4_EVAL_WINDOWS * seqlen]
     if ids.numel() == 0:
         raise DataSourceError(f"{src.label}: the evaluation text is empty")
+    if ids.numel() < seqlen:
+        raise DataSourceError(f"{src.label}: the evaluation text has {ids.numel()} tokens, fewer than one window "
+                              f"of {seqlen}")
     return ids.clone().unsqueeze(0)
 
 
