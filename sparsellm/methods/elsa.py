@@ -71,6 +71,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed, ops
+from ..config import AllocationSettings, SparseLLMSettings
 from ..distributed import local
 from ..driver import LayerRecord, resolve_device
 from ..precision import large_products
@@ -216,7 +217,6 @@ def run_settings(config) -> dict:
     # The per-layer patterns (allocation) and the --init prune (sequential, SparseLLM's settings)
     # shape the result too; named only where they differ from the defaults, so that the key of a
     # default run stays that of the checkpoints written before they were part of it.
-    from ..config import AllocationSettings, SparseLLMSettings  # late: config imports the methods' names
     if config.allocation != AllocationSettings():
         key["allocation"] = asdict(config.allocation)
     if not config.sequential:
