@@ -55,7 +55,9 @@ __global__ void nm_mask_kernel(const T* __restrict__ x, const float* __restrict_
 #pragma unroll
       for (int i = 0; i < kMaxM; ++i) {
         if (i >= m) break;
-        rank += (s[i] < s[j]) || (s[i] == s[j] && i < j);
+        // NaN ranks above every number, NaNs by index (torch.topk's order, the reference's):
+        // without the last clause a NaN would rank first and its group lose more than n
+        rank += (s[i] < s[j]) || (s[i] == s[j] && i < j) || (isnan(s[j]) && (!isnan(s[i]) || i < j));
       }
       dst[j] = rank < n;
     }

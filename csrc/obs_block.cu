@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+
 #include "sparsellm_ops.h"
 
 namespace sparsellm {
@@ -80,7 +82,8 @@ __global__ void obs_block_kernel(const float* __restrict__ W, const float* __res
 #pragma unroll
           for (int s = 0; s < SLOTS; ++s) {
             const int j = lane + kWarp * s;
-            rank[s] += (s_i < sc[s]) || (s_i == sc[s] && ci < j);
+            // NaN ranks above every number, NaNs by index, as in nm_mask.cu
+            rank[s] += (s_i < sc[s]) || (s_i == sc[s] && ci < j) || (isnan(sc[s]) && (!isnan(s_i) || ci < j));
           }
         }
 #pragma unroll
@@ -129,10 +132,15 @@ void launch_slots(const at::Tensor& W, const at::Tensor& H, const at::Tensor& ma
   const size_t smem = static_cast<size_t>(B) * B * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool* mp = NM ? nullptr : mask.data_ptr<bool>();
-  if (smem <= static_cast<size_t>(kMaxSmemBytes)) {
+  // the Hinv block is staged in shared memory where this device lets a block opt in to that
+  // much (227 KiB on Hopper, 64 KiB on a T4); otherwise the kernel reads it from global memory
+  int device = 0, optin_bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem <= static_cast<size_t>(std::min(kMaxSmemBytes, optin_bytes))) {
     auto kernel = obs_block_kernel<SLOTS, NM, true>;
     // above 48 KiB of dynamic shared memory a kernel must opt in explicitly
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmemBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     kernel<<<blocks, threads, smem, stream>>>(W.data_ptr<float>(), H.data_ptr<float>(), mp, Q.data_ptr<float>(),
                                               E.data_ptr<float>(), loss.data_ptr<float>(), rows, B, n, m);
   } else {

@@ -74,7 +74,11 @@ def fused_score(w, aux, MODE: tl.constexpr):
 def ranks_before(s_i, s_j, i_before_j):
     """1 where entry i comes before entry j in the pruning order (lower score, ties broken by
     index), else 0. Summing it over i gives j's rank; the ``n`` lowest ranks are pruned."""
-    return ((s_i < s_j) | ((s_i == s_j) & i_before_j)).to(tl.int32)
+    # NaN ranks above every number (as in torch.topk, the reference's order), NaNs by index;
+    # without this clause a NaN would rank first and a group lose more than n entries
+    nan_i = s_i != s_i
+    nan_j = s_j != s_j
+    return ((s_i < s_j) | ((s_i == s_j) & i_before_j) | (nan_j & (~nan_i | i_before_j))).to(tl.int32)
 
 
 @triton.jit
@@ -83,6 +87,9 @@ def ordered_key(x):
     bits, negative floats get their magnitude bits flipped. -0.0 is folded onto +0.0 so that
     the two compare equal, as they do as floats."""
     x = tl.where(x == 0.0, 0.0, x)
+    # a NaN's sign bit is arbitrary (0 * inf sets it on x86): clear it, so every NaN keys above
+    # +inf, as torch.topk orders NaN
+    x = tl.where(x != x, tl.abs(x), x)
     bits = x.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return key.to(tl.int64)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from sparsellm import reference
+from sparsellm.ops import Decline
 
 from ._common import check_device, configs, interpreting, next_pow2, ranks_before
 
@@ -79,6 +80,8 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     """Same contract as :func:`sparsellm.reference.obs_prune_block`; computes in fp32 and
     returns the block and errors in ``weight``'s dtype."""
     check_device(weight, hinv)
+    if torch.float64 in (weight.dtype, hinv.dtype):
+        raise Decline("float64 (the kernel sweeps in fp32)")
     rows, width = weight.shape
     if prune_mask is None and n is None:
         score = weight.float() ** 2 / torch.diagonal(hinv).float().unsqueeze(0) ** 2

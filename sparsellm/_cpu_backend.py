@@ -128,12 +128,17 @@ def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
     if weight.dtype != torch.float32 or hinv.dtype != torch.float32:
         raise ops.Decline(f"{weight.dtype} (the C sweep is float32)")
     rows, width = weight.shape
+    if hinv.shape != (width, width):  # the C code indexes hinv by the block's columns
+        raise ValueError(f"hinv has shape {tuple(hinv.shape)}; the block has {width} columns")
     if prune_mask is None:
         if n is not None:
             raise ops.Decline("N:M mask chosen during the sweep")
         prune_mask = reference.obs_unstructured_mask(weight, torch.diagonal(hinv), fraction)
-    work = weight.t().contiguous()
-    mask_t = prune_mask.to(torch.bool).t().contiguous()  # one byte, 0 or 1
+    # clone, not contiguous: the C sweep writes into work, never into the caller's weight
+    work = weight.t().clone(memory_format=torch.contiguous_format)
+    # expand: a broadcastable mask (one row for all rows) becomes rows x width, as the C code
+    # reads it; any other shape is an error here, not a read past its end
+    mask_t = prune_mask.to(torch.bool).expand(rows, width).t().contiguous()  # one byte, 0 or 1
     hinv = hinv if hinv.stride(1) == 1 else hinv.contiguous()
     err = torch.empty_like(work)
     losses = torch.empty(rows, dtype=torch.float32)

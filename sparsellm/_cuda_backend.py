@@ -5,7 +5,7 @@ Importing this module registers its operations; it raises ImportError when the e
 neither built nor compilable here (CPU-only torch, no GPU, no toolkit; see
 :mod:`sparsellm._extension`), which ops records as "unavailable" with the reason.
 Operations the extension does not implement, and calls it does not handle (blocks wider than
-256 columns, M > 16, unstructured Wanda masks: each raises :class:`sparsellm.ops.Decline`
+256 columns or in float64, M > 16, unstructured Wanda masks: each raises :class:`sparsellm.ops.Decline`
 before calling the extension), go through ops to the next backend, which ops records.
 """
 from __future__ import annotations
@@ -48,6 +48,8 @@ def cholesky_inverse_upper(gram, percdamp):
 
 
 def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
+    if torch.float64 in (weight.dtype, hinv.dtype):
+        raise ops.Decline("float64 (the kernel sweeps in fp32)")
     if weight.shape[1] > _MAX_BLOCK:
         # one warp per row keeps the row in registers: 8 slots x 32 lanes at most
         raise ops.Decline(f"width {weight.shape[1]} > {_MAX_BLOCK}")

@@ -45,11 +45,16 @@ def _run(name: str, fn, tensors: tuple, scalars: tuple, *extra):
         raise ops.Decline(f"fewer than {MIN_ELEMENTS} elements: eager is cheaper than compiling")
     if _state["broken"] is not None:
         raise ops.Decline(_state["broken"])
+    # the caller's mistake is an error here, as in the reference, and not a compile failure
+    # that would send every later call of every step to the reference
+    torch.broadcast_shapes(*(t.shape for t in tensors))
     # 0-d tensors, not Python floats: a float would be baked into the compiled code, and every
     # layer's penalties would compile anew
     scalar_tensors = tuple(torch.tensor(float(v), dtype=first.dtype) for v in scalars)
     try:
         return _compiled(name, fn)(*tensors, *scalar_tensors, *extra)
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # this call's size, not the compiler
+        raise ops.Decline(f"out of memory: {exc}"[:300]) from exc
     except Exception as exc:  # noqa: BLE001 - any compile failure means: run the reference
         _state["broken"] = f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
         raise ops.Decline(_state["broken"]) from exc

@@ -166,6 +166,8 @@ def _candidates(op: str, device: torch.device) -> Iterator[tuple[str, Callable]]
     """The implementations to try for ``op`` on ``device``, in order, the reference last; a
     backend is only loaded when the ones before it declined or lack the operation."""
     forced = _state["backend"]
+    if forced not in BACKENDS:  # set_backend checks its argument: only the variable can get here
+        raise ValueError(f"SPARSELLM_BACKEND={forced!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if forced == "reference":
         names = ["reference"]
     elif forced == "auto":
@@ -207,6 +209,8 @@ def _call(op: str, device: torch.device, *args, **kwargs):
 
 
 def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
+    if prune_mask is None:
+        reference.check_nm_width(weight.shape[1], n, m)
     return _call("obs_prune_block", weight.device, weight, hinv, fraction, n, m, prune_mask)
 
 

@@ -98,7 +98,11 @@ def cholesky_inverse_upper(gram: torch.Tensor, percdamp: float):
     chol, damp = damped_cholesky(gram, percdamp)
     inverse = torch.cholesky_inverse(chol) if chol.dim() == 2 else torch.stack(
         [torch.cholesky_inverse(c) for c in chol.reshape(-1, *chol.shape[-2:])]).reshape(chol.shape)
-    upper = torch.linalg.cholesky(inverse, upper=True)
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if (info != 0).any():
+        # the inverse of an ill-conditioned float32 Gram can round to indefinite; its factor
+        # in float64 exists wherever the first factorisation did
+        upper = torch.linalg.cholesky(inverse.double(), upper=True).to(inverse.dtype)
     return upper, damp
 
 
@@ -126,6 +130,14 @@ def obs_unstructured_mask(weight: torch.Tensor, diag: torch.Tensor, fraction: fl
     return flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, int(weight.numel() * fraction))
 
 
+def check_nm_width(width: int, n: int | None, m: int | None, what: str = "block") -> None:
+    """An N:M sweep groups each row's columns from the block's first: a width that is not a
+    multiple of ``m`` would leave a ragged group (and a blocked sweep restarts the grouping at
+    every block)."""
+    if n is not None and width % m:
+        raise ValueError(f"{n}:{m} pruning needs a {what} width that is a multiple of {m}, got {width}")
+
+
 def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
                     n: int | None = None, m: int | None = None,
                     prune_mask: torch.Tensor | None = None):
@@ -143,19 +155,24 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     """
     rows, width = weight.shape
     diag = torch.diagonal(hinv)
+    choose_nm = prune_mask is None and n is not None  # a given mask is used as it is
+    if choose_nm:
+        check_nm_width(width, n, m)
     if prune_mask is None:
         if n is None:
             prune_mask = obs_unstructured_mask(weight, diag, fraction)
         else:
             prune_mask = torch.zeros_like(weight, dtype=torch.bool)
     # Work on the transpose so that each column is a contiguous row: the sweep touches one
-    # column and a rank-1 update of the columns right of it per step.
-    work = weight.t().contiguous()
-    mask_t = prune_mask.t().contiguous()
+    # column and a rank-1 update of the columns right of it per step. clone, not contiguous:
+    # a one-row or column-major weight is already contiguous as its transpose, and the sweep
+    # must not write into the caller's tensors.
+    work = weight.t().clone(memory_format=torch.contiguous_format)
+    mask_t = prune_mask.expand(rows, width).t().clone(memory_format=torch.contiguous_format)
     err = torch.empty_like(work)
     losses = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
     for col in range(width):
-        if n is not None and col % m == 0:
+        if choose_nm and col % m == 0:
             group = work[col:col + m] ** 2 / diag[col:col + m].unsqueeze(1) ** 2
             mask_t[col:col + m] = nm_prune_mask(group.t(), n, m).t()
         w = work[col]
@@ -178,6 +195,8 @@ def obs_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, fraction: float,
     dispatch module passes the fastest available. Returns ``(pruned_weight, loss)``.
     """
     block_fn = block_fn or obs_prune_block
+    check_nm_width(weight.shape[1], n, m, "weight")
+    check_nm_width(blocksize, n, m, "blocksize (columns per block)")
     # float32 at least (half-precision sweeps lose the small updates); float64 stays float64
     weight = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
     cols = weight.shape[1]
@@ -208,8 +227,9 @@ def _blockwise(fn, *tensors):
     """``fn(*tensors)`` for an element-wise ``fn`` of same-shape tensors, computed block by
     block on CPU (see ELEMENTWISE_BLOCK); the result is the same, element for element."""
     first = tensors[0]
-    if first.device.type != "cpu" or first.numel() <= ELEMENTWISE_BLOCK:
-        return fn(*tensors)
+    if (first.device.type != "cpu" or first.numel() <= ELEMENTWISE_BLOCK
+            or any(t.shape != first.shape or t.dtype != first.dtype for t in tensors[1:])):
+        return fn(*tensors)  # broadcasting and type promotion as in eager: not flattened blocks
     flats = [t.reshape(-1) for t in tensors]
     out = torch.empty(first.numel(), dtype=first.dtype)
     for start in range(0, first.numel(), ELEMENTWISE_BLOCK):

@@ -167,3 +167,49 @@ def test_pruned_model_equals_the_reference_backends():
             assert torch.equal(got, want), name
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["one row", "column-major"])
+def test_the_sweep_never_writes_into_the_callers_tensors(layout):
+    """A one-row or column-major weight is already contiguous as its transpose, the layout both
+    sweeps work in: each must still work on a copy (and leave a given mask alone)."""
+    if layout == "one row":
+        weight, mask = torch.randn(1, 32, generator=_gen(11)), torch.rand(1, 32, generator=_gen(12)) < 0.5
+    else:
+        weight = torch.randn(32, 24, generator=_gen(11)).t()
+        mask = (torch.rand(32, 24, generator=_gen(12)) < 0.5).t()
+    hinv = hinv_factor(weight.shape[1], seed=13)
+    weight_before, mask_before = weight.clone(), mask.clone()
+    for sweep in (cpu.obs_prune_block, reference.obs_prune_block):
+        for kwargs in ({}, {"prune_mask": mask}):
+            q = sweep(weight, hinv, 0.5, **kwargs)[0]
+            assert (q == 0).any() and not torch.equal(q, weight)
+            assert torch.equal(weight, weight_before) and torch.equal(mask, mask_before)
+    reference.obs_prune_block(weight, hinv, 0.5, 2, 4)  # the N:M mask, chosen in the sweep
+    assert torch.equal(weight, weight_before)
+
+
+def test_a_given_mask_is_used_as_given_even_with_n_and_m():
+    """With a mask given, n and m only describe it: no backend chooses another one (before, the
+    reference chose a 2:4 mask of its own, the cpu backend used the given one)."""
+    weight = torch.randn(8, 16, generator=_gen(14))
+    hinv = hinv_factor(16, seed=15)
+    mask = torch.rand(8, 16, generator=_gen(16)) < 0.3  # not 2:4
+    got = cpu.obs_prune_block(weight, hinv, 0.5, 2, 4, prune_mask=mask)
+    _assert_same(got, reference.obs_prune_block(weight, hinv, 0.5, 2, 4, prune_mask=mask))
+    assert torch.equal(got[0] == 0, mask)
+
+
+def test_a_one_row_mask_applies_to_every_row_and_wrong_shapes_are_errors():
+    """The C code reads rows x width mask bytes and a width x width factor: a mask of one row is
+    expanded (as the reference broadcasts it), other shapes are refused before the C code runs."""
+    weight = torch.randn(300, 64, generator=_gen(17))
+    hinv = hinv_factor(64, seed=18)
+    mask = torch.rand(1, 64, generator=_gen(19)) < 0.5
+    got = cpu.obs_prune_block(weight, hinv, 0.0, prune_mask=mask)
+    _assert_same(got, reference.obs_prune_block(weight, hinv, 0.0, prune_mask=mask))
+    assert torch.equal(got[0] == 0, mask.expand(300, 64))
+    with pytest.raises(RuntimeError, match="expanded size"):
+        cpu.obs_prune_block(weight, hinv, 0.0, prune_mask=mask[:, :63])
+    with pytest.raises(ValueError, match=r"hinv has shape \(32, 32\); the block has 64 columns"):
+        cpu.obs_prune_block(weight, hinv[:32, :32], 0.0, prune_mask=mask.expand(300, 64))

@@ -76,3 +76,11 @@ def test_a_failing_compiler_declines_every_later_call(small_calls_compile, monke
     assert count == 2 and "no C++ compiler here" in reason and reason.startswith("inductor->reference: torch.compile failed")
     with pytest.raises(ops.Decline, match="not a CPU tensor"):
         inductor.relu_z_step(p.to("meta"), m.to("meta"), 1.0, 2.0)
+
+
+def test_shapes_that_do_not_broadcast_are_the_callers_error_not_a_broken_compiler(small_calls_compile):
+    """Before, any error inside the compiled call marked the compiler broken for the process, and
+    every later call of every step ran on the reference."""
+    with pytest.raises(RuntimeError, match="broadcast"):
+        inductor.relu_z_step(_rand(6, 7, seed=1), _rand(6, 5, seed=2), 1.0, 2.0)
+    assert inductor._state["broken"] is None

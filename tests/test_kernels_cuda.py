@@ -55,6 +55,35 @@ def test_nm_mask_ties(cb):
         check_nm(cb.nm_prune_mask(score, n, m), reference.nm_prune_mask(score, n, m), score, n, m)
 
 
+def test_nan_scores_rank_above_every_number(cb):
+    """As torch.topk (the reference) orders them: a NaN, whatever its sign bit, is pruned last and
+    every group loses exactly n entries."""
+    negative_nan = torch.tensor([-4194304], dtype=torch.int32).view(torch.float32)  # 0xFFC00000
+    score = rand(43, 6, 16)
+    score[0, 1] = float("nan")
+    score[2, 5] = negative_nan
+    score[3, 14] = float("nan")
+    mask = cb.nm_prune_mask(score.cuda(), 2, 4).cpu()
+    assert torch.equal(mask, reference.nm_prune_mask(score, 2, 4)) and (mask.reshape(6, 4, 4).sum(-1) == 2).all()
+    weight = rand(44, 6, 16)
+    weight[:, 0] = 0.0
+    norm = rand(45, 16).abs()
+    norm[0] = float("inf")  # zero times inf: a NaN Wanda score
+    wanda = cb.wanda_prune_mask(weight.cuda(), norm.cuda(), 0.5, 2, 4).cpu()
+    assert torch.equal(wanda, reference.wanda_prune_mask(weight, norm, 0.5, 2, 4))
+
+
+def test_float64_obs_blocks_are_declined(cb):
+    weight = rand(46, 8, 32, dtype=torch.float64, device="cuda")
+    hinv = hinv_factor(32, device="cuda", seed=47).double()
+    with pytest.raises(ops.Decline, match="float64"):
+        cb.obs_prune_block(weight, hinv, 0.5)
+    ops.reset_usage()
+    with ops.backend_scope("cuda"):
+        got = ops.obs_prune_block(weight, hinv, 0.5)
+    assert ops.usage() == {"obs_prune_block": {"reference": 1}} and got[0].dtype == torch.float64
+    assert torch.equal(got[0], reference.obs_prune_block(weight, hinv, 0.5)[0])
+
 def test_unstructured_wanda_is_handed_to_a_selection(cb):
     """The extension has no per-row selection: it declines, and ops runs Triton's (or the
     reference where Triton is missing), recording the backend that ran and why."""

@@ -91,6 +91,34 @@ def test_row_prune_mask_signs_zeros_infinities():
         row_select.row_prune_mask(x.to(DEV), 11)
 
 
+
+def test_nan_scores_rank_above_every_number_as_in_the_reference():
+    """torch.topk (the reference) orders NaN above +inf, whatever its sign bit (0 * inf sets it
+    on x86): a NaN is pruned last, and a 2:4 group keeps losing exactly 2 entries. Before, the
+    N:M kernels ranked a NaN first (a group lost 3) and the row selection pruned a sign-bit NaN
+    first."""
+    negative_nan = torch.tensor([-4194304], dtype=torch.int32).view(torch.float32)  # 0xFFC00000
+    assert torch.isnan(negative_nan) and negative_nan.view(torch.int32) < 0
+    score = rand(40, 6, 16)
+    score[0, 1] = float("nan")
+    score[2, 5] = negative_nan
+    score[3, 12] = float("inf")
+    score[3, 14] = float("nan")
+    mask = nm_mask.nm_prune_mask(score.to(DEV), 2, 4).cpu()
+    assert torch.equal(mask, reference.nm_prune_mask(score, 2, 4))
+    assert (mask.reshape(6, 4, 4).sum(-1) == 2).all()
+    rows = row_select.row_prune_mask(score.to(DEV), 7).cpu()
+    assert torch.equal(rows, reference.row_prune_mask(score, 7))
+    assert not rows[0, 1] and not rows[2, 5] and not rows[3, 14]
+    # Wanda: a zero weight times an infinite input norm (a float16 overflow) scores NaN
+    weight = rand(41, 6, 16)
+    weight[:, 0] = 0.0
+    norm = rand(42, 16).abs()
+    norm[0] = float("inf")
+    wanda = nm_mask.nm_mask(weight.to(DEV), norm.to(DEV), 2, 4, _common.SCORE_WANDA).cpu()
+    assert torch.equal(wanda, reference.wanda_prune_mask(weight, norm, 0.5, 2, 4))
+    assert (wanda.reshape(6, 4, 4).sum(-1) == 2).all() and not wanda[:, 0].any()
+
 @pytest.mark.parametrize("cols", [40, 260])
 def test_row_prune_mask_ties(cols):
     x = torch.randint(-3, 3, (6, cols), generator=torch.Generator().manual_seed(1)).float().to(DEV)

@@ -78,6 +78,17 @@ def test_triton_declines_are_run_and_recorded_as_the_reference(triton_backend, c
         assert fell == {op: {f"triton->reference: {reason}": 1}}
 
 
+def test_triton_obs_block_declines_float64(triton_backend):
+    """The kernel sweeps in fp32: a float64 block goes on, and the C sweep (float32 too) passes
+    it to the reference, which computes it in float64."""
+    weight = _rand(4, 16, dtype=F64)
+    hinv = reference.cholesky_inverse_upper(weight.T @ weight + torch.eye(16, dtype=F64), 0.01)[0]
+    result, used, fell = _forced_run("triton", lambda: ops.obs_prune_block(weight, hinv, 0.5))
+    assert used == {"obs_prune_block": {"reference": 1}}
+    assert "triton->cpu: float64 (the kernel sweeps in fp32)" in fell["obs_prune_block"]
+    want = reference.obs_prune_block(weight, hinv, 0.5)
+    assert result[0].dtype == F64 and all(torch.equal(a, b) for a, b in zip(result, want))
+
 def test_triton_declined_result_is_the_reference_result(triton_backend):
     score = _rand(3, 64, dtype=F64)
     mask, used, _ = _forced_run("triton", lambda: ops.row_prune_mask(score, 20))
