@@ -18,7 +18,7 @@ import torch
 
 from . import __version__, data, ops
 from .allocation import head_removal
-from .distributed import is_main_process
+from .distributed import check_method_fits_job, is_main_process
 from .config import DTYPES, PruneConfig
 from .default_model import ALIASES as DEFAULT_ALIASES
 from .default_model import resolve as resolve_default
@@ -138,10 +138,24 @@ def evaluate(model, tokenizer, config: PruneConfig, label: str = "") -> dict[str
     return results
 
 
-def _peak_memory(device: torch.device) -> dict[str, int]:
+def _reset_host_peak() -> bool:
+    """Restart the process's peak resident memory from its current size, as the CUDA peak is
+    reset before the prune: Linux resets the high-water mark that ru_maxrss reads when "5" is
+    written to /proc/self/clear_refs. False where that is not possible (another OS): the host
+    peak then counts from the process's start (loading, the dense evaluation)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory(device: torch.device, host_reset: bool) -> dict:
     """Peak memory of the prune: the compute device's, and the host's (where SparseLLM's
-    auxiliary buffers go when they do not fit on the device)."""
-    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    auxiliary buffers go when they do not fit on the device), with what the host's counts from."""
+    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "host_peak_since": "prune" if host_reset else "process start"}
     if device.type == "cuda":
         peak["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
     return peak
@@ -168,12 +182,17 @@ def _run(config: PruneConfig) -> dict:
     device = resolve_device(config.device)
     for source in {config.calib, *config.eval} - {"none"}:  # a missing file fails now, not after the dense eval
         data.check_source(source)
+    check_method_fits_job(config.method)  # a layer-wise method under a torchrun of several processes
     METHODS[config.method].preflight(config)
     _warn_unused_settings(config)
     model, tokenizer = load_model(config.model, config.dtype)
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))
     _check_model_fits(config, model, adapter)
+    for source in set(config.eval) - {"none"}:
+        # an evaluation text shorter than one window fails now, not after the prune (with
+        # --no-dense-eval the pruned evaluation is the first to read it); the stream stays cached
+        data.eval_tokens(source, tokenizer, config.resolved_eval_seqlen)
     if config.structure is not None and "heads" in config.structure:
         # a family without head removal, or a share that removes no head, fails now
         head_removal(config.head_sparsity, adapter.attention(adapter.layers(model)[0]))
@@ -187,18 +206,22 @@ def _run(config: PruneConfig) -> dict:
         model.to("cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    host_reset = _reset_host_peak()  # the peaks are the prune's: loading and the dense evaluation are done
     ops.reset_usage()
     start = time.perf_counter()
     records, method_details = _prune(model, tokenizer, config)
     prune_seconds = time.perf_counter() - start
-    peak = _peak_memory(device)
+    peak = _peak_memory(device, host_reset)
     backend_usage, backend_fallbacks = ops.usage(), ops.fallbacks()
     # Structured runs zeroed whole channels/heads in place (so the driver could measure errors
     # with the dense shapes); here they are cut out, before saving and evaluating: the saved
     # and evaluated model is the smaller one (same outputs).
     structure_info = compact_model(model, adapter) if config.structure is not None else None
+    # the pruned model's sizes, before an export swaps its linears for sparse modules that
+    # nn.Linear and model.parameters() no longer count (CSR holds its weight as a buffer)
+    cost = {"before": cost_before, "after": model_cost(model, adapter, config.resolved_eval_seqlen)}
 
-    main = is_main_process()  # under torchrun every process prunes; one writes
+    main = is_main_process()  # under torchrun (Elsa, masked-adam) every process prunes; one writes
     staged = None
     if config.save and main:  # the dense-masked weights, before any export changes their layout;
         # published only when the rest has run, so a failure or an interrupt leaves no output
@@ -213,8 +236,7 @@ def _run(config: PruneConfig) -> dict:
         report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
                               prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
                               backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__,
-                              method_details=method_details)
-        report["cost"] = {"before": cost_before, "after": model_cost(model, adapter, config.resolved_eval_seqlen)}
+                              method_details=method_details, cost=cost)
         if structure_info is not None:
             report["structure"] = structure_info
         if staged is not None:

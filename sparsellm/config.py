@@ -264,7 +264,7 @@ class PruneConfig:
     def validate(self) -> None:
         """Every check that needs no file, model or device: run when the settings are built,
         so a bad value fails before anything is loaded."""
-        from .methods import METHODS  # late: the methods import this module
+        from .methods import METHODS, WHOLE_MODEL_METHODS  # late: the methods import this module
         from .ops import BACKENDS
 
         def positive_int(name, value, allow_none=False):
@@ -304,10 +304,9 @@ class PruneConfig:
         if init is not None and (init not in METHODS or not hasattr(METHODS[init], "plan")):
             layerwise = sorted(name for name, cls in METHODS.items() if hasattr(cls, "plan"))
             raise ValueError(f"elsa init must be a layer-wise method ({', '.join(layerwise)}), got {init!r}")
-        if self.elsa.fsdp and not getattr(METHODS[self.method], "whole_model", False):
-            whole = sorted(name for name, cls in METHODS.items() if getattr(cls, "whole_model", False))
-            raise ValueError(f"--fsdp shards the whole-model training of {', '.join(whole)}; method {self.method} "
-                             "prunes one layer at a time and does not use it")
+        if self.elsa.fsdp and not METHODS[self.method].whole_model:
+            raise ValueError(f"--fsdp shards the whole-model training of {', '.join(WHOLE_MODEL_METHODS)}; "
+                             f"method {self.method} prunes one layer at a time and does not use it")
         self._validate_structure(METHODS)
         METHODS[self.method].check_config(self)
 

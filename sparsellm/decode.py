@@ -149,9 +149,12 @@ class GreedyDecoder:
 
     @torch.no_grad()
     def decode(self, steps: int) -> torch.Tensor:
-        """Generate ``steps`` more tokens after the last one; returns them (1 x steps)."""
+        """Generate ``steps`` more tokens after the last one; returns them (1 x steps; 1 x 0
+        for 0 steps)."""
         if self.length == 0:
             raise RuntimeError("call prefill() first")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0 (the number of tokens to generate), got {steps}")
         if self.length + steps > self.max_len:
             raise ValueError(f"{self.length} + {steps} tokens exceed the cache of {self.max_len}")
         tokens = []
@@ -161,7 +164,7 @@ class GreedyDecoder:
             self.ids.copy_(logits.argmax(-1, keepdim=True))
             self.position.add_(1)
             self.length += 1
-        return torch.cat(tokens, dim=1)
+        return torch.cat(tokens, dim=1) if tokens else self.ids.new_empty(1, 0)
 
     def _replay(self) -> torch.Tensor:
         self.graph.replay()

@@ -10,15 +10,22 @@ import torch.distributed as dist
 from torch import nn
 
 
-def world(join_single: bool = False) -> tuple[int, int]:
+def launched_processes() -> int:
+    """How many processes torchrun started for this job (its WORLD_SIZE; 1 without torchrun),
+    known before any process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def world(device: torch.device, join_single: bool = False) -> tuple[int, int]:
     """(rank, world size). Joins the process group that torchrun describes in the environment
-    (gloo for CPU tensors, nccl where CUDA is available, each process on the GPU of its
-    LOCAL_RANK) on first use; (0, 1) for one process. A torchrun job of one process joins its
-    (one-process) group only with ``join_single``: FSDP shards over it, nothing else needs it."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    on first use, for the run's ``device``: nccl for a CUDA device, each process on the GPU of its
+    LOCAL_RANK, else gloo (a CPU run on a machine with GPUs communicates CPU tensors, which nccl
+    refuses); (0, 1) for one process. A torchrun job of one process joins its (one-process)
+    group only with ``join_single``: FSDP shards over it, nothing else needs it."""
+    size = launched_processes()
     launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ  # as torchrun starts a process
     if not dist.is_initialized() and (size > 1 or (join_single and launched)):
-        if torch.cuda.is_available():
+        if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" = this process's GPU
             dist.init_process_group("nccl")
         else:
@@ -29,8 +36,24 @@ def world(join_single: bool = False) -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    """True in a single-process run and in rank 0: the process that saves and reports."""
+    """True in a single-process run and in rank 0: the process that saves and reports. Only a
+    whole-model method joins a process group; the run refuses a layer-wise one under a torchrun
+    of several processes (:func:`check_method_fits_job`), so each of those is the main one."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_method_fits_job(method: str) -> None:
+    """Refuse a layer-wise ``method`` under a torchrun job of several processes, before any work:
+    it joins no process group, so every process would repeat the whole prune and write the same
+    outputs (the slower one then fails on the other's --save folder)."""
+    from .methods import METHODS, WHOLE_MODEL_METHODS  # late: Elsa imports this module
+
+    processes = launched_processes()
+    if processes > 1 and not METHODS[method].whole_model:
+        raise ValueError(f"method {method} prunes one layer at a time in one process, but torchrun started "
+                         f"{processes} processes (WORLD_SIZE={processes}); only {', '.join(WHOLE_MODEL_METHODS)} "
+                         "run distributed: run it as one process (without torchrun, or --nproc-per-node 1), "
+                         "or choose one of those")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

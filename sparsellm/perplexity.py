@@ -6,10 +6,13 @@ windows are independent (no context carried over), as in the SparseGPT and Wanda
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+_MAX_EXP = math.log(sys.float_info.max)  # the largest x whose exp(x) is a finite float
 
 
 @torch.no_grad()
@@ -33,4 +36,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
         nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
         total_nll += float(nll)
         count += seqlen - 1
-    return math.exp(total_nll / count)
+    mean = total_nll / count
+    # exp of a mean above ~709.78 overflows a float (math.exp raises): PPL inf, as an inf loss
+    # gives (a NaN mean stays NaN)
+    return float("inf") if mean > _MAX_EXP else math.exp(mean)

@@ -25,7 +25,10 @@ def _finite(x):
 
 def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned_ppl, prune_seconds,
                  peak_memory, backend_usage, export_info, version, backend_fallbacks=None,
-                 method_details=None) -> dict:
+                 method_details=None, cost=None) -> dict:
+    """``cost``: :func:`~sparsellm.structure.model_cost` before and after the prune, taken before
+    any export (whose sparse modules it would not count); the peak per parameter divides by its
+    ``after`` parameters, else by the model's."""
     zeros = total = 0
     per_matrix = {}
     for record in records:
@@ -33,7 +36,8 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
             zeros += round(info["sparsity"] * info["numel"])
             total += info["numel"]
             per_matrix[f"layers.{record.index}.{name}"] = info["sparsity"]
-    return _finite({
+    parameters = cost["after"]["parameters"] if cost else sum(p.numel() for p in model.parameters())
+    report = {
         "sparsellm_version": version,
         "method": config.method,
         "model": config.model,
@@ -61,7 +65,7 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         "peak_memory_bytes": peak_memory.get("cuda_max_allocated", peak_memory["host_max_rss"]),
         "peak_memory": peak_memory,
         "peak_memory_bytes_per_param": peak_memory.get("cuda_max_allocated", peak_memory["host_max_rss"])
-        / max(1, sum(p.numel() for p in model.parameters())),
+        / max(1, parameters),
         # SparseLLM's z/p/s/Y buffers of the largest layer (included in the peaks above)
         "aux_buffer_bytes": max((r.diagnostics.get("aux_bytes", 0) for r in records), default=0),
         "backend": config.backend,
@@ -72,10 +76,20 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         "method_details": method_details or {},  # run-level, e.g. Elsa's loss curve and ADMM residuals
         "settings": config.to_dict(),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and
-                        (config.device or "cuda").startswith("cuda") else platform.processor() or "cpu",
+                        "device": _device_name(config.device),
                         "threads": torch.get_num_threads()},
-    })
+    }
+    if cost is not None:
+        report["cost"] = cost
+    return _finite(report)
+
+
+def _device_name(device: str | None) -> str:
+    """The run's compute device: its GPU's name (that of --device cuda:1, not of the current
+    GPU; no --device picks the current one where CUDA is available), else the host's processor."""
+    if torch.cuda.is_available() and (device or "cuda").startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device or "cuda"))
+    return platform.processor() or "cpu"
 
 
 def check_report_path(path: str, save: str | None = None) -> None:
@@ -105,13 +119,18 @@ def write_report(report: dict, path: str) -> None:
         raise
 
 
+def _ppl_text(value) -> str:
+    """A perplexity as printed: n/a where there is none (no dense evaluation) or where it was not
+    finite (the report holds NaN and inf as null)."""
+    return f"{value:.3f}" if value is not None else "n/a"
+
+
 def summary(report: dict) -> str:
     lines = [f"method {report['method']}  pattern {report['sparsity_pattern']}  "
              f"achieved sparsity {report['achieved_sparsity']:.4f}  prune {report['prune_seconds']:.1f}s"]
     for dataset, value in report["ppl"]["pruned"].items():
-        dense = report["ppl"]["dense"].get(dataset)
-        dense_text = f"{dense:.3f}" if dense is not None else "n/a"
-        lines.append(f"perplexity [{dataset}]  dense {dense_text}  pruned {value:.3f}")
+        lines.append(f"perplexity [{dataset}]  dense {_ppl_text(report['ppl']['dense'].get(dataset))}  "
+                     f"pruned {_ppl_text(value)}")
     exported = report.get("export") or {}
     if exported.get("kind"):  # say what the export did, also when it converted nothing
         line = (f"export {exported['kind']}: {exported['n_converted']} linears converted, {exported['n_dense']} "

@@ -198,21 +198,55 @@ def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys)
     assert os.listdir(out) == ["keep.txt"] and not report.exists()
 
 
-def test_a_failure_after_the_prune_publishes_nothing(tiny_llama_dir, text_file, tmp_path, capsys):
+def test_a_failure_after_the_prune_publishes_nothing(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
     """The save is staged and published only when the export, the evaluation and the report are
     done: an evaluation that fails after the prune leaves the --overwrite target as it was."""
+    import sparsellm.api
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+    monkeypatch.setattr(sparsellm.api, "evaluate", fail)  # with --no-dense-eval: the pruned evaluation
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    short = tmp_path / "short.txt"
-    short.write_text("too short to evaluate")
     report = tmp_path / "r.json"
     code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", text_file,
-                       "--eval", str(short), "--no-dense-eval", "--save", str(out), "--overwrite",
+                       "--eval", text_file, "--no-dense-eval", "--save", str(out), "--overwrite",
                        "--report", str(report), *SMALL)
-    assert code == 2 and "tokens" in err, err
+    assert code == 2 and "the evaluation failed" in err, err
     assert os.listdir(out) == ["keep.txt"] and not report.exists()
-    assert sorted(os.listdir(tmp_path)) == ["out", "short.txt"]  # no staging folder left
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder left
+
+
+def test_an_evaluation_text_shorter_than_a_window_fails_before_the_prune(tiny_llama_dir, text_file, tmp_path,
+                                                                         capsys, monkeypatch):
+    """Also with --no-dense-eval, where the pruned evaluation is the first to read the text."""
+    import sparsellm.api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pruned before the evaluation text was checked")
+    monkeypatch.setattr(sparsellm.api, "_prune", refuse)
+    short = tmp_path / "short.txt"
+    short.write_text("too short to evaluate")
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", text_file,
+                       "--eval", str(short), "--no-dense-eval", *SMALL)
+    assert code == 2 and f"{short}: the evaluation text has" in err and "fewer than one window of 64" in err, err
+
+
+def test_a_layer_wise_method_under_a_torchrun_of_several_processes_is_refused_before_loading(no_loading, capsys,
+                                                                                          monkeypatch, tmp_path):
+    """It joins no process group: every process would prune, save and report alike."""
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, "--method", "magnitude", "--report", str(report), *SMALL)
+    assert code == 2 and "Traceback" not in err, err
+    assert "method magnitude prunes one layer at a time" in err and "WORLD_SIZE=2" in err
+    assert "only elsa, masked-adam run distributed" in err and "without torchrun" in err
+    assert not report.exists()
+    with pytest.raises(AssertionError, match="a model was loaded"):  # a whole-model method goes on to load
+        main(["--method", "elsa", *SMALL, "--quiet", "--device", "cpu"])
 
 
 @pytest.mark.parametrize("where", ["folder", "save"])
@@ -257,6 +291,37 @@ def test_summary_says_what_the_export_converted():
               "export": {"kind": "semi-structured", "n_converted": 0, "n_dense": 14, "note": "no CUDA device"}}
     assert "export semi-structured: 0 linears converted, 14 left dense" in summary(report)
     assert "no CUDA device" in summary(report)
+
+
+def test_summary_prints_a_perplexity_that_is_not_finite_as_na():
+    """The report holds NaN and inf as null; the summary printed the pruned one with {:.3f}."""
+    from sparsellm.report import summary
+
+    report = {"method": "magnitude", "sparsity_pattern": "0.5", "achieved_sparsity": 0.5, "prune_seconds": 1.0,
+              "ppl": {"pruned": {"wiki": None}, "dense": {"wiki": None}}}
+    assert "perplexity [wiki]  dense n/a  pruned n/a" in summary(report)
+
+
+def test_the_report_names_the_runs_gpu(monkeypatch):
+    """--device cuda:1 is named, not the current GPU (by hand: no GPU is needed)."""
+    from sparsellm import PruneConfig
+    from sparsellm.report import build_report
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def name(device=None):
+        index = None if device is None else torch.device(device).index
+        return f"GPU {'current' if index is None else index}"
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64))
+
+    def device_name(device):
+        return build_report(PruneConfig(device=device), model, [], dense_ppl={}, pruned_ppl={}, prune_seconds=0.0,
+                            peak_memory={"host_max_rss": 1}, backend_usage={}, export_info=None,
+                            version="0")["environment"]["device"]
+    assert device_name("cuda:1") == "GPU 1"
+    assert device_name("cuda") == device_name(None) == "GPU current"
 
 
 def test_help_states_each_default_once_and_not_for_switches(capsys):
@@ -316,6 +381,44 @@ def test_end_to_end_small(model_fixture, method, sparsity, text_file, tmp_path, 
                 n, m = (int(p) for p in sparsity.split(":"))
                 assert satisfies_nm(value, n, m)
     assert n_pruned == len(report["per_matrix_sparsity"])
+
+
+@pytest.mark.parametrize("export", ["csr", "sparse-gpu"])
+def test_the_cost_counts_the_exported_linears(export, tiny_llama_dir, text_file, tmp_path, capsys):
+    """An export swaps the pruned linears for sparse modules that are no nn.Linear (CSR holds its
+    weight as a buffer): the cost after the prune is that of the pruned model, as without it."""
+    report_path = tmp_path / "report.json"
+    code, out, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.95",
+                         "--calib", text_file, "--eval", text_file, "--no-dense-eval", "--export", export,
+                         "--report", str(report_path), *SMALL)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["export"]["n_converted"] == 3 * 7  # every pruned linear was swapped
+    assert report["cost"]["after"] == report["cost"]["before"]  # an unstructured prune keeps every size
+    assert report["peak_memory_bytes_per_param"] == pytest.approx(
+        report["peak_memory_bytes"] / report["cost"]["before"]["parameters"])
+    assert "parameters" not in out  # the summary's line for a model that shrank
+
+
+def test_the_host_peak_memory_is_the_prunes(tiny_llama_dir, text_file):
+    """Not the process's (loading, the dense evaluation, here a large buffer freed before the run):
+    the peak is restarted where the OS can (Linux), as the CUDA peak is."""
+    import resource
+
+    from sparsellm import PruneConfig, run
+
+    try:
+        open("/proc/self/clear_refs", "w").close()
+    except OSError:
+        pytest.skip("this OS cannot restart a process's peak resident memory")
+    buffer = torch.ones(512 * 2 ** 20, dtype=torch.uint8)  # touched: 512 MiB resident
+    del buffer
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = run(PruneConfig(model=tiny_llama_dir, method="magnitude", calib=text_file, eval=("none",),
+                             nsamples=4, seqlen=64, device="cpu", quiet=True))
+    peak = report["peak_memory"]
+    assert report["peak_memory_bytes"] == peak["host_max_rss"] < process_peak - 256 * 2 ** 20
+    assert peak["host_peak_since"] == "prune"
 
 
 @needs_default_model

@@ -73,6 +73,27 @@ def test_unavailable_on_cpu_torch_without_compiling(monkeypatch, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_the_capability_checked_is_that_of_the_weights_gpu(monkeypatch):
+    """On a machine of mixed GPUs (here by hand: no GPU needed) the check is of the GPU asked
+    about, and make_linear's of its weight's GPU, also once the module is loaded."""
+    import types
+
+    capabilities = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(_extension, "why_no_jit", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: capabilities[0 if device is None else torch.device(device).index])
+    assert "compute capability 7.5 < 8.0" in cusparselt.why_unavailable(torch.device("cuda:1"))
+    assert "compute capability" not in (cusparselt.why_unavailable(torch.device("cuda:0")) or "")
+    built = []
+    monkeypatch.setattr(cusparselt, "_module", types.SimpleNamespace(SparseLtLinear=lambda w, fuse: built.append(w)))
+    on_gpu = {index: types.SimpleNamespace(device=torch.device("cuda", index)) for index in capabilities}
+    with pytest.raises(ImportError, match="unavailable: compute capability 7.5 < 8.0"):
+        cusparselt.make_linear(on_gpu[1])
+    cusparselt.make_linear(on_gpu[0])
+    assert built == [on_gpu[0]]
+
+
 def test_jit_switch_makes_it_unavailable(monkeypatch):
     monkeypatch.setenv(_extension.JIT_ENV, "0")
     ok, why = cusparselt.available()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 import os
 import random
 import sys
@@ -276,6 +277,34 @@ def test_an_evaluation_window_needs_two_tokens():
     PruneConfig(eval_seqlen=1, eval=("none",))  # nothing is evaluated: no window
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(torch.nn.Linear(1, 1), torch.arange(4), 1)
+
+
+class _FixedLoss(torch.nn.Module):
+    """A "model" whose logits give every next token the same loss, ``gap`` + log(2): the true
+    token's logit is ``-gap`` below the other one's (vocabulary of 2)."""
+
+    def __init__(self, gap: float):
+        super().__init__()
+        self.gap = torch.nn.Parameter(torch.tensor(gap))
+
+    def forward(self, ids, use_cache=False):
+        target = torch.nn.functional.one_hot(ids.roll(-1, dims=1), 2).float()
+        return types.SimpleNamespace(logits=-self.gap * target)
+
+
+@pytest.mark.parametrize("gap, expected", [(5.0, None), (1000.0, float("inf")), (float("nan"), float("nan"))])
+def test_a_perplexity_too_large_for_a_float_is_inf(gap, expected):
+    """exp of a mean loss above ~709.8 overflows: math.exp raised OverflowError after the prune."""
+    from sparsellm.perplexity import perplexity
+
+    tokens = torch.tensor([[0, 1] * 8])
+    value = perplexity(_FixedLoss(gap), tokens, 4, quiet=True)
+    if expected is None:
+        assert value == pytest.approx(math.exp(gap + math.log(1 + math.exp(-gap))), rel=1e-5)
+    elif math.isnan(expected):
+        assert math.isnan(value)
+    else:
+        assert value == expected
 
 
 def test_unknown_source_names_the_known_ones():

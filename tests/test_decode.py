@@ -121,6 +121,17 @@ def test_greedy_decoder_errors():
         GreedyDecoder(model, max_len=8, graph=True)
 
 
+def test_decoding_no_steps_returns_no_tokens_and_negative_steps_are_refused():
+    model = tiny_llama().eval()
+    dec = GreedyDecoder(model, max_len=8)
+    first = dec.prefill(torch.zeros(1, 4, dtype=torch.long))
+    none = dec.decode(0)
+    assert none.shape == (1, 0) and none.dtype == first.dtype
+    with pytest.raises(ValueError, match="steps must be >= 0.*got -1"):
+        dec.decode(-1)
+    assert torch.equal(dec.decode(1), first)  # neither call moved the decoder on
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_greedy_decoder_eager_on_cuda_matches_generate():

@@ -621,6 +621,27 @@ def test_fsdp_without_torchrun_is_the_ordinary_run(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), alone.parameters()))
 
 
+def test_the_process_group_follows_the_runs_device(monkeypatch):
+    """gloo for a CPU run also where CUDA is available (nccl refuses CPU tensors), nccl on the GPU
+    of LOCAL_RANK for a CUDA run; the group is joined by hand here, no GPU needed."""
+    import torch.distributed as dist
+
+    from sparsellm import distributed
+
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    joined = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: joined.append(("set_device", index)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert distributed.world(torch.device("cpu")) == (0, 1)  # not joined for real: one process here
+    assert joined == ["gloo"]
+    joined.clear()
+    distributed.world(torch.device("cuda"))
+    assert joined == [("set_device", 1), "nccl"]
+
+
 def test_fsdp_in_a_one_process_torchrun_job_shards_over_it(monkeypatch):
     """torchrun --nproc-per-node 1 (its environment, here by hand) with fsdp: the method joins
     the one-process group and trains through FSDP2 (how its cost is measured on one GPU); the

@@ -112,17 +112,28 @@ def _cuda_header_dirs() -> list[str]:
     return []
 
 
-def why_unavailable() -> str | None:
-    """Why the extension cannot be used here, or None when it can. Cheap checks first: on a
-    CPU-only torch nothing else is looked at, and nothing is ever compiled here."""
+def _no_sparse_cores(device=None) -> str | None:
+    """Why GPU ``device`` (the current one for None) cannot run it, or None."""
+    import torch
+
+    if device is not None and torch.device(device).type != "cuda":
+        return f"it runs on a CUDA device, not on {device}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"compute capability {cap[0]}.{cap[1]} < 8.0 has no sparse tensor cores"
+    return None
+
+
+def why_unavailable(device=None) -> str | None:
+    """Why the extension cannot be used here, on GPU ``device`` (the current one for None), or
+    None when it can. Cheap checks first: on a CPU-only torch nothing else is looked at, and
+    nothing is ever compiled here."""
     why = _extension.why_no_jit()  # JIT switched off, CPU torch, no GPU, no toolkit, no ninja
     if why is not None:
         return why
-    import torch
-
-    cap = torch.cuda.get_device_capability()
-    if cap < (8, 0):
-        return f"compute capability {cap[0]}.{cap[1]} < 8.0 has no sparse tensor cores"
+    why = _no_sparse_cores(device)
+    if why is not None:
+        return why
     if source_file() is None:
         return f"its source (csrc/cusparselt/{SOURCE_NAME}) is not installed"
     found = find_cusparselt()
@@ -131,9 +142,10 @@ def why_unavailable() -> str | None:
     return None
 
 
-def available() -> tuple[bool, str]:
-    """(True, where cuSPARSELt was found) or (False, why not). Never compiles anything."""
-    why = why_unavailable()
+def available(device=None) -> tuple[bool, str]:
+    """(True, where cuSPARSELt was found) or (False, why not), on GPU ``device`` (the current
+    one for None). Never compiles anything."""
+    why = why_unavailable(device)
     if why is not None:
         return False, why
     include_dir, lib = find_cusparselt()
@@ -191,14 +203,15 @@ def compile_extension(verbose: bool = False):
                           f"(details in {failed})") from exc
 
 
-def load():
-    """The extension module (compiled on first use); ImportError with the reason when it is
-    unavailable here."""
+def load(device=None):
+    """The extension module (compiled on first use) for GPU ``device`` (the current one for
+    None); ImportError with the reason when it is unavailable there. Once compiled, each call
+    still checks its device: on a machine of mixed GPUs another one may lack sparse tensor cores."""
     global _module
+    why = why_unavailable(device) if _module is None else _no_sparse_cores(device)
+    if why is not None:
+        raise ImportError(f"the cuSPARSELt extension is unavailable: {why}")
     if _module is None:
-        why = why_unavailable()
-        if why is not None:
-            raise ImportError(f"the cuSPARSELt extension is unavailable: {why}")
         _module = compile_extension()
     return _module
 
@@ -207,4 +220,4 @@ def make_linear(weight, fuse_output: bool = True):
     """A ``SparseLtLinear`` for a 2:4 CUDA weight [out, in] (fp16/bf16): checked and compressed
     once; ``lin(x)`` / ``lin.forward(x)`` computes ``x @ weight.T`` for x [T, in]. With
     ``fuse_output=False`` cuSPARSELt writes y^T and forward copies it to y (for comparison)."""
-    return load().SparseLtLinear(weight, fuse_output)
+    return load(weight.device).SparseLtLinear(weight, fuse_output)

@@ -13,6 +13,8 @@ from .wanda import Wanda
 
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls for cls in (Magnitude, Wanda, SparseGPT, SparseLLM, StructPrune, Elsa, MaskedAdam)}
+# the methods that run distributed under torchrun (and take --fsdp)
+WHOLE_MODEL_METHODS: list[str] = sorted(name for name, cls in METHODS.items() if cls.whole_model)
 
 
 def get_method(config) -> PruningMethod:
@@ -23,4 +25,4 @@ def get_method(config) -> PruningMethod:
     return cls(config)
 
 
-__all__ = ["PruningMethod", "LayerwiseMethod", "LocalMethod", "METHODS", "get_method"]
+__all__ = ["PruningMethod", "LayerwiseMethod", "LocalMethod", "METHODS", "WHOLE_MODEL_METHODS", "get_method"]

@@ -34,6 +34,9 @@ class PruningMethod:
     name: str = ""
     # the PruneConfig settings groups (fields) this method reads besides the common ones
     settings_groups: tuple[str, ...] = ()
+    # trains the whole model at once: under torchrun its processes share the work (and --fsdp
+    # shards it); a layer-wise method runs in one process
+    whole_model: bool = False
 
     def __init__(self, config: PruneConfig):
         self.config = config

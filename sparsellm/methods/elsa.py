@@ -312,7 +312,7 @@ class SparseTraining(PruningMethod):
     (:func:`local`), with :meth:`_project`, :meth:`_encode`, :meth:`_full`, :meth:`_rows` and
     :meth:`_sum` for what needs the whole matrix or all processes."""
 
-    whole_model = True  # trains the whole model at once: --fsdp applies
+    whole_model = True  # trains the whole model at once: runs distributed, --fsdp applies
     settings_groups = ("elsa",)
 
     @classmethod
@@ -427,8 +427,8 @@ class SparseTraining(PruningMethod):
 
     def prune_model(self, model, adapter, calibration):
         s = self.settings
-        rank, world = distributed.world(join_single=s.fsdp)
         device = resolve_device(self.config.device)
+        rank, world = distributed.world(device, join_single=s.fsdp)
         # FSDP over the job's processes, also one under torchrun (FSDP2's own code path on one
         # device: the same result, and its cost measurable); without a process group, the ordinary run
         sharded = s.fsdp and dist.is_initialized()
