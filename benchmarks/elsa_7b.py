@@ -18,7 +18,10 @@ training passes' arithmetic (``--train-precision``: tf32, the default, float32 o
 ``compile`` for ``--compile`` (the step times then exclude the first steps, which compile);
 ``--shape smollm2-135m --layers 30`` is the default model's shape, whose step is many small kernels;
 ``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script
-(gloo there).
+(gloo there), and lowers the defaults not given to ``--steps 4 --seqlen 128 --runs
+plain:float32,fsdp:bfloat16`` (``--device cpu`` is still needed on a machine without CUDA):
+
+    python benchmarks/elsa_7b.py --tiny --device cpu --tokenizer .device-data/tok --calib .device-data/wiki_calib.txt
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from prune_7b import add_run, base_parser, build_model, new_result, origin_text, shape_text  # noqa: E402
+from prune_7b import add_run, base_parser, build_model, new_result, origin_text, parse_args, shape_text  # noqa: E402
 
 MODES = ("plain", "fsdp")
 WARMUP_STEPS = 2  # the first steps pay allocator growth and kernel selection
@@ -118,8 +121,14 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --tiny: a CPU smoke run in well under two minutes (each run is a process that takes ~25 s to
+# start on 2 shared cores, so two runs: plain, and fsdp with the bfloat16 state, cover both modes
+# and both state dtypes)
+TINY_DEFAULTS = {"steps": 4, "seqlen": 128, "runs": "plain:float32,fsdp:bfloat16"}
+
+
 def main(argv=None) -> int:
-    ap = base_parser(__doc__)
+    ap = base_parser(__doc__, TINY_DEFAULTS)
     ap.add_argument("--runs", default="plain:float32,fsdp:float32,fsdp:bfloat16",
                     help="comma-separated MODE:STATE_DTYPE[:PROCESSES[:PRECISION[:compile]]], MODE plain or fsdp")
     ap.add_argument("--layers", type=int, default=4)
@@ -129,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--admm-interval", type=int, default=4)
     ap.add_argument("--dtype", default="float32", help="the dtype the weights train in")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     runs = [parse_run(spec) for spec in args.runs.split(",")]
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="elsa7b-")
     model_dir = os.path.join(args.workdir, "model")

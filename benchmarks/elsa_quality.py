@@ -10,9 +10,14 @@ The wiki protocol of ../shared/PROTOCOL.md (SmolLM2-135M in float32, perplexity 
 3. masked-adam from the same SparseGPT weights, the same steps on the same windows: the
    "masked-adam" row (what plain fine-tuning with the mask fixed gives).
 
-Each entry is stored in benchmarks/results/elsa.json with the commit, every setting, the
-tokens trained on and the wall-clock seconds (SparseGPT's included in the two trained rows);
-the table is rendered from that file, into the README between the elsa markers with --readme.
+Each entry is stored in benchmarks/results/elsa.json with the commit, every setting, the dense
+perplexity at its protocol, the tokens trained on and the wall-clock seconds (SparseGPT's
+included in the two trained rows); the table is rendered from that file, into the README between
+the elsa markers with --readme. Its caption gives the runs' protocol and dense perplexity (entries
+from before the dense value was recorded take the sparsellm file's, where its protocol is the
+run's). The sparsellm column is one-shot SparseLLM from a benchmarks/quality.py file
+(``--sparsellm-json``), shown only where that file's protocol (model, calibration windows, test
+windows, seed, text) is the run's: "-" where it is another.
 
     python benchmarks/elsa_quality.py --settings 0.9 --steps 300 --batch-size 2 --lr 5e-4 --readme README.md
     python benchmarks/elsa_quality.py --settings 0.9 --methods elsa --admm-schedule linear \
@@ -38,8 +43,8 @@ import os
 import sys
 import time
 
-from quality import (achieved_sparsity, add_text_options, commit_label, fmt_ppl, git_state, load, machine, save,
-                     text_sources, write_into)
+from quality import (achieved_sparsity, add_text_options, commit_label, corpus, fmt_ppl, git_state, load, machine,
+                     save, text_sources, write_into)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "elsa.json")
@@ -84,6 +89,21 @@ def commit() -> str:
 ONE_SHOT_SETTINGS = ("nsamples", "seqlen", "eval_windows")  # what the SparseGPT row depends on, with the commit
 
 
+def run_protocol(entry: dict) -> dict:
+    """The evaluation protocol of a run, as benchmarks/quality.py records its ``protocol``: what a
+    perplexity of another file must share to stand beside it (the machine aside)."""
+    s = entry["settings"]
+    return {"model": entry.get("model", "smollm2"), "nsamples": s["nsamples"], "seqlen": s["seqlen"],
+            "eval_windows": s["eval_windows"], "seed": s.get("seed", 0), **corpus(entry.get("text"))}
+
+
+def file_protocol(results: dict) -> dict:
+    """The protocol of a benchmarks/quality.py results file, in :func:`run_protocol`'s terms."""
+    proto = results.get("protocol") or {}
+    return {**{k: proto.get(k) for k in ("model", "nsamples", "seqlen", "eval_windows", "seed")},
+            **corpus(proto.get("text"))}
+
+
 def same_run(a: dict | None, b: dict) -> bool:
     """Whether two entries are one run: the same code, settings and machine (rows may then join)."""
     return bool(a) and all(a.get(k) == b.get(k) for k in ("commit", "settings", "machine"))
@@ -99,6 +119,16 @@ def merge(results: dict, other: dict) -> None:
             previous["rows"].update(entry["rows"])
         else:
             results["runs"][key] = entry
+
+
+def shared_dense(results: dict, entry: dict) -> dict:
+    """The dense perplexity (and layer count) another run at the same protocol, commit and machine
+    already measured, so that a second run does not evaluate the dense model again."""
+    for other in results["runs"].values():
+        if (other.get("dense") is not None and other["commit"] == entry["commit"]
+                and other["machine"] == entry["machine"] and run_protocol(other) == run_protocol(entry)):
+            return {"dense": other["dense"], "num_layers": other.get("num_layers")}
+    return {}
 
 
 def shared_sparsegpt_row(results: dict, entry: dict) -> dict:
@@ -141,10 +171,19 @@ def measure(setting: str, args, results: dict) -> None:
     previous = results["runs"].get(key)
     if same_run(previous, entry):
         entry["rows"] = previous["rows"]  # the same code, settings and machine: keep the rows already measured
+        entry.update({k: previous[k] for k in ("dense", "num_layers") if k in previous})
     rows = entry["rows"]
     if "sparsegpt" not in rows:
         rows.update(shared_sparsegpt_row(results, entry))
+    if entry.get("dense") is None:
+        entry.update(shared_dense(results, entry))
     model, tokenizer = api.load_model("smollm2")
+    if entry.get("dense") is None:  # the caption's dense perplexity, at this run's protocol
+        entry["dense"] = api.evaluate(model, tokenizer, PruneConfig(**common))[args.eval]
+        entry["num_layers"] = model.config.num_hidden_layers
+        results["runs"][key] = entry
+        save(results, args.json)
+        print(f"{setting} dense: ppl {fmt_ppl(entry['dense'])}", flush=True)
     cache = os.path.join(args.cache, file_name("sparsegpt", setting, entry["commit"]) + ".pt")
     if "sparsegpt" in rows and os.path.exists(cache):
         model.load_state_dict(torch.load(cache))
@@ -193,13 +232,57 @@ def measure(setting: str, args, results: dict) -> None:
               flush=True)
 
 
-def sparsellm_rows(path: str = QUALITY_JSON) -> dict:
-    """SparseLLM's one-shot perplexity over all layers per setting, from a JSON of
-    benchmarks/quality.py (the same protocol; by default the quality table's): {setting: entry}.
-    A relative path is taken from the repository root."""
+def sparsellm_reference(path: str = QUALITY_JSON) -> dict:
+    """A benchmarks/quality.py JSON for the sparsellm column (by default the quality table's; a
+    relative path is taken from the repository root): its protocol (:func:`file_protocol`), dense
+    perplexity, layer count and SparseLLM's one-shot entries over all layers, {setting: entry}."""
     path = path if os.path.isabs(path) else os.path.join(HERE, os.pardir, path)
-    runs = load(path)["runs"] if os.path.exists(path) else {}
-    return {k.split("|")[1]: v for k, v in runs.items() if k.startswith("sparsellm|") and k.endswith("|all")}
+    results = load(path) if os.path.exists(path) else {"protocol": {}, "dense": None, "runs": {}}
+    return {"protocol": file_protocol(results), "dense": results.get("dense"), "num_layers": results.get("num_layers"),
+            "runs": {k.split("|")[1]: v for k, v in results["runs"].items()
+                     if k.startswith("sparsellm|") and k.endswith("|all")}}
+
+
+def at_protocol(reference: dict, entry: dict) -> bool:
+    """Whether the quality file's numbers were measured at the protocol of the run ``entry``."""
+    return reference["protocol"] == run_protocol(entry)
+
+
+def dense_of(entry: dict, reference: dict) -> tuple[float | None, int | None]:
+    """(dense perplexity, decoder layers) at the run's protocol: its own (runs since it was
+    recorded), else the quality file's where that was measured at the same protocol."""
+    if entry.get("dense") is not None:
+        return entry["dense"], entry.get("num_layers")
+    if at_protocol(reference, entry):
+        return reference["dense"], reference["num_layers"]
+    return None, None
+
+
+def caption(entries: list[dict], reference: dict) -> str:
+    """The table's caption: the protocol of the runs and their dense perplexity (per group of runs
+    where they differ), and what the columns hold."""
+    groups: dict[tuple, list[str]] = {}  # (test windows, calibration, dense) -> the runs
+    layers = set()
+    for e in entries:
+        dense, count = dense_of(e, reference)
+        layers.add(count)
+        p = run_protocol(e)
+        groups.setdefault((f"{p['eval_windows']} x {p['seqlen']} tokens", f"{p['nsamples']} x {p['seqlen']}",
+                           fmt_ppl(dense) if dense is not None else "not measured"), []).append(label(e))
+    where = f"all {layers.pop()} layers" if len(layers) == 1 and None not in layers else "all layers"
+    if len(groups) == 1:
+        (tokens, calibration, dense), = groups
+        head = (f"Perplexity on the wiki test part ({tokens}; dense {dense}), {where}. SparseGPT: one-shot, "
+                f"{calibration} calibration tokens.")
+    else:
+        head = (f"Perplexity on the wiki test part, {where}, at each run's protocol ("
+                + "; ".join(f"{', '.join(runs)}: {tokens}, dense {dense}, {calibration} calibration tokens"
+                            for (tokens, calibration, dense), runs in groups.items())
+                + "). SparseGPT: one-shot.")
+    return (head + " elsa and masked-adam start from that SparseGPT model and train on fresh calibration windows (the "
+            "recipe column: below); residual: Elsa's ||w - z|| / ||w|| at its last z-update, before the final "
+            "projection; time (min): SparseGPT's prune + masked-adam's training / Elsa's training, wall-clock on the "
+            "machine named below.")
 
 
 def label(entry: dict) -> str:
@@ -215,29 +298,33 @@ def machines(entries: list[dict]) -> dict[str, list[str]]:
     return out
 
 
-def render(results: dict, sparsellm: dict | None = None) -> str:
+def render(results: dict, reference: dict | None = None) -> str:
+    """The table; ``reference``: :func:`sparsellm_reference` (by default of the file the results name)."""
     entries = sorted((e for e in results["runs"].values() if {"sparsegpt", "elsa"} <= set(e["rows"])),
                      key=lambda e: (e["setting"], e["settings"]["steps"], e.get("tag", "")))  # finished runs
     if not entries:
         return "No Elsa results yet.\n"
-    if sparsellm is None:
-        sparsellm = sparsellm_rows(results.get("sparsellm_json", QUALITY_JSON))
+    if reference is None:
+        reference = sparsellm_reference(results.get("sparsellm_json", QUALITY_JSON))
+    sparsellm = reference["runs"]
     recipes: list[str] = []  # the distinct training recipes, numbered in the order of the rows
     for e in entries:
         if recipe(e["settings"]) not in recipes:
             recipes.append(recipe(e["settings"]))
-    lines = ["Perplexity on the wiki test part (40 x 512 tokens; dense 19.61), all 30 layers. SparseGPT: one-shot, "
-             "32 x 512 calibration tokens. elsa and masked-adam start from that SparseGPT model and train on fresh "
-             "calibration windows (the recipe column: below); residual: Elsa's ||w - z|| / ||w|| at its last z-update, "
-             "before the final projection; time = SparseGPT's + training, wall-clock on the machine named below.", "",
+    lines = [caption(entries, reference), "",
              "| sparsity | recipe | sparsegpt | sparsellm | masked-adam | elsa | residual | steps x tokens | time (min) "
              "| commit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    sparsellm_notes = {}
+    sparsellm_notes, other_protocol = {}, []
     for e in entries:
         r = e["rows"]
         tokens = e["settings"]["steps"] * e["settings"]["batch_size"] * e["settings"]["grad_accum"] * e["settings"]["seqlen"]
         one_shot = sparsellm.get(e["setting"])
+        if one_shot and not at_protocol(reference, e):  # measured at another protocol: not comparable
+            other_protocol.append(label(e))
+            one_shot_cell, one_shot = "-", None
+        else:
+            one_shot_cell = fmt_ppl(one_shot["ppl"]) if one_shot else "not run"
         if one_shot:
             threads = one_shot.get("threads")
             sparsellm_notes[e["setting"]] = (f"{e['setting']}: {one_shot['prune_seconds'] / 60:.0f} min, "
@@ -249,7 +336,7 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
         masked_minutes = f"{masked['train_seconds'] / 60:.0f}" if masked else "-"
         minutes = f"{r['sparsegpt']['seconds'] / 60:.0f} + {masked_minutes} / {r['elsa']['train_seconds'] / 60:.0f}"
         lines.append(f"| {e['setting']} | R{recipes.index(recipe(e['settings'])) + 1} | {fmt_ppl(r['sparsegpt']['ppl'])} | "
-                     f"{fmt_ppl(one_shot['ppl']) if one_shot else 'not run'} | "
+                     f"{one_shot_cell} | "
                      f"{fmt_ppl(masked['ppl']) if masked else 'not run'} | {fmt_ppl(r['elsa']['ppl'])} | {residual} | "
                      f"{e['settings']['steps']} x {tokens // e['settings']['steps']} | {minutes} | {e['commit']} |")
     lines += ["", "Recipes: " + "; ".join(f"R{i + 1}: {text}" for i, text in enumerate(recipes)) + ".",
@@ -257,6 +344,9 @@ def render(results: dict, sparsellm: dict | None = None) -> str:
     if sparsellm_notes:
         lines += ["", "sparsellm: one-shot SparseLLM over all layers with the same calibration, from "
                   "benchmarks/quality.py (its prune time, threads and commit: " + "; ".join(sparsellm_notes.values()) + ")."]
+    if other_protocol:
+        lines += ["", "sparsellm -: the SparseLLM entry of that setting was measured at another protocol than the run "
+                  f"({', '.join(other_protocol)})."]
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,13 @@ steady-state time per layer (median over the layers after the first, which pays 
     python benchmarks/prune_7b.py --tokenizer .device-data/tok --calib .device-data/wiki_calib.txt \\
         --runs sparsegpt:0.7:auto,sparsellm:0.7:auto --layers 3 --out $OUT/prune_7b.json
 
-``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script;
-``--shape`` names another (``smollm2-135m``: the default model's).
+``--tiny`` swaps the 7B shapes for a toy model (hidden 64), for a CPU smoke run of the script,
+and lowers the calibration to ``--nsamples 8 --seqlen 128`` unless given (``--device cpu`` is
+still needed on a machine without CUDA):
+
+    python benchmarks/prune_7b.py --tiny --device cpu --tokenizer .device-data/tok --calib .device-data/wiki_calib.txt
+
+``--shape`` names another shape (``smollm2-135m``: the default model's; ``--shape tiny`` is ``--tiny``).
 ``--profile DIR`` runs each prune under torch.profiler instead (``profile_prune.py``: where the
 time goes, by named part of the prune and by operator or kernel), into DIR/<run>.md and .json.
 """
@@ -129,19 +134,39 @@ def origin_text(result: dict) -> str:
             f"{' (dirty)' if result['git']['dirty'] else ''}")
 
 
-def base_parser(doc: str) -> argparse.ArgumentParser:
-    """The options every 7B-shaped benchmark takes; each adds ``--runs`` and its own."""
+def tiny_text(tiny_defaults: dict) -> str:
+    """The options ``--tiny`` lowers, as command-line flags."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tiny_defaults.items())
+
+
+def base_parser(doc: str, tiny_defaults: dict) -> argparse.ArgumentParser:
+    """The options every 7B-shaped benchmark takes; each adds ``--runs`` and its own, and parses
+    with :func:`parse_args`, where ``--tiny`` (or ``--shape tiny``) also sets ``tiny_defaults``
+    for the options not given."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="folder holding the tokenizer files")
     ap.add_argument("--calib", required=True, help="calibration text (.txt)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES), help="the decoder layers' shape")
     ap.add_argument("--tiny", dest="shape", action="store_const", const="tiny",
-                    help="toy shapes, for a CPU smoke run (--shape tiny)")
+                    help=f"toy shapes, for a CPU smoke run (--shape tiny); also lowers the defaults of the options "
+                         f"not given to {tiny_text(tiny_defaults)}")
+    ap.set_defaults(tiny_defaults=tiny_defaults)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
     ap.add_argument("--out", default=None, help="JSON results (the table is printed)")
     ap.add_argument("--workdir", default=None)
     return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse; with the toy shape, again with the parser's ``tiny_defaults`` as the defaults (an
+    option given on the command line keeps its value)."""
+    args = ap.parse_args(argv)
+    if args.shape == "tiny":
+        ap.set_defaults(**args.tiny_defaults)
+        args = ap.parse_args(argv)
+    del args.tiny_defaults
+    return args
 
 
 def render(result: dict) -> str:
@@ -174,8 +199,11 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+TINY_DEFAULTS = {"nsamples": 8, "seqlen": 128}  # --tiny: a CPU smoke run in well under two minutes
+
+
 def main(argv=None) -> int:
-    ap = base_parser(__doc__)
+    ap = base_parser(__doc__, TINY_DEFAULTS)
     ap.add_argument("--runs", default="sparsegpt:0.7:auto,sparsellm:0.7:auto",
                     help="comma-separated METHOD:SPARSITY:BACKEND[:OPTION=VALUE...] (an N:M sparsity as 2-4; "
                          "options are CLI flags without the dashes, e.g. product-precision=float32)")
@@ -185,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="run every prune under torch.profiler (benchmarks/profile_prune.py) and write its tables "
                          "to DIR/<run>.md and .json; the times in the table are then the profiled ones")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="prune7b-")

@@ -78,6 +78,18 @@ def text_sources(args) -> dict:
     return {} if (args.calib, args.eval) == ("wiki", "wiki") else {"text": {"calib": args.calib, "eval": args.eval}}
 
 
+WIKI_SPLIT_FILES = {"calib": "wiki_calib.txt", "eval": "wiki_test.txt"}  # ../shared/device/prepare.sh's names
+
+
+def corpus(results_text: dict | None) -> dict:
+    """The text a results entry measured on, for comparing protocols: the wiki source and the wiki
+    splits that ../shared/device/prepare.sh writes as .txt files (the same tokens, checked there)
+    are both "wiki"; any other file is its path."""
+    text = results_text or {}
+    return {part: "wiki" if text.get(part, "wiki") == "wiki" or os.path.basename(text[part]) == name
+            else text[part] for part, name in WIKI_SPLIT_FILES.items()}
+
+
 def git_state() -> dict:
     """The commit the numbers come from, and whether the tracked files differ from it (the
     results folder aside: the benchmarks write their own results there while they run).
@@ -163,7 +175,8 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
             "output_rel_error": [r.output_rel_error for r in records]}
 
 
-def dense_ppl(args) -> float:
+def dense_ppl(args) -> tuple[float, int]:
+    """The dense model's perplexity on ``args.eval`` at the protocol of ``args``, and its decoder layers."""
     from sparsellm import api
     from sparsellm.config import PruneConfig
 
@@ -201,6 +214,18 @@ def fmt_ppl(value) -> str:
     return f"{value:.4g}" if value < 1e5 else f"{value:.3g}"
 
 
+# the wiki protocol: what a results file older than the record of its protocol was measured at
+PROTOCOL_DEFAULTS = {"eval_windows": 40, "seqlen": 512, "nsamples": 32, "seed": 0}
+
+
+def protocol_caption(proto: dict) -> str:
+    """The start of a perplexity table's caption: the test windows, the calibration and the seed
+    of a results file's ``protocol`` (the wiki protocol's values where one is not recorded)."""
+    p = {**PROTOCOL_DEFAULTS, **{k: v for k, v in proto.items() if v is not None}}
+    return (f"Perplexity on the wiki test part ({p['eval_windows']} windows of {p['seqlen']} tokens), "
+            f"calibration {p['nsamples']} x {p['seqlen']} tokens, seed {p['seed']}")
+
+
 def render(results: dict) -> str:
     runs = list(results["runs"].values())
     rows: dict[tuple[str, str], dict] = {}
@@ -214,10 +239,7 @@ def render(results: dict) -> str:
     settings = [s for s in SETTINGS_ORDER if any(s in r for r in rows.values())]
     settings += sorted({s for r in rows.values() for s in r} - set(settings))
     proto = results.get("protocol", {})
-    lines = [f"Perplexity on the wiki test part ({proto.get('eval_windows', 40)} windows of "
-             f"{proto.get('seqlen', 512)} tokens), calibration {proto.get('nsamples', 32)} x "
-             f"{proto.get('seqlen', 512)} tokens, seed 0. N:M = N pruned of every M. "
-             f"Dense: {fmt_ppl(results.get('dense'))}.", ""]
+    lines = [f"{protocol_caption(proto)}. N:M = N pruned of every M. Dense: {fmt_ppl(results.get('dense'))}.", ""]
     header = "| method | " + " | ".join(settings) + " |"
     lines += [header, "|" + "---|" * (len(settings) + 1)]
     order = {"magnitude": 0, "wanda": 1, "sparsegpt": 2, "sparsellm": 3}

@@ -1,11 +1,14 @@
 """What the reference-loop cross-checks share (benchmarks/wanda_reference_loop.py,
 benchmarks/sparsegpt_reference_loop.py): their command-line options for the quality protocol
-(../shared/PROTOCOL.md) and loading the default model with its calibration windows."""
+(../shared/PROTOCOL.md), loading the default model with its calibration windows, and their
+results file (``--json``)."""
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
+from quality import git_state, machine, save
 
 from sparsellm import api, data
 from sparsellm.config import PruneConfig
@@ -20,7 +23,19 @@ def protocol_parser(doc: str, sparsity: float) -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--compare-layers", type=int, default=0, help="compare with our driver on this many layers")
     p.add_argument("--no-eval", action="store_true", help="only the first --compare-layers layers, no perplexity")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="also write the results here: the printed numbers with the commit, settings and machine")
     return p
+
+
+def write_results(args, results: dict) -> None:
+    """Write ``results`` (the numbers the script printed) to ``args.json``, if given, with the
+    commit (quality.git_state), the settings, the machine and the date, as the other benchmarks."""
+    if not args.json:
+        return
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    save({"git": git_state(), "machine": machine(True), "measured": time.strftime("%Y-%m-%d"),
+          "settings": settings, **results}, args.json)
 
 
 def load_protocol(args):

@@ -16,13 +16,16 @@ the dense fp32 product. Kernel time: ``gpu_timing.kernel_us`` (CUDA events, L2 f
 
 A smoke run of the script itself on a CPU (Triton's interpreter, small shapes, wall-clock
 timing, numbers meaningless): ``TRITON_INTERPRET=1 python benchmarks/sparse_gpu_sweep.py
---device cpu --shapes 128x64 --quick --out /tmp/s.json``.
+--device cpu --shapes 128x64 --quick --out /tmp/s.json``; ``--device cpu`` without the
+interpreter is refused (exit 2). A sweep where every config failed exits 1, its ``meta`` saying
+``"complete": false`` (with ``configs_ok`` and ``configs_failed``).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 
@@ -129,6 +132,11 @@ def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None) -
     return rows
 
 
+def _ok(row: dict) -> bool:
+    """Whether a kernel config ran and its output matched the dense product."""
+    return row["impl"] != "dense" and "us" in row and row["err"] < 1e-2
+
+
 def table(rows: list[dict], shapes, top: int = 5) -> str:
     lines = []
     for (in_f, out_f) in shapes:
@@ -137,8 +145,8 @@ def table(rows: list[dict], shapes, top: int = 5) -> str:
             dense = next((r["us"] for r in sel if r["impl"] == "dense"), None)
             if dense is None:  # not reached (a run cut short)
                 continue
-            ok = sorted((r for r in sel if r["impl"] == fmt and "us" in r and r["err"] < 1e-2), key=lambda r: r["us"])
-            bad = [r for r in sel if r["impl"] == fmt and ("error" in r or r.get("err", 0) >= 1e-2)]
+            ok = sorted((r for r in sel if r["impl"] == fmt and _ok(r)), key=lambda r: r["us"])
+            bad = [r for r in sel if r["impl"] == fmt and not _ok(r)]
             lines.append(f"\n{in_f}->{out_f} {fmt} (dense {dense:.1f} us; {len(ok)} configs ok, {len(bad)} failed):")
             lines.append("| config | us | speedup vs dense |")
             lines.append("|---|---:|---:|")
@@ -159,13 +167,21 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # without the interpreter every Triton kernel refuses CPU tensors: each config would fail
+        print("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
+              "(TRITON_INTERPRET=1 python benchmarks/sparse_gpu_sweep.py --device cpu ...)", file=sys.stderr)
+        return 2
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     t0 = time.time()
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
 
-    def save(rows, complete=False) -> str:
+    def save(rows, finished=False) -> str:
+        kernels = [r for r in rows if r["impl"] != "dense"]
+        ok = sum(map(_ok, kernels))
+        # complete: every config tried and at least one worked (a sweep where all failed measured nothing)
         meta = {"device": device, "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
-                "complete": complete}
+                "complete": finished and ok > 0, "configs_ok": ok, "configs_failed": len(kernels) - ok}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         text = f"{meta}\n" + table(rows, shapes)
@@ -175,7 +191,10 @@ def main(argv=None) -> int:
         return text
 
     rows = sweep(shapes, args.device, args.reps, args.quick, save)
-    print(save(rows, complete=True))
+    print(save(rows, finished=True))
+    if not any(map(_ok, rows)):
+        print("every config failed (their errors: the rows of --out)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,8 +18,11 @@ mask rule: exactly ``int(numel * sparsity)`` lowest scores). ``--compare-layers 
 driver (``sequential=False``) on a fresh model over the first N layers and prints, per matrix,
 how many mask entries differ and both relative output errors.
 
-    python benchmarks/sparsegpt_reference_loop.py --sparsity 0.9
+    python benchmarks/sparsegpt_reference_loop.py --sparsity 0.9 --json sparsegpt_reference_0.9.json
     python benchmarks/sparsegpt_reference_loop.py --sparsity 0.9 --compare-layers 4 --no-eval
+
+``--json PATH`` writes what it prints (perplexity, prune seconds, per-layer output errors and
+the comparison) with the commit, settings and machine.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from sparsellm.driver import WINDOW_TOKENS_PER_CALL, LayerDriver, capture_layer_
 from sparsellm.methods import get_method
 from sparsellm.models import get_adapter
 
-from reference_protocol import load_protocol, protocol_parser, protocol_perplexity
+from reference_protocol import load_protocol, protocol_parser, protocol_perplexity, write_results
 
 
 def reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, blocksize: int = 128,
@@ -152,23 +155,24 @@ def reference_loop(model, adapter, windows, sparsity: float, num_layers: int, gr
     return per_layer, kept, layer_errors
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = protocol_parser(__doc__, 0.9)
     p.add_argument("--gram", choices=("running", "batched"), default="running")
     p.add_argument("--mask", choices=("le", "topk"), default="le")
     p.add_argument("--reverse-windows", action="store_true",
                    help="feed the calibration windows in reverse order (a rounding-level perturbation)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     model, tokenizer, adapter, windows, num_layers = load_protocol(args)
     start = time.perf_counter()
     ref, _, layer_errors = reference_loop(model, adapter, windows, args.sparsity, num_layers, args.gram, args.mask,
                             keep_inputs=args.compare_layers, log_every=10,
                             reverse=args.reverse_windows)
     seconds = time.perf_counter() - start
+    results = {"prune_seconds": seconds, "layer_output_rel_errors": layer_errors}
     if not args.no_eval:
-        ppl = protocol_perplexity(model, tokenizer, args)
+        results["ppl"] = protocol_perplexity(model, tokenizer, args)
         print(f"reference-loop sparsegpt {args.sparsity} (gram={args.gram}, mask={args.mask}, "
-              f"reversed={args.reverse_windows}): ppl {ppl:.4f}, "
+              f"reversed={args.reverse_windows}): ppl {results['ppl']:.4f}, "
               f"prune {seconds:.1f}s", flush=True)
     print("layer output rel errors: " + " ".join(f"{e:.4g}" for e in layer_errors), flush=True)
     if args.compare_layers:
@@ -176,17 +180,25 @@ def main() -> None:
         config = PruneConfig(method="sparsegpt", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                              quiet=True, sequential=False, device="cpu", layers=(0, args.compare_layers))
         records = LayerDriver(ours, get_adapter(ours), get_method(config), config).run(windows)
+        results["compare"] = []
         for index, layer in enumerate(adapter.layers(ours)[:args.compare_layers]):
             errs = records[index].matrices
+            matrices = {}
             for name, linear in _linears(layer).items():
                 mask, ref_err = ref[index][name]
                 ours_mask = linear.weight == 0
-                differ = int((ours_mask != mask).sum())
-                print(f"layer {index} {name}: {differ} of {mask.numel()} mask entries differ "
-                      f"(pruned: ref {int(mask.sum())}, ours {int(ours_mask.sum())}); rel error ref "
-                      f"(on its dense-pass inputs) {ref_err:.5g}, ours {errs[name]['rel_error']:.5g}", flush=True)
+                m = matrices[name] = {"mask_entries_differ": int((ours_mask != mask).sum()), "numel": mask.numel(),
+                                      "pruned_ref": int(mask.sum()), "pruned_ours": int(ours_mask.sum()),
+                                      "rel_error_ref": ref_err, "rel_error_ours": errs[name]["rel_error"]}
+                print(f"layer {index} {name}: {m['mask_entries_differ']} of {m['numel']} mask entries differ "
+                      f"(pruned: ref {m['pruned_ref']}, ours {m['pruned_ours']}); rel error ref "
+                      f"(on its dense-pass inputs) {ref_err:.5g}, ours {m['rel_error_ours']:.5g}", flush=True)
+            results["compare"].append({"layer": index, "matrices": matrices,
+                                       "output_rel_error_ref": layer_errors[index],
+                                       "output_rel_error_ours": records[index].output_rel_error})
             print(f"layer {index} output rel error: ref {layer_errors[index]:.5g}, "
                   f"ours {records[index].output_rel_error:.5g}", flush=True)
+    write_results(args, results)
 
 
 if __name__ == "__main__":

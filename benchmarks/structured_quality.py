@@ -4,7 +4,9 @@ The protocol of ../shared/PROTOCOL.md (SmolLM2-135M-Instruct, float32, 32 x 512 
 tokens, seed 0, all 30 decoder layers, perplexity on the first 40 512-token windows of the wiki
 test part). Each run is one `sparsellm.run` (prune, physical removal, evaluation) and is kept
 in benchmarks/results/structured_quality.json with the git commit (and whether the tree had
-uncommitted changes), the settings, the parameters and FLOPs per token, and when it ran.
+uncommitted changes), the settings, the parameters and FLOPs per token, and when it ran; the
+file's protocol (--nsamples, --seqlen, --eval-windows) and the dense perplexity at it (measured
+once per test protocol) give the table's caption.
 
     python benchmarks/structured_quality.py --methods structprune,sparsegpt,wanda,magnitude --channels 0.2,0.5
     python benchmarks/structured_quality.py --methods structprune --channels 0.5 --allocation energy
@@ -30,7 +32,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import commit_label, fmt_ppl, git_state, load, machine, save, write_into  # noqa: E402  (the quality table's helpers)
+from quality import (commit_label, dense_ppl, fmt_ppl, git_state, load, machine, protocol_caption,  # noqa: E402
+                     save, write_into)  # (the quality table's helpers)
 
 DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
@@ -133,6 +136,24 @@ def speed(entry: dict, args) -> dict:
     return out
 
 
+def num_layers(results: dict) -> int | None:
+    """The model's decoder layers (every run prunes all of them): recorded with the dense
+    perplexity, or, in files from before that, the length of the runs' per-layer sizes."""
+    if results.get("num_layers"):
+        return results["num_layers"]
+    counts = {len(r["layer_sizes"]["intermediate_size"]) for r in results["runs"].values() if r.get("layer_sizes")}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def caption(results: dict) -> str:
+    """The table's caption, from the results' protocol, dense perplexity and layer count."""
+    layers = num_layers(results)
+    dense = results.get("dense")
+    dense = fmt_ppl(dense) if dense is not None else "not measured"
+    return (f"{protocol_caption(results.get('protocol', {}))}, all {f'{layers} ' if layers else ''}layers; "
+            f"columns: share of FFN channels removed. Dense: {dense}.")
+
+
 def render(results: dict) -> str:
     runs = sorted(results["runs"].values(), key=lambda r: (r["heads"] or 0, r["allocation"] != "uniform",
                                                            ["structprune", "sparsegpt", "wanda", "magnitude"].index(
@@ -149,10 +170,7 @@ def render(results: dict) -> str:
         rule, _, temperature = r["allocation"].partition(":")
         label += f", {rule}" + (f" (temperature {temperature})" if temperature else "")
         rows.setdefault(label, {})[r["channels"]] = r
-    proto = results.get("protocol", {})
-    lines = [f"Perplexity on the wiki test part ({proto.get('eval_windows', 40)} windows of 512 tokens), "
-             f"calibration {proto.get('nsamples', 32)} x {proto.get('seqlen', 512)} tokens, seed 0, all 30 layers; "
-             "columns: share of FFN channels removed. Dense: 19.61.", "",
+    lines = [caption(results), "",
              "| method | " + " | ".join(f"{c:.0%} channels" for c in columns) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for label, cells in rows.items():
@@ -174,13 +192,14 @@ def render(results: dict) -> str:
     for k, s in results.get("speed", {}).items():
         if "speedup_prefill_tokens_per_cpu_s" not in s:
             continue
+        prompt = s["dense"][0].get("prompt", 512)  # the timed window's length
         lines += ["", f"CPU speed of `{k}` vs dense ({s['threads']} thread(s), median of {len(s['dense'])} "
                       f"alternating rounds, commit {commit_label(s.get('git'))}): " + "; ".join(
                           f"{label} {s[f'dense_{m}_tokens_per_cpu_s']:.1f} -> {s[f'pruned_{m}_tokens_per_cpu_s']:.1f} "
                           f"tokens per CPU second ({s[f'speedup_{m}_tokens_per_cpu_s']:.2f}x; wall clock "
                           f"{s[f'speedup_{m}_tokens_per_s']:.2f}x)" for m, label in (
-                              ("prefill", "prefill of 512 tokens (KV cache and last logits, as generate)"),
-                              ("scoring", "scoring 512 tokens (every position's logits)"),
+                              ("prefill", f"prefill of {prompt} tokens (KV cache and last logits, as generate)"),
+                              ("scoring", f"scoring {prompt} tokens (every position's logits)"),
                               ("decode", "greedy decode")) if f"speedup_{m}_tokens_per_cpu_s" in s) + "."]
     return "\n".join(lines) + "\n"
 
@@ -216,6 +235,9 @@ def main(argv=None) -> int:
         results["runs"].update(other["runs"])
         results["speed"].update(other.get("speed", {}))
         results["protocol"] = results.get("protocol") or other.get("protocol", {})
+        for k in ("dense", "num_layers"):  # the caption's, measured by the job that ran the runs
+            if results.get(k) is None and other.get(k) is not None:
+                results[k] = other[k]
         save(results, args.json)
     elif args.speed:
         parts = args.speed.split(",")
@@ -228,8 +250,18 @@ def main(argv=None) -> int:
             results["speed"][k] = entry
             save(results, args.json)
     elif not args.render:
+        previous = results.get("protocol") or {}
         results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
                                "eval_windows": args.eval_windows, "seed": 0, "machine": machine(True)}
+        if (results.get("dense") is None or args.rerun
+                or any(previous.get(k) != results["protocol"][k] for k in ("seqlen", "eval_windows"))):
+            # the caption's dense perplexity, at this protocol (the runs do not evaluate the dense model)
+            results["dense"], results["num_layers"] = dense_ppl(argparse.Namespace(
+                nsamples=args.nsamples, seqlen=args.seqlen, eval="wiki", eval_windows=args.eval_windows,
+                progress=args.progress, cpu=True))
+            results.pop("dense_source", None)  # measured here now
+            save(results, args.json)
+            print(f"dense: {results['dense']:.4f}", flush=True)
         for heads in (float(h) for h in args.heads.split(",")):
             for channels in (float(c) for c in args.channels.split(",")):
                 for method in args.methods.split(","):

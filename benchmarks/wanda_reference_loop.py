@@ -8,8 +8,11 @@ inputs (same model, same windows as ``benchmarks/quality.py``) and prints the pe
 optionally runs our driver (``sequential=False``, the reference's statistics) on a fresh model
 and lists the matrices of the first ``--compare-layers`` layers whose masks differ.
 
-    python benchmarks/wanda_reference_loop.py --sparsity 0.7
+    python benchmarks/wanda_reference_loop.py --sparsity 0.7 --json wanda_reference_0.7.json
     python benchmarks/wanda_reference_loop.py --sparsity 0.7 --compare-layers 4 --no-eval
+
+``--json PATH`` writes what it prints (perplexity, mask entries that differ) with the commit,
+settings and machine.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from sparsellm.config import PruneConfig
 from sparsellm.driver import LayerDriver, capture_layer_inputs
 from sparsellm.methods import get_method
 
-from reference_protocol import load_protocol, protocol_parser, protocol_perplexity
+from reference_protocol import load_protocol, protocol_parser, protocol_perplexity, write_results
 
 
 def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> list[dict[str, torch.Tensor]]:
@@ -59,22 +62,29 @@ def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> li
     return masks
 
 
-def main() -> None:
-    args = protocol_parser(__doc__, 0.7).parse_args()
+def main(argv=None) -> None:
+    args = protocol_parser(__doc__, 0.7).parse_args(argv)
     model, tokenizer, adapter, windows, num_layers = load_protocol(args)
     masks = reference_loop(model, adapter, windows, args.sparsity, num_layers)
+    results = {}
     if not args.no_eval:
-        print(f"reference-loop wanda {args.sparsity}: ppl {protocol_perplexity(model, tokenizer, args):.4f}")
+        results["ppl"] = protocol_perplexity(model, tokenizer, args)
+        print(f"reference-loop wanda {args.sparsity}: ppl {results['ppl']:.4f}")
     if args.compare_layers:
         ours, _ = api.load_model("smollm2")
         config = PruneConfig(method="wanda", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                              quiet=True, sequential=False, device="cpu", layers=(0, args.compare_layers))
         LayerDriver(ours, adapter, get_method(config), config).run(windows)
+        results["compare"] = []
         for index, layer in enumerate(adapter.layers(ours)[:args.compare_layers]):
+            matrices = {}
             for name, linear in layer.named_modules():
                 if isinstance(linear, torch.nn.Linear):
                     differ = int(((linear.weight == 0) != masks[index][name]).sum())
-                    print(f"layer {index} {name}: {differ} of {linear.weight.numel()} mask entries differ")
+                    m = matrices[name] = {"mask_entries_differ": differ, "numel": linear.weight.numel()}
+                    print(f"layer {index} {name}: {m['mask_entries_differ']} of {m['numel']} mask entries differ")
+            results["compare"].append({"layer": index, "matrices": matrices})
+    write_results(args, results)
 
 
 if __name__ == "__main__":

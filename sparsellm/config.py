@@ -44,8 +44,10 @@ class SparseLLMSettings:
     # its range, float32 results (meant for CUDA: twice TF32's tensor-core rate on Hopper with the
     # same 11 significant bits per operand; not yet measured on a GPU, so not the default; on the
     # CPU emulated in float32, slower). Factorisations, the OBS sweeps and the p-step system
-    # stay float32 in every mode. Measured on an H100 (benchmarks/prune_7b.py, README "SparseLLM
-    # at 7B shapes") and on the 2-core CPU (README, SparseLLM).
+    # stay float32 in every mode. TF32 against float32 measured on an H200 (benchmarks/prune_7b.py;
+    # benchmarks/RESULTS.md, "SparseLLM at 7B shapes", run 2, commit b5f1d8f: 2.3x faster per
+    # layer, FFN errors moved by at most 1.5e-4; run 1, on an H100, had float32 products only)
+    # and on the 2-core CPU (README, SparseLLM).
     product_precision: str = "tf32"
     # Calibration tokens per chunk of the solver's token-wise steps (None: automatic, temporaries
     # of 32 MB on the CPU and 128 MB on CUDA; see sparsellm.methods.sparsellm). Only memory and

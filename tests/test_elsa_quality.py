@@ -52,3 +52,54 @@ def test_a_different_run_of_the_same_key_replaces_the_stored_one(tmp_path):
         stored, other = files(tmp_path, {"0.9|gpu": copy.deepcopy(old)}, {"0.9|gpu": new})
         assert elsa_quality.main(["--json", str(stored), "--merge", str(other)]) == 0
         assert json.loads(stored.read_text())["runs"]["0.9|gpu"] == new, change
+
+
+def quality_file(tmp_path, protocol, dense=19.6, runs=None):
+    """A benchmarks/quality.py results file holding SparseLLM's one-shot 0.9 entry."""
+    path = tmp_path / "quality.json"
+    entry = {"method": "sparsellm", "setting": "0.9", "layers": "all", "ppl": 1860.0, "prune_seconds": 300.0,
+             "threads": 2, "git": {"commit": "37080ba" + "0" * 33, "dirty": False}}
+    path.write_text(json.dumps({"protocol": protocol, "dense": dense, "num_layers": 30,
+                                "runs": runs if runs is not None else {"sparsellm|0.9|all": entry}}))
+    return path
+
+
+PROTOCOL = {"model": "smollm2", "nsamples": 32, "seqlen": 512, "eval_windows": 40, "seed": 0, "machine": "CPU"}
+
+
+def rendered(tmp_path, runs, protocol=PROTOCOL):
+    reference = elsa_quality.sparsellm_reference(str(quality_file(tmp_path, protocol)))
+    return elsa_quality.render({"runs": runs}, reference)
+
+
+def test_the_caption_and_the_sparsellm_column_come_from_matching_protocols(tmp_path):
+    entry = run("abc1234", {"sparsegpt": SPARSEGPT, "elsa": ELSA, "masked-adam": MASKED})
+    table = rendered(tmp_path, {"0.9|gpu": entry})
+    assert table.startswith("Perplexity on the wiki test part (40 x 512 tokens; dense 19.6), all 30 layers. "
+                            "SparseGPT: one-shot, 32 x 512 calibration tokens.")
+    assert "time (min): SparseGPT's prune + masked-adam's training / Elsa's training" in table
+    assert "| 8942 | 1860 | 111.1 | 125 |" in table  # the same protocol: SparseLLM's one-shot number
+    assert "another protocol" not in table
+    # the wiki split as .txt files (../shared/device/prepare.sh) is the same text: still comparable
+    files = {"calib": "/data/wiki_calib.txt", "eval": "/data/wiki_test.txt"}
+    assert "| 8942 | 1860 |" in rendered(tmp_path, {"0.9|gpu": entry | {"text": files}})
+    # another text, another seed, calibration or test windows: no SparseLLM number, no dense value from it
+    for change in ({"text": {"calib": "/data/other.txt", "eval": "wiki"}},
+                   {"settings": entry["settings"] | {"seed": 1}}, {"settings": entry["settings"] | {"nsamples": 8}},
+                   {"settings": entry["settings"] | {"eval_windows": 4}}):
+        table = rendered(tmp_path, {"0.9|gpu": entry | change})
+        assert "| 8942 | - | 111.1 | 125 |" in table, change
+        assert "dense not measured), all layers" in table, change
+        assert "sparsellm -: the SparseLLM entry of that setting was measured at another protocol" in table
+
+
+def test_a_run_s_own_dense_value_and_runs_at_several_protocols(tmp_path):
+    small = run("abc1234", {"sparsegpt": SPARSEGPT, "elsa": ELSA}) | {"tag": "smoke", "dense": 25.88, "num_layers": 30}
+    small["settings"] = small["settings"] | {"nsamples": 2, "seqlen": 64, "eval_windows": 2}
+    table = rendered(tmp_path, {"0.9|smoke": small})
+    assert table.startswith("Perplexity on the wiki test part (2 x 64 tokens; dense 25.88), all 30 layers. "
+                            "SparseGPT: one-shot, 2 x 64 calibration tokens.")
+    table = rendered(tmp_path, {"0.9|smoke": small, "0.9|gpu": run("abc1234", {"sparsegpt": SPARSEGPT, "elsa": ELSA})})
+    assert table.startswith("Perplexity on the wiki test part, all 30 layers, at each run's protocol (0.9 (gpu): "
+                            "40 x 512 tokens, dense 19.6, 32 x 512 calibration tokens; 0.9 (smoke): 2 x 64 tokens, "
+                            "dense 25.88, 2 x 64 calibration tokens). SparseGPT: one-shot.")

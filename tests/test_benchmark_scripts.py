@@ -1,0 +1,125 @@
+"""Benchmark scripts' bookkeeping, without running a benchmark: the structured table's caption,
+the defaults ``--tiny`` lowers, the sparse kernel sweep's refusals and failures, and the
+reference loops' results file."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts import each other
+import elsa_7b  # noqa: E402
+import prune_7b  # noqa: E402
+import reference_protocol  # noqa: E402
+import sparse_gpu_sweep  # noqa: E402
+import structured_quality  # noqa: E402
+
+TOK = ["--tokenizer", "tok", "--calib", "calib.txt"]
+
+
+def test_structured_caption_comes_from_the_protocol_and_the_dense_entry():
+    results = {"protocol": {"nsamples": 8, "seqlen": 128, "eval_windows": 4, "seed": 0}, "dense": 31.234,
+               "num_layers": 3, "runs": {}}
+    assert structured_quality.caption(results) == (
+        "Perplexity on the wiki test part (4 windows of 128 tokens), calibration 8 x 128 tokens, seed 0, all 3 "
+        "layers; columns: share of FFN channels removed. Dense: 31.23.")
+    # a file from before the layer count was recorded: the runs' per-layer sizes; no dense value: said so
+    results = {"protocol": {}, "dense": None, "runs": {"a": {"layer_sizes": {"intermediate_size": [1] * 30}}}}
+    assert structured_quality.caption(results) == (
+        "Perplexity on the wiki test part (40 windows of 512 tokens), calibration 32 x 512 tokens, seed 0, all 30 "
+        "layers; columns: share of FFN channels removed. Dense: not measured.")
+
+
+def test_a_structured_run_measures_the_dense_value_of_its_protocol(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def dense_ppl(args):
+        calls.append((args.seqlen, args.eval_windows, args.eval, args.cpu))
+        return 31.0 + len(calls), 3
+
+    def run_one(method, channels, heads, allocation, args):
+        return {"method": method, "channels": channels, "heads": heads, "allocation": allocation, "ppl": 40.0,
+                "prune_seconds": 1.0, "layer_sizes": {"intermediate_size": [8] * 3},
+                "cost": {"before": {"parameters": 100}, "after": {"parameters": 80}}, "git": None}
+
+    monkeypatch.setattr(structured_quality, "dense_ppl", dense_ppl)
+    monkeypatch.setattr(structured_quality, "run_one", run_one)
+    out = tmp_path / "s.json"
+    common = ["--json", str(out), "--markdown", str(tmp_path / "s.md"), "--methods", "structprune", "--channels", "0.2",
+              "--nsamples", "2", "--eval-windows", "2"]
+    assert structured_quality.main([*common, "--seqlen", "64"]) == 0
+    assert "(2 windows of 64 tokens), calibration 2 x 64 tokens, seed 0, all 3 layers; columns: share of FFN " \
+           "channels removed. Dense: 32." in capsys.readouterr().out
+    assert structured_quality.main([*common, "--seqlen", "64", "--channels", "0.5"]) == 0  # the same protocol
+    assert calls == [(64, 2, "wiki", True)]
+    assert structured_quality.main([*common, "--seqlen", "32"]) == 0  # another test window: measured again
+    assert calls[-1] == (32, 2, "wiki", True) and json.loads(out.read_text())["dense"] == 33.0
+
+
+class _Settings(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script, tiny, full", [
+    (prune_7b, {"nsamples": 8, "seqlen": 128}, {"nsamples": 64, "seqlen": 2048}),
+    (elsa_7b, {"steps": 4, "seqlen": 128, "runs": "plain:float32,fsdp:bfloat16"},
+     {"steps": 10, "seqlen": 2048, "runs": "plain:float32,fsdp:float32,fsdp:bfloat16"}),
+])
+def test_tiny_lowers_the_defaults_not_given(script, tiny, full, monkeypatch, tmp_path, capsys):
+    parse_args = prune_7b.parse_args
+
+    def parsed_only(ap, argv):  # the parsed options, before anything runs
+        raise _Settings(parse_args(ap, argv))
+
+    monkeypatch.setattr(script, "parse_args", parsed_only)
+
+    def parsed(*argv):
+        with pytest.raises(_Settings) as recorded:
+            script.main([*TOK, "--workdir", str(tmp_path), *argv])
+        return {k: getattr(recorded.value.args[0], k) for k in full}
+
+    assert parsed() == full  # the full-size defaults are unchanged
+    assert parsed("--tiny") == tiny == parsed("--shape", "tiny")
+    assert parsed("--tiny", "--seqlen", "256") == tiny | {"seqlen": 256}  # a value given is kept
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "also lowers the defaults of the options not given to " + prune_7b.tiny_text(tiny) in help_text
+    assert prune_7b.tiny_text(tiny) == " ".join(f"--{k} {v}" for k, v in tiny.items())
+
+
+def test_the_sweep_refuses_the_cpu_without_the_interpreter(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "s.json"
+    assert sparse_gpu_sweep.main(["--device", "cpu", "--shapes", "128x64", "--quick", "--out", str(out)]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_sweep_where_every_config_failed_is_not_complete(tmp_path, monkeypatch):
+    if not sparse_gpu_sweep.torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(sparse_gpu_sweep.sm, "nm24_linear", fail)
+    monkeypatch.setattr(sparse_gpu_sweep.sm, "sell_linear", fail)
+    out = tmp_path / "s.json"
+    device = "cuda" if sparse_gpu_sweep.torch.cuda.is_available() else "cpu"
+    assert sparse_gpu_sweep.main(["--device", device, "--shapes", "128x64", "--quick", "--out", str(out)]) == 1
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["complete"] is False and meta["configs_ok"] == 0 and meta["configs_failed"] == 8
+
+
+def test_reference_loops_write_their_numbers_with_commit_settings_and_machine(tmp_path):
+    out = tmp_path / "ref.json"
+    args = reference_protocol.protocol_parser("", 0.9).parse_args(["--nsamples", "2", "--json", str(out)])
+    reference_protocol.write_results(args, {"ppl": 5995.0, "prune_seconds": 1.5})
+    written = json.loads(out.read_text())
+    assert written["ppl"] == 5995.0 and written["prune_seconds"] == 1.5
+    assert len(written["git"]["commit"]) == 40 and "dirty" in written["git"]
+    assert written["settings"]["nsamples"] == 2 and written["settings"]["sparsity"] == 0.9
+    assert "json" not in written["settings"] and written["machine"]
+    args = reference_protocol.protocol_parser("", 0.9).parse_args([])
+    reference_protocol.write_results(args, {"ppl": 1.0})  # no --json: nothing written
