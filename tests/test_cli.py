@@ -106,6 +106,20 @@ def test_head_share_that_removes_no_head_fails_before_the_work(tiny_llama_dir, t
     assert not report.exists()
 
 
+def test_channel_share_that_removes_no_channel_fails_before_the_work(tiny_llama_dir, text_file, capsys, tmp_path,
+                                                                     monkeypatch):
+    """2 layers of 128 FFN channels: 0.001 of them rounds to none. Refused once the model is read,
+    before the dense evaluation (which would fail here), with the smallest share that removes one."""
+    from sparsellm import api
+
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: pytest.fail("the dense evaluation ran"))
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "structprune", "--sparsity", "0.001",
+                       "--calib", text_file, "--eval", text_file, "--report", str(report), *SMALL)
+    assert code == 2 and "removes no channel" in err and "1/128" in err
+    assert not report.exists()
+
+
 def test_llama_architecture_without_silu_is_refused(tmp_path, tokenizer_dir, text_file, capsys):
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          vocab_size=49152, hidden_act="gelu")
