@@ -34,6 +34,9 @@ class PruningMethod:
     name: str = ""
     # the PruneConfig settings groups (fields) this method reads besides the common ones
     settings_groups: tuple[str, ...] = ()
+    # True for a method that only removes whole units (StructPrune): its runs get a --structure
+    # (channels unless told otherwise), and it cannot be the per-weight --init of Elsa/masked-adam
+    structured_only: bool = False
 
     def __init__(self, config: PruneConfig):
         self.config = config
