@@ -218,10 +218,8 @@ def _run(config: PruneConfig) -> dict:
         report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
                               prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
                               backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__,
-                              method_details=method_details)
+                              method_details=method_details, structure=structure_info)
         report["cost"] = {"before": cost_before, "after": model_cost(model, adapter, config.resolved_eval_seqlen)}
-        if structure_info is not None:
-            report["structure"] = structure_info
         if staged is not None:
             report["saved_to"] = str(staged.publish())
     except BaseException:

@@ -273,6 +273,24 @@ def test_summary_says_what_the_export_converted():
     assert "no CUDA device" in summary(report)
 
 
+def test_a_heads_only_report_states_the_head_share_not_the_unused_sparsity(tiny_llama_dir, text_file, tmp_path,
+                                                                            capsys):
+    """--structure heads with --sparsity left at its default (0.5, unused): the report and its
+    summary give the head share asked and removed (1 of 2 query heads per group), no channel
+    target and no weight pattern (it said target 0.5, pattern 0.5, "achieved sparsity 0.6667")."""
+    report_path = tmp_path / "report.json"
+    code, out, err = cli(capsys, "--model", tiny_llama_dir, "--structure", "heads", "--head-sparsity", "0.5",
+                         "--calib", text_file, "--eval", "none", "--report", str(report_path), *SMALL)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["structured"] == {"structure": "heads", "target_channel_share": None, "target_head_share": 0.5,
+                                    "channel_share_removed": 0.0, "head_share_removed": 0.5}
+    assert report["target_sparsity"] is None and report["sparsity_pattern"] is None
+    assert report["structure"]["removed"]["heads"] == [2, 2, 2]
+    assert "structure heads  heads removed 0.5000 (asked 0.5)" in out
+    assert "pattern" not in out and "achieved sparsity" not in out and "channels removed" not in out
+
+
 def test_help_states_each_default_once_and_not_for_switches(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
