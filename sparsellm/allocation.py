@@ -160,12 +160,12 @@ def integer_counts(shares: list[float], sizes: list[int], low: float, high: floa
 
 
 def uniform_counts(share: float, sizes: list[int]) -> list[int]:
-    """The uniform rule's counts: round(share x size) per layer (at most size - 1), so layers of
-    one width lose the same count and the compacted model keeps one size in every layer (a plain
-    transformers checkpoint; spreading round(share x all channels) by largest remainders would
-    give some layers one more). Flooring instead fell short of the share by up to one channel
-    per layer (0.3 of 30 x 1536: 13800 instead of 13830)."""
-    return [min(round(share * n), n - 1) for n in sizes]
+    """The uniform rule's counts: floor(share x size) in every layer (at most size - 1), so layers
+    of one width lose the same count and the compacted model keeps one size in every layer (a
+    plain transformers checkpoint; spreading round(share x all channels) by largest remainders
+    would give some layers one more). The floor, not the nearest count: it is the rule every
+    published structured measurement used (0.3 of 1536 channels: 460 per layer)."""
+    return [min(math.floor(share * n + 1e-9), n - 1) for n in sizes]
 
 
 def lowest_mass_share(scores: torch.Tensor, share: float) -> float:

@@ -91,11 +91,11 @@ def test_integer_counts_sum_exactly_within_bounds(seed):
     assert all(abs(c - s * 1536) < 1 + 1e-9 for c, s in zip(counts, shares))
 
 
-@pytest.mark.parametrize("width, layers, share, count", [(128, 2, 0.3, 38), (1536, 30, 0.3, 461), (11008, 32, 0.33, 3633),
-                                                         (128, 3, 0.005, 1), (128, 4, 0.999, 127)])
-def test_uniform_counts_round_each_layer(width, layers, share, count):
-    """uniform: round(share x width) in every layer, the same count (one size after compaction),
-    at most width - 1 (flooring fell short: 460 of 460.8 per layer at 0.3 of 1536)."""
+@pytest.mark.parametrize("width, layers, share, count", [(128, 2, 0.3, 38), (1536, 30, 0.3, 460), (11008, 32, 0.33, 3632),
+                                                         (1000, 2, 0.3, 300), (128, 3, 0.008, 1), (128, 4, 0.999, 127)])
+def test_uniform_counts_floor_each_layer(width, layers, share, count):
+    """uniform: floor(share x width) in every layer, the same count (one size after compaction),
+    at most width - 1; a product a rounding error below an integer (0.3 x 1000) is that integer."""
     assert uniform_counts(share, [width] * layers) == [count] * layers
 
 
@@ -205,13 +205,13 @@ def test_structured_energy_allocation_keeps_the_channel_budget():
     assert sum(removed) == round(0.3 * 128 * 4) and len(set(removed)) > 1
 
 
-@pytest.mark.parametrize("allocation, removed", [("uniform", [45, 45]), ("energy", None)])
-def test_driver_removes_the_rounded_channel_share(allocation, removed):
-    """Through the driver, 0.35 of 2 x 128 channels: uniform round(44.8) = 45 in each layer (not
-    the floor, 44); energy round(0.35 x 256) = 90 in all."""
+@pytest.mark.parametrize("allocation, total, removed", [("uniform", 88, [44, 44]), ("energy", 90, None)])
+def test_driver_removes_the_channel_share_of_its_rule(allocation, total, removed):
+    """Through the driver, 0.35 of 2 x 128 channels: uniform floor(44.8) = 44 in each layer;
+    energy round(0.35 x 256) = 90 in all."""
     records = prune(tiny_llama(layers=2), method="wanda", sparsity=0.35, structure="channels", allocation=allocation)
     counts = [r.target["channels_removed"] for r in records]
-    assert sum(counts) == 90 and (removed is None or counts == removed)
+    assert sum(counts) == total and (removed is None or counts == removed)
 
 
 def test_a_channel_share_that_removes_nothing_is_refused():
