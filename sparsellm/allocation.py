@@ -84,27 +84,41 @@ def owl_shares(outlier_ratios: list[float], target: float, lam: float, low: floa
 
 
 def energy_shares(energies: list[float], target: float, temperature: float, low: float, high: float) -> list[float]:
-    """s_l = clip(c * L * target * softmax(-z_l / T), low, high), z the standardised energies,
-    with c chosen so that mean(s) = target (:func:`_clipped_with_mean`)."""
+    """s_l = clip(c * softmax(-z_l / T), low, high), z the standardised energies, with c chosen
+    so that mean(s) = target (:func:`_clipped_with_mean`). Searched as t = log c over the log
+    weights from log_softmax: at a small temperature the colder layers' softmax weights underflow
+    (or the scale c needed exceeds any fixed cap), while their logs stay exact, so the mean and
+    the bounds hold for any positive temperature."""
     e = torch.tensor(energies, dtype=torch.float64)
     layers = len(e)
     std = float(e.std()) if layers > 1 else 0.0
     z = (e - e.mean()) / std if std > 0 else torch.zeros_like(e)
-    weights = torch.softmax(-z / temperature, dim=0) * layers * target
-    return _clipped_with_mean(lambda c: c * weights, target, low, high, 0.0, 1.0)
+    log_weights = torch.log_softmax(-z / temperature, dim=0)
+    # At t = log(target) - max(log w) - 1 every unclipped share is below target / e, so every
+    # clipped one is at most the target; at t = log(target) - min(log w) + 1 every one is at least it
+    # (a target of 0 has bounds [0, 0]: every share is 0 without a search, the bracket unused)
+    log_target = math.log(target) if target > 0 else 0.0
+    top, bottom = float(log_weights.max()), float(log_weights.min())
+    return _clipped_with_mean(lambda t: (log_weights + t).exp(), target, low, high,
+                              log_target - top - 1, log_target - bottom + 1)
 
 
 def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float, low: float, high: float,
                        lo_p: float, hi_p: float) -> list[float]:
-    """clip(unclipped(p), low, high) with the parameter p found (bisection from [lo_p, hi_p],
-    hi_p doubled until it is high enough; the clipped sum is monotone in p) so that the mean is
-    ``target``; the last rounding residue goes to the layers strictly inside the bounds."""
+    """clip(unclipped(p), low, high) with the parameter p found by bisection in [lo_p, hi_p]
+    (the caller's bracket: the clipped mean is at most the target at lo_p and at least it at
+    hi_p, and monotone in p) so that the mean is ``target``; the last rounding residue goes to
+    the layers strictly inside the bounds, clipped again. A mean that still misses the target
+    is a ValueError, so a layer's share never leaves the bounds and the budget is never
+    silently missed."""
+    count = unclipped(lo_p).numel()
+    if target <= low or target >= high:  # bounds closed on the target: every layer gets it
+        return [target] * count
+
     def shares(p):
         return unclipped(p).clamp(low, high)
 
-    budget = unclipped(lo_p).numel() * target
-    while float(shares(hi_p).sum()) < budget and hi_p < 1e12:
-        hi_p *= 2
+    budget = count * target
     for _ in range(200):
         mid = (lo_p + hi_p) / 2
         lo_p, hi_p = (mid, hi_p) if float(shares(mid).sum()) < budget else (lo_p, mid)
@@ -112,6 +126,11 @@ def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float
     free = (s > low) & (s < high)
     if free.any():
         s[free] += (budget - float(s.sum())) / int(free.sum())
+        s = s.clamp(low, high)
+    mean = math.fsum(s.tolist()) / count
+    if abs(mean - target) > 1e-9:
+        raise ValueError(f"the per-layer shares within [{low}, {high}] miss the target {target} (mean {mean:.6g}); "
+                         "widen the per-layer bounds or raise the temperature")
     return s.tolist()
 
 
@@ -138,6 +157,15 @@ def integer_counts(shares: list[float], sizes: list[int], low: float, high: floa
         if counts[i] > lo[i]:
             counts[i] -= 1
     return counts
+
+
+def uniform_counts(share: float, sizes: list[int]) -> list[int]:
+    """The uniform rule's counts: floor(share x size) in every layer (at most size - 1), so layers
+    of one width lose the same count and the compacted model keeps one size in every layer (a
+    plain transformers checkpoint; spreading round(share x all channels) by largest remainders
+    would give some layers one more). The floor, not the nearest count: it is the rule every
+    published structured measurement used (0.3 of 1536 channels: 460 per layer)."""
+    return [min(math.floor(share * n + 1e-9), n - 1) for n in sizes]
 
 
 def lowest_mass_share(scores: torch.Tensor, share: float) -> float:
@@ -249,12 +277,26 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
     widths = [adapter.ffn(layers[i]).down.in_features for i in indices]
     channels = [0] * len(indices)
     if "channels" in config.structure:
-        channels = integer_counts(shares, widths, low, high)
+        check_channel_removal(target, widths, rule)
+        channels = uniform_counts(target, widths) if rule == "uniform" else integer_counts(shares, widths, low, high)
     heads = [(0, 0)] * len(indices)
     if "heads" in config.structure:
         heads = [head_removal(config.head_sparsity, adapter.attention(layers[i])) for i in indices]
     return {i: LayerTarget(SparsityPattern(target), LayerStructure(c, *h))
             for i, c, h in zip(indices, channels, heads)}
+
+
+def check_channel_removal(share: float, widths: list[int], rule: str) -> None:
+    """A ValueError where ``share`` of the FFN channels of layers this ``widths`` removes no
+    channel at all under allocation ``rule`` (uniform: :func:`uniform_counts`; the others
+    round(share x channels) in total): as for heads (:func:`head_removal`), a run asked to
+    remove channels never silently keeps them all."""
+    removed = sum(uniform_counts(share, widths)) if rule == "uniform" else round(share * sum(widths))
+    if removed == 0:
+        width = max(widths)
+        raise ValueError(f"sparsity (--sparsity, the share of FFN channels removed) {share} removes no channel from "
+                         f"layers of {sorted(set(widths))} channels (allocation {rule}); the smallest share that "
+                         f"removes one channel from every layer is 1/{width} = {1 / width:.3g}")
 
 
 def head_removal(share: float, attention: AttentionHeads) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import __version__, data, ops
-from .allocation import head_removal
+from .allocation import check_channel_removal, head_removal
 from .distributed import check_method_fits_job, is_main_process
 from .config import DTYPES, PruneConfig
 from .default_model import ALIASES as DEFAULT_ALIASES
@@ -196,6 +196,11 @@ def _run(config: PruneConfig) -> dict:
     if config.structure is not None and "heads" in config.structure:
         # a family without head removal, or a share that removes no head, fails now
         head_removal(config.head_sparsity, adapter.attention(adapter.layers(model)[0]))
+    if config.structure is not None and "channels" in config.structure:  # a share that removes no channel, too
+        start, stop = config.layers or (0, len(adapter.layers(model)))
+        check_channel_removal(config.sparsity.fraction,
+                              [adapter.ffn(layer).down.in_features for layer in list(adapter.layers(model))[start:stop]],
+                              config.allocation.rule)
     cost_before = model_cost(model, adapter, config.resolved_eval_seqlen)
     on_device = device.type == "cpu" or _fits(model, device)
 
@@ -236,9 +241,7 @@ def _run(config: PruneConfig) -> dict:
         report = build_report(config, model, records, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
                               prune_seconds=prune_seconds, peak_memory=peak, backend_usage=backend_usage,
                               backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__,
-                              method_details=method_details, cost=cost)
-        if structure_info is not None:
-            report["structure"] = structure_info
+                              method_details=method_details, cost=cost, structure=structure_info)
         if staged is not None:
             report["saved_to"] = str(staged.publish())
     except BaseException:

@@ -257,7 +257,9 @@ class PruneConfig:
             self.allocation = AllocationSettings(rule=self.allocation)
         elif isinstance(self.allocation, dict):
             self.allocation = AllocationSettings(**self.allocation)
-        if self.structure is None and self.method == "structprune":
+        from .methods import METHODS  # late: the methods import this module
+
+        if self.structure is None and getattr(METHODS.get(self.method), "structured_only", False):
             self.structure = "channels"  # StructPrune is structured: FFN channels unless told otherwise
         if isinstance(self.elsa, dict):
             self.elsa = ElsaSettings(**self.elsa)
@@ -303,9 +305,15 @@ class PruneConfig:
         if not self.eval:
             raise ValueError("eval needs at least one text source (or 'none')")
         init = self.elsa.init
-        if init is not None and (init not in METHODS or not hasattr(METHODS[init], "plan")):
-            layerwise = sorted(name for name, cls in METHODS.items() if hasattr(cls, "plan"))
-            raise ValueError(f"elsa init must be a layer-wise method ({', '.join(layerwise)}), got {init!r}")
+        # Elsa and masked-adam keep a per-weight pattern, started from --init's zeros; a structured-only
+        # method would remove whole channels instead (and masked-adam then find the pattern unmet)
+        if init is not None and (init not in METHODS or not hasattr(METHODS[init], "plan")
+                                 or METHODS[init].structured_only):
+            layerwise = sorted(name for name, cls in METHODS.items() if hasattr(cls, "plan") and not cls.structured_only)
+            why = " (it removes whole FFN channels, not single weights)" if init in METHODS and hasattr(
+                METHODS[init], "plan") else ""
+            raise ValueError(f"elsa init must be an unstructured layer-wise method ({', '.join(layerwise)}), "
+                             f"got {init!r}{why}")
         if self.elsa.fsdp and not METHODS[self.method].whole_model:
             raise ValueError(f"--fsdp shards the whole-model training of {', '.join(WHOLE_MODEL_METHODS)}; "
                              f"method {self.method} prunes one layer at a time and does not use it")
@@ -325,6 +333,9 @@ class PruneConfig:
             if self.sparsity.is_nm:
                 raise ValueError(f"--structure removes whole channels/heads; sparsity {self.sparsity} is an N:M "
                                  "pattern (give the share of FFN channels, e.g. 0.5)")
+            if "channels" in self.structure and self.sparsity.fraction == 0:
+                raise ValueError(f"structure {self.structure} with sparsity 0 removes no FFN channel (--sparsity is the "
+                                 "share of FFN channels removed); give a share above 0, or --structure heads")
             heads = "heads" in self.structure
             if heads and self.head_sparsity is None:
                 raise ValueError(f"structure {self.structure} needs head_sparsity (--head-sparsity), the share "

@@ -23,12 +23,37 @@ def _finite(x):
     return x
 
 
+def structured_summary(config, records: list[LayerRecord], structure: dict | None) -> dict | None:
+    """What a structured run asked and did, over the pruned layers: the share of FFN channels
+    (--sparsity, None without channels) and of query heads (--head-sparsity) asked, and the shares
+    removed, from ``structure`` (what :func:`sparsellm.structure.compact_model` removed; None where
+    the run compacted nothing, or the family has no heads). None for an unstructured run."""
+    if config.structure is None:
+        return None
+    removed, sizes = (structure or {}).get("removed", {}), (structure or {}).get("layer_sizes", {})
+    indices = [r.index for r in records]
+
+    def share(unit, size_field):
+        if unit not in removed or size_field not in sizes:
+            return None
+        gone = sum(removed[unit][i] for i in indices)
+        return gone / max(1, gone + sum(sizes[size_field][i] for i in indices))
+
+    return {"structure": config.structure,
+            "target_channel_share": config.sparsity.fraction if "channels" in config.structure else None,
+            "target_head_share": config.head_sparsity,
+            "channel_share_removed": share("channels", "intermediate_size"),
+            "head_share_removed": share("heads", "num_attention_heads")}
+
+
 def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned_ppl, prune_seconds,
                  peak_memory, backend_usage, export_info, version, backend_fallbacks=None,
-                 method_details=None, cost=None) -> dict:
+                 method_details=None, cost=None, structure=None) -> dict:
     """``cost``: :func:`~sparsellm.structure.model_cost` before and after the prune, taken before
     any export (whose sparse modules it would not count); the peak per parameter divides by its
-    ``after`` parameters, else by the model's."""
+    ``after`` parameters, else by the model's. ``structure``: what
+    :func:`sparsellm.structure.compact_model` removed (structured runs)."""
+    structured = structured_summary(config, records, structure)
     zeros = total = 0
     per_matrix = {}
     for record in records:
@@ -42,10 +67,14 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         "method": config.method,
         "model": config.model,
         "model_type": model.config.model_type,
-        "target_sparsity": config.sparsity.fraction,
-        "sparsity_pattern": str(config.sparsity),
+        # the per-weight target and pattern; a structured run has no weight pattern, and its
+        # --sparsity is the channel share (None where it removes no channels): see "structured"
+        "target_sparsity": config.sparsity.fraction if structured is None else structured["target_channel_share"],
+        "sparsity_pattern": str(config.sparsity) if structured is None else None,
         "pattern_convention": "N:M = N weights pruned in every M consecutive input weights",
+        # zeros over all pruned weights (structured: of the zeroed units' weights, before compaction)
         "achieved_sparsity": zeros / total if total else 0.0,
+        "structured": structured,
         "pruned_weights": total,
         "layers_pruned": [r.index for r in records],
         "per_layer_sparsity": {
@@ -74,6 +103,7 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
         "backend_fallbacks": backend_fallbacks or {},
         "export": export_info,
         "method_details": method_details or {},  # run-level, e.g. Elsa's loss curve and ADMM residuals
+        **({"structure": structure} if structure is not None else {}),
         "settings": config.to_dict(),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": _device_name(config.device),
@@ -125,9 +155,19 @@ def _ppl_text(value) -> str:
     return f"{value:.3f}" if value is not None else "n/a"
 
 
+def _share_text(unit: str, removed: float | None, asked: float | None) -> str:
+    return f"{unit} removed {'n/a' if removed is None else f'{removed:.4f}'} (asked {asked})"
+
+
 def summary(report: dict) -> str:
-    lines = [f"method {report['method']}  pattern {report['sparsity_pattern']}  "
-             f"achieved sparsity {report['achieved_sparsity']:.4f}  prune {report['prune_seconds']:.1f}s"]
+    structured = report.get("structured")
+    if structured is None:
+        what = f"pattern {report['sparsity_pattern']}  achieved sparsity {report['achieved_sparsity']:.4f}"
+    else:  # what was removed: channel and head shares, not a weight pattern
+        what = "  ".join([f"structure {structured['structure']}"] + [
+            _share_text(unit, structured[f"{key}_share_removed"], structured[f"target_{key}_share"])
+            for unit, key in (("channels", "channel"), ("heads", "head")) if structured[f"target_{key}_share"] is not None])
+    lines = [f"method {report['method']}  {what}  prune {report['prune_seconds']:.1f}s"]
     for dataset, value in report["ppl"]["pruned"].items():
         lines.append(f"perplexity [{dataset}]  dense {_ppl_text(report['ppl']['dense'].get(dataset))}  "
                      f"pruned {_ppl_text(value)}")

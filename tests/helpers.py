@@ -5,13 +5,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 VOCAB = 128
 
 
-def tiny_llama(seed=0, layers=2, kv_heads=2):
+def tiny_llama(seed=0, layers=2, kv_heads=2, mlp_bias=False):
     """4 query heads of 16: grouped-query attention (2 per key/value head) by default, multi-head
-    attention with ``kv_heads=4``."""
+    attention with ``kv_heads=4``. ``mlp_bias``: gate/up/down with biases, those of gate and up
+    N(0, 2), large enough that an FFN solve leaving one out is far off."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
+                         num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256, mlp_bias=mlp_bias)
+    model = LlamaForCausalLM(config).eval()
+    if mlp_bias:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    linear.bias.normal_(0, 2)
+    return model
 
 
 def tiny_opt(seed=0, layers=2):

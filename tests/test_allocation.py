@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from sparsellm.allocation import (RelativeChannelSquares, energy_shares, integer_counts, lowest_mass_share, owl_shares,
-                                  residual_perturbation_energy)
+                                  residual_perturbation_energy, uniform_counts)
 from sparsellm.config import AllocationSettings, PruneConfig
-from sparsellm.driver import LayerDriver
+from sparsellm.driver import LayerDriver, capture_layer_inputs
 from sparsellm.methods import get_method
 from sparsellm.models import get_adapter
 from sparsellm.sparsity import zero_fraction
@@ -28,6 +28,21 @@ def test_energy_shares_keep_the_budget_and_bounds(seed, temperature):
     assert math.fsum(shares) / 30 == pytest.approx(target, abs=1e-12)
     assert all(low - 1e-12 <= s <= high + 1e-12 for s in shares)
     # higher energy, never more sparsity
+    order = sorted(range(30), key=lambda i: energies[i])
+    assert all(shares[a] >= shares[b] - 1e-12 for a, b in zip(order, order[1:]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("temperature", [1e-4, 0.01, 0.05])
+@pytest.mark.parametrize("target, low, high", [(0.3, 0.15, 0.45), (0.5, 0.0, 0.95)])
+def test_energy_shares_keep_the_budget_and_bounds_when_cold(seed, temperature, target, low, high):
+    """At a small temperature the colder layers' softmax weights underflow (exp(-dz / T) below
+    1e-300): the mean is still the target, and no share leaves the bounds (the old rule gave
+    means of 0.17 for 0.3, and one layer 4.35)."""
+    energies = torch.randn(30, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+    shares = energy_shares(energies, target, temperature, low, high)
+    assert math.fsum(shares) / 30 == pytest.approx(target, abs=1e-12)
+    assert all(low <= s <= high for s in shares)
     order = sorted(range(30), key=lambda i: energies[i])
     assert all(shares[a] >= shares[b] - 1e-12 for a, b in zip(order, order[1:]))
 
@@ -74,6 +89,14 @@ def test_integer_counts_sum_exactly_within_bounds(seed):
     assert sum(counts) == round(0.3 * 1536 * 30)
     assert all(math.ceil(0.15 * 1536) <= c <= math.floor(0.45 * 1536) for c in counts)
     assert all(abs(c - s * 1536) < 1 + 1e-9 for c, s in zip(counts, shares))
+
+
+@pytest.mark.parametrize("width, layers, share, count", [(128, 2, 0.3, 38), (1536, 30, 0.3, 460), (11008, 32, 0.33, 3632),
+                                                         (1000, 2, 0.3, 300), (128, 3, 0.008, 1), (128, 4, 0.999, 127)])
+def test_uniform_counts_floor_each_layer(width, layers, share, count):
+    """uniform: floor(share x width) in every layer, the same count (one size after compaction),
+    at most width - 1; a product a rounding error below an integer (0.3 x 1000) is that integer."""
+    assert uniform_counts(share, [width] * layers) == [count] * layers
 
 
 def test_lowest_mass_share():
@@ -180,3 +203,41 @@ def test_structured_energy_allocation_keeps_the_channel_budget():
     records = prune(model, method="wanda", sparsity=0.3, structure="channels", allocation="energy")
     removed = [r.target["channels_removed"] for r in records]
     assert sum(removed) == round(0.3 * 128 * 4) and len(set(removed)) > 1
+
+
+@pytest.mark.parametrize("allocation, total, removed", [("uniform", 88, [44, 44]), ("energy", 90, None)])
+def test_driver_removes_the_channel_share_of_its_rule(allocation, total, removed):
+    """Through the driver, 0.35 of 2 x 128 channels: uniform floor(44.8) = 44 in each layer;
+    energy round(0.35 x 256) = 90 in all."""
+    records = prune(tiny_llama(layers=2), method="wanda", sparsity=0.35, structure="channels", allocation=allocation)
+    counts = [r.target["channels_removed"] for r in records]
+    assert sum(counts) == total and (removed is None or counts == removed)
+
+
+def test_a_channel_share_that_removes_nothing_is_refused():
+    """0.003 of 2 x 128 channels rounds to none in each layer (uniform; 0.384): refused before
+    anything is pruned (as for heads), naming the smallest share that removes one; sparsity 0
+    with channels already by the settings."""
+    model = tiny_llama(layers=2)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="removes no channel.*1/128"):
+        prune(model, method="sparsegpt", sparsity=0.003, structure="channels")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in dense.items())
+    with pytest.raises(ValueError, match="sparsity 0 removes no FFN channel"):
+        PruneConfig(method="structprune", sparsity=0)
+    PruneConfig(method="sparsegpt", sparsity=0, structure="heads", head_sparsity=0.5)  # --sparsity unused: allowed
+
+
+def test_energy_allocation_at_a_small_temperature_keeps_the_budget_through_the_driver():
+    """The driver's energy allocation at T = 0.01 on 8 layers: the mean of the per-layer shares is
+    the target and each within the bounds (the old rule: 0.225 for 0.3)."""
+    allocation = AllocationSettings(rule="energy", temperature=0.01)
+    model = tiny_llama(layers=8)
+    config = PruneConfig(method="wanda", sparsity=0.3, nsamples=4, seqlen=32, quiet=True, device="cpu",
+                         allocation=allocation)
+    driver = LayerDriver(model, get_adapter(model), get_method(config), config)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture_layer_inputs(model, driver.adapter, ids, torch.device("cpu"))
+    shares = [t.pattern.fraction for t in driver.allocate(inputs, kwargs).values()]
+    assert math.fsum(shares) / 8 == pytest.approx(0.3, abs=1e-9)
+    assert all(0.15 - 1e-12 <= s <= 0.45 + 1e-12 for s in shares)

@@ -106,6 +106,20 @@ def test_head_share_that_removes_no_head_fails_before_the_work(tiny_llama_dir, t
     assert not report.exists()
 
 
+def test_channel_share_that_removes_no_channel_fails_before_the_work(tiny_llama_dir, text_file, capsys, tmp_path,
+                                                                     monkeypatch):
+    """2 layers of 128 FFN channels: 0.001 of them rounds to none. Refused once the model is read,
+    before the dense evaluation (which would fail here), with the smallest share that removes one."""
+    from sparsellm import api
+
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: pytest.fail("the dense evaluation ran"))
+    report = tmp_path / "r.json"
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "structprune", "--sparsity", "0.001",
+                       "--calib", text_file, "--eval", text_file, "--report", str(report), *SMALL)
+    assert code == 2 and "removes no channel" in err and "1/128" in err
+    assert not report.exists()
+
+
 def test_llama_architecture_without_silu_is_refused(tmp_path, tokenizer_dir, text_file, capsys):
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          vocab_size=49152, hidden_act="gelu")
@@ -322,6 +336,24 @@ def test_the_report_names_the_runs_gpu(monkeypatch):
                             version="0")["environment"]["device"]
     assert device_name("cuda:1") == "GPU 1"
     assert device_name("cuda") == device_name(None) == "GPU current"
+
+
+def test_a_heads_only_report_states_the_head_share_not_the_unused_sparsity(tiny_llama_dir, text_file, tmp_path,
+                                                                            capsys):
+    """--structure heads with --sparsity left at its default (0.5, unused): the report and its
+    summary give the head share asked and removed (1 of 2 query heads per group), no channel
+    target and no weight pattern (it said target 0.5, pattern 0.5, "achieved sparsity 0.6667")."""
+    report_path = tmp_path / "report.json"
+    code, out, err = cli(capsys, "--model", tiny_llama_dir, "--structure", "heads", "--head-sparsity", "0.5",
+                         "--calib", text_file, "--eval", "none", "--report", str(report_path), *SMALL)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["structured"] == {"structure": "heads", "target_channel_share": None, "target_head_share": 0.5,
+                                    "channel_share_removed": 0.0, "head_share_removed": 0.5}
+    assert report["target_sparsity"] is None and report["sparsity_pattern"] is None
+    assert report["structure"]["removed"]["heads"] == [2, 2, 2]
+    assert "structure heads  heads removed 0.5000 (asked 0.5)" in out
+    assert "pattern" not in out and "achieved sparsity" not in out and "channels removed" not in out
 
 
 def test_help_states_each_default_once_and_not_for_switches(capsys):

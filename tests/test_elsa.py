@@ -257,6 +257,15 @@ def test_bad_settings(bad, message):
         config(**bad)
 
 
+@pytest.mark.parametrize("method", ["elsa", "masked-adam"])
+def test_a_structured_only_init_is_refused_by_the_settings(method):
+    """--init structprune removes whole channels, not the per-weight pattern Elsa and masked-adam
+    keep: refused when the settings are built (it ran the whole init prune, then Elsa trained a
+    channel-zeroed start and masked-adam failed on the unmet pattern)."""
+    with pytest.raises(ValueError, match="unstructured layer-wise method .*sparsegpt.*removes whole FFN channels"):
+        config(method=method, init="structprune")
+
+
 def test_compiled_training_matches_eager():
     """--compile trains the torch.compile'd model: the same steps up to rounding (inductor fuses
     the element-wise work), and the result is exactly sparse like the eager run's."""

@@ -518,6 +518,27 @@ def test_driver_end_to_end(family, sparsity, layers):
         assert torch.isfinite(model(windows(1)).logits).all()
 
 
+@pytest.mark.parametrize("method, structure, sparsity, start", [("sparsellm", None, 0.5, "sparsegpt"),
+                                                                ("structprune", "channels", 0.5, "sparsegpt")])
+def test_ffn_biases_enter_the_solve(method, structure, sparsity, start):
+    """LLaMA with mlp_bias (gate and up biases N(0, 2)): the solve models the FFN the model runs,
+    gate's bias included. Its FFN error is not above that of its start run on its own (sequential
+    SparseGPT; for StructPrune the structured OBS), and its diagnostics state the error the driver
+    measures (256 tokens: StructPrune holds none out, so both are on the same tokens)."""
+    errors = {}
+    for name, settings in ((method, {}), (start, {})):
+        model = tiny_llama(layers=1, mlp_bias=True)
+        config = PruneConfig(method=name, structure=structure, sparsity=sparsity, nsamples=8, seqlen=32, quiet=True,
+                             device="cpu")
+        record = LayerDriver(model, get_adapter(model), get_method(config), config).run(windows(8))[0]
+        errors[name] = record.ffn_rel_error
+        if name == method:
+            diagnostics = record.diagnostics
+    assert errors[method] <= errors[start] * (1 + 1e-3)
+    assert diagnostics["best_ffn_rel_error"] == pytest.approx(errors[method], rel=1e-3)
+    assert diagnostics["start_ffn_rel_error"] == pytest.approx(errors[start], rel=1e-3)
+
+
 @pytest.mark.slow
 def test_real_model_90_percent_no_nan():
     from sparsellm import api, data

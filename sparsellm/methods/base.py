@@ -37,6 +37,9 @@ class PruningMethod:
     # trains the whole model at once: under torchrun its processes share the work (and --fsdp
     # shards it); a layer-wise method runs in one process
     whole_model: bool = False
+    # True for a method that only removes whole units (StructPrune): its runs get a --structure
+    # (channels unless told otherwise), and it cannot be the per-weight --init of Elsa/masked-adam
+    structured_only: bool = False
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -6,8 +6,11 @@ tokens (rows) and Y the dense FFN output, the per-layer objective is
 
     ReLU (OPT):    alpha ||z - W1 X - b1||^2                      + gamma ||p - ReLU(z)||^2
                    + beta ||Y - b2 - W2 p||^2
-    SwiGLU (LLaMA): alpha ||z - Wu X||^2 + alpha ||s - Wg X||^2   + gamma ||p - SiLU(s) * z||^2
-                   + beta ||Y - Wd p||^2
+    SwiGLU (LLaMA): alpha ||z - Wu X - bu||^2 + alpha ||s - Wg X - bg||^2 + gamma ||p - SiLU(s) * z||^2
+                   + beta ||Y - bd - Wd p||^2
+
+(the SwiGLU biases only where the model has them: LLaMA's ``mlp_bias``; z and s are the
+pre-activations the model computes, biases included, so the hidden is the model's)
 
 minimised by alternating closed-form steps, from auxiliaries set by the dense pass:
 
@@ -332,6 +335,8 @@ class _FFNSolver:
         self.tokens, self.width = x.shape
         self.dense = {k: v.float() for k, v in ffn.dense_copy().items()}
         self.b1 = None if ffn.up.bias is None else ffn.up.bias.detach().float()
+        # gate's bias (LLaMA's mlp_bias): in every gate pre-activation s, as b1 in z's
+        self.bg = None if ffn.gate is None or ffn.gate.bias is None else ffn.gate.bias.detach().float()
         self.b2 = None if ffn.down.bias is None else ffn.down.bias.detach().float()
         self.hidden = self.dense["up"].shape[0]
         step = settings.chunk_tokens or max(
@@ -413,7 +418,7 @@ class _FFNSolver:
 
     def _hidden(self, xc, up, gate):
         """The down projection's input for the tokens ``xc`` and the weights ``up``, ``gate``."""
-        return _act(self.swiglu, self._lin(xc, up, self.b1), self._lin(xc, gate) if self.swiglu else None)
+        return _act(self.swiglu, self._lin(xc, up, self.b1), self._lin(xc, gate, self.bg) if self.swiglu else None)
 
     @stage("sparsellm.gram_stats")
     def _gather(self, stats, h, yc):
@@ -464,7 +469,7 @@ class _FFNSolver:
             for chunk, rows in enumerate(self.chunks):
                 xc = x[rows]
                 z = self._lin(xc, dense["up"], self.b1)
-                sc = self._lin(xc, dense["gate"]) if swiglu else None
+                sc = self._lin(xc, dense["gate"], self.bg) if swiglu else None
                 p = _act(swiglu, z, sc)
                 y = self._lin(p, dense["down"])
                 self._gather((ptp, pty), p, y)
@@ -531,7 +536,7 @@ class _FFNSolver:
                 for chunk, rows in enumerate(self.chunks):
                     xc = x[rows]
                     m = self._lin(xc, up, self.b1)
-                    g = self._lin(xc, gate) if swiglu else None
+                    g = self._lin(xc, gate, self.bg) if swiglu else None
                     yc = self._get("y", chunk)
                     h = _act(swiglu, m, g)
                     if h0_stats is not None:
@@ -556,7 +561,7 @@ class _FFNSolver:
                     terms["p"] += gamma * _sq_norm_(torch.sub(r, p, out=m))  # m is dead: its buffer holds r - p
                     self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
-                        self.products.gram_add(xts, xc, sc)
+                        self.products.gram_add(xts, xc, sc if self.bg is None else sc - self.bg)
                         self._put("s", chunk, sc)
                     self._gather((ptp, pty), p, yc)
                     self._put("r", chunk, r)

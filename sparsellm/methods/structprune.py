@@ -147,6 +147,7 @@ class StructPrune(LayerwiseMethod):
     name = "structprune"
     settings_groups = ("sparsellm",)  # its FFN solve is SparseLLM's
     structured = "obs"  # it takes --structure (heads: the local structured OBS)
+    structured_only = True
 
     @classmethod
     def preflight(cls, config) -> None:

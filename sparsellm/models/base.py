@@ -15,8 +15,8 @@ from torch import nn
 
 @dataclass
 class FFN:
-    """The linears of one FFN block. ``activation`` is "relu" (up -> ReLU -> down, biases
-    allowed) or "swiglu" (down(SiLU(gate x) * up x), no biases)."""
+    """The linears of one FFN block. ``activation`` is "relu" (up -> ReLU -> down) or "swiglu"
+    (down(SiLU(gate x) * up x)); biases allowed in both (LLaMA's ``mlp_bias``)."""
 
     activation: str
     up: nn.Linear
