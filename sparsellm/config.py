@@ -307,11 +307,10 @@ class PruneConfig:
         init = self.elsa.init
         # Elsa and masked-adam keep a per-weight pattern, started from --init's zeros; a structured-only
         # method would remove whole channels instead (and masked-adam then find the pattern unmet)
-        if init is not None and (init not in METHODS or not hasattr(METHODS[init], "plan")
-                                 or METHODS[init].structured_only):
-            layerwise = sorted(name for name, cls in METHODS.items() if hasattr(cls, "plan") and not cls.structured_only)
-            why = " (it removes whole FFN channels, not single weights)" if init in METHODS and hasattr(
-                METHODS[init], "plan") else ""
+        layerwise = sorted(name for name, cls in METHODS.items() if hasattr(cls, "plan") and not cls.structured_only)
+        if init is not None and init not in layerwise:
+            why = " (it removes whole FFN channels, not single weights)" if init in METHODS and METHODS[
+                init].structured_only else ""
             raise ValueError(f"elsa init must be an unstructured layer-wise method ({', '.join(layerwise)}), "
                              f"got {init!r}{why}")
         if self.elsa.fsdp and not METHODS[self.method].whole_model:
