@@ -139,6 +139,7 @@ def cells(args, num_layers: int) -> list[tuple[str, str, tuple[int, int] | None]
 def cell_key(method: str, setting: str, layers: tuple[int, int] | None, args) -> str:
     k = key(method, setting, f"{layers[0]}:{layers[1]}" if layers else "all")
     k += "|non-sequential" if args.no_sequential else ""
+    k += "|float64" if args.float64 else ""
     return k + (f"|{args.product_precision}" if method == "sparsellm" and args.product_precision else "")
 
 
@@ -161,18 +162,28 @@ def run_one(method: str, setting: str, layers: tuple[int, int] | None, args) -> 
                          seqlen=args.seqlen, seed=0, calib=args.calib, eval=(args.eval,),
                          eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None,
                          sequential=not args.no_sequential, **extra)
-    model, tokenizer = api.load_model(config.model)
+    model, tokenizer = load_model(config, args)
     start = time.perf_counter()
     records = api.prune(model, tokenizer, config)
     seconds = time.perf_counter() - start
     ppl = api.evaluate(model, tokenizer, config)[args.eval]
     return {"method": method, "setting": setting, "layers": list(layers) if layers else "all", "ppl": ppl,
             "sequential": config.sequential, **({"product_precision": args.product_precision} if extra else {}),
+            **({"dtype": "float64"} if args.float64 else {}),
             "git": git_state(), "measured": time.strftime("%Y-%m-%d"),
             "threads": torch.get_num_threads(), "jobs": args.jobs,
             "prune_seconds": seconds, "achieved_sparsity": achieved_sparsity(records),
             "ffn_rel_error": [r.ffn_rel_error for r in records],
             "output_rel_error": [r.output_rel_error for r in records]}
+
+
+def load_model(config, args):
+    """The model and tokenizer of ``config``, the model in float64 with ``--float64`` (the local
+    methods then compute in float64 too: ``sparsellm.precision.solve_dtype``)."""
+    from sparsellm import api
+
+    model, tokenizer = api.load_model(config.model)
+    return (model.double() if args.float64 else model), tokenizer
 
 
 def dense_ppl(args) -> tuple[float, int]:
@@ -182,7 +193,7 @@ def dense_ppl(args) -> tuple[float, int]:
 
     config = PruneConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval=(args.eval,),
                          eval_windows=args.eval_windows, quiet=not args.progress, device="cpu" if args.cpu else None)
-    model, tokenizer = api.load_model(config.model)
+    model, tokenizer = load_model(config, args)
     return api.evaluate(model, tokenizer, config)[args.eval], model.config.num_hidden_layers
 
 
@@ -296,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-sequential", action="store_true",
                    help="gather each layer's statistics from the dense layer, as the reference code does")
     p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
+    p.add_argument("--float64", action="store_true",
+                   help="model, statistics and the local methods' solves in float64 (rounding-free comparisons; "
+                        "SparseLLM's FFN solver stays float32); separate cells")
     add_text_options(p)
     p.add_argument("--product-precision", default=None, choices=("tf32", "float32", "bfloat16"),
                    help="SparseLLM's product precision (default: the method's; a separate row)")
@@ -310,6 +324,7 @@ def main(argv=None) -> int:
     if not args.render:
         results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
                                "eval_windows": args.eval_windows, "seed": 0,
+                               **({"dtype": "float64"} if args.float64 else {}),
                                "machine": machine(args.cpu) + (f" shared by {args.jobs} jobs" if args.jobs > 1 else ""),
                                **text_sources(args)}
         if results.get("dense") is None or results.get("num_layers") is None or args.rerun:

@@ -23,6 +23,9 @@ def protocol_parser(doc: str, sparsity: float) -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--compare-layers", type=int, default=0, help="compare with our driver on this many layers")
     p.add_argument("--no-eval", action="store_true", help="only the first --compare-layers layers, no perplexity")
+    p.add_argument("--float64", action="store_true",
+                   help="the model and every statistic and solve in float64: takes float32 rounding out of the "
+                        "comparison (quality.py --float64 prunes ours the same way)")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="also write the results here: the printed numbers with the commit, settings and machine")
     return p
@@ -42,6 +45,8 @@ def load_protocol(args):
     """(model, tokenizer, adapter, calibration windows, layers to prune) for the parsed ``args``."""
     torch.set_grad_enabled(False)
     model, tokenizer = api.load_model("smollm2")
+    if args.float64:
+        model.double()
     adapter = get_adapter(model)
     windows = data.calibration_windows("wiki", tokenizer, args.nsamples, args.seqlen, 0)
     num_layers = len(adapter.layers(model)) if not args.no_eval else args.compare_layers

@@ -44,7 +44,7 @@ def reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: f
                         percdamp: float = 0.01, mask_rule: str = "le") -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's ``fasterprune`` (unstructured, no quantizer), restated. Returns
     ``(pruned weight, prune mask)``; neither argument is modified."""
-    w_all = weight.detach().clone().float()
+    w_all = weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # float64 stays
     h = hessian.clone()
     cols = w_all.shape[1]
     dead = torch.diag(h) == 0
@@ -109,13 +109,14 @@ def reference_loop(model, adapter, windows, sparsity: float, num_layers: int, gr
     for index, layer in enumerate(adapter.layers(model)[:num_layers]):
         start = time.perf_counter()
         linears = _linears(layer)
-        hess = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+        dtype = torch.promote_types(inputs.dtype, torch.float32)  # float32, float64 with --float64
+        hess = {n: torch.zeros(m.in_features, m.in_features, dtype=dtype) for n, m in linears.items()}
         seen = dict.fromkeys(linears, 0)
         xs = {n: [] for n in linears}
 
         def hook_for(name):
             def hook(module, inp, out):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+                x = inp[0].reshape(-1, inp[0].shape[-1]).to(dtype)
                 if index < keep_inputs:
                     xs[name].append(x.clone())
                 if gram == "running":  # the reference's add_batch, one window per call
@@ -177,6 +178,7 @@ def main(argv=None) -> None:
     print("layer output rel errors: " + " ".join(f"{e:.4g}" for e in layer_errors), flush=True)
     if args.compare_layers:
         ours, _ = api.load_model("smollm2")
+        ours = ours.double() if args.float64 else ours
         config = PruneConfig(method="sparsegpt", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                              quiet=True, sequential=False, device="cpu", layers=(0, args.compare_layers))
         records = LayerDriver(ours, get_adapter(ours), get_method(config), config).run(windows)

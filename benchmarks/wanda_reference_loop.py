@@ -32,12 +32,13 @@ def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> li
     masks = []
     for layer in adapter.layers(model)[:num_layers]:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        norms_sq = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+        dtype = torch.promote_types(inputs.dtype, torch.float32)  # float32, float64 with --float64
+        norms_sq = {n: torch.zeros(m.in_features, dtype=dtype) for n, m in linears.items()}
         seen = dict.fromkeys(linears, 0)
 
         def hook_for(name):
             def hook(module, inp, out):  # the reference's running mean over windows
-                x = inp[0].reshape(-1, inp[0].shape[-1]).t().float()
+                x = inp[0].reshape(-1, inp[0].shape[-1]).t().to(dtype)
                 norms_sq[name] *= seen[name] / (seen[name] + 1)
                 seen[name] += 1
                 norms_sq[name] += torch.norm(x, p=2, dim=1) ** 2 / seen[name]
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
         print(f"reference-loop wanda {args.sparsity}: ppl {results['ppl']:.4f}")
     if args.compare_layers:
         ours, _ = api.load_model("smollm2")
+        ours = ours.double() if args.float64 else ours
         config = PruneConfig(method="wanda", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                              quiet=True, sequential=False, device="cpu", layers=(0, args.compare_layers))
         LayerDriver(ours, adapter, get_method(config), config).run(windows)

@@ -33,7 +33,8 @@ class Statistic:
     """Accumulates something about a module's input over the calibration pass.
 
     ``add`` sees each batch of inputs ([..., width], any float dtype); ``result`` is what the
-    step's solve receives. Accumulation is in float32 on the input's device.
+    step's solve receives. Accumulation is on the input's device, in float32, or float64 for a
+    float64 model (:func:`sparsellm.precision.solve_dtype`).
     """
 
     def __init__(self, width: int, device: torch.device):
@@ -57,7 +58,8 @@ class ColumnSquares(Statistic):
 
     def add(self, x):
         x = x.reshape(-1, self.width)
-        self.squares += x.float().square().sum(0)
+        self.squares = self.squares.to(torch.promote_types(self.squares.dtype, x.dtype))  # float64 inputs: float64
+        self.squares += x.to(self.squares.dtype).square().sum(0)
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
@@ -72,7 +74,9 @@ class Gram(Statistic):
         self.gram = torch.zeros(width, width, dtype=torch.float32, device=device)
 
     def add(self, x):
-        x = x.reshape(-1, self.width).float()
+        x = x.reshape(-1, self.width)
+        self.gram = self.gram.to(torch.promote_types(self.gram.dtype, x.dtype))  # float64 inputs: float64
+        x = x.to(self.gram.dtype)
         self.gram.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
@@ -81,7 +85,8 @@ class Gram(Statistic):
 
 
 class Tokens(Statistic):
-    """Every input token, [N, d] float32: for solvers that fit against the data itself."""
+    """Every input token, [N, d] float32 (also for a float64 model: its solvers, SparseLLM's and
+    StructPrune's, compute in float32): for solvers that fit against the data itself."""
 
     def __init__(self, width, device):
         super().__init__(width, device)

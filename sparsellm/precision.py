@@ -24,3 +24,12 @@ def large_products(device: torch.device, precision: str):
         yield
     finally:
         setattr(matmul, attr, before)
+
+
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the local methods' statistics and solves for a model in ``dtype``: float32,
+    or the model's own where it is wider. A float64 model (the benchmarks' ``--float64``) is
+    pruned in float64 throughout, which takes rounding out of comparisons of two methods that
+    should agree (``benchmarks/sparsegpt_reference_loop.py``): at high sparsity, float32 rounding
+    alone moves a pruned model's perplexity by a factor of two or more (README, Quality)."""
+    return torch.promote_types(dtype, torch.float32)

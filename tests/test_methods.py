@@ -155,3 +155,10 @@ def test_indefinite_hessian_raises_dampening():
         chol, damp = reference.damped_cholesky(gram, 0.01)
     assert float(damp) == pytest.approx(0.1)
     assert torch.isfinite(chol).all()
+
+
+def test_wanda_scores_a_float64_weight_in_float64():
+    """Scores 1e-12 apart are told apart in float64 (a float64 model's prune; in float32 they tie)."""
+    weight = torch.tensor([[1.0 + 1e-12, 1.0, 3.0, 4.0], [1.0, 1.0 + 1e-12, 3.0, 4.0]], dtype=torch.float64)
+    mask = reference.wanda_prune_mask(weight, torch.ones(4, dtype=torch.float64), 0.25)
+    assert mask.tolist() == [[False, True, False, False], [True, False, False, False]]

@@ -20,11 +20,20 @@ from torch import nn
 
 from ..config import PruneConfig
 from ..plan import Gram, LayerView, Statistic, Step
+from ..precision import solve_dtype
 from ..sparsity import SparsityPattern
 
 
+def solve_weight(linear: nn.Linear) -> torch.Tensor:
+    """The linear's weight in the local methods' solve dtype (:func:`solve_dtype`: float32,
+    float64 for a float64 model); the weight itself where it has that dtype already, so the
+    solves must not change it in place."""
+    weight = linear.weight.detach()
+    return weight.to(solve_dtype(weight.dtype))
+
+
 def set_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
-    """Write a (float32) solve result into the linear, in the model's dtype."""
+    """Write a (float32, or float64) solve result into the linear, in the model's dtype."""
     linear.weight.data.copy_(weight.to(linear.weight.dtype))
 
 
@@ -97,9 +106,9 @@ class LocalMethod(LayerwiseMethod):
 
     def prune_group(self, group: dict[str, nn.Linear], observed, pattern: SparsityPattern) -> None:
         for linear in group.values():
-            set_weight(linear, self.prune(linear.weight.detach().float(), observed, pattern))
+            set_weight(linear, self.prune(solve_weight(linear), observed, pattern))
 
     def prune(self, weight: torch.Tensor, observed, pattern: SparsityPattern) -> torch.Tensor:
-        """``weight`` is float32 (out x in) on the compute device, ``observed`` the result of
+        """``weight`` is float32 (float64 for a float64 model; :func:`solve_weight`) (out x in) on the compute device, ``observed`` the result of
         ``statistic`` for its input; return the pruned weight."""
         raise NotImplementedError

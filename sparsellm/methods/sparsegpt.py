@@ -13,7 +13,7 @@ from torch.profiler import record_function as stage
 from .. import ops
 from ..plan import Gram
 from ..sparsity import SparsityPattern
-from .base import LocalMethod, set_weight
+from .base import LocalMethod, set_weight, solve_weight
 
 
 @stage("obs_prune")
@@ -51,7 +51,7 @@ class SparseGPT(LocalMethod):
     def prune_group(self, group, gram, pattern):
         hinv_upper = None  # the linears of a group share their input: one factorisation
         for linear in group.values():
-            pruned, hinv_upper = obs_prune_with_gram(linear.weight.detach().float(), gram, pattern,
+            pruned, hinv_upper = obs_prune_with_gram(solve_weight(linear), gram, pattern,
                                                      self.config.blocksize, self.config.percdamp, hinv_upper)
             set_weight(linear, pruned)
 
