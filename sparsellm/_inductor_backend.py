@@ -45,6 +45,10 @@ def _run(name: str, fn, tensors: tuple, scalars: tuple, *extra):
         raise ops.Decline(f"fewer than {MIN_ELEMENTS} elements: eager is cheaper than compiling")
     if _state["broken"] is not None:
         raise ops.Decline(_state["broken"])
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        # the reference computes these in float32 (reference._blockwise); compiled in their own
+        # dtype, the penalties would be rounded to it (1e-9 is 0 in float16)
+        raise ops.Decline(f"{first.dtype}: the reference computes it in float32")
     # the caller's mistake is an error here, as in the reference, and not a compile failure
     # that would send every later call of every step to the reference
     torch.broadcast_shapes(*(t.shape for t in tensors))

@@ -137,7 +137,10 @@ def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float
 def integer_counts(shares: list[float], sizes: list[int], low: float, high: float) -> list[int]:
     """Counts c_l of units removed, c_l / size_l close to share_l, sum = round(sum share_l size_l)
     exactly, each within [ceil(low size_l), floor(high size_l)]: floors first, then the largest
-    remainders."""
+    remainders. Where the bounds force more than the total (each layer's ceil(low size_l) above
+    its share), counts come off the layers most over their share, one at a time, until the sum
+    is the total or every count is at its bound. A width so small that no integer lies in
+    [low size_l, high size_l] gets floor(high size_l)."""
     wanted = [s * n for s, n in zip(shares, sizes)]
     total = round(sum(wanted))
     lo = [math.ceil(low * n - 1e-9) for n in sizes]
@@ -151,11 +154,13 @@ def integer_counts(shares: list[float], sizes: list[int], low: float, high: floa
         counts[i] += 1
         order.remove(i)
         order.append(i)
-    for i in reversed(order):
-        if sum(counts) <= total:
+    while sum(counts) > total:
+        i = next((i for i in reversed(order) if counts[i] > lo[i]), None)  # most over first
+        if i is None:
             break
-        if counts[i] > lo[i]:
-            counts[i] -= 1
+        counts[i] -= 1
+        order.remove(i)
+        order.insert(0, i)
     return counts
 
 

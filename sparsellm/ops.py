@@ -222,10 +222,12 @@ def obs_prune(weight, hinv_upper, fraction, n=None, m=None, blocksize=128):
 
 
 def cholesky_inverse_upper(gram, percdamp):
+    reference.check_percdamp(percdamp)  # before any backend: each retries by raising it tenfold
     return _call("cholesky_inverse_upper", gram.device, gram, percdamp)
 
 
 def damped_cholesky(gram, percdamp):
+    reference.check_percdamp(percdamp)
     return _call("damped_cholesky", gram.device, gram, percdamp)
 
 

@@ -8,6 +8,7 @@ Mask convention: a boolean ``prune_mask`` is True where a weight is removed.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -67,13 +68,22 @@ class NotPositiveDefinite(RuntimeError):
     pass
 
 
+def check_percdamp(percdamp: float) -> None:
+    """The dampening of :func:`damped_cholesky` must be positive (and finite): its retries raise
+    it tenfold, which from 0 would retry the same failing factorisation."""
+    if not 0 < float(percdamp) < float("inf"):
+        raise ValueError(f"percdamp must be positive and finite, got {percdamp!r}")
+
+
 def damped_cholesky(gram: torch.Tensor, percdamp: float, max_tries: int = 6):
     """Lower Cholesky factor of ``G + lambda I`` with ``lambda = percdamp * mean(diag G)``.
 
     Works on one matrix or a batch ``[..., n, n]``. When a factorisation fails the dampening
     of that matrix alone is raised tenfold and retried. Returns ``(L, percdamp_used)`` where
-    ``percdamp_used`` has the batch shape. ``gram`` is not modified.
+    ``percdamp_used`` has the batch shape. ``gram`` is not modified. ``percdamp`` > 0
+    (:func:`check_percdamp`).
     """
+    check_percdamp(percdamp)
     n = gram.shape[-1]
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     mean_diag = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(gram.dtype).tiny)
@@ -226,7 +236,14 @@ ELEMENTWISE_BLOCK = 1 << 18
 
 def _blockwise(fn, *tensors):
     """``fn(*tensors)`` for an element-wise ``fn`` of same-shape tensors, computed block by
-    block on CPU (see ELEMENTWISE_BLOCK); the result is the same, element for element."""
+    block on CPU (see ELEMENTWISE_BLOCK); the result is the same, element for element.
+
+    float16 and bfloat16 inputs are computed in float32 and rounded once, at the end (as the
+    Triton kernels do in their float32 registers): the scale-aware penalties (1e-9 and below
+    at the default model) are zero in float16, and the objectives' squares overflow it."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    if dtype in (torch.float16, torch.bfloat16):
+        return _blockwise(fn, *(t.float() for t in tensors)).to(dtype)
     first = tensors[0]
     if (first.device.type != "cpu" or first.numel() <= ELEMENTWISE_BLOCK
             or any(t.shape != first.shape or t.dtype != first.dtype for t in tensors[1:])):

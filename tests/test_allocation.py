@@ -241,3 +241,14 @@ def test_energy_allocation_at_a_small_temperature_keeps_the_budget_through_the_d
     shares = [t.pattern.fraction for t in driver.allocate(inputs, kwargs).values()]
     assert math.fsum(shares) / 8 == pytest.approx(0.3, abs=1e-9)
     assert all(0.15 - 1e-12 <= s <= 0.45 + 1e-12 for s in shares)
+
+
+def test_integer_counts_come_down_to_the_total_when_lower_bounds_overshoot():
+    """Small widths whose lower bound (ceil(low x size) = 1 each) lifts every count above its
+    share: the counts come off the layers most over their share until the sum is the total
+    (one pass took one count off each, and stopped at 30 of 29)."""
+    shares, sizes = [0.046, 0.0191, 0.1424, 0.2188], [7, 5, 2, 128]
+    counts = integer_counts(shares, sizes, 0.0026, 0.7877)
+    assert sum(counts) == round(sum(s * n for s, n in zip(shares, sizes))) == 29
+    assert all(1 <= c <= math.floor(0.7877 * n) for c, n in zip(counts, sizes))
+    assert counts == [1, 1, 1, 26]

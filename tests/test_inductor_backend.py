@@ -84,3 +84,10 @@ def test_shapes_that_do_not_broadcast_are_the_callers_error_not_a_broken_compile
     with pytest.raises(RuntimeError, match="broadcast"):
         inductor.relu_z_step(_rand(6, 7, seed=1), _rand(6, 5, seed=2), 1.0, 2.0)
     assert inductor._state["broken"] is None
+
+
+def test_float16_calls_go_to_the_reference_which_computes_them_in_float32(small_calls_compile):
+    """Compiled in float16, the 0-d penalties would be float16 (3e-9 rounds to 0)."""
+    p, m = _rand(8, 16, seed=1).half(), _rand(8, 16, seed=2).half()
+    with pytest.raises(ops.Decline, match="float32"):
+        inductor.relu_z_step(p, m, 3e-9, 2e-9)

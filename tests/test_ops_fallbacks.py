@@ -315,3 +315,14 @@ def test_the_report_carries_the_fallbacks():
                           peak_memory={"host_max_rss": 1}, backend_usage={"obs_prune_block": {"triton": 2}},
                           backend_fallbacks=fell, export_info=None, version="0")
     assert report["backend_usage"] == {"obs_prune_block": {"triton": 2}} and report["backend_fallbacks"] == fell
+
+
+@pytest.mark.parametrize("percdamp", [0.0, -0.01, float("nan"), float("inf")])
+def test_dampening_must_be_positive(percdamp):
+    """Failed factorisations are retried with the dampening raised tenfold, which from 0 (or
+    below, or NaN) retries the same factorisation: refused before any backend runs."""
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(3))
+    gram = x.T @ x / 40
+    for fn in (ops.damped_cholesky, ops.cholesky_inverse_upper, reference.damped_cholesky):
+        with pytest.raises(ValueError, match="percdamp must be positive"):
+            fn(gram, percdamp)

@@ -585,3 +585,22 @@ def test_product_precision_is_validated():
     for bad in (0, -5, 2.5):
         with pytest.raises(ValueError, match="chunk_tokens"):
             SparseLLMSettings(chunk_tokens=bad)
+
+
+def test_elementwise_steps_compute_float16_in_float32():
+    """float16 inputs with penalties of the scale-aware size (3e-9: zero in float16): the steps
+    compute in float32 and round once, as the Triton kernels do (in float16 the z-step was 0/0)."""
+    from sparsellm import reference
+
+    gen = torch.Generator().manual_seed(7)
+    half = [torch.randn(64, 96, generator=gen).half() for _ in range(5)]
+    s, g, p, z, m = half
+    exact = [t.float() for t in half]  # the same values in float32
+    alpha, gamma = 3e-9, 2e-9
+    want_s = reference.swiglu_s_step(*exact[:4], alpha, gamma, 2)
+    assert not torch.equal(want_s.half(), s)  # the step moves s
+    for got, want in ((ops.swiglu_z_step(p, m, s, alpha, gamma), reference.swiglu_z_step(exact[2], exact[4], exact[0], alpha, gamma)),
+                      (ops.swiglu_s_step(s, g, p, z, alpha, gamma, 2), want_s),
+                      (ops.relu_z_step(p, m, alpha, gamma), reference.relu_z_step(exact[2], exact[4], alpha, gamma))):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        assert torch.equal(got, want.half())
