@@ -7,7 +7,10 @@
    for a small random LLaMA pruned to 50/70/90% (random masks; size depends only on the count
    of non-zeros), in float32 and bfloat16, with the load round trip checked bit for bit.
 
-    python benchmarks/export_table.py [--out table.md] [--quick] [--smollm-shape]
+    python benchmarks/export_table.py [--out table.md] [--json results.json] [--quick] [--smollm-shape]
+
+The table names the commit it measured (``quality.git_state``); ``--json`` also stores its rows
+with the commit, the command, the machine and the date.
 """
 from __future__ import annotations
 
@@ -119,8 +122,10 @@ def machine() -> str:
             f"Python {platform.python_version()}, {platform.system()} {platform.machine()}{load}")
 
 
-def render(csr, sizes_by_model, command, size=4096) -> str:
-    out = [f"Command: `{command}`  ", f"Machine: {machine()}", ""]
+def render(csr, sizes_by_model, command, size=4096, git=None, machine_text=None) -> str:
+    from quality import commit_label
+
+    out = [f"Command: `{command}`  ", f"Commit: {commit_label(git)}  ", f"Machine: {machine_text or machine()}", ""]
     out += [f"CPU, {size}x{size} linear with bias, float32, median ms per call (dense `F.linear` vs `CSRLinear`):", "",
             "| sparsity | tokens | dense ms | CSR ms | CSR speedup |", "|---:|---:|---:|---:|---:|"]
     for sparsity, t, d, c in csr:
@@ -139,6 +144,7 @@ def render(csr, sizes_by_model, command, size=4096) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--json", help="also store the rows here, with the commit, command, machine and date")
     parser.add_argument("--quick", action="store_true", help="short timings, fewer points (smoke run)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--smollm-shape", action="store_true",
@@ -156,10 +162,22 @@ def main(argv=None) -> int:
         sizes.append(("random LLaMA of SmolLM2-135M's shape (tied embeddings, 134.5M params)",
                       size_rows(SMOLLM2_135M, dtypes=(torch.float32,), sparsities=(0.5, 0.9))))
     command = "python benchmarks/export_table.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    table = render(csr, sizes, command.strip(), size)
+    from quality import git_state, save
+
+    git, machine_text = git_state(), machine()
+    table = render(csr, sizes, command.strip(), size, git, machine_text)
     print(table)
     if args.out:
         Path(args.out).write_text(table)
+    if args.json:
+        save({"git": git, "command": command.strip(), "machine": machine_text, "measured": time.strftime("%Y-%m-%d"),
+              "linear_size": size,
+              "csr": [dict(zip(("sparsity", "tokens", "dense_ms", "csr_ms"), row)) for row in csr],
+              "checkpoint_sizes": [{"model": label, "rows": [
+                  {"dtype": dtype, "sparsity": sparsity, "dense_bytes": dense, "compressed_bytes": comp,
+                   "save_seconds": {fmt: s[0] for fmt, s in secs.items()},
+                   "load_seconds": {fmt: s[1] for fmt, s in secs.items()}}
+                  for dtype, sparsity, dense, comp, secs in rows]} for label, rows in sizes]}, args.json)
     return 0
 
 

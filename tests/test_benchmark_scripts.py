@@ -123,3 +123,31 @@ def test_reference_loops_write_their_numbers_with_commit_settings_and_machine(tm
     assert "json" not in written["settings"] and written["machine"]
     args = reference_protocol.protocol_parser("", 0.9).parse_args([])
     reference_protocol.write_results(args, {"ppl": 1.0})  # no --json: nothing written
+
+
+def test_the_export_table_names_its_commit_and_stores_its_rows(tmp_path, monkeypatch):
+    import export_table
+
+    monkeypatch.setattr(export_table, "csr_rows", lambda **kw: [(0.9, 1, 2.0, 0.5)])
+    monkeypatch.setattr(export_table, "size_rows", lambda *a, **kw: [
+        ("float32", 0.5, 4_000_000, 2_000_000, {"dense": (0.1, 0.2), "compressed": (0.3, 0.4)})])
+    out, md = tmp_path / "export.json", tmp_path / "export.md"
+    assert export_table.main(["--json", str(out), "--out", str(md)]) == 0
+    written = json.loads(out.read_text())
+    assert len(written["git"]["commit"]) == 40 and written["machine"] and written["measured"]
+    assert written["csr"] == [{"sparsity": 0.9, "tokens": 1, "dense_ms": 2.0, "csr_ms": 0.5}]
+    row = written["checkpoint_sizes"][0]["rows"][0]
+    assert row["compressed_bytes"] == 2_000_000 and row["load_seconds"] == {"dense": 0.2, "compressed": 0.4}
+    text = md.read_text()
+    assert f"Commit: {written['git']['commit'][:7]}" in text and "| 90% | 1 | 2.00 | 0.50 | 4.00x |" in text
+
+
+def test_float64_runs_are_cells_of_their_own():
+    import argparse
+
+    import quality
+
+    args = argparse.Namespace(no_sequential=True, product_precision=None, float64=True)
+    assert quality.cell_key("sparsegpt", "0.9", None, args).endswith("|non-sequential|float64")
+    args.float64 = False
+    assert "float64" not in quality.cell_key("sparsegpt", "0.9", None, args)
