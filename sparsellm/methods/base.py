@@ -109,6 +109,7 @@ class LocalMethod(LayerwiseMethod):
             set_weight(linear, self.prune(solve_weight(linear), observed, pattern))
 
     def prune(self, weight: torch.Tensor, observed, pattern: SparsityPattern) -> torch.Tensor:
-        """``weight`` is float32 (float64 for a float64 model; :func:`solve_weight`) (out x in) on the compute device, ``observed`` the result of
-        ``statistic`` for its input; return the pruned weight."""
+        """``weight`` (out x in) is float32, float64 for a float64 model (:func:`solve_weight`), on
+        the compute device, ``observed`` the result of ``statistic`` for its input; return the
+        pruned weight."""
         raise NotImplementedError
