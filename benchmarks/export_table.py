@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from quality import commit_label, git_state, save
 from torch import nn
 
 
@@ -123,8 +124,6 @@ def machine() -> str:
 
 
 def render(csr, sizes_by_model, command, size=4096, git=None, machine_text=None) -> str:
-    from quality import commit_label
-
     out = [f"Command: `{command}`  ", f"Commit: {commit_label(git)}  ", f"Machine: {machine_text or machine()}", ""]
     out += [f"CPU, {size}x{size} linear with bias, float32, median ms per call (dense `F.linear` vs `CSRLinear`):", "",
             "| sparsity | tokens | dense ms | CSR ms | CSR speedup |", "|---:|---:|---:|---:|---:|"]
@@ -162,8 +161,6 @@ def main(argv=None) -> int:
         sizes.append(("random LLaMA of SmolLM2-135M's shape (tied embeddings, 134.5M params)",
                       size_rows(SMOLLM2_135M, dtypes=(torch.float32,), sparsities=(0.5, 0.9))))
     command = "python benchmarks/export_table.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    from quality import git_state, save
-
     git, machine_text = git_state(), machine()
     table = render(csr, sizes, command.strip(), size, git, machine_text)
     print(table)

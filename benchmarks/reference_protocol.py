@@ -41,12 +41,16 @@ def write_results(args, results: dict) -> None:
           "settings": settings, **results}, args.json)
 
 
+def protocol_model(args):
+    """The default model and its tokenizer, the model in float64 with ``--float64``."""
+    model, tokenizer = api.load_model("smollm2")
+    return (model.double() if args.float64 else model), tokenizer
+
+
 def load_protocol(args):
     """(model, tokenizer, adapter, calibration windows, layers to prune) for the parsed ``args``."""
     torch.set_grad_enabled(False)
-    model, tokenizer = api.load_model("smollm2")
-    if args.float64:
-        model.double()
+    model, tokenizer = protocol_model(args)
     adapter = get_adapter(model)
     windows = data.calibration_windows("wiki", tokenizer, args.nsamples, args.seqlen, 0)
     num_layers = len(adapter.layers(model)) if not args.no_eval else args.compare_layers

@@ -35,20 +35,21 @@ import time
 
 import torch
 
-from sparsellm import api
+from sparsellm.precision import solve_dtype
 from sparsellm.config import PruneConfig
 from sparsellm.driver import WINDOW_TOKENS_PER_CALL, LayerDriver, capture_layer_inputs
 from sparsellm.methods import get_method
 from sparsellm.models import get_adapter
 
-from reference_protocol import load_protocol, protocol_parser, protocol_perplexity, write_results
+from reference_protocol import (load_protocol, protocol_model, protocol_parser, protocol_perplexity,
+                                write_results)
 
 
 def reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, blocksize: int = 128,
                         percdamp: float = 0.01, mask_rule: str = "le") -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's ``fasterprune`` (unstructured, no quantizer), restated. Returns
     ``(pruned weight, prune mask)``; neither argument is modified."""
-    w_all = weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # float64 stays
+    w_all = weight.detach().to(solve_dtype(weight.dtype), copy=True)  # float32, float64 with --float64
     h = hessian.clone()
     cols = w_all.shape[1]
     dead = torch.diag(h) == 0
@@ -113,7 +114,7 @@ def reference_loop(model, adapter, windows, sparsity: float, num_layers: int, gr
     for index, layer in enumerate(adapter.layers(model)[:num_layers]):
         start = time.perf_counter()
         linears = _linears(layer)
-        dtype = torch.promote_types(inputs.dtype, torch.float32)  # float32, float64 with --float64
+        dtype = solve_dtype(inputs.dtype)  # float32, float64 with --float64
         hess = {n: torch.zeros(m.in_features, m.in_features, dtype=dtype) for n, m in linears.items()}
         seen = dict.fromkeys(linears, 0)
         xs = {n: [] for n in linears}
@@ -181,8 +182,7 @@ def main(argv=None) -> None:
               f"prune {seconds:.1f}s", flush=True)
     print("layer output rel errors: " + " ".join(f"{e:.4g}" for e in layer_errors), flush=True)
     if args.compare_layers:
-        ours, _ = api.load_model("smollm2")
-        ours = ours.double() if args.float64 else ours
+        ours, _ = protocol_model(args)
         config = PruneConfig(method="sparsegpt", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                              quiet=True, sequential=False, device="cpu", layers=(0, args.compare_layers))
         records = LayerDriver(ours, get_adapter(ours), get_method(config), config).run(windows)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from sparsellm import api
+from sparsellm.precision import solve_dtype
 from sparsellm.config import PruneConfig
 from sparsellm.driver import LayerDriver, capture_layer_inputs
 from sparsellm.methods import get_method
 
-from reference_protocol import load_protocol, protocol_parser, protocol_perplexity, write_results
+from reference_protocol import (load_protocol, protocol_model, protocol_parser, protocol_perplexity,
+                                write_results)
 
 
 def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> list[dict[str, torch.Tensor]]:
@@ -32,7 +33,7 @@ def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> li
     masks = []
     for layer in adapter.layers(model)[:num_layers]:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        dtype = torch.promote_types(inputs.dtype, torch.float32)  # float32, float64 with --float64
+        dtype = solve_dtype(inputs.dtype)  # float32, float64 with --float64
         norms_sq = {n: torch.zeros(m.in_features, dtype=dtype) for n, m in linears.items()}
         seen = dict.fromkeys(linears, 0)
 
@@ -72,8 +73,7 @@ def main(argv=None) -> None:
         results["ppl"] = protocol_perplexity(model, tokenizer, args)
         print(f"reference-loop wanda {args.sparsity}: ppl {results['ppl']:.4f}")
     if args.compare_layers:
-        ours, _ = api.load_model("smollm2")
-        ours = ours.double() if args.float64 else ours
+        ours, _ = protocol_model(args)
         config = PruneConfig(method="wanda", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                              quiet=True, sequential=False, device="cpu", layers=(0, args.compare_layers))
         LayerDriver(ours, adapter, get_method(config), config).run(windows)

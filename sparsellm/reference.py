@@ -14,6 +14,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .precision import solve_dtype
+
 # ----------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------
@@ -52,8 +54,7 @@ def flat_prune_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 def wanda_prune_mask(weight: torch.Tensor, in_norm: torch.Tensor, fraction: float,
                      n: int | None = None, m: int | None = None) -> torch.Tensor:
     """Wanda: score |W_ij| * ||X_j||, compared within each output row (or N:M group)."""
-    # float32, or float64 for a float64 model (sparsellm.precision.solve_dtype)
-    dtype = torch.promote_types(torch.promote_types(weight.dtype, in_norm.dtype), torch.float32)
+    dtype = solve_dtype(torch.promote_types(weight.dtype, in_norm.dtype))  # float32, float64 for float64
     score = weight.abs().to(dtype) * in_norm.to(dtype).unsqueeze(0)
     if n is not None:
         return nm_prune_mask(score, n, m)
