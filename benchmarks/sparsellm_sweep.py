@@ -40,6 +40,13 @@ SETTINGS = {
     "sa-1-10-1": dict(alpha=1.0, beta=10.0, gamma=1.0, scale_aware=True),
     "sa-10-1-10": dict(alpha=10.0, beta=1.0, gamma=10.0, scale_aware=True),
     "sa-1-0.1-1": dict(alpha=1.0, beta=0.1, gamma=1.0, scale_aware=True),
+    # over-relaxation of the auxiliaries (the default's penalties; "plain" is the default before it)
+    "plain": dict(relaxation=1.0, iterations=4),
+    "relax-1.3": dict(relaxation=1.3),
+    "relax-1.5": dict(relaxation=1.5),
+    "relax-1.6": dict(relaxation=1.6),
+    "relax-1.7": dict(relaxation=1.7),
+    "relax-1.9": dict(relaxation=1.9),
 }
 
 CACHE = os.environ.get("SPARSELLM_SWEEP_CACHE", "/tmp/sparsellm_sweep_inputs")

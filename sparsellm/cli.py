@@ -46,6 +46,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
+    from .methods import sparsellm as sparsellm_solver, structprune as structprune_solver
     from .ops import BACKENDS
 
     d = PruneConfig()
@@ -96,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=s.alpha, help="weight of the pre-activation terms (z, s)")
     g.add_argument("--beta", type=float, default=s.beta, help="weight of the FFN output term")
     g.add_argument("--gamma", type=float, default=s.gamma, help="weight of the down projection's input term (p)")
-    g.add_argument("--iterations", type=int, default=s.iterations, help="alternating iterations of the FFN solver")
+    g.add_argument("--iterations", type=int, default=s.iterations,
+                   help="alternating iterations of the FFN solver "
+                        f"(default: {sparsellm_solver.DEFAULT_ITERATIONS} for sparsellm, "
+                        f"{structprune_solver.DEFAULT_ITERATIONS} for structprune)")
+    g.add_argument("--relaxation", type=float, default=s.relaxation,
+                   help="over-relaxation of the FFN solver's auxiliaries z and s, in (0, 2); 1 is the plain "
+                        f"alternation (default: {sparsellm_solver.DEFAULT_RELAXATION:g} for sparsellm, "
+                        f"{structprune_solver.DEFAULT_RELAXATION:g} for structprune)")
     g.add_argument("--product-precision", default=s.product_precision, choices=PRODUCT_PRECISIONS,
                    help="precision of the FFN solver's large products: tf32 (TF32 on CUDA, float32 on the "
                         "CPU), float32, bfloat16 operands (fastest on CPUs with AMX; FFN errors move slightly), or "
@@ -169,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         blocksize=args.blocksize, percdamp=args.percdamp,
         sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations,
+                                    relaxation=args.relaxation,
                                     product_precision=args.product_precision, chunk_tokens=args.chunk_tokens),
         structure=args.structure, head_sparsity=args.head_sparsity,
         allocation=AllocationSettings(rule=args.allocation, temperature=args.temperature, owl_lambda=args.owl_lambda,

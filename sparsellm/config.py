@@ -31,7 +31,12 @@ class SparseLLMSettings:
     alpha: float = 5.0
     beta: float = 5.0
     gamma: float = 5.0
-    iterations: int = 4
+    # Alternating iterations of the FFN solver; None: the method's own (SparseLLM 3, StructPrune 4).
+    iterations: int | None = None
+    # Over-relaxation omega of the auxiliaries z and s, in (0, 2) (1: the plain alternation); None:
+    # the method's own (SparseLLM 1.6; StructPrune 1, which judges on held-out tokens and was
+    # measured without it). See sparsellm.methods.sparsellm.
+    relaxation: float | None = None
     s_step_iterations: int = 2  # warm-started each iteration; 5 cost 40% of the solver's time
     # Normalise alpha/beta/gamma by the scale of the terms they weigh (see the method's docs).
     scale_aware: bool = True
@@ -59,8 +64,11 @@ class SparseLLMSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"sparsellm {name} must be a positive number, got {value!r}")
-        if not (isinstance(self.iterations, int) and self.iterations >= 0):
+        if self.iterations is not None and not (isinstance(self.iterations, int) and self.iterations >= 0):
             raise ValueError(f"sparsellm iterations must be an integer >= 0, got {self.iterations!r}")
+        if self.relaxation is not None and not (isinstance(self.relaxation, (int, float))
+                                                and 0 < self.relaxation < 2):
+            raise ValueError(f"sparsellm relaxation must be a number in (0, 2), got {self.relaxation!r}")
         if self.product_precision not in PRODUCT_PRECISIONS:
             raise ValueError(f"sparsellm product_precision must be one of {', '.join(PRODUCT_PRECISIONS)}, "
                              f"got {self.product_precision!r}")

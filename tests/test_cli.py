@@ -158,6 +158,8 @@ def test_missing_data_file(where, no_loading, capsys, tmp_path):
     (["--method", "sparsellm", "--alpha", "0"], "alpha must be a positive number"),
     (["--method", "sparsellm", "--gamma", "nan"], "gamma must be a positive number"),
     (["--method", "sparsellm", "--iterations", "-1"], "iterations must be an integer >= 0"),
+    (["--method", "sparsellm", "--relaxation", "2"], "relaxation must be a number in (0, 2)"),
+    (["--method", "sparsellm", "--relaxation", "nan"], "relaxation must be a number in (0, 2)"),
     (["--method", "sparsellm", "--chunk-tokens", "0"], "chunk_tokens must be a positive integer"),
     (["--eval-windows", "0"], "eval_windows must be a positive integer"),
     (["--nsamples", "0"], "nsamples must be a positive integer"),
@@ -362,7 +364,8 @@ def test_help_states_each_default_once_and_not_for_switches(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
     assert text.count("(default: all)") == 2 and "(default: all) (default" not in text
-    assert "alternating iterations of the FFN solver (default: 4)" in text
+    assert "alternating iterations of the FFN solver (default: 3 for sparsellm, 4 for structprune)" in text
+    assert "(default: 1.6 for sparsellm, 1 for structprune)" in text
 
 
 def test_home_relative_output_paths_are_expanded(monkeypatch, tmp_path):

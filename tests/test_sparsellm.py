@@ -485,6 +485,69 @@ def test_zero_iterations_is_sequential_sparsegpt():
                                                                                 config), rel=1e-4)
 
 
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("omega", [1.0, 1.6])
+def test_each_sweep_starts_from_the_relaxed_auxiliaries(monkeypatch, activation, omega):
+    """Step 4, over-relaxation: the sweep after an update starts from z_old + omega (z - z_old),
+    and s likewise, where z and s are the element-wise steps' minimisers and the first sweep's
+    z_old, s_old are the dense pre-activations (omega = 1: the plain alternation). Checked on
+    what the solver hands its steps: the p-step's act(z_old, s_old) and the s-step's start."""
+    from sparsellm.methods import sparsellm as module
+
+    seen = {"r": [], "z": [], "s_start": [], "s": []}
+    swiglu = activation == "swiglu"
+    real_p_step = module.p_step
+    z_name = "swiglu_z_step" if swiglu else "relu_z_step"
+    real_z_step, real_s_step = getattr(ops, z_name), ops.swiglu_s_step
+
+    def p_step(r, *args, **kwargs):
+        seen["r"].append(r.clone())
+        return real_p_step(r, *args, **kwargs)
+
+    def z_step(*args, **kwargs):
+        seen["z"].append(real_z_step(*args, **kwargs))
+        return seen["z"][-1].clone()
+
+    def s_step(start, *args, **kwargs):
+        seen["s_start"].append(start.clone())
+        seen["s"].append(real_s_step(start, *args, **kwargs))
+        return seen["s"][-1].clone()
+
+    monkeypatch.setattr(module, "p_step", p_step)
+    monkeypatch.setattr(ops, z_name, z_step)
+    monkeypatch.setattr(ops, "swiglu_s_step", s_step)
+    ffn, x = synthetic_ffn(activation)
+    dense = ffn.dense_copy()
+    z0 = torch.nn.functional.linear(x, dense["up"], None if ffn.up.bias is None else ffn.up.bias.detach())
+    s0 = x @ dense["gate"].T if swiglu else None
+    config = PruneConfig(method="sparsellm", sparsity="0.7", sparsellm=SparseLLMSettings(iterations=3, relaxation=omega))
+    diag = SparseLLM(config).prune_ffn(ffn, x, config.sparsity)
+    assert diag["relaxation"] == omega
+    assert len(seen["r"]) == len(seen["z"]) == 2  # the sweeps of iterations 1 and 2 update the auxiliaries
+
+    def act(z, s):
+        return torch.nn.functional.silu(s) * z if swiglu else torch.relu(z)
+
+    close = dict(rtol=1e-5, atol=1e-6 * float(z0.abs().max()))
+    torch.testing.assert_close(seen["r"][0], act(z0, s0), **close)
+    z1 = z0 + omega * (seen["z"][0] - z0)
+    s1 = None
+    if swiglu:
+        torch.testing.assert_close(seen["s_start"][0], s0, **close)
+        s1 = s0 + omega * (seen["s"][0] - s0)
+        torch.testing.assert_close(seen["s_start"][1], s1, **close)
+        assert float((seen["s"][0] - s0).abs().max()) > 1e-3  # the step moved s: the check is not void
+    torch.testing.assert_close(seen["r"][1], act(z1, s1), **close)
+    assert float((seen["z"][0] - z0).abs().max()) > 1e-3
+
+
+def test_relaxation_is_validated():
+    for bad in (0, 2, -0.5, float("nan"), float("inf"), "1.5"):
+        with pytest.raises(ValueError, match=r"relaxation must be a number in \(0, 2\)"):
+            SparseLLMSettings(relaxation=bad)
+    assert SparseLLMSettings(relaxation=1.99).relaxation == 1.99
+
+
 # ---- end to end through the driver ------------------------------------------------------
 
 
