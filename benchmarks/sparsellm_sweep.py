@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import json
 import os
+import platform
 import time
 
 import torch
@@ -29,6 +30,8 @@ from sparsellm.driver import LayerDriver
 from sparsellm.methods.sparsellm import SparseLLM
 from sparsellm.models import get_adapter
 from sparsellm.models.base import FFN
+
+import quality  # benchmarks/quality.py: git_state
 
 # name -> SparseLLMSettings overrides. Only the ratios of alpha, beta, gamma matter.
 SETTINGS = {
@@ -115,19 +118,24 @@ def sweep_layers(args):
             diag = method.prune_ffn(ffn, saved[index]["x"], config.sparsity)
             rows[index] = {"start": diag["start_ffn_rel_error"], "best": diag["best_ffn_rel_error"],
                            "best_it": diag["best_iteration"], "seconds": time.perf_counter() - t,
-                           "iters": [round(e["ffn_rel_error"], 4) for e in diag["iterations"]]}
-            print(name, index, json.dumps(rows[index]), flush=True)
-        results[name] = rows
+                           "iters": [e["ffn_rel_error"] for e in diag["iterations"]]}
+            print(name, index, json.dumps({**rows[index], "iters": [round(e, 4) for e in rows[index]["iters"]]}),
+                  flush=True)
+        results[name] = {"settings": dataclasses.asdict(settings), "layers": rows}
     print("\nsetting      " + " ".join(f"L{i:<7d}" for i in layers) + " mean-ratio  sec")
-    start = {i: results[next(iter(results))][i]["start"] for i in layers}
+    start = {i: results[next(iter(results))]["layers"][i]["start"] for i in layers}
     print("sparsegpt    " + " ".join(f"{start[i]:<8.4f}" for i in layers) + " 1.000")
-    for name, rows in results.items():
+    for name, result in results.items():
+        rows = result["layers"]
         ratio = sum(rows[i]["best"] / rows[i]["start"] for i in layers) / len(layers)
         secs = sum(rows[i]["seconds"] for i in layers)
         print(f"{name:<12s} " + " ".join(f"{rows[i]['best']:<8.4f}" for i in layers) + f" {ratio:.4f}  {secs:.0f}")
     if args.out:
+        meta = {"commit": quality.git_state(), "sparsity": args.sparsity, "nsamples": args.nsamples,
+                "seqlen": args.seqlen, "threads": torch.get_num_threads(), "machine": platform.processor() or
+                platform.machine(), "measured": time.strftime("%Y-%m-%d")}
         with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
+            json.dump({"meta": meta, "settings": results}, fh, indent=1)
 
 
 def sweep_ppl(args):
