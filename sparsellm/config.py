@@ -27,7 +27,9 @@ class SparseLLMSettings:
     # best FFN error over SparseGPT's, mean of the layers, after 6 iterations: equal scale-aware
     # weights 0.883, the raw (paper-like) 5/5/5 0.930, gamma x10 0.876 (better on 2 layers,
     # worse on 2), alpha x10 0.906. The error was still falling at the 6th iteration on three of
-    # the four layers; 4 iterations keep most of the gain (0.897) at two thirds of the cost.
+    # the four layers; 4 iterations kept most of the gain (0.897) at two thirds of the cost. Since
+    # then the auxiliaries are over-relaxed (``relaxation``): 3 relaxed iterations gave lower FFN
+    # errors than 4 plain ones (benchmarks/results/sparsellm_relaxation/).
     alpha: float = 5.0
     beta: float = 5.0
     gamma: float = 5.0

@@ -89,6 +89,26 @@ def test_few_tokens_hold_nothing_out():
     assert diagnostics["best_selection_error"] == diagnostics["best_ffn_rel_error"]
 
 
+def test_structprune_keeps_its_own_solver_defaults():
+    """Settings left None take each method's defaults: StructPrune 4 plain iterations (what its
+    tables were measured with), SparseLLM 3 over-relaxed ones; set values win for both."""
+    from sparsellm.methods import sparsellm as unstructured
+
+    model = tiny_llama(layers=1, seed=5)
+    ffn = get_adapter(model).ffn(get_adapter(model).layers(model)[0])
+    x = correlated_inputs(256, 64, seed=6)
+    solver = _StructuredFFNSolver(ffn, x, 16, PruneConfig(method="structprune", sparsity=0.5))
+    assert (solver.iterations, solver.relaxation) == (4, 1.0)
+    assert solver.run()["relaxation"] == 1.0
+    chosen = PruneConfig(method="structprune", sparsity=0.5, sparsellm={"iterations": 2, "relaxation": 1.3})
+    solver = _StructuredFFNSolver(ffn, x, 16, chosen)
+    assert (solver.iterations, solver.relaxation) == (2, 1.3)
+    solver = unstructured._FFNSolver(ffn, x, PruneConfig(method="sparsellm", sparsity=0.5).sparsity,
+                                    PruneConfig(method="sparsellm", sparsity=0.5))
+    assert (solver.iterations, solver.relaxation) == (unstructured.DEFAULT_ITERATIONS, unstructured.DEFAULT_RELAXATION)
+    assert (unstructured.DEFAULT_ITERATIONS, unstructured.DEFAULT_RELAXATION) == (3, 1.6)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "structprune", "--sparsity", "2:4"], "N:M"),
     (["--method", "sparsellm", "--structure", "channels"], "no structured version"),

@@ -120,8 +120,9 @@ FLOAT16_KEPT = 16
 FLOAT16_GEMM = hasattr(torch.ops.aten.mm, "dtype")
 # The defaults of the settings left None (SparseLLMSettings.iterations, .relaxation): chosen on
 # fixed FFN inputs of the default model (benchmarks/sparsellm_sweep.py; benchmarks/RESULTS.md,
-# "SparseLLM's over-relaxation"): with omega = 1.6, 3 iterations gave FFN errors at or below
-# those of 4 plain ones.
+# "SparseLLM's over-relaxation"): with omega = 1.6, 3 iterations gave lower FFN errors than 4
+# plain ones on 24 of 25 layers and settings (the other, an error of 0.0132, +0.7%) in 27% less
+# time; omega 1.7 and above overshot on the layers of small error.
 DEFAULT_ITERATIONS = 3
 DEFAULT_RELAXATION = 1.6
 
