@@ -646,6 +646,7 @@ class _FFNSolver:
             "stopped_early": stopped_early,
             "iterations": history,
             "penalties": penalties,
+            "max_iterations": self.iterations,  # with relaxation: the defaults a None setting took
             "relaxation": self.relaxation,
             "aux_bytes": self.aux_bytes,
             "aux_device": str(self.store),
