@@ -18,7 +18,6 @@ import dataclasses
 import glob
 import json
 import os
-import platform
 import time
 
 import torch
@@ -132,8 +131,8 @@ def sweep_layers(args):
         print(f"{name:<12s} " + " ".join(f"{rows[i]['best']:<8.4f}" for i in layers) + f" {ratio:.4f}  {secs:.0f}")
     if args.out:
         meta = {"commit": quality.git_state(), "sparsity": args.sparsity, "nsamples": args.nsamples,
-                "seqlen": args.seqlen, "threads": torch.get_num_threads(), "machine": platform.processor() or
-                platform.machine(), "measured": time.strftime("%Y-%m-%d")}
+                "seqlen": args.seqlen, "threads": torch.get_num_threads(), "machine": quality.machine(True),
+                "measured": time.strftime("%Y-%m-%d")}
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "settings": results}, fh, indent=1)
 

@@ -478,7 +478,6 @@ class _FFNSolver:
         # Iteration 1's down W-step fits the dense hidden to Y' = (dense hidden) W2^T: its
         # dampened least squares is the dense down (up to rounding), used as is. So the dense
         # pass needs H^T Y' only where candidate 0 is judged on the dense hidden (h0_is_p).
-        dense_cross = h0_is_p
 
         # Dense pass: auxiliaries, Y' = Y - b2 and the Hessian of the first down W-step (dense p),
         # in one sweep over the tokens.
@@ -493,7 +492,7 @@ class _FFNSolver:
                 sc = self._lin(xc, dense["gate"], self.bg) if swiglu else None
                 p = _act(swiglu, z, sc)
                 y = self._lin(p, dense["down"])
-                if dense_cross:
+                if h0_is_p:
                     self._gather((ptp, pty), p, y)
                 else:
                     self.products.sym_gram_add(ptp, p)
