@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--product-precision", default=s.product_precision, choices=PRODUCT_PRECISIONS,
                    help="precision of the FFN solver's large products: tf32 (TF32 on CUDA, float32 on the "
                         "CPU), float32, bfloat16 operands (fastest on CPUs with AMX; FFN errors move slightly), or "
-                        "float16 operands scaled into range with float32 results (for CUDA; emulated, slower, on CPUs)")
+                        "float16 operands scaled into range with float32 results (for CUDA; emulated, slower, on CPUs); "
+                        "default: float16 on CUDA (torch 2.8+), tf32 elsewhere")
     g.add_argument("--chunk-tokens", type=int, default=s.chunk_tokens,
                    help="calibration tokens per chunk of the FFN solver's token-wise steps (default: automatic, "
                         "32 MB temporaries on the CPU, 128 MB on CUDA); memory and speed only")

@@ -48,14 +48,15 @@ class SparseLLMSettings:
     # float32 everywhere, "bfloat16" bfloat16 operands with float32 results (the CPU's AMX units:
     # on the default model's first 15 layers at 70% it moved the mean FFN error from 0.3733 to
     # 0.3743, so it is not the default), "float16" float16 operands scaled by a power of two into
-    # its range, float32 results (meant for CUDA: twice TF32's tensor-core rate on Hopper with the
-    # same 11 significant bits per operand; not yet measured on a GPU, so not the default; on the
-    # CPU emulated in float32, slower). Factorisations, the OBS sweeps and the p-step system
-    # stay float32 in every mode. TF32 against float32 measured on an H200 (benchmarks/prune_7b.py;
-    # benchmarks/RESULTS.md, "SparseLLM at 7B shapes", run 2, commit b5f1d8f: 2.3x faster per
-    # layer, FFN errors moved by at most 1.5e-4; run 1, on an H100, had float32 products only)
-    # and on the 2-core CPU (README, SparseLLM).
-    product_precision: str = "tf32"
+    # its range, float32 results (for CUDA: twice TF32's tensor-core rate on Hopper with the same
+    # 11 significant bits per operand; on the CPU emulated in float32, slower). None: float16 on
+    # CUDA where torch has float16 GEMMs with float32 output (torch 2.8+), tf32 elsewhere
+    # (sparsellm.methods.sparsellm.default_product_precision). On an H200 at 7B shapes
+    # (benchmarks/RESULTS.md, "SparseLLM at 7B shapes", run 5) float16 took 2.66 s a layer
+    # against TF32's 3.13 s with FFN errors within 3e-4 (below TF32's on every layer); TF32
+    # against float32: run 2, 2.3x faster, FFN errors moved by at most 1.5e-4. Factorisations,
+    # the OBS sweeps and the p-step system stay float32 in every mode.
+    product_precision: str | None = None
     # Calibration tokens per chunk of the solver's token-wise steps (None: automatic, temporaries
     # of 32 MB on the CPU and 128 MB on CUDA; see sparsellm.methods.sparsellm). Only memory and
     # speed depend on it (and float32 rounding of sums over chunks).
@@ -71,7 +72,7 @@ class SparseLLMSettings:
         if self.relaxation is not None and not (isinstance(self.relaxation, (int, float))
                                                 and 0 < self.relaxation < 2):
             raise ValueError(f"sparsellm relaxation must be a number in (0, 2), got {self.relaxation!r}")
-        if self.product_precision not in PRODUCT_PRECISIONS:
+        if self.product_precision is not None and self.product_precision not in PRODUCT_PRECISIONS:
             raise ValueError(f"sparsellm product_precision must be one of {', '.join(PRODUCT_PRECISIONS)}, "
                              f"got {self.product_precision!r}")
         if not (isinstance(self.s_step_iterations, int) and self.s_step_iterations >= 1):

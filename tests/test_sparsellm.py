@@ -230,14 +230,36 @@ def test_float16_products_on_cuda_are_the_emulated_ones():
     assert float((gpu_out.cpu() - cpu_out).norm() / cpu_out.norm()) < 1e-5
     exact = x.double() @ w.double().T + bias.double()
     assert float((gpu_out.cpu().double() - exact).norm() / exact.norm()) < 1e-3
+    grams = {}
     for device in ("cpu", "cuda"):  # the block triangle (each device's own block size)
         acc = torch.zeros(1024, 1024, device=device)
         products.sym_gram_add(acc, cpu_out.to(device))
-        if device == "cpu":
-            cpu_gram = full_gram(acc)
-        else:
-            gpu_gram = full_gram(acc).cpu()
-    assert float((gpu_gram - cpu_gram).norm() / cpu_gram.norm()) < 1e-5
+        grams[device] = full_gram(acc).cpu()
+    # Sums of 3000 products each (the linear's: 512), in another order and blocking: float32's
+    # rounding of the sum grows about like sqrt(n) eps, 3000 ** 0.5 * 6e-8 = 3.3e-6 per entry
+    # (an H200 gave 1.26e-5 over the whole Gram), while a wrong block or scale would be O(1)
+    # off. Both are float16 rounding's distance from float64's Gram of the same float32 rows.
+    assert float((grams["cuda"] - grams["cpu"]).norm() / grams["cpu"].norm()) < 5e-5
+    exact_gram = cpu_out.double().T @ cpu_out.double()
+    for gram in grams.values():
+        assert float((gram.double() - exact_gram).norm() / exact_gram.norm()) < 1e-3
+
+
+def test_product_precision_left_none_is_float16_on_cuda_only(monkeypatch):
+    """None takes float16 on CUDA where torch has float32-output float16 GEMMs and tf32 otherwise;
+    the solver reports the precision it ran (here on the CPU: tf32, i.e. float32, the products of
+    an explicit "tf32" bit for bit)."""
+    from sparsellm.methods import sparsellm as module
+
+    for gemm, want in ((True, "float16"), (False, "tf32")):
+        monkeypatch.setattr(module, "FLOAT16_GEMM", gemm)
+        assert module.default_product_precision(torch.device("cuda", 0)) == want
+        assert module.default_product_precision(torch.device("cpu")) == "tf32"
+    monkeypatch.undo()
+    (ffn, x, *_, diag), (ffn_tf32, *_, diag_tf32) = solve("swiglu", "0.7"), solve("swiglu", "0.7", product_precision="tf32")
+    assert diag["product_precision"] == diag_tf32["product_precision"] == "tf32"
+    for name, lin in ffn.linears().items():
+        assert torch.equal(lin.weight, ffn_tf32.linears()[name].weight), name
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
@@ -641,7 +663,7 @@ def test_large_products_switches_tf32_only_for_cuda_and_restores():
 def test_product_precision_is_validated():
     from sparsellm.config import SparseLLMSettings
 
-    assert SparseLLMSettings().product_precision == "tf32"
+    assert SparseLLMSettings().product_precision is None  # the device's default (below)
     assert SparseLLMSettings(product_precision="bfloat16").product_precision == "bfloat16"
     with pytest.raises(ValueError, match="product_precision"):
         SparseLLMSettings(product_precision="bf16")

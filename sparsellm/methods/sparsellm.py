@@ -43,10 +43,11 @@ Memory: act(z, s), s and Y' are kept for all calibration tokens, chunk by chunk;
 the compute device when they fit and in host memory otherwise, and every token-wise step runs on
 one chunk at a time, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
 
-Precision: on CUDA the token-wise products and the Gram accumulations over all tokens (nearly all
-of the solver's arithmetic at 7B shapes) run in TF32 unless ``product_precision`` says otherwise
-("float32"; "float16": scaled float16 operands, float32 results, see :class:`Products`);
-factorisations, the OBS sweeps and the p-step's system stay float32.
+Precision: the token-wise products and the Gram accumulations over all tokens (nearly all of the
+solver's arithmetic at 7B shapes) run in ``product_precision``; by default float16 operands
+scaled into range with float32 results on CUDA (:class:`Products`), float32 (TF32's "tf32") on
+the CPU (:func:`default_product_precision`). Factorisations, the OBS sweeps and the p-step's
+system stay float32.
 """
 from __future__ import annotations
 
@@ -227,6 +228,15 @@ class Products:
             self._accumulate(acc[i:i + block, i:], self._product(op[:, i:i + block].t(), op[:, i:]), inv)
 
 
+def default_product_precision(device: torch.device) -> str:
+    """The product precision a ``product_precision`` of None takes on ``device``: "float16" on CUDA
+    where torch.mm has float32 outputs of float16 operands (on an H200 at 7B shapes 15% less time
+    per layer than TF32, with FFN errors within 3e-4 of TF32's, all lower: benchmarks/RESULTS.md,
+    "SparseLLM at 7B shapes", run 5); "tf32" elsewhere (float32 on the CPU, where float16 is
+    emulated and slower)."""
+    return "float16" if device.type == "cuda" and FLOAT16_GEMM else "tf32"
+
+
 def check_product_precision(config) -> None:
     """float16 products on CUDA need torch.mm's float32 output of float16 operands (torch 2.8+):
     without it, a ValueError before anything loads (SparseLLM's and StructPrune's preflight)."""
@@ -375,7 +385,8 @@ class _FFNSolver:
         else:
             self.buf = {n: [torch.empty(c.stop - c.start, widths[n], pin_memory=True) for c in self.chunks]
                         for n in names}
-        self.products = Products(settings.product_precision)
+        self.precision = settings.product_precision or default_product_precision(self.device)
+        self.products = Products(self.precision)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -399,8 +410,7 @@ class _FFNSolver:
         """The precision of the float32 matmuls among the token-wise steps (:func:`large_products`):
         under "float16" products, the p-step's product by the inverse stays float32 operands and
         runs in TF32 as under the default."""
-        precision = self.settings.product_precision
-        return large_products(self.device, "tf32" if precision == "float16" else precision)
+        return large_products(self.device, "tf32" if self.precision == "float16" else self.precision)
 
     def _zeros(self, *shape):
         return torch.zeros(*shape, device=self.device, dtype=torch.float32)
@@ -647,6 +657,7 @@ class _FFNSolver:
             "penalties": penalties,
             "max_iterations": self.iterations,  # with relaxation: the defaults a None setting took
             "relaxation": self.relaxation,
+            "product_precision": self.precision,
             "aux_bytes": self.aux_bytes,
             "aux_device": str(self.store),
         }
