@@ -364,7 +364,8 @@ def test_help_states_each_default_once_and_not_for_switches(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
     assert text.count("(default: all)") == 2 and "(default: all) (default" not in text
-    assert "alternating iterations of the FFN solver (default: 3 for sparsellm, 4 for structprune)" in text
+    assert "alternating iterations of the FFN solver (default: 3 for sparsellm, 4 for structprune;" in text
+    assert "default: float16 on CUDA (torch 2.8+), tf32 elsewhere" in text
     assert "(default: 1.6 for sparsellm, 1 for structprune)" in text
 
 
