@@ -256,7 +256,7 @@ def test_product_precision_left_none_is_float16_on_cuda_only(monkeypatch):
         assert module.default_product_precision(torch.device("cuda", 0)) == want
         assert module.default_product_precision(torch.device("cpu")) == "tf32"
     monkeypatch.undo()
-    (ffn, x, *_, diag), (ffn_tf32, *_, diag_tf32) = solve("swiglu", "0.7"), solve("swiglu", "0.7", product_precision="tf32")
+    (ffn, *_, diag), (ffn_tf32, *_, diag_tf32) = solve("swiglu", "0.7"), solve("swiglu", "0.7", product_precision="tf32")
     assert diag["product_precision"] == diag_tf32["product_precision"] == "tf32"
     for name, lin in ffn.linears().items():
         assert torch.equal(lin.weight, ffn_tf32.linears()[name].weight), name
