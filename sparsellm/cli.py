@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=s.iterations,
                    help="alternating iterations of the FFN solver "
                         f"(default: {sparsellm_solver.DEFAULT_ITERATIONS} for sparsellm, "
-                        f"{structprune_solver.DEFAULT_ITERATIONS} for structprune; at 90%% sparsity sparsellm "
-                        "was better with 4: benchmarks/RESULTS.md)")
+                        f"{structprune_solver.DEFAULT_ITERATIONS} for structprune; sparsellm's perplexity was lower "
+                        "with 4 at 70-90%%, most at 90%%, for a fifth more time: benchmarks/RESULTS.md)")
     g.add_argument("--relaxation", type=float, default=s.relaxation,
                    help="over-relaxation of the FFN solver's auxiliaries z and s, in (0, 2); 1 is the plain "
                         f"alternation (default: {sparsellm_solver.DEFAULT_RELAXATION:g} for sparsellm, "
