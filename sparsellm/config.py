@@ -53,7 +53,7 @@ class SparseLLMSettings:
     # CUDA where torch has float16 GEMMs with float32 output (torch 2.8+), tf32 elsewhere
     # (sparsellm.methods.sparsellm.default_product_precision). On an H200 at 7B shapes
     # (benchmarks/RESULTS.md, "SparseLLM at 7B shapes", run 5) float16 took 2.66 s a layer
-    # against TF32's 3.13 s with FFN errors within 3e-4 (below TF32's on every layer); TF32
+    # against TF32's 3.13 s with FFN errors within 3e-4 (none above TF32's); TF32
     # against float32: run 2, 2.3x faster, FFN errors moved by at most 1.5e-4. Factorisations,
     # the OBS sweeps and the p-step system stay float32 in every mode.
     product_precision: str | None = None

@@ -45,8 +45,8 @@ one chunk at a time, so the temporaries stay bounded. Their size is reported as 
 
 Precision: the token-wise products and the Gram accumulations over all tokens (nearly all of the
 solver's arithmetic at 7B shapes) run in ``product_precision``; by default float16 operands
-scaled into range with float32 results on CUDA (:class:`Products`), float32 (TF32's "tf32") on
-the CPU (:func:`default_product_precision`). Factorisations, the OBS sweeps and the p-step's
+scaled into range with float32 results on CUDA (:class:`Products`), and "tf32" elsewhere, which is
+plain float32 on the CPU (:func:`default_product_precision`). Factorisations, the OBS sweeps and the p-step's
 system stay float32.
 """
 from __future__ import annotations
@@ -230,8 +230,8 @@ class Products:
 
 def default_product_precision(device: torch.device) -> str:
     """The product precision a ``product_precision`` of None takes on ``device``: "float16" on CUDA
-    where torch.mm has float32 outputs of float16 operands (on an H200 at 7B shapes 15% less time
-    per layer than TF32, with FFN errors within 3e-4 of TF32's, all lower: benchmarks/RESULTS.md,
+    where torch.mm has float32 outputs of float16 operands (on an H200 at 7B shapes 7-15% less time
+    per layer than TF32 in two calls, with FFN errors within 3e-4 of TF32's, none higher: benchmarks/RESULTS.md,
     "SparseLLM at 7B shapes", run 5); "tf32" elsewhere (float32 on the CPU, where float16 is
     emulated and slower)."""
     return "float16" if device.type == "cuda" and FLOAT16_GEMM else "tf32"
@@ -409,7 +409,7 @@ class _FFNSolver:
     def _products(self):
         """The precision of the float32 matmuls among the token-wise steps (:func:`large_products`):
         under "float16" products, the p-step's product by the inverse stays float32 operands and
-        runs in TF32 as under the default."""
+        runs in TF32, as under "tf32"."""
         return large_products(self.device, "tf32" if self.precision == "float16" else self.precision)
 
     def _zeros(self, *shape):
