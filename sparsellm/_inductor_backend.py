@@ -15,8 +15,11 @@ penalties are passed as 0-d tensors, so one compilation serves every chunk size 
 layer. Where compiling fails (no C++ compiler, an unsupported platform) the first failure is
 recorded and every call declines with that reason (``ops.fallbacks()`` shows it).
 
-Registered: relu_z_step, swiglu_z_step, swiglu_s_step. CUDA tensors are declined (the triton
-and cuda backends have kernels for them).
+Registered: relu_z_step, swiglu_z_step, swiglu_s_step, and SparseLLM's whole auxiliary update
+of a token chunk (relu_aux_update, swiglu_aux_update: the steps, the relaxation and the
+objective's squared norms in one compiled loop, where the eager sequence made about a dozen
+passes over memory and as many chunk-sized allocations). CUDA tensors are declined (the triton
+backend has kernels for them).
 """
 from __future__ import annotations
 
@@ -76,6 +79,22 @@ def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     return _run("swiglu_s", reference._swiglu_s, (s, g, p, z), (alpha, gamma), int(iterations))
 
 
+def _widened(result, sums: int):
+    """The compiled update's last ``sums`` outputs, float32 sums, as float64 0-d tensors (as the
+    reference returns them)."""
+    return (*result[:-sums], *(t.double() for t in result[-sums:]))
+
+
+def relu_aux_update(p, m, z_old, alpha, gamma, omega):
+    return _widened(_run("relu_aux", reference._relu_aux, (p, m, z_old), (alpha, gamma, omega), omega != 1), 2)
+
+
+def swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations=2):
+    return _widened(_run("swiglu_aux", reference._swiglu_aux, (p, m, g, z_old, s_old),
+                         (alpha_z, alpha_s, gamma, omega), int(iterations), omega != 1), 3)
+
+
 for _name, _fn in {"relu_z_step": relu_z_step, "swiglu_z_step": swiglu_z_step,
-                   "swiglu_s_step": swiglu_s_step}.items():
+                   "swiglu_s_step": swiglu_s_step, "relu_aux_update": relu_aux_update,
+                   "swiglu_aux_update": swiglu_aux_update}.items():
     ops.register(_name, "inductor", _fn)

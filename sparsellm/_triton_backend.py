@@ -7,7 +7,8 @@ import raises ImportError, which ops records as "backend unavailable"; nothing e
 package imports triton, so a missing triton never breaks sparsellm itself.
 
 Implemented: obs_prune_block, cholesky_inverse_upper, nm_prune_mask, row_prune_mask,
-wanda_prune_mask, relu_z_step, swiglu_z_step, swiglu_s_step, and the sparse decode products
+wanda_prune_mask, relu_z_step, swiglu_z_step, swiglu_s_step (and SparseLLM's auxiliary updates,
+relu_aux_update and swiglu_aux_update: those kernels, then torch's), and the sparse decode products
 nm24_linear and sell_linear (kernels/sparse_matmul.py; float16/bfloat16/float32 with the
 weight in the input's dtype, else declined). Not implemented (ops runs the
 reference): damped_cholesky and spd_solve (cuSOLVER factorisations, see kernels/cholesky.py)
@@ -28,7 +29,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"the triton backend needs the 'triton' package ({exc}); pip install 'sparsellm[triton]'") from exc
 
-from . import ops
+from . import ops, reference
 from .kernels import cholesky, nm_mask, obs_block, row_select, sparse_matmul, sparsellm_steps
 from .kernels._common import SCORE_WANDA
 
@@ -40,6 +41,20 @@ def wanda_prune_mask(weight, in_norm, fraction, n=None, m=None):
     return row_select.wanda_unstructured_mask(weight, in_norm, fraction)
 
 
+def relu_aux_update(p, m, z_old, alpha, gamma, omega):
+    """The z-step's kernel, then the relaxation and the norms as the reference computes them
+    (torch's own GPU kernels)."""
+    return reference.relu_relax_and_measure(sparsellm_steps.relu_z_step(p, m, alpha, gamma), z_old, m, p, omega)
+
+
+def swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations=2):
+    """The z- and s-steps' kernels, then the relaxation and the norms as the reference computes
+    them. (The kernels decline float64 only, so a declined call has computed nothing.)"""
+    z = sparsellm_steps.swiglu_z_step(p, m, s_old, alpha_z, gamma)
+    s = sparsellm_steps.swiglu_s_step(s_old, g, p, z, alpha_s, gamma, iterations)
+    return reference.swiglu_relax_and_measure(z, s, z_old, s_old, m, g, p, omega)
+
+
 for _name, _fn in {
     "obs_prune_block": obs_block.obs_prune_block,
     "cholesky_inverse_upper": cholesky.cholesky_inverse_upper,
@@ -49,6 +64,8 @@ for _name, _fn in {
     "relu_z_step": sparsellm_steps.relu_z_step,
     "swiglu_z_step": sparsellm_steps.swiglu_z_step,
     "swiglu_s_step": sparsellm_steps.swiglu_s_step,
+    "relu_aux_update": relu_aux_update,
+    "swiglu_aux_update": swiglu_aux_update,
     "nm24_linear": sparse_matmul.nm24_linear,
     "sell_linear": sparse_matmul.sell_linear,
 }.items():

@@ -22,7 +22,8 @@ available is an error.
 
 Operations: the pruning steps (``obs_prune_block``/``obs_prune``, ``cholesky_inverse_upper``,
 ``damped_cholesky``, ``spd_solve``, ``nm_prune_mask``, ``row_prune_mask``, ``flat_prune_mask``,
-``wanda_prune_mask``, ``relu_z_step``, ``swiglu_z_step``, ``swiglu_s_step``) and the sparse
+``wanda_prune_mask``, ``relu_z_step``, ``swiglu_z_step``, ``swiglu_s_step``, and SparseLLM's whole
+auxiliary update of a token chunk, ``relu_aux_update`` and ``swiglu_aux_update``) and the sparse
 inference products ``nm24_linear`` (2:4-packed weight) and ``sell_linear`` (sliced ELLPACK),
 which :class:`sparsellm.export.sparse_gpu.SparseGPULinear` calls for small token counts (only
 the triton backend implements these two, so ops never loads the CUDA extension for them).
@@ -263,6 +264,14 @@ def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     return _call("swiglu_s_step", s.device, s, g, p, z, alpha, gamma, iterations)
 
 
+def relu_aux_update(p, m, z_old, alpha, gamma, omega):
+    return _call("relu_aux_update", p.device, p, m, z_old, alpha, gamma, omega)
+
+
+def swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations=2):
+    return _call("swiglu_aux_update", p.device, p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations)
+
+
 def nm24_linear(x, values, meta, in_features, bias=None):
     """y = x @ W^T (+ bias) for a 2:4-packed W (:func:`sparsellm.reference.nm24_pack`)."""
     return _call("nm24_linear", x.device, x, values, meta, in_features, bias)
@@ -275,5 +284,5 @@ def sell_linear(x, values, cols, slice_ptr, out_features, in_features, slice_row
 
 for _op in ("obs_prune_block", "cholesky_inverse_upper", "damped_cholesky", "spd_solve", "nm_prune_mask",
             "row_prune_mask", "flat_prune_mask", "wanda_prune_mask", "relu_z_step", "swiglu_z_step",
-            "swiglu_s_step", "nm24_linear", "sell_linear"):
+            "swiglu_s_step", "relu_aux_update", "swiglu_aux_update", "nm24_linear", "sell_linear"):
     register(_op, "reference", getattr(reference, _op))

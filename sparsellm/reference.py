@@ -321,6 +321,73 @@ def _swiglu_s(s, g, p, z, alpha, gamma, iterations):
     return s
 
 
+def sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """||t||^2, a float64 scalar on t's device. Summed in float32: torch's sum reduces pairwise,
+    about 1e-7 relative at SparseLLM's chunk sizes (checked against float64), about ten times
+    cheaper than a float64 copy of the buffer; widened so that the sums over token chunks add in
+    float64. It stays on the device: reading it on the host would wait for the GPU once per
+    chunk and term."""
+    return t.square().sum().double()
+
+
+# SparseLLM's auxiliary update of one token chunk, after the p-step: the z-step (and for SwiGLU
+# the s-step from the previous s with the new z), both relaxed, z_old + omega (z - z_old), and
+# the squared norms of the objective's terms at the result. One operation so that a backend can
+# fuse it (the inductor backend compiles _relu_aux / _swiglu_aux into one pass over memory).
+# The _..._terms functions are the end of it, with float32 sums; ``relax`` is omega != 1.
+
+def _relax(new, old, omega, relax: bool):
+    return torch.lerp(old, new, omega) if relax else new
+
+
+def _relu_terms(z, z_old, m, p, omega, relax: bool):
+    z = _relax(z, z_old, omega, relax)
+    return z, (m - z).square().sum(), (torch.relu(z) - p).square().sum()
+
+
+def _swiglu_terms(z, s, z_old, s_old, m, g, p, omega, relax: bool):
+    z, s = _relax(z, z_old, omega, relax), _relax(s, s_old, omega, relax)
+    return z, s, (g - s).square().sum(), (m - z).square().sum(), (F.silu(s) * z - p).square().sum()
+
+
+def _relu_aux(p, m, z_old, alpha, gamma, omega, relax: bool):
+    return _relu_terms(_relu_z(p, m, alpha, gamma), z_old, m, p, omega, relax)
+
+
+def _swiglu_aux(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations: int, relax: bool):
+    z = _swiglu_z(p, m, s_old, alpha_z, gamma)
+    return _swiglu_terms(z, _swiglu_s(s_old, g, p, z, alpha_s, gamma, iterations), z_old, s_old, m, g, p, omega, relax)
+
+
+def relu_relax_and_measure(z, z_old, m, p, omega):
+    """The end of the ReLU auxiliary update, from the z-step's result ``z``."""
+    z, *sums = _relu_terms(z, z_old, m, p, omega, omega != 1)
+    return (z, *(t.double() for t in sums))
+
+
+def swiglu_relax_and_measure(z, s, z_old, s_old, m, g, p, omega):
+    """The end of the SwiGLU auxiliary update, from the z- and s-steps' results ``z``, ``s``."""
+    z, s, *sums = _swiglu_terms(z, s, z_old, s_old, m, g, p, omega, omega != 1)
+    return (z, s, *(t.double() for t in sums))
+
+
+def relu_aux_update(p, m, z_old, alpha, gamma, omega):
+    """SparseLLM's ReLU auxiliary update of a token chunk: z (:func:`relu_z_step`) relaxed from
+    ``z_old`` by ``omega``, ``(z, ||m - z||^2, ||relu(z) - p||^2)``, the norms float64 0-d tensors
+    (as :func:`sq_norm`)."""
+    return relu_relax_and_measure(relu_z_step(p, m, alpha, gamma), z_old, m, p, omega)
+
+
+def swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations=2):
+    """SparseLLM's SwiGLU auxiliary update of a token chunk: z with the previous s
+    (:func:`swiglu_z_step`), s from ``s_old`` with the new z (:func:`swiglu_s_step`,
+    ``iterations`` Newton steps), both relaxed by ``omega``, ``(z, s, ||g - s||^2, ||m - z||^2,
+    ||silu(s) z - p||^2)``, the norms float64 0-d tensors (as :func:`sq_norm`)."""
+    z = swiglu_z_step(p, m, s_old, alpha_z, gamma)
+    s = swiglu_s_step(s_old, g, p, z, alpha_s, gamma, iterations)
+    return swiglu_relax_and_measure(z, s, z_old, s_old, m, g, p, omega)
+
+
 # ----------------------------------------------------------------------------------------
 # Sparse inference formats for the GPU decode kernels (kernels/sparse_matmul.py): packing,
 # unpacking and the products. The packed layouts are specified here.

@@ -42,6 +42,28 @@ def test_compiled_steps_match_the_reference(small_calls_compile):
     assert (f1 <= f0).all() and (f1 < f0).any()
 
 
+@pytest.mark.parametrize("omega", [1.6, 1.0])
+def test_compiled_aux_updates_match_the_reference(small_calls_compile, omega):
+    """SparseLLM's whole auxiliary update (steps, relaxation, squared norms) compiled into one
+    loop equals the eager reference on fresh random inputs: z and s up to float32 rounding (the
+    compiled code orders its arithmetic its own way), the norms float64 0-d tensors within the
+    float32 sums' order (1e-5 relative)."""
+    for rows, seed in ((37, 1), (129, 2)):
+        p, m, g, z_old, s_old = (_rand(rows, 48, seed=seed * 10 + i) for i in range(5))
+        for alpha_z, alpha_s, gamma in ((0.7, 0.4, 1.3), (2.0, 3.0, 0.25)):
+            runs = [(reference.swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, 2),
+                     inductor.swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, 2), 2),
+                    (reference.relu_aux_update(p, m, z_old, alpha_z, gamma, omega),
+                     inductor.relu_aux_update(p, m, z_old, alpha_z, gamma, omega), 1)]
+            for want, got, n_tensors in runs:
+                assert not torch.equal(want[0], z_old)  # the update moved z: not compared on its input
+                for w, o in zip(want[:n_tensors], got[:n_tensors]):
+                    torch.testing.assert_close(o, w, rtol=1e-6, atol=1e-6)
+                for w, o in zip(want[n_tensors:], got[n_tensors:]):
+                    assert o.dtype == w.dtype == torch.float64 and o.dim() == 0
+                    assert float(w) > 0 and float(o) == pytest.approx(float(w), rel=1e-5)
+
+
 def test_ops_picks_inductor_for_large_cpu_calls_and_the_reference_for_small_ones(small_calls_compile,
                                                                                  monkeypatch):
     monkeypatch.setattr(inductor, "MIN_ELEMENTS", 1000)

@@ -291,6 +291,31 @@ def test_z_step_broadcast_and_float64_declined():
         sparsellm_steps.relu_z_step(p.double(), m.double(), 1.0, 2.0)
 
 
+@pytest.mark.parametrize("omega", [1.6, 1.0])
+def test_aux_updates_are_the_kernels_steps_relaxed_and_measured(omega):
+    """The triton backend's auxiliary updates: z (and s) from the step kernels, relaxed from the
+    old values by omega, and the squared norms of the objective's terms at the result (float64
+    0-d), checked against float64 sums of the returned tensors and against the reference."""
+    p, m, g, z_old, s_old = (rand(30 + i, 37, 53, device=DEV, scale=2.0) for i in range(5))
+    alpha_z, alpha_s, gamma = 0.5, 0.8, 2.0
+    z_step = sparsellm_steps.swiglu_z_step(p, m, s_old, alpha_z, gamma)
+    s_step = sparsellm_steps.swiglu_s_step(s_old, g, p, z_step, alpha_s, gamma, 2)
+    z, s, sq_s, sq_z, sq_p = K.swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, 2)
+    torch.testing.assert_close(z, z_old + omega * (z_step - z_old), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_old + omega * (s_step - s_old), rtol=1e-5, atol=1e-5)
+    d = {k: v.double() for k, v in dict(z=z, s=s, m=m, g=g, p=p).items()}
+    for got, want in ((sq_s, (d["g"] - d["s"]).square().sum()), (sq_z, (d["m"] - d["z"]).square().sum()),
+                      (sq_p, (torch.nn.functional.silu(d["s"]) * d["z"] - d["p"]).square().sum())):
+        assert got.dtype == torch.float64 and float(got) == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(z, reference.swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma,
+                                                              omega, 2)[0], rtol=1e-4, atol=1e-4)
+    z, sq_z, sq_p = K.relu_aux_update(p, m, z_old, alpha_z, gamma, omega)
+    want_z = reference.relu_aux_update(p, m, z_old, alpha_z, gamma, omega)[0]
+    assert not torch.equal(want_z, z_old)
+    torch.testing.assert_close(z, want_z, rtol=1e-5, atol=1e-5)
+    assert float(sq_p) == pytest.approx(float((torch.relu(z.double()) - p.double()).square().sum()), rel=1e-5)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", STEP_SHAPES)
 def test_swiglu_s_step(shape, dtype):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsellm import ops
+from sparsellm import ops, reference
 from sparsellm.config import PruneConfig, SparseLLMSettings
 from sparsellm.driver import LayerDriver
 from sparsellm.methods import get_method
@@ -511,33 +511,30 @@ def test_zero_iterations_is_sequential_sparsegpt():
 @pytest.mark.parametrize("omega", [1.0, 1.6])
 def test_each_sweep_starts_from_the_relaxed_auxiliaries(monkeypatch, activation, omega):
     """Step 4, over-relaxation: the sweep after an update starts from z_old + omega (z - z_old),
-    and s likewise, where z and s are the element-wise steps' minimisers and the first sweep's
-    z_old, s_old are the dense pre-activations (omega = 1: the plain alternation). Checked on
-    what the solver hands its steps: the p-step's act(z_old, s_old) and the s-step's start."""
+    and s likewise, where z and s are the element-wise steps' minimisers (z with the previous
+    s, s from the previous s with the new z) and the first sweep's z_old, s_old are the dense
+    pre-activations (omega = 1: the plain alternation). Checked on what the solver hands its
+    operations: the p-step's act(z_old, s_old) and the auxiliary update's inputs and outputs,
+    against the reference's steps on those inputs."""
     from sparsellm.methods import sparsellm as module
 
-    seen = {"r": [], "z": [], "s_start": [], "s": []}
+    seen = {"r": [], "updates": []}
     swiglu = activation == "swiglu"
     real_p_step = module.p_step
-    z_name = "swiglu_z_step" if swiglu else "relu_z_step"
-    real_z_step, real_s_step = getattr(ops, z_name), ops.swiglu_s_step
+    update_name = "swiglu_aux_update" if swiglu else "relu_aux_update"
+    real_update = getattr(ops, update_name)
 
     def p_step(r, *args, **kwargs):
         seen["r"].append(r.clone())
         return real_p_step(r, *args, **kwargs)
 
-    def z_step(*args, **kwargs):
-        seen["z"].append(real_z_step(*args, **kwargs))
-        return seen["z"][-1].clone()
-
-    def s_step(start, *args, **kwargs):
-        seen["s_start"].append(start.clone())
-        seen["s"].append(real_s_step(start, *args, **kwargs))
-        return seen["s"][-1].clone()
+    def update(*args):
+        result = real_update(*args)
+        seen["updates"].append(([a.clone() if torch.is_tensor(a) else a for a in args], [t.clone() for t in result]))
+        return result
 
     monkeypatch.setattr(module, "p_step", p_step)
-    monkeypatch.setattr(ops, z_name, z_step)
-    monkeypatch.setattr(ops, "swiglu_s_step", s_step)
+    monkeypatch.setattr(ops, update_name, update)
     ffn, x = synthetic_ffn(activation)
     dense = ffn.dense_copy()
     z0 = torch.nn.functional.linear(x, dense["up"], None if ffn.up.bias is None else ffn.up.bias.detach())
@@ -545,22 +542,33 @@ def test_each_sweep_starts_from_the_relaxed_auxiliaries(monkeypatch, activation,
     config = PruneConfig(method="sparsellm", sparsity="0.7", sparsellm=SparseLLMSettings(iterations=3, relaxation=omega))
     diag = SparseLLM(config).prune_ffn(ffn, x, config.sparsity)
     assert diag["relaxation"] == omega
-    assert len(seen["r"]) == len(seen["z"]) == 2  # the sweeps of iterations 1 and 2 update the auxiliaries
+    assert len(seen["r"]) == len(seen["updates"]) == 2  # the sweeps of iterations 1 and 2 update the auxiliaries
 
     def act(z, s):
         return torch.nn.functional.silu(s) * z if swiglu else torch.relu(z)
 
     close = dict(rtol=1e-5, atol=1e-6 * float(z0.abs().max()))
     torch.testing.assert_close(seen["r"][0], act(z0, s0), **close)
-    z1 = z0 + omega * (seen["z"][0] - z0)
-    s1 = None
-    if swiglu:
-        torch.testing.assert_close(seen["s_start"][0], s0, **close)
-        s1 = s0 + omega * (seen["s"][0] - s0)
-        torch.testing.assert_close(seen["s_start"][1], s1, **close)
-        assert float((seen["s"][0] - s0).abs().max()) > 1e-3  # the step moved s: the check is not void
-    torch.testing.assert_close(seen["r"][1], act(z1, s1), **close)
-    assert float((seen["z"][0] - z0).abs().max()) > 1e-3
+    z_old, s_old = z0, s0
+    for k, (args, result) in enumerate(seen["updates"]):
+        if swiglu:
+            p, m, g, got_z_old, got_s_old, alpha_z, alpha_s, gamma, got_omega, iterations = args
+            torch.testing.assert_close(got_s_old, s_old, **close)
+            z_new = reference.swiglu_z_step(p, m, got_s_old, alpha_z, gamma)
+            s_new = reference.swiglu_s_step(got_s_old, g, p, z_new, alpha_s, gamma, iterations)
+            s_old = got_s_old + omega * (s_new - got_s_old)
+            torch.testing.assert_close(result[1], s_old, **close)
+            assert float((s_new - got_s_old).abs().max()) > 1e-3  # the step moved s: the check is not void
+        else:
+            p, m, got_z_old, alpha_z, gamma, got_omega = args
+            z_new = reference.relu_z_step(p, m, alpha_z, gamma)
+        assert got_omega == omega
+        torch.testing.assert_close(got_z_old, z_old, **close)
+        assert float((z_new - got_z_old).abs().max()) > 1e-3
+        z_old = got_z_old + omega * (z_new - got_z_old)
+        torch.testing.assert_close(result[0], z_old, **close)
+        if k + 1 < len(seen["r"]):
+            torch.testing.assert_close(seen["r"][k + 1], act(z_old, s_old), **close)
 
 
 def test_relaxation_is_validated():
@@ -675,7 +683,6 @@ def test_product_precision_is_validated():
 def test_elementwise_steps_compute_float16_in_float32():
     """float16 inputs with penalties of the scale-aware size (3e-9: zero in float16): the steps
     compute in float32 and round once, as the Triton kernels do (in float16 the z-step was 0/0)."""
-    from sparsellm import reference
 
     gen = torch.Generator().manual_seed(7)
     half = [torch.randn(64, 96, generator=gen).half() for _ in range(5)]

@@ -61,6 +61,7 @@ from torch.profiler import record_function as stage
 
 from .. import ops
 from ..precision import large_products
+from ..reference import sq_norm
 from ..plan import LayerView, Step, Tokens
 from ..sparsity import SparsityPattern
 from .base import set_weight
@@ -90,16 +91,8 @@ SYM_BLOCK = 256
 CUDA_SYM_BLOCK = 2048
 
 
-def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """||t||^2, a float64 scalar on t's device. Summed in float32: torch's sum reduces pairwise,
-    about 1e-7 relative at these sizes (checked against float64), about ten times cheaper than a
-    float64 copy of the buffer; widened so that the sums over token chunks add in float64. It
-    stays on the device: reading it on the host would wait for the GPU once per chunk and term."""
-    return t.square().sum().double()
-
-
 def _sq_norm_(t: torch.Tensor) -> torch.Tensor:
-    """:func:`_sq_norm` of a temporary, squared in place: the same value without allocating
+    """:func:`sparsellm.reference.sq_norm` of a temporary, squared in place: the same value without allocating
     another buffer of its size (each fresh one of a token chunk's [5461, 1536] costs page faults
     on the CPU)."""
     return t.square_().sum().double()
@@ -508,14 +501,14 @@ class _FFNSolver:
                     self.products.sym_gram_add(ptp, p)
                 if h0_in_dense:
                     self._gather(h0_stats, self._hidden(xc, up0, gate0), y)
-                sq = {key: _sq_norm(val) for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)) if val is not None}
-                sq["y_full"] = sq["y"] if self.b2 is None else _sq_norm(y + self.b2)  # Y' = Y without bias
+                sq = {key: sq_norm(val) for key, val in (("z", z), ("s", sc), ("p", p), ("y", y)) if val is not None}
+                sq["y_full"] = sq["y"] if self.b2 is None else sq_norm(y + self.b2)  # Y' = Y without bias
                 for key, value in sq.items():
                     norms[key] += value
                 for key, val in (("z", z), ("s", sc), ("y", y)):
                     if key in self.buf:
                         self._put(key, chunk, val)
-        norms = {key: float(value) for key, value in norms.items()}  # read once per pass (see _sq_norm)
+        norms = {key: float(value) for key, value in norms.items()}  # read once per pass (see sq_norm)
         y_full = norms["y_full"]
 
         if h0_stats is None or h0_in_dense:  # else after iteration 1's sweep
@@ -579,35 +572,33 @@ class _FFNSolver:
                     h = _act(swiglu, m, g)
                     if h0_stats is not None:
                         self._gather(h0_stats, h if up is up0 and gate is gate0 else self._hidden(xc, up0, gate0), yc)
-                    # Temporaries that are not needed afterwards are squared in place
-                    # (_sq_norm_), here and below: the same floats, fewer large allocations.
+                    # A temporary not needed afterwards is squared in place (_sq_norm_): the same
+                    # floats, one large allocation fewer.
                     err_sq += _sq_norm_(self._lin(h, down).sub_(yc))
                     del h
                     if last:
                         continue
                     z_old, s_old = self._get("z", chunk), (self._get("s", chunk) if swiglu else None)
                     p, q = p_step(_act(swiglu, z_old, s_old), yc, down, p_chol, self.products, p_inv)  # (2)
-                    terms["y"] += beta * ratio ** 2 * _sq_norm(q)
-                    if swiglu:  # (3) z with the current s, then s with the new z
-                        z = ops.swiglu_z_step(p, m, s_old, alpha_z, gamma)
-                        sc = ops.swiglu_s_step(s_old, g, p, z, alpha_s, gamma, s.s_step_iterations)
-                    else:
-                        z, sc = ops.relu_z_step(p, m, alpha_z, gamma), None
-                    if omega != 1:  # (4) z_old + omega (z - z_old)
-                        z = torch.lerp(z_old, z, omega)
-                        sc = torch.lerp(s_old, sc, omega) if swiglu else None
+                    terms["y"] += beta * ratio ** 2 * sq_norm(q)
+                    # (3) z with the current s, then s with the new z, (4) both relaxed, z_old +
+                    # omega (z - z_old), and the objective's terms at them: one operation, which
+                    # the CPU runs as one compiled pass over memory (sparsellm.reference)
                     if swiglu:
-                        terms["s"] += alpha_s * _sq_norm_(g.sub_(sc))
-                    terms["z"] += alpha_z * _sq_norm_(m.sub_(z))
-                    r = _act(swiglu, z, sc)
-                    terms["p"] += gamma * _sq_norm_(torch.sub(r, p, out=m))  # m is dead: its buffer holds r - p
+                        z, sc, sq_s, sq_z, sq_p = ops.swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma,
+                                                                        omega, s.s_step_iterations)
+                        terms["s"] += alpha_s * sq_s
+                    else:
+                        (z, sq_z, sq_p), sc = ops.relu_aux_update(p, m, z_old, alpha_z, gamma, omega), None
+                    terms["z"] += alpha_z * sq_z
+                    terms["p"] += gamma * sq_p
                     self.products.gram_add(xtz, xc, z if self.b1 is None else z - self.b1)
                     if swiglu:
                         self.products.gram_add(xts, xc, sc if self.bg is None else sc - self.bg)
                         self._put("s", chunk, sc)
                     self._gather((ptp, pty), p, yc)
                     self._put("z", chunk, z)
-                    del m, g, z, sc, p, q, yc, r, z_old, s_old
+                    del m, g, z, sc, p, q, yc, z_old, s_old
 
             err_sq = float(err_sq)
             terms = {key: float(value) for key, value in terms.items()}
