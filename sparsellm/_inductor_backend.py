@@ -79,18 +79,13 @@ def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     return _run("swiglu_s", reference._swiglu_s, (s, g, p, z), (alpha, gamma), int(iterations))
 
 
-def _widened(result, sums: int):
-    """The compiled update's last ``sums`` outputs, float32 sums, as float64 0-d tensors (as the
-    reference returns them)."""
-    return (*result[:-sums], *(t.double() for t in result[-sums:]))
-
-
 def relu_aux_update(p, m, z_old, alpha, gamma, omega):
-    return _widened(_run("relu_aux", reference._relu_aux, (p, m, z_old), (alpha, gamma, omega), omega != 1), 2)
+    return reference.widen_sums(_run("relu_aux", reference._relu_aux, (p, m, z_old), (alpha, gamma, omega),
+                                     omega != 1), 2)
 
 
 def swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations=2):
-    return _widened(_run("swiglu_aux", reference._swiglu_aux, (p, m, g, z_old, s_old),
+    return reference.widen_sums(_run("swiglu_aux", reference._swiglu_aux, (p, m, g, z_old, s_old),
                          (alpha_z, alpha_s, gamma, omega), int(iterations), omega != 1), 3)
 
 

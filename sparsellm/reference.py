@@ -359,16 +359,20 @@ def _swiglu_aux(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iteration
     return _swiglu_terms(z, _swiglu_s(s_old, g, p, z, alpha_s, gamma, iterations), z_old, s_old, m, g, p, omega, relax)
 
 
+def widen_sums(result: tuple, sums: int) -> tuple:
+    """An auxiliary update's result with its last ``sums`` entries, float32 sums, widened to
+    float64 0-d tensors (as :func:`sq_norm`)."""
+    return (*result[:-sums], *(t.double() for t in result[-sums:]))
+
+
 def relu_relax_and_measure(z, z_old, m, p, omega):
     """The end of the ReLU auxiliary update, from the z-step's result ``z``."""
-    z, *sums = _relu_terms(z, z_old, m, p, omega, omega != 1)
-    return (z, *(t.double() for t in sums))
+    return widen_sums(_relu_terms(z, z_old, m, p, omega, omega != 1), 2)
 
 
 def swiglu_relax_and_measure(z, s, z_old, s_old, m, g, p, omega):
     """The end of the SwiGLU auxiliary update, from the z- and s-steps' results ``z``, ``s``."""
-    z, s, *sums = _swiglu_terms(z, s, z_old, s_old, m, g, p, omega, omega != 1)
-    return (z, s, *(t.double() for t in sums))
+    return widen_sums(_swiglu_terms(z, s, z_old, s_old, m, g, p, omega, omega != 1), 3)
 
 
 def relu_aux_update(p, m, z_old, alpha, gamma, omega):
