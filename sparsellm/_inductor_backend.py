@@ -86,7 +86,7 @@ def relu_aux_update(p, m, z_old, alpha, gamma, omega):
 
 def swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations=2):
     return reference.widen_sums(_run("swiglu_aux", reference._swiglu_aux, (p, m, g, z_old, s_old),
-                         (alpha_z, alpha_s, gamma, omega), int(iterations), omega != 1), 3)
+                                     (alpha_z, alpha_s, gamma, omega), int(iterations), omega != 1), 3)
 
 
 for _name, _fn in {"relu_z_step": relu_z_step, "swiglu_z_step": swiglu_z_step,
