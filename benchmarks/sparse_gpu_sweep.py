@@ -37,15 +37,19 @@ from sparsellm import reference
 from sparsellm.kernels import sparse_matmul as sm
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
-# Around the third sweep's winners (commit e16fa42, benchmarks/RESULTS.md run 3). nm24 won at
+# The fifth sweep (2026-11-28): the register pick (X_MODE 1, the code's) against X_MODE 2, the
+# gather on a [rows, meta words, 16 slots] tile whose decoding needs no barriers (the pick's
+# loop moves its decoded tiles between thread layouts through shared memory, four barriers a
+# step, in the PTX of sm_90), each over the grid of run 4 at one tile ahead (AHEAD 2 was slower
+# at every shape in run 4). Before it: around the third sweep's winners (commit e16fa42, benchmarks/RESULTS.md run 3). nm24 won at
 # the corner of that grid (BLOCK_N 4 of 4-8, BLOCK_K 512 of 512-1024, 4 warps of 4-8), so the
 # grid now goes one step past it on each axis (2 rows, 256 inputs, 2 warps) and adds a third
 # tile in flight (AHEAD 2); the register pick of x (X_MODE 1) and the eviction hints won at every
 # shape, so they are fixed. The first sweep
 # (825b90a) covered BLOCK_N 4-16, BLOCK_K 256-1024, 16- and 32-row slices, slot blocks 32-256,
 # 2-8 warps.
-NM24_GRID = {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512, 1024), "X_MODE": (1,), "num_warps": (2, 4, 8),
-             "STREAM": (1,), "AHEAD": (1, 2)}
+NM24_GRID = {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512, 1024), "X_MODE": (1, 2), "num_warps": (2, 4, 8),
+             "STREAM": (1,), "AHEAD": (1,)}
 NM24_MAX_TILE = 8192  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
 NM24_MIN_TILE = 1024  # 2 x 512 is new; smaller tiles were the slowest of the first sweep
 # sell: 8-row slices as well (512 programs at 4096 rows, against 256 on 132 SMs: 4096->4096, the
@@ -92,17 +96,19 @@ def _run(fn, want) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None) -> list[dict]:
-    """Every (shape, format, config) row; ``save(rows)`` after each, so a run cut short keeps its rows."""
+def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None,
+          formats=("nm24", "sell")) -> list[dict]:
+    """Every (shape, format, config) row of ``formats``; ``save(rows)`` after each, so a run cut short keeps its rows."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32  # the interpreter is wrong in half
     nm24, sell = nm24_configs(), sell_configs()
+    nm24, sell = (nm24 if "nm24" in formats else []), (sell if "sell" in formats else [])
     if quick:
         nm24, sell = nm24[:4], sell[:4]
     for in_f, out_f in shapes:
         x = torch.randn(1, in_f, device=device, generator=gen).to(dtype)
-        for fmt, make in (("nm24", _two_four), ("sell", _ninety)):
+        for fmt, make in ((f, m) for f, m in (("nm24", _two_four), ("sell", _ninety)) if f in formats):
             w = make(out_f, in_f, gen, dtype)
             want = F.linear(x.float(), w.float())
             base = {"shape": [in_f, out_f], "format": fmt, "tokens": 1, "dtype": str(dtype).removeprefix("torch.")}
@@ -162,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=50, help="timed calls per config (median)")
     ap.add_argument("--quick", action="store_true", help="four configs per format (a smoke run)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 (smoke run)")
+    ap.add_argument("--formats", default="nm24,sell", help="the formats to sweep, comma-separated (nm24, sell)")
     ap.add_argument("--shapes", help="in x out pairs, comma-separated (default: the three 7B shapes)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -190,7 +197,11 @@ def main(argv=None) -> int:
                 f.write(text + "\n")
         return text
 
-    rows = sweep(shapes, args.device, args.reps, args.quick, save)
+    formats = tuple(f.strip() for f in args.formats.split(","))
+    if not formats or set(formats) - {"nm24", "sell"}:
+        print(f"--formats takes nm24 and/or sell, got {args.formats!r}", file=sys.stderr)
+        return 2
+    rows = sweep(shapes, args.device, args.reps, args.quick, save, formats)
     print(save(rows, finished=True))
     if not any(map(_ok, rows)):
         print("every config failed (their errors: the rows of --out)", file=sys.stderr)

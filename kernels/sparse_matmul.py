@@ -65,7 +65,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # tile's x contiguously and picks each kept value's input in registers (2 products, 3 selects).
 # (Rebuilding each group dense and taking 4 products was a third way: 1.7-2.3x slower than the
 # pick on an H200, benchmarks/sparse_gpu_sweep.py, so it is gone.)
-NM24_X_MODES = (0, 1)
+# 2 is 0's gather on a [rows, meta words, 16 slots] tile, which decodes the positions without
+# moving data between thread layouts (see the kernel).
+NM24_X_MODES = (0, 1, 2)
 MAX_SPLIT_K_BLOCK = 512  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
 
 
@@ -162,6 +164,38 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             xt = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + k_idx[None, :],
                          mask=t_ok[:, None] & (k_idx[None, :] < K), other=0.0)
             acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc, input_precision=DOT_PREC)
+    elif X_MODE == 2:
+        # the tile as [BLOCK_N, BLOCK_W, 16] value slots (16 per meta word): a word broadcasts
+        # along its own slots in every layout, so decoding needs no reshape, and each slot
+        # gathers x at its column (x is L1/L2-resident). The [BLOCK_N, BLOCK_V] tile of X_MODE
+        # 0/1 makes the compiler move the decoded positions or picks between two layouts
+        # through shared memory, behind barriers, in every step of the loop.
+        jj = tl.arange(0, 16)
+        slot = (ww[:, None] * 16 + jj[None, :])[None, :, :]  # [1, BLOCK_W, 16], slot in the tile
+        group_in = (slot // 2) * 4  # the first input of the slot's group of 4, in the tile
+        shift = (jj * 2)[None, None, :]
+        n_ok3 = n_ok[:, None, None]
+        v_rows3 = v_ptr + n64[:, None, None] * stride_v
+        m_rows2 = m_ptr + n64[:, None] * stride_m
+        x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
+        acc3 = tl.zeros([BLOCK_N, BLOCK_W, 16], dtype=tl.float32)
+        vals = _stream_load(v_rows3 + v_start + slot, n_ok3 & (v_start + slot < v_end), STREAM)
+        w_idx = v_start // 16 + ww
+        words = _stream_load(m_rows2 + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 16 < v_end), STREAM)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            v0 = tl.multiple_of(v0, BLOCK_V)
+            nv = v0 + BLOCK_V
+            vals_next = _stream_load(v_rows3 + nv + slot, n_ok3 & (nv + slot < v_end), STREAM)
+            nw_idx = nv // 16 + ww
+            words_next = _stream_load(m_rows2 + nw_idx[None, :], n_ok[:, None] & (nw_idx[None, :] * 16 < v_end),
+                                      STREAM)
+            pos = (words[:, :, None] >> shift) & 3
+            col = v0 * 2 + group_in + pos
+            xg = _x_load(x_row + col, n_ok3 & (v0 + slot < v_end), STREAM)
+            acc3 += vals.to(tl.float32) * xg.to(tl.float32)
+            vals = vals_next
+            words = words_next
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
     else:
         # products accumulate element-wise; the cross-thread reduction runs once, after the loop
         acc2 = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)  # X_MODE 0: per value slot
