@@ -48,8 +48,12 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 # shape, so they are fixed. The first sweep
 # (825b90a) covered BLOCK_N 4-16, BLOCK_K 256-1024, 16- and 32-row slices, slot blocks 32-256,
 # 2-8 warps.
-NM24_GRID = {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512, 1024), "X_MODE": (1, 2), "num_warps": (2, 4, 8),
-             "STREAM": (1,), "AHEAD": (1,)}
+NM24_GRIDS = [
+    {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512, 1024), "X_MODE": (1,), "num_warps": (2, 4, 8),
+     "STREAM": (1,), "AHEAD": (1,)},
+    {"BLOCK_N": (2, 4, 8), "BLOCK_K": (512, 1024), "X_MODE": (3,), "num_warps": (4, 8), "STREAM": (1,),
+     "STAGES": (3, 4)},
+]
 NM24_MAX_TILE = 8192  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
 NM24_MIN_TILE = 1024  # 2 x 512 is new; smaller tiles were the slowest of the first sweep
 # sell: 8-row slices as well (512 programs at 4096 rows, against 256 on 132 SMs: 4096->4096, the
@@ -63,7 +67,7 @@ def _grid(spec: dict) -> list[dict]:
 
 
 def nm24_configs() -> list[dict]:
-    return [c for c in _grid(NM24_GRID) if NM24_MIN_TILE <= c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
+    return [c for grid in NM24_GRIDS for c in _grid(grid) if NM24_MIN_TILE <= c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
 
 
 def sell_configs() -> list[dict]:

@@ -67,7 +67,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # pick on an H200, benchmarks/sparse_gpu_sweep.py, so it is gone.)
 # 2 is 0's gather on a [rows, meta words, 16 slots] tile, which decodes the positions without
 # moving data between thread layouts (see the kernel).
-NM24_X_MODES = (0, 1, 2)
+# 3 is 1's pick with the loads left to Triton's pipeliner (STAGES tiles in flight through shared
+# memory, cp.async on sm_80+).
+NM24_X_MODES = (0, 1, 2, 3)
 MAX_SPLIT_K_BLOCK = 512  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
 
 
@@ -105,6 +107,20 @@ def _nm24_dense_groups(first, second, p0, p1):
 
 
 @triton.jit
+def _nm24_pick(vals, words, x4, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr):
+    """A tile's products per group [BLOCK_N, BLOCK_G] (fp32): its x read contiguously as
+    [BLOCK_G, 4], each group's two kept values picking their inputs in registers (positions
+    p0 < p1, so p0 <= 2 and p1 >= 1)."""
+    first, second, p0, p1 = _nm24_groups(vals, words, BLOCK_N, BLOCK_W, BLOCK_G)
+    xa, xb = tl.split(tl.reshape(x4.to(tl.float32), (BLOCK_G, 2, 2)))  # (x0, x2), (x1, x3)
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    pick0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
+    pick1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
+    return first.to(tl.float32) * pick0 + second.to(tl.float32) * pick1
+
+
+@triton.jit
 def _stream_load(ptr, mask, STREAM: tl.constexpr):
     """A load of packed weight data, read once per call: with STREAM, marked evict-first so it
     does not push x (read by every program) out of the caches."""
@@ -125,7 +141,7 @@ def _x_load(ptr, mask, STREAM: tl.constexpr):
 def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stride_v, stride_m, stride_xt, stride_ot,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_MODE: tl.constexpr = 0,
-                 STREAM: tl.constexpr = 0, AHEAD: tl.constexpr = 1):
+                 STREAM: tl.constexpr = 0, AHEAD: tl.constexpr = 1, STAGES: tl.constexpr = 3):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -164,6 +180,25 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             xt = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + k_idx[None, :],
                          mask=t_ok[:, None] & (k_idx[None, :] < K), other=0.0)
             acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc, input_precision=DOT_PREC)
+    elif X_MODE == 3:
+        # X_MODE 1's pick with the loads inside the loop, left to Triton's software pipeliner
+        # (STAGES tiles in flight, copied asynchronously into shared memory) instead of the
+        # hand-written prefetch into registers
+        acc_g = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
+        v_rows = v_ptr + n64[:, None] * stride_v
+        m_rows = m_ptr + n64[:, None] * stride_m
+        gg4 = tl.arange(0, BLOCK_G)[:, None] * 4 + tl.arange(0, 4)[None, :]
+        for v0 in tl.range(v_start, v_end, BLOCK_V, num_stages=STAGES):
+            v0 = tl.multiple_of(v0, BLOCK_V)
+            v_idx = v0 + vv
+            w_idx = v0 // 16 + ww
+            vals = _stream_load(v_rows + v_idx[None, :], n_ok[:, None] & (v_idx[None, :] < v_end), STREAM)
+            words = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 16 < v_end), STREAM)
+            k_in = v0 * 2 + gg4
+            x4 = _x_load(x_row + k_in, k_in < v_end * 2, STREAM)
+            acc_g += _nm24_pick(vals, words, x4, BLOCK_N, BLOCK_W, BLOCK_G)
+        acc = tl.sum(acc_g, axis=1)
     elif X_MODE == 2:
         # the tile as [BLOCK_N, BLOCK_W, 16] value slots (16 per meta word): a word broadcasts
         # along its own slots in every layout, so decoding needs no reshape, and each slot
@@ -236,14 +271,8 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
                 # pick: the tile's x read once, contiguous ([BLOCK_G, 4]); each group's two
                 # values pick their inputs in registers (positions p0 < p1, so p0 <= 2, p1 >= 1)
                 k_in = v0 * 2 + gg4
-                x4 = _x_load(x_row + k_in, k_in < v_end * 2, STREAM).to(tl.float32)
-                first, second, p0, p1 = _nm24_groups(vals, words, BLOCK_N, BLOCK_W, BLOCK_G)
-                xa, xb = tl.split(tl.reshape(x4, (BLOCK_G, 2, 2)))  # (x0, x2), (x1, x3)
-                x0, x2 = tl.split(xa)
-                x1, x3 = tl.split(xb)
-                pick0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
-                pick1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
-                acc_g += first.to(tl.float32) * pick0 + second.to(tl.float32) * pick1
+                x4 = _x_load(x_row + k_in, k_in < v_end * 2, STREAM)
+                acc_g += _nm24_pick(vals, words, x4, BLOCK_N, BLOCK_W, BLOCK_G)
             if AHEAD == 2:
                 vals = vals1
                 words = words1
@@ -283,7 +312,7 @@ _NM24_KEY = ["N", "K", "T"]
 # with do_bench, and on one H200 machine that timing was dominated by the host's launch cost
 # (benchmarks/gpu_timing.py), so its pick was random.
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": 4, "BLOCK_K": 512, "X_MODE": 1, "STREAM": 1}], {"BLOCK_N": 16, "BLOCK_K": 64},
+    configs=configs([{"BLOCK_N": 4, "BLOCK_K": 512, "X_MODE": 3, "STREAM": 1, "STAGES": 3}], {"BLOCK_N": 16, "BLOCK_K": 64},
                     num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
