@@ -312,7 +312,7 @@ _NM24_KEY = ["N", "K", "T"]
 # with do_bench, and on one H200 machine that timing was dominated by the host's launch cost
 # (benchmarks/gpu_timing.py), so its pick was random.
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": 4, "BLOCK_K": 512, "X_MODE": 3, "STREAM": 1, "STAGES": 3}], {"BLOCK_N": 16, "BLOCK_K": 64},
+    configs=configs([{"BLOCK_N": 8, "BLOCK_K": 1024, "X_MODE": 3, "STREAM": 1, "STAGES": 3}], {"BLOCK_N": 16, "BLOCK_K": 64},
                     num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
