@@ -37,17 +37,13 @@ from sparsellm import reference
 from sparsellm.kernels import sparse_matmul as sm
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
-# The fifth sweep (2026-11-28): the register pick (X_MODE 1, the code's) against X_MODE 2, the
-# gather on a [rows, meta words, 16 slots] tile whose decoding needs no barriers (the pick's
-# loop moves its decoded tiles between thread layouts through shared memory, four barriers a
-# step, in the PTX of sm_90), each over the grid of run 4 at one tile ahead (AHEAD 2 was slower
-# at every shape in run 4). Before it: around the third sweep's winners (commit e16fa42, benchmarks/RESULTS.md run 3). nm24 won at
-# the corner of that grid (BLOCK_N 4 of 4-8, BLOCK_K 512 of 512-1024, 4 warps of 4-8), so the
-# grid now goes one step past it on each axis (2 rows, 256 inputs, 2 warps) and adds a third
-# tile in flight (AHEAD 2); the register pick of x (X_MODE 1) and the eviction hints won at every
-# shape, so they are fixed. The first sweep
-# (825b90a) covered BLOCK_N 4-16, BLOCK_K 256-1024, 16- and 32-row slices, slot blocks 32-256,
-# 2-8 warps.
+# The grids of run 6 (benchmarks/RESULTS.md, "GPU sparse decode"): the hand-prefetched register
+# pick (X_MODE 1, run 5's code) over run 4's grid at one tile ahead (AHEAD 2 was slower at every
+# shape in run 4), against the same pick with the loads left to Triton's pipeliner (X_MODE 3,
+# STAGES tiles in flight), which won at every shape and is the code's since. (A first call of
+# run 6 put 1 against a gather variant, which lost everywhere and is gone.) Run 4's grid went one
+# step past run 3's winners on each axis (2 rows, 256 inputs, 2 warps); the first sweep (825b90a)
+# covered BLOCK_N 4-16, BLOCK_K 256-1024, 16- and 32-row slices, slot blocks 32-256, 2-8 warps.
 NM24_GRIDS = [
     {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512, 1024), "X_MODE": (1,), "num_warps": (2, 4, 8),
      "STREAM": (1,), "AHEAD": (1,)},

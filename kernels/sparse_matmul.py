@@ -15,14 +15,15 @@ oracle: :mod:`sparsellm.reference`):
     Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(T, BLOCK_T)); a program owns BLOCK_N output rows of
     one token block and one K range, stepping BLOCK_K inputs (BLOCK_K/2 values and BLOCK_K/32
     meta words per row, contiguous 16-byte vector loads). One token (``USE_DOT`` off; BLOCK_N x
-    BLOCK_K = 4 x 512, 4 warps): the tile's x is read once, contiguously, and each group's two
-    kept values pick their inputs from its four in registers (``X_MODE`` 1; ``X_MODE`` 0, each
-    value gathering x at its column, measured 7-13% slower on an H200); the next tile's values
-    and meta are loaded before this tile's x (two tiles in flight; ``AHEAD`` 2: three, the one
-    after next loaded too, a sweep candidate that was slower at every 7B shape on an H200), the
-    packed weight marked
+    BLOCK_K = 8 x 1024, 4 warps): the tile's x is read once, contiguously, and each group's two
+    kept values pick their inputs from its four in registers; the packed weight is marked
     evict-first and x evict-last (``STREAM``), products accumulate per group and are reduced
-    once at the end. Two or more tokens
+    once at the end. How the tiles are brought in (``X_MODE``): 3, the default, leaves the
+    loads to Triton's software pipeliner (``STAGES`` = 3 tiles in flight through shared memory,
+    asynchronous copies); 1 prefetches the next tile's values and meta into registers by hand
+    before this tile's x (``AHEAD`` 2: the one after next too); 0 is 1 with each value gathering
+    x at its column. On an H200 3 was 7-11% faster than 1 at each 7B shape's best config, 0 7-13%
+    slower than 1, AHEAD 2 slower at every shape (benchmarks/RESULTS.md, runs 3, 4 and 6). Two or more tokens
     (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,
     fp32 32 x 64 with BLOCK_T <= 32): the dense [BLOCK_N, BLOCK_K] tile is rebuilt
     with ``tl.where`` on the decoded positions and fed to ``tl.dot`` (fp32 inputs as TF32x3:
@@ -65,12 +66,15 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # tile's x contiguously and picks each kept value's input in registers (2 products, 3 selects).
 # (Rebuilding each group dense and taking 4 products was a third way: 1.7-2.3x slower than the
 # pick on an H200, benchmarks/sparse_gpu_sweep.py, so it is gone.)
-# 2 is 0's gather on a [rows, meta words, 16 slots] tile, which decodes the positions without
-# moving data between thread layouts (see the kernel).
-# 3 is 1's pick with the loads left to Triton's pipeliner (STAGES tiles in flight through shared
-# memory, cp.async on sm_80+).
-NM24_X_MODES = (0, 1, 2, 3)
-MAX_SPLIT_K_BLOCK = 512  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it
+# 3 is 1's pick with the loads left to Triton's software pipeliner instead of the hand-written
+# prefetch into registers: STAGES tiles in flight, copied asynchronously (cp.async on sm_80+)
+# into shared memory, from which each tile is read in the layout its arithmetic wants. On an
+# H200 (benchmarks/RESULTS.md, "GPU sparse decode", run 6) it beat 1 at every 7B shape by 7-11%
+# at each shape's best config. (0's gather on a [rows, meta words, 16 slots] tile, which needs no
+# layout moves, was slower than 1 at every shape there: 1.26-1.33x dense against 1.37-1.43x.)
+NM24_X_MODES = (0, 1, 3)
+MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it,
+# so every tile starts at a multiple of its BLOCK_K (the kernel's tl.multiple_of hints)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,38 +203,6 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             x4 = _x_load(x_row + k_in, k_in < v_end * 2, STREAM)
             acc_g += _nm24_pick(vals, words, x4, BLOCK_N, BLOCK_W, BLOCK_G)
         acc = tl.sum(acc_g, axis=1)
-    elif X_MODE == 2:
-        # the tile as [BLOCK_N, BLOCK_W, 16] value slots (16 per meta word): a word broadcasts
-        # along its own slots in every layout, so decoding needs no reshape, and each slot
-        # gathers x at its column (x is L1/L2-resident). The [BLOCK_N, BLOCK_V] tile of X_MODE
-        # 0/1 makes the compiler move the decoded positions or picks between two layouts
-        # through shared memory, behind barriers, in every step of the loop.
-        jj = tl.arange(0, 16)
-        slot = (ww[:, None] * 16 + jj[None, :])[None, :, :]  # [1, BLOCK_W, 16], slot in the tile
-        group_in = (slot // 2) * 4  # the first input of the slot's group of 4, in the tile
-        shift = (jj * 2)[None, None, :]
-        n_ok3 = n_ok[:, None, None]
-        v_rows3 = v_ptr + n64[:, None, None] * stride_v
-        m_rows2 = m_ptr + n64[:, None] * stride_m
-        x_row = x_ptr + pid_t.to(tl.int64) * stride_xt
-        acc3 = tl.zeros([BLOCK_N, BLOCK_W, 16], dtype=tl.float32)
-        vals = _stream_load(v_rows3 + v_start + slot, n_ok3 & (v_start + slot < v_end), STREAM)
-        w_idx = v_start // 16 + ww
-        words = _stream_load(m_rows2 + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 16 < v_end), STREAM)
-        for v0 in range(v_start, v_end, BLOCK_V):
-            v0 = tl.multiple_of(v0, BLOCK_V)
-            nv = v0 + BLOCK_V
-            vals_next = _stream_load(v_rows3 + nv + slot, n_ok3 & (nv + slot < v_end), STREAM)
-            nw_idx = nv // 16 + ww
-            words_next = _stream_load(m_rows2 + nw_idx[None, :], n_ok[:, None] & (nw_idx[None, :] * 16 < v_end),
-                                      STREAM)
-            pos = (words[:, :, None] >> shift) & 3
-            col = v0 * 2 + group_in + pos
-            xg = _x_load(x_row + col, n_ok3 & (v0 + slot < v_end), STREAM)
-            acc3 += vals.to(tl.float32) * xg.to(tl.float32)
-            vals = vals_next
-            words = words_next
-        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
     else:
         # products accumulate element-wise; the cross-thread reduction runs once, after the loop
         acc2 = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)  # X_MODE 0: per value slot
@@ -305,15 +277,16 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
 
 
 _NM24_KEY = ["N", "K", "T"]
-# one token: one fixed config, the fastest over the three 7B shapes in benchmarks/sparse_gpu_sweep.py
-# on an H200 (fp16, commit e16fa42, benchmarks/RESULTS.md run 3: 4x512 tiles, 4 warps, the
-# register pick of x, eviction hints; 13.2 / 25.4 / 26.7 us against dense 18.9 / 34.1 / 36.4,
-# 3-9% faster than without the hints). No autotuning here: the autotuner times its candidates
-# with do_bench, and on one H200 machine that timing was dominated by the host's launch cost
-# (benchmarks/gpu_timing.py), so its pick was random.
+# one token: one fixed config, chosen over the three 7B shapes in benchmarks/sparse_gpu_sweep.py
+# on an H200 (fp16, commit cfdb96c, benchmarks/RESULTS.md "GPU sparse decode" run 6: 8x1024
+# tiles, 4 warps, the pipelined register pick, 3 stages, eviction hints; 12.4 / 24.4 / 22.7 us
+# against dense 19.0 / 34.3 / 36.5, within 3% of each shape's best config; run 5's 4x512 pick
+# with the hand-written prefetch took 13.2 / 25.6 / 26.6 us in the same sweep). No autotuning
+# here: the autotuner times its candidates with do_bench, and on one H200 machine that timing
+# was dominated by the host's launch cost (benchmarks/gpu_timing.py), so its pick was random.
 _nm24_gemv = triton.autotune(
-    configs=configs([{"BLOCK_N": 8, "BLOCK_K": 1024, "X_MODE": 3, "STREAM": 1, "STAGES": 3}], {"BLOCK_N": 16, "BLOCK_K": 64},
-                    num_warps=(4,)),
+    configs=configs([{"BLOCK_N": 8, "BLOCK_K": 1024, "X_MODE": 3, "STREAM": 1, "STAGES": 3}],
+                    {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
 # than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3

@@ -196,9 +196,10 @@ def test_nm24_kernel_matches_reference(tokens, dtype):
 @pytest.mark.parametrize("keep", [1, 2])  # 1: groups padded with a zero value (3:4 and sparser)
 @pytest.mark.parametrize("x_mode", sparse_matmul.NM24_X_MODES)
 def test_nm24_one_token_x_modes_match_reference(x_mode, keep):
-    """The one-token kernel's two ways to meet x (gather, register pick), each forced through
-    ``config``, with and without the eviction hints, the atomic split-K path and a third tile
-    in flight (AHEAD 2: K = 256 is four 64-input tiles, so the prefetch runs past the end too)."""
+    """The one-token kernel's ways to meet x (``NM24_X_MODES``: gather, register pick, the pick
+    with pipelined loads), each forced through ``config``, with and without the eviction hints,
+    the atomic split-K path and a third tile in flight (AHEAD 2, the hand-prefetched modes: K =
+    256 is four 64-input tiles, so the prefetch runs past the end too)."""
     n, k = 40, 256
     w = nm_weight(n, k, keep=keep, seed=7 + keep, dtype=torch.float32)
     values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
