@@ -6,7 +6,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import (DEFAULT_MODEL, DTYPES, EXPORT_KINDS, PRODUCT_PRECISIONS, SAVE_FORMATS, STRUCTURES,
+from .config import (CPU_GEMMS, DEFAULT_MODEL, DTYPES, EXPORT_KINDS, PRODUCT_PRECISIONS, SAVE_FORMATS, STRUCTURES,
                      AllocationSettings, ElsaSettings, PruneConfig, SparseLLMSettings)
 from .sparsity import SparsityPattern, SparsityError
 
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU), float32, bfloat16 operands (fastest on CPUs with AMX; FFN errors move slightly), or "
                         "float16 operands scaled into range with float32 results (for CUDA; emulated, slower, on CPUs); "
                         "default: float16 on CUDA (torch 2.8+), tf32 elsewhere")
+    g.add_argument("--cpu-gemm", default=s.cpu_gemm, choices=CPU_GEMMS,
+                   help="library of the FFN solver's float32 products on the CPU: torch (MKL) or onednn (the same "
+                        "float32 arithmetic in another summation order; 1.6-2.2x faster than MKL on AMD CPUs); "
+                        "default: onednn for sparsellm where this torch has it, torch for structprune")
     g.add_argument("--chunk-tokens", type=int, default=s.chunk_tokens,
                    help="calibration tokens per chunk of the FFN solver's token-wise steps (default: automatic, "
                         "32 MB temporaries on the CPU, 128 MB on CUDA); memory and speed only")
@@ -180,7 +184,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         blocksize=args.blocksize, percdamp=args.percdamp,
         sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations,
                                     relaxation=args.relaxation,
-                                    product_precision=args.product_precision, chunk_tokens=args.chunk_tokens),
+                                    product_precision=args.product_precision, chunk_tokens=args.chunk_tokens,
+                                    cpu_gemm=args.cpu_gemm),
         structure=args.structure, head_sparsity=args.head_sparsity,
         allocation=AllocationSettings(rule=args.allocation, temperature=args.temperature, owl_lambda=args.owl_lambda,
                                       owl_m=args.owl_m, min_sparsity=args.layer_sparsity_min,

@@ -10,8 +10,9 @@ from sparsellm.config import PruneConfig, SparseLLMSettings
 from sparsellm.driver import LayerDriver
 from sparsellm.methods import get_method
 from sparsellm.methods.sparsegpt import obs_prune_with_gram
-from sparsellm.methods.sparsellm import (SparseLLM, _FFNSolver, least_squares_towards, p_step, p_step_factor,
-                                         p_step_inverse)
+from sparsellm.methods.sparsellm import (Products, SparseLLM, _FFNSolver, full_gram, least_squares_towards, p_step,
+                                         p_step_factor, p_step_inverse)
+from sparsellm.precision import onednn_gemm_available
 from sparsellm.models import get_adapter
 from sparsellm.models.base import FFN
 from sparsellm.sparsity import SparsityPattern, satisfies_nm, zero_fraction
@@ -433,10 +434,10 @@ def test_never_worse_than_start(activation):
     assert all(b <= a for a, b in zip(later[:-2], later[1:-1]))
 
 
-def run_solver(ffn, x, chunk_tokens=None):
+def run_solver(ffn, x, chunk_tokens=None, cpu_gemm=None):
     """A 3-iteration SparseLLM solve of a copy of ``ffn``: its diagnostics and pruned weights."""
     config = PruneConfig(method="sparsellm", sparsity="0.7",
-                         sparsellm=SparseLLMSettings(chunk_tokens=chunk_tokens, iterations=3))
+                         sparsellm=SparseLLMSettings(chunk_tokens=chunk_tokens, iterations=3, cpu_gemm=cpu_gemm))
     layer = FFN("swiglu", *(copy_linear(getattr(ffn, n)) for n in ("up", "down", "gate")))
     solver = _FFNSolver(layer, x, config.sparsity, config)
     assert len(solver.chunks) == (1 if chunk_tokens is None else math.ceil(x.shape[0] / chunk_tokens))
@@ -463,23 +464,52 @@ def test_chunk_size_changes_only_rounding():
 
 
 def test_p_step_by_inverse_changes_only_rounding(monkeypatch):
-    """CUDA's p-step (the product with the system's inverse, formed once per iteration) gives
-    the CPU's (two triangular solves per chunk) iterates up to float32 rounding; forced here on
-    the CPU, over seven chunks."""
+    """The p-step with the system's inverse (formed once per iteration: CUDA's, and the CPU's with
+    oneDNN's GEMM) gives the two triangular solves' iterates up to float32 rounding; forced here
+    on the CPU with torch's GEMM, over seven chunks."""
     from sparsellm.methods import sparsellm as module
 
     ffn, x = synthetic_ffn("swiglu")
-    solved = run_solver(ffn, x, chunk_tokens=300)
+    solved = run_solver(ffn, x, chunk_tokens=300, cpu_gemm="torch")
     inverses = []
-    monkeypatch.setattr(module, "p_step_inverse", lambda chol: inverses.append(torch.cholesky_inverse(chol)) or inverses[-1])
-    assert_same_solve_up_to_rounding(solved, run_solver(ffn, x, chunk_tokens=300))
+    monkeypatch.setattr(module, "p_step_inverse",
+                        lambda chol, cpu_gemm: inverses.append(torch.cholesky_inverse(chol)) or inverses[-1])
+    assert_same_solve_up_to_rounding(solved, run_solver(ffn, x, chunk_tokens=300, cpu_gemm="torch"))
     assert len(inverses) == 2  # once per iteration that updates the auxiliaries (not per chunk)
+
+
+@pytest.mark.skipif(not onednn_gemm_available(), reason="this torch has no oneDNN float32 GEMM")
+def test_onednn_products_change_only_rounding():
+    """oneDNN's float32 GEMM (SparseLLM's CPU default) gives torch's (MKL's) iterates up to float32
+    rounding, and the solver reports which ran; its products, on fresh random operands in every
+    layout the solver uses, match float64 as closely as torch's do."""
+    ffn, x = synthetic_ffn("swiglu")
+    by_torch = run_solver(ffn, x, chunk_tokens=300, cpu_gemm="torch")
+    by_onednn = run_solver(ffn, x, chunk_tokens=300)
+    assert by_torch[0]["cpu_gemm"] == "torch" and by_onednn[0]["cpu_gemm"] == "onednn"
+    assert_same_solve_up_to_rounding(by_torch, by_onednn)
+    gen = torch.Generator().manual_seed(21)
+    a, b = torch.randn(700, 96, generator=gen), torch.randn(700, 160, generator=gen) * 3
+    products = Products("tf32", "onednn")
+    acc, sym = torch.randn(96, 160, generator=gen), torch.zeros(160, 160)
+    start = acc.clone()
+    products.gram_add(acc, a, b)
+    products.sym_gram_add(sym, b)
+    bias = torch.randn(160, generator=gen)
+    w = torch.randn(160, 96, generator=gen)
+    cases = [(products.mm(b.t(), a), b.double().t() @ a.double()),
+             (products.linear(a, w, bias), a.double() @ w.double().t() + bias.double()),
+             (acc, start.double() + a.double().t() @ b.double()),
+             (full_gram(sym), b.double().t() @ b.double())]
+    for got, want in cases:
+        assert got.dtype == torch.float32 and want.abs().max() > 1
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
 
 
 def test_p_step_with_the_inverse_is_the_solve():
     """p_step given the inverse returns the solve's p and q (float64: to rounding; float32: within
     1e-4 of float64 with an outlier-scale target, as the solve); p_step_inverse keeps the solve
-    on the CPU."""
+    on the CPU with torch's GEMM and gives the inverse with oneDNN's."""
     d, f, n = 64, 160, 512
     w2, r, y = randn(d, f, seed=4) / 10, torch.relu(randn(n, f, seed=5)), randn(n, d, seed=6)
     y[:, 0] *= 50
@@ -491,7 +521,8 @@ def test_p_step_with_the_inverse_is_the_solve():
     chol32 = p_step_factor(w2.float(), ratio)
     p32, _ = p_step(r.float(), y.float(), w2.float(), chol32, inverse=torch.cholesky_inverse(chol32))
     assert float((p32.double() - p).norm() / p.norm()) < 1e-4
-    assert p_step_inverse(chol) is None and p_step_inverse(chol32) is None
+    assert p_step_inverse(chol) is None and p_step_inverse(chol32, "torch") is None
+    assert torch.equal(p_step_inverse(chol32, "onednn"), torch.cholesky_inverse(chol32))
 
 
 def copy_linear(linear):

@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function as stage
 
 from .. import ops
-from ..precision import large_products
+from ..config import CPU_GEMMS
+from ..precision import large_products, onednn_gemm_available, onednn_linear
 from ..reference import sq_norm
 from ..plan import LayerView, Step, Tokens
 from ..sparsity import SparsityPattern
@@ -119,6 +120,10 @@ FLOAT16_GEMM = hasattr(torch.ops.aten.mm, "dtype")
 # time; omega 1.7 and above overshot on the layers of small error.
 DEFAULT_ITERATIONS = 3
 DEFAULT_RELAXATION = 1.6
+# The float32 products' library on the CPU where SparseLLMSettings.cpu_gemm is None: oneDNN where
+# this torch has it (sparsellm.precision: 1.6-2.2x MKL's speed on an AMD EPYC; the same float32
+# arithmetic in another summation order), else torch's (MKL).
+DEFAULT_CPU_GEMM = "onednn"
 
 
 class Products:
@@ -136,9 +141,17 @@ class Products:
       the same arithmetic emulated in float32, where products of float16 values are exact).
     """
 
-    def __init__(self, precision: str):
+    def __init__(self, precision: str, cpu_gemm: str = "torch"):
         self.low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+        # float32 products of CPU tensors through oneDNN (sparsellm.precision.CPU_GEMMS)
+        self.onednn = cpu_gemm == "onednn"
         self._kept: collections.OrderedDict = collections.OrderedDict()  # float16 operands, see FLOAT16_KEPT
+
+    def _float32_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b of float32 operands, by oneDNN on the CPU where chosen."""
+        if self.onednn and a.device.type == "cpu":
+            return onednn_linear(a, b.t())
+        return a @ b
 
     def _operand(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``t`` as a product's operand, and the factor that undoes its scaling (None: unscaled)."""
@@ -178,13 +191,16 @@ class Products:
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b, in a's dtype."""
         if self.low is None:
-            return a @ b
+            return self._float32_mm(a, b)
         return self._unscaled(self._operand(a), self._operand(b), a.dtype)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w^T (+ bias, added in float32)."""
         if self.low is None:
-            return F.linear(x, w, bias)
+            if not (self.onednn and x.device.type == "cpu"):
+                return F.linear(x, w, bias)
+            out = onednn_linear(x, w)
+            return out if bias is None else out.add_(bias)
         w_op, w_inv = self._operand(w)  # w's own operand, not its transpose's: shared with mm(q, w)
         out = self._unscaled(self._operand(x), (w_op.t(), w_inv), x.dtype)
         return out if bias is None else out.add_(bias)
@@ -200,7 +216,10 @@ class Products:
     def gram_add(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """acc += a^T b (acc float32)."""
         if self.low is None:
-            acc.addmm_(a.t(), b)
+            if self.onednn and acc.device.type == "cpu":
+                acc.add_(self._float32_mm(a.t(), b))
+            else:
+                acc.addmm_(a.t(), b)
             return
         (a_op, a_inv), (b_op, b_inv) = self._operand(a), self._operand(b)
         self._accumulate(acc, self._product(a_op.t(), b_op), None if a_inv is None else a_inv * b_inv)
@@ -213,7 +232,10 @@ class Products:
         block = _sym_block(acc)
         if self.low is None:
             for i in range(0, a.shape[1], block):
-                acc[i:i + block, i:].addmm_(a[:, i:i + block].t(), a[:, i:])
+                if self.onednn and acc.device.type == "cpu":
+                    acc[i:i + block, i:].add_(self._float32_mm(a[:, i:i + block].t(), a[:, i:]))
+                else:
+                    acc[i:i + block, i:].addmm_(a[:, i:i + block].t(), a[:, i:])
             return
         op, inv = self._operand(a)  # cast once, not once per block
         inv = None if inv is None else inv * inv
@@ -231,14 +253,30 @@ def default_product_precision(device: torch.device) -> str:
 
 
 def check_product_precision(config) -> None:
-    """float16 products on CUDA need torch.mm's float32 output of float16 operands (torch 2.8+):
-    without it, a ValueError before anything loads (SparseLLM's and StructPrune's preflight)."""
+    """float16 products on CUDA need torch.mm's float32 output of float16 operands (torch 2.8+),
+    and an explicit ``cpu_gemm`` "onednn" needs oneDNN: without them, a ValueError before
+    anything loads (SparseLLM's and StructPrune's preflight)."""
     from ..driver import resolve_device  # (the driver imports the methods' modules)
 
     if (config.sparsellm.product_precision == "float16" and not FLOAT16_GEMM
             and resolve_device(config.device).type == "cuda"):
         raise ValueError(f"--product-precision float16 on CUDA needs torch >= 2.8 (torch.mm with out_dtype); "
                          f"this torch is {torch.__version__}: use tf32 (the default)")
+    resolve_cpu_gemm(config.sparsellm.cpu_gemm, "torch")  # an explicit onednn that this torch cannot run
+
+
+def resolve_cpu_gemm(setting: str | None, default: str) -> str:
+    """The CPU GEMM library a solver uses: ``setting``, or where it is None the method's
+    ``default`` if this torch has it (else torch's). An explicit "onednn" without oneDNN is a
+    ValueError (the preflight's :func:`check_product_precision` raises it before anything loads)."""
+    if setting is None:
+        return default if default != "onednn" or onednn_gemm_available() else "torch"
+    if setting not in CPU_GEMMS:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {setting!r}")
+    if setting == "onednn" and not onednn_gemm_available():
+        raise ValueError("--cpu-gemm onednn: this torch has no oneDNN float32 GEMM (built without mkldnn, or "
+                         "torch.backends.mkldnn.matmul.fp32_precision lets it round float32 operands); use torch")
+    return setting
 
 
 def _sym_block(acc: torch.Tensor) -> int:
@@ -278,9 +316,11 @@ def p_step_factor(w2: torch.Tensor, ratio: float) -> torch.Tensor:
     return chol
 
 
-def p_step_inverse(chol: torch.Tensor) -> torch.Tensor | None:
+def p_step_inverse(chol: torch.Tensor, cpu_gemm: str | None = None) -> torch.Tensor | None:
     """(W2 W2^T + ratio I)^-1 from :func:`p_step_factor`'s factor where :func:`p_step` should
-    apply the inverse rather than solve with the factor (None elsewhere): on CUDA. There the
+    apply the inverse rather than solve with the factor (None elsewhere): on CUDA, and on the CPU
+    where the products run on oneDNN (``cpu_gemm``), whose GEMM made the product of a
+    [5461, 576] chunk with the inverse about 9 ms against LAPACK's solve's 35 ms. On CUDA the
     solve of one token chunk runs as a chain of small blocked triangular-solve kernels: 220
     solves of ~3k-token chunks took 1.38 s of device time, 6.3 ms each, on an H200 at d = 4096
     (``benchmarks/profile_prune.py``, commit f8def43; 0.7 s of a 4.9 s 7B layer), where the
@@ -288,9 +328,9 @@ def p_step_inverse(chol: torch.Tensor) -> torch.Tensor | None:
     iteration, in float32, from the same factor. The system is well conditioned: cond <= 1 +
     ||W2||^2 / ratio, and under the default scale-aware penalties ratio is
     ||y||^2 / ||p||^2 (y ~ W2 p), so ||W2||^2 / ratio is the spread of W2's singular values
-    over the hidden's directions, not a rounding-level damping. On the CPU LAPACK's solve is a
-    single call and stays (the published CPU numbers are its)."""
-    return torch.cholesky_inverse(chol) if chol.device.type == "cuda" else None
+    over the hidden's directions, not a rounding-level damping. With torch's CPU GEMM LAPACK's
+    solve stays (StructPrune's published numbers are its)."""
+    return torch.cholesky_inverse(chol) if chol.device.type == "cuda" or cpu_gemm == "onednn" else None
 
 
 @stage("sparsellm.p_step")
@@ -313,7 +353,7 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     else:
         # float32 operands even where the products are bfloat16 or float16 (the inverse stands in
         # for the float32 solve); TF32 inside large_products' "tf32". Symmetric: (M^-1 v^T)^T = v M^-1.
-        q = residual @ inverse
+        q = products._float32_mm(residual, inverse)
     return products.mm(q, w2).add_(r), q  # r + W2^T q, into the product's fresh buffer
 
 
@@ -344,6 +384,7 @@ class SparseLLM(SparseGPT):
 class _FFNSolver:
     DEFAULT_ITERATIONS = DEFAULT_ITERATIONS
     DEFAULT_RELAXATION = DEFAULT_RELAXATION
+    DEFAULT_CPU_GEMM = DEFAULT_CPU_GEMM
 
     def __init__(self, ffn, x, pattern, config):
         settings = config.sparsellm  # validated when the settings were built
@@ -379,7 +420,9 @@ class _FFNSolver:
             self.buf = {n: [torch.empty(c.stop - c.start, widths[n], pin_memory=True) for c in self.chunks]
                         for n in names}
         self.precision = settings.product_precision or default_product_precision(self.device)
-        self.products = Products(self.precision)
+        # which library multiplies the float32 products on the CPU (None on other devices)
+        self.cpu_gemm = resolve_cpu_gemm(settings.cpu_gemm, self.DEFAULT_CPU_GEMM) if self.device.type == "cpu" else None
+        self.products = Products(self.precision, self.cpu_gemm or "torch")
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -465,7 +508,7 @@ class _FFNSolver:
         pd = self.config.percdamp
 
         # The input Hessian and its factors are the same for every iteration: computed once.
-        gx = x.t() @ x / n
+        gx = self.products._float32_mm(x.t(), x) / n
         up0, gate0, hinv_x = self._start_inputs(gx)
         chol_x, damp_x = ops.damped_cholesky(gx, pd)
         lam_x = float(damp_x) * float(gx.diagonal().mean())
@@ -559,7 +602,7 @@ class _FFNSolver:
             terms = dict.fromkeys(("z", "s", "p", "y"), 0.0)
             if not last:
                 p_chol = p_step_factor(down, ratio)
-                p_inv = p_step_inverse(p_chol)
+                p_inv = p_step_inverse(p_chol, self.cpu_gemm)
                 xtz, xts = self._zeros(d, f), (self._zeros(d, f) if swiglu else None)
                 ptp.zero_()
                 pty.zero_()
@@ -649,6 +692,7 @@ class _FFNSolver:
             "max_iterations": self.iterations,  # with relaxation: the defaults a None setting took
             "relaxation": self.relaxation,
             "product_precision": self.precision,
+            "cpu_gemm": self.cpu_gemm,
             "aux_bytes": self.aux_bytes,
             "aux_device": str(self.store),
         }

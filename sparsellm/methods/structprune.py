@@ -67,6 +67,10 @@ DOWN_DAMPINGS = (0.01, 0.1, 1.0)
 # structured refit overfits (HELD_OUT_SHARE): not taken over unmeasured.
 DEFAULT_ITERATIONS = 4
 DEFAULT_RELAXATION = 1.0
+# Its CPU products on torch's GEMM (MKL), as its tables were measured: oneDNN's (SparseLLM's
+# default, sparsellm.precision) changes the float32 summation order, so the tables would need
+# re-measuring (about three hours on the 2-core CPU); --cpu-gemm onednn chooses it.
+DEFAULT_CPU_GEMM = "torch"
 
 
 class _StructuredFFNSolver(_FFNSolver):
@@ -74,6 +78,7 @@ class _StructuredFFNSolver(_FFNSolver):
 
     DEFAULT_ITERATIONS = DEFAULT_ITERATIONS
     DEFAULT_RELAXATION = DEFAULT_RELAXATION
+    DEFAULT_CPU_GEMM = DEFAULT_CPU_GEMM
 
     def __init__(self, ffn, x, channels: int, config):
         held = int(len(x) * HELD_OUT_SHARE)
