@@ -230,12 +230,16 @@ class Products:
         model's FFN width 1536 (CPU) and a 7B FFN's 11008 (CUDA). The blocks below are not
         touched and :func:`full_gram` completes the matrix."""
         block = _sym_block(acc)
+        if self.low is None and self.onednn and acc.device.type == "cpu":
+            # a^T's rows, contiguous, so that every block's operands are dense (oneDNN is slow on
+            # column slices of a: precision._dense); one copy per call instead of one per block
+            at = a.t().contiguous()
+            for i in range(0, a.shape[1], block):
+                acc[i:i + block, i:].add_(onednn_linear(at[i:i + block], at[i:]))
+            return
         if self.low is None:
             for i in range(0, a.shape[1], block):
-                if self.onednn and acc.device.type == "cpu":
-                    acc[i:i + block, i:].add_(self._float32_mm(a[:, i:i + block].t(), a[:, i:]))
-                else:
-                    acc[i:i + block, i:].addmm_(a[:, i:i + block].t(), a[:, i:])
+                acc[i:i + block, i:].addmm_(a[:, i:i + block].t(), a[:, i:])
             return
         op, inv = self._operand(a)  # cast once, not once per block
         inv = None if inv is None else inv * inv
