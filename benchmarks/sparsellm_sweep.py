@@ -49,6 +49,8 @@ SETTINGS = {
     "relax-1.6": dict(relaxation=1.6),
     "relax-1.7": dict(relaxation=1.7),
     "relax-1.9": dict(relaxation=1.9),
+    # the CPU's float32 products on torch's GEMM (MKL) instead of the default's oneDNN
+    "torch-gemm": dict(cpu_gemm="torch"),
 }
 
 CACHE = os.environ.get("SPARSELLM_SWEEP_CACHE", "/tmp/sparsellm_sweep_inputs")
