@@ -83,6 +83,29 @@ class _Run:
         return api.evaluate(self.model, self.tokenizer, self.config)[self.config.eval[0]]
 
 
+def _gram_on_onednn(parser) -> None:
+    """Every Gram statistic's float32 accumulation on the CPU through oneDNN's GEMM, as SparseLLM's
+    solver products (``--gram-gemm onednn``): both methods' statistics then use the same library."""
+    import torch
+
+    from sparsellm import plan
+    from sparsellm.precision import onednn_gemm_available, onednn_linear
+
+    if not onednn_gemm_available():
+        parser.error("--gram-gemm onednn: this torch has no oneDNN float32 GEMM")
+    torch_add = plan.Gram.add
+
+    def add(self, x):
+        x2 = x.reshape(-1, self.width)
+        if x2.device.type != "cpu" or x2.dtype != torch.float32 or self.gram.dtype != torch.float32:
+            return torch_add(self, x)
+        x2 = x2.contiguous()
+        self.gram.add_(onednn_linear(x2.t(), x2.t()))
+        self.tokens += x2.shape[0]
+
+    plan.Gram.add = add
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sparsellm,sparsegpt", help="two layer-wise methods: A,B (ratio A/B)")
@@ -95,6 +118,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
     add_text_options(p)
+    p.add_argument("--gram-gemm", choices=("torch", "onednn"), default="torch",
+                   help="the library of the Gram statistics every local method gathers (plan.Gram: SparseGPT's "
+                        "Hessians, SparseLLM's attention Hessians); onednn is an experiment that gives SparseGPT's "
+                        "own products the library SparseLLM's solver takes on the CPU (sparsellm.precision)")
     p.add_argument("--json", default=None, help="write the measurement here (a new file)")
     args = p.parse_args(argv)
     names = args.methods.split(",")
@@ -121,6 +148,8 @@ def main(argv=None) -> int:
                    for name in names]
     except ValueError as exc:
         p.error(str(exc))
+    if args.gram_gemm == "onednn":
+        _gram_on_onednn(p)
     # api.prune seeds the global RNG before a prune; the same here, once for both runs (no
     # layer-wise method draws from it, so interleaving them cannot change what either computes:
     # the perplexities of the JSON equal those of separate runs)
@@ -154,7 +183,7 @@ def main(argv=None) -> int:
                 f"(benchmarks/interleaved_ratio.py)",
         "command": "python benchmarks/interleaved_ratio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git": git_state(), "started": started, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(args.cpu), "threads": torch.get_num_threads(),
+        "machine": machine(args.cpu), "threads": torch.get_num_threads(), "gram_gemm": args.gram_gemm,
         "protocol": {"model": "smollm2" if args.model in DEFAULT_ALIASES else args.model, "sparsity": args.sparsity,
                      "layers": layers_text, "nsamples": args.nsamples, "seqlen": args.seqlen,
                      "eval_windows": args.eval_windows, "seed": 0, **text_sources(args)},

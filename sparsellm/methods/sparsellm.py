@@ -46,8 +46,9 @@ one chunk at a time, so the temporaries stay bounded. Their size is reported as 
 Precision: the token-wise products and the Gram accumulations over all tokens (nearly all of the
 solver's arithmetic at 7B shapes) run in ``product_precision``; by default float16 operands
 scaled into range with float32 results on CUDA (:class:`Products`), and "tf32" elsewhere, which is
-plain float32 on the CPU (:func:`default_product_precision`). Factorisations, the OBS sweeps and the p-step's
-system stay float32.
+plain float32 on the CPU (:func:`default_product_precision`), where oneDNN's GEMM multiplies them by
+default (``cpu_gemm``: MKL, torch's, runs its AVX2 kernels on AMD CPUs; :mod:`sparsellm.precision`).
+Factorisations, the OBS sweeps and the p-step's system stay float32.
 """
 from __future__ import annotations
 
