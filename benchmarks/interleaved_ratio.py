@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--cpu", action="store_true", help="force the CPU even where CUDA is present")
     add_text_options(p)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="SparseLLM's (and StructPrune's) solver iterations (default: the method's own)")
     p.add_argument("--gram-gemm", choices=("torch", "onednn"), default="torch",
                    help="the library of the Gram statistics every local method gathers (plan.Gram: SparseGPT's "
                         "Hessians, SparseLLM's attention Hessians); onednn is an experiment that gives SparseGPT's "
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sparsellm.config import PruneConfig
+    from sparsellm.config import PruneConfig, SparseLLMSettings
     from sparsellm.default_model import ALIASES as DEFAULT_ALIASES
     from sparsellm.methods import METHODS, LayerwiseMethod
 
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
     try:  # bad settings fail here, before a model is loaded
         configs = [PruneConfig(model=args.model, method=name, sparsity=args.sparsity, layers=args.layers,
                                nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib, eval=(args.eval,),
-                               eval_windows=args.eval_windows, quiet=True, device="cpu" if args.cpu else None)
+                               eval_windows=args.eval_windows, quiet=True, device="cpu" if args.cpu else None,
+                               sparsellm=SparseLLMSettings(iterations=args.iterations))
                    for name in names]
     except ValueError as exc:
         p.error(str(exc))
