@@ -98,7 +98,8 @@ def _run(fn, want) -> float:
 
 def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None,
           formats=("nm24", "sell")) -> list[dict]:
-    """Every (shape, format, config) row of ``formats``; ``save(rows)`` after each, so a run cut short keeps its rows."""
+    """Every (shape, format, config) row of ``formats``; ``save(rows)`` after each, so a run cut
+    short keeps its rows."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32  # the interpreter is wrong in half

@@ -8,13 +8,13 @@ import contextlib
 
 import torch
 
-# float32 GEMMs on the CPU (SparseLLMSettings.cpu_gemm, config.CPU_GEMMS). torch's matmul calls MKL, which dispatches its AVX-512
-# kernels on Intel CPUs only: on a 2-core AMD EPYC with AVX-512 (Zen 5) a [5461, 576] x
-# [576, 1536] product took 50 ms (194 GFLOP/s, the AVX2 kernels' rate) where oneDNN's float32
-# GEMM, which torch ships for its mkldnn operators, took 23 ms, in IEEE float32 (a product with
-# the identity comes out exact; 1.6x to 2.2x faster on every product shape of SparseLLM's
-# solver, one or two threads). The results differ from MKL's in summation order only (about
-# 1e-6 of the largest entry against float64, MKL's 3e-7 to 4e-7).
+# float32 GEMMs on the CPU (SparseLLMSettings.cpu_gemm, config.CPU_GEMMS). torch's matmul calls
+# MKL, which dispatches its AVX-512 kernels on Intel CPUs only: on a 2-core AMD EPYC with AVX-512
+# (Zen 5) a [5461, 576] x [576, 1536] product took 50 ms (194 GFLOP/s, the AVX2 kernels' rate)
+# where oneDNN's float32 GEMM, which torch ships for its mkldnn operators, took 23 ms, in IEEE
+# float32 (a product with the identity comes out exact; 1.6x to 2.2x faster on every product
+# shape of SparseLLM's solver, one or two threads). The results differ from MKL's in summation
+# order only (about 1e-6 of the largest entry against float64, MKL's 3e-7 to 4e-7).
 
 
 def onednn_gemm_available() -> bool:

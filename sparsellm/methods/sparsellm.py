@@ -148,7 +148,7 @@ class Products:
         self.onednn = cpu_gemm == "onednn"
         self._kept: collections.OrderedDict = collections.OrderedDict()  # float16 operands, see FLOAT16_KEPT
 
-    def _float32_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def float32_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b of float32 operands, by oneDNN on the CPU where chosen."""
         if self.onednn and a.device.type == "cpu":
             return onednn_linear(a, b.t())
@@ -192,7 +192,7 @@ class Products:
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b, in a's dtype."""
         if self.low is None:
-            return self._float32_mm(a, b)
+            return self.float32_mm(a, b)
         return self._unscaled(self._operand(a), self._operand(b), a.dtype)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,7 +218,7 @@ class Products:
         """acc += a^T b (acc float32)."""
         if self.low is None:
             if self.onednn and acc.device.type == "cpu":
-                acc.add_(self._float32_mm(a.t(), b))
+                acc.add_(self.float32_mm(a.t(), b))
             else:
                 acc.addmm_(a.t(), b)
             return
@@ -358,7 +358,7 @@ def p_step(r: torch.Tensor, y: torch.Tensor, w2: torch.Tensor, chol: torch.Tenso
     else:
         # float32 operands even where the products are bfloat16 or float16 (the inverse stands in
         # for the float32 solve); TF32 inside large_products' "tf32". Symmetric: (M^-1 v^T)^T = v M^-1.
-        q = products._float32_mm(residual, inverse)
+        q = products.float32_mm(residual, inverse)
     return products.mm(q, w2).add_(r), q  # r + W2^T q, into the product's fresh buffer
 
 
@@ -426,7 +426,8 @@ class _FFNSolver:
                         for n in names}
         self.precision = settings.product_precision or default_product_precision(self.device)
         # which library multiplies the float32 products on the CPU (None on other devices)
-        self.cpu_gemm = resolve_cpu_gemm(settings.cpu_gemm, self.DEFAULT_CPU_GEMM) if self.device.type == "cpu" else None
+        self.cpu_gemm = (resolve_cpu_gemm(settings.cpu_gemm, self.DEFAULT_CPU_GEMM) if self.device.type == "cpu"
+                         else None)
         self.products = Products(self.precision, self.cpu_gemm or "torch")
 
     # -- helpers -----------------------------------------------------------------------------
@@ -513,7 +514,7 @@ class _FFNSolver:
         pd = self.config.percdamp
 
         # The input Hessian and its factors are the same for every iteration: computed once.
-        gx = self.products._float32_mm(x.t(), x) / n
+        gx = self.products.float32_mm(x.t(), x) / n
         up0, gate0, hinv_x = self._start_inputs(gx)
         chol_x, damp_x = ops.damped_cholesky(gx, pd)
         lam_x = float(damp_x) * float(gx.diagonal().mean())
