@@ -89,18 +89,18 @@ def _gram_on_onednn(parser) -> None:
     import torch
 
     from sparsellm import plan
-    from sparsellm.precision import onednn_gemm_available, onednn_linear
+    from sparsellm.methods.sparsellm import Products
+    from sparsellm.precision import onednn_gemm_available
 
     if not onednn_gemm_available():
         parser.error("--gram-gemm onednn: this torch has no oneDNN float32 GEMM")
-    torch_add = plan.Gram.add
+    torch_add, products = plan.Gram.add, Products("tf32", "onednn")  # float32 products, on oneDNN
 
     def add(self, x):
         x2 = x.reshape(-1, self.width)
         if x2.device.type != "cpu" or x2.dtype != torch.float32 or self.gram.dtype != torch.float32:
             return torch_add(self, x)
-        x2 = x2.contiguous()
-        self.gram.add_(onednn_linear(x2.t(), x2.t()))
+        products.gram_add(self.gram, x2, x2)
         self.tokens += x2.shape[0]
 
     plan.Gram.add = add

@@ -63,7 +63,8 @@ def _grid(spec: dict) -> list[dict]:
 
 
 def nm24_configs() -> list[dict]:
-    return [c for grid in NM24_GRIDS for c in _grid(grid) if NM24_MIN_TILE <= c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
+    return [c for grid in NM24_GRIDS for c in _grid(grid)
+            if NM24_MIN_TILE <= c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
 
 
 def sell_configs() -> list[dict]:

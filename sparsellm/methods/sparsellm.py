@@ -148,11 +148,13 @@ class Products:
         self.onednn = cpu_gemm == "onednn"
         self._kept: collections.OrderedDict = collections.OrderedDict()  # float16 operands, see FLOAT16_KEPT
 
+    def _on_onednn(self, t: torch.Tensor) -> bool:
+        """Whether a float32 product with ``t`` runs on oneDNN (chosen, and a CPU tensor)."""
+        return self.onednn and t.device.type == "cpu"
+
     def float32_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b of float32 operands, by oneDNN on the CPU where chosen."""
-        if self.onednn and a.device.type == "cpu":
-            return onednn_linear(a, b.t())
-        return a @ b
+        return onednn_linear(a, b.t()) if self._on_onednn(a) else a @ b
 
     def _operand(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``t`` as a product's operand, and the factor that undoes its scaling (None: unscaled)."""
@@ -198,7 +200,7 @@ class Products:
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w^T (+ bias, added in float32)."""
         if self.low is None:
-            if not (self.onednn and x.device.type == "cpu"):
+            if not self._on_onednn(x):
                 return F.linear(x, w, bias)
             out = onednn_linear(x, w)
             return out if bias is None else out.add_(bias)
@@ -217,7 +219,7 @@ class Products:
     def gram_add(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """acc += a^T b (acc float32)."""
         if self.low is None:
-            if self.onednn and acc.device.type == "cpu":
+            if self._on_onednn(acc):
                 acc.add_(self.float32_mm(a.t(), b))
             else:
                 acc.addmm_(a.t(), b)
@@ -231,7 +233,7 @@ class Products:
         model's FFN width 1536 (CPU) and a 7B FFN's 11008 (CUDA). The blocks below are not
         touched and :func:`full_gram` completes the matrix."""
         block = _sym_block(acc)
-        if self.low is None and self.onednn and acc.device.type == "cpu":
+        if self.low is None and self._on_onednn(acc):
             # a^T's rows, contiguous, so that every block's operands are dense (oneDNN is slow on
             # column slices of a: precision._dense); one copy per call instead of one per block
             at = a.t().contiguous()
