@@ -138,9 +138,11 @@ def _sweep_configs(arch) -> int:
                 "stride_ot": "i32"}
     for c in sweep.sell_configs():
         cfg = triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "S")}, num_warps=c["num_warps"])
-        const = dict(cfg.kwargs, HAS_BIAS=False, ATOMIC=False, S=c["S"], BLOCK_T=1)
-        failures += _one(sm._sell_kernel, sell_sig, const, ["x_ptr", "v_ptr", "c_ptr", "sp_ptr", "b_ptr", "out_ptr"],
-                         cfg, f"sweep sell {c}", arch)
+        # a config gathering x from shared memory holds the input padded to a power of two: each size
+        for kp in sorted({sm.next_pow2(k) for k, _ in sweep.SHAPES}) if c.get("X_SHARED") else [1]:
+            const = dict(cfg.kwargs, HAS_BIAS=False, ATOMIC=False, S=c["S"], BLOCK_T=1, KP=kp)
+            failures += _one(sm._sell_kernel, sell_sig, const, ["x_ptr", "v_ptr", "c_ptr", "sp_ptr", "b_ptr",
+                                                               "out_ptr"], cfg, f"sweep sell {c} KP={kp}", arch)
     return failures
 
 

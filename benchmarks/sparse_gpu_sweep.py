@@ -37,24 +37,30 @@ from sparsellm import reference
 from sparsellm.kernels import sparse_matmul as sm
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
-# The grids of run 6 (benchmarks/RESULTS.md, "GPU sparse decode"): the hand-prefetched register
-# pick (X_MODE 1, run 5's code) over run 4's grid at one tile ahead (AHEAD 2 was slower at every
-# shape in run 4), against the same pick with the loads left to Triton's pipeliner (X_MODE 3,
-# STAGES tiles in flight), which won at every shape and is the code's since. (A first call of
-# run 6 put 1 against a gather variant, which lost everywhere and is gone.) Run 4's grid went one
-# step past run 3's winners on each axis (2 rows, 256 inputs, 2 warps); the first sweep (825b90a)
-# covered BLOCK_N 4-16, BLOCK_K 256-1024, 16- and 32-row slices, slot blocks 32-256, 2-8 warps.
+# The grids of run 7 (benchmarks/RESULTS.md, "GPU sparse decode"). nm24: the pipelined register
+# pick (X_MODE 3, the code's since run 6) at the configs that won a shape in run 6, against the
+# pick by byte permute (X_MODE 4: fewer instructions per group and fewer registers, so larger
+# tiles and more stages fit), over tiles up to 16 x 1024 / 8 x 2048. Run 6 put the pipelined pick
+# against run 5's hand-prefetched one (X_MODE 1: 7-11% slower at each shape's best config); run 4's
+# grid went one step past run 3's winners on each axis; the first sweep (825b90a) covered
+# BLOCK_N 4-16, BLOCK_K 256-1024, 16- and 32-row slices, slot blocks 32-256, 2-8 warps.
 NM24_GRIDS = [
-    {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512, 1024), "X_MODE": (1,), "num_warps": (2, 4, 8),
-     "STREAM": (1,), "AHEAD": (1,)},
-    {"BLOCK_N": (2, 4, 8), "BLOCK_K": (512, 1024), "X_MODE": (3,), "num_warps": (4, 8), "STREAM": (1,),
-     "STAGES": (3, 4)},
+    {"BLOCK_N": (4, 8), "BLOCK_K": (512, 1024), "X_MODE": (3,), "num_warps": (4,), "STREAM": (1,), "STAGES": (3, 4)},
+    {"BLOCK_N": (4, 8, 16), "BLOCK_K": (512, 1024, 2048), "X_MODE": (4,), "num_warps": (4, 8), "STREAM": (1,),
+     "STAGES": (2, 3, 4)},
 ]
-NM24_MAX_TILE = 8192  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
-NM24_MIN_TILE = 1024  # 2 x 512 is new; smaller tiles were the slowest of the first sweep
-# sell: 8-row slices as well (512 programs at 4096 rows, against 256 on 132 SMs: 4096->4096, the
-# one shape under the 2.5x target in run 3, is the smallest call)
-SELL_GRID = {"S": (8, 16), "BLOCK_J": (64, 128, 256), "num_warps": (2, 4, 8), "STREAM": (1,)}
+NM24_MAX_TILE = 16384  # BLOCK_N * BLOCK_K: larger tiles hold too many registers per thread
+NM24_MIN_TILE = 2048  # the smallest tiles were the slowest of every sweep
+# sell: 8-row slices (the export's since run 4) with x gathered from global memory (the code's:
+# the slot blocks of run 4's best configs, and the same with the loads pipelined) against x
+# gathered from shared memory (X_SHARED: a warp's 32 random columns cost one shared-memory access
+# with few bank conflicts instead of up to 32 cache-line lookups), where 16-row slices share each
+# program's copy of x over twice the rows
+SELL_GRIDS = [
+    {"S": (8,), "BLOCK_J": (128, 256), "num_warps": (4, 8), "STREAM": (1,), "STAGES": (1, 3)},
+    {"S": (8, 16), "BLOCK_J": (64, 128, 256), "num_warps": (4, 8), "STREAM": (1,), "X_SHARED": (1,),
+     "STAGES": (1, 3)},
+]
 SELL_SLOT_BLOCK = 16
 
 
@@ -69,7 +75,11 @@ def nm24_configs() -> list[dict]:
 
 def sell_configs() -> list[dict]:
     # 256-slot blocks on 2 warps spill registers on sm_90 (compile_check_sparse_gpu.py --sweep)
-    return [c for c in _grid(SELL_GRID) if c["BLOCK_J"] * c["S"] < 2048 * c["num_warps"]]
+    return [c for grid in SELL_GRIDS for c in _grid(grid) if c["BLOCK_J"] * c["S"] < 2048 * c["num_warps"]]
+
+
+def sell_slice_rows() -> list[int]:
+    return sorted({c["S"] for c in sell_configs()})
 
 
 def _two_four(out_f, in_f, gen, dtype):
@@ -120,7 +130,7 @@ def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None,
                 values, meta = reference.nm24_pack(w)
                 candidates = [(c, lambda c=c: sm.nm24_linear(x, values, meta, in_f, config=c)) for c in nm24]
             else:
-                packs = {s: reference.sell_pack(w, s, SELL_SLOT_BLOCK) for s in SELL_GRID["S"]}
+                packs = {s: reference.sell_pack(w, s, SELL_SLOT_BLOCK) for s in sell_slice_rows()}
                 candidates = []
                 for c in sell:
                     v, col, ptr = packs[c["S"]]

@@ -23,7 +23,9 @@ oracle: :mod:`sparsellm.reference`):
     asynchronous copies); 1 prefetches the next tile's values and meta into registers by hand
     before this tile's x (``AHEAD`` 2: the one after next too); 0 is 1 with each value gathering
     x at its column. On an H200 3 was 7-11% faster than 1 at each 7B shape's best config, 0 7-13%
-    slower than 1, AHEAD 2 slower at every shape (benchmarks/RESULTS.md, runs 3, 4 and 6). Two or more tokens
+    slower than 1, AHEAD 2 slower at every shape (benchmarks/RESULTS.md, runs 3, 4 and 6). 4
+    (float16/bfloat16 only) is 3 with the pick done by one byte permute per group on 32-bit
+    words (``_PICK_ASM``): a fifth fewer instructions per loop step, not yet timed. Two or more tokens
     (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,
     fp32 32 x 64 with BLOCK_T <= 32): the dense [BLOCK_N, BLOCK_K] tile is rebuilt
     with ``tl.where`` on the decoded positions and fed to ``tl.dot`` (fp32 inputs as TF32x3:
@@ -38,8 +40,10 @@ oracle: :mod:`sparsellm.reference`):
     Grid (n_slices, SPLIT, cdiv(T, BLOCK_T)); a program owns one slice and every SPLIT-th
     block of BLOCK_J slots (one token: 128, eviction hints as for nm24; up to BLOCK_T = 8
     tokens: 16), loads [BLOCK_J, S] values and columns (one contiguous run; the next block's
-    before this one's gathers), gathers x[t, col], accumulates element-wise and reduces over
-    the slots at the end.
+    before this one's gathers, or ``STAGES`` > 1 blocks in flight through Triton's pipeliner),
+    gathers x[t, col], accumulates element-wise and reduces over the slots at the end. The
+    gather reads global memory (L1/L2-resident x), or, one token with ``X_SHARED``, a copy of
+    the token's whole input in shared memory (``tl.gather``; not yet timed).
 
 Block sizes: one fixed config per path, the one-token ones chosen by benchmarks/sparse_gpu_sweep.py
 on an H200 (not autotuned at run time: see the comment at ``_nm24_gemv``), a smaller one under
@@ -72,8 +76,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # H200 (benchmarks/RESULTS.md, "GPU sparse decode", run 6) it beat 1 at every 7B shape by 7-11%
 # at each shape's best config. (0's gather on a [rows, meta words, 16 slots] tile, which needs no
 # layout moves, was slower than 1 at every shape there: 1.26-1.33x dense against 1.37-1.43x.)
-NM24_X_MODES = (0, 1, 3)
-MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 configs: split ranges are multiples of it,
+# 4 is 3 with each group's two inputs fetched by one byte permute of 32-bit words (16-bit dtypes
+# only; _PICK_ASM): fewer instructions per group, not yet timed on a GPU.
+NM24_X_MODES = (0, 1, 3, 4)
+NM24_WORD_X_MODES = (4,)  # the modes that read 16-bit values and x as 32-bit words
+MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 tuned configs: split ranges are multiples of it,
 # so every tile starts at a multiple of its BLOCK_K (the kernel's tl.multiple_of hints)
 
 
@@ -95,11 +102,18 @@ def _nm24_groups(vals, words, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOC
     """A tile's groups: the first and second kept values [BLOCK_N, BLOCK_G] and their input
     positions p0 < p1 (0..3) from the meta words (one 4-bit code per group, word w covering
     groups 8w..8w+7)."""
-    gg = tl.arange(0, BLOCK_G)
-    code = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 8)), (BLOCK_N, BLOCK_G))
-    code = (code >> ((gg % 8) * 4)[None, :]) & 15
+    code = _nm24_codes(words, BLOCK_N, BLOCK_W, BLOCK_G)
     first, second = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_G, 2)))
     return first, second, code & 3, (code >> 2) & 3
+
+
+@triton.jit
+def _nm24_codes(words, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Each group's 4-bit code [BLOCK_N, BLOCK_G] (p0 | p1 << 2) from the meta words [BLOCK_N,
+    BLOCK_W] (word w covering groups 8w..8w+7)."""
+    gg = tl.arange(0, BLOCK_G)
+    code = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_W, 8)), (BLOCK_N, BLOCK_G))
+    return (code >> ((gg % 8) * 4)[None, :]) & 15
 
 
 @triton.jit
@@ -122,6 +136,73 @@ def _nm24_pick(vals, words, x4, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BL
     pick0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
     pick1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
     return first.to(tl.float32) * pick0 + second.to(tl.float32) * pick1
+
+
+# X_MODE 4 (16-bit dtypes): a group's kept pair is one 32-bit word (v0 | v1 << 16), its four
+# inputs two words, xlo = x0 | x1 << 16 and xhi = x2 | x3 << 16. One byte permute (PTX prmt,
+# bytes 0-3 from xlo and 4-7 from xhi, result byte i chosen by the selector's nibble i) fetches
+# both inputs at once: input p is bytes 2p and 2p+1, so the selector for positions (p0, p1) has
+# nibbles (2p0, 2p0+1, 2p1, 2p1+1). From the group's code c = p0 | p1 << 2: (c * 65) & 0x303
+# moves p1 to bit 8 (p0 | p1 << 8); times 34 plus 0x1010 gives the four nibbles. Per group: 5
+# integer ops, 1 permute, 4 conversions and 2 fma, against X_MODE 3's compares and selects: one
+# step of the 8x1024 loop (4 warps, fp16, sm_90, Triton 3.6) is 312 SASS instructions against
+# X_MODE 3's 398, in 72 registers against 96.
+_PICK_ASM = {
+    "fp16": """{
+    .reg .b32 xp;
+    .reg .b16 a, b, v0, v1;
+    .reg .f32 fa, fb, f0, f1;
+    prmt.b32 xp, $3, $4, $5;
+    mov.b32 {a, b}, xp;
+    mov.b32 {v0, v1}, $2;
+    cvt.f32.f16 fa, a;
+    cvt.f32.f16 fb, b;
+    cvt.f32.f16 f0, v0;
+    cvt.f32.f16 f1, v1;
+    fma.rn.f32 $0, f0, fa, $1;
+    fma.rn.f32 $0, f1, fb, $0;
+}""",
+}
+_PICK_ASM["bf16"] = _PICK_ASM["fp16"].replace("cvt.f32.f16", "cvt.f32.bf16")
+# the interpreter runs no PTX: it takes the same permute written in integer ops
+_PICK_IN_ASM = tl.constexpr(not interpreting())
+_PICK_ASM_FP16 = tl.constexpr(_PICK_ASM["fp16"])
+_PICK_ASM_BF16 = tl.constexpr(_PICK_ASM["bf16"])
+
+
+@triton.jit
+def _half_to_f32(word, DTYPE: tl.constexpr):
+    """The low 16 bits of an int32 word, read as a DTYPE (float16 / bfloat16) number, in fp32."""
+    return (word & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def permute_selector(code):
+    """The byte-permute selector of each group code c = p0 | p1 << 2: nibbles (2 p0, 2 p0 + 1,
+    2 p1, 2 p1 + 1), so that the permute's low half is input p0 and its high half input p1."""
+    return ((code * 65) & 0x303) * 34 + 0x1010
+
+
+@triton.jit
+def _nm24_permute_pick(acc, vw, xlo, xhi, code, DTYPE: tl.constexpr):
+    """acc + v0 * x[p0] + v1 * x[p1] (fp32) per group, the inputs picked by a byte permute
+    (see _PICK_ASM): kept-pair words ``vw``, input words ``xlo``/``xhi``, codes ``code``."""
+    sel = permute_selector(code)
+    if _PICK_IN_ASM:
+        if DTYPE == tl.bfloat16:
+            acc = tl.inline_asm_elementwise(_PICK_ASM_BF16, "=f,f,r,r,r,r", [acc, vw, xlo, xhi, sel],
+                                            dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            acc = tl.inline_asm_elementwise(_PICK_ASM_FP16, "=f,f,r,r,r,r", [acc, vw, xlo, xhi, sel],
+                                            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        # the permute in integer ops, read from the selector: nibble 0 is 2 p0, nibble 2 is 2 p1
+        p0 = (sel & 15) >> 1
+        p1 = ((sel >> 8) & 15) >> 1
+        x0 = _half_to_f32(tl.where(p0 < 2, xlo, xhi) >> ((p0 & 1) * 16), DTYPE)
+        x1 = _half_to_f32(tl.where(p1 < 2, xlo, xhi) >> ((p1 & 1) * 16), DTYPE)
+        acc = acc + _half_to_f32(vw, DTYPE) * x0 + _half_to_f32(vw >> 16, DTYPE) * x1
+    return acc
 
 
 @triton.jit
@@ -202,6 +283,30 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             k_in = v0 * 2 + gg4
             x4 = _x_load(x_row + k_in, k_in < v_end * 2, STREAM)
             acc_g += _nm24_pick(vals, words, x4, BLOCK_N, BLOCK_W, BLOCK_G)
+        acc = tl.sum(acc_g, axis=1)
+    elif X_MODE == 4:
+        # X_MODE 3 with the pick done by a byte permute on 32-bit words (16-bit dtypes; see
+        # _PICK_ASM): the loop runs over groups, each group's kept pair read as one word and its
+        # four inputs as two (the rows' bases cast from the 16-bit pointers, so that the
+        # launcher's divisibility hints on the strides still make 16-byte loads)
+        acc_g = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        v_rows = (v_ptr + n64[:, None] * stride_v).to(tl.pointer_type(tl.int32))
+        m_rows = m_ptr + n64[:, None] * stride_m
+        x_row = (x_ptr + pid_t.to(tl.int64) * stride_xt).to(tl.pointer_type(tl.int32))
+        gg = tl.arange(0, BLOCK_G)
+        gg2 = tl.arange(0, 2 * BLOCK_G)  # a tile's input words: word i holds inputs 2i, 2i + 1
+        g_end = v_end // 2
+        for g0 in tl.range(v_start // 2, g_end, BLOCK_G, num_stages=STAGES):
+            g0 = tl.multiple_of(g0, BLOCK_G)
+            g_idx = g0 + gg
+            w_idx = g0 // 8 + ww
+            vw = _stream_load(v_rows + g_idx[None, :], n_ok[:, None] & (g_idx[None, :] < g_end), STREAM)
+            words = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 8 < g_end), STREAM)
+            x_idx = 2 * g0 + gg2
+            xw = _x_load(x_row + x_idx, x_idx < 2 * g_end, STREAM)
+            xlo, xhi = tl.split(tl.reshape(xw, (BLOCK_G, 2)))
+            code = _nm24_codes(words, BLOCK_N, BLOCK_W, BLOCK_G)
+            acc_g = _nm24_permute_pick(acc_g, vw, xlo[None, :], xhi[None, :], code, x_ptr.dtype.element_ty)
         acc = tl.sum(acc_g, axis=1)
     else:
         # products accumulate element-wise; the cross-thread reduction runs once, after the loop
@@ -290,13 +395,14 @@ _nm24_gemv = triton.autotune(
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 # two or more tokens: tensor-core tiles, one config (no autotuning: these sizes matter less
 # than decode's, and GPU time to tune is scarce). fp32 tiles hold twice the bytes and TF32x3
-# splits each operand in two, so they are a quarter of the half-precision ones: no register
-# spills on sm_90 (benchmarks/compile_check_sparse_gpu.py).
+# splits each operand in two, so they are a quarter of the half-precision ones, on 8 warps: no
+# register spills on sm_90 (benchmarks/compile_check_sparse_gpu.py; on 4 warps Triton 3.6, the
+# GPU machine's, spilled 64 bytes at 32 tokens, Triton 3.9 none).
 _nm24_gemm = triton.autotune(
     configs=configs([{"BLOCK_N": 64, "BLOCK_K": 128}], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 _nm24_gemm_f32 = triton.autotune(
-    configs=configs([{"BLOCK_N": 32, "BLOCK_K": 64}], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(4,)),
+    configs=configs([{"BLOCK_N": 32, "BLOCK_K": 64}], {"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=(8,)),
     key=_NM24_KEY, reset_to_zero=["out_ptr"])(_nm24_kernel)
 NM24_BLOCK_T_MAX = {torch.float32: 32}  # tokens per program of the dot path (default 64)
 
@@ -356,6 +462,12 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
     values = values.contiguous()
     meta = meta.contiguous()
     use_dot = t > 1
+    if config is not None and config.get("X_MODE") in NM24_WORD_X_MODES:
+        if use_dot or x.dtype == torch.float32:
+            raise ValueError(f"X_MODE {config['X_MODE']} is a one-token config for float16/bfloat16")
+        # x and the values read as 32-bit words: a view starting at an odd element is copied
+        x2 = x2.clone() if x2.data_ptr() % 4 else x2
+        values = values.clone() if values.data_ptr() % 4 else values
     block_t = min(NM24_BLOCK_T_MAX.get(x.dtype, 64), max(16, next_pow2(t))) if use_dot else 1
     t_blocks = triton.cdiv(t, block_t)
     if split_k is None:
@@ -366,8 +478,9 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
         if programs < target:
             split_k = min(triton.cdiv(target, programs), triton.cdiv(k, MAX_SPLIT_K_BLOCK))
     split_k = max(1, min(int(split_k), triton.cdiv(k, 32)))
-    # split ranges: multiples of the largest BLOCK_K (interpreter: of its own 64)
-    unit = 64 if interpreting() else MAX_SPLIT_K_BLOCK
+    # split ranges: multiples of the largest BLOCK_K (interpreter: of its own 64), or of a forced
+    # config's larger one
+    unit = max(64 if interpreting() else MAX_SPLIT_K_BLOCK, (config or {}).get("BLOCK_K", 0))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), unit) * unit
     split_k = triton.cdiv(k, k_per_split)
     atomic = split_k > 1
@@ -387,9 +500,23 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
 # ------------------------------------------------------------------------------------- sell
 
 @triton.jit
+def _sell_gather(x_rows, x_all, c, ok, t_ok, BLOCK_J: tl.constexpr, S: tl.constexpr, X_SHARED: tl.constexpr,
+                 STREAM: tl.constexpr):
+    """x at a slot block's columns, [BLOCK_T, BLOCK_J, S]: with X_SHARED from ``x_all`` (the
+    token's whole input, [KP]) through ``tl.gather``, which Triton lowers to a copy of
+    ``x_all`` into shared memory and one shared load per element; else a global load per
+    element (L1/L2-resident, but a warp's 32 random columns touch up to 32 cache lines)."""
+    col = c.to(tl.int32) & 0xFFFF
+    if X_SHARED:
+        return tl.reshape(tl.gather(x_all, tl.reshape(col, (BLOCK_J * S,)), 0), (1, BLOCK_J, S))
+    return _x_load(x_rows + col[None, :, :], t_ok[:, None, None] & ok[None, :, :], STREAM)
+
+
+@triton.jit
 def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, stride_xt, stride_ot,
                  HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, S: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, STREAM: tl.constexpr = 0):
+                 BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, STREAM: tl.constexpr = 0,
+                 X_SHARED: tl.constexpr = 0, KP: tl.constexpr = 1, STAGES: tl.constexpr = 1):
     sl = tl.program_id(0)
     pid_sp = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -401,27 +528,42 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, 
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     x_rows = x_ptr + t[:, None, None].to(tl.int64) * stride_xt  # [BLOCK_T, 1, 1]
+    if X_SHARED:  # one token (BLOCK_T 1): its whole input, KP = next power of two >= K
+        kk = tl.arange(0, KP)
+        x_all = _x_load(x_ptr + pid_t.to(tl.int64) * stride_xt + kk, kk < K, STREAM)
+    else:
+        x_all = x_ptr  # unused
     jj = tl.arange(0, BLOCK_J)
     acc3 = tl.zeros([BLOCK_T, BLOCK_J, S], dtype=tl.float32)  # reduced over the slots after the loop
     step = n_split * BLOCK_J
-    # software pipelining by hand: the next slot block is requested before this one's gathers
-    j = pid_sp * BLOCK_J + jj
-    ok = (j < width)[:, None]
-    off = start + j[:, None].to(tl.int64) * S + r[None, :]
-    v = _stream_load(v_ptr + off, ok, STREAM)
-    c = _stream_load(c_ptr + off, ok, STREAM)
-    for j0 in range(pid_sp * BLOCK_J, width, step):
-        j_next = j0 + step + jj
-        ok_next = (j_next < width)[:, None]
-        off_next = start + j_next[:, None].to(tl.int64) * S + r[None, :]
-        v_next = _stream_load(v_ptr + off_next, ok_next, STREAM)
-        c_next = _stream_load(c_ptr + off_next, ok_next, STREAM)
-        col = c.to(tl.int32) & 0xFFFF
-        xg = _x_load(x_rows + col[None, :, :], t_ok[:, None, None] & ok[None, :, :], STREAM)
-        acc3 += xg.to(tl.float32) * v.to(tl.float32)[None, :, :]
-        v = v_next
-        c = c_next
-        ok = ok_next
+    if STAGES > 1:
+        # the loads left to Triton's software pipeliner: STAGES slot blocks in flight
+        for j0 in tl.range(pid_sp * BLOCK_J, width, step, num_stages=STAGES):
+            j = j0 + jj
+            ok = (j < width)[:, None]
+            off = start + j[:, None].to(tl.int64) * S + r[None, :]
+            v = _stream_load(v_ptr + off, ok, STREAM)
+            c = _stream_load(c_ptr + off, ok, STREAM)
+            xg = _sell_gather(x_rows, x_all, c, ok, t_ok, BLOCK_J, S, X_SHARED, STREAM)
+            acc3 += xg.to(tl.float32) * v.to(tl.float32)[None, :, :]
+    else:
+        # software pipelining by hand: the next slot block is requested before this one's gathers
+        j = pid_sp * BLOCK_J + jj
+        ok = (j < width)[:, None]
+        off = start + j[:, None].to(tl.int64) * S + r[None, :]
+        v = _stream_load(v_ptr + off, ok, STREAM)
+        c = _stream_load(c_ptr + off, ok, STREAM)
+        for j0 in range(pid_sp * BLOCK_J, width, step):
+            j_next = j0 + step + jj
+            ok_next = (j_next < width)[:, None]
+            off_next = start + j_next[:, None].to(tl.int64) * S + r[None, :]
+            v_next = _stream_load(v_ptr + off_next, ok_next, STREAM)
+            c_next = _stream_load(c_ptr + off_next, ok_next, STREAM)
+            xg = _sell_gather(x_rows, x_all, c, ok, t_ok, BLOCK_J, S, X_SHARED, STREAM)
+            acc3 += xg.to(tl.float32) * v.to(tl.float32)[None, :, :]
+            v = v_next
+            c = c_next
+            ok = ok_next
     acc = tl.sum(acc3, axis=1)
     if HAS_BIAS:
         bias = tl.load(b_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
@@ -474,6 +616,8 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
     t = x2.shape[0]
     block_t = min(SELL_BLOCK_T_MAX, next_pow2(t))
     t_blocks = triton.cdiv(t, block_t)
+    if config is not None and config.get("X_SHARED") and block_t > 1:
+        raise ValueError("X_SHARED (x gathered from shared memory) is a one-token config")
     if split is None:
         # at least one program per SM (a split costs two more launches: zeroing and the cast)
         programs = n_slices * t_blocks
@@ -488,5 +632,6 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
         key = (n, k, s, t, x.dtype, split, bias is not None)
         _launch(kernel, (n_slices, split, t_blocks), key, x2, values.contiguous(), cols.contiguous(),
                 slice_ptr.contiguous(), x2 if bias is None else bias.contiguous(), out, t, n, k, split, x2.stride(0),
-                out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t, config=config)
+                out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t, KP=next_pow2(k),
+                config=config)
     return _finish(out, x.dtype).reshape(*lead, n)

@@ -14,6 +14,7 @@ every comparison here.
 """
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -163,6 +164,7 @@ def test_reference_linears_match_dense_float64(bias):
 # ------------------------------------------------------------------------------------- Triton kernels
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 pytest.importorskip("sparsellm._triton_backend")
 from sparsellm.kernels import sparse_matmul  # noqa: E402
 
@@ -197,20 +199,78 @@ def test_nm24_kernel_matches_reference(tokens, dtype):
 @pytest.mark.parametrize("x_mode", sparse_matmul.NM24_X_MODES)
 def test_nm24_one_token_x_modes_match_reference(x_mode, keep):
     """The one-token kernel's ways to meet x (``NM24_X_MODES``: gather, register pick, the pick
-    with pipelined loads), each forced through ``config``, with and without the eviction hints,
-    the atomic split-K path and a third tile in flight (AHEAD 2, the hand-prefetched modes: K =
-    256 is four 64-input tiles, so the prefetch runs past the end too)."""
+    with pipelined loads, the pick by byte permute), each forced through ``config``, with and
+    without the eviction hints, the atomic split-K path and a third tile in flight (AHEAD 2, the
+    hand-prefetched modes: K = 256 is four 64-input tiles, so the prefetch runs past the end
+    too). float32, except the permute, which reads 16-bit words (float16 here)."""
     n, k = 40, 256
-    w = nm_weight(n, k, keep=keep, seed=7 + keep, dtype=torch.float32)
+    dtype = torch.float16 if x_mode in sparse_matmul.NM24_WORD_X_MODES else torch.float32
+    w = nm_weight(n, k, keep=keep, seed=7 + keep, dtype=dtype)
     values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
-    bias = torch.randn(n, generator=torch.Generator().manual_seed(keep)).to(DEV)
-    x = _inputs(1, k, torch.float32, seed=11)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(keep)).to(dtype).to(DEV)
+    x = _inputs(1, k, dtype, seed=11)
     want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k, bias.double().cpu())
     assert want.abs().max() > 1  # never compared on zeros
     for split, stream, ahead in ((None, 0, 1), (3, 1, 1), (None, 1, 2), (3, 0, 2)):
         config = {"BLOCK_N": 16, "BLOCK_K": 64, "X_MODE": x_mode, "STREAM": stream, "AHEAD": ahead, "num_warps": 1}
         got = sparse_matmul.nm24_linear(x, values, meta, k, bias, split_k=split, config=config)
-        assert got.shape == (1, n) and rel_err(got, want) < TOL[torch.float32], (split, ahead)
+        assert got.shape == (1, n) and rel_err(got, want) < TOL[dtype], (split, ahead)
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX ``prmt.b32`` in its default mode (the spec the kernel's permute relies on): bytes
+    0-3 of a and 4-7 of b; byte i of the result is the byte numbered by bits 4i..4i+2 of the
+    selector, or that byte's sign replicated when bit 4i+3 is set."""
+    pool = (a & 0xFFFFFFFF) | (b & 0xFFFFFFFF) << 32
+    out = 0
+    for i in range(4):
+        nib = selector >> (4 * i) & 15
+        byte = pool >> (8 * (nib & 7)) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if nib & 8 else byte) << (8 * i)
+    return out
+
+
+@triton.jit
+def _selector_kernel(code_ptr, out_ptr):
+    i = tl.arange(0, 16)
+    tl.store(out_ptr + i, sparse_matmul.permute_selector(tl.load(code_ptr + i)))
+
+
+def test_permute_selector_picks_both_inputs_of_every_code():
+    """The selector the permute pick computes from a group's code, run through the spec of
+    prmt: for every pair of positions p0 < p1 (and every other code a pad could hold) the
+    result's low half is input p0 and its high half input p1."""
+    codes = torch.arange(16, dtype=torch.int32).to(DEV)
+    sel = torch.empty_like(codes)
+    _selector_kernel[(1,)](codes, sel)
+    halves = [0x1234, 0xABCD, 0x8765, 0x0F0F]  # x0..x3, distinct, two with the sign bit set
+    xlo, xhi = halves[0] | halves[1] << 16, halves[2] | halves[3] << 16
+    for code, selector in zip(codes.tolist(), sel.tolist()):
+        p0, p1 = code & 3, code >> 2
+        got = _prmt(xlo, xhi, selector)
+        assert (got & 0xFFFF, got >> 16) == (halves[p0], halves[p1]), (code, hex(selector))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nm24_permute_pick_dtypes_views_and_limits(dtype):
+    """The permute pick (``X_MODE`` 4) in both 16-bit dtypes, with pipelined loads, on an x
+    view that starts at an odd element (read as 32-bit words, so copied); refused for float32
+    and for more than one token."""
+    n, k = 24, 192
+    w = nm_weight(n, k, keep=2, seed=3, dtype=dtype)
+    values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+    x_wide = _inputs(1, k + 1, dtype, seed=4)
+    x = x_wide[:, 1:]  # data pointer 2 bytes past an allocation's start
+    assert x.data_ptr() % 4
+    want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k)
+    for stages in (1, 3):
+        config = {"BLOCK_N": 8, "BLOCK_K": 64, "X_MODE": 4, "STREAM": 1, "STAGES": stages, "num_warps": 1}
+        got = sparse_matmul.nm24_linear(x, values, meta, k, config=config)
+        assert got.dtype == dtype and rel_err(got, want) < TOL[dtype], stages
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        sparse_matmul.nm24_linear(x.float(), values.float(), meta, k, config=config)
+    with pytest.raises(ValueError, match="one-token"):
+        sparse_matmul.nm24_linear(x.expand(2, k), values, meta, k, config=config)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
@@ -229,6 +289,28 @@ def test_sell_kernel_matches_reference(tokens, dtype):
         assert rel_err(got, want) < TOL[dtype], split
     got = sparse_matmul.sell_linear(x, values, col16, slice_ptr, n, k, s, bias, config={"BLOCK_J": 8, "STREAM": 1})
     assert rel_err(got, want) < TOL[dtype]  # the eviction hints
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_sell_one_token_modes_match_reference(dtype):
+    """The one-token sell configs: x gathered from global memory or from shared memory
+    (``X_SHARED``, through ``tl.gather``; K = 200 is not a power of two, so the staged input is
+    padded), the next slot block prefetched by hand or the loads pipelined (``STAGES``), each
+    with and without the atomic split."""
+    n, k, s = 37, 200, 8
+    w = sparse_weight(n, k, 0.85, seed=5, dtype=dtype)
+    values, col16, slice_ptr = (t.to(DEV) for t in reference.sell_pack(w, s, slot_block=4))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(6)).to(dtype).to(DEV)
+    x = _inputs(1, k, dtype, seed=9)
+    want = reference.sell_linear(x.double().cpu(), values.double().cpu(), col16.cpu(), slice_ptr.cpu(), n, k, s,
+                                 bias.double().cpu())
+    assert want.abs().max() > 1  # never compared on zeros
+    for x_shared, stages, split in itertools.product((0, 1), (1, 3), (1, 2)):
+        config = {"BLOCK_J": 4, "STREAM": 1, "X_SHARED": x_shared, "STAGES": stages, "num_warps": 1}
+        got = sparse_matmul.sell_linear(x, values, col16, slice_ptr, n, k, s, bias, split=split, config=config)
+        assert got.shape == (1, n) and rel_err(got, want) < TOL[dtype], (x_shared, stages, split)
+    with pytest.raises(ValueError, match="one-token"):
+        sparse_matmul.sell_linear(x.expand(2, k), values, col16, slice_ptr, n, k, s, config={"BLOCK_J": 4, "X_SHARED": 1})
 
 
 def test_kernels_decline_and_check():
