@@ -492,6 +492,11 @@ def test_gpu_kernels_at_7b_shapes(shape, tokens):
     sv, sc, sp = reference.sell_pack(w90, 32, sparse_gpu.SELL_SLOT_BLOCK)
     want = F.linear(x.float(), w90.float(), bias.float())
     assert rel_err(sparse_matmul.sell_linear(x, sv, sc, sp, out_f, in_f, 32, bias), want) < 1e-2
+    if tokens == 1:  # x gathered from shared memory (11008 inputs: a copy padded to 16384), pipelined loads
+        for x_shared, stages in itertools.product((0, 1), (1, 3)):
+            got = sparse_matmul.sell_linear(x, sv, sc, sp, out_f, in_f, 32, bias, config={
+                "BLOCK_J": 64, "STREAM": 1, "X_SHARED": x_shared, "STAGES": stages, "num_warps": 8})
+            assert rel_err(got, want) < 1e-2, (x_shared, stages)
 
 
 @pytest.mark.gpu
