@@ -25,7 +25,7 @@ oracle: :mod:`sparsellm.reference`):
     x at its column. On an H200 3 was 7-11% faster than 1 at each 7B shape's best config, 0 7-13%
     slower than 1, AHEAD 2 slower at every shape (benchmarks/RESULTS.md, runs 3, 4 and 6). 4
     (float16/bfloat16 only) is 3 with the pick done by one byte permute per group on 32-bit
-    words (``_PICK_ASM``): a fifth fewer instructions per loop step, not yet timed. Two or more tokens
+    words (``_PICK_ASM_FP16``): a fifth fewer instructions per loop step, not yet timed. Two or more tokens
     (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,
     fp32 32 x 64 with BLOCK_T <= 32): the dense [BLOCK_N, BLOCK_K] tile is rebuilt
     with ``tl.where`` on the decoded positions and fed to ``tl.dot`` (fp32 inputs as TF32x3:
@@ -77,7 +77,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # at each shape's best config. (0's gather on a [rows, meta words, 16 slots] tile, which needs no
 # layout moves, was slower than 1 at every shape there: 1.26-1.33x dense against 1.37-1.43x.)
 # 4 is 3 with each group's two inputs fetched by one byte permute of 32-bit words (16-bit dtypes
-# only; _PICK_ASM): fewer instructions per group, not yet timed on a GPU.
+# only; _PICK_ASM_FP16): fewer instructions per group, not yet timed on a GPU.
 NM24_X_MODES = (0, 1, 3, 4)
 NM24_WORD_X_MODES = (4,)  # the modes that read 16-bit values and x as 32-bit words
 MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 tuned configs: split ranges are multiples of it,
@@ -146,9 +146,9 @@ def _nm24_pick(vals, words, x4, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BL
 # moves p1 to bit 8 (p0 | p1 << 8); times 34 plus 0x1010 gives the four nibbles. Per group: 5
 # integer ops, 1 permute, 4 conversions and 2 fma, against X_MODE 3's compares and selects: one
 # step of the 8x1024 loop (4 warps, fp16, sm_90, Triton 3.6) is 312 SASS instructions against
-# X_MODE 3's 398, in 72 registers against 96.
-_PICK_ASM = {
-    "fp16": """{
+# X_MODE 3's 398, in 72 registers against 96. Operands: $0 the new accumulator, $1 the old,
+# $2 the kept pair, $3 xlo, $4 xhi, $5 the selector.
+_PICK_ASM_FP16 = tl.constexpr("""{
     .reg .b32 xp;
     .reg .b16 a, b, v0, v1;
     .reg .f32 fa, fb, f0, f1;
@@ -161,13 +161,10 @@ _PICK_ASM = {
     cvt.f32.f16 f1, v1;
     fma.rn.f32 $0, f0, fa, $1;
     fma.rn.f32 $0, f1, fb, $0;
-}""",
-}
-_PICK_ASM["bf16"] = _PICK_ASM["fp16"].replace("cvt.f32.f16", "cvt.f32.bf16")
+}""")
+_PICK_ASM_BF16 = tl.constexpr(_PICK_ASM_FP16.value.replace("cvt.f32.f16", "cvt.f32.bf16"))
 # the interpreter runs no PTX: it takes the same permute written in integer ops
 _PICK_IN_ASM = tl.constexpr(not interpreting())
-_PICK_ASM_FP16 = tl.constexpr(_PICK_ASM["fp16"])
-_PICK_ASM_BF16 = tl.constexpr(_PICK_ASM["bf16"])
 
 
 @triton.jit
@@ -186,7 +183,7 @@ def permute_selector(code):
 @triton.jit
 def _nm24_permute_pick(acc, vw, xlo, xhi, code, DTYPE: tl.constexpr):
     """acc + v0 * x[p0] + v1 * x[p1] (fp32) per group, the inputs picked by a byte permute
-    (see _PICK_ASM): kept-pair words ``vw``, input words ``xlo``/``xhi``, codes ``code``."""
+    (see _PICK_ASM_FP16): kept-pair words ``vw``, input words ``xlo``/``xhi``, codes ``code``."""
     sel = permute_selector(code)
     if _PICK_IN_ASM:
         if DTYPE == tl.bfloat16:
@@ -286,7 +283,7 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
         acc = tl.sum(acc_g, axis=1)
     elif X_MODE == 4:
         # X_MODE 3 with the pick done by a byte permute on 32-bit words (16-bit dtypes; see
-        # _PICK_ASM): the loop runs over groups, each group's kept pair read as one word and its
+        # _PICK_ASM_FP16): the loop runs over groups, each group's kept pair read as one word and its
         # four inputs as two (the rows' bases cast from the 16-bit pointers, so that the
         # launcher's divisibility hints on the strides still make 16-byte loads)
         acc_g = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
