@@ -9,6 +9,9 @@ every autotune config can be checked on a CPU-only machine before GPU time is sp
     python benchmarks/compile_check_sparse_gpu.py --sweep    # also every one-token config of
                                                              # benchmarks/sparse_gpu_sweep.py (fp16)
 
+Each line also gives the SASS instruction count of the variant's main loop body (nvdisasm, also
+in the triton wheel): one step's work, which a change to the loop's arithmetic moves.
+
 Exit status 1 if any variant fails to compile or spills registers.
 """
 from __future__ import annotations
@@ -71,6 +74,32 @@ def _ptxas_usage(kernel, arch) -> str:
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return (f"regs={regs.group(1) if regs else '?'} spill stores/loads="
             f"{spill.group(1) + '/' + spill.group(2) if spill else '?'}"), (int(spill.group(1)) if spill else 0)
+
+
+def _loop_sass(kernel) -> str:
+    """The SASS instruction count of the kernel's largest loop body (from the target of a
+    backward branch to the branch, nvdisasm on the cubin): the work of one step of the K or
+    slot loop, the number a change to the loop's arithmetic moves."""
+    import subprocess
+    import tempfile
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+    if out.returncode:
+        return "loop=?"
+    lines = out.stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) for m in [re.match(r"\s*(\.L_x_\d+):", line)] if m}
+    is_ins = [bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) for line in lines]
+    best = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i:
+            best = max(best, sum(is_ins[labels[m.group(1)]:i + 1]))
+    return f"loop={best} SASS"
 
 
 def main() -> int:
@@ -141,8 +170,10 @@ def _sweep_configs(arch) -> int:
         # a config gathering x from shared memory holds the input padded to a power of two: each size
         for kp in sorted({sm.next_pow2(k) for k, _ in sweep.SHAPES}) if c.get("X_SHARED") else [1]:
             const = dict(cfg.kwargs, HAS_BIAS=False, ATOMIC=False, S=c["S"], BLOCK_T=1, KP=kp)
+            # K and x's row stride divisible by 16, as the launcher specialises them at 7B shapes
             failures += _one(sm._sell_kernel, sell_sig, const, ["x_ptr", "v_ptr", "c_ptr", "sp_ptr", "b_ptr",
-                                                               "out_ptr"], cfg, f"sweep sell {c} KP={kp}", arch)
+                                                               "out_ptr", "K", "stride_xt"],
+                             cfg, f"sweep sell {c} KP={kp}", arch)
     return failures
 
 
@@ -157,7 +188,7 @@ def _one(fn, sig, const, aligned, cfg, label, arch) -> int:
         usage, spilled = _ptxas_usage(k, arch)
     except Exception as exc:  # the report is a bonus; the compile itself succeeded
         usage, spilled = f"(ptxas -v unavailable: {exc})", 0
-    print(f"ok    {label}: shared={k.metadata.shared} B {usage}")
+    print(f"ok    {label}: shared={k.metadata.shared} B {usage} {_loop_sass(k)}")
     return 1 if spilled else 0
 
 
