@@ -6,8 +6,8 @@
 # needs .device-data/ (../shared/device/prepare.sh) for the tokenizer and the calibration text;
 # SPARSELLM_COMMIT names the commit in the results (the machine's copy has no git history).
 # Steps (each capped so the whole ends by BUDGET seconds; logs and JSON land in $OUT):
-#   tests     the tests of the sparse decode kernels and the CUDA-graph decoder (TESTS_K narrows them,
-#             a pytest -k expression)
+#   tests     the tests of the sparse decode kernels and the CUDA-graph decoder (TESTS_K and TESTS_M
+#             narrow them: pytest -k and -m expressions)
 #   smoke     the gpu-marked tests of the host-memory paths and Elsa's resume (30 s on an H200): a pruned
 #             layer's weights go home into their own host tensors (tests/test_placement.py);
 #             SparseLLM's token buffers in pinned host memory give the on-GPU results (the path
@@ -68,7 +68,7 @@ if has tests; then
   t0=$(date +%s)
   # the whole files: on a GPU their non-gpu tests also run the compiled kernels (small shapes)
   timeout $(cap ${T_TESTS:-200}) $P -q -rs --timeout 140 tests/test_sparse_gpu.py tests/test_decode.py \
-    ${TESTS_K:+-k "$TESTS_K"} > "$L/gpu_tests.log" 2>&1
+    ${TESTS_K:+-k "$TESTS_K"} ${TESTS_M:+-m "$TESTS_M"} > "$L/gpu_tests.log" 2>&1
   log "sparse/decode tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/gpu_tests.log)"
 fi
 if has smoke; then
