@@ -1,18 +1,21 @@
-"""Sweep the one-token (decode) configs of the sparse kernels on a GPU, against dense cuBLAS.
+"""Sweep the decode configs of the sparse kernels on a GPU, against dense cuBLAS.
 
-For each LLaMA-2-7B linear shape (4096->4096, 4096->11008, 11008->4096), fp16, 1 token: the
-kernel time of dense ``F.linear`` and of every candidate config of
+For each LLaMA-2-7B linear shape (4096->4096, 4096->11008, 11008->4096), fp16, and each token
+count of ``--tokens`` (default 1): the kernel time of dense ``F.linear`` and of every candidate
+config of
 
-* ``nm24`` (a 2:4 weight): BLOCK_N x BLOCK_K x X_MODE (how x is met: kernels/sparse_matmul.py)
-  x num_warps x STREAM (eviction hints), and
-* ``sell`` (a 90% magnitude-pruned weight, per-row): slice rows S x BLOCK_J x num_warps x STREAM,
+* ``nm24`` (a 2:4 weight): one token, BLOCK_N x BLOCK_K x X_MODE (how x is met:
+  kernels/sparse_matmul.py) x num_warps x STREAM (eviction hints) x STAGES; more tokens (the
+  tensor-core path), BLOCK_N x BLOCK_K x num_warps x num_stages x split_k, and
+* ``sell`` (a 90% magnitude-pruned weight, per-row): one token, slice rows S x BLOCK_J x
+  num_warps x STREAM x X_SHARED x STAGES; more tokens, S x BLOCK_J x num_warps x split,
 
 each forced through the kernels' ``config`` argument (no autotuner), its output checked against
 the dense fp32 product. Kernel time: ``gpu_timing.kernel_us`` (CUDA events, L2 flushed by a
 1 GiB write before each call, so the host's launch cost never shows; median of 50 calls). The autotune sets in kernels/sparse_matmul.py and
 ``SELL_SLICE_ROWS`` are chosen from this table; it is the evidence for them.
 
-    python benchmarks/sparse_gpu_sweep.py --out sweep.json --table sweep.md [--quick]
+    python benchmarks/sparse_gpu_sweep.py --out sweep.json --table sweep.md [--tokens 1,16] [--quick]
 
 A smoke run of the script itself on a CPU (Triton's interpreter, small shapes, wall-clock
 timing, numbers meaningless): ``TRITON_INTERPRET=1 python benchmarks/sparse_gpu_sweep.py
@@ -63,6 +66,13 @@ SELL_GRIDS = [
      "STAGES": (1, 3)},
 ]
 SELL_SLOT_BLOCK = 16
+# More than one token (the export runs dense there since run 1: the one config of each path lost to
+# dense at 16 tokens, 0.38-0.47x for nm24 in run 3): the nm24 tensor-core path has 172 programs of
+# 64 rows at 11008 outputs, about one per SM, so smaller row blocks, K splits and deeper pipelines
+# are its candidates; sell's multi-token path over its slot block, warps and splits.
+NM24_DOT_GRID = {"BLOCK_N": (32, 64), "BLOCK_K": (64, 128, 256), "num_warps": (4, 8), "num_stages": (2, 4),
+                 "split_k": (1, 2)}
+SELL_MULTI_GRID = {"S": (8,), "BLOCK_J": (8, 16, 32), "num_warps": (4, 8), "split": (1, 2)}
 
 
 def _grid(spec: dict) -> list[dict]:
@@ -80,7 +90,14 @@ def sell_configs() -> list[dict]:
 
 
 def sell_slice_rows() -> list[int]:
-    return sorted({c["S"] for c in sell_configs()})
+    return sorted({c["S"] for c in sell_configs() + _grid(SELL_MULTI_GRID)})
+
+
+def configs_for(fmt: str, tokens: int) -> list[dict]:
+    """The candidate configs of a format at a token count (one token: the decode grids)."""
+    if fmt == "nm24":
+        return nm24_configs() if tokens == 1 else _grid(NM24_DOT_GRID)
+    return sell_configs() if tokens == 1 else _grid(SELL_MULTI_GRID)
 
 
 def _two_four(out_f, in_f, gen, dtype):
@@ -109,45 +126,50 @@ def _run(fn, want) -> float:
 
 
 def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None,
-          formats=("nm24", "sell")) -> list[dict]:
-    """Every (shape, format, config) row of ``formats``; ``save(rows)`` after each, so a run cut
-    short keeps its rows."""
+          formats=("nm24", "sell"), tokens=(1,)) -> list[dict]:
+    """Every (shape, token count, format, config) row of ``formats``; ``save(rows)`` after each,
+    so a run cut short keeps its rows. A config's ``split_k`` (nm24) or ``split`` (sell) is the
+    launcher's argument, the rest the kernel's."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32  # the interpreter is wrong in half
-    nm24, sell = nm24_configs(), sell_configs()
-    nm24, sell = (nm24 if "nm24" in formats else []), (sell if "sell" in formats else [])
-    if quick:
-        nm24, sell = nm24[:4], sell[:4]
     for in_f, out_f in shapes:
-        x = torch.randn(1, in_f, device=device, generator=gen).to(dtype)
-        for fmt, make in ((f, m) for f, m in (("nm24", _two_four), ("sell", _ninety)) if f in formats):
-            w = make(out_f, in_f, gen, dtype)
-            want = F.linear(x.float(), w.float())
-            base = {"shape": [in_f, out_f], "format": fmt, "tokens": 1, "dtype": str(dtype).removeprefix("torch.")}
-            rows.append({**base, "impl": "dense", "config": None,
-                         "us": _time_us(lambda: F.linear(x, w), reps), "err": _run(lambda: F.linear(x, w), want)})
-            if fmt == "nm24":
-                values, meta = reference.nm24_pack(w)
-                candidates = [(c, lambda c=c: sm.nm24_linear(x, values, meta, in_f, config=c)) for c in nm24]
-            else:
-                packs = {s: reference.sell_pack(w, s, SELL_SLOT_BLOCK) for s in sell_slice_rows()}
+        weights = {fmt: make(out_f, in_f, gen, dtype) for fmt, make in (("nm24", _two_four), ("sell", _ninety))
+                   if fmt in formats}
+        packs = {"nm24": reference.nm24_pack(weights["nm24"])} if "nm24" in formats else {}
+        if "sell" in formats:
+            packs.update({("sell", s): reference.sell_pack(weights["sell"], s, SELL_SLOT_BLOCK)
+                          for s in sell_slice_rows()})
+        for t in tokens:
+            x = torch.randn(t, in_f, device=device, generator=gen).to(dtype)
+            for fmt in formats:
+                w = weights[fmt]
+                want = F.linear(x.float(), w.float())
+                base = {"shape": [in_f, out_f], "format": fmt, "tokens": t, "dtype": str(dtype).removeprefix("torch.")}
+                rows.append({**base, "impl": "dense", "config": None,
+                             "us": _time_us(lambda: F.linear(x, w), reps), "err": _run(lambda: F.linear(x, w), want)})
                 candidates = []
-                for c in sell:
-                    v, col, ptr = packs[c["S"]]
-                    kernel = {k: val for k, val in c.items() if k != "S"}
-                    candidates.append((c, lambda v=v, col=col, ptr=ptr, s=c["S"], kernel=kernel:
-                                       sm.sell_linear(x, v, col, ptr, out_f, in_f, s, config=kernel)))
-            for config, fn in candidates:
-                row = {**base, "impl": fmt, "config": config}
-                try:
-                    row["err"] = _run(fn, want)  # compiles
-                    row["us"] = _time_us(fn, reps)
-                except Exception as exc:  # a config that does not compile or fit: recorded, not fatal
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                save(rows)
+                for c in configs_for(fmt, t)[:4] if quick else configs_for(fmt, t):
+                    if fmt == "nm24":
+                        values, meta = packs["nm24"]
+                        kernel = {k: val for k, val in c.items() if k != "split_k"}
+                        candidates.append((c, lambda kernel=kernel, split=c.get("split_k"): sm.nm24_linear(
+                            x, values, meta, in_f, split_k=split, config=kernel)))
+                    else:
+                        v, col, ptr = packs[("sell", c["S"])]
+                        kernel = {k: val for k, val in c.items() if k not in ("S", "split")}
+                        candidates.append((c, lambda v=v, col=col, ptr=ptr, s=c["S"], kernel=kernel, split=c.get("split"):
+                                           sm.sell_linear(x, v, col, ptr, out_f, in_f, s, split=split, config=kernel)))
+                for config, fn in candidates:
+                    row = {**base, "impl": fmt, "config": config}
+                    try:
+                        row["err"] = _run(fn, want)  # compiles
+                        row["us"] = _time_us(fn, reps)
+                    except Exception as exc:  # a config that does not compile or fit: recorded, not fatal
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    save(rows)
     return rows
 
 
@@ -159,14 +181,15 @@ def _ok(row: dict) -> bool:
 def table(rows: list[dict], shapes, top: int = 5) -> str:
     lines = []
     for (in_f, out_f) in shapes:
-        for fmt in ("nm24", "sell"):
-            sel = [r for r in rows if r["shape"] == [in_f, out_f] and r["format"] == fmt]
+        for t, fmt in sorted({(r["tokens"], r["format"]) for r in rows if r["shape"] == [in_f, out_f]}):
+            sel = [r for r in rows if r["shape"] == [in_f, out_f] and r["format"] == fmt and r["tokens"] == t]
             dense = next((r["us"] for r in sel if r["impl"] == "dense"), None)
             if dense is None:  # not reached (a run cut short)
                 continue
             ok = sorted((r for r in sel if r["impl"] == fmt and _ok(r)), key=lambda r: r["us"])
             bad = [r for r in sel if r["impl"] == fmt and not _ok(r)]
-            lines.append(f"\n{in_f}->{out_f} {fmt} (dense {dense:.1f} us; {len(ok)} configs ok, {len(bad)} failed):")
+            lines.append(f"\n{in_f}->{out_f} {fmt}, {t} token{'s' * (t > 1)} (dense {dense:.1f} us; {len(ok)} configs ok, "
+                         f"{len(bad)} failed):")
             lines.append("| config | us | speedup vs dense |")
             lines.append("|---|---:|---:|")
             for r in ok[:top]:
@@ -183,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1 (smoke run)")
     ap.add_argument("--formats", default="nm24,sell", help="the formats to sweep, comma-separated (nm24, sell)")
     ap.add_argument("--shapes", help="in x out pairs, comma-separated (default: the three 7B shapes)")
+    ap.add_argument("--tokens", default="1", help="token counts, comma-separated (1: the decode grids; more: "
+                                                  "the multi-token paths' grids)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)", file=sys.stderr)
@@ -214,7 +239,14 @@ def main(argv=None) -> int:
     if not formats or set(formats) - {"nm24", "sell"}:
         print(f"--formats takes nm24 and/or sell, got {args.formats!r}", file=sys.stderr)
         return 2
-    rows = sweep(shapes, args.device, args.reps, args.quick, save, formats)
+    try:
+        tokens = tuple(int(v) for v in args.tokens.split(","))
+    except ValueError:
+        tokens = ()
+    if not tokens or min(tokens) < 1:
+        print(f"--tokens takes positive integers, comma-separated, got {args.tokens!r}", file=sys.stderr)
+        return 2
+    rows = sweep(shapes, args.device, args.reps, args.quick, save, formats, tokens)
     print(save(rows, finished=True))
     if not any(map(_ok, rows)):
         print("every config failed (their errors: the rows of --out)", file=sys.stderr)
