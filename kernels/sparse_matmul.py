@@ -298,7 +298,8 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             g_idx = g0 + gg
             w_idx = g0 // 8 + ww
             vw = _stream_load(v_rows + g_idx[None, :], n_ok[:, None] & (g_idx[None, :] < g_end), STREAM)
-            words = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] * 8 < g_end), STREAM)
+            # (the bound in words, so that the mask is constant over a vector of consecutive words)
+            words = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] < g_end // 8), STREAM)
             x_idx = 2 * g0 + gg2
             xw = _x_load(x_row + x_idx, x_idx < 2 * g_end, STREAM)
             xlo, xhi = tl.split(tl.reshape(xw, (BLOCK_G, 2)))
