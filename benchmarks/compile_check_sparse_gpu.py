@@ -148,8 +148,8 @@ def main() -> int:
 
 def _sweep_configs(arch) -> int:
     """Compile each config benchmarks/sparse_gpu_sweep.py will time (fp16; one token without
-    atomics, the 7B shapes need no split; 16 tokens with a split's atomics where the config
-    splits), so a config that fails or spills is known before the GPU call."""
+    atomics, the 7B shapes need no split; 4 and 16 tokens with a split's atomics where the
+    config splits), so a config that fails or spills is known before the GPU call."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import sparse_gpu_sweep as sweep
 
@@ -175,15 +175,20 @@ def _sweep_configs(arch) -> int:
             failures += _one(sm._sell_kernel, sell_sig, const, ["x_ptr", "v_ptr", "c_ptr", "sp_ptr", "b_ptr",
                                                                "out_ptr", "K", "stride_xt"],
                              cfg, f"sweep sell {c} KP={kp}", arch)
-    # the multi-token grids (16 tokens: nm24's tensor-core path at BLOCK_T 16, sell's at 8 tokens a program)
-    for c in sweep.configs_for("nm24", 16):
-        kw = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages", "split_k")}
-        cfg = triton.Config(kw, num_warps=c["num_warps"], num_stages=c["num_stages"])
-        const = dict(kw, HAS_BIAS=False, ATOMIC=c["split_k"] > 1, USE_DOT=True, DOT_PREC="tf32", BLOCK_T=16)
-        sig = dict(nm24_sig, out_ptr="*fp32" if c["split_k"] > 1 else "*fp16")
-        failures += _one(sm._nm24_kernel, sig, const, ["x_ptr", "v_ptr", "m_ptr", "b_ptr", "out_ptr", "K",
-                                                      "v_per_split", "stride_v", "stride_xt"],
-                         cfg, f"sweep nm24 16 tokens {c}", arch)
+    # the multi-token grids: at 4 tokens the permute pick on blocks of 4 (and the tensor-core
+    # default), at 16 nm24's tensor-core path at BLOCK_T 16; sell's at 8 tokens a program
+    for tokens in (4, 16):
+        for c in sweep.configs_for("nm24", tokens):
+            kw = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages", "split_k")}
+            cfg = triton.Config(kw, num_warps=c["num_warps"], num_stages=c.get("num_stages", 3))
+            split = c.get("split_k", 1)
+            pick = "X_MODE" in c
+            const = dict(kw, HAS_BIAS=False, ATOMIC=split > 1, USE_DOT=not pick, DOT_PREC="tf32",
+                         BLOCK_T=min(sm.NM24_PICK_BLOCK_T_MAX, sm.next_pow2(tokens)) if pick else 16)
+            sig = dict(nm24_sig, out_ptr="*fp32" if split > 1 else "*fp16")
+            failures += _one(sm._nm24_kernel, sig, const, ["x_ptr", "v_ptr", "m_ptr", "b_ptr", "out_ptr", "K",
+                                                          "v_per_split", "stride_v", "stride_xt"],
+                             cfg, f"sweep nm24 {tokens} tokens {c}", arch)
     for c in sweep.configs_for("sell", 16):
         cfg = triton.Config({"BLOCK_J": c["BLOCK_J"]}, num_warps=c["num_warps"])
         const = dict(cfg.kwargs, HAS_BIAS=False, ATOMIC=c["split"] > 1, S=c["S"], BLOCK_T=sm.SELL_BLOCK_T_MAX)

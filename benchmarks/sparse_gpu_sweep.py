@@ -5,8 +5,10 @@ count of ``--tokens`` (default 1): the kernel time of dense ``F.linear`` and of 
 config of
 
 * ``nm24`` (a 2:4 weight): one token, BLOCK_N x BLOCK_K x X_MODE (how x is met:
-  kernels/sparse_matmul.py) x num_warps x STREAM (eviction hints) x STAGES; more tokens (the
-  tensor-core path), BLOCK_N x BLOCK_K x num_warps x num_stages x split_k, and
+  kernels/sparse_matmul.py) x num_warps x STREAM (eviction hints) x STAGES; 2-8 tokens, the
+  permute pick on token blocks (X_MODE 4) over small tiles and warps, against the tensor-core
+  path's default; more tokens, the tensor-core path, BLOCK_N x BLOCK_K x num_warps x num_stages x
+  split_k, and
 * ``sell`` (a 90% magnitude-pruned weight, per-row): one token, slice rows S x BLOCK_J x
   num_warps x STREAM x X_SHARED x STAGES; more tokens, S x BLOCK_J x num_warps x split,
 
@@ -72,6 +74,12 @@ SELL_SLOT_BLOCK = 16
 # are its candidates; sell's multi-token path over its slot block, warps and splits.
 NM24_DOT_GRID = {"BLOCK_N": (32, 64), "BLOCK_K": (64, 128, 256), "num_warps": (4, 8), "num_stages": (2, 4),
                  "split_k": (1, 2)}
+# up to 8 tokens, also the permute pick on token blocks (X_MODE 4: each group decoded once for the
+# block; its accumulators grow with the tokens, so small tiles), against the tensor-core default
+NM24_PICK_MULTI_GRID = {"BLOCK_N": (2, 4, 8), "BLOCK_K": (256, 512), "X_MODE": (4,), "num_warps": (4, 8),
+                        "STREAM": (1,), "STAGES": (3,)}
+NM24_PICK_MULTI_MAX_TILE = 2048
+NM24_DOT_DEFAULT = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_k": 1}
 SELL_MULTI_GRID = {"S": (8,), "BLOCK_J": (8, 16, 32), "num_warps": (4, 8), "split": (1, 2)}
 
 
@@ -80,8 +88,11 @@ def _grid(spec: dict) -> list[dict]:
 
 
 def nm24_configs() -> list[dict]:
+    # the largest tiles on 4 warps, or at 4 stages, spill registers on sm_90 (Triton 3.6,
+    # compile_check_sparse_gpu.py --sweep)
     return [c for grid in NM24_GRIDS for c in _grid(grid)
-            if NM24_MIN_TILE <= c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE]
+            if NM24_MIN_TILE <= c["BLOCK_N"] * c["BLOCK_K"] <= NM24_MAX_TILE * c["num_warps"] // 8
+            and c["BLOCK_N"] * c["BLOCK_K"] * c.get("STAGES", 3) <= 3 * NM24_MAX_TILE]
 
 
 def sell_configs() -> list[dict]:
@@ -96,7 +107,12 @@ def sell_slice_rows() -> list[int]:
 def configs_for(fmt: str, tokens: int) -> list[dict]:
     """The candidate configs of a format at a token count (one token: the decode grids)."""
     if fmt == "nm24":
-        return nm24_configs() if tokens == 1 else _grid(NM24_DOT_GRID)
+        if tokens == 1:
+            return nm24_configs()
+        if tokens <= sm.NM24_PICK_BLOCK_T_MAX:
+            return [c for c in _grid(NM24_PICK_MULTI_GRID)
+                    if c["BLOCK_N"] * c["BLOCK_K"] <= NM24_PICK_MULTI_MAX_TILE] + [dict(NM24_DOT_DEFAULT)]
+        return _grid(NM24_DOT_GRID)
     return sell_configs() if tokens == 1 else _grid(SELL_MULTI_GRID)
 
 

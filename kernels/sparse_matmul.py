@@ -25,7 +25,9 @@ oracle: :mod:`sparsellm.reference`):
     x at its column. On an H200 3 was 7-11% faster than 1 at each 7B shape's best config, 0 7-13%
     slower than 1, AHEAD 2 slower at every shape (benchmarks/RESULTS.md, runs 3, 4 and 6). 4
     (float16/bfloat16 only) is 3 with the pick done by one byte permute per group on 32-bit
-    words (``_PICK_ASM_FP16``): a fifth fewer instructions per loop step, not yet timed. Two or more tokens
+    words (``_PICK_FMA_FP16``): a fifth fewer instructions per loop step, not yet timed; it
+    also takes a block of up to 8 tokens (each group decoded once for all of them), a candidate
+    for 2 to 16 tokens, where the tensor-core path below loses to dense. Two or more tokens
     (``USE_DOT`` on, BLOCK_T = 16..64 tokens, pad rows masked; BLOCK_N x BLOCK_K = 64 x 128,
     fp32 32 x 64 with BLOCK_T <= 32): the dense [BLOCK_N, BLOCK_K] tile is rebuilt
     with ``tl.where`` on the decoded positions and fed to ``tl.dot`` (fp32 inputs as TF32x3:
@@ -77,9 +79,12 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # at each shape's best config. (0's gather on a [rows, meta words, 16 slots] tile, which needs no
 # layout moves, was slower than 1 at every shape there: 1.26-1.33x dense against 1.37-1.43x.)
 # 4 is 3 with each group's two inputs fetched by one byte permute of 32-bit words (16-bit dtypes
-# only; _PICK_ASM_FP16): fewer instructions per group, not yet timed on a GPU.
+# only; _PICK_FMA_FP16): fewer instructions per group, not yet timed on a GPU; it runs token
+# blocks of up to NM24_PICK_BLOCK_T_MAX tokens too (a forced config: the tensor-core path is the
+# default for more than one token).
 NM24_X_MODES = (0, 1, 3, 4)
 NM24_WORD_X_MODES = (4,)  # the modes that read 16-bit values and x as 32-bit words
+NM24_PICK_BLOCK_T_MAX = 8  # tokens per program of X_MODE 4 (its accumulators grow with them)
 MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 tuned configs: split ranges are multiples of it,
 # so every tile starts at a multiple of its BLOCK_K (the kernel's tl.multiple_of hints)
 
@@ -144,11 +149,35 @@ def _nm24_pick(vals, words, x4, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BL
 # both inputs at once: input p is bytes 2p and 2p+1, so the selector for positions (p0, p1) has
 # nibbles (2p0, 2p0+1, 2p1, 2p1+1). From the group's code c = p0 | p1 << 2: (c * 65) & 0x303
 # moves p1 to bit 8 (p0 | p1 << 8); times 34 plus 0x1010 gives the four nibbles. Per group: 5
-# integer ops, 1 permute, 4 conversions and 2 fma, against X_MODE 3's compares and selects: one
-# step of the 8x1024 loop (4 warps, fp16, sm_90, Triton 3.6) is 312 SASS instructions against
-# X_MODE 3's 398, in 72 registers against 96. Operands: $0 the new accumulator, $1 the old,
-# $2 the kept pair, $3 xlo, $4 xhi, $5 the selector.
-_PICK_ASM_FP16 = tl.constexpr("""{
+# integer ops and 2 conversions of the pair, then per token 1 permute, 2 conversions and 2 fma,
+# against X_MODE 3's compares and selects: one step of the 8x1024 loop (4 warps, fp16, sm_90,
+# Triton 3.6) is about 310 SASS instructions against X_MODE 3's 398, in 72 registers against 96
+# (benchmarks/compile_check_sparse_gpu.py). For a block of tokens the pair's conversion is its
+# own snippet, so that each pair is converted once.
+# _PAIR_F32_*: $0, $1 = the pair word $2's two halves in fp32.
+_PAIR_F32_FP16 = tl.constexpr("""{
+    .reg .b16 v0, v1;
+    mov.b32 {v0, v1}, $2;
+    cvt.f32.f16 $0, v0;
+    cvt.f32.f16 $1, v1;
+}""")
+# _PICK_FMA_*: $0 = $1 + $2 * x[p0] + $3 * x[p1], the inputs permuted out of $4 (xlo), $5 (xhi)
+# by the selector $6.
+_PICK_FMA_FP16 = tl.constexpr("""{
+    .reg .b32 xp;
+    .reg .b16 a, b;
+    .reg .f32 fa, fb;
+    prmt.b32 xp, $4, $5, $6;
+    mov.b32 {a, b}, xp;
+    cvt.f32.f16 fa, a;
+    cvt.f32.f16 fb, b;
+    fma.rn.f32 $0, $2, fa, $1;
+    fma.rn.f32 $0, $3, fb, $0;
+}""")
+# _PAIR_PICK_FMA_*: one token's pick with the pair's conversion inside ($2 the pair word, $3 xlo,
+# $4 xhi, $5 the selector): at one token nothing is shared, and keeping the converted pair out of
+# the registers between the two snippets keeps the 8x1024 step in 72 registers instead of 108.
+_PAIR_PICK_FMA_FP16 = tl.constexpr("""{
     .reg .b32 xp;
     .reg .b16 a, b, v0, v1;
     .reg .f32 fa, fb, f0, f1;
@@ -162,7 +191,9 @@ _PICK_ASM_FP16 = tl.constexpr("""{
     fma.rn.f32 $0, f0, fa, $1;
     fma.rn.f32 $0, f1, fb, $0;
 }""")
-_PICK_ASM_BF16 = tl.constexpr(_PICK_ASM_FP16.value.replace("cvt.f32.f16", "cvt.f32.bf16"))
+_PAIR_F32_BF16 = tl.constexpr(_PAIR_F32_FP16.value.replace("cvt.f32.f16", "cvt.f32.bf16"))
+_PICK_FMA_BF16 = tl.constexpr(_PICK_FMA_FP16.value.replace("cvt.f32.f16", "cvt.f32.bf16"))
+_PAIR_PICK_FMA_BF16 = tl.constexpr(_PAIR_PICK_FMA_FP16.value.replace("cvt.f32.f16", "cvt.f32.bf16"))
 # the interpreter runs no PTX: it takes the same permute written in integer ops
 _PICK_IN_ASM = tl.constexpr(not interpreting())
 
@@ -181,25 +212,47 @@ def permute_selector(code):
 
 
 @triton.jit
-def _nm24_permute_pick(acc, vw, xlo, xhi, code, DTYPE: tl.constexpr):
-    """acc + v0 * x[p0] + v1 * x[p1] (fp32) per group, the inputs picked by a byte permute
-    (see _PICK_ASM_FP16): kept-pair words ``vw``, input words ``xlo``/``xhi``, codes ``code``."""
-    sel = permute_selector(code)
+def _nm24_pair_f32(vw, DTYPE: tl.constexpr):
+    """A kept-pair word's two values (``vw`` = v0 | v1 << 16) in fp32."""
     if _PICK_IN_ASM:
         if DTYPE == tl.bfloat16:
-            acc = tl.inline_asm_elementwise(_PICK_ASM_BF16, "=f,f,r,r,r,r", [acc, vw, xlo, xhi, sel],
-                                            dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            acc = tl.inline_asm_elementwise(_PICK_ASM_FP16, "=f,f,r,r,r,r", [acc, vw, xlo, xhi, sel],
-                                            dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        # the permute in integer ops, read from the selector: nibble 0 is 2 p0, nibble 2 is 2 p1
-        p0 = (sel & 15) >> 1
-        p1 = ((sel >> 8) & 15) >> 1
-        x0 = _half_to_f32(tl.where(p0 < 2, xlo, xhi) >> ((p0 & 1) * 16), DTYPE)
-        x1 = _half_to_f32(tl.where(p1 < 2, xlo, xhi) >> ((p1 & 1) * 16), DTYPE)
-        acc = acc + _half_to_f32(vw, DTYPE) * x0 + _half_to_f32(vw >> 16, DTYPE) * x1
-    return acc
+            return tl.inline_asm_elementwise(_PAIR_F32_BF16, "=f,=f,r", [vw], dtype=(tl.float32, tl.float32),
+                                             is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_PAIR_F32_FP16, "=f,=f,r", [vw], dtype=(tl.float32, tl.float32),
+                                         is_pure=True, pack=1)
+    return _half_to_f32(vw, DTYPE), _half_to_f32(vw >> 16, DTYPE)
+
+
+@triton.jit
+def _nm24_pair_permute_pick(acc, vw, xlo, xhi, sel, DTYPE: tl.constexpr):
+    """One token's :func:`_nm24_permute_pick` from the kept-pair words ``vw`` (converted inside
+    the same snippet)."""
+    if _PICK_IN_ASM:
+        if DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_PAIR_PICK_FMA_BF16, "=f,f,r,r,r,r", [acc, vw, xlo, xhi, sel],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_PAIR_PICK_FMA_FP16, "=f,f,r,r,r,r", [acc, vw, xlo, xhi, sel],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    f0, f1 = _nm24_pair_f32(vw, DTYPE)
+    return _nm24_permute_pick(acc, f0, f1, xlo, xhi, sel, DTYPE)
+
+
+@triton.jit
+def _nm24_permute_pick(acc, f0, f1, xlo, xhi, sel, DTYPE: tl.constexpr):
+    """acc + f0 * x[p0] + f1 * x[p1] (fp32) per element, the inputs picked by a byte permute of
+    the input words ``xlo``/``xhi`` with the selector ``sel`` (see _PICK_FMA_FP16)."""
+    if _PICK_IN_ASM:
+        if DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_PICK_FMA_BF16, "=f,f,f,f,r,r,r", [acc, f0, f1, xlo, xhi, sel],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_PICK_FMA_FP16, "=f,f,f,f,r,r,r", [acc, f0, f1, xlo, xhi, sel],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    # the permute in integer ops, read from the selector: nibble 0 is 2 p0, nibble 2 is 2 p1
+    p0 = (sel & 15) >> 1
+    p1 = ((sel >> 8) & 15) >> 1
+    x0 = _half_to_f32(tl.where(p0 < 2, xlo, xhi) >> ((p0 & 1) * 16), DTYPE)
+    x1 = _half_to_f32(tl.where(p1 < 2, xlo, xhi) >> ((p1 & 1) * 16), DTYPE)
+    return acc + f0 * x0 + f1 * x1
 
 
 @triton.jit
@@ -241,9 +294,9 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
     v_end = tl.minimum(kv, v_start + v_per_split)
     vv = tl.arange(0, BLOCK_V)
     ww = tl.arange(0, BLOCK_W)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # the token block (the tensor-core path, X_MODE 4)
+    t_ok = t < T
     if USE_DOT:
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_ok = t < T
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         kk = tl.arange(0, BLOCK_K)
         for v0 in range(v_start, v_end, BLOCK_V):
@@ -283,13 +336,14 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
         acc = tl.sum(acc_g, axis=1)
     elif X_MODE == 4:
         # X_MODE 3 with the pick done by a byte permute on 32-bit words (16-bit dtypes; see
-        # _PICK_ASM_FP16): the loop runs over groups, each group's kept pair read as one word and its
-        # four inputs as two (the rows' bases cast from the 16-bit pointers, so that the
-        # launcher's divisibility hints on the strides still make 16-byte loads)
-        acc_g = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        # _PICK_FMA_FP16), for a block of BLOCK_T tokens: the loop runs over groups, each group's
+        # kept pair read as one word and converted once, its four inputs as two words per token
+        # (the rows' bases cast from the 16-bit pointers, so that the launcher's divisibility
+        # hints on the strides still make 16-byte loads)
+        acc3 = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_G], dtype=tl.float32)
         v_rows = (v_ptr + n64[:, None] * stride_v).to(tl.pointer_type(tl.int32))
         m_rows = m_ptr + n64[:, None] * stride_m
-        x_row = (x_ptr + pid_t.to(tl.int64) * stride_xt).to(tl.pointer_type(tl.int32))
+        x_rows = (x_ptr + t[:, None].to(tl.int64) * stride_xt).to(tl.pointer_type(tl.int32))  # [BLOCK_T, 1]
         gg = tl.arange(0, BLOCK_G)
         gg2 = tl.arange(0, 2 * BLOCK_G)  # a tile's input words: word i holds inputs 2i, 2i + 1
         g_end = v_end // 2
@@ -301,11 +355,17 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
             # (the bound in words, so that the mask is constant over a vector of consecutive words)
             words = _stream_load(m_rows + w_idx[None, :], n_ok[:, None] & (w_idx[None, :] < g_end // 8), STREAM)
             x_idx = 2 * g0 + gg2
-            xw = _x_load(x_row + x_idx, x_idx < 2 * g_end, STREAM)
-            xlo, xhi = tl.split(tl.reshape(xw, (BLOCK_G, 2)))
-            code = _nm24_codes(words, BLOCK_N, BLOCK_W, BLOCK_G)
-            acc_g = _nm24_permute_pick(acc_g, vw, xlo[None, :], xhi[None, :], code, x_ptr.dtype.element_ty)
-        acc = tl.sum(acc_g, axis=1)
+            xw = _x_load(x_rows + x_idx[None, :], t_ok[:, None] & (x_idx[None, :] < 2 * g_end), STREAM)
+            xlo, xhi = tl.split(tl.reshape(xw, (BLOCK_T, BLOCK_G, 2)))
+            sel = permute_selector(_nm24_codes(words, BLOCK_N, BLOCK_W, BLOCK_G))
+            if BLOCK_T == 1:
+                acc3 = _nm24_pair_permute_pick(acc3, vw[None, :, :], xlo[:, None, :], xhi[:, None, :],
+                                               sel[None, :, :], x_ptr.dtype.element_ty)
+            else:  # each pair converted once for the token block
+                f0, f1 = _nm24_pair_f32(vw, x_ptr.dtype.element_ty)
+                acc3 = _nm24_permute_pick(acc3, f0[None, :, :], f1[None, :, :], xlo[:, None, :], xhi[:, None, :],
+                                          sel[None, :, :], x_ptr.dtype.element_ty)
+        acc = tl.sum(acc3, axis=2)  # [BLOCK_T, BLOCK_N]
     else:
         # products accumulate element-wise; the cross-thread reduction runs once, after the loop
         acc2 = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)  # X_MODE 0: per value slot
@@ -363,11 +423,11 @@ def _nm24_kernel(x_ptr, v_ptr, m_ptr, b_ptr, out_ptr, T, N, K, v_per_split, stri
     if HAS_BIAS:
         bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         bias = bias * (pid_s == 0).to(tl.float32)  # added once, by the first K split
-        if USE_DOT:
+        if USE_DOT or X_MODE == 4:
             acc += bias[None, :]
         else:
             acc += bias
-    if USE_DOT:
+    if USE_DOT or X_MODE == 4:  # [BLOCK_T, BLOCK_N]
         offs = t[:, None].to(tl.int64) * stride_ot + n[None, :]
         ok = t_ok[:, None] & n_ok[None, :]
     else:
@@ -459,14 +519,17 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
     t = x2.shape[0]
     values = values.contiguous()
     meta = meta.contiguous()
-    use_dot = t > 1
-    if config is not None and config.get("X_MODE") in NM24_WORD_X_MODES:
-        if use_dot or x.dtype == torch.float32:
-            raise ValueError(f"X_MODE {config['X_MODE']} is a one-token config for float16/bfloat16")
+    word_pick = config is not None and config.get("X_MODE") in NM24_WORD_X_MODES
+    use_dot = t > 1 and not word_pick
+    if word_pick:
+        if x.dtype == torch.float32:
+            raise ValueError(f"X_MODE {config['X_MODE']} reads 16-bit words: float16/bfloat16 only")
         # x and the values read as 32-bit words: a view starting at an odd element is copied
         x2 = x2.clone() if x2.data_ptr() % 4 else x2
         values = values.clone() if values.data_ptr() % 4 else values
-    block_t = min(NM24_BLOCK_T_MAX.get(x.dtype, 64), max(16, next_pow2(t))) if use_dot else 1
+        block_t = min(NM24_PICK_BLOCK_T_MAX, next_pow2(t))
+    else:
+        block_t = min(NM24_BLOCK_T_MAX.get(x.dtype, 64), max(16, next_pow2(t))) if use_dot else 1
     t_blocks = triton.cdiv(t, block_t)
     if split_k is None:
         # enough programs for every SM (row blocks counted at the smallest BLOCK_N of the configs)

@@ -113,9 +113,10 @@ def test_a_sweep_where_every_config_failed_is_not_complete(tmp_path, monkeypatch
 
 
 def test_the_sweep_times_each_token_count_with_its_own_grid(tmp_path, monkeypatch, capsys):
-    """--tokens 1,3: rows at both counts, the one-token grid at 1 and the multi-token grid (with
-    its launcher splits) at 3, each checked against dense (the interpreter on a CPU); a bad
-    --tokens is refused before anything runs."""
+    """--tokens 1,9: rows at both counts, the one-token grid at 1 and the tensor-core grid (with
+    its launcher splits) at 9, each checked against dense (the interpreter on a CPU); up to 8
+    tokens the candidates are the permute pick on token blocks and the tensor-core default; a
+    bad --tokens is refused before anything runs."""
     if not sparse_gpu_sweep.torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     device = "cuda" if sparse_gpu_sweep.torch.cuda.is_available() else "cpu"
@@ -123,11 +124,13 @@ def test_the_sweep_times_each_token_count_with_its_own_grid(tmp_path, monkeypatc
     args = ["--device", device, "--shapes", "128x64", "--quick", "--out", str(out), "--formats", "nm24"]
     assert sparse_gpu_sweep.main(args + ["--tokens", "1,0"]) == 2
     assert "--tokens" in capsys.readouterr().err and not out.exists()
-    assert sparse_gpu_sweep.main(args + ["--tokens", "1,3"]) == 0
+    assert sparse_gpu_sweep.main(args + ["--tokens", "1,9"]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if r["impl"] == "nm24"]
-    assert {r["tokens"] for r in rows} == {1, 3}
+    assert {r["tokens"] for r in rows} == {1, 9}
     assert all("X_MODE" in r["config"] for r in rows if r["tokens"] == 1)
-    assert all("split_k" in r["config"] and r["err"] < 1e-2 for r in rows if r["tokens"] == 3)
+    assert all("split_k" in r["config"] and r["err"] < 1e-2 for r in rows if r["tokens"] == 9)
+    small = sparse_gpu_sweep.configs_for("nm24", 4)
+    assert small[-1] == sparse_gpu_sweep.NM24_DOT_DEFAULT and all(c["X_MODE"] == 4 for c in small[:-1])
 
 
 def test_reference_loops_write_their_numbers_with_commit_settings_and_machine(tmp_path):

@@ -252,25 +252,27 @@ def test_permute_selector_picks_both_inputs_of_every_code():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_nm24_permute_pick_dtypes_views_and_limits(dtype):
-    """The permute pick (``X_MODE`` 4) in both 16-bit dtypes, with pipelined loads, on an x
-    view that starts at an odd element (read as 32-bit words, so copied); refused for float32
-    and for more than one token."""
+def test_nm24_permute_pick_dtypes_token_blocks_and_views(dtype):
+    """The permute pick (``X_MODE`` 4) in both 16-bit dtypes, with and without pipelined loads,
+    at 1, 3 and 11 tokens (blocks of 1, 4 and 8 tokens, the last two blocks with pad rows), with
+    the atomic K split and a bias, on an x view that starts at an odd element (read as 32-bit
+    words, so copied); refused for float32."""
     n, k = 24, 192
     w = nm_weight(n, k, keep=2, seed=3, dtype=dtype)
     values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
-    x_wide = _inputs(1, k + 1, dtype, seed=4)
-    x = x_wide[:, 1:]  # data pointer 2 bytes past an allocation's start
-    assert x.data_ptr() % 4
-    want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k)
-    for stages in (1, 3):
-        config = {"BLOCK_N": 8, "BLOCK_K": 64, "X_MODE": 4, "STREAM": 1, "STAGES": stages, "num_warps": 1}
-        got = sparse_matmul.nm24_linear(x, values, meta, k, config=config)
-        assert got.dtype == dtype and rel_err(got, want) < TOL[dtype], stages
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
+    for tokens in (1, 3, 11):
+        x_wide = _inputs(tokens, k + 1, dtype, seed=4 + tokens)
+        x = x_wide[:, 1:]  # data pointer 2 bytes past an allocation's start
+        assert x.data_ptr() % 4
+        want = reference.nm24_linear(x.double().cpu(), values.double().cpu(), meta.cpu(), k, bias.double().cpu())
+        for stages, split in ((1, None), (3, 2)):
+            config = {"BLOCK_N": 8, "BLOCK_K": 64, "X_MODE": 4, "STREAM": 1, "STAGES": stages, "num_warps": 1}
+            got = sparse_matmul.nm24_linear(x, values, meta, k, bias, split_k=split, config=config)
+            assert got.shape == (tokens, n) and got.dtype == dtype
+            assert rel_err(got, want) < TOL[dtype], (tokens, stages, split)
     with pytest.raises(ValueError, match="float16/bfloat16"):
         sparse_matmul.nm24_linear(x.float(), values.float(), meta, k, config=config)
-    with pytest.raises(ValueError, match="one-token"):
-        sparse_matmul.nm24_linear(x.expand(2, k), values, meta, k, config=config)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
