@@ -561,6 +561,15 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
 # ------------------------------------------------------------------------------------- sell
 
 @triton.jit
+def _sell_block(v_ptr, c_ptr, start, j, width, r, S: tl.constexpr, STREAM: tl.constexpr):
+    """A slice's slot block ``j`` [BLOCK_J]: its values and columns [BLOCK_J, S] (one contiguous
+    run, slot-major) and which slots exist [BLOCK_J, 1]."""
+    ok = (j < width)[:, None]
+    off = start + j[:, None].to(tl.int64) * S + r[None, :]
+    return _stream_load(v_ptr + off, ok, STREAM), _stream_load(c_ptr + off, ok, STREAM), ok
+
+
+@triton.jit
 def _sell_gather(x_rows, x_all, c, ok, t_ok, BLOCK_J: tl.constexpr, S: tl.constexpr, X_SHARED: tl.constexpr,
                  STREAM: tl.constexpr):
     """x at a slot block's columns, [BLOCK_T, BLOCK_J, S]: with X_SHARED from ``x_all`` (the
@@ -600,26 +609,14 @@ def _sell_kernel(x_ptr, v_ptr, c_ptr, sp_ptr, b_ptr, out_ptr, T, N, K, n_split, 
     if STAGES > 1:
         # the loads left to Triton's software pipeliner: STAGES slot blocks in flight
         for j0 in tl.range(pid_sp * BLOCK_J, width, step, num_stages=STAGES):
-            j = j0 + jj
-            ok = (j < width)[:, None]
-            off = start + j[:, None].to(tl.int64) * S + r[None, :]
-            v = _stream_load(v_ptr + off, ok, STREAM)
-            c = _stream_load(c_ptr + off, ok, STREAM)
+            v, c, ok = _sell_block(v_ptr, c_ptr, start, j0 + jj, width, r, S, STREAM)
             xg = _sell_gather(x_rows, x_all, c, ok, t_ok, BLOCK_J, S, X_SHARED, STREAM)
             acc3 += xg.to(tl.float32) * v.to(tl.float32)[None, :, :]
     else:
         # software pipelining by hand: the next slot block is requested before this one's gathers
-        j = pid_sp * BLOCK_J + jj
-        ok = (j < width)[:, None]
-        off = start + j[:, None].to(tl.int64) * S + r[None, :]
-        v = _stream_load(v_ptr + off, ok, STREAM)
-        c = _stream_load(c_ptr + off, ok, STREAM)
+        v, c, ok = _sell_block(v_ptr, c_ptr, start, pid_sp * BLOCK_J + jj, width, r, S, STREAM)
         for j0 in range(pid_sp * BLOCK_J, width, step):
-            j_next = j0 + step + jj
-            ok_next = (j_next < width)[:, None]
-            off_next = start + j_next[:, None].to(tl.int64) * S + r[None, :]
-            v_next = _stream_load(v_ptr + off_next, ok_next, STREAM)
-            c_next = _stream_load(c_ptr + off_next, ok_next, STREAM)
+            v_next, c_next, ok_next = _sell_block(v_ptr, c_ptr, start, j0 + step + jj, width, r, S, STREAM)
             xg = _sell_gather(x_rows, x_all, c, ok, t_ok, BLOCK_J, S, X_SHARED, STREAM)
             acc3 += xg.to(tl.float32) * v.to(tl.float32)[None, :, :]
             v = v_next
