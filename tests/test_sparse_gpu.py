@@ -490,6 +490,10 @@ def test_gpu_kernels_at_7b_shapes(shape, tokens):
                 got = sparse_matmul.nm24_linear(x, values, meta, in_f, bias, config={
                     "BLOCK_N": 8, "BLOCK_K": 512, "X_MODE": x_mode, "STREAM": stream, "AHEAD": ahead})
                 assert rel_err(got, want) < 1e-2, (x_mode, stream, ahead)
+    else:  # the permute pick on a block of 8 tokens (7 real), against the tensor-core default above
+        got = sparse_matmul.nm24_linear(x, values, meta, in_f, bias, config={
+            "BLOCK_N": 4, "BLOCK_K": 256, "X_MODE": 4, "STREAM": 1, "STAGES": 3})
+        assert rel_err(got, want) < 1e-2
     w90 = w.masked_fill(torch.rand_like(w, dtype=torch.float32) < 0.9, 0)
     sv, sc, sp = reference.sell_pack(w90, 32, sparse_gpu.SELL_SLOT_BLOCK)
     want = F.linear(x.float(), w90.float(), bias.float())
