@@ -12,6 +12,13 @@ every autotune config can be checked on a CPU-only machine before GPU time is sp
 Each line also gives the SASS instruction count of the variant's main loop body (nvdisasm, also
 in the triton wheel): one step's work, which a change to the loop's arithmetic moves.
 
+Registers, spills and instruction counts depend on the Triton version. The GPU machine has
+3.6.0, the CPU venv a newer one; to check with the GPU's version (as in
+benchmarks/results/compile_check_sm90_triton3.6.0.txt):
+
+    python -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy
+    PYTHONPATH=. /tmp/t36/bin/python benchmarks/compile_check_sparse_gpu.py --sweep
+
 Exit status 1 if any variant fails to compile or spills registers.
 """
 from __future__ import annotations
