@@ -690,6 +690,8 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
         key = (n, k, s, t, x.dtype, split, bias is not None)
         _launch(kernel, (n_slices, split, t_blocks), key, x2, values.contiguous(), cols.contiguous(),
                 slice_ptr.contiguous(), x2 if bias is None else bias.contiguous(), out, t, n, k, split, x2.stride(0),
-                out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t, KP=next_pow2(k),
-                config=config)
+                out.stride(0), HAS_BIAS=bias is not None, ATOMIC=atomic, S=s, BLOCK_T=block_t,
+                # the staged input's padded size, only where a config stages it: the other kernels
+                # stay one compiled binary for every K
+                KP=next_pow2(k) if config is not None and config.get("X_SHARED") else 1, config=config)
     return _finish(out, x.dtype).reshape(*lead, n)

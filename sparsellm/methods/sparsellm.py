@@ -61,7 +61,6 @@ import torch.nn.functional as F
 from torch.profiler import record_function as stage
 
 from .. import ops
-from ..config import CPU_GEMMS
 from ..precision import large_products, onednn_gemm_available, onednn_linear
 from ..reference import sq_norm
 from ..plan import LayerView, Step, Tokens
@@ -144,7 +143,7 @@ class Products:
 
     def __init__(self, precision: str, cpu_gemm: str = "torch"):
         self.low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
-        # float32 products of CPU tensors through oneDNN (sparsellm.precision.CPU_GEMMS)
+        # float32 products of CPU tensors through oneDNN (config.CPU_GEMMS)
         self.onednn = cpu_gemm == "onednn"
         self._kept: collections.OrderedDict = collections.OrderedDict()  # float16 operands, see FLOAT16_KEPT
 
@@ -275,11 +274,10 @@ def check_product_precision(config) -> None:
 def resolve_cpu_gemm(setting: str | None, default: str) -> str:
     """The CPU GEMM library a solver uses: ``setting``, or where it is None the method's
     ``default`` if this torch has it (else torch's). An explicit "onednn" without oneDNN is a
-    ValueError (the preflight's :func:`check_product_precision` raises it before anything loads)."""
+    ValueError (the preflight's :func:`check_product_precision` raises it before anything loads);
+    the setting's own value was checked when :class:`SparseLLMSettings` was built."""
     if setting is None:
         return default if default != "onednn" or onednn_gemm_available() else "torch"
-    if setting not in CPU_GEMMS:
-        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {setting!r}")
     if setting == "onednn" and not onednn_gemm_available():
         raise ValueError("--cpu-gemm onednn: this torch has no oneDNN float32 GEMM (built without mkldnn, or "
                          "torch.backends.mkldnn.matmul.fp32_precision lets it round float32 operands); use torch")
