@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsellm.export import CSRLinear, to_semi_structured
+from sparsellm.kernels import sparse_configs
 
 CPU_SIZE = 4096
 CPU_SPARSITIES = (0.7, 0.8, 0.9, 0.95)
@@ -43,6 +44,12 @@ GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in, out) of LLaMA-
 GPU_TOKENS = (1, 16, 64, 512, 2048)
 GPU_DTYPES = {"fp16": torch.float16}
 GPU_IMPLS = ("dense", "torch-2:4", "ours-2:4", "ours-90%")
+
+
+def _kernel_configs() -> dict:
+    """Which config table the sparse kernels ran with (kernels/sparse_configs.py), for the rows."""
+    info = sparse_configs.describe()
+    return {"origin": info["origin"], "commit": (info.get("source") or {}).get("commit")}
 
 
 def _has_sparse_gpu() -> bool:
@@ -159,7 +166,7 @@ def test_gpu_linear(benchmark, impl, dtype, shape, tokens):
         torch.cuda.synchronize()
         benchmark.group = f"gpu {dtype} {in_f}->{out_f} tokens={tokens}"
         benchmark.extra_info.update(impl=impl, dtype=dtype, tokens=tokens, shape=list(shape),
-                                    device=torch.cuda.get_device_name())
+                                    device=torch.cuda.get_device_name(), kernel_configs=_kernel_configs())
         got = benchmark(_cuda_timed(lambda: fn(x)))
         # The wall time above includes the Python launch path and reads the weight from L2 when
         # it fits (50 MB on an H100); the kernel time is the GPU time alone with L2 flushed
@@ -293,4 +300,4 @@ def test_gpu_llama7b_tokens_per_s(benchmark, impl, phase):
     stats = getattr(benchmark, "stats", None)
     mean = stats.stats.mean if stats else None
     benchmark.extra_info.update(impl=impl, phase=phase, tokens=tokens, device=torch.cuda.get_device_name(),
-                                tokens_per_s=tokens / mean if mean else None)
+                                tokens_per_s=tokens / mean if mean else None, kernel_configs=_kernel_configs())

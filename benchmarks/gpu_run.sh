@@ -15,12 +15,15 @@
 #             emulation; Elsa and masked-adam resumed on the GPU keep their states there
 #             (tests/test_elsa.py). Run it before a long call that needs them
 #   steptests the SparseLLM element-wise kernels' tests, compiled
-#   sweep     benchmarks/sparse_gpu_sweep.py: every one-token config of the sparse kernels vs dense
-#             at 7B shapes -> sweep.json, sweep.md
+#   sweep     benchmarks/sparse_gpu_sweep.py: every config of the sparse kernels vs dense at 7B
+#             shapes (SWEEP_ARGS, e.g. "--tokens 1,4,16") -> sweep.json, sweep.md, and the kernels'
+#             config table picked from it (also from a sweep cut by its cap) -> sparse_configs.json
 #   bench     benchmarks/bench_export.py -m gpu (linears at 7B shapes, 32-layer 7B-shaped model
 #             prefill / decode / CUDA-graph decode / compiled CUDA-graph decode; E2E_K narrows
 #             them, e.g. E2E_K="decode-graph or decode-compiled"; BENCH_PARTS="llama7b" runs only
-#             the model) -> bench_*.json, sparse_gpu_table.md
+#             the model) -> bench_*.json, sparse_gpu_table.md; with the table the sweep step of
+#             this call picked, if any (USE_PICK=0: the checkout's own table), so one call can
+#             sweep and measure the picked configs end to end
 #   prune     benchmarks/prune_7b.py: SparseGPT vs SparseLLM on 3 random 7B-shaped layers (RUNS
 #             adds others, e.g. sparsellm:0.7:auto:chunk-tokens=762, the chunk before 2026-11-27)
 #   profile   the same on 2 layers under torch.profiler (benchmarks/profile_prune.py): device time
@@ -89,6 +92,12 @@ if has sweep; then
   timeout $(cap ${T_SWEEP:-300}) python3 benchmarks/sparse_gpu_sweep.py ${SWEEP_ARGS:-} \
     --out "$O/sweep.json" --table "$O/sweep.md" > "$L/sweep.log" 2>&1
   log "sparse kernel config sweep rc=$? $(( $(date +%s)-t0 )) s"
+  [ -s "$O/sweep.json" ] && timeout 60 python3 benchmarks/sparse_gpu_sweep.py --from "$O/sweep.json" \
+    --pick "$O/sparse_configs.json" >> "$L/sweep.log" 2>&1
+  log "config table picked rc=$?: $(grep -c '' "$O/sparse_configs.json" 2>/dev/null || echo 0) lines"
+fi
+if [ -s "$O/sparse_configs.json" ] && [ "${USE_PICK:-1}" = 1 ]; then
+  export SPARSELLM_SPARSE_GPU_CONFIGS=$O/sparse_configs.json  # the later steps run the picked configs
 fi
 if has bench; then
   # two runs, two JSON files: pytest-benchmark writes its JSON only when a run ends, so a run

@@ -14,10 +14,20 @@ config of
 
 each forced through the kernels' ``config`` argument (no autotuner), its output checked against
 the dense fp32 product. Kernel time: ``gpu_timing.kernel_us`` (CUDA events, L2 flushed by a
-1 GiB write before each call, so the host's launch cost never shows; median of 50 calls). The autotune sets in kernels/sparse_matmul.py and
-``SELL_SLICE_ROWS`` are chosen from this table; it is the evidence for them.
+1 GiB write before each call, so the host's launch cost never shows; median of 50 calls). The
+kernels' config table (``--pick``), their fixed default configs and ``SELL_SLICE_ROWS`` are
+chosen from this sweep; it is the evidence for them.
 
     python benchmarks/sparse_gpu_sweep.py --out sweep.json --table sweep.md [--tokens 1,16] [--quick]
+        [--pick configs.json]
+    python benchmarks/sparse_gpu_sweep.py --from sweep.json[,more.json] --pick configs.json
+
+``--pick`` writes the kernels' config table (``kernels/sparse_configs.py``: each shape's fastest
+correct config per token count, the best one over all shapes for other shapes, and the token
+counts up to which the sparse kernel beats dense by ``--min-speedup``) from this sweep's rows or,
+with ``--from``, from stored sweeps. ``SPARSELLM_SPARSE_GPU_CONFIGS=configs.json`` makes the
+kernels and the export use it; copied over ``kernels/sparse_configs.json`` it becomes the
+package's default.
 
 A smoke run of the script itself on a CPU (Triton's interpreter, small shapes, wall-clock
 timing, numbers meaningless): ``TRITON_INTERPRET=1 python benchmarks/sparse_gpu_sweep.py
@@ -36,9 +46,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from gpu_timing import kernel_us
 from sparsellm import reference
+from sparsellm.kernels import sparse_configs
 from sparsellm.kernels import sparse_matmul as sm
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
@@ -189,9 +201,7 @@ def sweep(shapes, device: str, reps: int, quick: bool, save=lambda rows: None,
     return rows
 
 
-def _ok(row: dict) -> bool:
-    """Whether a kernel config ran and its output matched the dense product."""
-    return row["impl"] != "dense" and "us" in row and row["err"] < 1e-2
+_ok = sparse_configs.row_ok
 
 
 def table(rows: list[dict], shapes, top: int = 5) -> str:
@@ -213,9 +223,53 @@ def table(rows: list[dict], shapes, top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str | None:
+    """The commit measured: $SPARSELLM_COMMIT (a GPU machine's copy has no git), else git's HEAD."""
+    if os.environ.get("SPARSELLM_COMMIT"):
+        return os.environ["SPARSELLM_COMMIT"]
+    try:
+        import subprocess
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_pick(rows: list[dict], metas: list[dict], sweeps: list[str], path: str, min_speedup: float) -> dict:
+    """The config table of ``rows`` (sparse_configs.pick) written to ``path``, its source the
+    sweeps' own records (commit, device, versions; a stored sweep that lacks one says None)."""
+    keys = ("commit", "device", "torch", "triton")
+    source = {}
+    for k in keys:  # one value where the sweeps agree, else the list of them
+        vals = sorted({m[k] for m in metas if m.get(k) is not None})
+        source[k] = vals[0] if len(vals) == 1 else (vals or None)
+    source.update(sweeps=[{"path": p, **{k: m.get(k) for k in (*keys, "complete")}} for p, m in zip(sweeps, metas)],
+                  complete=all(m.get("complete") for m in metas),
+                  picked=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    table = sparse_configs.pick(rows, source=source, min_speedup=min_speedup)
+    sparse_configs.ConfigTable(table, path)  # what is written must load
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+    return table
+
+
+def _pick_summary(table: dict) -> str:
+    lines = [f"config table: {len(table['entries'])} entries; crossovers (max sparse tokens):"]
+    for c in table["crossovers"]:
+        shape = "any shape" if c["shape"] is None else "{}->{}".format(*c["shape"])
+        lines.append(f"  {c['format']}{'' if 'S' not in c else ' S=%d' % c['S']} {c['dtype']} {shape}: "
+                     f"{c['max_sparse_tokens']}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON of every (shape, format, config) timing")
+    ap.add_argument("--out", help="JSON of every (shape, format, config) timing (required unless --from)")
+    ap.add_argument("--from", dest="sources", help="stored sweep JSONs, comma-separated: no sweep, only --pick")
+    ap.add_argument("--pick", help="write the kernels' config table (kernels/sparse_configs.py) here")
+    ap.add_argument("--min-speedup", type=float, default=sparse_configs.MIN_SPEEDUP,
+                    help="speedup over dense a token count needs to get the sparse kernel (the crossovers)")
     ap.add_argument("--table", help="markdown summary (the fastest configs per shape and format)")
     ap.add_argument("--reps", type=int, default=50, help="timed calls per config (median)")
     ap.add_argument("--quick", action="store_true", help="four configs per format (a smoke run)")
@@ -225,6 +279,28 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1", help="token counts, comma-separated (1: the decode grids; more: "
                                                   "the multi-token paths' grids)")
     args = ap.parse_args(argv)
+    if args.min_speedup <= 0:
+        print(f"--min-speedup must be > 0, got {args.min_speedup}", file=sys.stderr)
+        return 2
+    if args.sources:
+        if not args.pick:
+            print("--from only feeds --pick: name the table to write", file=sys.stderr)
+            return 2
+        rows, metas, paths = [], [], args.sources.split(",")
+        for path in paths:
+            try:
+                with open(path) as f:
+                    stored = json.load(f)
+                rows += stored["rows"]
+                metas.append(stored.get("meta", {}))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                print(f"{path}: not a sweep JSON ({type(exc).__name__}: {exc})", file=sys.stderr)
+                return 2
+        print(_pick_summary(write_pick(rows, metas, paths, args.pick, args.min_speedup)))
+        return 0
+    if not args.out:
+        print("--out is required (the sweep's JSON), unless --from names stored sweeps", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
@@ -236,12 +312,14 @@ def main(argv=None) -> int:
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     t0 = time.time()
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+    commit = _commit()
 
     def save(rows, finished=False) -> str:
         kernels = [r for r in rows if r["impl"] != "dense"]
         ok = sum(map(_ok, kernels))
         # complete: every config tried and at least one worked (a sweep where all failed measured nothing)
-        meta = {"device": device, "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
+        meta = {"device": device, "commit": commit, "torch": torch.__version__, "triton": triton.__version__,
+                "seconds": round(time.time() - t0, 1),
                 "complete": finished and ok > 0, "configs_ok": ok, "configs_failed": len(kernels) - ok}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -267,6 +345,10 @@ def main(argv=None) -> int:
     if not any(map(_ok, rows)):
         print("every config failed (their errors: the rows of --out)", file=sys.stderr)
         return 1
+    if args.pick:
+        with open(args.out) as f:
+            meta = json.load(f)["meta"]
+        print(_pick_summary(write_pick(rows, [meta], [os.path.basename(args.out)], args.pick, args.min_speedup)))
     return 0
 
 

@@ -102,6 +102,11 @@ def main(argv=None) -> int:
     if not out:
         print("no GPU benchmark rows in this file (run with -m gpu on a CUDA machine)", file=sys.stderr)
         return 1
+    # the kernels' config table each row ran with (kernels/sparse_configs.py; None: the fixed defaults)
+    tables = sorted({json.dumps(b.get("extra_info", {}).get("kernel_configs")) for b in benches
+                     if "kernel_configs" in b.get("extra_info", {})})
+    if tables:
+        out = [f"Kernel config table: {' / '.join(tables)}", ""] + out
     if gpu:
         out = [f"Device: {gpu}", ""] + out
     text = "\n".join(out) + "\n"

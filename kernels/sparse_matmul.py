@@ -47,9 +47,11 @@ oracle: :mod:`sparsellm.reference`):
     gather reads global memory (L1/L2-resident x), or, one token with ``X_SHARED``, a copy of
     the token's whole input in shared memory (``tl.gather``; not yet timed).
 
-Block sizes: one fixed config per path, the one-token ones chosen by benchmarks/sparse_gpu_sweep.py
-on an H200 (not autotuned at run time: see the comment at ``_nm24_gemv``), a smaller one under
-the interpreter; ``config=`` forces another (tests, the sweep). Fewer programs than SMs (few output rows): the K range
+Block sizes: the measured table of :mod:`sparse_configs` where it has an entry for the call
+(format, dtype, token count, shape; written by ``benchmarks/sparse_gpu_sweep.py --pick`` from a
+GPU sweep), else one fixed config per path, the one-token ones chosen by that sweep on an H200
+(not autotuned at run time: see the comment at ``_nm24_gemv``), a smaller one under the
+interpreter; ``config=`` forces another (tests, the sweep). Fewer programs than SMs (few output rows): the K range
 (nm24) or the slots (sell) is split over SPLIT programs that add fp32 partial sums atomically
 into a zeroed buffer, cast to the output dtype afterwards (two more launches, so only when the
 grid is small). Otherwise the kernel stores the result in the output dtype directly, bias
@@ -65,6 +67,7 @@ import triton.language as tl
 
 from sparsellm.ops import Decline
 
+from . import sparse_configs
 from ._common import check_device, configs, interpreting, next_pow2
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -517,6 +520,10 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     t = x2.shape[0]
+    if config is None and split_k is None:
+        config = sparse_configs.lookup("nm24", x.dtype, t, k, n)
+        if config is not None:
+            split_k = config.pop("split_k", None)
     values = values.contiguous()
     meta = meta.contiguous()
     word_pick = config is not None and config.get("X_MODE") in NM24_WORD_X_MODES
@@ -672,6 +679,11 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     t = x2.shape[0]
+    if config is None and split is None:
+        config = sparse_configs.lookup("sell", x.dtype, t, k, n, s)
+        if config is not None:
+            split = config.pop("split", None)
+            config.pop("S")  # the packing's slice height, which the entry was matched on
     block_t = min(SELL_BLOCK_T_MAX, next_pow2(t))
     t_blocks = triton.cdiv(t, block_t)
     if config is not None and config.get("X_SHARED") and block_t > 1:

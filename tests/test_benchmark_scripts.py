@@ -172,3 +172,32 @@ def test_float64_runs_are_cells_of_their_own():
     assert quality.cell_key("sparsegpt", "0.9", None, args).endswith("|non-sequential|float64")
     args.float64 = False
     assert "float64" not in quality.cell_key("sparsegpt", "0.9", None, args)
+
+
+def test_the_sweep_picks_a_config_table_from_stored_sweeps(tmp_path, capsys):
+    """--from stored sweeps --pick: a table that loads, its source taken from the sweeps' meta;
+    refusals (no --pick, an unreadable sweep) write nothing."""
+    from sparsellm.kernels import sparse_configs
+
+    def row(impl, us, config=None):
+        return {"shape": [64, 96], "format": "nm24", "tokens": 1, "dtype": "float16", "impl": impl,
+                "config": config, "us": us, "err": 1e-3}
+
+    good = {"BLOCK_N": 8, "BLOCK_K": 1024, "X_MODE": 4, "STREAM": 1, "STAGES": 3, "num_warps": 4}
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"meta": {"device": "NVIDIA H200", "commit": "c0ffee", "torch": "2.11", "complete": True},
+                                 "rows": [row("dense", 30.0), row("nm24", 20.0, good),
+                                          row("nm24", 25.0, {**good, "X_MODE": 3})]}))
+    out = tmp_path / "table.json"
+    assert sparse_gpu_sweep.main(["--from", str(sweep)]) == 2 and "--pick" in capsys.readouterr().err
+    assert sparse_gpu_sweep.main(["--from", str(tmp_path / "none.json"), "--pick", str(out)]) == 2
+    assert not out.exists()
+    assert sparse_gpu_sweep.main(["--from", str(sweep), "--pick", str(out)]) == 0
+    assert "nm24 float16 64->96: 1" in capsys.readouterr().out
+    table = sparse_configs.load(out)
+    assert table.config("nm24", "float16", 1, 64, 96) == good
+    assert table.max_sparse_tokens("nm24", "float16", 64, 96) == 1
+    assert table.source["commit"] == "c0ffee" and table.source["device"] == "NVIDIA H200"
+    assert table.source["sweeps"] == [{"path": str(sweep), "commit": "c0ffee", "device": "NVIDIA H200",
+                                       "torch": "2.11", "triton": None, "complete": True}]
+    assert table.source["complete"] is True and table.source["triton"] is None

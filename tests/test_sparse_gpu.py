@@ -462,6 +462,105 @@ def test_apply_export_and_settings_accept_sparse_gpu():
         config.PruneConfig(export="sparse-cpu")
 
 
+# ------------------------------------------------------------------------------------- the config table
+
+def _spy_launches(monkeypatch):
+    """Record each sparse kernel launch's (key, forced config) and launch it."""
+    seen = []
+    real = sparse_matmul._launch
+
+    def spy(tuner, grid, key, *args, config=None, **kwargs):
+        seen.append((key, None if config is None else dict(config)))
+        return real(tuner, grid, key, *args, config=config, **kwargs)
+
+    monkeypatch.setattr(sparse_matmul, "_launch", spy)
+    return seen
+
+
+def test_the_launchers_run_the_config_tables_entry(monkeypatch):
+    """A call the active table has an entry for launches that config, with its split (nm24:
+    one token at this shape in float32; three tokens in float16 on the permute pick, through
+    bfloat16's fallback too; sell at its slice height), correct against the reference; calls
+    without an entry (another shape, another slice height, a forced config) do not use it."""
+    from sparsellm.kernels import sparse_configs
+
+    n, k = 40, 128
+    one = {"BLOCK_N": 4, "BLOCK_K": 64, "X_MODE": 3, "STREAM": 1, "STAGES": 2, "num_warps": 1}
+    pick = {"BLOCK_N": 4, "BLOCK_K": 64, "X_MODE": 4, "STREAM": 1, "STAGES": 3, "num_warps": 1}
+    slab = {"S": 8, "BLOCK_J": 16, "STREAM": 1, "num_warps": 1}
+    table = {"version": 1, "entries": [
+        {"format": "nm24", "dtype": "float32", "tokens": [1, 1], "shape": [k, n], "config": {**one, "split_k": 2}},
+        {"format": "nm24", "dtype": "float16", "tokens": [2, 4], "shape": None, "config": pick},
+        {"format": "sell", "dtype": "float32", "tokens": [1, 1], "shape": None, "config": {**slab, "split": 3}},
+    ]}
+    seen = _spy_launches(monkeypatch)
+    with sparse_configs.use(table):
+        for dtype, tokens, want_config, split in ((torch.float32, 1, one, 2), (torch.float16, 3, pick, 1),
+                                                  (torch.bfloat16, 3, pick, 1)):
+            w = nm_weight(n, k, seed=tokens, dtype=dtype)
+            values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+            x = _inputs(tokens, k, dtype, seed=7)
+            want = F.linear(x.double().cpu(), w.double())
+            got = sparse_matmul.nm24_linear(x, values, meta, k)
+            assert seen[-1][1] == want_config and seen[-1][0][4] == split  # key: (n, k, t, dtype, split, bias)
+            assert rel_err(got, want) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
+        sparse_matmul.nm24_linear(_inputs(1, 64, torch.float32, 1), *(t.to(DEV) for t in reference.nm24_pack(
+            nm_weight(n, 64, seed=1))), 64)  # another shape: no entry
+        assert seen[-1][1] is None
+        sparse_matmul.nm24_linear(x, values, meta, k, config={**one, "BLOCK_N": 8})  # forced wins
+        assert seen[-1][1]["BLOCK_N"] == 8
+        w = sparse_weight(n, k, 0.9, seed=3)
+        x = _inputs(1, k, torch.float32, seed=4)
+        for rows, want_config, split in ((8, {"BLOCK_J": 16, "STREAM": 1, "num_warps": 1}, 3), (16, None, None)):
+            v, c, ptr = (t.to(DEV) for t in reference.sell_pack(w, rows, 16))
+            got = sparse_matmul.sell_linear(x, v, c, ptr, n, k, rows)
+            assert seen[-1][1] == want_config and (split is None or seen[-1][0][5] == split)  # (n, k, s, t, dtype, split, bias)
+            assert rel_err(got, F.linear(x.double().cpu(), w.double())) < 1e-5
+
+
+def test_the_export_takes_its_crossovers_from_the_config_table(tmp_path, monkeypatch):
+    """Each linear's crossover: the caller's, else its shape's measured one, else the format's
+    any-shape one, else the constant; the report names the table; a malformed table is refused
+    before any linear is replaced."""
+    from sparsellm.kernels import sparse_configs
+
+    table = {"version": 1, "source": {"commit": "abc"}, "entries": [], "crossovers": [
+        {"format": "nm24", "dtype": "float32", "shape": None, "max_sparse_tokens": 3},
+        {"format": "nm24", "dtype": "float32", "shape": [64, 128], "max_sparse_tokens": 5},
+    ]}
+    lin = _linear_with(nm_weight(48, 64, seed=5))
+    with sparse_configs.use(table):
+        mod = SparseGPULinear(lin)
+        assert (mod.max_sparse_tokens, mod.crossover_from) == (3, "table") and "(table)" in repr(mod)
+        assert (SparseGPULinear(lin, max_sparse_tokens=2).crossover_from) == "argument"
+        sell = SparseGPULinear(_linear_with(sparse_weight(48, 64, 0.9, seed=5)))
+        assert (sell.max_sparse_tokens, sell.crossover_from) == (sparse_gpu.SELL_MAX_TOKENS, "default")
+        model = tiny_llama()
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if isinstance(m, nn.Linear) and ".layers." in name:
+                    m.weight.copy_(nm_weight(*m.weight.shape, seed=len(name)))
+        report = to_sparse_gpu(model, max_sparse_tokens={"sell": 2})
+        up = report["converted"]["model.layers.0.mlp.up_proj"]     # 64 -> 128: its own
+        q = report["converted"]["model.layers.0.self_attn.q_proj"]  # 64 -> 64: the any-shape one
+        assert (up["max_sparse_tokens"], up["crossover_from"]) == (5, "table")
+        assert (q["max_sparse_tokens"], q["crossover_from"]) == (3, "table")
+        assert report["kernel_configs"]["source"] == {"commit": "abc"}
+        assert model.model.layers[0].mlp.up_proj.max_sparse_tokens == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "entries": [{"format": "nm24"}]}))
+    monkeypatch.setenv(sparse_configs.ENV, str(bad))
+    sparse_configs.refresh()
+    model = tiny_llama()
+    try:
+        with pytest.raises(ExportError, match="bad.json"):
+            to_sparse_gpu(model)
+    finally:
+        monkeypatch.delenv(sparse_configs.ENV)
+        sparse_configs.refresh()
+    assert not any(isinstance(m, SparseGPULinear) for m in model.modules())
+
+
 # ------------------------------------------------------------------------------------- GPU (compiled)
 
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out) of LLaMA-2-7B's linears

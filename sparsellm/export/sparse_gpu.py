@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
+from ..kernels import sparse_configs
 from ..sparsity import nm_violations, reaches_sparsity, zero_fraction
 from .errors import ExportError
 from .semi_structured import is_semi_structured
@@ -116,8 +117,11 @@ class SparseGPULinear(nn.Module):
 
     ``forward`` runs the sparse product (``ops.nm24_linear`` / ``ops.sell_linear``) when the
     call has at most ``max_sparse_tokens`` tokens (rows of x), else dense ``F.linear`` on the
-    kept dense weight. ``format`` None picks it with :func:`choose_format` (ValueError if the
-    weight fits neither)."""
+    kept dense weight. ``max_sparse_tokens`` None takes the crossover measured for this format,
+    dtype and shape from the kernels' config table (:mod:`sparsellm.kernels.sparse_configs`),
+    else :data:`MAX_SPARSE_TOKENS`; ``crossover_from`` says which ("argument", "table",
+    "default"). ``format`` None picks it with :func:`choose_format` (ValueError if the weight
+    fits neither)."""
 
     def __init__(self, linear: nn.Linear, format: str | None = None, *, max_sparse_tokens: int | None = None,
                  min_sparsity: float = SELL_MIN_SPARSITY, slice_rows: int = SELL_SLICE_ROWS,
@@ -132,12 +136,18 @@ class SparseGPULinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.format = format
-        self.max_sparse_tokens = MAX_SPARSE_TOKENS[format] if max_sparse_tokens is None else int(max_sparse_tokens)
         weight = linear.weight.detach()
+        self.slice_rows = int(slice_rows)
+        if max_sparse_tokens is not None:
+            self.max_sparse_tokens, self.crossover_from = int(max_sparse_tokens), "argument"
+        else:
+            measured = sparse_configs.max_sparse_tokens(format, weight.dtype, self.in_features, self.out_features,
+                                                        self.slice_rows if format == "sell" else None)
+            self.max_sparse_tokens, self.crossover_from = ((MAX_SPARSE_TOKENS[format], "default") if measured is None
+                                                           else (measured, "table"))
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.sparsity = zero_fraction(weight)
-        self.slice_rows = int(slice_rows)
         if format == "nm24":
             values, meta = reference.nm24_pack(weight)
             self.register_buffer("values", values)
@@ -173,7 +183,8 @@ class SparseGPULinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.format}, sparsity={self.sparsity:.3f}, max_sparse_tokens={self.max_sparse_tokens}")
+                f"format={self.format}, sparsity={self.sparsity:.3f}, max_sparse_tokens={self.max_sparse_tokens} "
+                f"({self.crossover_from})")
 
 
 def kernels_available(device: torch.device | str) -> tuple[bool, str]:
@@ -192,34 +203,43 @@ def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: floa
                   max_sparse_tokens: dict | int | None = None, slice_rows: int = SELL_SLICE_ROWS) -> dict:
     """Replace targeted pruned linears by :class:`SparseGPULinear` (2:4 -> ``nm24``, else
     sparsity >= ``min_sparsity`` -> ``sell``; the others stay dense). ``max_sparse_tokens``:
-    one crossover for both formats, or {format: tokens} overriding :data:`MAX_SPARSE_TOKENS`.
-    Returns a JSON-able report of what each linear runs on and why the others stay dense."""
+    one crossover for both formats, or {format: tokens}; a format without one takes each
+    linear's measured crossover from the kernels' config table, else :data:`MAX_SPARSE_TOKENS`.
+    Returns a JSON-able report of what each linear runs on (format, crossover and where it came
+    from, the config table in effect) and why the others stay dense."""
     if not 0.0 <= min_sparsity <= 1.0:
         raise ExportError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
-    crossover = dict(MAX_SPARSE_TOKENS)
+    given: dict = {}  # the caller's crossovers, by format
     if isinstance(max_sparse_tokens, dict):
         unknown = set(max_sparse_tokens) - set(FORMATS)
         if unknown:
             raise ExportError(f"max_sparse_tokens: unknown formats {sorted(unknown)}; expected {FORMATS}")
-        crossover.update({k: int(v) for k, v in max_sparse_tokens.items()})
+        given = {k: int(v) for k, v in max_sparse_tokens.items()}
     elif max_sparse_tokens is not None:
-        crossover = {k: int(max_sparse_tokens) for k in FORMATS}
+        given = {k: int(max_sparse_tokens) for k in FORMATS}
+    if any(v < 0 for v in given.values()):
+        raise ExportError(f"max_sparse_tokens must be >= 0 (0: always dense), got {max_sparse_tokens}")
+    try:
+        kernel_configs = sparse_configs.describe()
+    except sparse_configs.ConfigTableError as exc:  # a bad table: refused before any linear is replaced
+        raise ExportError(str(exc)) from exc
     selected, _, _ = resolve_targets(model, targets)
-    report = {"kind": "sparse-gpu", "min_sparsity": min_sparsity, "max_sparse_tokens": crossover,
-              "converted": {}, "dense": {}}
+    # max_sparse_tokens: the caller's, else the constants (each linear's own, perhaps measured, in "converted")
+    report = {"kind": "sparse-gpu", "min_sparsity": min_sparsity, "max_sparse_tokens": {**MAX_SPARSE_TOKENS, **given},
+              "kernel_configs": kernel_configs, "converted": {}, "dense": {}}
     devices = set()
     for name, lin in selected.items():
         fmt, reason, sparsity = choose_format(lin, min_sparsity)
         if fmt is None:
             report["dense"][name] = reason
             continue
-        new = SparseGPULinear(lin, fmt, max_sparse_tokens=crossover[fmt], slice_rows=slice_rows)
+        new = SparseGPULinear(lin, fmt, max_sparse_tokens=given.get(fmt), slice_rows=slice_rows)
         replace_module(model, name, new)
         devices.add(str(lin.weight.device))
         packed, dense = new.packed_bytes(), new.dense_bytes()
         report["converted"][name] = {"format": fmt, "why": reason, "sparsity": round(sparsity, 6),
                                      "bytes": packed, "dense_bytes": dense, "bytes_ratio": round(packed / dense, 6),
-                                     "max_sparse_tokens": new.max_sparse_tokens}
+                                     "max_sparse_tokens": new.max_sparse_tokens, "crossover_from": new.crossover_from}
     report["n_converted"] = len(report["converted"])
     report["n_dense"] = len(report["dense"])
     report["formats"] = {f: sum(1 for v in report["converted"].values() if v["format"] == f) for f in FORMATS}

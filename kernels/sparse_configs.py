@@ -1,0 +1,358 @@
+"""Measured launch configs of the sparse decode kernels (``kernels/sparse_matmul.py``) and the
+token counts up to which they beat dense: one table, written from a GPU sweep, read at launch.
+
+Why a table: the best tile of the ``nm24`` and ``sell`` kernels differs by shape and token
+count (one token wants long K steps, a few tokens small tiles decoded once per token block),
+and the autotuner cannot choose at run time (it times with ``do_bench``, which a slow host's
+launch cost dominates: see ``_nm24_gemv``). So ``benchmarks/sparse_gpu_sweep.py`` times every
+candidate against dense cuBLAS with the L2 flushed, and ``--pick`` turns its rows into this
+table (:func:`pick`); the launchers look a call up here (:func:`lookup`) before falling back to
+their fixed default config, and :class:`sparsellm.export.SparseGPULinear` takes its crossover to
+dense from it (:func:`max_sparse_tokens`).
+
+The table (JSON, ``version`` 1)::
+
+    {"version": 1,
+     "source": {"commit": ..., "device": ..., "torch": ..., "triton": ..., "sweeps": [...], ...},
+     "min_speedup": 1.05,
+     "entries": [{"format": "nm24", "dtype": "float16", "tokens": [2, 4], "shape": [4096, 11008],
+                  "config": {...}, "us": ..., "dense_us": ...}, ...],
+     "crossovers": [{"format": "nm24", "dtype": "float16", "shape": null, "max_sparse_tokens": 4},
+                    {"format": "sell", "S": 8, "dtype": "float16", "shape": [4096, 4096], ...}, ...]}
+
+- An entry applies to calls of its format and dtype with ``tokens[0] <= T <= tokens[1]`` and
+  ``shape`` == [in_features, out_features]; an entry with ``shape`` null applies to any shape
+  (the config with the best geometric-mean speedup over the swept shapes). A sell entry's
+  ``config["S"]`` is the slice height it was measured at (the packing's, which a launch cannot
+  change), so it applies only to weights packed with that height.
+- ``config`` holds the kernel's meta-parameters and the launcher's K split (``split_k`` for
+  nm24, ``split`` for sell; absent: the launcher's own choice).
+- A crossover is the largest token count at which the sparse kernel still runs (above it the
+  export runs dense ``F.linear``), for one shape or (``shape`` null) any other.
+- bfloat16 calls use the float16 entries where the table has none of their own: the same bytes
+  per weight and the same instructions but for the conversion to fp32. float32 calls use only
+  float32 entries (the 16-bit-word pick, X_MODE 4, refuses float32).
+- Which table is active: the one given to :func:`use` (tests), else the file named by
+  ``$SPARSELLM_SPARSE_GPU_CONFIGS`` (a GPU run's sweep before it is committed), else the
+  packaged ``sparse_configs.json`` beside this module. The packaged one is ignored under
+  Triton's interpreter, whose small test shapes want small tiles. The environment and the file
+  are read at the first launch (:func:`refresh` reads them again).
+
+The configs are correct anywhere (each only changes block sizes); their speed, and the
+crossovers, were measured on the ``source`` device only.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+VERSION = 1
+ENV = "SPARSELLM_SPARSE_GPU_CONFIGS"
+PACKAGED = Path(__file__).with_name("sparse_configs.json")
+FORMATS = ("nm24", "sell")
+# a config's keys: the kernel's meta-parameters, Triton's launch options and the launcher's split
+CONFIG_KEYS = {
+    "nm24": {"BLOCK_N", "BLOCK_K", "X_MODE", "STREAM", "AHEAD", "STAGES", "num_warps", "num_stages", "split_k"},
+    "sell": {"S", "BLOCK_J", "STREAM", "X_SHARED", "STAGES", "num_warps", "num_stages", "split"},
+}
+SPLIT_KEY = {"nm24": "split_k", "sell": "split"}
+# the speedup over dense a measured token count needs for the sparse kernel to run there: the
+# sweep's medians scatter by a few percent between runs, and a path slower than dense must never
+# be picked
+MIN_SPEEDUP = 1.05
+# a row whose output differs from the dense fp32 product by more than this (relative to its
+# largest entry) is wrong, not slow: fp16 outputs round at about 1e-3
+MAX_ERROR = 1e-2
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ConfigTableError(ValueError):
+    """A config table that cannot be used (malformed, or of another version)."""
+
+
+def _fail(origin: str, what: str):
+    raise ConfigTableError(f"sparse kernel config table {origin}: {what}")
+
+
+def _variant(fmt: str, config: dict):
+    """What a launch cannot change, so what an entry must match: sell's slice height."""
+    return config.get("S") if fmt == "sell" else None
+
+
+class ConfigTable:
+    """A validated table (module docs); :meth:`config` and :meth:`max_sparse_tokens` answer from it."""
+
+    def __init__(self, data: dict, origin: str = "<dict>"):
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            _fail(origin, f"expected a JSON object with \"version\": {VERSION}")
+        self.origin = origin
+        self.source = data.get("source")
+        self.min_speedup = data.get("min_speedup")
+        self.entries = [self._entry(e, i) for i, e in enumerate(data.get("entries", []))]
+        self.crossovers = [self._crossover(c, i) for i, c in enumerate(data.get("crossovers", []))]
+        self._cache: dict = {}
+
+    def _entry(self, e, i: int) -> dict:
+        where = f"entries[{i}]"
+        if not isinstance(e, dict) or e.get("format") not in FORMATS:
+            _fail(self.origin, f"{where}: format must be one of {FORMATS}")
+        if e.get("dtype") not in DTYPES:
+            _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {e.get('dtype')!r}")
+        tokens = e.get("tokens")
+        if (not isinstance(tokens, list) or len(tokens) != 2 or not all(isinstance(t, int) for t in tokens)
+                or not 1 <= tokens[0] <= tokens[1]):
+            _fail(self.origin, f"{where}: tokens must be [first, last] with 1 <= first <= last, got {tokens!r}")
+        self._check_shape(e.get("shape"), where)
+        config = e.get("config")
+        if not isinstance(config, dict) or not config:
+            _fail(self.origin, f"{where}: config must be a non-empty object")
+        unknown = set(config) - CONFIG_KEYS[e["format"]]
+        if unknown:
+            _fail(self.origin, f"{where}: unknown {e['format']} config keys {sorted(unknown)}")
+        if not all(isinstance(v, int) and v >= 0 for v in config.values()):
+            _fail(self.origin, f"{where}: config values must be non-negative integers, got {config}")
+        if e["format"] == "sell" and "S" not in config:
+            _fail(self.origin, f"{where}: a sell config names its slice height S")
+        return e
+
+    def _crossover(self, c, i: int) -> dict:
+        where = f"crossovers[{i}]"
+        if not isinstance(c, dict) or c.get("format") not in FORMATS:
+            _fail(self.origin, f"{where}: format must be one of {FORMATS}")
+        if c.get("dtype") not in DTYPES:
+            _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {c.get('dtype')!r}")
+        if (c["format"] == "sell") != isinstance(c.get("S"), int):
+            _fail(self.origin, f"{where}: a sell crossover names its slice height S (an nm24 one none)")
+        self._check_shape(c.get("shape"), where)
+        m = c.get("max_sparse_tokens")
+        if not isinstance(m, int) or m < 0:
+            _fail(self.origin, f"{where}: max_sparse_tokens must be an integer >= 0, got {m!r}")
+        return c
+
+    def _check_shape(self, shape, where: str) -> None:
+        if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                      and all(isinstance(v, int) and v > 0 for v in shape)):
+            _fail(self.origin, f"{where}: shape must be null or [in_features, out_features], got {shape!r}")
+
+    @staticmethod
+    def _dtypes(dtype: str) -> tuple:
+        return (dtype, "float16") if dtype == "bfloat16" else (dtype,)
+
+    @staticmethod
+    def _matches(item: dict, fmt: str, in_features: int, out_features: int, slice_rows: int | None) -> bool:
+        s = (item["config"] if "config" in item else item).get("S")
+        return (item["format"] == fmt and s == (slice_rows if fmt == "sell" else None)
+                and item.get("shape") in (None, [in_features, out_features]))
+
+    def config(self, fmt: str, dtype, tokens: int, in_features: int, out_features: int,
+               slice_rows: int | None = None) -> dict | None:
+        """The measured config for a call (a copy), or None: the entry of this shape if any,
+        else the any-shape one; bfloat16 falls back to float16's (module docs). ``dtype``: a
+        torch dtype or its name (the cache keys on it as given: a launch pays one dict lookup)."""
+        key = (fmt, dtype, tokens, in_features, out_features, slice_rows)
+        if key not in self._cache:
+            dtype = str(dtype).removeprefix("torch.")
+            found = None
+            for want in self._dtypes(dtype):
+                candidates = [e for e in self.entries if e["dtype"] == want and e["tokens"][0] <= tokens <= e["tokens"][1]
+                              and self._matches(e, fmt, in_features, out_features, slice_rows)]
+                if candidates:  # this shape's own entry first
+                    found = min(candidates, key=lambda e: e.get("shape") is None)["config"]
+                    break
+            self._cache[key] = found
+        found = self._cache[key]
+        return None if found is None else dict(found)
+
+    def max_sparse_tokens(self, fmt: str, dtype: str, in_features: int, out_features: int,
+                          slice_rows: int | None = None) -> int | None:
+        """The measured crossover of a linear (this shape's, else the any-shape one), or None."""
+        for want in self._dtypes(dtype):
+            mine = [c for c in self.crossovers if c["dtype"] == want
+                    and self._matches(c, fmt, in_features, out_features, slice_rows)]
+            if mine:
+                return min(mine, key=lambda c: c.get("shape") is None)["max_sparse_tokens"]
+        return None
+
+    def describe(self) -> dict:
+        """Where the table came from, for reports."""
+        return {"origin": self.origin, "source": self.source, "entries": len(self.entries),
+                "crossovers": len(self.crossovers)}
+
+
+_loaded: dict = {}  # path -> table
+_override: list = []  # the tables given to use(), innermost last
+_resolved: list = []  # [the table the environment chose, or None], once resolved
+
+
+def load(path) -> ConfigTable:
+    """The table in a JSON file (ConfigTableError if it is unreadable or malformed)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigTableError(f"sparse kernel config table {path}: {exc}") from exc
+    return ConfigTable(data, str(path))
+
+
+def _cached(path, why: str) -> ConfigTable:
+    """A file's table, read once per process (a launch must not stat files: microseconds a call)."""
+    path = str(path)
+    if path not in _loaded:
+        try:
+            _loaded[path] = load(path)
+        except ConfigTableError as exc:
+            raise ConfigTableError(f"{exc} ({why})") from exc
+    return _loaded[path]
+
+
+def active() -> ConfigTable | None:
+    """The table in effect (module docs), or None: the launchers' fixed defaults. The
+    environment is read once (a launch must not pay for it): :func:`refresh` reads it again."""
+    if _override:
+        return _override[-1]
+    if not _resolved:
+        env = os.environ.get(ENV)
+        if env:
+            table = _cached(env, f"named by ${ENV}")
+        elif os.environ.get("TRITON_INTERPRET") == "1" or not PACKAGED.is_file():
+            table = None
+        else:
+            table = _cached(PACKAGED, "packaged with sparsellm")
+        _resolved.append(table)
+    return _resolved[0]
+
+
+def refresh() -> None:
+    """Forget the tables read so far and the environment's choice (after changing either)."""
+    _loaded.clear()
+    _resolved.clear()
+
+
+@contextlib.contextmanager
+def use(table: ConfigTable | dict | None):
+    """Make ``table`` the active one inside the block (None: no table, the fixed defaults)."""
+    if isinstance(table, dict):
+        table = ConfigTable(table)
+    _override.append(table)
+    try:
+        yield table
+    finally:
+        _override.pop()
+
+
+def lookup(fmt: str, dtype, tokens: int, in_features: int, out_features: int,
+           slice_rows: int | None = None) -> dict | None:
+    """The active table's config for a call (``dtype`` a torch dtype or its name), or None."""
+    table = active()
+    if table is None:
+        return None
+    return table.config(fmt, dtype, tokens, in_features, out_features, slice_rows)
+
+
+def max_sparse_tokens(fmt: str, dtype, in_features: int, out_features: int,
+                      slice_rows: int | None = None) -> int | None:
+    """The active table's crossover for a linear, or None (the export's constants)."""
+    table = active()
+    if table is None:
+        return None
+    return table.max_sparse_tokens(fmt, str(dtype).removeprefix("torch."), in_features, out_features, slice_rows)
+
+
+def describe() -> dict:
+    """The active table's origin (for reports); {"origin": None} when the defaults run."""
+    table = active()
+    return {"origin": None} if table is None else table.describe()
+
+
+# ------------------------------------------------------------------ from sweep rows to a table
+
+def row_ok(row: dict) -> bool:
+    """Whether a sweep row is a kernel config that ran and matched the dense product."""
+    return row.get("impl") not in (None, "dense") and "us" in row and row.get("err", math.inf) < MAX_ERROR
+
+
+def _speedups(rows: list[dict]) -> dict:
+    """{(format, dtype, variant, tokens): {shape: {config json: speedup}}} of the correct rows,
+    and the dense times alongside."""
+    dense = {(r["format"], r["dtype"], r["tokens"], tuple(r["shape"])): r["us"]
+             for r in rows if r.get("impl") == "dense" and "us" in r}
+    out: dict = {}
+    for r in rows:
+        if not row_ok(r):
+            continue
+        base = dense.get((r["format"], r["dtype"], r["tokens"], tuple(r["shape"])))
+        if base is None:
+            continue
+        group = (r["format"], r["dtype"], _variant(r["format"], r["config"]), r["tokens"])
+        per_shape = out.setdefault(group, {}).setdefault(tuple(r["shape"]), {})
+        key = json.dumps(r["config"], sort_keys=True)
+        # a config timed twice (merged sweeps) keeps its faster median
+        per_shape[key] = max(per_shape.get(key, 0.0), base / r["us"])
+    return out
+
+
+def _contiguous_crossover(tokens: list[int], wins: dict, min_speedup: float) -> int | None:
+    """The largest measured token count up to which every measured count wins (1 must be among
+    them), 0 when one token already loses, None when 1 token was not measured. Counts between
+    two measured ones take the next one's verdict: below 16 tokens a dense linear's time is its
+    weight read, flat in the token count, and the sparse kernels' token blocks are powers of two."""
+    if not tokens or tokens[0] != 1:
+        return None
+    best = 0
+    for t in tokens:
+        if wins[t] < min_speedup:
+            break
+        best = t
+    return best
+
+
+def pick(rows: list[dict], *, source: dict | None = None, min_speedup: float = MIN_SPEEDUP) -> dict:
+    """A table (module docs) from sweep rows (``benchmarks/sparse_gpu_sweep.py``'s JSON rows):
+    per (format, dtype, slice height, measured token count) each shape's fastest correct config,
+    plus the any-shape config of best geometric-mean speedup among those correct at every shape;
+    a measured count's entry covers the counts above the next smaller measured one (one token
+    only a one-token entry). Crossovers:
+    per shape from its own entries, for any shape from the any-shape configs' worst shape."""
+    speed = _speedups(rows)
+    entries, crossovers = [], []
+    dense = {(r["format"], r["dtype"], r["tokens"], tuple(r["shape"])): r["us"]
+             for r in rows if r.get("impl") == "dense" and "us" in r}
+    families = sorted({g[:3] for g in speed}, key=lambda g: (g[0], g[1], g[2] or 0))
+    for fmt, dtype, variant in families:
+        counts = sorted(t for f, d, v, t in speed if (f, d, v) == (fmt, dtype, variant))
+        shape_wins: dict = {}
+        any_wins: dict = {}
+        for i, t in enumerate(counts):
+            # one token is its own regime (the one-token kernels): only a one-token row covers it
+            first = counts[i - 1] + 1 if i else min(t, 2)
+            per_shape = speed[(fmt, dtype, variant, t)]
+            for shape, configs in sorted(per_shape.items()):
+                key, s = max(configs.items(), key=lambda kv: kv[1])
+                entries.append({"format": fmt, "dtype": dtype, "tokens": [first, t], "shape": list(shape),
+                                "config": json.loads(key), "speedup": round(s, 4),
+                                "dense_us": round(dense[(fmt, dtype, t, shape)], 3)})
+                shape_wins.setdefault(shape, {})[t] = s
+            common = set.intersection(*(set(c) for c in per_shape.values()))
+            if common:
+                key = max(sorted(common), key=lambda k: sum(math.log(per_shape[sh][k]) for sh in per_shape))
+                worst = min(per_shape[sh][key] for sh in per_shape)
+                entries.append({"format": fmt, "dtype": dtype, "tokens": [first, t], "shape": None,
+                                "config": json.loads(key), "worst_speedup": round(worst, 4),
+                                "shapes": [list(sh) for sh in sorted(per_shape)]})
+                any_wins[t] = worst
+            else:
+                any_wins[t] = 0.0  # no config ran at every shape: nothing to pick for other shapes
+        extra = {"S": variant} if fmt == "sell" else {}
+        for shape, wins in sorted(shape_wins.items()):
+            m = _contiguous_crossover([t for t in counts if t in wins], wins, min_speedup)
+            if m is not None:
+                crossovers.append({"format": fmt, **extra, "dtype": dtype, "shape": list(shape),
+                                   "max_sparse_tokens": m})
+        m = _contiguous_crossover(counts, any_wins, min_speedup)
+        if m is not None:
+            crossovers.append({"format": fmt, **extra, "dtype": dtype, "shape": None, "max_sparse_tokens": m})
+    return {"version": VERSION, "source": source or {}, "min_speedup": min_speedup,
+            "entries": entries, "crossovers": crossovers}

@@ -1,0 +1,181 @@
+"""The sparse kernels' config table (kernels/sparse_configs.py): picking it from sweep rows,
+looking calls up in it, refusing malformed tables, and which table is active."""
+import json
+import math
+
+import pytest
+
+from sparsellm.kernels import sparse_configs as sc
+
+SHAPES = ([4096, 4096], [4096, 11008], [11008, 4096])
+A = {"BLOCK_N": 8, "BLOCK_K": 1024, "X_MODE": 3, "STAGES": 3, "num_warps": 4}
+B = {"BLOCK_N": 4, "BLOCK_K": 512, "X_MODE": 4, "STAGES": 2, "num_warps": 4}
+C = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "split_k": 1}
+
+
+def _rows(speedups: dict, fmt="nm24", dtype="float16", dense_us=30.0) -> list[dict]:
+    """Sweep rows: {(tokens, shape index): [(config, speedup), ...]} -> a dense row and one row
+    per config, its time dense_us / speedup."""
+    rows = []
+    for (t, i), configs in speedups.items():
+        base = {"shape": SHAPES[i], "format": fmt, "tokens": t, "dtype": dtype}
+        rows.append({**base, "impl": "dense", "config": None, "us": dense_us, "err": 1e-4})
+        rows += [{**base, "impl": fmt, "config": c, "us": dense_us / s, "err": 2e-4} for c, s in configs]
+    return rows
+
+
+def _crossover(table, fmt, shape, **extra):
+    hits = [c for c in table["crossovers"] if c["format"] == fmt and c["shape"] == shape
+            and all(c.get(k) == v for k, v in extra.items())]
+    assert len(hits) == 1, hits
+    return hits[0]["max_sparse_tokens"]
+
+
+def test_pick_takes_each_shapes_fastest_and_the_best_config_over_all_shapes():
+    rows = _rows({
+        (1, 0): [(A, 1.50), (B, 1.60)], (1, 1): [(A, 1.45), (B, 1.40)], (1, 2): [(A, 1.60), (B, 1.55)],
+        (4, 0): [(B, 1.20), (C, 0.50)], (4, 1): [(B, 1.02), (C, 0.40)], (4, 2): [(B, 1.30), (C, 0.45)],
+        (16, 0): [(C, 1.10)], (16, 1): [(C, 0.90)], (16, 2): [(C, 0.80)],
+    })
+    # a faster row whose output is wrong, and one that failed to compile: neither is picked
+    rows.append({**rows[1], "config": {**A, "BLOCK_N": 16}, "us": 1.0, "err": 0.5})
+    rows.append({k: v for k, v in rows[1].items() if k != "us"} | {"config": {**A, "BLOCK_N": 2}, "error": "spill"})
+    table = sc.pick(rows, source={"commit": "abc"})
+    sc.ConfigTable(table)  # it validates
+    own = {(tuple(e["tokens"]), tuple(e["shape"])): e for e in table["entries"] if e["shape"] is not None}
+    assert own[((1, 1), tuple(SHAPES[0]))]["config"] == B and own[((1, 1), tuple(SHAPES[1]))]["config"] == A
+    assert own[((1, 1), tuple(SHAPES[0]))]["speedup"] == pytest.approx(1.6)
+    assert own[((2, 4), tuple(SHAPES[2]))]["config"] == B  # 4 tokens cover 2-4, 16 cover 5-16
+    assert own[((5, 16), tuple(SHAPES[0]))]["config"] == C
+    anyshape = {tuple(e["tokens"]): e for e in table["entries"] if e["shape"] is None}
+    # geometric mean at 1 token: A (1.5 * 1.45 * 1.6 = 3.48) over B (1.6 * 1.4 * 1.55 = 3.47)
+    assert anyshape[(1, 1)]["config"] == A and anyshape[(1, 1)]["worst_speedup"] == pytest.approx(1.45)
+    assert sorted(anyshape) == [(1, 1), (2, 4), (5, 16)]
+    # crossovers: a count wins at >= 1.05x, and every smaller measured count must win too
+    assert _crossover(table, "nm24", SHAPES[0]) == 16
+    assert _crossover(table, "nm24", SHAPES[1]) == 1   # 1.02x at 4 tokens is no win
+    assert _crossover(table, "nm24", SHAPES[2]) == 4
+    assert _crossover(table, "nm24", None) == 1  # the any-shape config's worst shape
+    assert table["source"] == {"commit": "abc"} and table["min_speedup"] == sc.MIN_SPEEDUP
+    assert _crossover(sc.pick(rows, min_speedup=1.01), "nm24", SHAPES[1]) == 4
+
+
+def test_pick_keeps_slice_heights_apart_and_says_nothing_without_one_token():
+    s8, s16 = {"S": 8, "BLOCK_J": 128, "num_warps": 4}, {"S": 16, "BLOCK_J": 64, "num_warps": 8}
+    rows = _rows({(1, 0): [(s8, 2.1), (s16, 2.4)], (1, 1): [(s8, 2.8), (s16, 2.5)]}, fmt="sell")
+    rows += _rows({(4, 0): [(A, 0.9)]})  # nm24 measured at 4 tokens only: no crossover
+    table = sc.pick(rows)
+    t = sc.ConfigTable(table)
+    # a sell entry applies only to weights packed with its slice height
+    assert t.config("sell", "float16", 1, *SHAPES[0], slice_rows=8) == s8
+    assert t.config("sell", "float16", 1, *SHAPES[0], slice_rows=16) == s16
+    assert t.config("sell", "float16", 1, *SHAPES[0], slice_rows=32) is None
+    assert _crossover(table, "sell", SHAPES[1], S=8) == 1 and _crossover(table, "sell", None, S=16) == 1
+    assert not [c for c in table["crossovers"] if c["format"] == "nm24"]
+    assert t.config("nm24", "float16", 3, *SHAPES[0]) == A and t.config("nm24", "float16", 1, *SHAPES[0]) is None
+    # a failed one-token count: crossover 0 (always dense)
+    lost = sc.pick(_rows({(1, 0): [(A, 0.8)], (4, 0): [(B, 1.2)]}))
+    assert _crossover(lost, "nm24", SHAPES[0]) == 0
+
+
+def test_no_config_at_every_shape_gives_no_any_shape_entry():
+    table = sc.pick(_rows({(1, 0): [(A, 1.5)], (1, 1): [(B, 1.4)]}))
+    assert not [e for e in table["entries"] if e["shape"] is None]
+    assert _crossover(table, "nm24", None) == 0 and _crossover(table, "nm24", SHAPES[1]) == 1
+
+
+def _table(**changes) -> dict:
+    table = {"version": 1, "source": {"commit": "x"}, "entries": [
+        {"format": "nm24", "dtype": "float16", "tokens": [1, 1], "shape": None, "config": dict(A)},
+        {"format": "nm24", "dtype": "float16", "tokens": [1, 1], "shape": SHAPES[1], "config": dict(B)},
+        {"format": "nm24", "dtype": "float32", "tokens": [2, 8], "shape": None, "config": dict(C)},
+    ], "crossovers": [
+        {"format": "nm24", "dtype": "float16", "shape": None, "max_sparse_tokens": 4},
+        {"format": "nm24", "dtype": "float16", "shape": SHAPES[1], "max_sparse_tokens": 8},
+        {"format": "sell", "S": 8, "dtype": "float16", "shape": None, "max_sparse_tokens": 2},
+    ]}
+    table.update(changes)
+    return table
+
+
+def test_lookup_prefers_the_shapes_own_entry_and_falls_back_by_dtype():
+    t = sc.ConfigTable(_table())
+    assert t.config("nm24", "float16", 1, *SHAPES[1]) == B
+    assert t.config("nm24", "float16", 1, *SHAPES[0]) == A
+    assert t.config("nm24", "bfloat16", 1, *SHAPES[1]) == B  # bfloat16: float16's entries
+    assert t.config("nm24", "float32", 1, *SHAPES[1]) is None  # float32: its own only
+    assert t.config("nm24", "float32", 8, *SHAPES[1]) == C and t.config("nm24", "float32", 9, *SHAPES[1]) is None
+    assert t.config("nm24", "float16", 2, *SHAPES[1]) is None
+    assert t.config("sell", "float16", 1, *SHAPES[1], slice_rows=8) is None
+    got = t.config("nm24", "float16", 1, *SHAPES[1])
+    got["BLOCK_N"] = 99  # a copy: the launcher pops its split from it
+    assert t.config("nm24", "float16", 1, *SHAPES[1]) == B
+    assert t.max_sparse_tokens("nm24", "float16", *SHAPES[1]) == 8
+    assert t.max_sparse_tokens("nm24", "bfloat16", *SHAPES[0]) == 4
+    assert t.max_sparse_tokens("nm24", "float32", *SHAPES[0]) is None
+    assert t.max_sparse_tokens("sell", "float16", *SHAPES[0], slice_rows=8) == 2
+    assert t.max_sparse_tokens("sell", "float16", *SHAPES[0], slice_rows=16) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"version": 2}, "version"),
+    ({"entries": [{"format": "coo"}]}, "format must be one of"),
+    ({"entries": [{"format": "nm24", "dtype": "float8", "tokens": [1, 1], "config": A}]}, "dtype"),
+    ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [2, 1], "config": A}]}, "tokens"),
+    ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [1, 1], "shape": [4096], "config": A}]}, "shape"),
+    ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [1, 1], "config": {"BLOCK_J": 8}}]},
+     "unknown nm24 config keys"),
+    ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [1, 1], "config": {"BLOCK_N": 0.5}}]},
+     "integers"),
+    ({"entries": [{"format": "sell", "dtype": "float16", "tokens": [1, 1], "config": {"BLOCK_J": 8}}]},
+     "slice height"),
+    ({"crossovers": [{"format": "nm24", "dtype": "float16", "max_sparse_tokens": -1}]}, "max_sparse_tokens"),
+    ({"crossovers": [{"format": "sell", "dtype": "float16", "max_sparse_tokens": 1}]}, "slice height"),
+])
+def test_a_malformed_table_is_refused_with_where(change, message):
+    with pytest.raises(sc.ConfigTableError, match=message) as info:
+        sc.ConfigTable(_table(**change), "t.json")
+    assert "t.json" in str(info.value)
+
+
+@pytest.fixture
+def fresh():
+    """The environment's choice resolved afresh in the test, and again after it."""
+    sc.refresh()
+    yield
+    sc.refresh()
+
+
+def test_the_active_table(tmp_path, monkeypatch, fresh):
+    """use() first, then the file in the environment, then the packaged one (not under the
+    interpreter), the environment read once; a missing file is an error naming it."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(_table()))
+    monkeypatch.setenv(sc.ENV, str(path))
+    assert sc.lookup("nm24", "torch.float16", 1, *SHAPES[1]) == B
+    assert sc.max_sparse_tokens("nm24", "torch.bfloat16", *SHAPES[0]) == 4
+    assert sc.describe()["origin"] == str(path) and sc.describe()["source"] == {"commit": "x"}
+    with sc.use(None):
+        assert sc.lookup("nm24", "float16", 1, *SHAPES[1]) is None and sc.describe() == {"origin": None}
+        with sc.use(_table(entries=[])):
+            assert sc.lookup("nm24", "float16", 1, *SHAPES[1]) is None
+            assert sc.max_sparse_tokens("nm24", "float16", *SHAPES[1]) == 8
+    monkeypatch.setenv(sc.ENV, str(tmp_path / "missing.json"))
+    assert sc.describe()["origin"] == str(path)  # read once ...
+    sc.refresh()                                 # ... until refreshed
+    with pytest.raises(sc.ConfigTableError, match="missing.json.*SPARSELLM_SPARSE_GPU_CONFIGS"):
+        sc.lookup("nm24", "float16", 1, *SHAPES[1])
+    monkeypatch.delenv(sc.ENV)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sc.refresh()
+    assert sc.active() is None  # the packaged table's tiles are for GPUs
+    monkeypatch.delenv("TRITON_INTERPRET")
+    sc.refresh()
+    assert sc.active().origin == str(sc.PACKAGED)
+
+
+def test_the_packaged_table_loads():
+    table = sc.load(sc.PACKAGED)
+    assert table.source  # says where its numbers came from (or that there are none yet)
+    for e in table.entries:
+        assert e["format"] in sc.FORMATS and math.isfinite(e.get("speedup", e.get("worst_speedup", 1.0)))
