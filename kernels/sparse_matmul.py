@@ -655,6 +655,10 @@ _sell_multi = triton.autotune(configs=configs([{"BLOCK_J": 16}], {"BLOCK_J": 8},
                               key=_SELL_KEY, reset_to_zero=["out_ptr"])(_sell_kernel)
 
 SELL_BLOCK_T_MAX = 8  # tokens per program; more tokens take more programs (each re-reads its slice)
+# The largest input a table's X_SHARED config stages in shared memory (padded to a power of two):
+# 48 KiB, the shared memory every CUDA GPU since Volta gives a block without opting in (the
+# sweep's largest, 11008 fp16 inputs, stage 32 KiB); larger inputs gather from global memory
+SELL_X_SHARED_MAX_BYTES = 48 * 1024
 
 
 def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
@@ -684,6 +688,8 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
         if config is not None:
             split = config.pop("split", None)
             config.pop("S")  # the packing's slice height, which the entry was matched on
+            if config.get("X_SHARED") and next_pow2(k) * x.element_size() > SELL_X_SHARED_MAX_BYTES:
+                config["X_SHARED"] = 0  # an any-shape entry met a larger input than it was measured on
     block_t = min(SELL_BLOCK_T_MAX, next_pow2(t))
     t_blocks = triton.cdiv(t, block_t)
     if config is not None and config.get("X_SHARED") and block_t > 1:

@@ -516,6 +516,17 @@ def test_the_launchers_run_the_config_tables_entry(monkeypatch):
             got = sparse_matmul.sell_linear(x, v, c, ptr, n, k, rows)
             assert seen[-1][1] == want_config and (split is None or seen[-1][0][5] == split)  # (n, k, s, t, dtype, split, bias)
             assert rel_err(got, F.linear(x.double().cpu(), w.double())) < 1e-5
+    # a table's X_SHARED config stages x in shared memory only up to SELL_X_SHARED_MAX_BYTES
+    staged = {"version": 1, "entries": [{"format": "sell", "dtype": "float32", "tokens": [1, 1], "shape": None,
+                                         "config": {**slab, "X_SHARED": 1}}]}
+    v, c, ptr = (t.to(DEV) for t in reference.sell_pack(w, 8, 16))
+    with sparse_configs.use(staged):
+        sparse_matmul.sell_linear(x, v, c, ptr, n, k, 8)
+        assert seen[-1][1]["X_SHARED"] == 1
+        monkeypatch.setattr(sparse_matmul, "SELL_X_SHARED_MAX_BYTES", k * 4 - 1)
+        got = sparse_matmul.sell_linear(x, v, c, ptr, n, k, 8)
+        assert seen[-1][1]["X_SHARED"] == 0
+    assert rel_err(got, F.linear(x.double().cpu(), w.double())) < 1e-5
 
 
 def test_the_export_takes_its_crossovers_from_the_config_table(tmp_path, monkeypatch):
@@ -547,6 +558,8 @@ def test_the_export_takes_its_crossovers_from_the_config_table(tmp_path, monkeyp
         assert (q["max_sparse_tokens"], q["crossover_from"]) == (3, "table")
         assert report["kernel_configs"]["source"] == {"commit": "abc"}
         assert model.model.layers[0].mlp.up_proj.max_sparse_tokens == 5
+    with pytest.raises(ExportError, match=">= 0"):
+        to_sparse_gpu(tiny_llama(), max_sparse_tokens=-1)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"version": 1, "entries": [{"format": "nm24"}]}))
     monkeypatch.setenv(sparse_configs.ENV, str(bad))
