@@ -15,12 +15,19 @@ and checks each result's max error against the dense output. Prints a markdown t
 (speedup = dense ms / sparse ms) and, with --out, writes JSON. Meant to take well under a
 minute on an H100 plus the one-time JIT compile, whose time is printed.
 
-    PYTHONPATH=$PWD python benchmarks/cusparselt_prefill.py --out cusparselt_prefill.json
+    PYTHONPATH=$PWD python benchmarks/cusparselt_prefill.py --out cusparselt_prefill.json [--pick table.json]
+    python benchmarks/cusparselt_prefill.py --from cusparselt_prefill.json --pick table.json
+
+``--pick`` writes the prefill entries of the kernels' config table (``kernels/sparse_configs.py``:
+per shape the token count from which ``ours`` beats dense by ``--min-speedup`` at every measured
+count up, and the largest of those for other shapes) into ``table.json``, keeping what else it
+holds (the decode sweep's entries); ``--from`` picks from a stored run without a GPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -87,9 +94,46 @@ def torch_semi_structured(w):
         return None, f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
+def write_pick(result: dict, path: str, min_speedup: float, measured: str) -> dict:
+    """Merge the prefill entries of ``result`` (this script's JSON) into the config table at
+    ``path`` (a new one if there is none), replacing the prefill entries of its dtype; the
+    table's ``source.prefill`` records what measured them. Returns the written table."""
+    from sparsellm.kernels import sparse_configs
+
+    dtype = str(DTYPES[result["dtype"]]).removeprefix("torch.")
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        table = {"version": sparse_configs.VERSION, "source": {}, "min_speedup": min_speedup, "entries": [],
+                 "crossovers": []}
+    kept = [p for p in table.get("prefill", []) if p.get("dtype") != dtype]
+    table["prefill"] = kept + sparse_configs.pick_prefill(result["rows"], dtype, min_speedup=min_speedup)
+    table.setdefault("source", {})["prefill"] = {
+        "commit": result.get("commit"), "device": result.get("device"), "torch": result.get("torch"),
+        "cusparselt": result.get("cusparselt_runtime"), "timer": result.get("timer"), "measured": measured,
+        "min_speedup": min_speedup, "picked": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    sparse_configs.ConfigTable(table, path)  # what is written must load
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+    return table
+
+
+def _pick_summary(table: dict) -> str:
+    lines = ["prefill through cuSPARSELt (from tokens):"]
+    for p in table.get("prefill", []):
+        shape = "any shape" if p["shape"] is None else "{}->{}".format(*p["shape"])
+        lines.append(f"  {p['format']} {p['dtype']} {shape}: {p['min_tokens']}")
+    return "\n".join(lines if len(lines) > 1 else lines + ["  none: dense beat it at the largest measured count"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--pick", help="merge the prefill crossovers into this config table (kernels/sparse_configs.py)")
+    parser.add_argument("--from", dest="source", help="a stored result JSON: no benchmark, only --pick")
+    parser.add_argument("--min-speedup", type=float, default=None,
+                        help="speedup over dense a token count needs (default: the config table's, 1.05)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--warmup-ms", type=int, default=10)
@@ -99,11 +143,35 @@ def main(argv=None) -> int:
     # crashed (tests/test_cusparselt.py, test_search_picks_an_algorithm)
     parser.add_argument("--search", action="store_true", help="also time ours after search(T) (known to fail)")
     args = parser.parse_args(argv)
+    from sparsellm.kernels import sparse_configs
+
+    min_speedup = sparse_configs.MIN_SPEEDUP if args.min_speedup is None else args.min_speedup
+    if min_speedup <= 0:
+        print(f"--min-speedup must be > 0, got {min_speedup}", file=sys.stderr)
+        return 2
+    if args.source:
+        if not args.pick:
+            print("--from only feeds --pick: name the table to write", file=sys.stderr)
+            return 2
+        try:
+            with open(args.source) as f:
+                stored = json.load(f)
+            if stored["dtype"] not in DTYPES or not isinstance(stored["rows"], list):
+                raise ValueError(f"dtype {stored['dtype']!r}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{args.source}: not a result of this script ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+        try:
+            print(_pick_summary(write_pick(stored, args.pick, min_speedup, args.source)))
+        except (ValueError, OSError) as exc:  # the table there is malformed, or unwritable
+            print(f"{args.pick}: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     from sparsellm.export import cusparselt
 
     result = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "dtype": args.dtype, "rows": []}
+              "commit": os.environ.get("SPARSELLM_COMMIT"), "dtype": args.dtype, "rows": []}
     ok, why = cusparselt.available()
     result["available"], result["reason"] = ok, why
     if not ok:
@@ -212,6 +280,8 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
+    if args.pick:
+        print(_pick_summary(write_pick(result, args.pick, min_speedup, args.out or "(not stored)")))
     return 0
 
 

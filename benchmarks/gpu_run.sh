@@ -30,7 +30,9 @@
 #             by named part of the prune and by kernel -> logs/profile/*.md
 #   memory    SparseLLM on 2 layers at 128 x 2048 calibration tokens (issue 12's memory target:
 #             where its token buffers live, peak memory) -> prune_7b_128.json
-#   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4)
+#   cusparselt benchmarks/cusparselt_prefill.py (our cuSPARSELt binding vs dense vs torch 2:4; runs
+#             before bench): its prefill crossovers merged into sparse_configs.json, which bench
+#             then runs with; and tests/test_cusparselt.py
 #   elsa7b    benchmarks/elsa_7b.py: Elsa's step time, tokens/s and memory on 4 random 7B-shaped
 #             layers, plain (TF32 and bfloat16 autocast) and FSDP2 over one process (issue 10)
 #   elsasmall benchmarks/elsa_7b.py on a random model of the default model's shape (30 layers, 8 x 512
@@ -96,9 +98,25 @@ if has sweep; then
     --pick "$O/sparse_configs.json" >> "$L/sweep.log" 2>&1
   log "config table picked rc=$?: $(grep -c '' "$O/sparse_configs.json" 2>/dev/null || echo 0) lines"
 fi
+if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
+  # its own JIT build (cuSPARSELt binding, ~40 s): the switch that keeps the main extension off
+  # must not stop this one; the benchmark first, so its printed compile time is the real one
+  t0=$(date +%s)
+  # --pick: its prefill crossovers into the call's config table (the sweep's, or a new one)
+  SPARSELLM_JIT=1 timeout $(cap ${T_CSLT:-120}) python3 benchmarks/cusparselt_prefill.py --out "$O/cusparselt.json" \
+    --pick "$O/sparse_configs.json" > "$L/cusparselt.log" 2>&1
+  log "cusparselt bench rc=$? $(( $(date +%s)-t0 )) s"
+  t0=$(date +%s)
+  SPARSELLM_JIT=1 timeout $(cap 60) $P -q -rs --timeout 50 tests/test_cusparselt.py > "$L/cusparselt_tests.log" 2>&1
+  log "cusparselt tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/cusparselt_tests.log)"
+fi
 if [ -s "$O/sparse_configs.json" ] && [ "${USE_PICK:-1}" = 1 ]; then
   export SPARSELLM_SPARSE_GPU_CONFIGS=$O/sparse_configs.json  # the later steps run the picked configs
 fi
+# a table with cuSPARSELt prefill crossovers: the export loads that extension (JIT-built above),
+# which the switch that keeps the main extension off would refuse
+BENCH_JIT=$SPARSELLM_JIT
+grep -qs '"path": "cusparselt"' "${SPARSELLM_SPARSE_GPU_CONFIGS:-kernels/sparse_configs.json}" && BENCH_JIT=1
 if has bench; then
   # two runs, two JSON files: pytest-benchmark writes its JSON only when a run ends, so a run
   # cut by its cap must not take the other's numbers with it
@@ -106,7 +124,7 @@ if has bench; then
   # BENCH_PARTS picks the parts (default both)
   for part in ${BENCH_PARTS:-linear llama7b}; do
     t0=$(date +%s); k=$([ $part = linear ] && echo "${LINEAR_K:-}" || echo "${E2E_K:-}")
-    SPARSELLM_BENCH_LAYERS=${LAYERS:-32} timeout $(cap ${T_BENCH:-150}) $P -q -m gpu --timeout 140 benchmarks/bench_export.py \
+    SPARSELLM_JIT=$BENCH_JIT SPARSELLM_BENCH_LAYERS=${LAYERS:-32} timeout $(cap ${T_BENCH:-150}) $P -q -m gpu --timeout 140 benchmarks/bench_export.py \
       -k "$part${k:+ and ($k)}" --benchmark-max-time=0.1 --benchmark-json "$O/bench_$part.json" > "$L/bench_$part.log" 2>&1
     log "bench_export $part rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/bench_$part.log)"
     # a run that selected nothing leaves an empty JSON, which the table script cannot read
@@ -134,17 +152,6 @@ if has memory; then
     --runs sparsellm:0.7:auto --layers 2 --nsamples 128 --seqlen 2048 --timeout 190 --out "$O/prune_7b_128.json" \
     > "$L/memory.log" 2>&1
   log "prune_7b at 128 x 2048 rc=$? $(( $(date +%s)-t0 )) s"
-fi
-if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
-  # its own JIT build (cuSPARSELt binding, ~40 s): the switch that keeps the main extension off
-  # must not stop this one; the benchmark first, so its printed compile time is the real one
-  t0=$(date +%s)
-  SPARSELLM_JIT=1 timeout $(cap ${T_CSLT:-120}) python3 benchmarks/cusparselt_prefill.py --out "$O/cusparselt.json" \
-    > "$L/cusparselt.log" 2>&1
-  log "cusparselt bench rc=$? $(( $(date +%s)-t0 )) s"
-  t0=$(date +%s)
-  SPARSELLM_JIT=1 timeout $(cap 60) $P -q -rs --timeout 50 tests/test_cusparselt.py > "$L/cusparselt_tests.log" 2>&1
-  log "cusparselt tests rc=$? $(( $(date +%s)-t0 )) s: $(tail -n 1 $L/cusparselt_tests.log)"
 fi
 if has elsa7b; then
   t0=$(date +%s)

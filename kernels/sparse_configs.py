@@ -18,7 +18,9 @@ The table (JSON, ``version`` 1)::
      "entries": [{"format": "nm24", "dtype": "float16", "tokens": [2, 4], "shape": [4096, 11008],
                   "config": {...}, "us": ..., "dense_us": ...}, ...],
      "crossovers": [{"format": "nm24", "dtype": "float16", "shape": null, "max_sparse_tokens": 4},
-                    {"format": "sell", "S": 8, "dtype": "float16", "shape": [4096, 4096], ...}, ...]}
+                    {"format": "sell", "S": 8, "dtype": "float16", "shape": [4096, 4096], ...}, ...],
+     "prefill": [{"format": "nm24", "path": "cusparselt", "dtype": "float16", "shape": null,
+                  "min_tokens": 2048}, ...]}
 
 - An entry applies to calls of its format and dtype with ``tokens[0] <= T <= tokens[1]`` and
   ``shape`` == [in_features, out_features]; an entry with ``shape`` null applies to any shape
@@ -29,6 +31,10 @@ The table (JSON, ``version`` 1)::
   nm24, ``split`` for sell; absent: the launcher's own choice).
 - A crossover is the largest token count at which the sparse kernel still runs (above it the
   export runs dense ``F.linear``), for one shape or (``shape`` null) any other.
+- A prefill entry (written by ``benchmarks/cusparselt_prefill.py --pick``) is the token count
+  from which a 2:4 linear's product through cuSPARSELt (:mod:`sparsellm.export.cusparselt`, the
+  plan built once per weight and token count) beats dense ``F.linear``: every measured count from
+  there up won by ``min_speedup``. Without one the export runs dense above its crossover.
 - bfloat16 calls use the float16 entries where the table has none of their own: the same bytes
   per weight and the same instructions but for the conversion to fp32. float32 calls use only
   float32 entries (the 16-bit-word pick, X_MODE 4, refuses float32).
@@ -58,7 +64,8 @@ CONFIG_KEYS = {
     "nm24": {"BLOCK_N", "BLOCK_K", "X_MODE", "STREAM", "AHEAD", "STAGES", "num_warps", "num_stages", "split_k"},
     "sell": {"S", "BLOCK_J", "STREAM", "X_SHARED", "STAGES", "num_warps", "num_stages", "split"},
 }
-SPLIT_KEY = {"nm24": "split_k", "sell": "split"}
+PREFILL_FORMATS = ("nm24",)  # cuSPARSELt multiplies 2:4 weights (3:4 ones fit the pattern)
+PREFILL_PATHS = ("cusparselt",)
 # the speedup over dense a measured token count needs for the sparse kernel to run there: the
 # sweep's medians scatter by a few percent between runs, and a path slower than dense must never
 # be picked
@@ -93,6 +100,7 @@ class ConfigTable:
         self.min_speedup = data.get("min_speedup")
         self.entries = [self._entry(e, i) for i, e in enumerate(data.get("entries", []))]
         self.crossovers = [self._crossover(c, i) for i, c in enumerate(data.get("crossovers", []))]
+        self.prefill = [self._prefill(p, i) for i, p in enumerate(data.get("prefill", []))]
         self._cache: dict = {}
 
     def _entry(self, e, i: int) -> dict:
@@ -131,6 +139,20 @@ class ConfigTable:
         if not isinstance(m, int) or m < 0:
             _fail(self.origin, f"{where}: max_sparse_tokens must be an integer >= 0, got {m!r}")
         return c
+
+    def _prefill(self, p, i: int) -> dict:
+        where = f"prefill[{i}]"
+        if not isinstance(p, dict) or p.get("format") not in PREFILL_FORMATS:
+            _fail(self.origin, f"{where}: format must be one of {PREFILL_FORMATS}")
+        if p.get("path") not in PREFILL_PATHS:
+            _fail(self.origin, f"{where}: path must be one of {PREFILL_PATHS}, got {p.get('path')!r}")
+        if p.get("dtype") not in DTYPES:
+            _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {p.get('dtype')!r}")
+        self._check_shape(p.get("shape"), where)
+        m = p.get("min_tokens")
+        if not isinstance(m, int) or m < 1:
+            _fail(self.origin, f"{where}: min_tokens must be an integer >= 1, got {m!r}")
+        return p
 
     def _check_shape(self, shape, where: str) -> None:
         if shape is not None and not (isinstance(shape, list) and len(shape) == 2
@@ -176,10 +198,21 @@ class ConfigTable:
                 return min(mine, key=lambda c: c.get("shape") is None)["max_sparse_tokens"]
         return None
 
+    def prefill_min_tokens(self, fmt: str, dtype: str, in_features: int, out_features: int,
+                           path: str = "cusparselt") -> int | None:
+        """The token count from which ``path`` beats dense for a linear (this shape's, else
+        the any-shape one), or None: dense."""
+        for want in self._dtypes(dtype):
+            mine = [p for p in self.prefill if p["dtype"] == want and p["path"] == path
+                    and self._matches(p, fmt, in_features, out_features, None)]
+            if mine:
+                return min(mine, key=lambda p: p.get("shape") is None)["min_tokens"]
+        return None
+
     def describe(self) -> dict:
         """Where the table came from, for reports."""
         return {"origin": self.origin, "source": self.source, "entries": len(self.entries),
-                "crossovers": len(self.crossovers)}
+                "crossovers": len(self.crossovers), "prefill": len(self.prefill)}
 
 
 _loaded: dict = {}  # path -> table
@@ -259,6 +292,14 @@ def max_sparse_tokens(fmt: str, dtype, in_features: int, out_features: int,
     if table is None:
         return None
     return table.max_sparse_tokens(fmt, str(dtype).removeprefix("torch."), in_features, out_features, slice_rows)
+
+
+def prefill_min_tokens(fmt: str, dtype, in_features: int, out_features: int, path: str = "cusparselt") -> int | None:
+    """The active table's prefill crossover for a linear, or None (dense above the decode crossover)."""
+    table = active()
+    if table is None:
+        return None
+    return table.prefill_min_tokens(fmt, str(dtype).removeprefix("torch."), in_features, out_features, path)
 
 
 def describe() -> dict:
@@ -356,3 +397,41 @@ def pick(rows: list[dict], *, source: dict | None = None, min_speedup: float = M
             crossovers.append({"format": fmt, **extra, "dtype": dtype, "shape": None, "max_sparse_tokens": m})
     return {"version": VERSION, "source": source or {}, "min_speedup": min_speedup,
             "entries": entries, "crossovers": crossovers}
+
+
+def _from_here_up(tokens: list[int], wins: dict, min_speedup: float) -> int | None:
+    """The smallest measured token count from which every larger measured count wins, or None
+    when the largest loses. Counts between two measured ones take the larger one's verdict (dense
+    between them); counts above the largest measured take its verdict: a larger GEMM is more
+    compute-bound, the regime where the sparse tensor cores gain."""
+    first = None
+    for t in sorted(tokens, reverse=True):
+        if wins.get(t, 0.0) < min_speedup:
+            break
+        first = t
+    return first
+
+
+def pick_prefill(rows: list[dict], dtype: str, *, min_speedup: float = MIN_SPEEDUP, path: str = "cusparselt",
+                 key: str = "ours") -> list[dict]:
+    """The prefill entries (module docs) from ``benchmarks/cusparselt_prefill.py``'s rows (``in``,
+    ``out``, ``tokens``, ``dense_ms``, ``{key}_ms``, ``{key}_err`` the largest absolute error
+    against dense, ``ref_max_abs``): per shape the token count from which it beats dense, and for
+    any other shape the largest of those (None anywhere: no any-shape entry). A wrong or failed
+    measurement counts as a loss."""
+    wins: dict = {}
+    for r in rows:
+        ok = (f"{key}_ms" in r and "dense_ms" in r and r.get(f"{key}_err", math.inf)
+              <= MAX_ERROR * max(r.get("ref_max_abs", 0.0), 1e-30))
+        wins.setdefault((r["in"], r["out"]), {})[r["tokens"]] = r["dense_ms"] / r[f"{key}_ms"] if ok else 0.0
+    entries, firsts = [], []
+    for shape, by_tokens in sorted(wins.items()):
+        first = _from_here_up(list(by_tokens), by_tokens, min_speedup)
+        firsts.append(first)
+        if first is not None:
+            entries.append({"format": "nm24", "path": path, "dtype": dtype, "shape": list(shape), "min_tokens": first,
+                            "speedups": {str(t): round(v, 4) for t, v in sorted(by_tokens.items())}})
+    if firsts and None not in firsts:
+        entries.append({"format": "nm24", "path": path, "dtype": dtype, "shape": None, "min_tokens": max(firsts),
+                        "shapes": [list(sh) for sh in sorted(wins)]})
+    return entries

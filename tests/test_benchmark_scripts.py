@@ -201,3 +201,38 @@ def test_the_sweep_picks_a_config_table_from_stored_sweeps(tmp_path, capsys):
     assert table.source["sweeps"] == [{"path": str(sweep), "commit": "c0ffee", "device": "NVIDIA H200",
                                        "torch": "2.11", "triton": None, "complete": True}]
     assert table.source["complete"] is True and table.source["triton"] is None
+
+
+def test_the_cusparselt_benchmark_merges_its_prefill_crossovers_into_a_table(tmp_path, capsys):
+    """--from a stored run --pick: prefill entries merged into an existing table (its decode
+    entries kept, the same dtype's prefill entries replaced), or a new table; refusals exit 2."""
+    import cusparselt_prefill
+
+    from sparsellm.kernels import sparse_configs
+
+    def run(speedup):
+        return {"dtype": "fp16", "device": "NVIDIA H200", "commit": "c0ffee", "timer": "do_bench",
+                "rows": [{"in": 64, "out": 96, "tokens": t, "dense_ms": 1.0, "ours_ms": 1.0 / speedup,
+                          "ours_err": 1e-3, "ref_max_abs": 1.0} for t in (512, 2048)]}
+
+    stored = tmp_path / "cslt.json"
+    stored.write_text(json.dumps(run(1.2)))
+    table = tmp_path / "table.json"
+    decode = {"format": "nm24", "dtype": "float16", "tokens": [1, 1], "shape": None, "config": {"BLOCK_N": 8}}
+    table.write_text(json.dumps({"version": 1, "entries": [decode], "prefill": [
+        {"format": "nm24", "path": "cusparselt", "dtype": "float16", "shape": None, "min_tokens": 9},
+        {"format": "nm24", "path": "cusparselt", "dtype": "bfloat16", "shape": None, "min_tokens": 7}]}))
+    assert cusparselt_prefill.main(["--from", str(stored)]) == 2 and "--pick" in capsys.readouterr().err
+    assert cusparselt_prefill.main(["--from", str(tmp_path / "none.json"), "--pick", str(table)]) == 2
+    assert cusparselt_prefill.main(["--from", str(stored), "--pick", str(table)]) == 0
+    assert "nm24 float16 64->96: 512" in capsys.readouterr().out
+    merged = sparse_configs.load(table)
+    assert merged.entries == [decode] and merged.prefill_min_tokens("nm24", "float16", 64, 96) == 512
+    assert merged.prefill_min_tokens("nm24", "float16", 32, 32) == 512  # the any-shape entry replaced 9
+    assert merged.prefill_min_tokens("nm24", "bfloat16", 32, 32) == 7  # another dtype's kept
+    assert merged.source["prefill"]["commit"] == "c0ffee" and merged.source["prefill"]["measured"] == str(stored)
+    fresh = tmp_path / "new.json"
+    stored.write_text(json.dumps(run(0.9)))  # dense wins: no prefill entry
+    assert cusparselt_prefill.main(["--from", str(stored), "--pick", str(fresh)]) == 0
+    assert "none: dense beat it" in capsys.readouterr().out
+    assert sparse_configs.load(fresh).prefill == []

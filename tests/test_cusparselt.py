@@ -231,3 +231,33 @@ def test_search_picks_an_algorithm():
     alg = lin.search(256)
     assert alg >= 0 and lin.alg_id(256) == alg and lin.searched(256)
     assert rel_err(lin(x), F.linear(x.float(), w.float())) < 2e-3
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_the_export_runs_cusparselt_from_its_prefill_crossover():
+    """to_sparse_gpu with a prefill crossover builds each 2:4 linear's cuSPARSELt copy at the
+    export (the report says so) and runs it from that many tokens on, bias added, matching the
+    dense product; below, the Triton kernel (1 token) and dense."""
+    from torch import nn
+
+    from sparsellm.export import SparseGPULinear, to_sparse_gpu
+
+    model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 512, bias=False)).to("cuda", torch.float16)
+    with torch.no_grad():
+        for i, lin in enumerate(model):
+            lin.weight.copy_(weight_24(lin.out_features, lin.in_features, seed=i))
+            if lin.bias is not None:
+                lin.bias.normal_()
+    x = torch.randn(2, 40, 512, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        want = model.float()(x.float())
+        model.half()
+    report = to_sparse_gpu(model, prefill_min_tokens=64)
+    assert all(v["prefill"]["note"] == "cuSPARSELt built" for v in report["converted"].values()), report
+    assert all(isinstance(m, SparseGPULinear) and m.prefill_min_tokens == 64 for m in model)
+    with torch.no_grad():
+        assert rel_err(model(x), want) < 4e-3  # 80 tokens: cuSPARSELt
+        assert rel_err(model(x[:1, :10]), want[:1, :10]) < 4e-3  # 10: dense
+        assert rel_err(model(x[:1, :1]), want[:1, :1]) < 4e-3  # 1: the Triton kernel
+    assert all(m.prefill_error is None for m in model)

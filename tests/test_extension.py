@@ -248,7 +248,8 @@ def test_sources_found_in_a_checkout():
 
 def test_wheel_ships_the_extension_sources(tmp_path):
     """`pip wheel .` (no build isolation: offline, with the setuptools at hand; no extension
-    build) puts csrc/ into the package as sparsellm/csrc, beside the constants module."""
+    build) puts csrc/ into the package as sparsellm/csrc, beside the constants module, and the
+    data files beside their modules."""
     tree = tmp_path / "tree"
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
     for name in ("sparsellm", "kernels", "csrc"):
@@ -264,3 +265,6 @@ def test_wheel_ships_the_extension_sources(tmp_path):
     expected = {f"sparsellm/csrc/{p.name}" for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".h")}
     assert expected and expected <= names
     assert {"sparsellm/kernel_constants.py", "sparsellm/_extension.py"} <= names
+    # the cuSPARSELt binding the sparse-gpu export builds for 2:4 prefill, and the sparse
+    # kernels' measured config table
+    assert {"sparsellm/csrc/cusparselt/cusparselt_linear.cpp", "sparsellm/kernels/sparse_configs.json"} <= names

@@ -179,3 +179,49 @@ def test_the_packaged_table_loads():
     assert table.source  # says where its numbers came from (or that there are none yet)
     for e in table.entries:
         assert e["format"] in sc.FORMATS and math.isfinite(e.get("speedup", e.get("worst_speedup", 1.0)))
+
+
+def _prefill_rows(speedups: dict, dense_ms=1.0) -> list[dict]:
+    """cusparselt_prefill.py rows: {(shape index, tokens): speedup or None (failed)}."""
+    rows = []
+    for (i, t), s in speedups.items():
+        row = {"in": SHAPES[i][0], "out": SHAPES[i][1], "tokens": t, "dense_ms": dense_ms, "ref_max_abs": 2.0}
+        if s is None:
+            row["ours_error"] = "RuntimeError: no plan"
+        else:
+            row.update(ours_ms=dense_ms / s, ours_err=1e-3)
+        rows.append(row)
+    return rows
+
+
+def test_pick_prefill_takes_the_count_from_which_every_larger_one_wins():
+    rows = _prefill_rows({(0, 128): 0.7, (0, 512): 1.10, (0, 2048): 1.20, (0, 4096): 1.25,
+                          (1, 128): 1.30, (1, 512): 0.95, (1, 2048): 1.07, (1, 4096): 1.12,
+                          (2, 128): 0.8, (2, 512): 0.9, (2, 2048): 1.3, (2, 4096): None})
+    rows.append({**rows[0], "tokens": 8192, "ours_ms": 0.5, "ours_err": 0.5})  # 2x, but wrong: a loss
+    entries = sc.pick_prefill(rows, "float16")
+    mine = {tuple(e["shape"]) if e["shape"] else None: e["min_tokens"] for e in entries}
+    # shape 0 wins from 512 up to 4096 but loses (a wrong output) at 8192; shape 2 fails at 4096
+    assert mine == {tuple(SHAPES[1]): 2048}
+    rows = rows[:-1]
+    mine = {tuple(e["shape"]) if e["shape"] else None: e["min_tokens"] for e in sc.pick_prefill(rows, "float16")}
+    assert mine == {tuple(SHAPES[0]): 512, tuple(SHAPES[1]): 2048}  # no any-shape entry: shape 2 has none
+    rows = [r for r in rows if r["in"] != SHAPES[2][0] or r["out"] != SHAPES[2][1]]
+    entries = sc.pick_prefill(rows, "float16", min_speedup=1.1)
+    mine = {tuple(e["shape"]) if e["shape"] else None: e["min_tokens"] for e in entries}
+    assert mine == {tuple(SHAPES[0]): 512, tuple(SHAPES[1]): 4096, None: 4096}
+    t = sc.ConfigTable({"version": 1, "prefill": entries})
+    assert t.prefill_min_tokens("nm24", "bfloat16", *SHAPES[0]) == 512  # float16's, as for the kernels
+    assert t.prefill_min_tokens("nm24", "float16", 5120, 13824) == 4096  # another shape: the any-shape one
+    assert t.prefill_min_tokens("nm24", "float32", *SHAPES[0]) is None
+    assert t.prefill_min_tokens("sell", "float16", *SHAPES[0]) is None
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"format": "sell", "path": "cusparselt", "dtype": "float16", "min_tokens": 8}, "format"),
+    ({"format": "nm24", "path": "cutlass", "dtype": "float16", "min_tokens": 8}, "path"),
+    ({"format": "nm24", "path": "cusparselt", "dtype": "float16", "min_tokens": 0}, "min_tokens"),
+])
+def test_a_malformed_prefill_entry_is_refused(entry, message):
+    with pytest.raises(sc.ConfigTableError, match=message):
+        sc.ConfigTable({"version": 1, "prefill": [entry]}, "t.json")

@@ -14,6 +14,7 @@ every comparison here.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -572,6 +573,95 @@ def test_the_export_takes_its_crossovers_from_the_config_table(tmp_path, monkeyp
         monkeypatch.delenv(sparse_configs.ENV)
         sparse_configs.refresh()
     assert not any(isinstance(m, SparseGPULinear) for m in model.modules())
+
+
+class _FakeSparseLt:
+    """Stands in for cuSPARSELt's linear on a CPU: x @ W^T in float64, its token counts recorded."""
+
+    def __init__(self, weight):
+        self.weight, self.calls = weight.detach().clone(), []
+
+    def __call__(self, x):
+        assert x.dim() == 2 and x.is_contiguous()
+        self.calls.append(x.shape[0])
+        return (x.double() @ self.weight.double().T).to(x.dtype)
+
+
+def test_prefill_runs_cusparselt_from_its_crossover(monkeypatch):
+    """A 2:4 linear with a prefill crossover (the table's, or the caller's) runs the sparse kernel
+    up to max_sparse_tokens, dense F.linear below the crossover and cuSPARSELt from it on (built
+    once, rebuilt when the weight changes, bias added); the cuSPARSELt linear lives beside the
+    module, so it deep-copies; sell linears and prefill=False have none."""
+    from sparsellm.kernels import sparse_configs
+
+    built = []
+    monkeypatch.setattr(sparse_gpu.cusparselt, "make_linear", lambda w: built.append(_FakeSparseLt(w)) or built[-1])
+    monkeypatch.setattr(SparseGPULinear, "prefill_unavailable", lambda self: None)  # as on a GPU
+    w = nm_weight(48, 64, seed=5)
+    lin = _linear_with(w)
+    table = {"version": 1, "prefill": [
+        {"format": "nm24", "path": "cusparselt", "dtype": "float32", "shape": [64, 48], "min_tokens": 8}]}
+    with sparse_configs.use(table):
+        mod = SparseGPULinear(lin)
+        assert SparseGPULinear(_linear_with(nm_weight(48, 32, seed=1))).prefill_min_tokens is None  # another shape
+        assert SparseGPULinear(lin, prefill=False).prefill_min_tokens is None
+        assert SparseGPULinear(lin, prefill_min_tokens=3).prefill_from == "argument"
+        assert SparseGPULinear(_linear_with(sparse_weight(48, 64, 0.9, seed=5))).prefill_min_tokens is None
+    assert (mod.prefill_min_tokens, mod.prefill_from) == (8, "table") and "cusparselt_from_tokens=8 (table)" in repr(mod)
+    ops.reset_usage()
+    for shape in ((1, 64), (5, 64), (8, 64), (3, 4, 64)):  # 1: sparse kernel; 5: dense; 8 and 12: cuSPARSELt
+        x = torch.randn(*shape)
+        got = mod(x)
+        assert got.shape == (*shape[:-1], 48)
+        assert rel_err(got, F.linear(x.double(), w.double(), lin.bias.double())) < 1e-5
+    assert len(built) == 1 and built[0].calls == [8, 12] and sum(ops.usage()["nm24_linear"].values()) == 1
+    twin = copy.deepcopy(mod)  # the cuSPARSELt linear is not among the module's attributes
+    with torch.no_grad():
+        mod.weight.mul_(2)  # a modified weight gets a new cuSPARSELt copy
+    mod(torch.randn(9, 64))
+    assert len(built) == 2 and built[1].calls == [9] and torch.equal(built[1].weight, 2 * w)
+    twin(torch.randn(8, 64))
+    assert len(built) == 3  # the copy builds its own
+
+
+def test_prefill_that_cannot_run_warns_once_and_stays_dense():
+    """On a CPU (or without cuSPARSELt) a prefill call warns once, says why, and runs dense."""
+    import warnings
+
+    w = nm_weight(48, 64, seed=6)
+    mod = SparseGPULinear(_linear_with(w), prefill_min_tokens=4)
+    x = torch.randn(6, 64)
+    with pytest.warns(RuntimeWarning, match="weights on cpu"):
+        got = mod(x)
+    assert "weights on cpu" in mod.prefill_error
+    assert rel_err(got, F.linear(x.double(), w.double(), mod.bias.double())) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mod(x)
+
+
+def test_the_export_reports_each_linears_prefill():
+    from sparsellm.kernels import sparse_configs
+
+    model = tiny_llama()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and ".layers." in name:
+                m.weight.copy_(nm_weight(*m.weight.shape, seed=len(name)) if ".layers.0." in name
+                               else sparse_weight(*m.weight.shape, 0.9, seed=len(name)))
+    table = {"version": 1, "prefill": [
+        {"format": "nm24", "path": "cusparselt", "dtype": "float32", "shape": None, "min_tokens": 256}]}
+    with sparse_configs.use(table):
+        report = to_sparse_gpu(copy.deepcopy(model))
+        assert report["kernel_configs"]["prefill"] == 1
+        off = to_sparse_gpu(copy.deepcopy(model), prefill=False)
+        with pytest.raises(ExportError, match="prefill_min_tokens"):
+            to_sparse_gpu(copy.deepcopy(model), prefill_min_tokens=0)
+    q = report["converted"]["model.layers.0.self_attn.q_proj"]
+    assert q["prefill"] == {"path": "cusparselt", "min_tokens": 256, "from": "table",
+                            "note": "weights on cpu: cuSPARSELt is built at the first prefill call on a GPU"}
+    assert report["converted"]["model.layers.1.self_attn.q_proj"]["prefill"] is None  # sell
+    assert all(v["prefill"] is None for v in off["converted"].values())
 
 
 # ------------------------------------------------------------------------------------- GPU (compiled)

@@ -4,15 +4,17 @@ matmul plan built once per (weight, token count) and reused.
 Why: torch's 2:4 path (``to_sparse_semi_structured`` / ``torch._cslt_sparse_mm``) rebuilds the
 cuSPARSELt descriptors and plan on every call, hundreds of microseconds on Hopper whatever the
 size, so it cannot show whether the sparse tensor cores beat dense cuBLAS for prefill. This module
-is for measuring that (benchmarks/cusparselt_prefill.py, tests/test_cusparselt.py).
+measures that (benchmarks/cusparselt_prefill.py, tests/test_cusparselt.py), and
+:class:`sparsellm.export.SparseGPULinear` runs it for 2:4 prefill where the kernels' config table
+says it beats dense.
 
 The extension is compiled just in time with ``torch.utils.cpp_extension.load`` and cached like
 ``sparsellm._C`` (:mod:`sparsellm._extension`: same cache root, ``SPARSELLM_EXT_CACHE``,
 ``SPARSELLM_JIT=0``), in its own ``cusparselt/`` folder. It is deliberately separate from
 ``sparsellm._C`` and never built by setup.py: cuSPARSELt may be missing where the main
 extension builds. Its source sits in a subfolder of csrc/ so the main extension's source glob
-(``csrc/*.cpp``) and source hash never see it; it is a measuring tool used from a checkout
-(pyproject ships only ``csrc/*`` in the wheel, so an installed package reports it unavailable).
+(``csrc/*.cpp``) and source hash never see it; the wheel ships it (``sparsellm/csrc/cusparselt/``)
+for the export to build on first use.
 
 cuSPARSELt is found from the ``nvidia.cusparselt`` Python package (nvidia-cusparselt-cu13 /
 -cu12, which CUDA builds of torch install) if present, else from ``$CUSPARSELT_PATH``

@@ -16,7 +16,12 @@ unpacked in :mod:`sparsellm.reference`):
 Prefill (many tokens) is compute-bound, where the dense tensor-core GEMM wins, so a
 :class:`SparseGPULinear` keeps the dense weight too and runs ``F.linear`` above
 ``max_sparse_tokens`` tokens per call, and the sparse kernel (through :mod:`sparsellm.ops`,
-which picks the Triton kernel on CUDA and the reference elsewhere) at or below it.
+which picks the Triton kernel on CUDA and the reference elsewhere) at or below it. A 2:4 linear
+runs cuSPARSELt instead of ``F.linear`` from ``prefill_min_tokens`` tokens on, where the kernels'
+config table has measured that it beats dense there (:mod:`sparsellm.kernels.sparse_configs`;
+none has yet, so by default prefill is dense): our binding (:mod:`.cusparselt`), its matmul plan
+built once per token count and reused, its compressed copy of the weight built at the export (or
+at the first such call) and kept beside the module.
 
 Under ``torch.compile`` (:class:`sparsellm.decode.GreedyDecoder` with ``compile=True``) the sparse
 products are the custom operators ``sparsellm::nm24_linear`` and ``sparsellm::sell_linear``:
@@ -26,12 +31,16 @@ microseconds, a visible share of a one-token call).
 """
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
 from ..kernels import sparse_configs
+from . import cusparselt
 from ..sparsity import nm_violations, reaches_sparsity, zero_fraction
 from .errors import ExportError
 from .semi_structured import is_semi_structured
@@ -58,6 +67,12 @@ MAX_SPARSE_TOKENS = {"nm24": NM24_MAX_TOKENS, "sell": SELL_MAX_TOKENS}
 # 11008->4096, 16-row slices at 2.04x / 2.46x / 2.74x (benchmarks/results/gpu_h200_f8def43/).
 SELL_SLICE_ROWS = 8
 SELL_SLOT_BLOCK = 16  # slice widths are rounded up to this many slots
+PREFILL_DTYPES = (torch.float16, torch.bfloat16)  # what cuSPARSELt's 2:4 path multiplies
+# Each module's cuSPARSELt linear, beside it rather than in it: a pybind object among a module's
+# attributes would break deepcopy and pickling. Keyed weakly (it goes with its module) and
+# stamped with the weight it was built from (device, dtype, storage, version): a moved, cast or
+# modified weight gets a new one.
+_PREFILL_LINEARS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @torch.library.custom_op("sparsellm::nm24_linear", mutates_args=(),
@@ -120,12 +135,15 @@ class SparseGPULinear(nn.Module):
     kept dense weight. ``max_sparse_tokens`` None takes the crossover measured for this format,
     dtype and shape from the kernels' config table (:mod:`sparsellm.kernels.sparse_configs`),
     else :data:`MAX_SPARSE_TOKENS`; ``crossover_from`` says which ("argument", "table",
-    "default"). ``format`` None picks it with :func:`choose_format` (ValueError if the weight
-    fits neither)."""
+    "default"). A 2:4 (``nm24``) linear runs cuSPARSELt instead of ``F.linear`` for calls of at
+    least ``prefill_min_tokens`` tokens (None: the table's measured prefill crossover, if any;
+    ``prefill`` False: never; ``prefill_from`` says where it came from); where cuSPARSELt cannot
+    be built there it warns once and stays dense (``prefill_error``). ``format`` None picks it
+    with :func:`choose_format` (ValueError if the weight fits neither)."""
 
     def __init__(self, linear: nn.Linear, format: str | None = None, *, max_sparse_tokens: int | None = None,
                  min_sparsity: float = SELL_MIN_SPARSITY, slice_rows: int = SELL_SLICE_ROWS,
-                 slot_block: int = SELL_SLOT_BLOCK):
+                 slot_block: int = SELL_SLOT_BLOCK, prefill_min_tokens: int | None = None, prefill: bool = True):
         super().__init__()
         if format is None:
             format, reason, _ = choose_format(linear, min_sparsity)
@@ -145,6 +163,18 @@ class SparseGPULinear(nn.Module):
                                                         self.slice_rows if format == "sell" else None)
             self.max_sparse_tokens, self.crossover_from = ((MAX_SPARSE_TOKENS[format], "default") if measured is None
                                                            else (measured, "table"))
+        # prefill through cuSPARSELt (nm24 only): from this many tokens on, or never (None); the
+        # sparse kernel still runs up to max_sparse_tokens, whichever is larger
+        self.prefill_min_tokens, self.prefill_from = None, None
+        if prefill and format == "nm24":
+            if prefill_min_tokens is not None:
+                self.prefill_min_tokens, self.prefill_from = int(prefill_min_tokens), "argument"
+            else:
+                measured = sparse_configs.prefill_min_tokens(format, weight.dtype, self.in_features,
+                                                             self.out_features)
+                if measured is not None:
+                    self.prefill_min_tokens, self.prefill_from = measured, "table"
+        self.prefill_error: str | None = None  # why a first prefill call could not build cuSPARSELt
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.sparsity = zero_fraction(weight)
@@ -176,15 +206,85 @@ class SparseGPULinear(nn.Module):
         return fn(x, self.values, self.cols, self.slice_ptr, self.out_features, self.in_features, self.slice_rows,
                   self.bias)
 
+    def prefill_unavailable(self) -> str | None:
+        """Why cuSPARSELt cannot multiply this weight where it is now, or None when it can."""
+        w = self.weight
+        if w.device.type != "cuda":
+            return f"weights on {w.device.type}: cuSPARSELt runs on CUDA GPUs"
+        if w.dtype not in PREFILL_DTYPES:
+            return f"weight dtype {w.dtype}: cuSPARSELt's 2:4 path takes float16/bfloat16"
+        return cusparselt.why_unavailable(w.device)
+
+    def prefill_linear(self):
+        """The cuSPARSELt linear of the current weight, built on first use (the extension
+        compiled once, the weight compressed); ImportError / RuntimeError when it cannot be."""
+        w = self.weight
+        stamp = (w.device, w.dtype, w.data_ptr(), w._version)
+        held = _PREFILL_LINEARS.get(self)
+        if held is None or held[0] != stamp:
+            why = self.prefill_unavailable()
+            if why is not None:
+                raise ImportError(f"cuSPARSELt unavailable: {why}")
+            held = _PREFILL_LINEARS[self] = (stamp, cusparselt.make_linear(w))
+        return held[1]
+
+    def prefill_forward(self, x: torch.Tensor, lin) -> torch.Tensor:
+        y = lin(x.reshape(-1, self.in_features).contiguous())
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _prefill_or_none(self):
+        """The cuSPARSELt linear, or None (dense) after a warning the first time it fails."""
+        if self.prefill_error is not None:
+            return None
+        try:
+            return self.prefill_linear()
+        except (ImportError, RuntimeError, ValueError) as exc:
+            self.prefill_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"SparseGPULinear: prefill runs dense F.linear: {self.prefill_error}", RuntimeWarning,
+                          stacklevel=3)
+            return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > self.max_sparse_tokens * self.in_features:
-            return F.linear(x, self.weight, self.bias)
-        return self.sparse_forward(x)
+        n = x.numel()
+        if n <= self.max_sparse_tokens * self.in_features:
+            return self.sparse_forward(x)
+        # cuSPARSELt is opaque to torch.compile (a pybind call): a compiled model's prefill is dense
+        if (self.prefill_min_tokens is not None and n >= self.prefill_min_tokens * self.in_features
+                and not torch.compiler.is_compiling()):
+            lin = self._prefill_or_none()
+            if lin is not None:
+                return self.prefill_forward(x, lin)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        prefill = ("" if self.prefill_min_tokens is None
+                   else f", cusparselt_from_tokens={self.prefill_min_tokens} ({self.prefill_from})")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.format}, sparsity={self.sparsity:.3f}, max_sparse_tokens={self.max_sparse_tokens} "
-                f"({self.crossover_from})")
+                f"({self.crossover_from}){prefill}")
+
+
+def _prefill_report(mod: SparseGPULinear) -> dict:
+    """A converted linear's prefill path for the report: its cuSPARSELt copy built now when the
+    weight is on a GPU (one that cannot be built turns the path off, the reason kept), checked at
+    the first prefill call when it is elsewhere."""
+    if mod.prefill_min_tokens is None:
+        return {"prefill": None}
+    if mod.weight.device.type == "cuda":
+        try:
+            mod.prefill_linear()
+        except (ImportError, RuntimeError, ValueError) as exc:
+            off = {"prefill": None, "prefill_off": f"{type(exc).__name__}: {exc}"[:300],
+                   "prefill_min_tokens_measured": mod.prefill_min_tokens}
+            mod.prefill_min_tokens = mod.prefill_from = None
+            return off
+        note = "cuSPARSELt built"
+    else:
+        note = f"weights on {mod.weight.device.type}: cuSPARSELt is built at the first prefill call on a GPU"
+    return {"prefill": {"path": "cusparselt", "min_tokens": mod.prefill_min_tokens, "from": mod.prefill_from,
+                        "note": note}}
 
 
 def kernels_available(device: torch.device | str) -> tuple[bool, str]:
@@ -200,13 +300,18 @@ def kernels_available(device: torch.device | str) -> tuple[bool, str]:
 
 
 def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: float = SELL_MIN_SPARSITY,
-                  max_sparse_tokens: dict | int | None = None, slice_rows: int = SELL_SLICE_ROWS) -> dict:
+                  max_sparse_tokens: dict | int | None = None, slice_rows: int = SELL_SLICE_ROWS,
+                  prefill_min_tokens: int | None = None, prefill: bool = True) -> dict:
     """Replace targeted pruned linears by :class:`SparseGPULinear` (2:4 -> ``nm24``, else
     sparsity >= ``min_sparsity`` -> ``sell``; the others stay dense). ``max_sparse_tokens``:
     one crossover for both formats, or {format: tokens}; a format without one takes each
     linear's measured crossover from the kernels' config table, else :data:`MAX_SPARSE_TOKENS`.
-    Returns a JSON-able report of what each linear runs on (format, crossover and where it came
-    from, the config table in effect) and why the others stay dense."""
+    ``prefill_min_tokens``: from how many tokens 2:4 linears run cuSPARSELt (None: each linear's
+    measured prefill crossover from the table, if any); ``prefill`` False keeps prefill dense.
+    A linear whose weights are on a GPU builds its cuSPARSELt copy here, and one that cannot
+    (no cuSPARSELt, a dtype or shape it refuses) stays dense above its crossover, the report
+    saying why. Returns a JSON-able report of what each linear runs on (format, crossovers and
+    where they came from, the config table in effect) and why the others stay dense."""
     if not 0.0 <= min_sparsity <= 1.0:
         raise ExportError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
     given: dict = {}  # the caller's crossovers, by format
@@ -219,6 +324,8 @@ def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: floa
         given = {k: int(max_sparse_tokens) for k in FORMATS}
     if any(v < 0 for v in given.values()):
         raise ExportError(f"max_sparse_tokens must be >= 0 (0: always dense), got {max_sparse_tokens}")
+    if prefill_min_tokens is not None and int(prefill_min_tokens) < 1:
+        raise ExportError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
     try:
         kernel_configs = sparse_configs.describe()
     except sparse_configs.ConfigTableError as exc:  # a bad table: refused before any linear is replaced
@@ -233,13 +340,16 @@ def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: floa
         if fmt is None:
             report["dense"][name] = reason
             continue
-        new = SparseGPULinear(lin, fmt, max_sparse_tokens=given.get(fmt), slice_rows=slice_rows)
+        new = SparseGPULinear(lin, fmt, max_sparse_tokens=given.get(fmt), slice_rows=slice_rows,
+                              prefill_min_tokens=prefill_min_tokens, prefill=prefill)
+        entry = {"format": fmt, "why": reason, "sparsity": round(sparsity, 6)}
+        entry.update(_prefill_report(new))
         replace_module(model, name, new)
         devices.add(str(lin.weight.device))
         packed, dense = new.packed_bytes(), new.dense_bytes()
-        report["converted"][name] = {"format": fmt, "why": reason, "sparsity": round(sparsity, 6),
-                                     "bytes": packed, "dense_bytes": dense, "bytes_ratio": round(packed / dense, 6),
-                                     "max_sparse_tokens": new.max_sparse_tokens, "crossover_from": new.crossover_from}
+        entry.update(bytes=packed, dense_bytes=dense, bytes_ratio=round(packed / dense, 6),
+                     max_sparse_tokens=new.max_sparse_tokens, crossover_from=new.crossover_from)
+        report["converted"][name] = entry
     report["n_converted"] = len(report["converted"])
     report["n_dense"] = len(report["dense"])
     report["formats"] = {f: sum(1 for v in report["converted"].values() if v["format"] == f) for f in FORMATS}
