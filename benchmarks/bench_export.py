@@ -299,5 +299,8 @@ def test_gpu_llama7b_tokens_per_s(benchmark, impl, phase):
     tokens = batch * prompt if phase == "prefill" else batch * steps
     stats = getattr(benchmark, "stats", None)
     mean = stats.stats.mean if stats else None
+    # linears whose prefill runs cuSPARSELt (the config table's prefill crossovers), and from how many tokens
+    cslt = [m.prefill_min_tokens for m in model.modules() if getattr(m, "prefill_min_tokens", None) is not None]
     benchmark.extra_info.update(impl=impl, phase=phase, tokens=tokens, device=torch.cuda.get_device_name(),
-                                tokens_per_s=tokens / mean if mean else None, kernel_configs=_kernel_configs())
+                                tokens_per_s=tokens / mean if mean else None, kernel_configs=_kernel_configs(),
+                                cusparselt_linears=len(cslt), cusparselt_from_tokens=sorted(set(cslt)))

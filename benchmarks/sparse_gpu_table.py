@@ -63,6 +63,8 @@ def e2e_table(benches: list[dict]) -> list[str]:
             continue
         # a decode step that could not be captured as a CUDA graph ran eagerly: say so per row
         mode = f" ({info['decode_mode']})" if info.get("decode_mode") else ""
+        if info.get("phase") == "prefill" and info.get("cusparselt_linears"):  # 2:4 prefill on cuSPARSELt
+            mode = f" (cuSPARSELt in {info['cusparselt_linears']} linears)"
         rows[info["phase"]][info["impl"] + mode] = info["tokens"] / _median(b)
     if not rows:
         return []

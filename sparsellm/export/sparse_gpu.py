@@ -277,7 +277,7 @@ def _prefill_report(mod: SparseGPULinear) -> dict:
             mod.prefill_linear()
         except (ImportError, RuntimeError, ValueError) as exc:
             off = {"prefill": None, "prefill_off": f"{type(exc).__name__}: {exc}"[:300],
-                   "prefill_min_tokens_measured": mod.prefill_min_tokens}
+                   "prefill_asked": {"min_tokens": mod.prefill_min_tokens, "from": mod.prefill_from}}
             mod.prefill_min_tokens = mod.prefill_from = None
             return off
         note = "cuSPARSELt built"
