@@ -344,7 +344,7 @@ def _contiguous_crossover(tokens: list[int], wins: dict, min_speedup: float) -> 
         return None
     best = 0
     for t in tokens:
-        if wins[t] < min_speedup:
+        if wins.get(t, 0.0) < min_speedup:  # a count with no correct config loses
             break
         best = t
     return best
@@ -355,8 +355,8 @@ def pick(rows: list[dict], *, source: dict | None = None, min_speedup: float = M
     per (format, dtype, slice height, measured token count) each shape's fastest correct config,
     plus the any-shape config of best geometric-mean speedup among those correct at every shape;
     a measured count's entry covers the counts above the next smaller measured one (one token
-    only a one-token entry). Crossovers:
-    per shape from its own entries, for any shape from the any-shape configs' worst shape."""
+    only a one-token entry). Crossovers: per shape from its own entries (a count where no config
+    of the shape ran correctly loses), for any shape from the any-shape configs' worst shape."""
     speed = _speedups(rows)
     entries, crossovers = [], []
     dense = {(r["format"], r["dtype"], r["tokens"], tuple(r["shape"])): r["us"]
@@ -388,7 +388,7 @@ def pick(rows: list[dict], *, source: dict | None = None, min_speedup: float = M
                 any_wins[t] = 0.0  # no config ran at every shape: nothing to pick for other shapes
         extra = {"S": variant} if fmt == "sell" else {}
         for shape, wins in sorted(shape_wins.items()):
-            m = _contiguous_crossover([t for t in counts if t in wins], wins, min_speedup)
+            m = _contiguous_crossover(counts, wins, min_speedup)
             if m is not None:
                 crossovers.append({"format": fmt, **extra, "dtype": dtype, "shape": list(shape),
                                    "max_sparse_tokens": m})

@@ -76,6 +76,13 @@ def test_pick_keeps_slice_heights_apart_and_says_nothing_without_one_token():
     # a failed one-token count: crossover 0 (always dense)
     lost = sc.pick(_rows({(1, 0): [(A, 0.8)], (4, 0): [(B, 1.2)]}))
     assert _crossover(lost, "nm24", SHAPES[0]) == 0
+    # a shape none of whose configs ran at 4 tokens loses there, whatever 16 tokens did
+    gap = _rows({(1, 0): [(A, 1.5)], (1, 1): [(A, 1.5)], (4, 0): [(B, 1.2)], (16, 0): [(C, 1.2)],
+                 (16, 1): [(C, 1.2)]})
+    base = {"shape": SHAPES[1], "format": "nm24", "tokens": 4, "dtype": "float16"}
+    gap += [{**base, "impl": "dense", "config": None, "us": 30.0, "err": 1e-4},
+            {**base, "impl": "nm24", "config": B, "us": 10.0, "err": 0.3}]  # shape 1 at 4 tokens: a wrong output
+    assert _crossover(sc.pick(gap), "nm24", SHAPES[1]) == 1 and _crossover(sc.pick(gap), "nm24", SHAPES[0]) == 16
 
 
 def test_no_config_at_every_shape_gives_no_any_shape_entry():
