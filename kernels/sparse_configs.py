@@ -103,17 +103,28 @@ class ConfigTable:
         self.prefill = [self._prefill(p, i) for i, p in enumerate(data.get("prefill", []))]
         self._cache: dict = {}
 
+    def _item(self, item, where: str, formats: tuple) -> None:
+        """What every kind of item holds: a format of ``formats``, a dtype, a shape or null."""
+        if not isinstance(item, dict) or item.get("format") not in formats:
+            _fail(self.origin, f"{where}: format must be one of {formats}")
+        if item.get("dtype") not in DTYPES:
+            _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {item.get('dtype')!r}")
+        shape = item.get("shape")
+        if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                      and all(isinstance(v, int) and v > 0 for v in shape)):
+            _fail(self.origin, f"{where}: shape must be null or [in_features, out_features], got {shape!r}")
+
+    def _count(self, item, key: str, least: int, where: str) -> None:
+        if not isinstance(item.get(key), int) or item[key] < least:
+            _fail(self.origin, f"{where}: {key} must be an integer >= {least}, got {item.get(key)!r}")
+
     def _entry(self, e, i: int) -> dict:
         where = f"entries[{i}]"
-        if not isinstance(e, dict) or e.get("format") not in FORMATS:
-            _fail(self.origin, f"{where}: format must be one of {FORMATS}")
-        if e.get("dtype") not in DTYPES:
-            _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {e.get('dtype')!r}")
+        self._item(e, where, FORMATS)
         tokens = e.get("tokens")
         if (not isinstance(tokens, list) or len(tokens) != 2 or not all(isinstance(t, int) for t in tokens)
                 or not 1 <= tokens[0] <= tokens[1]):
             _fail(self.origin, f"{where}: tokens must be [first, last] with 1 <= first <= last, got {tokens!r}")
-        self._check_shape(e.get("shape"), where)
         config = e.get("config")
         if not isinstance(config, dict) or not config:
             _fail(self.origin, f"{where}: config must be a non-empty object")
@@ -128,36 +139,19 @@ class ConfigTable:
 
     def _crossover(self, c, i: int) -> dict:
         where = f"crossovers[{i}]"
-        if not isinstance(c, dict) or c.get("format") not in FORMATS:
-            _fail(self.origin, f"{where}: format must be one of {FORMATS}")
-        if c.get("dtype") not in DTYPES:
-            _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {c.get('dtype')!r}")
+        self._item(c, where, FORMATS)
         if (c["format"] == "sell") != isinstance(c.get("S"), int):
             _fail(self.origin, f"{where}: a sell crossover names its slice height S (an nm24 one none)")
-        self._check_shape(c.get("shape"), where)
-        m = c.get("max_sparse_tokens")
-        if not isinstance(m, int) or m < 0:
-            _fail(self.origin, f"{where}: max_sparse_tokens must be an integer >= 0, got {m!r}")
+        self._count(c, "max_sparse_tokens", 0, where)
         return c
 
     def _prefill(self, p, i: int) -> dict:
         where = f"prefill[{i}]"
-        if not isinstance(p, dict) or p.get("format") not in PREFILL_FORMATS:
-            _fail(self.origin, f"{where}: format must be one of {PREFILL_FORMATS}")
+        self._item(p, where, PREFILL_FORMATS)
         if p.get("path") not in PREFILL_PATHS:
             _fail(self.origin, f"{where}: path must be one of {PREFILL_PATHS}, got {p.get('path')!r}")
-        if p.get("dtype") not in DTYPES:
-            _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {p.get('dtype')!r}")
-        self._check_shape(p.get("shape"), where)
-        m = p.get("min_tokens")
-        if not isinstance(m, int) or m < 1:
-            _fail(self.origin, f"{where}: min_tokens must be an integer >= 1, got {m!r}")
+        self._count(p, "min_tokens", 1, where)
         return p
-
-    def _check_shape(self, shape, where: str) -> None:
-        if shape is not None and not (isinstance(shape, list) and len(shape) == 2
-                                      and all(isinstance(v, int) and v > 0 for v in shape)):
-            _fail(self.origin, f"{where}: shape must be null or [in_features, out_features], got {shape!r}")
 
     @staticmethod
     def _dtypes(dtype: str) -> tuple:
@@ -169,45 +163,41 @@ class ConfigTable:
         return (item["format"] == fmt and s == (slice_rows if fmt == "sell" else None)
                 and item.get("shape") in (None, [in_features, out_features]))
 
+    def _find(self, items: list, fmt: str, dtype, in_features: int, out_features: int,
+              slice_rows: int | None = None, keep=lambda item: True) -> dict | None:
+        """Among ``items`` that fit a call (and ``keep``), this shape's own, else the any-shape
+        one; bfloat16 falls back to float16's (module docs)."""
+        for want in self._dtypes(str(dtype).removeprefix("torch.")):
+            mine = [it for it in items if it["dtype"] == want and keep(it)
+                    and self._matches(it, fmt, in_features, out_features, slice_rows)]
+            if mine:
+                return min(mine, key=lambda it: it.get("shape") is None)
+        return None
+
     def config(self, fmt: str, dtype, tokens: int, in_features: int, out_features: int,
                slice_rows: int | None = None) -> dict | None:
-        """The measured config for a call (a copy), or None: the entry of this shape if any,
-        else the any-shape one; bfloat16 falls back to float16's (module docs). ``dtype``: a
-        torch dtype or its name (the cache keys on it as given: a launch pays one dict lookup)."""
+        """The measured config for a call (a copy), or None. ``dtype``: a torch dtype or its
+        name (the cache keys on it as given: a launch pays one dict lookup)."""
         key = (fmt, dtype, tokens, in_features, out_features, slice_rows)
         if key not in self._cache:
-            dtype = str(dtype).removeprefix("torch.")
-            found = None
-            for want in self._dtypes(dtype):
-                candidates = [e for e in self.entries if e["dtype"] == want and e["tokens"][0] <= tokens <= e["tokens"][1]
-                              and self._matches(e, fmt, in_features, out_features, slice_rows)]
-                if candidates:  # this shape's own entry first
-                    found = min(candidates, key=lambda e: e.get("shape") is None)["config"]
-                    break
-            self._cache[key] = found
+            entry = self._find(self.entries, fmt, dtype, in_features, out_features, slice_rows,
+                               keep=lambda e: e["tokens"][0] <= tokens <= e["tokens"][1])
+            self._cache[key] = None if entry is None else entry["config"]
         found = self._cache[key]
         return None if found is None else dict(found)
 
-    def max_sparse_tokens(self, fmt: str, dtype: str, in_features: int, out_features: int,
+    def max_sparse_tokens(self, fmt: str, dtype, in_features: int, out_features: int,
                           slice_rows: int | None = None) -> int | None:
         """The measured crossover of a linear (this shape's, else the any-shape one), or None."""
-        for want in self._dtypes(dtype):
-            mine = [c for c in self.crossovers if c["dtype"] == want
-                    and self._matches(c, fmt, in_features, out_features, slice_rows)]
-            if mine:
-                return min(mine, key=lambda c: c.get("shape") is None)["max_sparse_tokens"]
-        return None
+        found = self._find(self.crossovers, fmt, dtype, in_features, out_features, slice_rows)
+        return None if found is None else found["max_sparse_tokens"]
 
-    def prefill_min_tokens(self, fmt: str, dtype: str, in_features: int, out_features: int,
+    def prefill_min_tokens(self, fmt: str, dtype, in_features: int, out_features: int,
                            path: str = "cusparselt") -> int | None:
         """The token count from which ``path`` beats dense for a linear (this shape's, else
         the any-shape one), or None: dense."""
-        for want in self._dtypes(dtype):
-            mine = [p for p in self.prefill if p["dtype"] == want and p["path"] == path
-                    and self._matches(p, fmt, in_features, out_features, None)]
-            if mine:
-                return min(mine, key=lambda p: p.get("shape") is None)["min_tokens"]
-        return None
+        found = self._find(self.prefill, fmt, dtype, in_features, out_features, keep=lambda p: p["path"] == path)
+        return None if found is None else found["min_tokens"]
 
     def describe(self) -> dict:
         """Where the table came from, for reports."""
@@ -291,7 +281,7 @@ def max_sparse_tokens(fmt: str, dtype, in_features: int, out_features: int,
     table = active()
     if table is None:
         return None
-    return table.max_sparse_tokens(fmt, str(dtype).removeprefix("torch."), in_features, out_features, slice_rows)
+    return table.max_sparse_tokens(fmt, dtype, in_features, out_features, slice_rows)
 
 
 def prefill_min_tokens(fmt: str, dtype, in_features: int, out_features: int, path: str = "cusparselt") -> int | None:
@@ -299,7 +289,7 @@ def prefill_min_tokens(fmt: str, dtype, in_features: int, out_features: int, pat
     table = active()
     if table is None:
         return None
-    return table.prefill_min_tokens(fmt, str(dtype).removeprefix("torch."), in_features, out_features, path)
+    return table.prefill_min_tokens(fmt, dtype, in_features, out_features, path)
 
 
 def describe() -> dict:

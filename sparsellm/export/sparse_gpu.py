@@ -73,6 +73,8 @@ PREFILL_DTYPES = (torch.float16, torch.bfloat16)  # what cuSPARSELt's 2:4 path m
 # stamped with the weight it was built from (device, dtype, storage, version): a moved, cast or
 # modified weight gets a new one.
 _PREFILL_LINEARS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# how building it fails: no cuSPARSELt or no GPU (ImportError), or the binding refusing the weight
+_PREFILL_ERRORS = (ImportError, RuntimeError, ValueError)
 
 
 @torch.library.custom_op("sparsellm::nm24_linear", mutates_args=(),
@@ -127,6 +129,17 @@ def choose_format(linear: nn.Module, min_sparsity: float = SELL_MIN_SPARSITY) ->
                   "below which the sparse kernel does not beat dense"), sparsity
 
 
+def _chosen(given: int | None, measured, default: int | None) -> tuple[int | None, str | None]:
+    """(value, where it came from): the caller's ``given``, else the config table's
+    (``measured()``), else ``default`` ("default"; None: neither, from None)."""
+    if given is not None:
+        return int(given), "argument"
+    found = measured()
+    if found is not None:
+        return found, "table"
+    return default, None if default is None else "default"
+
+
 class SparseGPULinear(nn.Module):
     """A pruned linear with a packed sparse copy of its weight for small token counts.
 
@@ -156,24 +169,17 @@ class SparseGPULinear(nn.Module):
         self.format = format
         weight = linear.weight.detach()
         self.slice_rows = int(slice_rows)
-        if max_sparse_tokens is not None:
-            self.max_sparse_tokens, self.crossover_from = int(max_sparse_tokens), "argument"
-        else:
-            measured = sparse_configs.max_sparse_tokens(format, weight.dtype, self.in_features, self.out_features,
-                                                        self.slice_rows if format == "sell" else None)
-            self.max_sparse_tokens, self.crossover_from = ((MAX_SPARSE_TOKENS[format], "default") if measured is None
-                                                           else (measured, "table"))
+        shape = (self.in_features, self.out_features)
+        self.max_sparse_tokens, self.crossover_from = _chosen(
+            max_sparse_tokens, lambda: sparse_configs.max_sparse_tokens(
+                format, weight.dtype, *shape, self.slice_rows if format == "sell" else None),
+            MAX_SPARSE_TOKENS[format])
         # prefill through cuSPARSELt (nm24 only): from this many tokens on, or never (None); the
         # sparse kernel still runs up to max_sparse_tokens, whichever is larger
         self.prefill_min_tokens, self.prefill_from = None, None
         if prefill and format == "nm24":
-            if prefill_min_tokens is not None:
-                self.prefill_min_tokens, self.prefill_from = int(prefill_min_tokens), "argument"
-            else:
-                measured = sparse_configs.prefill_min_tokens(format, weight.dtype, self.in_features,
-                                                             self.out_features)
-                if measured is not None:
-                    self.prefill_min_tokens, self.prefill_from = measured, "table"
+            self.prefill_min_tokens, self.prefill_from = _chosen(
+                prefill_min_tokens, lambda: sparse_configs.prefill_min_tokens(format, weight.dtype, *shape), None)
         self.prefill_error: str | None = None  # why a first prefill call could not build cuSPARSELt
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -240,7 +246,7 @@ class SparseGPULinear(nn.Module):
             return None
         try:
             return self.prefill_linear()
-        except (ImportError, RuntimeError, ValueError) as exc:
+        except _PREFILL_ERRORS as exc:
             self.prefill_error = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"SparseGPULinear: prefill runs dense F.linear: {self.prefill_error}", RuntimeWarning,
                           stacklevel=3)
@@ -275,7 +281,7 @@ def _prefill_report(mod: SparseGPULinear) -> dict:
     if mod.weight.device.type == "cuda":
         try:
             mod.prefill_linear()
-        except (ImportError, RuntimeError, ValueError) as exc:
+        except _PREFILL_ERRORS as exc:
             off = {"prefill": None, "prefill_off": f"{type(exc).__name__}: {exc}"[:300],
                    "prefill_asked": {"min_tokens": mod.prefill_min_tokens, "from": mod.prefill_from}}
             mod.prefill_min_tokens = mod.prefill_from = None
