@@ -104,6 +104,7 @@ def write_pick(result: dict, path: str, min_speedup: float, measured: str) -> di
     try:
         with open(path) as f:
             table = json.load(f)
+        sparse_configs.ConfigTable(table, path)  # merge only into a table: refuse other JSON whole
     except FileNotFoundError:
         table = {"version": sparse_configs.VERSION, "source": {}, "min_speedup": min_speedup, "entries": [],
                  "crossovers": []}
@@ -113,10 +114,19 @@ def write_pick(result: dict, path: str, min_speedup: float, measured: str) -> di
         "commit": result.get("commit"), "device": result.get("device"), "torch": result.get("torch"),
         "cusparselt": result.get("cusparselt_runtime"), "timer": result.get("timer"), "measured": measured,
         "min_speedup": min_speedup, "picked": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    sparse_configs.ConfigTable(table, path)  # what is written must load
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
+    sparse_configs.save(table, path)
     return table
+
+
+def _pick(result: dict, path: str, min_speedup: float, measured: str) -> int:
+    """Merge and write (``write_pick``) and print the summary; 2 if the table there is malformed
+    (another format's JSON, say) or cannot be written."""
+    try:
+        print(_pick_summary(write_pick(result, path, min_speedup, measured)))
+    except (ValueError, OSError) as exc:  # ConfigTableError; the file there unreadable or not JSON
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _pick_summary(table: dict) -> str:
@@ -146,13 +156,11 @@ def main(argv=None) -> int:
     from sparsellm.kernels import sparse_configs
 
     min_speedup = sparse_configs.MIN_SPEEDUP if args.min_speedup is None else args.min_speedup
-    if min_speedup <= 0:
-        print(f"--min-speedup must be > 0, got {min_speedup}", file=sys.stderr)
+    problem = sparse_configs.pick_options_error(min_speedup, args.source, args.pick)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     if args.source:
-        if not args.pick:
-            print("--from only feeds --pick: name the table to write", file=sys.stderr)
-            return 2
         try:
             with open(args.source) as f:
                 stored = json.load(f)
@@ -161,12 +169,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"{args.source}: not a result of this script ({type(exc).__name__}: {exc})", file=sys.stderr)
             return 2
-        try:
-            print(_pick_summary(write_pick(stored, args.pick, min_speedup, args.source)))
-        except (ValueError, OSError) as exc:  # the table there is malformed, or unwritable
-            print(f"{args.pick}: {exc}", file=sys.stderr)
-            return 2
-        return 0
+        return _pick(stored, args.pick, min_speedup, args.source)
 
     from sparsellm.export import cusparselt
 
@@ -281,7 +284,7 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
     if args.pick:
-        print(_pick_summary(write_pick(result, args.pick, min_speedup, args.out or "(not stored)")))
+        return _pick(result, args.pick, min_speedup, args.out or "(not stored)")
     return 0
 
 

@@ -248,10 +248,18 @@ def write_pick(rows: list[dict], metas: list[dict], sweeps: list[str], path: str
                   complete=all(m.get("complete") for m in metas),
                   picked=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     table = sparse_configs.pick(rows, source=source, min_speedup=min_speedup)
-    sparse_configs.ConfigTable(table, path)  # what is written must load
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
+    sparse_configs.save(table, path)
     return table
+
+
+def _pick(rows: list[dict], metas: list[dict], sweeps: list[str], args) -> int:
+    """Write the table (``write_pick``) and print its summary; 2 if it cannot be written."""
+    try:
+        print(_pick_summary(write_pick(rows, metas, sweeps, args.pick, args.min_speedup)))
+    except sparse_configs.ConfigTableError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
 
 
 def _pick_summary(table: dict) -> str:
@@ -279,13 +287,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1", help="token counts, comma-separated (1: the decode grids; more: "
                                                   "the multi-token paths' grids)")
     args = ap.parse_args(argv)
-    if args.min_speedup <= 0:
-        print(f"--min-speedup must be > 0, got {args.min_speedup}", file=sys.stderr)
+    problem = sparse_configs.pick_options_error(args.min_speedup, args.sources, args.pick)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     if args.sources:
-        if not args.pick:
-            print("--from only feeds --pick: name the table to write", file=sys.stderr)
-            return 2
         rows, metas, paths = [], [], args.sources.split(",")
         for path in paths:
             try:
@@ -296,8 +302,7 @@ def main(argv=None) -> int:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 print(f"{path}: not a sweep JSON ({type(exc).__name__}: {exc})", file=sys.stderr)
                 return 2
-        print(_pick_summary(write_pick(rows, metas, paths, args.pick, args.min_speedup)))
-        return 0
+        return _pick(rows, metas, paths, args)
     if not args.out:
         print("--out is required (the sweep's JSON), unless --from names stored sweeps", file=sys.stderr)
         return 2
@@ -348,7 +353,7 @@ def main(argv=None) -> int:
     if args.pick:
         with open(args.out) as f:
             meta = json.load(f)["meta"]
-        print(_pick_summary(write_pick(rows, [meta], [os.path.basename(args.out)], args.pick, args.min_speedup)))
+        return _pick(rows, [meta], [os.path.basename(args.out)], args)
     return 0
 
 

@@ -220,6 +220,32 @@ def load(path) -> ConfigTable:
     return ConfigTable(data, str(path))
 
 
+def save(table: dict, path) -> ConfigTable:
+    """Write ``table`` to ``path`` as JSON once it validates (ConfigTableError if not, or if the
+    file cannot be written; then nothing is written); through a temporary file beside it, so a failed write leaves any old
+    table whole. Returns the loaded table."""
+    path = Path(path)
+    checked = ConfigTable(table, str(path))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigTableError(f"sparse kernel config table {path}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return checked
+
+
+def pick_options_error(min_speedup: float, stored: str | None, pick: str | None) -> str | None:
+    """What is wrong with a picking script's ``--min-speedup``/``--from``/``--pick``, or None."""
+    if not min_speedup > 0:  # also refuses NaN
+        return f"--min-speedup must be > 0, got {min_speedup}"
+    if stored and not pick:
+        return "--from only feeds --pick: name the table to write"
+    return None
+
+
 def _cached(path, why: str) -> ConfigTable:
     """A file's table, read once per process (a launch must not stat files: microseconds a call)."""
     path = str(path)

@@ -201,6 +201,9 @@ def test_the_sweep_picks_a_config_table_from_stored_sweeps(tmp_path, capsys):
     assert table.source["sweeps"] == [{"path": str(sweep), "commit": "c0ffee", "device": "NVIDIA H200",
                                        "torch": "2.11", "triton": None, "complete": True}]
     assert table.source["complete"] is True and table.source["triton"] is None
+    assert sparse_gpu_sweep.main(["--from", str(sweep), "--pick", str(tmp_path / "no" / "t.json")]) == 2
+    assert "no/t.json" in capsys.readouterr().err  # an unwritable table: said, no traceback
+    assert sparse_gpu_sweep.main(["--from", str(sweep), "--pick", str(out), "--min-speedup", "0"]) == 2
 
 
 def test_the_cusparselt_benchmark_merges_its_prefill_crossovers_into_a_table(tmp_path, capsys):
@@ -236,3 +239,7 @@ def test_the_cusparselt_benchmark_merges_its_prefill_crossovers_into_a_table(tmp
     assert cusparselt_prefill.main(["--from", str(stored), "--pick", str(fresh)]) == 0
     assert "none: dense beat it" in capsys.readouterr().out
     assert sparse_configs.load(fresh).prefill == []
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")  # not a table: refused, left as it was
+    assert cusparselt_prefill.main(["--from", str(stored), "--pick", str(other)]) == 2
+    assert other.read_text() == "[1, 2]" and str(other) in capsys.readouterr().err

@@ -232,3 +232,25 @@ def test_pick_prefill_takes_the_count_from_which_every_larger_one_wins():
 def test_a_malformed_prefill_entry_is_refused(entry, message):
     with pytest.raises(sc.ConfigTableError, match=message):
         sc.ConfigTable({"version": 1, "prefill": [entry]}, "t.json")
+
+
+def test_save_writes_only_a_valid_table_and_leaves_the_old_one_whole(tmp_path):
+    path = tmp_path / "t.json"
+    assert sc.save(_table(), path).config("nm24", "float16", 1, *SHAPES[1]) == B
+    assert sc.load(path).config("nm24", "float16", 1, *SHAPES[1]) == B
+    with pytest.raises(sc.ConfigTableError, match="version"):
+        sc.save(_table(version=2), path)
+    assert json.loads(path.read_text())["version"] == 1  # the valid table still there
+    with pytest.raises(sc.ConfigTableError, match="missing"):  # an unwritable place: the same error
+        sc.save(_table(), tmp_path / "missing" / "t.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("min_speedup, stored, pick, message", [
+    (1.05, None, None, None), (1.05, "s.json", "t.json", None), (1.0, None, "t.json", None),
+    (0.0, None, "t.json", "must be > 0"), (-1.0, None, None, "must be > 0"), (float("nan"), None, None, "must be > 0"),
+    (1.05, "s.json", None, "--from only feeds --pick"),
+])
+def test_the_pick_options_check(min_speedup, stored, pick, message):
+    got = sc.pick_options_error(min_speedup, stored, pick)
+    assert got is None if message is None else message in got
