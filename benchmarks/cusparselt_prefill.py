@@ -35,6 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparsellm.kernels import sparse_configs
+
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
 TOKENS = (128, 512, 2048, 4096)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -98,8 +100,6 @@ def write_pick(result: dict, path: str, min_speedup: float, measured: str) -> di
     """Merge the prefill entries of ``result`` (this script's JSON) into the config table at
     ``path`` (a new one if there is none), replacing the prefill entries of its dtype; the
     table's ``source.prefill`` records what measured them. Returns the written table."""
-    from sparsellm.kernels import sparse_configs
-
     dtype = str(DTYPES[result["dtype"]]).removeprefix("torch.")
     try:
         with open(path) as f:
@@ -153,8 +153,6 @@ def main(argv=None) -> int:
     # crashed (tests/test_cusparselt.py, test_search_picks_an_algorithm)
     parser.add_argument("--search", action="store_true", help="also time ours after search(T) (known to fail)")
     args = parser.parse_args(argv)
-    from sparsellm.kernels import sparse_configs
-
     min_speedup = sparse_configs.MIN_SPEEDUP if args.min_speedup is None else args.min_speedup
     problem = sparse_configs.pick_options_error(min_speedup, args.source, args.pick)
     if problem:

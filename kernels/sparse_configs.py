@@ -331,9 +331,9 @@ def row_ok(row: dict) -> bool:
     return row.get("impl") not in (None, "dense") and "us" in row and row.get("err", math.inf) < MAX_ERROR
 
 
-def _speedups(rows: list[dict]) -> dict:
+def _speedups(rows: list[dict]) -> tuple[dict, dict]:
     """{(format, dtype, variant, tokens): {shape: {config json: speedup}}} of the correct rows,
-    and the dense times alongside."""
+    and the dense times they are relative to, {(format, dtype, tokens, shape): us}."""
     dense = {(r["format"], r["dtype"], r["tokens"], tuple(r["shape"])): r["us"]
              for r in rows if r.get("impl") == "dense" and "us" in r}
     out: dict = {}
@@ -348,7 +348,7 @@ def _speedups(rows: list[dict]) -> dict:
         key = json.dumps(r["config"], sort_keys=True)
         # a config timed twice (merged sweeps) keeps its faster median
         per_shape[key] = max(per_shape.get(key, 0.0), base / r["us"])
-    return out
+    return out, dense
 
 
 def _contiguous_crossover(tokens: list[int], wins: dict, min_speedup: float) -> int | None:
@@ -373,10 +373,8 @@ def pick(rows: list[dict], *, source: dict | None = None, min_speedup: float = M
     a measured count's entry covers the counts above the next smaller measured one (one token
     only a one-token entry). Crossovers: per shape from its own entries (a count where no config
     of the shape ran correctly loses), for any shape from the any-shape configs' worst shape."""
-    speed = _speedups(rows)
+    speed, dense = _speedups(rows)
     entries, crossovers = [], []
-    dense = {(r["format"], r["dtype"], r["tokens"], tuple(r["shape"])): r["us"]
-             for r in rows if r.get("impl") == "dense" and "us" in r}
     families = sorted({g[:3] for g in speed}, key=lambda g: (g[0], g[1], g[2] or 0))
     for fmt, dtype, variant in families:
         counts = sorted(t for f, d, v, t in speed if (f, d, v) == (fmt, dtype, variant))
