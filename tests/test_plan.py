@@ -118,3 +118,23 @@ def test_a_whole_model_method_plugs_into_the_api(monkeypatch):
 def test_unknown_method_is_refused_when_the_settings_are_built():
     with pytest.raises(ValueError, match="choose one of .*sparsegpt"):
         PruneConfig(method="halve-everything")
+
+
+def test_the_readme_shows_magnitude_as_the_package_has_it():
+    """README's "Adding a method" calls its snippet the whole of magnitude pruning: it must
+    stay the class in sparsellm/methods/magnitude.py, line for line (comments aside)."""
+    import inspect
+    import pathlib
+    import re
+
+    from sparsellm.methods.magnitude import Magnitude
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(class Magnitude\(LocalMethod\):.*?)```", readme, re.S)
+    assert snippet, "README has no Magnitude snippet"
+
+    def code_lines(text):
+        lines = (re.sub(r"\s+#.*$", "", line).rstrip() for line in text.splitlines())
+        return [line for line in lines if line.strip()]
+
+    assert code_lines(snippet.group(1)) == code_lines(inspect.getsource(Magnitude))
