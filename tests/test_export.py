@@ -219,6 +219,32 @@ def test_targets_and_ignore(tmp_path):
         save_pruned(model, None, tmp_path / "x", sparsity_structure="unstructured", targets=["q_projj"])
 
 
+@pytest.mark.parametrize("save_format", ["dense", "compressed"])
+def test_generation_config_round_trips(tmp_path, save_format):
+    """An instruct model's stop tokens and sampling defaults (generation_config.json) come back
+    with the model in either layout; from a state dict transformers would not read them, and
+    generate() would run past the end-of-turn token."""
+    model = prune_(tiny_llama(), "2:4")
+    model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], do_sample=True,
+                                                            temperature=0.6, top_p=0.9)
+    out = save_pruned(model, None, tmp_path / "ckpt", sparsity_structure="2:4", save_format=save_format)
+    loaded, _ = load_pruned(out)
+    got = loaded.generation_config
+    assert (got.eos_token_id, got.do_sample, got.temperature, got.top_p) == ([2, 7], True, 0.6, 0.9)
+
+
+def test_compressed_refuses_a_tied_target_before_writing(tmp_path):
+    """OPT's lm_head is the embedding matrix, stored once under the embedding's name: the
+    compressed layout cannot hold it as lm_head, which is said up front, nothing written."""
+    model = tiny_opt()
+    with torch.no_grad():
+        model.lm_head.weight.masked_fill_(model.lm_head.weight.abs() < 0.01, 0)
+    with pytest.raises(ExportError, match="lm_head.weight is tied to model.decoder.embed_tokens.weight"):
+        save_pruned(model, None, tmp_path / "ckpt", sparsity_structure="unstructured", save_format="compressed",
+                    targets=["lm_head"])
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 def test_refuses_non_empty_dir_and_leaves_it_alone(tmp_path):

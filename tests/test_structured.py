@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from sparsellm.config import PruneConfig
 from sparsellm.driver import LayerDriver
@@ -327,6 +327,7 @@ def _assert_loads_exactly(model, folder):
         assert torch.equal(tensor, state[name]), name
     with torch.no_grad():
         assert torch.equal(loaded(windows(2)).logits, model(windows(2)).logits)
+    return loaded
 
 
 def test_head_count_that_does_not_divide_hidden_size_saves_and_round_trips(tmp_path):
@@ -348,8 +349,11 @@ def test_head_count_that_does_not_divide_hidden_size_saves_and_round_trips(tmp_p
 @pytest.mark.parametrize("family", ["llama", "opt", "llama-mha"])
 def test_per_layer_sizes_round_trip_through_load_pruned(family, tmp_path):
     model = _pruned(family, [40, 72])
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], temperature=0.6, do_sample=True)
     save_pruned(model, None, tmp_path / "out", sparsity_structure="unstructured")
-    _assert_loads_exactly(model, tmp_path / "out")
+    loaded = _assert_loads_exactly(model, tmp_path / "out")
+    # built from its config, not by from_pretrained: the stop tokens are read from the folder
+    assert (loaded.generation_config.eos_token_id, loaded.generation_config.temperature) == ([2, 7], 0.6)
     with pytest.raises(Exception):  # a plain load cannot build layers of different sizes
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 

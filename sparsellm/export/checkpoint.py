@@ -246,6 +246,8 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
             raise ExportError(f"{name}.weight is {w.dtype}; sparse export needs float weights")
         weights[name] = w.detach()
     _check_structure(weights, pattern)
+    if library is not None:
+        _refuse_tied_targets(model, selected)
     block = sparsity_config_block(SAVE_FORMATS[save_format], zero_fraction(*weights.values()), structure,
                                   rec_targets, rec_ignore, library)
 
@@ -270,6 +272,33 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return StagedCheckpoint(staging, out_dir, overwrite)
+
+
+def _refuse_tied_targets(model, selected: dict) -> None:
+    """save_pretrained stores a tied weight once, under one of its names, so the compressed
+    layout cannot hold it under the targeted one (e.g. lm_head tied to the embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for name, lin in selected.items():
+        shared = [other for other in names.get(id(lin.weight), []) if other != f"{name}.weight"]
+        if shared:
+            raise ExportError(f"{name}.weight is tied to {shared[0]} (stored once), which the compressed format "
+                              f"cannot hold; leave {name} out of targets or save dense (save_format='dense')")
+
+
+def _saved_generation_config(path: Path, model) -> None:
+    """Give ``model`` the folder's generation_config.json (stop tokens, sampling defaults):
+    from_pretrained reads it only when it loads from the folder, not from a state dict or when
+    the model is built from its config."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / 'generation_config.json'}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +390,9 @@ def load_pruned(path, device=None, dtype=None):
     ``dtype`` is given); its ``config.sparsity_config`` describes it as it now is in memory
     (format "dense"), so a plain ``save_pretrained`` of it writes a correct dense checkpoint.
     The claimed structure, targets and global sparsity are re-checked against the tensors; any
-    disagreement raises :class:`CheckpointError`. ``tokenizer`` is None when none was saved.
+    disagreement raises :class:`CheckpointError`. The folder's generation_config.json (stop
+    tokens, sampling defaults) comes back in every layout. ``tokenizer`` is None when none was
+    saved.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -413,6 +444,7 @@ def load_pruned(path, device=None, dtype=None):
     if not isinstance(claimed, (int, float)) or abs(claimed - actual) > 1e-6:
         raise CheckpointError(f"{cfg_path} claims global_sparsity {claimed}, the targeted weights hold {actual:.6f}")
 
+    _saved_generation_config(path, model)
     model.eval()
     if device is not None:
         model.to(device)
