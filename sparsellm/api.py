@@ -7,6 +7,7 @@ or step by step: :func:`load_model`, :func:`prune`, :func:`evaluate`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,7 +27,7 @@ from .driver import LayerRecord, resolve_device
 from .perplexity import perplexity
 from .methods import METHODS, get_method
 from .models import get_adapter
-from .report import build_report, check_report_path, write_report
+from .report import build_report, check_report_path, discard_report, stage_report
 from .structure import compact_model, model_cost
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,19 @@ def _warn_unused_settings(config: PruneConfig) -> None:
             readers = sorted(name for name, cls in METHODS.items() if group in cls.settings_groups)
             warnings.warn(f"{', '.join(changed)} ({group} settings) apply to {', '.join(readers)}, not to "
                           f"{config.method}: ignored", UserWarning, stacklevel=3)
+    allocation, default = config.allocation, type(config.allocation)()
+    ignored = [name for name, rules in _ALLOCATION_READERS.items()
+               if allocation.rule not in rules and getattr(allocation, name) != getattr(default, name)]
+    if ignored:
+        readers = " and ".join(sorted({rule for name in ignored for rule in _ALLOCATION_READERS[name]}))
+        warnings.warn(f"{', '.join(ignored)} (allocation settings) apply to allocation {readers}, not to "
+                      f"{allocation.rule}: ignored", UserWarning, stacklevel=3)
+
+
+# which --allocation rules read each allocation setting (sparsellm.allocation)
+_ALLOCATION_READERS = {"temperature": ("energy",), "owl_lambda": ("owl",), "owl_m": ("owl",),
+                       "min_sparsity": ("owl", "energy"), "max_sparsity": ("owl", "energy"),
+                       "spread": ("owl", "energy")}
 
 
 def _check_layers(config: PruneConfig, num_layers: int) -> None:
@@ -112,12 +126,17 @@ def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
     return _prune(model, tokenizer, dataclasses.replace(config))[0]
 
 
-def _prune(model, tokenizer, config: PruneConfig):
+def _calibration(tokenizer, config: PruneConfig) -> data.Calibration:
+    return data.Calibration.sample(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
+
+
+def _prune(model, tokenizer, config: PruneConfig, calibration: data.Calibration | None = None):
     """:func:`prune`, also returning the method's run-level details for the report."""
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))
     method = get_method(config)
-    calibration = data.Calibration.sample(config.calib, tokenizer, config.nsamples, config.seqlen, config.seed)
+    if calibration is None:
+        calibration = _calibration(tokenizer, config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         records = method.prune_model(model, adapter, calibration)
@@ -167,8 +186,24 @@ def run(config: PruneConfig) -> dict:
     Bad settings fail before any long work starts; outputs are written only when complete.
     A forced ``config.backend`` holds for this run only (``auto`` keeps the process's setting).
     """
-    with ops.backend_scope(None if config.backend == "auto" else config.backend):
+    with ops.backend_scope(None if config.backend == "auto" else config.backend), _library_bars(config.quiet):
         return _run(dataclasses.replace(config))  # a copy: the run resolves its layer range in it
+
+
+@contextlib.contextmanager
+def _library_bars(quiet: bool):
+    """--quiet also silences transformers' own bars (loading and writing the weights), for this
+    run only."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _run(config: PruneConfig) -> dict:
@@ -179,7 +214,13 @@ def _run(config: PruneConfig) -> dict:
         export.check_save_format(config.save_format)  # e.g. 'compressed' without its extra: fail now too
     if config.report:
         check_report_path(config.report, config.save)
+    if config.save and config.overwrite:
+        _refuse_saving_over_the_model(config)
     device = resolve_device(config.device)
+    forced = ops.get_backend()
+    if forced not in ("auto", "reference") and not ops.available(forced, device):  # now, not at its first call
+        raise ops.BackendUnavailable(f"backend {forced!r} cannot run on {device.type} (the run's device); "
+                                     f"use --backend auto or another --device")
     for source in {config.calib, *config.eval} - {"none"}:  # a missing file fails now, not after the dense eval
         data.check_source(source)
     check_method_fits_job(config.method)  # a layer-wise method under a torchrun of several processes
@@ -201,6 +242,8 @@ def _run(config: PruneConfig) -> dict:
         check_channel_removal(config.sparsity.fraction,
                               [adapter.ffn(layer).down.in_features for layer in list(adapter.layers(model))[start:stop]],
                               config.allocation.rule)
+    # sampled now: a calibration text too short for the windows fails before the dense evaluation
+    calibration = _calibration(tokenizer, config)
     cost_before = model_cost(model, adapter, config.resolved_eval_seqlen)
     on_device = device.type == "cpu" or _fits(model, device)
 
@@ -214,7 +257,7 @@ def _run(config: PruneConfig) -> dict:
     host_reset = _reset_host_peak()  # the peaks are the prune's: loading and the dense evaluation are done
     ops.reset_usage()
     start = time.perf_counter()
-    records, method_details = _prune(model, tokenizer, config)
+    records, method_details = _prune(model, tokenizer, config, calibration)
     prune_seconds = time.perf_counter() - start
     peak = _peak_memory(device, host_reset)
     backend_usage, backend_fallbacks = ops.usage(), ops.fallbacks()
@@ -227,7 +270,7 @@ def _run(config: PruneConfig) -> dict:
     cost = {"before": cost_before, "after": model_cost(model, adapter, config.resolved_eval_seqlen)}
 
     main = is_main_process()  # under torchrun (Elsa, masked-adam) every process prunes; one writes
-    staged = None
+    staged = staged_report = None
     if config.save and main:  # the dense-masked weights, before any export changes their layout;
         # published only when the rest has run, so a failure or an interrupt leaves no output
         staged = export.stage_pruned(model, tokenizer, config.save, sparsity_structure=_structure(config),
@@ -243,14 +286,33 @@ def _run(config: PruneConfig) -> dict:
                               backend_fallbacks=backend_fallbacks, export_info=export_info, version=__version__,
                               method_details=method_details, cost=cost, structure=structure_info)
         if staged is not None:
-            report["saved_to"] = str(staged.publish())
+            report["saved_to"] = str(staged.out_dir)
+        # the report is written complete before the model is published, and put in place after
+        # it: a report that cannot be written leaves no model published (an --overwrite target
+        # as it was)
+        staged_report = stage_report(report, config.report) if config.report and main else None
+        if staged is not None:
+            staged.publish()
+        if staged_report is not None:
+            os.replace(staged_report, config.report)
     except BaseException:
         if staged is not None:
             staged.discard()
+        discard_report(staged_report)
         raise
-    if config.report and main:
-        write_report(report, config.report)
     return report
+
+
+def _refuse_saving_over_the_model(config: PruneConfig) -> None:
+    """--overwrite replaces the --save folder whole: never the folder of the model being pruned
+    (or one holding it), which would delete the original."""
+    if not os.path.exists(config.model):  # a hub id or the embedded default
+        return
+    model_dir = os.path.realpath(config.model)
+    save_dir = os.path.realpath(config.save)
+    if model_dir == save_dir or model_dir.startswith(save_dir.rstrip(os.sep) + os.sep):
+        raise ValueError(f"--save {config.save} with --overwrite would replace the folder of the model being "
+                         f"pruned ({config.model}); save elsewhere")
 
 
 def _structure(config: PruneConfig) -> str:

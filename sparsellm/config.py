@@ -140,6 +140,10 @@ class ElsaSettings:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ValueError(f"elsa checkpoint_dir must be a non-empty path or None, got {self.checkpoint_dir!r}")
 
         def number(value) -> bool:  # True is an int to Python, and "0.1" compares with nothing
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -266,11 +270,18 @@ class PruneConfig:
 
     def __post_init__(self):
         self.sparsity = SparsityPattern.parse(self.sparsity)
+        for name in ("model", "calib", "save", "report"):  # a pathlib.Path is a path too (the report stores text)
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         for name in ("save", "report"):  # checked before the prune and written after: the same path
             if isinstance(getattr(self, name), str):
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
-        if isinstance(self.eval, str):
-            self.eval = tuple(e for e in self.eval.split(",") if e)
+        if isinstance(self.eval, (str, os.PathLike)):
+            self.eval = tuple(e for e in os.fspath(self.eval).split(",") if e)
+        else:
+            self.eval = tuple(os.fspath(e) if isinstance(e, os.PathLike) else e for e in self.eval)
+        if isinstance(self.layers, list):
+            self.layers = tuple(self.layers)
         if isinstance(self.sparsellm, dict):
             self.sparsellm = SparseLLMSettings(**self.sparsellm)
         if isinstance(self.allocation, str):
@@ -299,6 +310,16 @@ class PruneConfig:
 
         for name in ("nsamples", "seqlen", "blocksize"):
             positive_int(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        for name in ("model", "calib"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty name or path, got {getattr(self, name)!r}")
+        if self.calib == "none":
+            raise ValueError("calib 'none' is not a data source (only --eval takes none); give a calibration text")
+        for name in ("save", "report"):  # an empty path would be skipped as if not given
+            if getattr(self, name) is not None and (not isinstance(getattr(self, name), str) or not getattr(self, name)):
+                raise ValueError(f"{name} must be a non-empty path or None, got {getattr(self, name)!r}")
         for name in ("sequential", "eval_dense", "quiet", "overwrite"):  # a string "false" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -319,6 +340,10 @@ class PruneConfig:
         if self.export is not None and self.export not in EXPORT_KINDS:
             raise ValueError(f"unknown export {self.export!r}; choose one of {', '.join(EXPORT_KINDS)}")
         if self.layers is not None:
+            if not (isinstance(self.layers, tuple) and len(self.layers) == 2 and all(
+                    v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in self.layers)):
+                raise ValueError(f"layers must be a (start, stop) pair of integers (stop None: to the last layer), "
+                                 f"got {self.layers!r}")
             start, stop = self.layers
             if start is None or start < 0 or (stop is not None and stop <= start):
                 raise ValueError(f"layer range {start}:{stop} is empty or negative; expected 0 <= START < STOP")

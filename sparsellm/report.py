@@ -134,18 +134,35 @@ def check_report_path(path: str, save: str | None = None) -> None:
     check_writable(os.path.dirname(os.path.abspath(path)))
 
 
-def write_report(report: dict, path: str) -> None:
-    """Write atomically: a temporary file in the same folder, renamed when complete."""
+def stage_report(report: dict, path: str) -> str:
+    """Write the report complete into a temporary file beside ``path``, and return its name:
+    renaming it onto ``path`` (atomic) publishes it, so a run stages it before it publishes
+    its model, and a report that cannot be written leaves no model published."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(report, handle, indent=2)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        discard_report(tmp)
+        raise
+    return tmp
+
+
+def discard_report(staged: str | None) -> None:
+    if staged is not None and os.path.exists(staged):
+        os.unlink(staged)
+
+
+def write_report(report: dict, path: str) -> None:
+    """Write atomically: a temporary file in the same folder, renamed when complete."""
+    staged = stage_report(report, path)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        discard_report(staged)
         raise
 
 

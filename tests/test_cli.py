@@ -167,6 +167,10 @@ def test_missing_data_file(where, no_loading, capsys, tmp_path):
     (["--layers", "3:1"], "layer range 3:1 is empty"),
     (["--sparsity", "0"], "sparsity 0 prunes nothing"),
     (["--method", "elsa", "--sparsity", "0%"], "sparsity 0 prunes nothing"),
+    (["--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**63)"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**63)"),
+    (["--calib", "none"], "calib 'none' is not a data source"),
+    (["--save", ""], "save must be a non-empty path"),
 ])
 def test_bad_settings_fail_before_loading(args, message, no_loading, capsys, tmp_path):
     report = tmp_path / "r.json"
@@ -214,24 +218,27 @@ def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys)
     assert os.listdir(out) == ["keep.txt"] and not report.exists()
 
 
-def test_a_failure_after_the_prune_publishes_nothing(tiny_llama_dir, text_file, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("failing", ["evaluate", "stage_report"])
+def test_a_failure_after_the_prune_publishes_nothing(failing, tiny_llama_dir, text_file, tmp_path, capsys,
+                                                     monkeypatch):
     """The save is staged and published only when the export, the evaluation and the report are
-    done: an evaluation that fails after the prune leaves the --overwrite target as it was."""
+    done: an evaluation, or a report write, that fails after the prune leaves the --overwrite
+    target as it was, and no report."""
     import sparsellm.api
 
     def fail(*args, **kwargs):
-        raise RuntimeError("the evaluation failed")
-    monkeypatch.setattr(sparsellm.api, "evaluate", fail)  # with --no-dense-eval: the pruned evaluation
+        raise OSError(f"{failing} failed")
+    monkeypatch.setattr(sparsellm.api, failing, fail)  # with --no-dense-eval, evaluate is the pruned evaluation
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # an earlier model's folder
     report = tmp_path / "r.json"
     code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", text_file,
                        "--eval", text_file, "--no-dense-eval", "--save", str(out), "--overwrite",
                        "--report", str(report), *SMALL)
-    assert code == 2 and "the evaluation failed" in err, err
-    assert os.listdir(out) == ["keep.txt"] and not report.exists()
-    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder left
+    assert code == 2 and f"{failing} failed" in err, err
+    assert os.listdir(out) == ["config.json"] and not report.exists()
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder or report left
 
 
 def test_an_evaluation_text_shorter_than_a_window_fails_before_the_prune(tiny_llama_dir, text_file, tmp_path,
@@ -273,6 +280,69 @@ def test_report_path_that_cannot_be_a_file_fails_before_loading(where, no_loadin
     assert code == 2 and "Traceback" not in err
     assert ("is a folder" if where == "folder" else "is the --save folder") in err, err
     assert not save.exists()
+
+
+@pytest.mark.parametrize("flag, under", [("--report", "r.json"), ("--save", "out"), ("--checkpoint-dir", "ckpt")])
+def test_an_output_path_through_a_file_fails_before_loading(flag, under, no_loading, capsys, tmp_path):
+    """A file where a folder of the path should be: refused now, not when the output is written
+    after the prune."""
+    in_the_way = tmp_path / "script.sh"
+    in_the_way.write_text("#!/bin/sh\n")
+    method = ["--method", "elsa"] if flag == "--checkpoint-dir" else []
+    code, _, err = cli(capsys, *SMALL, *method, flag, str(in_the_way / under))
+    assert code == 2 and f"{in_the_way} is not a folder" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["script.sh"]
+
+
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+def test_overwrite_never_replaces_the_folder_of_the_model_being_pruned(where, no_loading, capsys, tmp_path):
+    model = tmp_path / "models" / "llama"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    save = model if where == "itself" else model.parent
+    (save / "config.json").write_text("{}")  # a model folder (else refused as not one) that holds the model
+    code, _, err = cli(capsys, "--model", str(model), *SMALL, "--save", str(save), "--overwrite")
+    assert code == 2 and "would replace the folder of the model being pruned" in err, err
+    assert (model / "config.json").is_file()
+
+
+def test_a_forced_backend_that_cannot_run_on_the_device_fails_before_loading(no_loading, capsys, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton runs on the CPU only under its interpreter
+    code, _, err = cli(capsys, *SMALL, "--backend", "triton")
+    assert code == 2 and "backend 'triton' cannot run on cpu" in err and "Traceback" not in err, err
+
+
+def test_a_calibration_text_too_short_fails_before_the_dense_evaluation(tiny_llama_dir, text_file, tmp_path,
+                                                                        capsys, monkeypatch):
+    import sparsellm.api
+
+    def refuse(*a, **k):
+        raise AssertionError("evaluated before the calibration text was checked")
+    monkeypatch.setattr(sparsellm.api, "evaluate", refuse)
+    short = tmp_path / "short.txt"
+    short.write_text("too short to calibrate on")
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", str(short),
+                       "--eval", text_file, *SMALL)
+    assert code == 2 and "one window of 64 tokens needs at least 65" in err and "Traceback" not in err, err
+
+
+def test_quiet_silences_transformers_bars_for_the_run_only(monkeypatch):
+    """Loading and writing the weights show transformers' own bars; --quiet turns them off while
+    it runs, and the process's setting comes back after."""
+    import sparsellm.api
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(hf_logging.is_progress_bar_enabled())
+        raise OSError("stop here")
+    monkeypatch.setattr(sparsellm.api, "load_model", record)
+    assert hf_logging.is_progress_bar_enabled()
+    assert main([*SMALL, "--quiet", "--device", "cpu"]) == 2
+    assert main([*SMALL, "--device", "cpu"]) == 2
+    assert seen == [False, True] and hf_logging.is_progress_bar_enabled()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -586,6 +656,42 @@ def test_switches_take_booleans_only(name):
         PruneConfig(**{name: "false"})
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--layer-sparsity-min", "0.9", "--layer-sparsity-max", "0.95"],
+     r"min_sparsity, max_sparsity \(allocation settings\) apply to allocation energy and owl, not to uniform"),
+    (["--allocation", "owl", "--temperature", "5"],
+     r"temperature \(allocation settings\) apply to allocation energy, not to owl"),
+])
+def test_allocation_settings_the_rule_does_not_read_are_named_as_ignored(args, message, no_loading):
+    with pytest.warns(UserWarning, match=message):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
+
+
+def test_python_api_takes_paths_and_refuses_malformed_values(tmp_path):
+    """pathlib.Path works wherever a path is taken, and the report (JSON) records it as text;
+    a layer range that is not two integers, or an empty output path, is refused when built."""
+    from pathlib import Path
+
+    from sparsellm import PruneConfig
+
+    config = PruneConfig(model=tmp_path / "m", calib=tmp_path / "c.txt", eval=(tmp_path / "e.txt", "wiki"),
+                         save=tmp_path / "out", report=tmp_path / "r.json",
+                         elsa={"checkpoint_dir": tmp_path / "ckpt"})
+    assert (config.model, config.calib, config.eval, config.save, config.report, config.elsa.checkpoint_dir) == (
+        str(tmp_path / "m"), str(tmp_path / "c.txt"), (str(tmp_path / "e.txt"), "wiki"), str(tmp_path / "out"),
+        str(tmp_path / "r.json"), str(tmp_path / "ckpt"))
+    json.dumps(config.to_dict())
+    assert PruneConfig(layers=[1, 3]).layers == (1, 3)
+    for layers in [(0.5, 2), "0:2", (1,)]:
+        with pytest.raises(ValueError, match="layers must be a"):
+            PruneConfig(layers=layers)
+    for name in ("save", "report"):
+        with pytest.raises(ValueError, match=f"{name} must be a non-empty path"):
+            PruneConfig(**{name: ""})
+    assert isinstance(Path(config.save), Path)
+
+
 def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
     """--steps and --iterations with sparsegpt: a warning that names them (the report records
     every setting and must not read as if they ran); the CLI's defaults warn about nothing."""
@@ -599,3 +705,15 @@ def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
             warnings.simplefilter("error")
             with pytest.raises(AssertionError, match="a model was loaded"):
                 main([*SMALL, "--method", method, "--quiet"])
+
+
+def test_the_report_is_an_ordinary_readable_file(tmp_path):
+    """Written through a private temporary file (mkstemp makes it 0600), published 0644 as the
+    saved checkpoint's files are."""
+    from sparsellm.report import write_report
+
+    write_report({"perplexity": 1.5}, str(tmp_path / "sub" / "r.json"))
+    path = tmp_path / "sub" / "r.json"
+    assert json.loads(path.read_text()) == {"perplexity": 1.5}
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    assert os.listdir(tmp_path / "sub") == ["r.json"]

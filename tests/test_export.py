@@ -266,6 +266,7 @@ def test_refuses_non_empty_dir_and_leaves_it_alone(tmp_path):
 def test_overwrite_replaces_whole_directory(tmp_path):
     target = tmp_path / "ckpt"
     target.mkdir()
+    (target / "config.json").write_text("{}")  # an earlier model's folder
     (target / "stale.bin").write_bytes(b"old")
     model = prune_(tiny_llama(), "unstructured")
     save_pruned(model, None, target, sparsity_structure="unstructured", save_format="compressed", overwrite=True)
@@ -277,6 +278,7 @@ def test_overwrite_replaces_whole_directory(tmp_path):
 def test_overwrite_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
     target = tmp_path / "real"
     target.mkdir()
+    (target / "config.json").write_text("{}")
     (target / "stale.bin").write_bytes(b"old")
     (tmp_path / "link").symlink_to(target)
     model = prune_(tiny_llama(), "unstructured")
@@ -284,6 +286,30 @@ def test_overwrite_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_
     assert (tmp_path / "link").is_symlink() and not (target / "stale.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no backup or staging left
     assert_same_model(model, load_pruned(tmp_path / "link")[0])
+
+
+def test_overwrite_replaces_only_a_model_folder(tmp_path, monkeypatch):
+    """overwrite deletes the folder's whole contents: a folder that is not a saved model (no
+    config.json), or one holding the working folder or the home folder, is refused untouched."""
+    model = prune_(tiny_llama(), "unstructured")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="holds no config.json"):
+        save_pruned(model, None, notes, sparsity_structure="unstructured", overwrite=True)
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    monkeypatch.chdir(project / "src")
+    with pytest.raises(FileExistsError, match="holds the working folder"):
+        save_pruned(model, None, project, sparsity_structure="unstructured", overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(project))
+    with pytest.raises(FileExistsError, match="holds the home folder"):
+        save_pruned(model, None, project, sparsity_structure="unstructured", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "project"]
+    assert [p.name for p in notes.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "src"]
 
 
 def test_compressed_resave_of_a_loaded_model_keeps_one_sparsity_block(tmp_path):
@@ -324,10 +350,10 @@ def test_failure_mid_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     old = tmp_path / "old"
     old.mkdir()
-    (old / "keep.txt").write_text("x")
+    (old / "config.json").write_text("{}")  # an earlier model's folder
     with pytest.raises(OSError, match="disk full"):
         save_pruned(model, Broken(), old, sparsity_structure="unstructured", save_format="compressed", overwrite=True)
-    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+    assert [p.name for p in old.iterdir()] == ["config.json"]
     assert leftovers(tmp_path, "old") == []
 
 

@@ -81,23 +81,43 @@ def _check_structure(weights: dict[str, torch.Tensor], pattern: SparsityPattern 
 
 def check_writable(path) -> None:
     """Refuse a path whose nearest existing folder cannot be written (the path itself, or the
-    parent its folders would be made in): found now, not after the prune."""
+    parent its folders would be made in), or where a file stands in for one of its folders:
+    found now, not after the prune."""
     folder = Path(path).expanduser().absolute()
-    while not folder.exists():
+    while not folder.exists() and not folder.is_symlink():
         folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder (for {path})")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write under {folder} (for {path})")
 
 
 def check_output_dir(out_dir, overwrite: bool) -> None:
     """Refuse a file, a non-empty directory without overwrite, or a place that cannot be
-    written (before any long work)."""
+    written (before any long work). With overwrite, the folder is replaced whole, so only a
+    model folder (it has a config.json) is, and never one that holds the working folder or
+    the home folder."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        _check_replaceable(out_dir)
     check_writable(out_dir.absolute().parent)  # the staging folder is made beside it
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """What overwrite may delete: a saved model's folder, nothing the user is working in."""
+    resolved = out_dir.resolve()
+    for what, inside in (("working folder", Path.cwd()), ("home folder", Path.home())):
+        inside = inside.resolve()
+        if resolved == inside or resolved in inside.parents:
+            raise FileExistsError(f"{out_dir} holds the {what} ({inside}); overwrite replaces the whole folder, "
+                                  f"so give a folder of its own")
+    if not (resolved / "config.json").is_file():
+        raise FileExistsError(f"{out_dir} is not empty and holds no config.json (not a saved model); overwrite "
+                              f"replaces a model folder whole, so give a new or empty folder")
 
 
 def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:

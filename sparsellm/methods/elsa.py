@@ -74,6 +74,7 @@ from .. import distributed, ops
 from ..config import AllocationSettings, SparseLLMSettings
 from ..distributed import local
 from ..driver import LayerRecord, resolve_device
+from ..export import check_writable
 from ..precision import large_products
 from ..sparsity import SparsityPattern, nm_violations, reaches_sparsity, zero_fraction
 from .base import PruningMethod
@@ -239,6 +240,7 @@ def check_checkpoint_dir(config) -> None:
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise ValueError(f"checkpoint dir {folder} is a file")
+    check_writable(path)  # a file in its way, or no write access: now, not at the first checkpoint
     record = path / CHECKPOINT_RUN
     if not record.exists():
         if (path / CHECKPOINT_STATE).exists():  # the first checkpoint's write was cut between its two files
