@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense safetensors, or compressed (sparse-bitmask; the compressed extra)")
     p.add_argument("--export", default=None, choices=EXPORT_KINDS,
                    help="after pruning, swap eligible weights to sparse kernels before evaluation")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder whole (only a saved model's: it has a config.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --save folder whole (only a saved model's: it has a config.json)")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")

@@ -313,13 +313,15 @@ class PruneConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         for name in ("model", "calib"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty name or path, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty name or path, got {value!r}")
         if self.calib == "none":
             raise ValueError("calib 'none' is not a data source (only --eval takes none); give a calibration text")
         for name in ("save", "report"):  # an empty path would be skipped as if not given
-            if getattr(self, name) is not None and (not isinstance(getattr(self, name), str) or not getattr(self, name)):
-                raise ValueError(f"{name} must be a non-empty path or None, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty path or None, got {value!r}")
         for name in ("sequential", "eval_dense", "quiet", "overwrite"):  # a string "false" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -241,19 +241,24 @@ def test_a_failure_after_the_prune_publishes_nothing(failing, tiny_llama_dir, te
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder or report left
 
 
-def test_an_evaluation_text_shorter_than_a_window_fails_before_the_prune(tiny_llama_dir, text_file, tmp_path,
-                                                                         capsys, monkeypatch):
-    """Also with --no-dense-eval, where the pruned evaluation is the first to read the text."""
+@pytest.mark.parametrize("which", ["--eval", "--calib"])
+def test_a_text_shorter_than_a_window_fails_before_the_work(which, tiny_llama_dir, text_file, tmp_path, capsys,
+                                                            monkeypatch):
+    """An evaluation text also with --no-dense-eval, where the pruned evaluation is the first to
+    read it: before the prune; a calibration text: before the dense evaluation."""
     import sparsellm.api
 
     def refuse(*args, **kwargs):
-        raise AssertionError("pruned before the evaluation text was checked")
-    monkeypatch.setattr(sparsellm.api, "_prune", refuse)
+        raise AssertionError(f"the {which} text was checked too late")
+    monkeypatch.setattr(sparsellm.api, "_prune" if which == "--eval" else "evaluate", refuse)
     short = tmp_path / "short.txt"
-    short.write_text("too short to evaluate")
-    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", text_file,
-                       "--eval", str(short), "--no-dense-eval", *SMALL)
-    assert code == 2 and f"{short}: the evaluation text has" in err and "fewer than one window of 64" in err, err
+    short.write_text("too short for one window")
+    texts = {"--calib": text_file, "--eval": text_file, which: str(short)}
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", *sum(texts.items(), ()),
+                       *(["--no-dense-eval"] if which == "--eval" else []), *SMALL)
+    expected = (f"{short}: the evaluation text has", "fewer than one window of 64") if which == "--eval" else (
+        str(short), "one window of 64 tokens needs at least 65")
+    assert code == 2 and all(e in err for e in expected) and "Traceback" not in err, err
 
 
 def test_a_layer_wise_method_under_a_torchrun_of_several_processes_is_refused_before_loading(no_loading, capsys,
@@ -311,20 +316,6 @@ def test_a_forced_backend_that_cannot_run_on_the_device_fails_before_loading(no_
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton runs on the CPU only under its interpreter
     code, _, err = cli(capsys, *SMALL, "--backend", "triton")
     assert code == 2 and "backend 'triton' cannot run on cpu" in err and "Traceback" not in err, err
-
-
-def test_a_calibration_text_too_short_fails_before_the_dense_evaluation(tiny_llama_dir, text_file, tmp_path,
-                                                                        capsys, monkeypatch):
-    import sparsellm.api
-
-    def refuse(*a, **k):
-        raise AssertionError("evaluated before the calibration text was checked")
-    monkeypatch.setattr(sparsellm.api, "evaluate", refuse)
-    short = tmp_path / "short.txt"
-    short.write_text("too short to calibrate on")
-    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", str(short),
-                       "--eval", text_file, *SMALL)
-    assert code == 2 and "one window of 64 tokens needs at least 65" in err and "Traceback" not in err, err
 
 
 def test_quiet_silences_transformers_bars_for_the_run_only(monkeypatch):
