@@ -32,7 +32,9 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
     total_nll, count = 0.0, 0
     for i in tqdm(range(windows), desc=desc, unit="window", disable=quiet, leave=False):
         ids = tokens[:, i * seqlen:(i + 1) * seqlen].to(device)
-        logits = model(ids, use_cache=False).logits.float()
+        logits = model(ids, use_cache=False).logits
+        # half-precision logits are scored in float32; a float64 model's stay float64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
         total_nll += float(nll)
         count += seqlen - 1

@@ -251,6 +251,21 @@ def test_tokenizers_loaded_with_other_options_do_not_share_the_cache(tmp_path, s
     assert bos_ids[0].tolist() == with_bos(path.read_text())["input_ids"] != plain_ids[0].tolist()
 
 
+def test_a_tokenizer_whose_options_change_after_use_is_tokenized_anew(tmp_path, smollm_tokenizer):
+    """Setting add_bos_token (and the BOS) on a tokenizer already used: the cached stream of the
+    old encoding must not be served (the vocabulary size, the cache's old test, is unchanged)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer.name_or_path)
+    path = tmp_path / "t.txt"
+    path.write_text("Hello world, this is a short text.\n")
+    before = eval_tokens(str(path), tok, 2)[0].tolist()
+    tok.bos_token = "<|endoftext|>"
+    tok.add_bos_token = True
+    after = eval_tokens(str(path), tok, 2)[0].tolist()
+    assert after == tok(path.read_text())["input_ids"] != before
+
+
 # --------------------------------------------------------------------------- errors
 
 def test_unreadable_or_short_texts_name_the_file(tmp_path):
@@ -266,6 +281,32 @@ def test_unreadable_or_short_texts_name_the_file(tmp_path):
     short.write_text(numbers(0, 4))
     with pytest.raises(DataSourceError, match=f"{short}: the evaluation text has 4 tokens, fewer than one window of 8"):
         eval_tokens(str(short), NumberTokenizer(), 8)
+
+
+def test_damaged_compressed_or_malformed_json_files_name_the_file(tmp_path):
+    """Each a DataSourceError (the CLI's clean exit 2), not EOFError, zlib.error, RecursionError
+    or the tokenizer's TypeError."""
+    whole = gzip.compress(json.dumps({"text": numbers(0, 2000)}).encode())
+    cases = {"truncated.jsonl.gz": (whole[:len(whole) // 2], "cannot be read as UTF-8 text in gzip"),
+             "damaged.txt.gz": (whole[:12] + bytes(64) + whole[76:], "cannot be read as UTF-8 text in gzip"),
+             "deep.json": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+             "deep.jsonl": (b'{"text": "a"}\n' + b"[" * 100_000 + b"]" * 100_000, ":2: JSON nested"),
+             "surrogate.jsonl": (b'{"text": "fine"}\n{"text": "a lone \\ud800 surrogate"}\n',
+                                 "record 2's text is not valid Unicode")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataSourceError, match=f"{tmp_path / name}.*{message}"):
+            load_split(str(tmp_path / name), "calib")
+    with pytest.raises(DataSourceError, match="not a readable MediaWiki XML dump"):
+        (tmp_path / "dump.xml").write_text("<mediawiki></mediawiki>")
+        load_split(f"wiki:{tmp_path / 'dump.xml'}", "calib")
+
+
+def test_gzip_suffixes_are_matched_in_any_case(tmp_path):
+    (tmp_path / "CORPUS.TXT.GZ").write_bytes(gzip.compress(numbers(0, 50).encode()))
+    (tmp_path / "docs.JSONL.Gz").write_bytes(gzip.compress(json.dumps({"text": numbers(50, 90)}).encode()))
+    assert eval_tokens(str(tmp_path / "CORPUS.TXT.GZ"), NumberTokenizer(), 10)[0].tolist() == list(range(50))
+    assert eval_tokens(str(tmp_path / "docs.JSONL.Gz"), NumberTokenizer(), 10)[0].tolist() == list(range(50, 90))
 
 
 def test_an_evaluation_window_needs_two_tokens():
@@ -290,6 +331,30 @@ class _FixedLoss(torch.nn.Module):
     def forward(self, ids, use_cache=False):
         target = torch.nn.functional.one_hot(ids.roll(-1, dims=1), 2).float()
         return types.SimpleNamespace(logits=-self.gap * target)
+
+
+def test_a_float64_model_is_scored_in_float64():
+    """The benchmarks' float64 comparisons need a float64 loss; float32 logits moved the mean
+    loss of one 8-token window by about 1e-7 here (exactly representable in float64 only)."""
+    from sparsellm.perplexity import perplexity
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(64, 64, generator=gen, dtype=torch.float64) * 7
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(table)
+
+        def forward(self, ids, use_cache=False):
+            return types.SimpleNamespace(logits=self.table[ids])
+
+    tokens = torch.randint(0, 64, (1, 64), generator=gen)
+    windows = tokens.reshape(8, 8)
+    nll = torch.nn.functional.cross_entropy(table[windows[:, :-1]].reshape(-1, 64), windows[:, 1:].reshape(-1),
+                                            reduction="mean")
+    value = perplexity(Table(), tokens, 8, quiet=True)
+    assert abs(value - math.exp(float(nll))) <= 1e-12 * value
 
 
 @pytest.mark.parametrize("gap, expected", [(5.0, None), (1000.0, float("inf")), (float("nan"), float("nan"))])

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -183,12 +184,13 @@ def _open_text(path: str | Path):
     """A (possibly gzip-compressed) file as UTF-8 text with universal newlines, a leading byte
     order mark dropped; a file that is not UTF-8 (or not gzip) is a DataSourceError naming it."""
     path = str(path)
-    gz = path.endswith(".gz")
+    gz = path.lower().endswith(".gz")  # as _bare_kind matches the suffix
     try:
         with (io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig") if gz
               else open(path, encoding="utf-8-sig")) as f:
             yield f
-    except (UnicodeDecodeError, OSError) as err:  # gzip.BadGzipFile is an OSError
+    # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError, a damaged one zlib.error
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as err:
         raise DataSourceError(f"{path}: cannot be read as UTF-8 text{' in gzip' if gz else ''} ({err})") from None
 
 
@@ -200,6 +202,8 @@ def _json_texts(path: str | Path) -> list[str]:
         # a JSON document: an array of records, or one record
         whole = json.loads(content)
         records = whole if isinstance(whole, list) else [whole]
+    except RecursionError:
+        raise DataSourceError(f"{path}: JSON nested too deeply to read") from None
     except json.JSONDecodeError:
         records = []  # JSON lines: one record per line (fails fast above at the second record)
         # "\n" only: splitlines() also splits inside a record at U+2028, U+2029 and U+0085, which
@@ -211,16 +215,21 @@ def _json_texts(path: str | Path) -> list[str]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataSourceError(f"{path}:{lineno}: neither JSON nor JSON lines ({e.msg})") from None
+            except RecursionError:
+                raise DataSourceError(f"{path}:{lineno}: JSON nested too deeply to read") from None
     if len(records) == 1 and isinstance(records[0], dict) and isinstance(records[0].get("text"), list):
         records = records[0]["text"]  # a column-style {"text": [...]} document
     texts = []
     for n, rec in enumerate(records, 1):
-        if isinstance(rec, str):
-            texts.append(rec)
-        elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
-            texts.append(rec["text"])
-        else:
+        text = rec if isinstance(rec, str) else rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
             raise DataSourceError(f"{path}: record {n} has no string \"text\" field")
+        try:  # JSON may escape a lone UTF-16 surrogate (\ud800), which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataSourceError(f"{path}: record {n}'s text is not valid Unicode ({err.reason} at "
+                                  f"character {err.start})") from None
+        texts.append(text)
     if not texts:
         raise DataSourceError(f"{path}: no records with a \"text\" field")
     return texts
@@ -334,7 +343,8 @@ def wiki_articles(path: str | Path | None = None) -> list[str]:
                 text = re.sub(r"'{2,}", "", filter_wiki(raw)).strip()
                 if text:  # pages without text (none in the default dump) would only add blank lines
                     articles.append(text)
-    except (OSError, EOFError, SyntaxError) as e:  # ParseError is a SyntaxError
+    # ParseError is a SyntaxError; gensim raises ValueError for XML that is not a MediaWiki dump
+    except (OSError, EOFError, SyntaxError, ValueError) as e:
         raise DataSourceError(f"{path}: not a readable MediaWiki XML dump ({type(e).__name__}: {e})") from None
     return articles
 

@@ -19,7 +19,7 @@ from .sources import (C4_EVAL_WINDOWS, DataSourceError, Source, _split_text, c4_
                       parse_source)
 
 
-# tokenizer -> (its vocabulary size then, its fingerprint): Elsa draws fresh windows every training
+# tokenizer -> ((its vocabulary size, Python-side options) then, its fingerprint): Elsa draws fresh windows every training
 # step, and serialising a fast backend takes tens of milliseconds (71 ms a draw against 0.1 ms)
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -28,19 +28,28 @@ def _encoding_fingerprint(tokenizer) -> str:
     """What decides how ``tokenizer`` encodes beyond where it was loaded from: a fast tokenizer's
     whole backend definition (options given at load time, e.g. ``add_bos_token``, change its
     post-processor), else the options it was loaded with; and the flags a tokenizer may apply
-    in Python. Computed once per tokenizer object (again if tokens were added to it since)."""
+    in Python. Computed once per tokenizer object, and again when tokens were added to it or
+    its Python-side options changed since (setting ``add_bos_token`` or ``bos_token`` on a
+    loaded tokenizer rewrites its post-processor); a hand edit of the backend itself is not
+    seen."""
+    state = (len(tokenizer), _python_options(tokenizer))
     try:
-        size, known = _FINGERPRINTS.get(tokenizer, (None, None))
+        seen, known = _FINGERPRINTS.get(tokenizer, (None, None))
     except TypeError:  # not weakly referenceable: computed every time
-        size, known = None, None
-    if known is not None and size == len(tokenizer):
+        seen, known = None, None
+    if known is not None and seen == state:
         return known
     fingerprint = _fingerprint_now(tokenizer)
     try:
-        _FINGERPRINTS[tokenizer] = (len(tokenizer), fingerprint)
+        _FINGERPRINTS[tokenizer] = (state, fingerprint)
     except TypeError:
         pass
     return fingerprint
+
+
+def _python_options(tokenizer) -> str:
+    return repr([getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token", "bos_token",
+                                                               "eos_token")])
 
 
 def _fingerprint_now(tokenizer) -> str:
@@ -49,8 +58,7 @@ def _fingerprint_now(tokenizer) -> str:
         text = backend.to_str()
     else:
         text = repr(sorted((str(k), str(v)) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()))
-    flags = repr([getattr(tokenizer, name, None) for name in ("add_bos_token", "add_eos_token")])
-    return hashlib.sha256((text + flags).encode()).hexdigest()
+    return hashlib.sha256((text + _python_options(tokenizer)).encode()).hexdigest()
 
 
 class _TokKey:
