@@ -103,14 +103,7 @@ def _check_model_fits(config: PruneConfig, model, adapter) -> None:
     an N:M pattern's group size divides every pruned linear's input width, and the calibration
     and evaluation windows fit the model's positions (OPT's learned position table fails on an
     index past it, RoPE models run on positions they were not trained on)."""
-    layers = adapter.layers(model)
-    start, stop = config.layers or (0, len(layers))
-    for index in range(start, stop):
-        for name, linear in adapter.linears(layers[index]).items():
-            try:
-                config.sparsity.check_shape(linear.in_features)
-            except ValueError as err:
-                raise ValueError(f"layer {index} {name}: {err}") from None
+    _check_pattern_fits(config, model, adapter)
     positions = getattr(model.config, "max_position_embeddings", None)
     lengths = {"--seqlen": config.seqlen}  # also the evaluation's window unless --eval-seqlen is given
     if config.eval_seqlen and any(e != "none" for e in config.eval):
@@ -120,10 +113,25 @@ def _check_model_fits(config: PruneConfig, model, adapter) -> None:
             raise ValueError(f"{flag} {length} exceeds the model's {positions} positions (max_position_embeddings)")
 
 
+def _check_pattern_fits(config: PruneConfig, model, adapter) -> None:
+    layers = adapter.layers(model)
+    start, stop = config.layers or (0, len(layers))
+    for index in range(start, stop):
+        for name, linear in adapter.linears(layers[index]).items():
+            try:
+                config.sparsity.check_shape(linear.in_features)
+            except ValueError as err:
+                raise ValueError(f"layer {index} {name}: {err}") from None
+
+
 def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
     """Prune ``model`` in place with the settings of ``config`` (not changed: the run resolves its
     layer range in a copy); returns per-layer records."""
-    return _prune(model, tokenizer, dataclasses.replace(config))[0]
+    config = dataclasses.replace(config)
+    adapter = get_adapter(model)
+    _check_layers(config, len(adapter.layers(model)))
+    _check_pattern_fits(config, model, adapter)  # an N:M group size that does not divide a width: one clear error
+    return _prune(model, tokenizer, config)[0]
 
 
 def _calibration(tokenizer, config: PruneConfig) -> data.Calibration:

@@ -1,4 +1,5 @@
 """The sparsellm-prune command: bad input fails cleanly; end to end on small and real models."""
+import dataclasses
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
     OPTForCausalLM
 
 from sparsellm.cli import main
-from sparsellm.sparsity import satisfies_nm
+from sparsellm.sparsity import SparsityPattern, satisfies_nm
 
 default_model = pytest.importorskip("sparsellm.default_model")
 
@@ -637,6 +638,8 @@ def test_prune_leaves_the_callers_settings_as_they_were(tiny_llama_dir, text_fil
                          seqlen=32, quiet=True)
     records = api.prune(model, tokenizer, config)
     assert config.layers == (1, None) and [r.index for r in records] == [1, 2]
+    with pytest.raises(ValueError, match="layer 1 .*multiple of 3"):  # before any work, not a reshape error
+        api.prune(model, tokenizer, dataclasses.replace(config, sparsity=SparsityPattern.parse("2:3")))
 
 
 @pytest.mark.parametrize("name", ["overwrite", "sequential", "eval_dense", "quiet"])

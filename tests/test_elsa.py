@@ -112,6 +112,25 @@ def test_importance_scores():
     torch.testing.assert_close(importance(x, None, "fisher"), x.abs())  # before Adam has a second moment
 
 
+def test_weights_without_a_second_moment_outrank_the_zeros():
+    """v = 0 where a weight never got a gradient (a ReLU row that never fires): its Fisher score
+    0 tied with the pruned zeros, and a 2:4 group [0, 0.038, 0.033, 0] with v = [0, 0, 1e-6, 0]
+    lost 0.038 and kept a zero (3 zeros). Such weights rank by magnitude, above every zero and
+    below every weight with a gradient."""
+    values = torch.tensor([[0.0, 0.0382, 0.0329, 0.0, 0.5, -0.01, 0.0, 0.2]])
+    v = torch.tensor([[0.0, 0.0, 1.1e-6, 0.0, 0.0, 0.0, 0.0, 1e-30]])
+    score = importance(values, v, "fisher")
+    out = project(values, score, SparsityPattern.parse("2:4"))
+    assert (out != 0).tolist() == [[False, True, True, False, True, False, False, True]]
+    assert satisfies_nm(out, 2, 4)
+    unscored = (v == 0) & (values != 0)
+    assert (score[values == 0] == 0).all() and (score[unscored] > 0).all()
+    assert score[unscored].max() < (v * values.square())[~unscored & (values != 0)].min()
+    assert score[0, 4] > score[0, 1] > score[0, 5]  # by magnitude among themselves
+    # unstructured: keep 5 of 8, the 5 non-zeros, whatever their second moments
+    assert torch.equal(project(values, score, SparsityPattern.parse("0.375")) != 0, values != 0)
+
+
 def test_lambda_schedules():
     base = dict(steps=100, admm_lambda=1.0)
     assert lambda_at(ElsaSettings(**base), 37) == 1.0

@@ -100,9 +100,22 @@ def project(values: torch.Tensor, score: torch.Tensor, pattern: SparsityPattern)
 
 
 def importance(values: torch.Tensor, second_moment: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """The projection score of ``values`` (w + u, or w at the end)."""
+    """The projection score of ``values`` (w + u, or w at the end): Fisher v (w + u)^2, or |w + u|.
+
+    A non-zero entry whose Fisher score is 0 (Adam never saw a gradient for it, v = 0: a ReLU
+    row that never fires on the calibration text; or the product underflowed) would tie with
+    the zeros, and the projection could keep a zero in its place: an N:M group with more than
+    N zeros, a kept weight lost. Such entries score just above 0 instead, in the order of their
+    magnitudes, below any score a weight with a gradient gets (the smallest normal float up to
+    twice it); the same for every process's rows, so a sharded run selects as one process."""
     if kind == "fisher" and second_moment is not None:
-        return second_moment * values.square()
+        score = second_moment * values.square()
+        unscored = (score == 0) & (values != 0)
+        if not unscored.any():
+            return score
+        magnitude = values.abs().to(score.dtype)
+        by_magnitude = torch.finfo(score.dtype).tiny * (1 + magnitude / (1 + magnitude))
+        return torch.where(unscored, by_magnitude, score)
     return values.abs()
 
 
