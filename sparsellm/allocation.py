@@ -29,9 +29,10 @@ Energies are standardised over the layers before the softmax, so the temperature
 their spread (T = 1: a layer one standard deviation above the mean gets e^-1 times the weight of
 an average one).
 
-The budget is kept exactly: the mean of the per-layer shares is the target (to float rounding)
-and, for structured runs, the channel counts sum to round(target x channels) through
-largest-remainder rounding within the bounds. The statistics for ``owl`` and ``energy`` come
+The budget is kept exactly: the mean of the per-layer shares is the target (to float rounding;
+for structured runs the mean weighted by the layers' FFN widths, which differ in a model
+compacted before) and, for structured runs, the channel counts sum to round(target x channels)
+through largest-remainder rounding within the bounds. The statistics for ``owl`` and ``energy`` come
 from one pass of the dense layers over the calibration windows before pruning.
 """
 from __future__ import annotations
@@ -83,9 +84,12 @@ def owl_shares(outlier_ratios: list[float], target: float, lam: float, low: floa
     return _clipped_with_mean(lambda b: raw + b, target, low, high, -3.0, 3.0)
 
 
-def energy_shares(energies: list[float], target: float, temperature: float, low: float, high: float) -> list[float]:
+def energy_shares(energies: list[float], target: float, temperature: float, low: float, high: float,
+                  weights: list[int] | None = None) -> list[float]:
     """s_l = clip(c * softmax(-z_l / T), low, high), z the standardised energies, with c chosen
-    so that mean(s) = target (:func:`_clipped_with_mean`). Searched as t = log c over the log
+    so that mean(s) = target (:func:`_clipped_with_mean`), the mean weighted by ``weights``
+    where given (each layer's FFN channels: the channel budget of layers of different widths).
+    Searched as t = log c over the log
     weights from log_softmax: at a small temperature the colder layers' softmax weights underflow
     (or the scale c needed exceeds any fixed cap), while their logs stay exact, so the mean and
     the bounds hold for any positive temperature."""
@@ -100,34 +104,37 @@ def energy_shares(energies: list[float], target: float, temperature: float, low:
     log_target = math.log(target) if target > 0 else 0.0
     top, bottom = float(log_weights.max()), float(log_weights.min())
     return _clipped_with_mean(lambda t: (log_weights + t).exp(), target, low, high,
-                              log_target - top - 1, log_target - bottom + 1)
+                              log_target - top - 1, log_target - bottom + 1, weights)
 
 
 def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float, low: float, high: float,
-                       lo_p: float, hi_p: float) -> list[float]:
+                       lo_p: float, hi_p: float, weights: list[int] | None = None) -> list[float]:
     """clip(unclipped(p), low, high) with the parameter p found by bisection in [lo_p, hi_p]
     (the caller's bracket: the clipped mean is at most the target at lo_p and at least it at
-    hi_p, and monotone in p) so that the mean is ``target``; the last rounding residue goes to
-    the layers strictly inside the bounds, clipped again. A mean that still misses the target
-    is a ValueError, so a layer's share never leaves the bounds and the budget is never
-    silently missed."""
+    hi_p, and monotone in p) so that the mean, weighted by ``weights`` where given, is
+    ``target``; the last rounding residue goes to the layers strictly inside the bounds,
+    clipped again. A mean that still misses the target is a ValueError, so a layer's share
+    never leaves the bounds and the budget is never silently missed."""
     count = unclipped(lo_p).numel()
     if target <= low or target >= high:  # bounds closed on the target: every layer gets it
         return [target] * count
+    # equal weights are the plain mean, computed as such (the same shares, bit for bit)
+    uniform = weights is None or len(set(weights)) == 1
+    w = torch.ones(count, dtype=torch.float64) if uniform else torch.tensor(weights, dtype=torch.float64)
 
     def shares(p):
         return unclipped(p).clamp(low, high)
 
-    budget = count * target
+    budget = float(w.sum()) * target
     for _ in range(200):
         mid = (lo_p + hi_p) / 2
-        lo_p, hi_p = (mid, hi_p) if float(shares(mid).sum()) < budget else (lo_p, mid)
+        lo_p, hi_p = (mid, hi_p) if float((shares(mid) * w).sum()) < budget else (lo_p, mid)
     s = shares(hi_p)
     free = (s > low) & (s < high)
     if free.any():
-        s[free] += (budget - float(s.sum())) / int(free.sum())
+        s[free] += (budget - float((s * w).sum())) / float(w[free].sum())
         s = s.clamp(low, high)
-    mean = math.fsum(s.tolist()) / count
+    mean = math.fsum((s * w).tolist()) / float(w.sum())
     if abs(mean - target) > 1e-9:
         raise ValueError(f"the per-layer shares within [{low}, {high}] miss the target {target} (mean {mean:.6g}); "
                          "widen the per-layer bounds or raise the temperature")
@@ -270,11 +277,14 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
             ratios = [float((s > m * s.mean()).double().mean()) for s in (scores[i] for i in indices)]
             shares = owl_shares(ratios, target, config.allocation.owl_lambda, low, high)
         else:
+            weights = None
             if config.structure:
                 energies = [residual_perturbation_energy(scores[i], relative[i], target) for i in indices]
+                # the budget is channels: a wider layer's share counts for more of it
+                weights = [adapter.ffn(layers[i]).down.in_features for i in indices]
             else:
                 energies = [lowest_mass_share(scores[i], target) for i in indices]
-            shares = energy_shares(energies, target, config.allocation.temperature, low, high)
+            shares = energy_shares(energies, target, config.allocation.temperature, low, high, weights)
     if config.structure is None:
         return {i: LayerTarget(SparsityPattern(s) if rule != "uniform" else config.sparsity)
                 for i, s in zip(indices, shares)}

@@ -54,6 +54,20 @@ def test_energy_temperature_controls_the_spread():
     assert spread[0.5] > spread[2.0] > spread[500.0] and spread[500.0] < 0.01
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_energy_shares_weighted_by_width_keep_the_channel_budget(seed):
+    """Layers of different FFN widths (a model compacted before): the channel-weighted mean is
+    the target, so the counts remove round(target x all channels), not the plain mean's total."""
+    energies, widths = rand(6, seed), [192, 64, 96, 48, 128, 16]
+    target, low, high = 0.3, 0.1, 0.6
+    shares = energy_shares(energies, target, 1.0, low, high, widths)
+    assert math.fsum(s * w for s, w in zip(shares, widths)) / sum(widths) == pytest.approx(target, abs=1e-12)
+    assert all(low - 1e-12 <= s <= high + 1e-12 for s in shares)
+    assert sum(integer_counts(shares, widths, low, high)) == round(target * sum(widths))
+    order = sorted(range(6), key=lambda i: energies[i])
+    assert all(shares[a] >= shares[b] - 1e-12 for a, b in zip(order, order[1:]))
+
+
 def test_equal_energies_give_the_uniform_allocation():
     assert energy_shares([0.3] * 5, 0.6, 1.0, 0.4, 0.8) == pytest.approx([0.6] * 5, abs=1e-12)
 
@@ -252,3 +266,18 @@ def test_integer_counts_come_down_to_the_total_when_lower_bounds_overshoot():
     assert sum(counts) == round(sum(s * n for s, n in zip(shares, sizes))) == 29
     assert all(1 <= c <= math.floor(0.7877 * n) for c, n in zip(counts, sizes))
     assert counts == [1, 1, 1, 26]
+
+
+def test_structured_energy_on_layers_of_different_widths_removes_the_asked_share():
+    from sparsellm.structure import compact_model, zero_channels
+
+    model = tiny_llama(layers=3)
+    adapter = get_adapter(model)
+    for layer, removed in zip(adapter.layers(model), [0, 48, 96]):
+        if removed:
+            zero_channels(adapter.ffn(layer), torch.arange(removed))
+    compact_model(model, adapter)
+    widths = [adapter.ffn(layer).down.in_features for layer in adapter.layers(model)]
+    assert widths == [128, 80, 32]
+    records = prune(model, method="wanda", sparsity=0.25, structure="channels", allocation="energy")
+    assert sum(r.target["channels_removed"] for r in records) == round(0.25 * sum(widths))
