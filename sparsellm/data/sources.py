@@ -311,7 +311,7 @@ def default_wiki_dump() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise DataSourceError("the offline default 'wiki' reads a Wikipedia extract shipped with gensim; "
-                              "install it (pip install 'gensim>=4.3') or pass another source")
+                              "install it (pip install 'gensim>=4.3.3') or pass another source")
     path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / WIKI_DUMP
     if not path.is_file():
         raise DataSourceError(f"{path} not found: this gensim install lacks its test data; "
@@ -332,7 +332,7 @@ def wiki_articles(path: str | Path | None = None) -> list[str]:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
     except ImportError as e:
         raise DataSourceError(f"the 'wiki' source parses its dump with gensim, which failed to import ({e}); "
-                              "install it with pip install 'gensim>=4.3'") from None
+                              "install it with pip install 'gensim>=4.3.3'") from None
     path = Path(path) if path is not None else default_wiki_dump()
     articles = []
     try:
