@@ -7,7 +7,6 @@ or step by step: :func:`load_model`, :func:`prune`, :func:`evaluate`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -25,6 +24,7 @@ from .default_model import ALIASES as DEFAULT_ALIASES
 from .default_model import resolve as resolve_default
 from .driver import LayerRecord, resolve_device
 from .perplexity import perplexity
+from .progress import library_bars
 from .methods import METHODS, get_method
 from .models import get_adapter
 from .report import build_report, check_report_path, discard_report, stage_report
@@ -194,24 +194,8 @@ def run(config: PruneConfig) -> dict:
     Bad settings fail before any long work starts; outputs are written only when complete.
     A forced ``config.backend`` holds for this run only (``auto`` keeps the process's setting).
     """
-    with ops.backend_scope(None if config.backend == "auto" else config.backend), _library_bars(config.quiet):
+    with ops.backend_scope(None if config.backend == "auto" else config.backend), library_bars(not config.quiet):
         return _run(dataclasses.replace(config))  # a copy: the run resolves its layer range in it
-
-
-@contextlib.contextmanager
-def _library_bars(quiet: bool):
-    """--quiet also silences transformers' own bars (loading and writing the weights), for this
-    run only."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if quiet and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _run(config: PruneConfig) -> dict:

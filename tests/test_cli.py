@@ -331,10 +331,14 @@ def test_quiet_silences_transformers_bars_for_the_run_only(monkeypatch):
         seen.append(hf_logging.is_progress_bar_enabled())
         raise OSError("stop here")
     monkeypatch.setattr(sparsellm.api, "load_model", record)
-    assert hf_logging.is_progress_bar_enabled()
-    assert main([*SMALL, "--quiet", "--device", "cpu"]) == 2
-    assert main([*SMALL, "--device", "cpu"]) == 2
-    assert seen == [False, True] and hf_logging.is_progress_bar_enabled()
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        assert main([*SMALL, "--quiet", "--device", "cpu"]) == 2
+        assert main([*SMALL, "--device", "cpu"]) == 2
+        assert seen == [False, True] and hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 @pytest.mark.parametrize("args, message", [
