@@ -222,6 +222,7 @@ def _run(config: PruneConfig) -> dict:
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))
     _check_model_fits(config, model, adapter)
+    METHODS[config.method].check_model(config, model, adapter)
     for source in set(config.eval) - {"none"}:
         # an evaluation text shorter than one window fails now, not after the prune (with
         # --no-dense-eval the pruned evaluation is the first to read it); the stream stays cached

@@ -399,6 +399,28 @@ def test_the_curve_records_the_lambda_each_step_used():
     assert [entry["lambda"] for entry in method.history] == pytest.approx(used)
 
 
+def test_masked_adam_refuses_a_dense_model_before_the_dense_evaluation(monkeypatch):
+    """Found right after loading (uniform targets), not after the dense evaluation; a pruned
+    model, or --init, passes the check."""
+    import sparsellm.api
+
+    dense = tiny_llama()
+    monkeypatch.setattr(sparsellm.api, "load_model", lambda *a, **k: (dense, None))
+
+    def refuse(*a, **k):
+        raise AssertionError("evaluated before the model's mask was checked")
+    monkeypatch.setattr(sparsellm.api, "evaluate", refuse)
+    with pytest.raises(ValueError, match="masked-adam keeps the model's mask, but layer 0 .* 0.00% zeros"):
+        sparsellm.api.run(config(method="masked-adam"))
+    method = get_method(config(method="masked-adam")).__class__
+    method.check_model(config(method="masked-adam", init="magnitude"), dense, get_adapter(dense))
+    pruned, _, _ = prune(PruneConfig(method="magnitude", sparsity="0.7", nsamples=4, seqlen=SEQLEN, quiet=True,
+                                     device="cpu"))
+    method.check_model(config(method="masked-adam"), pruned, get_adapter(pruned))
+    with pytest.raises(ValueError, match="groups breaking 2:4"):
+        method.check_model(config(method="masked-adam", sparsity="2:4"), pruned, get_adapter(pruned))
+
+
 def test_masked_adam_refuses_a_mask_off_the_target_pattern():
     pruned, _, _ = prune(PruneConfig(method="magnitude", sparsity="0.5", nsamples=4, seqlen=SEQLEN, quiet=True,
                                      device="cpu"))

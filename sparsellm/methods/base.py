@@ -62,6 +62,11 @@ class PruningMethod:
     def preflight(cls, config: PruneConfig) -> None:
         """Checks that read files (e.g. a checkpoint folder), run before the model is loaded."""
 
+    @classmethod
+    def check_model(cls, config: PruneConfig, model: nn.Module, adapter) -> None:
+        """Checks of what the loaded model must hold (e.g. the mask a method keeps), run right
+        after loading, before the dense evaluation."""
+
     def prune_model(self, model: nn.Module, adapter, calibration) -> list:
         """Prune ``model`` in place on the ``calibration`` data; return one LayerRecord per
         pruned layer."""

@@ -738,6 +738,16 @@ class Elsa(SparseTraining):
                 weight.copy_(self._project(w, importance(w, v, self.settings.score), t).to(weight.dtype))
 
 
+def _check_kept_mask(layer: int, name: str, zeros: float, broken: float, shape, pattern: SparsityPattern) -> None:
+    """masked-adam keeps the model's zeros as its mask: they must reach the layer's target."""
+    share = zeros / (shape[0] * shape[1])
+    # the pruners' own rounding (less than one entry a row) passes; anything less does not
+    if broken or not reaches_sparsity(share, pattern.fraction, shape[1]):
+        found = f"{int(broken)} groups breaking {pattern}" if broken else f"{share:.2%} zeros"
+        raise ValueError(f"masked-adam keeps the model's mask, but layer {layer} {name} has {found} for a "
+                         f"target of {pattern}: set --init (e.g. sparsegpt) or pass a model pruned to it")
+
+
 class MaskedAdam(SparseTraining):
     """The fair baseline of Elsa: the mask of ``init`` (or of the model as given, when it was
     pruned before) kept fixed, the same Adam steps on the same data (pruned entries get no
@@ -755,12 +765,24 @@ class MaskedAdam(SparseTraining):
         broken = self._sum([float(nm_violations(local(t.weight).detach(), t.pattern.n, t.pattern.m))
                             if t.pattern.is_nm else 0.0 for t in targets])
         for i, t in enumerate(targets):
-            share = zeros[i] / t.weight.numel()
-            # the pruners' own rounding (less than one entry a row) passes; anything less does not
-            if broken[i] or not reaches_sparsity(share, t.pattern.fraction, t.weight.shape[1]):
-                found = f"{int(broken[i])} groups breaking {t.pattern}" if broken[i] else f"{share:.2%} zeros"
-                raise ValueError(f"masked-adam keeps the model's mask, but layer {t.layer} {t.name} has {found} for a "
-                                 f"target of {t.pattern}: set --init (e.g. sparsegpt) or pass a model pruned to it")
+            _check_kept_mask(t.layer, t.name, zeros[i], broken[i], t.weight.shape, t.pattern)
+
+    @classmethod
+    def check_model(cls, config, model, adapter):
+        """Without --init the model must come pruned: a dense one is refused now, before the
+        dense evaluation, where the target of every layer is known (uniform allocation) and no
+        checkpoint of this run holds the mask instead."""
+        s = config.elsa
+        resuming = s.checkpoint_dir is not None and (Path(s.checkpoint_dir) / CHECKPOINT_STATE).exists()
+        if s.init is not None or resuming or config.allocation.rule != "uniform":
+            return
+        layers = adapter.layers(model)
+        start, stop = config.layers or (0, len(layers))
+        for index in range(start, len(layers) if stop is None else stop):
+            for name, linear in adapter.linears(layers[index]).items():
+                weight = linear.weight.detach()
+                broken = nm_violations(weight, config.sparsity.n, config.sparsity.m) if config.sparsity.is_nm else 0
+                _check_kept_mask(index, name, float((weight == 0).sum()), float(broken), weight.shape, config.sparsity)
 
     def _state(self, targets):
         return {"masks": {i: self._full(mask, targets[i]).cpu() for i, mask in self.masks.items()}}
