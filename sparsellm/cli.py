@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=e.weight_decay, help="AdamW weight decay")
     g.add_argument("--lr-schedule", default=e.lr_schedule, choices=ElsaSettings.LR_SCHEDULES, help="learning-rate schedule")
     g.add_argument("--max-grad-norm", type=float, default=e.max_grad_norm, help="clipping of the loss gradient")
-    g.add_argument("--admm-lambda", type=float, default=e.admm_lambda, help="ADMM penalty (final value of a ramp)")
+    g.add_argument("--admm-lambda", type=float, default=e.admm_lambda, help="ADMM penalty (where a ramp heads, reached at step --steps)")
     g.add_argument("--admm-lambda-start", type=float, default=None, help="start of a linear/cosine ramp; None: lambda / 10")
     g.add_argument("--admm-schedule", default=e.admm_schedule, choices=ElsaSettings.ADMM_SCHEDULES,
                    help="ramp of the ADMM penalty from --admm-lambda-start to --admm-lambda")

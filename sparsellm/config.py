@@ -105,7 +105,7 @@ class ElsaSettings:
     weight_decay: float = 0.0
     lr_schedule: str = "linear"  # linear decay to 0, cosine decay to 0, or constant
     max_grad_norm: float = 1.0  # clipping of the loss gradient (the proximal term is added after it)
-    admm_lambda: float = 0.01  # penalty lambda (the final one when a schedule ramps it)
+    admm_lambda: float = 0.01  # penalty lambda (where a ramp heads, at step `steps`: see methods.elsa.lambda_at)
     admm_lambda_start: float | None = None  # where a linear/cosine schedule starts (None: lambda / 10)
     admm_schedule: str = "constant"  # constant, linear or cosine ramp of lambda over the steps
     admm_interval: int = 32  # steps between z/u updates

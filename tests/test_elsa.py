@@ -371,6 +371,26 @@ def test_checkpoint_of_other_start_settings_is_refused_and_a_default_key_is_unch
             check_checkpoint_dir(dataclasses.replace(base, **change))
 
 
+def test_a_checkpoint_resumes_an_open_layer_range_and_knows_its_process_count(tmp_path, monkeypatch):
+    """--layers 1: is recorded resolved (1:3 on this depth) while the check before loading sees
+    1:None: the same command resumes, another start does not. batch_size is per process, so
+    a checkpoint of a 2-process torchrun job does not resume in one process (half the windows a
+    step); a one-process key names no process count, as before."""
+    base = config(checkpoint_dir=str(tmp_path))
+    record = run_settings(dataclasses.replace(base, layers=(1, 3)))
+    (tmp_path / CHECKPOINT_RUN).write_text(json.dumps({"settings": record}))
+    check_checkpoint_dir(dataclasses.replace(base, layers=(1, None)))
+    with pytest.raises(ValueError, match=r"layers: \[1, 3\] there, \[2, None\] now"):
+        check_checkpoint_dir(dataclasses.replace(base, layers=(2, None)))
+    assert "processes" not in run_settings(base)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / CHECKPOINT_RUN).write_text(json.dumps({"settings": run_settings(base)}))
+    check_checkpoint_dir(base)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="processes: 2 there, None now"):
+        check_checkpoint_dir(base)
+
+
 def test_unverifiable_or_damaged_checkpoints_are_refused(tmp_path):
     """A state file without its run record (a first checkpoint cut between its two writes) cannot
     be checked against the settings; a truncated or incomplete one is one clear error."""

@@ -121,7 +121,10 @@ def importance(values: torch.Tensor, second_moment: torch.Tensor | None, kind: s
 
 def lambda_at(settings, step: int) -> float:
     """lambda after ``step`` of ``settings.steps`` steps: constant, or a linear / cosine ramp
-    from ``admm_lambda_start`` (default lambda / 10) to ``admm_lambda``."""
+    from ``admm_lambda_start`` (default lambda / 10) at step 0 towards ``admm_lambda`` at step
+    ``steps``. The steps run 0 .. steps - 1 and the z-updates at multiples of the interval below
+    ``steps``, so the last value in use is short of ``admm_lambda`` (0.901 of a 0.01 -> 1 ramp
+    over 60 steps, interval 6); the Elsa rows in the README ran with this schedule."""
     final = settings.admm_lambda
     if settings.admm_schedule == "constant":
         return final
@@ -237,6 +240,10 @@ def run_settings(config) -> dict:
         key["sequential"] = False
     if config.sparsellm != SparseLLMSettings():
         key["sparsellm"] = asdict(config.sparsellm)
+    # batch_size is per process: the torchrun job's process count sets the windows of a step too
+    # (named only above 1, as the key of a one-process run was before)
+    if distributed.launched_processes() > 1:
+        key["processes"] = distributed.launched_processes()
     return key
 
 
@@ -265,6 +272,12 @@ def check_checkpoint_dir(config) -> None:
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"checkpoint dir {folder}: unreadable {CHECKPOINT_RUN} ({exc})") from None
     current = run_settings(config)
+    layers = config.layers
+    if layers is not None and layers[1] is None and isinstance(saved.get("layers"), list) \
+            and saved["layers"][0] == layers[0]:
+        # START: runs to the last layer, which the record holds resolved (the model is not loaded
+        # yet); the resume checks the resolved range again
+        current["layers"] = saved["layers"]
     if _run_key(saved) != _run_key(current):
         flat_saved, flat_now = _flatten(saved), _flatten(current)
         changed = [f"{k}: {flat_saved.get(k)!r} there, {flat_now.get(k)!r} now"
