@@ -35,7 +35,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from prune_7b import add_run, base_parser, build_model, new_result, origin_text, parse_args, shape_text  # noqa: E402
+from prune_7b import (add_run, base_parser, build_model, new_result, origin_text, parse_args,  # noqa: E402
+                      require_device, shape_text)
 
 MODES = ("plain", "fsdp")
 WARMUP_STEPS = 2  # the first steps pay allocator growth and kernel selection
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--admm-interval", type=int, default=4)
     ap.add_argument("--dtype", default="float32", help="the dtype the weights train in")
     args = parse_args(ap, argv)
+    require_device(ap, args.device)
     runs = [parse_run(spec) for spec in args.runs.split(",")]
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="elsa7b-")
     model_dir = os.path.join(args.workdir, "model")

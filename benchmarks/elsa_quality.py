@@ -184,7 +184,9 @@ def measure(setting: str, args, results: dict) -> None:
         results["runs"][key] = entry
         save(results, args.json)
         print(f"{setting} dense: ppl {fmt_ppl(entry['dense'])}", flush=True)
-    cache = os.path.join(args.cache, file_name("sparsegpt", setting, entry["commit"]) + ".pt")
+    # the one-shot model depends on its calibration too: runs of other windows must not share it
+    cache = os.path.join(args.cache, file_name("sparsegpt", setting, entry["commit"], f"n{args.nsamples}",
+                                               f"s{args.seqlen}", os.path.basename(args.calib)) + ".pt")
     if "sparsegpt" in rows and os.path.exists(cache):
         model.load_state_dict(torch.load(cache))
     else:

@@ -55,6 +55,18 @@
 #             command runs again on the same warm machine); needs the model carried in two calls
 #             (benchmarks/device_model.sh), so it is not among the default steps
 set -u
+# It takes no arguments (its settings are the variables above): --help prints this header, and
+# anything else, or a machine without a GPU, stops it before any step writes anything; under
+# TRITON_INTERPRET=1 it runs on a CPU, as a dry run of a call's plumbing (steps given --device cpu).
+if [ $# -gt 0 ]; then
+  case "$1" in
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+    *) echo "gpu_run.sh takes no arguments (got: $*); settings are variables, see --help" >&2; exit 2 ;;
+  esac
+fi
+if [ "${TRITON_INTERPRET:-0}" != 1 ] && ! command -v nvidia-smi > /dev/null 2>&1; then
+  echo "gpu_run.sh runs on a GPU machine: nvidia-smi is not here (see --help)" >&2; exit 2
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD SPARSELLM_JIT=0
 R=$PWD; D=$R/.device-data; O=${OUT:-/tmp/out}; L=$O/logs; mkdir -p "$L"
 END=$(( $(date +%s) + ${BUDGET:-420} ))

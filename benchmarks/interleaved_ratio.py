@@ -127,8 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the measurement here (a new file)")
     args = p.parse_args(argv)
     names = args.methods.split(",")
-    if len(names) != 2:
-        p.error(f"--methods takes two methods, got {args.methods!r}")
+    if len(names) != 2 or names[0] == names[1]:
+        p.error(f"--methods takes two different methods (the report keys each one's run by name), got "
+                f"{args.methods!r}")
     if args.json and os.path.exists(args.json):
         p.error(f"{args.json} exists: this script writes a new file")
 
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
             "ppl": run.perplexity(), "achieved_sparsity": achieved_sparsity(run.records),
             "ffn_rel_error": [r.ffn_rel_error for r in run.records]}
         print(f"{run.name}: prune {total:.1f}s, ppl {result['runs'][run.name]['ppl']:.4f}", flush=True)
-    print(f"ratio {result['ratio']:.3f} (median per layer {result['median_layer_ratio']:.3f})", flush=True)
+    median = result["median_layer_ratio"]  # None where no layer has two timed runs (one pruned layer)
+    print(f"ratio {result['ratio']:.3f} (median per layer {'n/a' if median is None else f'{median:.3f}'})", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "x") as handle:

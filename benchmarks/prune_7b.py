@@ -169,6 +169,15 @@ def parse_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     return args
 
 
+def require_device(ap: argparse.ArgumentParser, device: str) -> None:
+    """A CUDA --device on a machine without one: exit 2 now, with the way out (torch's own error
+    is a traceback after the model is built)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {device}: no CUDA device here; use --tiny --device cpu for a CPU check")
+
+
 def render(result: dict) -> str:
     rows = result["runs"]
     base = {(r["sparsity"], r["backend"]): r for r in rows
@@ -214,6 +223,7 @@ def main(argv=None) -> int:
                     help="run every prune under torch.profiler (benchmarks/profile_prune.py) and write its tables "
                          "to DIR/<run>.md and .json; the times in the table are then the profiled ones")
     args = parse_args(ap, argv)
+    require_device(ap, args.device)
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="prune7b-")

@@ -114,6 +114,18 @@ def commit_label(git: dict | None) -> str:
     return git["commit"][:7] + (" with uncommitted changes" if git.get("dirty") else "")
 
 
+def refuse_other_protocol(parser: argparse.ArgumentParser, results: dict, protocol: dict) -> None:
+    """Exit 2 where ``results`` holds runs measured under another protocol (windows, calibration,
+    text, dtype) than ``protocol``: one caption and one dense perplexity speak for every row of a
+    file, and a run of other settings would relabel them. The machine may differ (a row records
+    its own commit)."""
+    stored = results.get("protocol") or {}
+    differ = sorted(k for k in set(stored) | set(protocol) if k != "machine" and stored.get(k) != protocol.get(k))
+    if results.get("runs") and stored and differ:
+        parser.error("the results file holds runs of another protocol (" + ", ".join(
+            f"{k}: {stored.get(k)!r} there, {protocol.get(k)!r} now" for k in differ) + "); give another --json")
+
+
 def achieved_sparsity(records) -> float:
     """Zeros over all pruned weights of a run's layer records."""
     zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
@@ -322,11 +334,12 @@ def main(argv=None) -> int:
 
     results = load(args.json)
     if not args.render:
-        results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                               "eval_windows": args.eval_windows, "seed": 0,
-                               **({"dtype": "float64"} if args.float64 else {}),
-                               "machine": machine(args.cpu) + (f" shared by {args.jobs} jobs" if args.jobs > 1 else ""),
-                               **text_sources(args)}
+        protocol = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                    "eval_windows": args.eval_windows, "seed": 0, **({"dtype": "float64"} if args.float64 else {}),
+                    "machine": machine(args.cpu) + (f" shared by {args.jobs} jobs" if args.jobs > 1 else ""),
+                    **text_sources(args)}
+        refuse_other_protocol(p, results, protocol)
+        results["protocol"] = protocol
         if results.get("dense") is None or results.get("num_layers") is None or args.rerun:
             results["dense"], results["num_layers"] = dense_ppl(args)
             save(results, args.json)

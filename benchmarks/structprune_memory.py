@@ -170,8 +170,11 @@ def main(argv=None) -> int:
         print(json.dumps(measure_one(int(width), method, args.sparsity, args.nsamples, args.seqlen)))
         return 0
     methods = args.methods.split(",")
+    widths = [int(w) for w in args.widths.split(",")]
+    if len(set(widths)) < 2:  # the exponent is a slope over sizes: found now, not after every run
+        p.error(f"--widths needs at least two different widths, got {args.widths!r}")
     runs = []
-    for width in [int(w) for w in args.widths.split(",")]:
+    for width in widths:
         for method in methods:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{width}:{method}", "--sparsity", args.sparsity,
                    "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]

@@ -33,7 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from quality import (commit_label, dense_ppl, fmt_ppl, git_state, load, machine, protocol_caption,  # noqa: E402
-                     save, write_into)  # (the quality table's helpers)
+                     refuse_other_protocol, save, write_into)  # (the quality table's helpers)
 
 DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
@@ -251,14 +251,16 @@ def main(argv=None) -> int:
             save(results, args.json)
     elif not args.render:
         previous = results.get("protocol") or {}
-        results["protocol"] = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                               "eval_windows": args.eval_windows, "seed": 0, "machine": machine(True)}
+        protocol = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
+                    "eval_windows": args.eval_windows, "seed": 0, "machine": machine(True)}
+        refuse_other_protocol(p, results, protocol)
+        results["protocol"] = protocol
         if (results.get("dense") is None or args.rerun
                 or any(previous.get(k) != results["protocol"][k] for k in ("seqlen", "eval_windows"))):
             # the caption's dense perplexity, at this protocol (the runs do not evaluate the dense model)
             results["dense"], results["num_layers"] = dense_ppl(argparse.Namespace(
                 nsamples=args.nsamples, seqlen=args.seqlen, eval="wiki", eval_windows=args.eval_windows,
-                progress=args.progress, cpu=True))
+                progress=args.progress, cpu=True, float64=False))
             results.pop("dense_source", None)  # measured here now
             save(results, args.json)
             print(f"dense: {results['dense']:.4f}", flush=True)

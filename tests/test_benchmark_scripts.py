@@ -34,6 +34,7 @@ def test_a_structured_run_measures_the_dense_value_of_its_protocol(tmp_path, mon
     calls = []
 
     def dense_ppl(args):
+        assert args.float64 is False  # quality.load_model reads it (an AttributeError before)
         calls.append((args.seqlen, args.eval_windows, args.eval, args.cpu))
         return 31.0 + len(calls), 3
 
@@ -52,8 +53,55 @@ def test_a_structured_run_measures_the_dense_value_of_its_protocol(tmp_path, mon
            "channels removed. Dense: 32." in capsys.readouterr().out
     assert structured_quality.main([*common, "--seqlen", "64", "--channels", "0.5"]) == 0  # the same protocol
     assert calls == [(64, 2, "wiki", True)]
-    assert structured_quality.main([*common, "--seqlen", "32"]) == 0  # another test window: measured again
-    assert calls[-1] == (32, 2, "wiki", True) and json.loads(out.read_text())["dense"] == 33.0
+    stored = out.read_text()
+    with pytest.raises(SystemExit) as refused:  # rows of 64-token windows: not relabelled as 32
+        structured_quality.main([*common, "--seqlen", "32"])
+    assert refused.value.code == 2 and "seqlen: 64 there, 32 now" in capsys.readouterr().err
+    assert out.read_text() == stored and calls == [(64, 2, "wiki", True)]
+    other = tmp_path / "other.json"  # another protocol: another file, its own dense value
+    assert structured_quality.main([*common, "--seqlen", "32", "--json", str(other)]) == 0
+    assert calls[-1] == (32, 2, "wiki", True) and json.loads(other.read_text())["dense"] == 33.0
+
+
+def test_a_quality_run_of_another_protocol_is_refused(tmp_path, capsys):
+    """quality.py's file holds one caption and one dense value for all its rows: a run of other
+    windows (or text, or dtype) would relabel the stored rows; it exits 2 before any model loads."""
+    import quality
+
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"protocol": {"model": "smollm2", "nsamples": 32, "seqlen": 512, "eval_windows": 40,
+                                            "seed": 0, "machine": "m"}, "dense": 19.6, "num_layers": 30,
+                               "runs": {"magnitude|0.5|all": {"ppl": 30.0}}}))
+    stored = out.read_text()
+    for args in (["--seqlen", "64"], ["--float64"], ["--calib", "c4:/x", "--eval", "c4:/x"]):
+        with pytest.raises(SystemExit) as refused:
+            quality.main(["--methods", "magnitude", "--settings", "0.5", "--json", str(out),
+                          "--markdown", str(tmp_path / "q.md"), *args])
+        assert refused.value.code == 2 and "runs of another protocol" in capsys.readouterr().err
+    assert out.read_text() == stored
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("interleaved_ratio", ["--methods", "magnitude,magnitude"], "two different methods"),
+    ("structprune_memory", ["--widths", "64"], "at least two different widths"),
+    ("structprune_memory", ["--widths", "64,64"], "at least two different widths"),
+])
+def test_benchmark_arguments_that_would_lose_the_results_are_refused(script, argv, message, tmp_path, capsys):
+    """Found before anything runs: a same-method pair overwrote one run in the report, a single
+    width divided by zero after every run."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as refused:
+        module.main([*argv, *(["--out", str(tmp_path / "m.json")] if script == "structprune_memory" else [])])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("script", [prune_7b, elsa_7b])
+def test_the_7b_benchmarks_refuse_a_cuda_device_that_is_not_there(script, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        script.main([*TOK, "--workdir", str(tmp_path)])
+    assert refused.value.code == 2 and "no CUDA device here; use --tiny --device cpu" in capsys.readouterr().err
 
 
 class _Settings(Exception):
