@@ -148,6 +148,29 @@ def cells(args, num_layers: int) -> list[tuple[str, str, tuple[int, int] | None]
     return [(m, s, layers) for m in args.methods.split(",") for s in settings]
 
 
+def check_cell_options(parser: argparse.ArgumentParser, args) -> None:
+    """--methods, --settings and --layers as the cells read them: a typo is exit 2 now, not a
+    traceback after the model (and the dense value) are loaded."""
+    from sparsellm.methods import METHODS
+    from sparsellm.sparsity import SparsityError, SparsityPattern
+
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
+    for setting in args.settings.split(","):
+        try:
+            SparsityPattern.parse(setting)
+        except (SparsityError, ValueError) as err:
+            parser.error(f"--settings {setting!r}: {err}")
+    if args.layers:
+        try:
+            start, stop = (int(x) for x in args.layers.split(":"))
+        except ValueError:
+            parser.error(f"--layers expects START:STOP, got {args.layers!r}")
+        if not 0 <= start < stop:
+            parser.error(f"--layers {args.layers}: expected 0 <= START < STOP")
+
+
 def cell_key(method: str, setting: str, layers: tuple[int, int] | None, args) -> str:
     k = key(method, setting, f"{layers[0]}:{layers[1]}" if layers else "all")
     k += "|non-sequential" if args.no_sequential else ""
@@ -331,6 +354,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    check_cell_options(p, args)
 
     results = load(args.json)
     if not args.render:

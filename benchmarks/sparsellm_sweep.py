@@ -142,12 +142,12 @@ def sweep_layers(args):
 def sweep_ppl(args):
     for name in args.settings.split(","):
         method = "sparsegpt" if name == "sparsegpt" else "sparsellm"
-        settings = dataclasses.replace(SparseLLMSettings(), **SETTINGS.get(name, {}))
+        settings = dataclasses.replace(SparseLLMSettings(), **SETTINGS.get(name, {}))  # sparsegpt: unused
         if args.iterations is not None:
             settings.iterations = args.iterations
         layers = tuple(int(i) for i in args.range.split(":")) if args.range else None
-        config = PruneConfig(method=method, sparsity=args.sparsity, nsamples=32, seqlen=512, eval=("wiki",),
-                             eval_windows=40, quiet=True, sparsellm=settings, layers=layers,
+        config = PruneConfig(method=method, sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
+                             eval=("wiki",), eval_windows=40, quiet=True, sparsellm=settings, layers=layers,
                              eval_dense=False)
         report = api.run(config)
         ffn = [round(r["ffn_rel_error"], 4) for r in report["layer_errors"]]
@@ -171,6 +171,10 @@ def main():
     parser.add_argument("--range", default=None, help="ppl stage: decoder layer range start:stop")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    known = set(SETTINGS) | ({"sparsegpt"} if args.stage == "ppl" else set())
+    unknown = [name for name in args.settings.split(",") if name not in known]
+    if unknown:  # the ppl stage ran the defaults under an unknown name; the layers stage failed late
+        parser.error(f"unknown --settings {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     torch.set_grad_enabled(False)
     (sweep_layers if args.stage == "layers" else sweep_ppl)(args)
 

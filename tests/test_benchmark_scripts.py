@@ -291,3 +291,29 @@ def test_the_cusparselt_benchmark_merges_its_prefill_crossovers_into_a_table(tmp
     other.write_text("[1, 2]")  # not a table: refused, left as it was
     assert cusparselt_prefill.main(["--from", str(stored), "--pick", str(other)]) == 2
     assert other.read_text() == "[1, 2]" and str(other) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "abc"], "--layers expects START:STOP"),
+    (["--settings", "1.5"], "--settings '1.5': sparsity must lie in [0, 1)"),
+    (["--methods", "foo"], "unknown --methods foo"),
+])
+def test_quality_options_are_checked_before_any_model_loads(argv, message, tmp_path, capsys):
+    import quality
+
+    with pytest.raises(SystemExit) as refused:
+        quality.main([*argv, "--json", str(tmp_path / "q.json"), "--markdown", str(tmp_path / "q.md")])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", ["layers", "ppl"])
+def test_the_sparsellm_sweep_refuses_an_unknown_setting(stage, monkeypatch, capsys):
+    """The ppl stage ran the defaults under the unknown name; the layers stage failed after
+    gathering the inputs."""
+    import sparsellm_sweep
+
+    monkeypatch.setattr(sys, "argv", ["sparsellm_sweep.py", stage, "--settings", "default,typo"])
+    with pytest.raises(SystemExit) as refused:
+        sparsellm_sweep.main()
+    assert refused.value.code == 2 and "unknown --settings typo" in capsys.readouterr().err
