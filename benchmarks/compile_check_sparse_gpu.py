@@ -115,6 +115,9 @@ def main() -> int:
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
     ap.add_argument("--sweep", action="store_true", help="also the sweep's one-token configs (fp16)")
     args = ap.parse_args()
+    unknown = [d for d in args.dtypes.split(",") if d not in DT]
+    if unknown:
+        ap.error(f"unknown --dtypes {', '.join(unknown)}; choose from {', '.join(DT)}")
     failures = _sweep_configs(args.arch) if args.sweep else 0
     for dname in args.dtypes.split(","):
         dt = DT[dname]

@@ -145,10 +145,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--json", help="also store the rows here, with the commit, command, machine and date")
     parser.add_argument("--quick", action="store_true", help="short timings, fewer points (smoke run)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads, at least 1 (default: torch's choice)")
     parser.add_argument("--smollm-shape", action="store_true",
                         help="add checkpoint sizes for a random model of SmolLM2-135M's shape")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     size = 1024 if args.quick else 4096

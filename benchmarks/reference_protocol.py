@@ -15,9 +15,16 @@ from sparsellm.config import PruneConfig
 from sparsellm.models import get_adapter
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:  # the reference loops prune a share of each block
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1), got {text}")
+    return value
+
+
 def protocol_parser(doc: str, sparsity: float) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sparsity", type=float, default=sparsity)
+    p.add_argument("--sparsity", type=_fraction, default=sparsity, help="unstructured share pruned, in (0, 1)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)

@@ -317,3 +317,15 @@ def test_the_sparsellm_sweep_refuses_an_unknown_setting(stage, monkeypatch, caps
     with pytest.raises(SystemExit) as refused:
         sparsellm_sweep.main()
     assert refused.value.code == 2 and "unknown --settings typo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("export_table", ["--threads", "-1"], "--threads must be at least 1"),
+    ("wanda_reference_loop", ["--sparsity", "1.5"], "expected a share in (0, 1)"),
+    ("sparsegpt_reference_loop", ["--sparsity", "0"], "expected a share in (0, 1)"),
+])
+def test_bad_benchmark_options_are_one_clear_error(script, argv, message, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as refused:
+        module.main(argv)
+    assert refused.value.code == 2 and message in capsys.readouterr().err
