@@ -181,7 +181,10 @@ def main(argv=None) -> int:
     with profile(activities=activities, record_shapes=args.flops) as prof:  # shapes: the products' FLOPs
         rc = cli.main(cli_args)
     wall = time.perf_counter() - start
-    summary = {"cli_args": cli_args, "rc": rc, **summarise(prof, wall, device, args.top, args.flops)}
+    from quality import git_state, machine  # the commit and machine every stored number names
+
+    summary = {"cli_args": cli_args, "rc": rc, "git": git_state(), "machine": machine(not device),
+               "measured": time.strftime("%Y-%m-%d"), **summarise(prof, wall, device, args.top, args.flops)}
     text = render(summary, args.title)
     print(text)
     if args.out:

@@ -74,8 +74,11 @@ class _Recorder(SparseLLM):
 
 
 def gather(layers: list[int], sparsity: str, nsamples: int, seqlen: int) -> dict:
-    path = f"{CACHE}_{sparsity}_{nsamples}x{seqlen}_{'-'.join(map(str, layers))}.pt"
-    for other in glob.glob(f"{CACHE}_{sparsity}_{nsamples}x{seqlen}_*.pt"):  # any cache holding these layers
+    # keyed by the commit too: inputs gathered by other code are not this commit's (meta names it)
+    commit = (quality.git_state().get("commit") or "unknown")[:12]
+    stem = f"{CACHE}_{commit}_{sparsity}_{nsamples}x{seqlen}"
+    path = f"{stem}_{'-'.join(map(str, layers))}.pt"
+    for other in glob.glob(f"{stem}_*.pt"):  # any cache holding these layers
         if set(layers) <= {int(i) for i in other.rsplit("_", 1)[1][:-3].split("-")}:
             return torch.load(other)
     model, tok = api.load_model("smollm2")
