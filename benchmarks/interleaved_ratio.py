@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     names = args.methods.split(",")
     if len(names) != 2 or names[0] == names[1]:
-        p.error(f"--methods takes two different methods (the report keys each one's run by name), got "
+        p.error(f"--methods takes two methods, different ones (the report keys each one's run by name), got "
                 f"{args.methods!r}")
     if args.json and os.path.exists(args.json):
         p.error(f"{args.json} exists: this script writes a new file")

@@ -82,7 +82,7 @@ def test_a_quality_run_of_another_protocol_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script, argv, message", [
-    ("interleaved_ratio", ["--methods", "magnitude,magnitude"], "two different methods"),
+    ("interleaved_ratio", ["--methods", "magnitude,magnitude"], "two methods, different ones"),
     ("structprune_memory", ["--widths", "64"], "at least two different widths"),
     ("structprune_memory", ["--widths", "64,64"], "at least two different widths"),
 ])
