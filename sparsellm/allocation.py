@@ -32,8 +32,8 @@ an average one).
 The budget is kept exactly: the mean of the per-layer shares is the target (to float rounding;
 for structured runs the mean weighted by the layers' FFN widths, which differ in a model
 compacted before) and, for structured runs, the channel counts sum to round(target x channels)
-through largest-remainder rounding within the bounds. The statistics for ``owl`` and ``energy`` come
-from one pass of the dense layers over the calibration windows before pruning.
+through largest-remainder rounding within the bounds. The statistics for ``owl`` and ``energy``
+come from one pass of the dense layers over the calibration windows before pruning.
 """
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def energy_shares(energies: list[float], target: float, temperature: float, low:
     """s_l = clip(c * softmax(-z_l / T), low, high), z the standardised energies, with c chosen
     so that mean(s) = target (:func:`_clipped_with_mean`), the mean weighted by ``weights``
     where given (each layer's FFN channels: the channel budget of layers of different widths).
-    Searched as t = log c over the log
-    weights from log_softmax: at a small temperature the colder layers' softmax weights underflow
+    Searched as t = log c over the log weights from log_softmax: at a small temperature the
+    colder layers' softmax weights underflow
     (or the scale c needed exceeds any fixed cap), while their logs stay exact, so the mean and
     the bounds hold for any positive temperature."""
     e = torch.tensor(energies, dtype=torch.float64)

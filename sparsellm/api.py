@@ -58,6 +58,12 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     return model, tokenizer
 
 
+# which --allocation rules read each allocation setting (sparsellm.allocation)
+_ALLOCATION_READERS = {"temperature": ("energy",), "owl_lambda": ("owl",), "owl_m": ("owl",),
+                       "min_sparsity": ("owl", "energy"), "max_sparsity": ("owl", "energy"),
+                       "spread": ("owl", "energy")}
+
+
 def _warn_unused_settings(config: PruneConfig) -> None:
     """Say so when a settings group differs from its defaults but the method never reads it (e.g.
     --steps with sparsegpt): the report records every setting, and should not look as if it ran."""
@@ -80,11 +86,6 @@ def _warn_unused_settings(config: PruneConfig) -> None:
         warnings.warn(f"{', '.join(ignored)} (allocation settings) apply to allocation {readers}, not to "
                       f"{allocation.rule}: ignored", UserWarning, stacklevel=3)
 
-
-# which --allocation rules read each allocation setting (sparsellm.allocation)
-_ALLOCATION_READERS = {"temperature": ("energy",), "owl_lambda": ("owl",), "owl_m": ("owl",),
-                       "min_sparsity": ("owl", "energy"), "max_sparsity": ("owl", "energy"),
-                       "spread": ("owl", "energy")}
 
 
 def _check_layers(config: PruneConfig, num_layers: int) -> None:
@@ -206,8 +207,10 @@ def _run(config: PruneConfig) -> dict:
         export.check_save_format(config.save_format)  # e.g. 'compressed' without its extra: fail now too
     if config.report:
         check_report_path(config.report, config.save)
-    if config.save and config.overwrite:
-        _refuse_saving_over_the_model(config)
+    if config.save and config.overwrite and os.path.exists(config.model) \
+            and export.folder_holds(config.save, config.model):  # replaced whole: never the model's folder
+        raise ValueError(f"--save {config.save} with --overwrite would replace the folder of the model being "
+                         f"pruned ({config.model}); save elsewhere")
     device = resolve_device(config.device)
     forced = ops.get_backend()
     if forced not in ("auto", "reference") and not ops.available(forced, device):  # now, not at its first call
@@ -294,18 +297,6 @@ def _run(config: PruneConfig) -> dict:
         discard_report(staged_report)
         raise
     return report
-
-
-def _refuse_saving_over_the_model(config: PruneConfig) -> None:
-    """--overwrite replaces the --save folder whole: never the folder of the model being pruned
-    (or one holding it), which would delete the original."""
-    if not os.path.exists(config.model):  # a hub id or the embedded default
-        return
-    model_dir = os.path.realpath(config.model)
-    save_dir = os.path.realpath(config.save)
-    if model_dir == save_dir or model_dir.startswith(save_dir.rstrip(os.sep) + os.sep):
-        raise ValueError(f"--save {config.save} with --overwrite would replace the folder of the model being "
-                         f"pruned ({config.model}); save elsewhere")
 
 
 def _structure(config: PruneConfig) -> str:

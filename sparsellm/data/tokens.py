@@ -19,8 +19,9 @@ from .sources import (C4_EVAL_WINDOWS, DataSourceError, Source, _split_text, c4_
                       parse_source)
 
 
-# tokenizer -> ((its vocabulary size, Python-side options) then, its fingerprint): Elsa draws fresh windows every training
-# step, and serialising a fast backend takes tens of milliseconds (71 ms a draw against 0.1 ms)
+# tokenizer -> ((its vocabulary size, Python-side options) then, its fingerprint): Elsa draws
+# fresh windows every training step, and serialising a fast backend takes tens of milliseconds
+# (71 ms a draw against 0.1 ms)
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

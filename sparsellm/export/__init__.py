@@ -20,8 +20,8 @@ One module per concern:
 from __future__ import annotations
 
 from .. import config
-from .checkpoint import (EXPORT_META_KEY, NM_CONVENTION, StagedCheckpoint, check_output_dir, check_writable, load_pruned,
-                         parse_structure, save_pruned, stage_pruned)
+from .checkpoint import (EXPORT_META_KEY, NM_CONVENTION, StagedCheckpoint, check_output_dir, check_writable,
+                         folder_holds, load_pruned, parse_structure, save_pruned, stage_pruned)
 from .compressed import (COMPRESSED_SUFFIXES, EXTRA_INSTALL, FORMAT_BITMASK, FORMAT_DENSE, QUANT_METHOD,
                          QUANTIZATION_CONFIG_KEY, SAVE_FORMATS, SPARSITY_CONFIG_KEY, check_save_format,
                          compress_bitmask, decompress_bitmask, pack_bitmask, unpack_bitmask)
@@ -50,7 +50,8 @@ def apply_export(model, kind: str | None) -> dict:
 
 
 __all__ = [
-    "save_pruned", "stage_pruned", "StagedCheckpoint", "load_pruned", "check_output_dir", "check_writable", "check_save_format", "semi_structured_eligible",
+    "save_pruned", "stage_pruned", "StagedCheckpoint", "load_pruned", "check_output_dir", "check_writable",
+    "folder_holds", "check_save_format", "semi_structured_eligible",
     "to_semi_structured", "to_csr", "to_sparse_gpu", "apply_export", "CSRLinear", "SparseGPULinear", "ExportError",
     "CheckpointError", "resolve_targets", "parse_structure", "compress_bitmask", "decompress_bitmask", "pack_bitmask",
     "unpack_bitmask", "CSR_MIN_SPARSITY", "SELL_MIN_SPARSITY", "EXPORT_KINDS", "EXPORT_META_KEY", "NM_CONVENTION",

@@ -107,15 +107,20 @@ def check_output_dir(out_dir, overwrite: bool) -> None:
     check_writable(out_dir.absolute().parent)  # the staging folder is made beside it
 
 
+def folder_holds(folder, path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (links resolved): what replacing
+    ``folder`` whole would delete."""
+    folder, path = Path(folder).expanduser().resolve(), Path(path).expanduser().resolve()
+    return path == folder or folder in path.parents
+
+
 def _check_replaceable(out_dir: Path) -> None:
     """What overwrite may delete: a saved model's folder, nothing the user is working in."""
-    resolved = out_dir.resolve()
     for what, inside in (("working folder", Path.cwd()), ("home folder", Path.home())):
-        inside = inside.resolve()
-        if resolved == inside or resolved in inside.parents:
-            raise FileExistsError(f"{out_dir} holds the {what} ({inside}); overwrite replaces the whole folder, "
-                                  f"so give a folder of its own")
-    if not (resolved / "config.json").is_file():
+        if folder_holds(out_dir, inside):
+            raise FileExistsError(f"{out_dir} holds the {what} ({inside.resolve()}); overwrite replaces the whole "
+                                  f"folder, so give a folder of its own")
+    if not (out_dir.resolve() / "config.json").is_file():
         raise FileExistsError(f"{out_dir} is not empty and holds no config.json (not a saved model); overwrite "
                               f"replaces a model folder whole, so give a new or empty folder")
 
