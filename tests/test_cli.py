@@ -715,3 +715,19 @@ def test_the_report_is_an_ordinary_readable_file(tmp_path):
     assert json.loads(path.read_text()) == {"perplexity": 1.5}
     assert oct(path.stat().st_mode & 0o777) == "0o644"
     assert os.listdir(tmp_path / "sub") == ["r.json"]
+
+
+def test_quiet_also_silences_the_gguf_conversion_bar(capsys):
+    """The GGUF loader's bar is plain tqdm, outside transformers' switch: a quiet run hides it
+    too, and the loader's own bar comes back after."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from sparsellm.progress import library_bars
+
+    original = gguf_utils.tqdm
+    with library_bars(False):
+        assert list(gguf_utils.tqdm(range(3), desc="Converting")) == [0, 1, 2]
+    assert "Converting" not in capsys.readouterr().err
+    assert gguf_utils.tqdm is original
+    with library_bars(True):
+        assert gguf_utils.tqdm is original
