@@ -17,7 +17,9 @@ from kernel_checks import (NM_PATTERNS, check_nm, check_selection, gram_matrix, 
                            reconstruction_error)
 
 triton = pytest.importorskip("triton")
-K = pytest.importorskip("sparsellm._triton_backend")  # registers the kernels with ops
+# not importorskip: with triton installed, a backend that fails to import (a kernel module's
+# broken import) must fail here, not skip every kernel test
+import sparsellm._triton_backend as K  # noqa: E402  (registers the kernels with ops)
 from sparsellm.kernels import _common, cholesky, nm_mask, obs_block, row_select, sparsellm_steps  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
