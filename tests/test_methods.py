@@ -162,3 +162,58 @@ def test_wanda_scores_a_float64_weight_in_float64():
     weight = torch.tensor([[1.0 + 1e-12, 1.0, 3.0, 4.0], [1.0, 1.0 + 1e-12, 3.0, 4.0]], dtype=torch.float64)
     mask = reference.wanda_prune_mask(weight, torch.ones(4, dtype=torch.float64), 0.25)
     assert mask.tolist() == [[False, True, False, False], [True, False, False, False]]
+
+
+def _prefix_mask_case(rows=6, width=24, seed=0):
+    """A damped Gram H, the upper factor of H^-1 built here (torch.linalg only, not the package),
+    a random weight and a mask pruning a different-length prefix of each row (0 to all)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * width, width, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, width,
+                                                                                      dtype=torch.float64)
+    h = x.T @ x + 0.1 * torch.eye(width, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    w = torch.randn(rows, width, generator=g, dtype=torch.float64)
+    lengths = [0, 1, 5, 11, width - 1, width][:rows]
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    return h, hinv, w, mask, lengths
+
+
+def _constrained_least_squares(h, w, lengths):
+    """Per row: zero the first k weights and refit the rest to minimise (w - q) H (w - q)^T:
+    q_R = w_R + w_P H_PR H_RR^-1 (the normal equations), and that minimum."""
+    q, err = torch.zeros_like(w), []
+    for i, k in enumerate(lengths):
+        if k < w.shape[1]:
+            q[i, k:] = w[i, k:] + torch.linalg.solve(h[k:, k:], h[k:, :k] @ w[i, :k])
+        d = w[i] - q[i]
+        err.append(float(d @ h @ d))
+    return q, err
+
+
+@pytest.mark.parametrize("backend", ["reference-float64", "reference", "cpu", "triton"])
+def test_obs_block_with_a_prefix_mask_is_the_least_squares_refit(backend):
+    """An oracle for the OBS sweep independent of the package (the backends are otherwise only
+    compared with the reference, and the reference only ranked against Wanda): where each row's
+    pruned weights are a prefix of its columns, the sweep's compensation of the later columns is
+    exact, so the block equals the constrained least-squares refit of the kept weights, and the
+    returned loss is half the reconstruction error (w - q) H (w - q)^T summed over rows."""
+    from sparsellm import ops
+
+    h, hinv, w, mask, lengths = _prefix_mask_case()
+    want, errors = _constrained_least_squares(h, w, lengths)
+    assert want.abs().max() > 0 and min(errors[1:]) > 0 and errors[0] == 0
+    if backend == "reference-float64":
+        q, _, loss = reference.obs_prune_block(w, hinv, 0.5, prune_mask=mask)
+        tol = 1e-9
+    else:
+        if not ops.available(backend, "cpu"):
+            pytest.skip(f"the {backend} backend is not available here")
+        ops.reset_usage()
+        with ops.backend_scope(backend):
+            q, _, loss = ops.obs_prune_block(w.float(), hinv.float(), 0.5, prune_mask=mask)
+        assert ops.usage()["obs_prune_block"] == {backend: 1}
+        tol = 1e-4  # float32 sweeps of a moderately conditioned H
+    assert torch.equal(q == 0, mask)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(q.double(), want, rtol=0, atol=tol * scale)
+    assert float(loss) == pytest.approx(sum(errors) / 2, rel=tol)
