@@ -15,6 +15,7 @@ import triton.language as tl
 # Score modes of the mask kernels (defined, and explained, in sparsellm/kernel_constants.py);
 # the *_C twins are the same values as constexpr globals, which @triton.jit code may read.
 from sparsellm.kernel_constants import SCORE_OBS, SCORE_RAW, SCORE_WANDA
+from sparsellm.ops import Decline
 
 SCORE_RAW_C = tl.constexpr(SCORE_RAW)
 SCORE_WANDA_C = tl.constexpr(SCORE_WANDA)
@@ -42,6 +43,14 @@ def configs(full: list[dict], interp: dict, num_warps=(4,)) -> list[triton.Confi
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def decline_float64_scores(mode: int, *tensors: torch.Tensor) -> None:
+    """The fused scores (Wanda, OBS) are computed in fp32 (:func:`fused_score`), where the
+    reference scores float64 inputs in float64: such a call goes to the next backend, else a
+    float64 prune would lose the ordering of scores within fp32 rounding of each other."""
+    if mode != SCORE_RAW and any(t is not None and t.dtype == torch.float64 for t in tensors):
+        raise Decline("float64 (the kernel scores in fp32)")
 
 
 def check_device(*tensors: torch.Tensor) -> None:

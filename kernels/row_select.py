@@ -23,7 +23,8 @@ import triton.language as tl
 
 from sparsellm.ops import Decline
 
-from ._common import SCORE_RAW, SCORE_RAW_C, SCORE_WANDA, check_device, configs, fused_score, ordered_key
+from ._common import (SCORE_RAW, SCORE_RAW_C, SCORE_WANDA, check_device, configs, decline_float64_scores, fused_score,
+                      ordered_key)
 
 
 
@@ -98,6 +99,7 @@ def row_select_mask(x: torch.Tensor, aux: torch.Tensor | None, k: int, mode: int
     if mode == SCORE_RAW and x.dtype == torch.float64:
         # the 32-bit key would round a float64 score; the next backend selects on it exactly
         raise Decline("float64 score")
+    decline_float64_scores(mode, x, aux)
     check_device(x)
     if k == 0 or x.numel() == 0:
         return torch.zeros((rows, cols), dtype=torch.bool, device=x.device)

@@ -147,6 +147,30 @@ def test_wanda_nm_fused():
         assert check_nm(mask, reference.wanda_prune_mask(w, norm, 0.5, n, m), score, n, m) > 0
 
 
+@pytest.mark.parametrize("n,m,fraction", [(None, None, 15 / 32), (1, 2, 0.5)])
+def test_float64_wanda_is_scored_in_float64(n, m, fraction):
+    """The fused Wanda score is fp32: a float64 call is declined, so ops runs the reference,
+    which orders scores that fp32 rounds to one value. Here each pair of columns shares its
+    norm and differs by 1e-12 relative, the larger first: in fp32 the pair ties, and the
+    index-order tie break would prune the larger."""
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(4, 16, generator=g, dtype=torch.float64).repeat_interleave(2, dim=1)
+    w[:, 0::2] *= 1 + 1e-12
+    norm = (torch.rand(16, generator=g, dtype=torch.float64) + 0.5).repeat_interleave(2)
+    w, norm = w.to(DEV), norm.to(DEV)
+    with pytest.raises(ops.Decline, match="float64"):
+        K.wanda_prune_mask(w, norm, fraction, n, m)
+    with pytest.raises(ops.Decline, match="float64"):  # a float64 norm alone is scored in float64 too
+        K.wanda_prune_mask(w.float(), norm, fraction, n, m)
+    ops.reset_usage()
+    with ops.backend_scope("triton"):
+        mask = ops.wanda_prune_mask(w, norm, fraction, n, m)
+    assert ops.usage()["wanda_prune_mask"] == {"reference": 1}
+    ref = reference.wanda_prune_mask(w, norm, fraction, n, m)
+    assert torch.equal(mask, ref)
+    # the larger of a pair is never pruned while the smaller is kept
+    assert ref.any() and not (ref[:, 0::2] & ~ref[:, 1::2]).any()
+
 # ---------------------------------------------------------------- OBS block sweep (a)
 
 OBS_CASES = [(7, 16, None, None), (33, 40, None, None), (5, 64, None, None), (7, 16, 2, 4), (33, 40, 2, 4),
