@@ -55,6 +55,9 @@ def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
         raise ops.Decline(f"width {weight.shape[1]} > {_MAX_BLOCK}")
     if prune_mask is None and n is not None and n == 0:
         prune_mask = torch.zeros_like(weight, dtype=torch.bool)  # 0:m prunes nothing
+    if prune_mask is not None:
+        # a broadcastable mask (one row for all rows), as the reference takes: rows x width here
+        prune_mask = prune_mask.expand_as(weight)
     return tuple(_C.obs_prune_block(weight, hinv, float(fraction), int(n or 0), int(m or 1), prune_mask))
 
 

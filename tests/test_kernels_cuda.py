@@ -85,6 +85,17 @@ def test_float64_obs_blocks_are_declined(cb):
     assert torch.equal(got[0], reference.obs_prune_block(weight, hinv, 0.5)[0])
 
 
+def test_obs_block_broadcast_mask(cb):
+    """A one-row mask applies to every row, as in the reference."""
+    weight = rand(49, 9, 24)
+    hinv = hinv_factor(24, seed=50)
+    given = rand(51, 1, 24) > 0
+    q, _, loss = cb.obs_prune_block(weight.cuda(), hinv.cuda(), 0.5, prune_mask=given.cuda())
+    qr, _, lossr = reference.obs_prune_block(weight, hinv, 0.5, prune_mask=given)
+    torch.testing.assert_close(q.cpu(), qr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.cpu(), lossr, rtol=1e-5, atol=0)
+
+
 def test_float64_wanda_masks_are_declined(cb):
     """The kernel scores |W| * norm in fp32, the reference float64 inputs in float64 (pairs
     1e-12 apart, the larger first, tie in fp32: see the Triton test of the same name)."""

@@ -211,6 +211,21 @@ def test_obs_block_given_mask_and_fp16():
     torch.testing.assert_close(loss16.float(), lossr32, rtol=1e-3, atol=0)
 
 
+def test_obs_block_broadcast_mask():
+    """A one-row mask applies to every row, as in the reference (the kernel reads the mask
+    with its row stride: the mask is expanded first, not read past its one row)."""
+    rows, width = 9, 24
+    hinv = hinv_factor(width, DEV, seed=12)
+    w = rand(13, rows, width, device=DEV)
+    given = rand(14, 1, width, device=DEV) > 0
+    q, err, loss = obs_block.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    qr, errr, lossr = reference.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    assert given.any() and not given.all() and (q[:, given[0]] == 0).all()
+    torch.testing.assert_close(q, qr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(err, errr, rtol=1e-5, atol=1e-5 * errr.abs().max())
+    torch.testing.assert_close(loss, lossr, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("n,m", [(None, None), (2, 4), (4, 8)])
 def test_obs_prune_whole_sweep_same_reconstruction_error(n, m):
     """The full blocked sweep through ops (Triton block op) vs the reference sweep."""
