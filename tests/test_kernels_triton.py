@@ -330,6 +330,22 @@ def test_z_step_broadcast_and_float64_declined():
         sparsellm_steps.relu_z_step(p.double(), m.double(), 1.0, 2.0)
 
 
+def test_steps_return_the_references_dtype_for_mixed_inputs():
+    """A float16 s (or m) with float32 targets: the reference computes and returns float32,
+    as eager promotion does; the kernels must not round the result to the first input's dtype."""
+    s, g, p, z = (rand(40 + i, 5, 37, device=DEV, scale=2.0) for i in range(4))
+    for step, args in ((sparsellm_steps.swiglu_s_step, (s.half(), g, p, z, 0.5, 2.0, 3)),
+                       (sparsellm_steps.swiglu_z_step, (p, z.half(), s, 0.5, 2.0)),
+                       (sparsellm_steps.relu_z_step, (p, z.half(), 0.5, 2.0))):
+        got = step(*args)
+        ref = getattr(reference, step.__name__)
+        assert got.dtype == ref(*args).dtype == torch.float32
+        # the values: the kernels compute in fp32 from the inputs as given (the s-step to the
+        # rounding of its flat objective near a minimum, as in test_swiglu_s_step)
+        want = ref(*(a.float() if torch.is_tensor(a) else a for a in args))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("omega", [1.6, 1.0])
 def test_aux_updates_are_the_kernels_steps_relaxed_and_measured(omega):
     """The triton backend's auxiliary updates: z (and s) from the step kernels, relaxed from the
