@@ -147,6 +147,18 @@ def test_wanda_nm_fused():
         assert check_nm(mask, reference.wanda_prune_mask(w, norm, 0.5, n, m), score, n, m) > 0
 
 
+def test_wanda_norm_of_the_wrong_length_is_an_error():
+    """The kernels read one norm per column: a shorter one was read past its end (silently a
+    mask), where the reference refuses it."""
+    w = rand(15, 4, 16, device=DEV)
+    for norm in (rand(16, 12, device=DEV).abs() + 0.5, rand(17, 20, device=DEV).abs() + 0.5):
+        for n, m in ((None, None), (2, 4)):
+            with pytest.raises(RuntimeError):
+                reference.wanda_prune_mask(w, norm, 0.5, n, m)
+            with pytest.raises(ValueError, match="per-column"):
+                K.wanda_prune_mask(w, norm, 0.5, n, m)
+
+
 @pytest.mark.parametrize("n,m,fraction", [(None, None, 15 / 32), (1, 2, 0.5)])
 def test_float64_wanda_is_scored_in_float64(n, m, fraction):
     """The fused Wanda score is fp32: a float64 call is declined, so ops runs the reference,
