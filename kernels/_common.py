@@ -15,6 +15,7 @@ import triton.language as tl
 # Score modes of the mask kernels (defined, and explained, in sparsellm/kernel_constants.py);
 # the *_C twins are the same values as constexpr globals, which @triton.jit code may read.
 from sparsellm.kernel_constants import SCORE_OBS, SCORE_RAW, SCORE_WANDA
+from sparsellm.ops import Decline
 
 SCORE_RAW_C = tl.constexpr(SCORE_RAW)
 SCORE_WANDA_C = tl.constexpr(SCORE_WANDA)
@@ -42,6 +43,22 @@ def configs(full: list[dict], interp: dict, num_warps=(4,)) -> list[triton.Confi
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def score_aux(x: torch.Tensor, aux: torch.Tensor | None, mode: int) -> torch.Tensor:
+    """The per-column ``aux`` of a fused score as the mask kernels read it (fp32, contiguous;
+    ``x`` itself as a never-read placeholder for a raw score). The fused scores are computed
+    in fp32 (:func:`fused_score`), where the reference scores float64 inputs in float64: such
+    a call is declined, else a float64 prune would lose the order of scores within fp32
+    rounding of each other. ``aux`` must hold one entry per column of ``x``: the kernels index
+    it by column, and would read past a shorter one."""
+    if mode == SCORE_RAW:
+        return x
+    if torch.float64 in (x.dtype, aux.dtype):
+        raise Decline("float64 (the kernel scores in fp32)")
+    if aux.numel() != x.shape[1]:
+        raise ValueError(f"{aux.numel()} per-column scale(s) for {x.shape[1]} columns")
+    return aux.float().contiguous()
 
 
 def check_device(*tensors: torch.Tensor) -> None:

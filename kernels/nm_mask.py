@@ -15,7 +15,8 @@ import triton.language as tl
 from sparsellm.kernel_constants import MAX_M
 from sparsellm.ops import Decline
 
-from ._common import SCORE_RAW, SCORE_RAW_C, check_device, configs, fused_score, next_pow2, ranks_before
+from ._common import (SCORE_RAW, SCORE_RAW_C, check_device, configs, fused_score, next_pow2, ranks_before,
+                      score_aux)
 
 
 @triton.autotune(configs=configs([{"BLOCK_R": 4}, {"BLOCK_R": 8}, {"BLOCK_R": 16}], {"BLOCK_R": 16}),
@@ -57,9 +58,9 @@ def nm_mask(x: torch.Tensor, aux: torch.Tensor | None, n: int, m: int, mode: int
     if m > MAX_M:
         # rank-by-comparison is M^2 per group; past 16 a sort wins, which is what the reference does
         raise Decline(f"m={m} > {MAX_M}")
+    aux = score_aux(x, aux, mode)  # (a raw float64 score is compared in float64)
     check_device(x)
     x = x.contiguous()
-    aux = x if aux is None else aux.float().contiguous()
     out = torch.empty((rows, cols), dtype=torch.bool, device=x.device)
     if x.numel() == 0:
         return out

@@ -93,7 +93,9 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     err = torch.empty_like(weight)
     losses = torch.empty(rows, dtype=torch.float32, device=weight.device)
     if rows and width:
-        mask_arg = prune_mask.contiguous().view(torch.uint8) if not nm else weight
+        # expand: a broadcastable mask (one row for all rows, as the reference takes) becomes
+        # rows x width, as the kernel reads it with its row stride
+        mask_arg = prune_mask.expand(rows, width).contiguous().view(torch.uint8) if not nm else weight
         bp = next_pow2(width)
         # a tile of ~2K fp32 per program keeps W, the mask and the errors in registers
         block_r = min(next_pow2(rows), 64) if interpreting() else max(1, min(16, 2048 // bp))

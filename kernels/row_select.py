@@ -23,7 +23,8 @@ import triton.language as tl
 
 from sparsellm.ops import Decline
 
-from ._common import SCORE_RAW, SCORE_RAW_C, SCORE_WANDA, check_device, configs, fused_score, ordered_key
+from ._common import (SCORE_RAW, SCORE_RAW_C, SCORE_WANDA, check_device, configs, fused_score, ordered_key,
+                      score_aux)
 
 
 
@@ -98,11 +99,11 @@ def row_select_mask(x: torch.Tensor, aux: torch.Tensor | None, k: int, mode: int
     if mode == SCORE_RAW and x.dtype == torch.float64:
         # the 32-bit key would round a float64 score; the next backend selects on it exactly
         raise Decline("float64 score")
+    aux = score_aux(x, aux, mode)
     check_device(x)
     if k == 0 or x.numel() == 0:
         return torch.zeros((rows, cols), dtype=torch.bool, device=x.device)
     x = x.contiguous()
-    aux = x if aux is None else aux.float().contiguous()
     out = torch.empty((rows, cols), dtype=torch.bool, device=x.device)
     _row_select_kernel[(rows,)](x, aux, out, cols, k, x.stride(0), out.stride(0), MODE=mode)
     return out

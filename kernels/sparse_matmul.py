@@ -495,6 +495,17 @@ def _check_dtypes(x, *weights):
             raise Decline(f"weight dtype {w.dtype} != input dtype {x.dtype}")
 
 
+def _check_operands(x, bias, in_features: int, out_features: int):
+    """x's last dimension and the bias's length must fit the weight, as F.linear (the
+    reference) requires: the kernels index x and the bias by the weight's sizes, so a
+    mismatch would be reshaped into other tokens, or read past the bias's end. Shapes only
+    (host metadata): nothing read from the device, so CUDA graph capture is unaffected."""
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not end in the weight's {in_features} input features")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit {out_features} output features")
+
+
 def _finish(buf, dtype):
     return buf if buf.dtype == dtype else buf.to(dtype)
 
@@ -517,6 +528,7 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
     if values.shape != (n, k // 2) or meta.shape != (n, k // 32):
         raise ValueError(f"packed shapes {tuple(values.shape)}, {tuple(meta.shape)} do not fit "
                          f"{n}x{k} (expected values [N, K/2], meta [N, K/32])")
+    _check_operands(x, bias, k, n)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     t = x2.shape[0]
@@ -680,6 +692,9 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
     n_slices = slice_ptr.numel() - 1
     if n_slices != triton.cdiv(n, s):
         raise ValueError(f"{n_slices} slices do not fit {n} rows of slices of {s}")
+    if values.dim() != 1 or cols.shape != values.shape:
+        raise ValueError(f"sell values {tuple(values.shape)} and cols {tuple(cols.shape)} must be one flat array each")
+    _check_operands(x, bias, k, n)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     t = x2.shape[0]

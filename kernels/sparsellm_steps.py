@@ -130,4 +130,7 @@ def swiglu_z_step(p, m, s, alpha, gamma):
 def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     _decline_float64(s, g, p, z)
     shape, flats = _flat(s, g, p, z)
-    return _launch(_swiglu_s_kernel, s.dtype, shape, flats, float(alpha), float(gamma), int(iterations))
+    # the reference's dtype: s is replaced by candidates computed from all four (a float16 s
+    # with float32 targets gives float32, not s's float16)
+    dtype = torch.promote_types(torch.result_type(s, g), torch.result_type(p, z))
+    return _launch(_swiglu_s_kernel, dtype, shape, flats, float(alpha), float(gamma), int(iterations))

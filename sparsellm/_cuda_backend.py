@@ -5,7 +5,7 @@ Importing this module registers its operations; it raises ImportError when the e
 neither built nor compilable here (CPU-only torch, no GPU, no toolkit; see
 :mod:`sparsellm._extension`), which ops records as "unavailable" with the reason.
 Operations the extension does not implement, and calls it does not handle (blocks wider than
-256 columns or in float64, M > 16, unstructured Wanda masks: each raises :class:`sparsellm.ops.Decline`
+256 columns or in float64, M > 16, unstructured or float64 Wanda masks: each raises :class:`sparsellm.ops.Decline`
 before calling the extension), go through ops to the next backend, which ops records.
 """
 from __future__ import annotations
@@ -55,6 +55,9 @@ def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
         raise ops.Decline(f"width {weight.shape[1]} > {_MAX_BLOCK}")
     if prune_mask is None and n is not None and n == 0:
         prune_mask = torch.zeros_like(weight, dtype=torch.bool)  # 0:m prunes nothing
+    if prune_mask is not None:
+        # a broadcastable mask (one row for all rows), as the reference takes: rows x width here
+        prune_mask = prune_mask.expand_as(weight)
     return tuple(_C.obs_prune_block(weight, hinv, float(fraction), int(n or 0), int(m or 1), prune_mask))
 
 
@@ -78,6 +81,9 @@ def wanda_prune_mask(weight, in_norm, fraction, n=None, m=None):
         # unstructured Wanda is a per-row selection, which the Triton kernel does (fused
         # score + bisection select); the extension has no second copy of it
         raise ops.Decline("unstructured")
+    if torch.float64 in (weight.dtype, in_norm.dtype):
+        # the kernel scores |W| * norm in fp32; the reference scores float64 inputs in float64
+        raise ops.Decline("float64 (the kernel scores in fp32)")
     _decline_wide_groups(m)
     return _C.nm_mask(weight, in_norm, int(n), int(m), _SCORE_WANDA)
 

@@ -44,7 +44,9 @@ def output_cache(output):
 
 
 class GreedyDecoder:
-    """Greedy decoding of one sequence: ``prefill(prompt_ids)`` then ``decode(steps)``.
+    """Greedy decoding of one sequence: ``prefill(prompt_ids)`` then ``decode(steps)``
+    (after ``prefill``, ``cat([decode(s), ids], 1)`` is the first ``s + 1`` generated tokens, the
+    first of them the one ``prefill`` returned).
 
     ``graph``: False (default) runs each step eagerly; True captures the step as a CUDA graph
     and replays it (CUDA only). ``graph_error`` holds why a capture was not possible (the
@@ -149,8 +151,9 @@ class GreedyDecoder:
 
     @torch.no_grad()
     def decode(self, steps: int) -> torch.Tensor:
-        """Generate ``steps`` more tokens after the last one; returns them (1 x steps; 1 x 0
-        for 0 steps)."""
+        """Run ``steps`` decode steps; returns the ``steps`` tokens they consumed (1 x steps; 1 x 0
+        for 0 steps), starting with the one in ``ids`` (:meth:`prefill`'s token, or the one the
+        previous call generated last); the token the last step generates is left in ``ids``."""
         if self.length == 0:
             raise RuntimeError("call prefill() first")
         if steps < 0:

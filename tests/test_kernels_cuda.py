@@ -84,6 +84,32 @@ def test_float64_obs_blocks_are_declined(cb):
     assert ops.usage() == {"obs_prune_block": {"reference": 1}} and got[0].dtype == torch.float64
     assert torch.equal(got[0], reference.obs_prune_block(weight, hinv, 0.5)[0])
 
+
+def test_obs_block_broadcast_mask(cb):
+    """A one-row mask applies to every row, as in the reference."""
+    weight = rand(49, 9, 24)
+    hinv = hinv_factor(24, seed=50)
+    given = rand(51, 1, 24) > 0
+    q, _, loss = cb.obs_prune_block(weight.cuda(), hinv.cuda(), 0.5, prune_mask=given.cuda())
+    qr, _, lossr = reference.obs_prune_block(weight, hinv, 0.5, prune_mask=given)
+    torch.testing.assert_close(q.cpu(), qr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.cpu(), lossr, rtol=1e-5, atol=0)
+
+
+def test_float64_wanda_masks_are_declined(cb):
+    """The kernel scores |W| * norm in fp32, the reference float64 inputs in float64 (pairs
+    1e-12 apart, the larger first, tie in fp32: see the Triton test of the same name)."""
+    g = torch.Generator().manual_seed(48)
+    weight = torch.randn(4, 16, generator=g, dtype=torch.float64).repeat_interleave(2, dim=1)
+    weight[:, 0::2] *= 1 + 1e-12
+    norm = (torch.rand(16, generator=g, dtype=torch.float64) + 0.5).repeat_interleave(2)
+    with pytest.raises(ops.Decline, match="float64"):
+        cb.wanda_prune_mask(weight.cuda(), norm.cuda(), 0.5, 1, 2)
+    with ops.backend_scope("cuda"):
+        got = ops.wanda_prune_mask(weight.cuda(), norm.cuda(), 0.5, 1, 2).cpu()
+    assert torch.equal(got, reference.wanda_prune_mask(weight, norm, 0.5, 1, 2))
+    assert torch.equal(got, torch.tensor([False, True]).repeat(4, 16))
+
 def test_unstructured_wanda_is_handed_to_a_selection(cb):
     """The extension has no per-row selection: it declines, and ops runs Triton's (or the
     reference where Triton is missing), recording the backend that ran and why."""

@@ -149,6 +149,42 @@ def test_wanda_nm_fused():
         assert check_nm(mask, reference.wanda_prune_mask(w, norm, 0.5, n, m), score, n, m) > 0
 
 
+def test_wanda_norm_of_the_wrong_length_is_an_error():
+    """The kernels read one norm per column: a shorter one was read past its end (silently a
+    mask), where the reference refuses it."""
+    w = rand(15, 4, 16, device=DEV)
+    for norm in (rand(16, 12, device=DEV).abs() + 0.5, rand(17, 20, device=DEV).abs() + 0.5):
+        for n, m in ((None, None), (2, 4)):
+            with pytest.raises(RuntimeError):
+                reference.wanda_prune_mask(w, norm, 0.5, n, m)
+            with pytest.raises(ValueError, match="per-column"):
+                K.wanda_prune_mask(w, norm, 0.5, n, m)
+
+
+@pytest.mark.parametrize("n,m,fraction", [(None, None, 15 / 32), (1, 2, 0.5)])
+def test_float64_wanda_is_scored_in_float64(n, m, fraction):
+    """The fused Wanda score is fp32: a float64 call is declined, so ops runs the reference,
+    which orders scores that fp32 rounds to one value. Here each pair of columns shares its
+    norm and differs by 1e-12 relative, the larger first: in fp32 the pair ties, and the
+    index-order tie break would prune the larger."""
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(4, 16, generator=g, dtype=torch.float64).repeat_interleave(2, dim=1)
+    w[:, 0::2] *= 1 + 1e-12
+    norm = (torch.rand(16, generator=g, dtype=torch.float64) + 0.5).repeat_interleave(2)
+    w, norm = w.to(DEV), norm.to(DEV)
+    with pytest.raises(ops.Decline, match="float64"):
+        K.wanda_prune_mask(w, norm, fraction, n, m)
+    with pytest.raises(ops.Decline, match="float64"):  # a float64 norm alone is scored in float64 too
+        K.wanda_prune_mask(w.float(), norm, fraction, n, m)
+    ops.reset_usage()
+    with ops.backend_scope("triton"):
+        mask = ops.wanda_prune_mask(w, norm, fraction, n, m)
+    assert ops.usage()["wanda_prune_mask"] == {"reference": 1}
+    ref = reference.wanda_prune_mask(w, norm, fraction, n, m)
+    assert torch.equal(mask, ref)
+    # the larger of a pair is never pruned while the smaller is kept
+    assert ref.any() and not (ref[:, 0::2] & ~ref[:, 1::2]).any()
+
 # ---------------------------------------------------------------- OBS block sweep (a)
 
 OBS_CASES = [(7, 16, None, None), (33, 40, None, None), (5, 64, None, None), (7, 16, 2, 4), (33, 40, 2, 4),
@@ -187,6 +223,21 @@ def test_obs_block_given_mask_and_fp16():
     assert q16.dtype == torch.float16
     torch.testing.assert_close(q16, qr32.half(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(loss16.float(), lossr32, rtol=1e-3, atol=0)
+
+
+def test_obs_block_broadcast_mask():
+    """A one-row mask applies to every row, as in the reference (the kernel reads the mask
+    with its row stride: the mask is expanded first, not read past its one row)."""
+    rows, width = 9, 24
+    hinv = hinv_factor(width, DEV, seed=12)
+    w = rand(13, rows, width, device=DEV)
+    given = rand(14, 1, width, device=DEV) > 0
+    q, err, loss = obs_block.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    qr, errr, lossr = reference.obs_prune_block(w, hinv, 0.5, prune_mask=given)
+    assert given.any() and not given.all() and (q[:, given[0]] == 0).all()
+    torch.testing.assert_close(q, qr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(err, errr, rtol=1e-5, atol=1e-5 * errr.abs().max())
+    torch.testing.assert_close(loss, lossr, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("n,m", [(None, None), (2, 4), (4, 8)])
@@ -291,6 +342,22 @@ def test_z_step_broadcast_and_float64_declined():
     torch.testing.assert_close(sparsellm_steps.relu_z_step(p, m, 1.0, 2.0), reference.relu_z_step(p, m, 1.0, 2.0))
     with pytest.raises(ops.Decline, match="float64"):  # fp32 kernels: ops runs the next backend
         sparsellm_steps.relu_z_step(p.double(), m.double(), 1.0, 2.0)
+
+
+def test_steps_return_the_references_dtype_for_mixed_inputs():
+    """A float16 s (or m) with float32 targets: the reference computes and returns float32,
+    as eager promotion does; the kernels must not round the result to the first input's dtype."""
+    s, g, p, z = (rand(40 + i, 5, 37, device=DEV, scale=2.0) for i in range(4))
+    for step, args in ((sparsellm_steps.swiglu_s_step, (s.half(), g, p, z, 0.5, 2.0, 3)),
+                       (sparsellm_steps.swiglu_z_step, (p, z.half(), s, 0.5, 2.0)),
+                       (sparsellm_steps.relu_z_step, (p, z.half(), 0.5, 2.0))):
+        got = step(*args)
+        ref = getattr(reference, step.__name__)
+        assert got.dtype == ref(*args).dtype == torch.float32
+        # the values: the kernels compute in fp32 from the inputs as given (the s-step to the
+        # rounding of its flat objective near a minimum, as in test_swiglu_s_step)
+        want = ref(*(a.float() if torch.is_tensor(a) else a for a in args))
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("omega", [1.6, 1.0])

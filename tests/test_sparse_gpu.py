@@ -352,6 +352,32 @@ def test_kernels_decline_and_check():
 
 
 @needs_triton
+def test_kernels_refuse_operands_that_do_not_fit_the_weight():
+    """x's features and the bias's length are checked against the weight, as F.linear checks
+    them: the kernels index both by the weight's sizes (a wrong x was reshaped into other
+    tokens, a short bias read past its end, silently)."""
+    w, ws = nm_weight(8, 64, seed=7), sparse_weight(8, 64, 0.9, seed=7)
+    values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+    sv, sc, sp = (t.to(DEV) for t in reference.sell_pack(ws, 8))
+    x = torch.randn(3, 64, device=DEV)
+    calls = {"nm24": lambda x, b=None: sparse_matmul.nm24_linear(x, values, meta, 64, b),
+             "sell": lambda x, b=None: sparse_matmul.sell_linear(x, sv, sc, sp, 8, 64, 8, b)}
+    for call in calls.values():
+        for bad in (x[:, :32], torch.randn(2, 128, device=DEV), torch.randn(128, device=DEV)):
+            with pytest.raises(ValueError, match="input features"):
+                call(bad)
+        with pytest.raises(ValueError, match="bias"):
+            call(x, torch.randn(5, device=DEV))
+        with pytest.raises(ValueError, match="bias"):
+            call(x, torch.randn(16, device=DEV))
+        b = torch.randn(8, device=DEV)
+        assert rel_err(call(x, b), F.linear(x.double(), w.double() if call is calls["nm24"] else ws.double(),
+                                            b.double())) < 1e-5
+    with pytest.raises(ValueError, match="flat array"):
+        sparse_matmul.sell_linear(x, sv, sc[:-1], sp, 8, 64, 8)
+
+
+@needs_triton
 def test_ops_dispatch_falls_back_for_float64():
     """float64 is declined by the kernels and computed by the reference (forced triton)."""
     w = nm_weight(8, 64, dtype=torch.float64)
