@@ -251,9 +251,10 @@ class LayerDriver:
             observing = [s for s in batch if s.observe is not None]
             observed = {}
             if observing or reference_pending:
-                results = self._observe(layer, inputs, kwargs, observing,
-                                        outputs=dense_out if reference_pending else None)
-                observed = {id(s): r for s, r in zip(observing, results)}
+                # held by ``observed`` alone: each statistic (SparseLLM's: every FFN input token,
+                # [N, d]) is released as its step is solved, not kept through the final pass
+                observed = dict(zip(map(id, observing), self._observe(layer, inputs, kwargs, observing,
+                                                                      outputs=dense_out if reference_pending else None)))
                 reference_pending = False
             for step in batch:
                 with torch.no_grad(), stage("driver.solve"):

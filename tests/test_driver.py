@@ -1,4 +1,7 @@
 """Adapters and the layer-by-layer driver on tiny random OPT and LLaMA models (offline)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -278,3 +281,30 @@ def test_float64_model_is_pruned_in_float64(method):
     assert pruned.dtype == torch.float64 and torch.isfinite(pruned).all()
     assert torch.equal(pruned == 0, expected == 0)
     torch.testing.assert_close(pruned, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_statistics_are_freed_before_the_final_pass(sequential):
+    """What a step observed (for SparseLLM every FFN input token, [N, d]) is released once its
+    solve has run: none of it is still held while the final pass runs the pruned layer."""
+    model = tiny_llama(layers=1)
+    config = PruneConfig(method="sparsellm", sparsity=0.5, nsamples=4, seqlen=32, quiet=True, device="cpu",
+                         sequential=sequential)
+    method = get_method(config)
+    observed = []
+    prune_ffn, prune_group = method.prune_ffn, method.prune_group
+    method.prune_ffn = lambda ffn, x, pattern: (observed.append(weakref.ref(x)), prune_ffn(ffn, x, pattern))[1]
+    method.prune_group = lambda group, gram, pattern: (observed.append(weakref.ref(gram)),
+                                                       prune_group(group, gram, pattern))[1]
+    driver = LayerDriver(model, get_adapter(model), method, config)
+    final_pass = driver._final_pass
+    alive = []
+
+    def checked_final_pass(*args, **kwargs):
+        gc.collect()
+        alive.extend(ref() is not None for ref in observed)
+        return final_pass(*args, **kwargs)
+
+    driver._final_pass = checked_final_pass
+    driver.run(windows())
+    assert len(alive) == 3 and not any(alive)  # q/k/v's and o's Grams, the FFN's tokens
