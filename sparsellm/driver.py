@@ -320,8 +320,7 @@ class LayerDriver:
         if self.config.allocation.rule == "uniform" and self.config.structure is None:
             return {}
         layers = self.adapter.layers(self.model)
-        start, stop = self.config.layers or (0, len(layers))
-        stop = len(layers) if stop is None else stop
+        start, stop = self.config.layer_range(len(layers))
         hidden = inputs.clone()  # the allocation's pass of the dense layers must not touch inputs
         return layer_targets(self.config, self.model, self.adapter, range(start, stop), device=self.device,
                              run_layer=lambda layer, hooks: self._pass(layer, hidden, kwargs, hooks, outputs=hidden))
@@ -335,7 +334,7 @@ class LayerDriver:
         model copies can so be advanced in turn, and timed under the same machine conditions
         (``benchmarks/interleaved_ratio.py``)."""
         layers = self.adapter.layers(self.model)
-        start, stop = self.config.layers or (0, len(layers))
+        start, stop = self.config.layer_range(len(layers))
         inputs, kwargs = capture_layer_inputs(self.model, self.adapter, windows, self.device)
         self.targets = self.allocate(inputs, kwargs)
         bar = tqdm(range(stop), desc=f"{self.method.name} {self.config.sparsity}", unit="layer",

@@ -103,6 +103,15 @@ def test_layer_range_prunes_only_those_layers():
     assert zero_fraction(layers[2].mlp.up_proj.weight) == 0
 
 
+def test_layer_range_to_the_last_layer():
+    """``layers=(start, None)`` (the settings' "to the last layer") prunes layers start.. on."""
+    model = tiny_llama(layers=3)
+    records = run(model, method="magnitude", sparsity="0.5", layers=(1, None))
+    assert [r.index for r in records] == [1, 2]
+    layers = get_adapter(model).layers(model)
+    assert [zero_fraction(layer.mlp.up_proj.weight) for layer in layers] == [0, 0.5, 0.5]
+
+
 def test_sequential_mode_sees_pruned_attention():
     """In sequential mode the FFN statistics come from the pruned attention's output, so the
     FFN is pruned differently than from the dense layer's statistics."""
