@@ -346,7 +346,14 @@ class LayerDriver:
             with on_device(layer, self.device, changed=index >= start):
                 placement = time.perf_counter() - moving
                 if index >= start:
-                    record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
+                    try:
+                        record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
+                    except BaseException:  # an error, or an interrupt of a long prune
+                        # the model is pruned in place and nothing undoes it: say how far it got
+                        done = f"layers {start}-{index - 1} pruned, " if index > start else ""
+                        log.warning("pruning stopped in layer %d: the model is left partly pruned (%slayer %d "
+                                    "possibly in part, the others dense)", index, done, index)
+                        raise
                     bar.set_postfix(ffn_err=f"{record.ffn_rel_error:.3g}", out_err=f"{record.output_rel_error:.3g}")
                     log.info("layer %d: ffn rel error %.4g, output rel error %.4g (%.1fs)", index,
                              record.ffn_rel_error, record.output_rel_error, record.seconds)

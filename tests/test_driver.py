@@ -112,6 +112,30 @@ def test_layer_range_to_the_last_layer():
     assert [zero_fraction(layer.mlp.up_proj.weight) for layer in layers] == [0, 0.5, 0.5]
 
 
+def test_a_prune_stopped_midway_says_how_far_it_got(caplog):
+    """The model is pruned in place: a prune that stops (an error, an interrupt) says which layers
+    it left pruned, and leaves no hook behind."""
+    model = tiny_llama(layers=3)
+    config = PruneConfig(method="wanda", sparsity=0.5, layers=(0, 3), nsamples=4, seqlen=32, quiet=True, device="cpu")
+    method = get_method(config)
+    down = get_adapter(model).layers(model)[1].mlp.down_proj
+    prune_group = method.prune_group
+
+    def failing(group, observed, pattern):
+        if down in group.values():
+            raise KeyboardInterrupt
+        prune_group(group, observed, pattern)
+
+    method.prune_group = failing
+    with caplog.at_level("WARNING", logger="sparsellm.driver"), pytest.raises(KeyboardInterrupt):
+        LayerDriver(model, get_adapter(model), method, config).run(windows())
+    assert "stopped in layer 1: the model is left partly pruned (layers 0-0 pruned, layer 1 possibly in part" \
+        in caplog.text
+    layers = get_adapter(model).layers(model)
+    assert [zero_fraction(layer.mlp.up_proj.weight) for layer in layers] == [0.5, 0.5, 0]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_sequential_mode_sees_pruned_attention():
     """In sequential mode the FFN statistics come from the pruned attention's output, so the
     FFN is pruned differently than from the dense layer's statistics."""
