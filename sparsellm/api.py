@@ -91,9 +91,8 @@ def _warn_unused_settings(config: PruneConfig) -> None:
 def _check_layers(config: PruneConfig, num_layers: int) -> None:
     if config.layers is None:
         return
+    config.layers = config.layer_range(num_layers)
     start, stop = config.layers
-    stop = num_layers if stop is None else stop
-    config.layers = (start, stop)
     if not (0 <= start < stop <= num_layers):
         raise ValueError(f"layer range {start}:{stop} is out of bounds for a model with {num_layers} "
                          f"decoder layers (valid: 0 <= start < stop <= {num_layers})")
@@ -116,7 +115,7 @@ def _check_model_fits(config: PruneConfig, model, adapter) -> None:
 
 def _check_pattern_fits(config: PruneConfig, model, adapter) -> None:
     layers = adapter.layers(model)
-    start, stop = config.layers or (0, len(layers))
+    start, stop = config.layer_range(len(layers))
     for index in range(start, stop):
         for name, linear in adapter.linears(layers[index]).items():
             try:
@@ -234,7 +233,7 @@ def _run(config: PruneConfig) -> dict:
         # a family without head removal, or a share that removes no head, fails now
         head_removal(config.head_sparsity, adapter.attention(adapter.layers(model)[0]))
     if config.structure is not None and "channels" in config.structure:  # a share that removes no channel, too
-        start, stop = config.layers or (0, len(adapter.layers(model)))
+        start, stop = config.layer_range(len(adapter.layers(model)))
         check_channel_removal(config.sparsity.fraction,
                               [adapter.ffn(layer).down.in_features for layer in list(adapter.layers(model))[start:stop]],
                               config.allocation.rule)
@@ -310,7 +309,7 @@ def _pruned_linears(model, adapter, config: PruneConfig) -> list[str] | None:
     checked on those linears only (the dense layers would fail it), and the compressed format
     stores the dense layers dense."""
     layers = adapter.layers(model)
-    start, stop = config.layers or (0, len(layers))
+    start, stop = config.layer_range(len(layers))
     if (start, stop) == (0, len(layers)):
         return None
     names = {id(module): name for name, module in model.named_modules()}

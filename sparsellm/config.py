@@ -407,6 +407,12 @@ class PruneConfig:
     def resolved_eval_seqlen(self) -> int:
         return self.eval_seqlen or self.seqlen
 
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """The decoder layers to prune, ``[start, stop)``, of a model with ``num_layers``: all of
+        them without ``layers``, up to the last one where its stop is None."""
+        start, stop = self.layers or (0, num_layers)
+        return start, num_layers if stop is None else stop
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["sparsity"] = str(self.sparsity)

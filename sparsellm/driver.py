@@ -251,9 +251,10 @@ class LayerDriver:
             observing = [s for s in batch if s.observe is not None]
             observed = {}
             if observing or reference_pending:
-                results = self._observe(layer, inputs, kwargs, observing,
-                                        outputs=dense_out if reference_pending else None)
-                observed = {id(s): r for s, r in zip(observing, results)}
+                # held by ``observed`` alone: each statistic (SparseLLM's: every FFN input token,
+                # [N, d]) is released as its step is solved, not kept through the final pass
+                observed = dict(zip(map(id, observing), self._observe(layer, inputs, kwargs, observing,
+                                                                      outputs=dense_out if reference_pending else None)))
                 reference_pending = False
             for step in batch:
                 with torch.no_grad(), stage("driver.solve"):
@@ -319,8 +320,7 @@ class LayerDriver:
         if self.config.allocation.rule == "uniform" and self.config.structure is None:
             return {}
         layers = self.adapter.layers(self.model)
-        start, stop = self.config.layers or (0, len(layers))
-        stop = len(layers) if stop is None else stop
+        start, stop = self.config.layer_range(len(layers))
         hidden = inputs.clone()  # the allocation's pass of the dense layers must not touch inputs
         return layer_targets(self.config, self.model, self.adapter, range(start, stop), device=self.device,
                              run_layer=lambda layer, hooks: self._pass(layer, hidden, kwargs, hooks, outputs=hidden))
@@ -334,7 +334,7 @@ class LayerDriver:
         model copies can so be advanced in turn, and timed under the same machine conditions
         (``benchmarks/interleaved_ratio.py``)."""
         layers = self.adapter.layers(self.model)
-        start, stop = self.config.layers or (0, len(layers))
+        start, stop = self.config.layer_range(len(layers))
         inputs, kwargs = capture_layer_inputs(self.model, self.adapter, windows, self.device)
         self.targets = self.allocate(inputs, kwargs)
         bar = tqdm(range(stop), desc=f"{self.method.name} {self.config.sparsity}", unit="layer",
@@ -346,7 +346,14 @@ class LayerDriver:
             with on_device(layer, self.device, changed=index >= start):
                 placement = time.perf_counter() - moving
                 if index >= start:
-                    record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
+                    try:
+                        record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
+                    except BaseException:  # an error, or an interrupt of a long prune
+                        # the model is pruned in place and nothing undoes it: say how far it got
+                        done = f"layers {start}-{index - 1} pruned, " if index > start else ""
+                        log.warning("pruning stopped in layer %d: the model is left partly pruned (%slayer %d "
+                                    "possibly in part, the others dense)", index, done, index)
+                        raise
                     bar.set_postfix(ffn_err=f"{record.ffn_rel_error:.3g}", out_err=f"{record.output_rel_error:.3g}")
                     log.info("layer %d: ffn rel error %.4g, output rel error %.4g (%.1fs)", index,
                              record.ffn_rel_error, record.output_rel_error, record.seconds)

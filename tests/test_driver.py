@@ -1,4 +1,7 @@
 """Adapters and the layer-by-layer driver on tiny random OPT and LLaMA models (offline)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -98,6 +101,39 @@ def test_layer_range_prunes_only_those_layers():
     assert zero_fraction(layers[0].mlp.up_proj.weight) == 0
     assert zero_fraction(layers[1].mlp.up_proj.weight) == pytest.approx(0.5)
     assert zero_fraction(layers[2].mlp.up_proj.weight) == 0
+
+
+def test_layer_range_to_the_last_layer():
+    """``layers=(start, None)`` (the settings' "to the last layer") prunes layers start.. on."""
+    model = tiny_llama(layers=3)
+    records = run(model, method="magnitude", sparsity="0.5", layers=(1, None))
+    assert [r.index for r in records] == [1, 2]
+    layers = get_adapter(model).layers(model)
+    assert [zero_fraction(layer.mlp.up_proj.weight) for layer in layers] == [0, 0.5, 0.5]
+
+
+def test_a_prune_stopped_midway_says_how_far_it_got(caplog):
+    """The model is pruned in place: a prune that stops (an error, an interrupt) says which layers
+    it left pruned, and leaves no hook behind."""
+    model = tiny_llama(layers=3)
+    config = PruneConfig(method="wanda", sparsity=0.5, layers=(0, 3), nsamples=4, seqlen=32, quiet=True, device="cpu")
+    method = get_method(config)
+    down = get_adapter(model).layers(model)[1].mlp.down_proj
+    prune_group = method.prune_group
+
+    def failing(group, observed, pattern):
+        if down in group.values():
+            raise KeyboardInterrupt
+        prune_group(group, observed, pattern)
+
+    method.prune_group = failing
+    with caplog.at_level("WARNING", logger="sparsellm.driver"), pytest.raises(KeyboardInterrupt):
+        LayerDriver(model, get_adapter(model), method, config).run(windows())
+    assert "stopped in layer 1: the model is left partly pruned (layers 0-0 pruned, layer 1 possibly in part" \
+        in caplog.text
+    layers = get_adapter(model).layers(model)
+    assert [zero_fraction(layer.mlp.up_proj.weight) for layer in layers] == [0.5, 0.5, 0]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_sequential_mode_sees_pruned_attention():
@@ -278,3 +314,30 @@ def test_float64_model_is_pruned_in_float64(method):
     assert pruned.dtype == torch.float64 and torch.isfinite(pruned).all()
     assert torch.equal(pruned == 0, expected == 0)
     torch.testing.assert_close(pruned, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_statistics_are_freed_before_the_final_pass(sequential):
+    """What a step observed (for SparseLLM every FFN input token, [N, d]) is released once its
+    solve has run: none of it is still held while the final pass runs the pruned layer."""
+    model = tiny_llama(layers=1)
+    config = PruneConfig(method="sparsellm", sparsity=0.5, nsamples=4, seqlen=32, quiet=True, device="cpu",
+                         sequential=sequential)
+    method = get_method(config)
+    observed = []
+    prune_ffn, prune_group = method.prune_ffn, method.prune_group
+    method.prune_ffn = lambda ffn, x, pattern: (observed.append(weakref.ref(x)), prune_ffn(ffn, x, pattern))[1]
+    method.prune_group = lambda group, gram, pattern: (observed.append(weakref.ref(gram)),
+                                                       prune_group(group, gram, pattern))[1]
+    driver = LayerDriver(model, get_adapter(model), method, config)
+    final_pass = driver._final_pass
+    alive = []
+
+    def checked_final_pass(*args, **kwargs):
+        gc.collect()
+        alive.extend(ref() is not None for ref in observed)
+        return final_pass(*args, **kwargs)
+
+    driver._final_pass = checked_final_pass
+    driver.run(windows())
+    assert len(alive) == 3 and not any(alive)  # q/k/v's and o's Grams, the FFN's tokens

@@ -435,8 +435,7 @@ class SparseTraining(PruningMethod):
 
     def _targets(self, adapter, model, patterns: dict[int, SparsityPattern]) -> list[_Target]:
         layers = adapter.layers(model)
-        start, stop = self.config.layers or (0, len(layers))
-        stop = len(layers) if stop is None else stop
+        start, stop = self.config.layer_range(len(layers))
         targets = []
         for index in range(start, stop):
             pattern = patterns.get(index, self.config.sparsity)
@@ -790,8 +789,7 @@ class MaskedAdam(SparseTraining):
         if s.init is not None or resuming or config.allocation.rule != "uniform":
             return
         layers = adapter.layers(model)
-        start, stop = config.layers or (0, len(layers))
-        for index in range(start, len(layers) if stop is None else stop):
+        for index in range(*config.layer_range(len(layers))):
             for name, linear in adapter.linears(layers[index]).items():
                 weight = linear.weight.detach()
                 broken = nm_violations(weight, config.sparsity.n, config.sparsity.m) if config.sparsity.is_nm else 0

@@ -39,7 +39,8 @@ down with the Hessian of the hidden of the *pruned* up/gate). Each iterate is me
 FFN output error ||Y - FFN(X)|| / ||Y|| and the best one is kept; iterating stops when an
 iteration makes that error worse than the previous iteration did.
 
-Memory: act(z, s), s and Y' are kept for all calibration tokens, chunk by chunk; they live on
+Memory: z, s and Y' are kept for all calibration tokens (p is recomputed from act(z, s) and Y'
+in every sweep), chunk by chunk; they live on
 the compute device when they fit and in host memory otherwise, and every token-wise step runs on
 one chunk at a time, so the temporaries stay bounded. Their size is reported as ``aux_bytes``.
 
