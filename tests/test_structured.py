@@ -18,7 +18,8 @@ from sparsellm.structure import (LAYER_SIZES_FIELD, compact_model, model_cost, r
 
 from helpers import VOCAB, correlated_inputs, tiny_llama, tiny_opt
 
-BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "llama-mha": lambda layers: tiny_llama(layers=layers, kv_heads=4)}
+# OPT with non-zero biases (its own initialisation zeroes them): fc1's bias must be cut with its channel
+BUILDERS = {"llama": tiny_llama, "opt": lambda **kw: tiny_opt(bias_std=0.1, **kw), "llama-mha": lambda layers: tiny_llama(layers=layers, kv_heads=4)}
 
 
 def windows(n=4, seqlen=32, seed=0):
