@@ -224,7 +224,10 @@ def test_structured_methods_remove_whole_units(method):
         assert (ffn.down.weight[:, kept] != 0).any(dim=0).all()  # nothing else lost a whole column
         heads = removed_heads(attention)
         assert torch.bincount(heads // 2, minlength=2).tolist() == [1, 1]
-        assert 0 < record.output_rel_error < 1 and record.ffn_rel_error == record.ffn_rel_error
+        rows = torch.cat([torch.arange(16) + 16 * h for h in heads.tolist()])
+        assert (attention.q.weight[rows] == 0).all()  # a removed head loses its q rows with its o columns
+        # (was ffn_rel_error == ffn_rel_error: only "not NaN", and the record's default is NaN)
+        assert 0 < record.output_rel_error < 1 and 0 < record.ffn_rel_error < 1
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "structprune"])
