@@ -141,10 +141,12 @@ def test_lambda_schedules():
     assert lambda_at(cosine, 0) == pytest.approx(0.1) and lambda_at(cosine, 50) == pytest.approx(0.55)
 
 
-@pytest.mark.parametrize("dtype, tol", [("float32", 0), ("bfloat16", 2 ** -8), ("float8", 2 ** -3)])
+# round to nearest: half a unit in the last place, 2^-8 with bfloat16's 7 stored mantissa bits,
+# 2^-4 with e4m3's 3 (every entry here scales into e4m3's normal range); 2^-3 let a 10% error pass
+@pytest.mark.parametrize("dtype, tol", [("float32", 0), ("bfloat16", 2 ** -8), ("float8", 2 ** -4)])
 def test_state_store_round_trip(dtype, tol):
     store = StateStore(dtype)
-    x = torch.randn(64, 64) * 0.05
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 0.05
     x[x.abs() < 0.02] = 0  # sparse, as z is
     back = store.decode(store.encode(x))
     assert torch.equal(back == 0, x == 0)  # zeros stay exactly zero
