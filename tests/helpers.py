@@ -21,11 +21,19 @@ def tiny_llama(seed=0, layers=2, kv_heads=2, mlp_bias=False):
     return model
 
 
-def tiny_opt(seed=0, layers=2):
+def tiny_opt(seed=0, layers=2, bias_std=0.0):
+    """OPT initialises every bias to zero: ``bias_std`` > 0 draws the linears' biases from
+    N(0, bias_std^2), so that a test of bias handling (fc1's bias cut with its channel) can fail."""
     torch.manual_seed(seed)
     config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
                        vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=256)
-    return OPTForCausalLM(config).eval()
+    model = OPTForCausalLM(config).eval()
+    if bias_std:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(0, bias_std)
+    return model
 
 
 def correlated_inputs(tokens, dim, seed=0, outliers=4):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -38,8 +37,7 @@ def numbers(start: int, stop: int) -> str:
 
 
 def _default_tokenizer():
-    if importlib.util.find_spec("gensim") is None:
-        pytest.skip("gensim is not installed: the offline 'wiki' text ships in its wheel")
+    # gensim (the offline 'wiki' text ships in its wheel) is a hard dependency: no skip without it
     from sparsellm.default_model import DefaultModelMissing, cached_model_dir
     try:
         path = cached_model_dir(progress=False)

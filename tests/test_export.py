@@ -13,13 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+import transformers  # a hard dependency: its absence is an error, not a skip
 
 from sparsellm import export as ex
 from sparsellm.export import (CheckpointError, CSRLinear, ExportError, apply_export, load_pruned, save_pruned,
                               semi_structured_eligible, to_csr, to_semi_structured)
 from sparsellm.export import semi_structured as semi_structured_module
-
-transformers = pytest.importorskip("transformers")
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+import transformers  # a hard dependency: its absence is an error, not a skip
 
 from helpers import tiny_llama
 from sparsellm import api
@@ -18,8 +19,6 @@ from sparsellm.cli import main as cli_main
 from sparsellm.config import PruneConfig
 from sparsellm.export import ExportError, load_pruned, save_pruned
 from test_export import assert_same_model, bits_equal, prune_, targeted
-
-transformers = pytest.importorskip("transformers")
 
 V1 = Path(__file__).parent / "data" / "export_v1"
 EXTRA = r'pip install "sparsellm\[compressed\]"'

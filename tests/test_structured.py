@@ -18,7 +18,8 @@ from sparsellm.structure import (LAYER_SIZES_FIELD, compact_model, model_cost, r
 
 from helpers import VOCAB, correlated_inputs, tiny_llama, tiny_opt
 
-BUILDERS = {"llama": tiny_llama, "opt": tiny_opt, "llama-mha": lambda layers: tiny_llama(layers=layers, kv_heads=4)}
+# OPT with non-zero biases (its own initialisation zeroes them): fc1's bias must be cut with its channel
+BUILDERS = {"llama": tiny_llama, "opt": lambda **kw: tiny_opt(bias_std=0.1, **kw), "llama-mha": lambda layers: tiny_llama(layers=layers, kv_heads=4)}
 
 
 def windows(n=4, seqlen=32, seed=0):
@@ -223,7 +224,10 @@ def test_structured_methods_remove_whole_units(method):
         assert (ffn.down.weight[:, kept] != 0).any(dim=0).all()  # nothing else lost a whole column
         heads = removed_heads(attention)
         assert torch.bincount(heads // 2, minlength=2).tolist() == [1, 1]
-        assert 0 < record.output_rel_error < 1 and record.ffn_rel_error == record.ffn_rel_error
+        rows = torch.cat([torch.arange(16) + 16 * h for h in heads.tolist()])
+        assert (attention.q.weight[rows] == 0).all()  # a removed head loses its q rows with its o columns
+        # (was ffn_rel_error == ffn_rel_error: only "not NaN", and the record's default is NaN)
+        assert 0 < record.output_rel_error < 1 and 0 < record.ffn_rel_error < 1
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "structprune"])
