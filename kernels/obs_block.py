@@ -83,6 +83,8 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     if torch.float64 in (weight.dtype, hinv.dtype):
         raise Decline("float64 (the kernel sweeps in fp32)")
     rows, width = weight.shape
+    if hinv.shape != (width, width):  # the kernel indexes hinv by the block's columns
+        raise ValueError(f"hinv has shape {tuple(hinv.shape)}; the block has {width} columns")
     if prune_mask is None and n is None:
         score = weight.float() ** 2 / torch.diagonal(hinv).float().unsqueeze(0) ** 2
         prune_mask = reference.flat_prune_mask(score, int(rows * width * fraction))

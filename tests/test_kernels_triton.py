@@ -240,6 +240,15 @@ def test_obs_block_broadcast_mask():
     torch.testing.assert_close(loss, lossr, rtol=1e-5, atol=0)
 
 
+def test_obs_block_hinv_of_another_width_is_an_error():
+    """hinv must be the block's B x B factor, as the reference and the cpu sweep require: the
+    kernel indexes it by the block's columns, and used a larger one's top-left corner silently."""
+    w = rand(15, 4, 16, device=DEV)
+    for width in (24, 8):
+        with pytest.raises(ValueError, match="hinv has shape"):
+            obs_block.obs_prune_block(w, hinv_factor(width, DEV, seed=16), 0.5)
+
+
 @pytest.mark.parametrize("n,m", [(None, None), (2, 4), (4, 8)])
 def test_obs_prune_whole_sweep_same_reconstruction_error(n, m):
     """The full blocked sweep through ops (Triton block op) vs the reference sweep."""
