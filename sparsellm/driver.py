@@ -350,7 +350,7 @@ class LayerDriver:
                         record = self.prune_layer(index, layer, inputs, kwargs, outputs=inputs)
                     except BaseException:  # an error, or an interrupt of a long prune
                         # the model is pruned in place and nothing undoes it: say how far it got
-                        done = f"layers {start}-{index - 1} pruned, " if index > start else ""
+                        done = {0: "", 1: f"layer {start} pruned, "}.get(index - start, f"layers {start}-{index - 1} pruned, ")
                         log.warning("pruning stopped in layer %d: the model is left partly pruned (%slayer %d "
                                     "possibly in part, the others dense)", index, done, index)
                         raise
