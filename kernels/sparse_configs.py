@@ -74,6 +74,9 @@ MIN_SPEEDUP = 1.05
 # largest entry) is wrong, not slow: fp16 outputs round at about 1e-3
 MAX_ERROR = 1e-2
 DTYPES = ("float16", "bfloat16", "float32")
+# nm24's X_MODEs that read the 16-bit values and x as 32-bit words: float16/bfloat16 calls only,
+# so a float32 entry naming one is refused with the table, not at its first launch
+NM24_WORD_X_MODES = (4,)
 
 
 class ConfigTableError(ValueError):
@@ -133,6 +136,8 @@ class ConfigTable:
             _fail(self.origin, f"{where}: unknown {e['format']} config keys {sorted(unknown)}")
         if not all(isinstance(v, int) and v >= 0 for v in config.values()):
             _fail(self.origin, f"{where}: config values must be non-negative integers, got {config}")
+        if e["format"] == "nm24" and e["dtype"] == "float32" and config.get("X_MODE") in NM24_WORD_X_MODES:
+            _fail(self.origin, f"{where}: X_MODE {config['X_MODE']} reads 16-bit words; a float32 entry cannot use it")
         if e["format"] == "sell" and "S" not in config:
             _fail(self.origin, f"{where}: a sell config names its slice height S")
         return e

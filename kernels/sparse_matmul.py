@@ -86,7 +86,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # blocks of up to NM24_PICK_BLOCK_T_MAX tokens too (a forced config: the tensor-core path is the
 # default for more than one token).
 NM24_X_MODES = (0, 1, 3, 4)
-NM24_WORD_X_MODES = (4,)  # the modes that read 16-bit values and x as 32-bit words
+NM24_WORD_X_MODES = sparse_configs.NM24_WORD_X_MODES  # the modes that read 16-bit values and x as 32-bit words
 NM24_PICK_BLOCK_T_MAX = 8  # tokens per program of X_MODE 4 (its accumulators grow with them)
 MAX_SPLIT_K_BLOCK = 1024  # the largest BLOCK_K of the nm24 tuned configs: split ranges are multiples of it,
 # so every tile starts at a multiple of its BLOCK_K (the kernel's tl.multiple_of hints)
