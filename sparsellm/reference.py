@@ -242,10 +242,13 @@ def _blockwise(fn, *tensors):
 
     float16 and bfloat16 inputs are computed in float32 and rounded once, at the end (as the
     Triton kernels do in their float32 registers): the scale-aware penalties (1e-9 and below
-    at the default model) are zero in float16, and the objectives' squares overflow it."""
+    at the default model) are zero in float16, and the objectives' squares overflow it. Mixed
+    inputs are all cast to their promoted dtype first, so that every operation runs in it, as in
+    the kernels (eager promotion goes op by op: silu of a float16 s would round to float16)."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     if dtype in (torch.float16, torch.bfloat16):
         return _blockwise(fn, *(t.float() for t in tensors)).to(dtype)
+    tensors = tuple(t.to(dtype) for t in tensors)  # no copy where a tensor has it already
     first = tensors[0]
     if (first.device.type != "cpu" or first.numel() <= ELEMENTWISE_BLOCK
             or any(t.shape != first.shape or t.dtype != first.dtype for t in tensors[1:])):

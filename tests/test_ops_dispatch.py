@@ -110,14 +110,15 @@ def test_nm_sweeps_whose_width_m_does_not_divide_are_refused():
 
 def test_the_elementwise_steps_broadcast_and_promote_as_eager_above_the_block_size():
     """Above ELEMENTWISE_BLOCK elements the reference works on flat blocks; inputs of other
-    shapes (broadcasting) or dtypes (promotion) are computed as eager computes them."""
+    shapes are broadcast as eager broadcasts them, inputs of other dtypes are widened to the
+    promoted dtype first (every operation in it, not op by op)."""
     g = torch.Generator().manual_seed(1)
     rows = reference.ELEMENTWISE_BLOCK // 1000 + 2  # above the block size
     p = torch.randn(rows, 1000, generator=g)
     for m in (torch.randn(1, 1000, generator=g), torch.randn(rows, 1000, generator=g, dtype=torch.float64)):
         got = reference.relu_z_step(p, m, 1.0, 2.0)
-        want = reference._relu_z(p, m, 1.0, 2.0)
-        assert got.dtype == want.dtype and torch.equal(got, want)
+        want = reference._relu_z(p.to(m.dtype), m, 1.0, 2.0)
+        assert got.shape == (rows, 1000) and got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_an_inverse_that_rounds_to_indefinite_is_factored_in_float64():

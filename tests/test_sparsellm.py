@@ -78,6 +78,22 @@ def test_swiglu_s_step_never_increases_and_decreases():
     assert (f10 <= f + 1e-12).all()
 
 
+def test_reference_steps_of_mixed_inputs_compute_in_the_promoted_dtype():
+    """A float16 input among float32 ones: every operation of the reference step runs in float32
+    (the kernels' arithmetic), so the result equals the step of the input widened first. Eager
+    promotion, op by op, rounded silu(s) of a float16 s to float16."""
+    g, p, z, s = (t.float() for t in (randn(4000, seed=5) * 2, randn(4000, seed=6), randn(4000, seed=7) * 2,
+                                      randn(4000, seed=8) * 2))
+    s16, z16 = s.half(), z.half()
+    cases = ((reference.swiglu_s_step, (s16, g, p, z, ALPHA, GAMMA, 3), (s16.float(), g, p, z, ALPHA, GAMMA, 3)),
+             (reference.swiglu_z_step, (p, z, s16, ALPHA, GAMMA), (p, z, s16.float(), ALPHA, GAMMA)),
+             (reference.relu_z_step, (p, z16, ALPHA, GAMMA), (p, z16.float(), ALPHA, GAMMA)))
+    for step, mixed, widened in cases:
+        got, want = step(*mixed), step(*widened)
+        assert got.dtype == torch.float32 and torch.isfinite(want).all()
+        assert torch.equal(got, want), step.__name__
+
+
 # ---- p-step and W-step (least squares) ---------------------------------------------------
 
 
