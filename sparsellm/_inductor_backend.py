@@ -23,6 +23,8 @@ backend has kernels for them).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import ops, reference
@@ -55,9 +57,14 @@ def _run(name: str, fn, tensors: tuple, scalars: tuple, *extra):
     # the caller's mistake is an error here, as in the reference, and not a compile failure
     # that would send every later call of every step to the reference
     torch.broadcast_shapes(*(t.shape for t in tensors))
+    # mixed inputs computed in their promoted dtype throughout, penalties included, as the
+    # reference computes them (reference._blockwise): a float64 call's scalars in the first
+    # input's float32 would round them
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    tensors = tuple(t.to(dtype) for t in tensors)
     # 0-d tensors, not Python floats: a float would be baked into the compiled code, and every
     # layer's penalties would compile anew
-    scalar_tensors = tuple(torch.tensor(float(v), dtype=first.dtype) for v in scalars)
+    scalar_tensors = tuple(torch.tensor(float(v), dtype=dtype) for v in scalars)
     try:
         return _compiled(name, fn)(*tensors, *scalar_tensors, *extra)
     except (MemoryError, torch.OutOfMemoryError) as exc:  # this call's size, not the compiler

@@ -43,6 +43,16 @@ def test_compiled_steps_match_the_reference(small_calls_compile):
     assert (f1 <= f0).all() and (f1 < f0).any()
 
 
+def test_mixed_dtypes_compile_in_the_promoted_dtype(small_calls_compile):
+    """A float32 input with a float64 one: computed in float64 throughout, penalties included,
+    as the reference computes it (penalties rounded to the first input's float32 moved the
+    result by about 1e-8, far above float64 rounding)."""
+    p, m = _rand(37, 48, seed=61), _rand(37, 48, seed=62).double()
+    got, want = inductor.relu_z_step(p, m, 0.7, 1.3), reference.relu_z_step(p, m, 0.7, 1.3)
+    assert got.dtype == want.dtype == torch.float64 and not torch.equal(want, m)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("omega", [1.6, 1.0])
 def test_compiled_aux_updates_match_the_reference(small_calls_compile, omega):
     """SparseLLM's whole auxiliary update (steps, relaxation, squared norms) compiled into one
