@@ -14,8 +14,9 @@ says. The steps run before a capture (autotuners and lazy initialisation must no
 it) advance it too, so :meth:`GreedyDecoder._warm_up` puts every counter back afterwards;
 without that, the replays wrote each new key two slots past its position and the tokens left
 ``generate``'s from the third on (seen on an H200). A cache whose counter is a Python number
-cannot be replayed (the graph would keep the value it was captured with): the decoder then
-runs eagerly and says why in ``graph_error``.
+(a sliding-window layer's ``cumulative_length_int``, beside its tensor) cannot be replayed (the
+graph would keep the value it was captured with): the decoder then runs eagerly and says why in
+``graph_error``.
 
 ``compile=True`` also puts the step through ``torch.compile`` (inductor) first, which fuses the
 small operations between the linears (norms, rotary embedding, residual adds, the cache writes):
@@ -101,9 +102,12 @@ class GreedyDecoder:
         return self.ids.clone()
 
     def _counters(self) -> list:
-        """(layer, attribute) of every write counter the cache keeps (see the module docs)."""
+        """(layer, attribute) of every write counter the cache keeps (see the module docs). A
+        sliding-window layer (e.g. Mistral's) keeps a Python ``cumulative_length_int`` beside the
+        tensor, which picks its write path (in place, or roll once the window is full): a
+        warm-up must put it back too, and a replay could not advance it."""
         return [(layer, name) for layer in getattr(self.cache, "layers", ())
-                for name in ("cumulative_length",) if hasattr(layer, name)]
+                for name in ("cumulative_length", "cumulative_length_int") if hasattr(layer, name)]
 
     def _warm_up(self, steps: int) -> None:
         """Run ``steps`` decode steps whose only lasting effect is what they leave initialised

@@ -173,3 +173,33 @@ def test_greedy_decoder_cuda_graph_is_greedy(dtype, kind):
     tol = (1e-4 if dtype == torch.float32 else 2e-2) * scale
     assert torch.isfinite(logits).all()
     assert (chosen >= logits.max(dim=1).values - tol).all(), (chosen, logits.max(dim=1).values)
+
+
+def _tiny_sliding_mistral(seed=3):
+    """A 2-layer Mistral whose attention window (8) is shorter than the decoder's cache: its
+    static cache has sliding-window layers, which keep a Python counter beside the tensor one."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    return MistralForCausalLM(config).eval()
+
+
+def test_sliding_window_cache_warm_up_and_capture():
+    """A sliding-window layer picks its write path (in place, or roll once full) by its Python
+    cumulative_length_int: the warm-up puts it back (else the window rolled two steps early and
+    the tokens left generate's), and no graph is captured (a replay would not advance it)."""
+    model = _tiny_sliding_mistral()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[:, 5:]
+    dec = GreedyDecoder(model, max_len=32)
+    dec.prefill(prompt)
+    assert any(not torch.is_tensor(getattr(layer, name)) for layer, name in dec._counters())
+    dec._warm_up(2)
+    assert torch.equal(torch.cat([dec.decode(19), dec.ids], dim=1), want)
+    dec.prefill(prompt)
+    dec._capture()  # refused before any warm-up or CUDA call, so it runs on the CPU too
+    assert dec.graph is None and "cumulative_length_int" in dec.graph_error
+    assert torch.equal(torch.cat([dec.decode(19), dec.ids], dim=1), want)
