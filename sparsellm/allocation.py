@@ -191,8 +191,10 @@ def lowest_mass_share(scores: torch.Tensor, share: float) -> float:
 def residual_perturbation_energy(channel_scores: torch.Tensor, relative_squares: torch.Tensor, share: float) -> float:
     """Structured energy: log of the sum of ``relative_squares`` (per channel, the squared
     relative perturbation of the residual stream its removal causes) over the ``share`` of
-    channels with the lowest ``channel_scores`` (those uniform pruning would remove)."""
-    lowest = torch.argsort(channel_scores)[:int(channel_scores.numel() * share)]
+    channels with the lowest ``channel_scores`` (those uniform pruning would remove: as many as
+    :func:`uniform_counts` gives, not int(share x width), which is one short where the product
+    rounds below an integer, e.g. 0.29 x 100)."""
+    lowest = torch.argsort(channel_scores)[:uniform_counts(share, [channel_scores.numel()])[0]]
     total = float(relative_squares.double()[lowest].sum())
     return math.log(max(total, 1e-300))  # removed channels that never fire: the lowest energy, not -inf
 

@@ -126,6 +126,17 @@ def test_residual_perturbation_energy_sums_the_lowest_scored_channels():
     assert residual_perturbation_energy(scores, squares, 0.3) == pytest.approx(expected, rel=1e-12)
 
 
+def test_residual_perturbation_energy_counts_the_channels_uniform_pruning_removes():
+    """0.29 x 100 is 28.999999999999996 in floats: uniform pruning removes 29 channels, and the
+    energy sums the same 29 (int() of the product took 28)."""
+    g = torch.Generator().manual_seed(6)
+    scores, squares = torch.rand(100, generator=g), torch.rand(100, generator=g, dtype=torch.float64) + 0.5
+    assert uniform_counts(0.29, [100]) == [29]
+    lowest = sorted(range(100), key=lambda j: float(scores[j]))[:29]
+    expected = math.log(math.fsum(float(squares[j]) for j in lowest))
+    assert residual_perturbation_energy(scores, squares, 0.29) == pytest.approx(expected, rel=1e-12)
+
+
 def test_relative_channel_squares_normalise_each_token_by_its_own_residual():
     g = torch.Generator().manual_seed(4)
     stat = RelativeChannelSquares(6, torch.device("cpu"))
