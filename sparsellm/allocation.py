@@ -220,14 +220,16 @@ class RelativeChannelSquares:
         self.sums += self.inverse_residual_squares @ x.square()
 
 
-def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleList, indices: range,
-                  run_layer: Callable, device: torch.device) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per layer in ``indices``: its Wanda scores (structured: per FFN channel; else per weight
-    of every linear, concatenated) and, structured, its channels' :class:`RelativeChannelSquares`,
-    from one pass of the dense layers; ``run_layer(layer, hooks)`` runs a layer over the current
-    hidden states and replaces them by its outputs."""
-    scores: dict[int, torch.Tensor] = {}
-    relative: dict[int, torch.Tensor] = {}
+def _dense_statistics(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleList, indices: range,
+                      run_layer: Callable, device: torch.device,
+                      statistic: Callable[[torch.Tensor, torch.Tensor | None], float]) -> dict[int, float]:
+    """Per layer in ``indices``: ``statistic(scores, relative)`` of its Wanda scores (structured:
+    per FFN channel; else per weight of every linear, concatenated) and, structured, its
+    channels' :class:`RelativeChannelSquares` (else None), from one pass of the dense layers;
+    ``run_layer(layer, hooks)`` runs a layer over the current hidden states and replaces them by
+    its outputs. Reduced as each layer is done: the unstructured scores are a float32 copy of
+    the layer's weights, which kept for every layer would be the whole model again in host memory."""
+    values: dict[int, float] = {}
     for index in tqdm(range(indices.stop), desc=f"allocation {config.allocation.rule}: dense statistics",
                       unit="layer", disable=config.quiet):
         layer = layers[index]
@@ -251,15 +253,18 @@ def _dense_scores(config: PruneConfig, adapter: ModelAdapter, layers: nn.ModuleL
                               ffn.down.register_forward_pre_hook(lambda module, args: squares.add(args[0].detach()))]
                 run_layer(layer, hooks)
                 norms = {id(lin): stats[id(lin)].result() for lin in linears}
+                relative = None
                 if config.structure:
-                    scores[index] = (ffn.down.weight.detach().float().abs().sum(0) * norms[id(ffn.down)]).cpu()
-                    relative[index] = (squares.sums * ffn.down.weight.detach().double().square().sum(0)).cpu()
+                    scores = (ffn.down.weight.detach().float().abs().sum(0) * norms[id(ffn.down)]).cpu()
+                    relative = (squares.sums * ffn.down.weight.detach().double().square().sum(0)).cpu()
                 else:
-                    scores[index] = torch.cat([(lin.weight.detach().float().abs() * norms[id(lin)]).reshape(-1).cpu()
-                                               for lin in linears])
+                    scores = torch.cat([(lin.weight.detach().float().abs() * norms[id(lin)]).reshape(-1).cpu()
+                                        for lin in linears])
+                values[index] = statistic(scores, relative)
+                del scores, relative  # before the next layer's are made
             else:
                 run_layer(layer, [])
-    return scores, relative
+    return values
 
 
 def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, indices: range,
@@ -273,20 +278,21 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
     if rule == "uniform" or (config.structure is not None and "channels" not in config.structure):
         shares = [target] * len(indices)
     else:
-        scores, relative = _dense_scores(config, adapter, layers, indices, run_layer, device)
-        if rule == "owl":
-            m = config.allocation.owl_m
-            ratios = [float((s > m * s.mean()).double().mean()) for s in (scores[i] for i in indices)]
-            shares = owl_shares(ratios, target, config.allocation.owl_lambda, low, high)
-        else:
-            weights = None
+        def statistic(scores, relative):
+            if rule == "owl":  # the share of outlier scores
+                return float((scores > config.allocation.owl_m * scores.mean()).double().mean())
             if config.structure:
-                energies = [residual_perturbation_energy(scores[i], relative[i], target) for i in indices]
-                # the budget is channels: a wider layer's share counts for more of it
-                weights = [adapter.ffn(layers[i]).down.in_features for i in indices]
-            else:
-                energies = [lowest_mass_share(scores[i], target) for i in indices]
-            shares = energy_shares(energies, target, config.allocation.temperature, low, high, weights)
+                return residual_perturbation_energy(scores, relative, target)
+            return lowest_mass_share(scores, target)
+
+        values = _dense_statistics(config, adapter, layers, indices, run_layer, device, statistic)
+        if rule == "owl":
+            shares = owl_shares([values[i] for i in indices], target, config.allocation.owl_lambda, low, high)
+        else:
+            # structured, the budget is channels: a wider layer's share counts for more of it
+            weights = [adapter.ffn(layers[i]).down.in_features for i in indices] if config.structure else None
+            shares = energy_shares([values[i] for i in indices], target, config.allocation.temperature, low, high,
+                                   weights)
     if config.structure is None:
         return {i: LayerTarget(SparsityPattern(s) if rule != "uniform" else config.sparsity)
                 for i, s in zip(indices, shares)}

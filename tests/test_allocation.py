@@ -292,3 +292,32 @@ def test_structured_energy_on_layers_of_different_widths_removes_the_asked_share
     assert widths == [128, 80, 32]
     records = prune(model, method="wanda", sparsity=0.25, structure="channels", allocation="energy")
     assert sum(r.target["channels_removed"] for r in records) == round(0.25 * sum(widths))
+
+
+def test_unstructured_allocation_holds_one_layers_scores_at_a_time(monkeypatch):
+    """The unstructured scores are a float32 copy of a layer's weights: the dense pass reduces
+    each layer's to its number (here the energy's, owl's the same way) before the next layer's
+    are made (kept for every layer they were the whole model again in host memory, 26 GB at
+    7B). The shares are the same."""
+    import weakref
+
+    from sparsellm import allocation
+
+    seen, alive = [], []
+    rule_fn = allocation.lowest_mass_share
+
+    def watched(scores, share):
+        alive.append(sum(ref() is not None for ref in seen))  # earlier layers' scores still held
+        seen.append(weakref.ref(scores))
+        return rule_fn(scores, share)
+
+    model = tiny_llama(layers=4)
+    config = PruneConfig(method="wanda", sparsity=0.5, nsamples=4, seqlen=32, quiet=True, device="cpu",
+                         allocation=AllocationSettings(rule="energy"))
+    driver = LayerDriver(model, get_adapter(model), get_method(config), config)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    inputs, kwargs = capture_layer_inputs(model, driver.adapter, ids, torch.device("cpu"))
+    expected = driver.allocate(inputs, kwargs)
+    monkeypatch.setattr(allocation, "lowest_mass_share", watched)
+    assert driver.allocate(inputs, kwargs) == expected
+    assert alive == [0, 0, 0, 0]
