@@ -22,6 +22,8 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
     capped at ``max_windows``."""
     if seqlen < 2:  # a window scores its seqlen - 1 next tokens
         raise ValueError(f"an evaluation window needs at least 2 tokens, got {seqlen}")
+    if max_windows is not None and max_windows < 1:  # else "too few tokens", or a mean over no window
+        raise ValueError(f"max_windows must be at least 1 (None: every window), got {max_windows}")
     tokens = tokens.reshape(1, -1)
     windows = tokens.shape[1] // seqlen
     if max_windows is not None:

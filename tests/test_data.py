@@ -316,6 +316,10 @@ def test_an_evaluation_window_needs_two_tokens():
     PruneConfig(eval_seqlen=1, eval=("none",))  # nothing is evaluated: no window
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(torch.nn.Linear(1, 1), torch.arange(4), 1)
+    # a cap of no window: a message that says so (0 read as "fewer tokens than a window", -1 divided by 0)
+    for cap in (0, -1):
+        with pytest.raises(ValueError, match=f"max_windows must be at least 1.*got {cap}"):
+            perplexity(_FixedLoss(1.0), torch.tensor([[0, 1] * 8]), 4, max_windows=cap)
 
 
 class _FixedLoss(torch.nn.Module):
