@@ -223,7 +223,9 @@ class AllocationSettings:
         low = max(0.0, target - self.spread) if self.min_sparsity is None else self.min_sparsity
         high = min(0.95, target + self.spread) if self.max_sparsity is None else self.max_sparsity
         if not low <= target <= high:
-            raise ValueError(f"per-layer sparsity bounds [{low}, {high}] do not contain the target {target}")
+            hint = ("; the default upper bound stops at 0.95: a higher target needs max_sparsity "
+                    "(--layer-sparsity-max) at or above it") if self.max_sparsity is None and target > high else ""
+            raise ValueError(f"per-layer sparsity bounds [{low}, {high}] do not contain the target {target}{hint}")
         return low, high
 
 

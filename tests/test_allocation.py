@@ -190,6 +190,10 @@ def test_bad_allocation_settings_are_one_clear_error():
         PruneConfig(allocation=AllocationSettings(rule="energy", min_sparsity=0.6), sparsity=0.5)
     with pytest.raises(ValueError, match="N:M"):
         PruneConfig(allocation="owl", sparsity="2:4")
+    # above 0.95 the default upper bound excludes the target: the message says which option lifts it
+    with pytest.raises(ValueError, match=r"stops at 0\.95.*--layer-sparsity-max"):
+        PruneConfig(allocation="energy", sparsity=0.97)
+    assert PruneConfig(allocation=AllocationSettings(rule="energy", max_sparsity=0.99), sparsity=0.97)
 
 
 def prune(model, **settings):
