@@ -403,6 +403,10 @@ class PruneConfig:
             if rule == "owl" and self.structure is not None:
                 raise ValueError("allocation owl is defined on unstructured Wanda scores; structured runs use "
                                  "uniform or energy")
+            if self.structure == "heads":  # layer_targets would quietly run it uniform
+                raise ValueError(f"allocation {rule} spreads the FFN channel share over the layers; --structure heads "
+                                 "removes no channel, and heads are always allocated uniformly: use --allocation "
+                                 "uniform, or --structure channels+heads")
             self.allocation.bounds(self.sparsity.fraction)
 
     @property

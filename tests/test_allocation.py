@@ -325,3 +325,11 @@ def test_unstructured_allocation_holds_one_layers_scores_at_a_time(monkeypatch):
     monkeypatch.setattr(allocation, "lowest_mass_share", watched)
     assert driver.allocate(inputs, kwargs) == expected
     assert alive == [0, 0, 0, 0]
+
+
+def test_a_non_uniform_allocation_with_heads_alone_is_refused():
+    """Heads are allocated uniformly and --structure heads removes no channel: energy there would
+    run uniform while the report says energy. Refused by the settings; with channels it is used."""
+    with pytest.raises(ValueError, match="allocation energy spreads the FFN channel share.*--structure heads"):
+        PruneConfig(method="sparsegpt", sparsity=0, structure="heads", head_sparsity=0.5, allocation="energy")
+    PruneConfig(method="sparsegpt", sparsity=0.25, structure="channels+heads", head_sparsity=0.5, allocation="energy")

@@ -85,3 +85,12 @@ def test_layers_of_different_attention_types_are_refused():
     assert len(set(model.config.layer_types)) == 2
     with pytest.raises(UnsupportedModel, match="different attention types"):
         get_adapter(model)
+
+
+def test_a_base_model_without_its_lm_head_is_refused():
+    """AutoModel's LlamaModel/OPTModel (no LM head, the layers one attribute up) is refused with a
+    message that says what to load, not an AttributeError from deep in the adapter."""
+    for model_type in ("llama", "opt"):
+        model = tiny(model_type, **({"ffn_dim": 128, "word_embed_proj_dim": 64} if model_type == "opt" else {}))
+        with pytest.raises(UnsupportedModel, match=r"expected a causal LM \(AutoModelForCausalLM\), got "):
+            get_adapter(model.model)

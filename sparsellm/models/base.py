@@ -116,7 +116,12 @@ class ModelAdapter:
         if len(kinds) > 1:
             raise ValueError(f"layers of different attention types ({', '.join(sorted(kinds))}) are not supported: "
                              "every layer would run with the first layer's attention mask")
-        for layer in self.layers(model)[:1]:
+        try:
+            layers = self.layers(model)
+        except AttributeError:  # e.g. AutoModel's LlamaModel: its layers sit one level up, and it has no LM head
+            raise ValueError(f"expected a causal LM (AutoModelForCausalLM), got {type(model).__name__}, "
+                             "whose decoder layers are not where this family keeps them") from None
+        for layer in layers[:1]:
             self.ffn(layer)  # a family's FFN that it cannot describe (e.g. OPT's non-ReLU) fails here
 
     def decoder(self, model: nn.Module) -> nn.Module:
