@@ -23,8 +23,6 @@ backend has kernels for them).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import ops, reference
@@ -60,8 +58,7 @@ def _run(name: str, fn, tensors: tuple, scalars: tuple, *extra):
     # mixed inputs computed in their promoted dtype throughout, penalties included, as the
     # reference computes them (reference._blockwise): a float64 call's scalars in the first
     # input's float32 would round them
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    tensors = tuple(t.to(dtype) for t in tensors)
+    dtype, tensors = reference.promoted(tensors)
     # 0-d tensors, not Python floats: a float would be baked into the compiled code, and every
     # layer's penalties would compile anew
     scalar_tensors = tuple(torch.tensor(float(v), dtype=dtype) for v in scalars)

@@ -33,8 +33,7 @@ def _gguf_bar_off() -> Iterator[None]:
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:  # a transformers without the GGUF loader draws no such bar
-        yield
-        return
+        gguf_utils = None
     original = getattr(gguf_utils, "tqdm", None)
     if original is None:
         yield

@@ -236,6 +236,13 @@ def obs_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, fraction: float,
 ELEMENTWISE_BLOCK = 1 << 18
 
 
+def promoted(tensors) -> tuple[torch.dtype, tuple]:
+    """The tensors' promoted dtype, and the tensors in it (no copy where one has it already):
+    the element-wise steps compute mixed inputs in it throughout, as the kernels do."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return dtype, tuple(t.to(dtype) for t in tensors)
+
+
 def _blockwise(fn, *tensors):
     """``fn(*tensors)`` for an element-wise ``fn`` of same-shape tensors, computed block by
     block on CPU (see ELEMENTWISE_BLOCK); the result is the same, element for element.
@@ -245,14 +252,13 @@ def _blockwise(fn, *tensors):
     at the default model) are zero in float16, and the objectives' squares overflow it. Mixed
     inputs are all cast to their promoted dtype first, so that every operation runs in it, as in
     the kernels (eager promotion goes op by op: silu of a float16 s would round to float16)."""
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    dtype, tensors = promoted(tensors)
     if dtype in (torch.float16, torch.bfloat16):
         return _blockwise(fn, *(t.float() for t in tensors)).to(dtype)
-    tensors = tuple(t.to(dtype) for t in tensors)  # no copy where a tensor has it already
     first = tensors[0]
     if (first.device.type != "cpu" or first.numel() <= ELEMENTWISE_BLOCK
-            or any(t.shape != first.shape or t.dtype != first.dtype for t in tensors[1:])):
-        return fn(*tensors)  # broadcasting and type promotion as in eager: not flattened blocks
+            or any(t.shape != first.shape for t in tensors[1:])):
+        return fn(*tensors)  # broadcasting as in eager: not flattened blocks
     flats = [t.reshape(-1) for t in tensors]
     out = torch.empty(first.numel(), dtype=first.dtype)
     for start in range(0, first.numel(), ELEMENTWISE_BLOCK):
