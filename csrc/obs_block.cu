@@ -183,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_prune_block(const at::Tensor&
   } else if (!nm) {
     const at::Tensor d = H.diagonal();
     const at::Tensor score = W.pow(2) / d.unsqueeze(0).pow(2);
-    const int64_t k = static_cast<int64_t>(static_cast<double>(rows * B) * fraction);
+    // floor with the slack of sparsellm.sparsity.pruned_count (PRUNED_COUNT_SLACK), so both count alike
+    const int64_t k = static_cast<int64_t>(static_cast<double>(rows * B) * fraction + 1e-6);
     mask = at::zeros({rows * B}, W.options().dtype(at::kBool));
     if (k > 0) mask.index_fill_(0, std::get<1>(score.flatten().topk(k, -1, /*largest=*/false)), true);
     mask = mask.view({rows, B});

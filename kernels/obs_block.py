@@ -9,7 +9,7 @@ is as on-chip as Triton lets us stage it (it has no explicit shared-memory stagi
 holding B x B in registers per program would spill).
 
 Masks:
-- unstructured: the ``int(rows * B * fraction)`` lowest ``w^2/d^2`` over the *whole block*.
+- unstructured: the ``pruned_count(rows * B, fraction)`` lowest ``w^2/d^2`` over the *whole block*.
   That selection couples all rows (one global threshold), so it cannot be made inside
   row-independent programs without a grid-wide barrier; it is taken before the sweep from
   the unswept block (exactly when the reference takes it) by the device-wide ``topk``.
@@ -24,6 +24,7 @@ import triton.language as tl
 
 from sparsellm import reference
 from sparsellm.ops import Decline
+from sparsellm.sparsity import pruned_count
 
 from ._common import check_device, configs, interpreting, next_pow2, ranks_before
 
@@ -87,7 +88,7 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
         raise ValueError(f"hinv has shape {tuple(hinv.shape)}; the block has {width} columns")
     if prune_mask is None and n is None:
         score = weight.float() ** 2 / torch.diagonal(hinv).float().unsqueeze(0) ** 2
-        prune_mask = reference.flat_prune_mask(score, int(rows * width * fraction))
+        prune_mask = reference.flat_prune_mask(score, pruned_count(rows * width, fraction))
     nm = prune_mask is None
     weight = weight.contiguous()
     hinv = hinv.contiguous()

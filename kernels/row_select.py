@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from sparsellm.ops import Decline
+from sparsellm.sparsity import pruned_count
 
 from ._common import (SCORE_RAW, SCORE_RAW_C, SCORE_WANDA, check_device, configs, fused_score, ordered_key,
                       score_aux)
@@ -114,4 +115,4 @@ def row_prune_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def wanda_unstructured_mask(weight: torch.Tensor, in_norm: torch.Tensor, fraction: float) -> torch.Tensor:
-    return row_select_mask(weight, in_norm, int(weight.shape[1] * fraction), SCORE_WANDA)
+    return row_select_mask(weight, in_norm, pruned_count(weight.shape[1], fraction), SCORE_WANDA)

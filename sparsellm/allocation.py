@@ -49,7 +49,7 @@ from .config import PruneConfig
 from .models import AttentionHeads, ModelAdapter
 from .placement import on_device
 from .plan import ColumnSquares
-from .sparsity import SparsityPattern
+from .sparsity import SparsityPattern, pruned_count
 from .structure import LayerStructure
 
 
@@ -177,13 +177,13 @@ def uniform_counts(share: float, sizes: list[int]) -> list[int]:
     plain transformers checkpoint; spreading round(share x all channels) by largest remainders
     would give some layers one more). The floor, not the nearest count: it is the rule every
     published structured measurement used (0.3 of 1536 channels: 460 per layer)."""
-    return [min(math.floor(share * n + 1e-9), n - 1) for n in sizes]
+    return [min(pruned_count(n, share), n - 1) for n in sizes]
 
 
 def lowest_mass_share(scores: torch.Tensor, share: float) -> float:
     """Share of sum(scores) held by the lowest ``share`` of the entries."""
     flat = scores.reshape(-1).double()
-    k = int(flat.numel() * share)
+    k = pruned_count(flat.numel(), share)
     total = float(flat.sum())
     return float(torch.sort(flat).values[:k].sum()) / total if total > 0 else 0.0
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .precision import solve_dtype
+from .sparsity import pruned_count
 
 # ----------------------------------------------------------------------------------------
 # Masks
@@ -58,7 +59,7 @@ def wanda_prune_mask(weight: torch.Tensor, in_norm: torch.Tensor, fraction: floa
     score = weight.abs().to(dtype) * in_norm.to(dtype).unsqueeze(0)
     if n is not None:
         return nm_prune_mask(score, n, m)
-    return row_prune_mask(score, int(weight.shape[1] * fraction))
+    return row_prune_mask(score, pruned_count(weight.shape[1], fraction))
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,9 +139,9 @@ def _plain_cholesky(matrix):
 
 
 def obs_unstructured_mask(weight: torch.Tensor, diag: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The mask of an unstructured OBS block: its ``int(numel * fraction)`` lowest scores
+    """The mask of an unstructured OBS block: its :func:`pruned_count` ``(numel, fraction)`` lowest scores
     ``w^2 / hinv_jj^2`` (``diag``: the block's diagonal of the H^-1 factor)."""
-    return flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, int(weight.numel() * fraction))
+    return flat_prune_mask(weight ** 2 / diag.unsqueeze(0) ** 2, pruned_count(weight.numel(), fraction))
 
 
 def check_nm_width(width: int, n: int | None, m: int | None, what: str = "block") -> None:
@@ -158,7 +159,7 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
 
     ``weight``: rows x B block of columns (float32), ``hinv``: the B x B diagonal block of the
     upper Cholesky factor of H^-1. Chooses the mask from ``w^2 / hinv_jj^2`` (unstructured:
-    the ``int(rows*B*fraction)`` lowest over the whole block; N:M: the ``n`` lowest of each
+    the ``pruned_count(rows*B, fraction)`` lowest over the whole block; N:M: the ``n`` lowest of each
     group of ``m`` within each row, chosen when the sweep reaches the group, i.e. on weights
     already updated by earlier columns), unless ``prune_mask`` is given. Then sweeps the
     columns, zeroing pruned weights and spreading each column's error over the later columns.

@@ -6,11 +6,25 @@ is 50% sparse.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .kernel_constants import MAX_M
+
+# How many of ``size`` entries a fraction prunes: floor(size x fraction), with the product's
+# rounding error absorbed first. A plain int() is one short where the float product lands just
+# below the integer it stands for (0.29 x 100 = 28.999999999999996); 1e-6 is far above that error
+# for any tensor size (relative 1e-16 of at most ~1e9 entries) and below the step of any fraction
+# given with five decimals or fewer (steps of 1e-5). The CUDA extension's OBS block (csrc/obs_block.cu) counts the
+# same way.
+PRUNED_COUNT_SLACK = 1e-6
+
+
+def pruned_count(size: int, fraction: float) -> int:
+    """Entries a ``fraction`` prunes of ``size``: floor(size x fraction) (see PRUNED_COUNT_SLACK)."""
+    return math.floor(size * fraction + PRUNED_COUNT_SLACK)
 
 
 class SparsityError(ValueError):

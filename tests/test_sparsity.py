@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparsellm.sparsity import SparsityError, SparsityPattern, satisfies_nm, zero_fraction
+from sparsellm.sparsity import SparsityError, SparsityPattern, pruned_count, satisfies_nm, zero_fraction
 
 
 @pytest.mark.parametrize("text, fraction, n, m", [("0.7", 0.7, None, None), ("70%", 0.7, None, None),
@@ -62,3 +62,21 @@ def test_zero_fraction_pools_entries_and_reaches_sparsity_allows_one_per_row():
     assert share < 0.9 and reaches_sparsity(share, 0.9, 4096)
     assert not reaches_sparsity(0.9 - 1.5 / 4096, 0.9, 4096)
     assert reaches_sparsity(0.5, 0.5, 0) and not reaches_sparsity(0.48, 0.5, 64)  # 0.5 - 1/64 = 0.484
+
+
+@pytest.mark.parametrize("size, fraction, expected", [(100, 0.29, 29), (100, 0.57, 57), (1536, 0.3, 460),
+                                                      (576, 0.7, 403), (10, 0.0, 0), (7, 0.999, 6)])
+def test_pruned_count_floors_the_product_it_stands_for(size, fraction, expected):
+    # 0.29 x 100 and 0.57 x 100 land just below 29 and 57 in floating point: int() would give 28 and 56
+    assert pruned_count(size, fraction) == expected
+
+
+def test_masks_prune_the_counted_entries_where_the_float_product_falls_short():
+    from sparsellm import reference
+    from sparsellm.allocation import uniform_counts
+    assert int(100 * 0.29) == 28  # the case this guards against (float rounding, not the rule)
+    weight, norm = torch.randn(3, 100), torch.rand(100) + 0.5
+    assert reference.wanda_prune_mask(weight, norm, 0.29).sum(1).tolist() == [29, 29, 29]
+    diag = torch.rand(100) + 0.5
+    assert int(reference.obs_unstructured_mask(weight[:1], diag, 0.29).sum()) == 29
+    assert uniform_counts(0.29, [100, 200]) == [29, 58]

@@ -76,7 +76,7 @@ from ..distributed import local
 from ..driver import LayerRecord, resolve_device
 from ..export import check_writable
 from ..precision import large_products
-from ..sparsity import SparsityPattern, nm_violations, reaches_sparsity, zero_fraction
+from ..sparsity import SparsityPattern, nm_violations, pruned_count, reaches_sparsity, zero_fraction
 from .base import PruningMethod
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def project(values: torch.Tensor, score: torch.Tensor, pattern: SparsityPattern)
     if pattern.is_nm:
         mask = ops.nm_prune_mask(score, pattern.n, pattern.m)
     else:
-        mask = ops.flat_prune_mask(score, int(score.numel() * pattern.fraction))
+        mask = ops.flat_prune_mask(score, pruned_count(score.numel(), pattern.fraction))
     return values.masked_fill(mask, 0)
 
 
@@ -393,7 +393,7 @@ class SparseTraining(PruningMethod):
         # at a time, a transient full copy of its scores on each process) and the one-process
         # selection runs on them; each process keeps its rows of the mask.
         whole = self.shards.full(score, target.weight)
-        mask = ops.flat_prune_mask(whole, int(whole.numel() * pattern.fraction))
+        mask = ops.flat_prune_mask(whole, pruned_count(whole.numel(), pattern.fraction))
         return values.masked_fill(self.shards.scatter(mask, target.weight, src=None), 0)
 
     def _encode(self, values: torch.Tensor) -> dict:

@@ -6,6 +6,7 @@ observe nothing and the driver runs no statistics pass for it.
 from __future__ import annotations
 
 from .. import ops
+from ..sparsity import pruned_count
 from .base import LocalMethod
 
 
@@ -19,5 +20,5 @@ class Magnitude(LocalMethod):
         if pattern.is_nm:
             mask = ops.nm_prune_mask(score, pattern.n, pattern.m)
         else:
-            mask = ops.flat_prune_mask(score, int(weight.numel() * pattern.fraction))
+            mask = ops.flat_prune_mask(score, pruned_count(weight.numel(), pattern.fraction))
         return weight.masked_fill(mask, 0)
