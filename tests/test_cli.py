@@ -425,6 +425,33 @@ def test_a_heads_only_report_states_the_head_share_not_the_unused_sparsity(tiny_
     assert "pattern" not in out and "achieved sparsity" not in out and "channels removed" not in out
 
 
+@pytest.mark.parametrize("sparsity", ["0.6", "2:4"])
+def test_heads_only_refuses_a_channel_share_it_would_ignore(sparsity, tmp_path, capsys, monkeypatch):
+    """--structure heads removes no FFN channel: a --sparsity the user gave would be silently
+    unused, so it is refused before any work."""
+    from sparsellm import api
+
+    monkeypatch.setattr(api, "run", lambda config: pytest.fail("the run started"))
+    code, _, err = cli(capsys, "--structure", "heads", "--head-sparsity", "0.5", "--sparsity", sparsity,
+                       "--report", str(tmp_path / "r.json"))
+    assert code == 2 and f"would ignore --sparsity {sparsity}" in err and "channels+heads" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_sparsity_left_unset_takes_the_config_default():
+    """--sparsity unset: the config's default (also for --structure heads, which then accepts a
+    share of 0, asking for no channel, as well)."""
+    from sparsellm import PruneConfig
+    from sparsellm.cli import build_parser, config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse([])).sparsity == PruneConfig().sparsity
+    assert config_from_args(parse(["--sparsity", "3:4"])).sparsity.n == 3
+    for given in ([], ["--sparsity", "0"]):
+        config = config_from_args(parse(["--structure", "heads", "--head-sparsity", "0.5", *given]))
+        assert config.structure == "heads" and config.head_sparsity == 0.5
+
+
 def test_help_states_each_default_once_and_not_for_switches(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
