@@ -94,3 +94,12 @@ def test_a_base_model_without_its_lm_head_is_refused():
         model = tiny(model_type, **({"ffn_dim": 128, "word_embed_proj_dim": 64} if model_type == "opt" else {}))
         with pytest.raises(UnsupportedModel, match=r"expected a causal LM \(AutoModelForCausalLM\), got "):
             get_adapter(model.model)
+
+
+def test_a_model_without_decoder_layers_is_refused():
+    """num_hidden_layers 0: a clear refusal, not the IndexError of the family check's first layer."""
+    for model_type in ("llama", "opt"):
+        model = tiny(model_type, num_hidden_layers=0,
+                     **({"ffn_dim": 128, "word_embed_proj_dim": 64} if model_type == "opt" else {}))
+        with pytest.raises(UnsupportedModel, match="no decoder layers"):
+            get_adapter(model)

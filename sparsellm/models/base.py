@@ -121,6 +121,8 @@ class ModelAdapter:
         except AttributeError:  # e.g. AutoModel's LlamaModel: its layers sit one level up, and it has no LM head
             raise ValueError(f"expected a causal LM (AutoModelForCausalLM), got {type(model).__name__}, "
                              "whose decoder layers are not where this family keeps them") from None
+        if len(layers) == 0:  # nothing to prune; the families' checks look at the first layer
+            raise ValueError("the model has no decoder layers (num_hidden_layers 0): there is nothing to prune")
         for layer in layers[:1]:
             self.ffn(layer)  # a family's FFN that it cannot describe (e.g. OPT's non-ReLU) fails here
 
