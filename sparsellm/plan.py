@@ -83,6 +83,18 @@ class Gram(Statistic):
     def result(self) -> torch.Tensor:
         return self.gram / max(self.tokens, 1)
 
+    @staticmethod
+    def without_dead_inputs(gram: torch.Tensor, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gram with a unit diagonal where an input never fired, that mask)``: such inputs
+        (zero diagonal) carry no information and would leave the Gram singular; the solvers zero
+        their weights. Unless ``in_place``, ``gram`` itself comes back (no copy) where every
+        input fired and a copy otherwise, so a shared Gram is never modified."""
+        dead = torch.diagonal(gram) == 0
+        if dead.any():
+            gram = gram if in_place else gram.clone()
+            gram[dead, dead] = 1
+        return gram, dead
+
 
 class Tokens(Statistic):
     """Every input token, [N, d] float32 (also for a float64 model: its solvers, SparseLLM's and

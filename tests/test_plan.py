@@ -8,7 +8,7 @@ from sparsellm.data import Calibration
 from sparsellm.driver import LayerDriver
 from sparsellm.methods import METHODS, LocalMethod, PruningMethod, get_method
 from sparsellm.models import get_adapter
-from sparsellm.plan import Statistic, Tokens
+from sparsellm.plan import Gram, Statistic, Tokens
 
 from helpers import VOCAB, tiny_llama
 
@@ -138,3 +138,22 @@ def test_the_readme_shows_magnitude_as_the_package_has_it():
         return [line for line in lines if line.strip()]
 
     assert code_lines(snippet.group(1)) == code_lines(inspect.getsource(Magnitude))
+
+
+def test_gram_without_dead_inputs_fixes_a_copy_unless_asked_in_place():
+    """An input that never fired (zero row and column of the Gram) gets a unit diagonal; a
+    shared Gram is left as it was, and a Gram with no dead input comes back as is."""
+    x = torch.randn(50, 6, dtype=torch.float64)
+    x[:, [1, 4]] = 0
+    gram = x.T @ x / 50
+    before = gram.clone()
+    fixed, dead = Gram.without_dead_inputs(gram)
+    assert dead.tolist() == [False, True, False, False, True, False]
+    assert torch.equal(gram, before)  # untouched
+    assert torch.equal(torch.diagonal(fixed)[dead], torch.ones(2, dtype=torch.float64))
+    assert torch.equal(fixed[~dead][:, ~dead], before[~dead][:, ~dead])
+    assert bool(torch.linalg.cholesky_ex(fixed).info == 0)  # positive definite once fixed
+    live = before[~dead][:, ~dead].contiguous()
+    assert Gram.without_dead_inputs(live)[0] is live
+    same, _ = Gram.without_dead_inputs(gram, in_place=True)
+    assert same is gram and torch.equal(gram, fixed)

@@ -30,13 +30,9 @@ def obs_prune_with_gram(weight: torch.Tensor, gram: torch.Tensor, pattern: Spars
     pattern.check_shape(weight.shape[1])
     if pattern.is_nm and blocksize % pattern.m:
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
-    dead = torch.diagonal(gram) == 0
+    gram_fixed, dead = Gram.without_dead_inputs(gram)
     weight = weight.clone()
     if hinv_upper is None:
-        gram_fixed = gram
-        if dead.any():
-            gram_fixed = gram.clone()
-            gram_fixed[dead, dead] = 1
         hinv_upper, _ = ops.cholesky_inverse_upper(gram_fixed, percdamp)
     weight[:, dead] = 0
     pruned, _ = ops.obs_prune(weight, hinv_upper, pattern.fraction, pattern.n, pattern.m, blocksize)

@@ -33,9 +33,7 @@ def damped_gram(gram: torch.Tensor, percdamp: float) -> torch.Tensor:
     """The Gram in float64, with inputs that never fire given a unit diagonal (they carry no
     information; their weights are zeroed by the caller) and ``percdamp`` x its mean diagonal
     added, as the SparseGPT solver dampens."""
-    g = gram.detach().double().clone()
-    dead = torch.diagonal(g) == 0
-    g[dead, dead] = 1
+    g, _ = Gram.without_dead_inputs(gram.detach().to(torch.float64, copy=True), in_place=True)
     g.diagonal().add_(percdamp * float(torch.diagonal(g).mean()))
     return g
 
