@@ -25,7 +25,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     out["MAX_M"] = SPARSELLM_MAX_M;
     out["SCORE_RAW"] = SPARSELLM_SCORE_RAW;
     out["SCORE_WANDA"] = SPARSELLM_SCORE_WANDA;
-    out["SCORE_OBS"] = SPARSELLM_SCORE_OBS;
     out["OBS_MAX_BLOCK"] = SPARSELLM_OBS_MAX_BLOCK;
     return out;
   }, "the SPARSELLM_* constants this extension was compiled with");

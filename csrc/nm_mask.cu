@@ -23,12 +23,6 @@ using score_t = typename std::conditional<std::is_same<T, double>::value, double
 template <typename T, int MODE>
 __device__ __forceinline__ score_t<T> group_score(T x, float aux) {
   if (MODE == kScoreWanda) return fabsf(static_cast<float>(x)) * aux;
-  if (MODE == kScoreObs) {
-    const float w = static_cast<float>(x);
-    // IEEE division on purpose: the extension is built with --use_fast_math, and the score
-    // must match the reference bit for bit so masks agree wherever it has no ties
-    return __fdiv_rn(w * w, aux * aux);
-  }
   return static_cast<score_t<T>>(x);
 }
 
@@ -77,9 +71,6 @@ void launch(const at::Tensor& x, const float* aux, at::Tensor& out, int n, int m
     case kScoreWanda:
       nm_mask_kernel<T, kScoreWanda><<<blocks, threads, 0, stream>>>(xp, aux, op, rows, cols, n, m);
       break;
-    case kScoreObs:
-      nm_mask_kernel<T, kScoreObs><<<blocks, threads, 0, stream>>>(xp, aux, op, rows, cols, n, m);
-      break;
     default:
       nm_mask_kernel<T, kScoreRaw><<<blocks, threads, 0, stream>>>(xp, aux, op, rows, cols, n, m);
   }
@@ -95,7 +86,8 @@ at::Tensor nm_mask(const at::Tensor& x_in, const c10::optional<at::Tensor>& aux_
   TORCH_CHECK(m >= 1 && m <= kMaxM, "nm_mask supports 1 <= m <= ", kMaxM, ", got m=", m);
   TORCH_CHECK(n >= 0 && n <= m, "need 0 <= n <= m, got ", n, ":", m);
   TORCH_CHECK(x_in.size(1) % m == 0, x_in.size(1), " columns are not a multiple of m=", m);
-  TORCH_CHECK(mode == kScoreRaw || aux_in.has_value(), "score modes other than raw need aux");
+  TORCH_CHECK(mode == kScoreRaw || mode == kScoreWanda, "unknown score mode ", mode);
+  TORCH_CHECK(mode == kScoreRaw || aux_in.has_value(), "the Wanda score needs aux (the input norms)");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor aux;

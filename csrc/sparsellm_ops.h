@@ -10,14 +10,14 @@
 // and reach this code as -D definitions (setup.py and sparsellm/_extension.py pass them): a
 // compile without them is an error, never a silent default.
 #if !defined(SPARSELLM_MAX_M) || !defined(SPARSELLM_SCORE_RAW) || !defined(SPARSELLM_SCORE_WANDA) || \
-    !defined(SPARSELLM_SCORE_OBS) || !defined(SPARSELLM_OBS_MAX_BLOCK)
+    !defined(SPARSELLM_OBS_MAX_BLOCK)
 #error "compile with the -DSPARSELLM_* definitions of sparsellm/kernel_constants.py (compile_definitions())"
 #endif
 
 namespace sparsellm {
 
 // Score modes of the mask kernels.
-enum ScoreMode : int { kScoreRaw = SPARSELLM_SCORE_RAW, kScoreWanda = SPARSELLM_SCORE_WANDA, kScoreObs = SPARSELLM_SCORE_OBS };
+enum ScoreMode : int { kScoreRaw = SPARSELLM_SCORE_RAW, kScoreWanda = SPARSELLM_SCORE_WANDA };
 // Largest M of an N:M mask (nm_mask.cu) and widest block of the OBS sweep (obs_block.cu).
 constexpr int kMaxM = SPARSELLM_MAX_M;
 constexpr int kObsMaxBlock = SPARSELLM_OBS_MAX_BLOCK;
@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> damped_cholesky(const at::Tensor& gr
 std::tuple<at::Tensor, at::Tensor, int64_t> cholesky_inverse_upper(const at::Tensor& gram, double percdamp,
                                                                    int64_t max_tries);
 
-// nm_mask.cu: N:M prune mask of x scored by mode (aux: per-column norm or Hinv diagonal).
+// nm_mask.cu: N:M prune mask of x scored by mode (raw: x is the score; Wanda: aux is the input norm).
 at::Tensor nm_mask(const at::Tensor& x, const c10::optional<at::Tensor>& aux, int64_t n, int64_t m,
                    int64_t mode);
 

@@ -14,12 +14,11 @@ import triton.language as tl
 
 # Score modes of the mask kernels (defined, and explained, in sparsellm/kernel_constants.py);
 # the *_C twins are the same values as constexpr globals, which @triton.jit code may read.
-from sparsellm.kernel_constants import SCORE_OBS, SCORE_RAW, SCORE_WANDA
+from sparsellm.kernel_constants import SCORE_RAW, SCORE_WANDA
 from sparsellm.ops import Decline
 
 SCORE_RAW_C = tl.constexpr(SCORE_RAW)
 SCORE_WANDA_C = tl.constexpr(SCORE_WANDA)
-SCORE_OBS_C = tl.constexpr(SCORE_OBS)
 
 
 def interpreting() -> bool:
@@ -72,16 +71,13 @@ def fused_score(w, aux, MODE: tl.constexpr):
     """Score of weights ``w`` (any float dtype) given the per-column ``aux`` (fp32), in fp32
     (raw scores are passed through in their own dtype).
 
-    Same operations in the same order as the reference (``abs().float() * norm`` and
-    ``w**2 / d**2``), with an IEEE-rounded division, so scores are bit-identical and masks
-    agree wherever the reference has no ties.
+    The Wanda score with the same operations in the same order as the reference
+    (``abs().float() * norm``), so scores are bit-identical and masks agree wherever the
+    reference has no ties.
     """
     if MODE == SCORE_WANDA_C:
         w = w.to(tl.float32)
         s = tl.abs(w) * aux
-    elif MODE == SCORE_OBS_C:
-        w = w.to(tl.float32)
-        s = tl.div_rn(w * w, aux * aux)
     else:
         s = w  # a raw score keeps its dtype (a float64 score must not be rounded to fp32)
     return s

@@ -20,8 +20,7 @@ from ._extension import load_extension
 # built-in or compiled on first use, and compiled with the constants below; else ImportError
 _C = load_extension()
 
-_SCORE_RAW, _SCORE_WANDA, _SCORE_OBS = (kernel_constants.SCORE_RAW, kernel_constants.SCORE_WANDA,
-                                        kernel_constants.SCORE_OBS)
+_SCORE_RAW, _SCORE_WANDA = kernel_constants.SCORE_RAW, kernel_constants.SCORE_WANDA
 _MAX_M = kernel_constants.MAX_M
 _MAX_BLOCK = kernel_constants.CUDA_OBS_MAX_BLOCK
 
@@ -69,11 +68,6 @@ def _decline_wide_groups(m):
 def nm_prune_mask(score, n, m):
     _decline_wide_groups(m)
     return _C.nm_mask(score, None, int(n), int(m), _SCORE_RAW)
-
-
-def nm_mask_obs(weight, hinv_diag, n, m):
-    """N:M mask of the OBS score w^2/d^2 (the selection the sweep makes per group)."""
-    return _C.nm_mask(weight, hinv_diag, int(n), int(m), _SCORE_OBS)
 
 
 def wanda_prune_mask(weight, in_norm, fraction, n=None, m=None):

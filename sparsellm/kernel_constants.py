@@ -19,7 +19,8 @@ MAX_M = 16  # largest M of an N:M pattern (masks rank by M^2 compares in registe
 # never materialised in global memory.
 SCORE_RAW = 0    # the tensor already is the score
 SCORE_WANDA = 1  # |w| * ||x_j||                     (aux = the input-norm vector)
-SCORE_OBS = 2    # w^2 / hinv_jj^2                    (aux = the diagonal of the Hinv factor)
+# (No OBS score w^2/hinv_jj^2 here: SparseGPT's N:M mask is chosen inside the OBS sweep, as it
+# reaches each group, never for a whole matrix at once.)
 
 # Widest block of the CUDA OBS sweep: one warp per row keeps the row in registers, 8 slots x
 # 32 lanes at most (csrc/obs_block.cu); wider blocks fall back to the reference.
@@ -30,7 +31,6 @@ CONSTANTS = {
     "MAX_M": MAX_M,
     "SCORE_RAW": SCORE_RAW,
     "SCORE_WANDA": SCORE_WANDA,
-    "SCORE_OBS": SCORE_OBS,
     "OBS_MAX_BLOCK": CUDA_OBS_MAX_BLOCK,
 }
 

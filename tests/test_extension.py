@@ -27,7 +27,7 @@ CSRC = REPO / "csrc"
 
 def test_definitions_list_every_constant():
     assert kernel_constants.compile_definitions() == [
-        "-DSPARSELLM_MAX_M=16", "-DSPARSELLM_SCORE_RAW=0", "-DSPARSELLM_SCORE_WANDA=1", "-DSPARSELLM_SCORE_OBS=2",
+        "-DSPARSELLM_MAX_M=16", "-DSPARSELLM_SCORE_RAW=0", "-DSPARSELLM_SCORE_WANDA=1",
         "-DSPARSELLM_OBS_MAX_BLOCK=256"]
     cxx, nvcc = kernel_constants.compile_flags()
     for flags in (cxx, nvcc):
@@ -138,10 +138,10 @@ def test_constants_mismatch():
 
 
 def test_stale_builtin_is_refused(no_builtin, monkeypatch, capfd):
-    monkeypatch.setitem(sys.modules, "sparsellm._C", _fake_extension(dict(kernel_constants.CONSTANTS, SCORE_OBS=7)))
+    monkeypatch.setitem(sys.modules, "sparsellm._C", _fake_extension(dict(kernel_constants.CONSTANTS, SCORE_WANDA=7)))
     monkeypatch.setattr(torch.version, "cuda", None)
     reason = _load_quietly(capfd)
-    assert "built but was compiled with other constants" in reason and "SCORE_OBS=7" in reason
+    assert "built but was compiled with other constants" in reason and "SCORE_WANDA=7" in reason
 
 
 # ---------------------------------------------------------------- the build on first use (compiler stubbed)
