@@ -694,6 +694,11 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
         raise ValueError(f"{n_slices} slices do not fit {n} rows of slices of {s}")
     if values.dim() != 1 or cols.shape != values.shape:
         raise ValueError(f"sell values {tuple(values.shape)} and cols {tuple(cols.shape)} must be one flat array each")
+    # the kernel reads up to slice_ptr[-1]: checked where that costs no device read (a CPU
+    # slice_ptr, the interpreter's); on a GPU, reading it would synchronise every decode step,
+    # so there the arrays must come from one sell_pack (as SparseGPULinear keeps them)
+    if slice_ptr.device.type == "cpu" and values.numel() != int(slice_ptr[-1]):
+        raise ValueError(f"slice_ptr ends at {int(slice_ptr[-1])}, values hold {values.numel()} entries")
     _check_operands(x, bias, k, n)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
