@@ -25,8 +25,9 @@ class DefaultModelMissing(FileNotFoundError):
 
 
 def cache_root() -> Path:
+    # an empty XDG_CACHE_HOME counts as unset, as in ${XDG_CACHE_HOME:-~/.cache} (and _extension)
     root = os.environ.get("SPARSELLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsellm")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparsellm")
     return Path(root)
 
 

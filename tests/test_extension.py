@@ -240,6 +240,23 @@ def test_cache_root(monkeypatch, tmp_path):
     assert _extension.cache_root() == tmp_path / "mine"
 
 
+def test_an_empty_xdg_cache_home_counts_as_unset(monkeypatch, tmp_path):
+    """README: both caches live under ${XDG_CACHE_HOME:-~/.cache}, the shell's reading, where an
+    empty variable takes the default too (not a folder relative to the working directory)."""
+    from sparsellm import default_model
+
+    for name in (_extension.CACHE_ENV, "TORCH_EXTENSIONS_DIR", "SPARSELLM_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert _extension.cache_root() == tmp_path / "home" / ".cache" / "sparsellm" / "extension"
+    assert default_model.cache_root() == tmp_path / "home" / ".cache" / "sparsellm"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model.cache_root() == tmp_path / "xdg" / "sparsellm"
+    monkeypatch.setenv("SPARSELLM_CACHE", str(tmp_path / "mine"))
+    assert default_model.cache_root() == tmp_path / "mine"
+
+
 def test_sources_found_in_a_checkout():
     assert _extension.csrc_dir() in (CSRC, Path(_extension.__file__).resolve().parent / "csrc")
 
