@@ -126,7 +126,8 @@ def _check_pattern_fits(config: PruneConfig, model, adapter) -> None:
 
 def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
     """Prune ``model`` in place with the settings of ``config`` (not changed: the run resolves its
-    layer range in a copy); returns per-layer records."""
+    layer range in a copy); returns per-layer records. A structured run only zeroes the units:
+    :func:`sparsellm.structure.compact_model` cuts them out (:func:`run` does both)."""
     config = dataclasses.replace(config)
     adapter = get_adapter(model)
     _check_layers(config, len(adapter.layers(model)))
@@ -189,7 +190,9 @@ def _peak_memory(device: torch.device, host_reset: bool) -> dict:
 
 
 def run(config: PruneConfig) -> dict:
-    """The whole job: load, evaluate dense, prune, evaluate pruned, export, save, report.
+    """The whole job: load, evaluate dense, prune (a structured run: then cut the zeroed units
+    out), export (before the pruned evaluation, which runs the exported model), evaluate pruned,
+    report and save; returns the report.
 
     Bad settings fail before any long work starts; outputs are written only when complete.
     A forced ``config.backend`` holds for this run only (``auto`` keeps the process's setting).

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gather all of a layer's statistics from the dense layer (as the reference code) "
                         "instead of after pruning the earlier linears of the same layer")
     p.add_argument("--calib", default=d.calib, help="calibration text: wiki (offline default), wikitext2, ptb, "
-                   "c4, NAME:PATH for local files of that data set, or a path to a .txt/.jsonl file")
+                   "c4, NAME:PATH for local files of that data set, or a path to a .txt/.jsonl/.json file")
     p.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration windows and of the run")
