@@ -491,6 +491,29 @@ def test_config_lies_about_structure_or_sparsity(tmp_path, fmt):
         load_pruned(out)
 
 
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_loading_in_float16_may_add_zeros(tmp_path, fmt):
+    """float32 weights below float16's smallest subnormal become zeros when loaded with
+    dtype=float16: the checkpoint is not lying, and the loaded config counts them. A checkpoint
+    claiming more zeros than it holds is still refused."""
+    model = prune_(tiny_llama(), "2:4")
+    weight = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        for row, col in (weight != 0).nonzero()[:3].tolist():
+            weight[row, col] = 1e-8
+    out = save_pruned(model, None, tmp_path / "c", sparsity_structure="2:4", save_format=fmt)
+    saved = sparsity_config(out)["global_sparsity"]
+    loaded, _ = load_pruned(out, dtype=torch.float16)
+    assert loaded.dtype == torch.float16
+    zeros = sum(int((m.weight == 0).sum()) for m in targeted(loaded).values())
+    total = sum(m.weight.numel() for m in targeted(loaded).values())
+    assert loaded.config.sparsity_config["global_sparsity"] == zeros / total == saved + 3 / total
+    assert_same_model(model, load_pruned(out)[0])  # in its own dtype, nothing changes
+    _edit_config(out, lambda c, sc: sc.update(global_sparsity=saved + 10 / total))
+    with pytest.raises(CheckpointError, match="claims global_sparsity"):
+        load_pruned(out, dtype=torch.float16)
+
+
 def test_compressed_targets_disagree(tmp_path):
     _, out = _saved(tmp_path)
     _edit_config(out, lambda c, sc: sc["ignore"].append("re:.*o_proj"))
