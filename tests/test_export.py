@@ -666,6 +666,21 @@ def test_semi_structured_verifies_the_converted_weight(monkeypatch):
     assert bool((model.model.layers[0].mlp.up_proj.weight[0] != 0).sum() == 32)  # untouched
 
 
+def test_exports_leave_meta_weights_dense_with_a_reason():
+    """A linear whose weight is on the meta device (offloaded) has no values to convert: each
+    export keeps it dense and says why (was a RuntimeError from .item() on a meta tensor)."""
+    for kind in ("csr", "sparse-gpu", "semi-structured"):
+        model = prune_(tiny_llama(), "2:4", seed=1)
+        lin = model.model.layers[0].mlp.up_proj
+        lin.weight = nn.Parameter(lin.weight.detach().to("meta"), requires_grad=False)
+        report = apply_export(model, kind)
+        assert "meta device" in report["dense"]["model.layers.0.mlp.up_proj"], kind
+        assert model.model.layers[0].mlp.up_proj is lin
+    assert "meta device" in semi_structured_eligible(lin)[1]
+    with pytest.raises(ValueError, match="meta device"):
+        ex.SparseGPULinear(lin, "nm24")
+
+
 def test_apply_export_kinds():
     model = prune_(tiny_llama(), "unstructured", 0.95)
     assert apply_export(model, None)["kind"] is None

@@ -110,6 +110,8 @@ def choose_format(linear: nn.Module, min_sparsity: float = SELL_MIN_SPARSITY) ->
     w = linear.weight
     if is_semi_structured(w):
         return None, "already a torch semi-structured weight", 0.0
+    if w.device.type == "meta":
+        return None, "weight is on the meta device (offloaded?): it holds no values to convert", 0.0
     if w.dim() != 2:
         return None, f"weight is {w.dim()}-D", 0.0
     if not w.is_floating_point():
@@ -158,6 +160,9 @@ class SparseGPULinear(nn.Module):
                  min_sparsity: float = SELL_MIN_SPARSITY, slice_rows: int = SELL_SLICE_ROWS,
                  slot_block: int = SELL_SLOT_BLOCK, prefill_min_tokens: int | None = None, prefill: bool = True):
         super().__init__()
+        if linear.weight.device.type == "meta":
+            raise ValueError("linear not convertible: weight is on the meta device (offloaded?): it holds no "
+                             "values to convert")
         if format is None:
             format, reason, _ = choose_format(linear, min_sparsity)
             if format is None:
