@@ -337,6 +337,8 @@ def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: floa
         raise ExportError(f"max_sparse_tokens must be >= 0 (0: always dense), got {max_sparse_tokens}")
     if prefill_min_tokens is not None and int(prefill_min_tokens) < 1:
         raise ExportError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
+    if slice_rows < 2 or slice_rows & (slice_rows - 1):  # checked here too: before any linear is replaced
+        raise ExportError(f"slice_rows must be a power of two >= 2, got {slice_rows}")
     try:
         kernel_configs = sparse_configs.describe()
     except sparse_configs.ConfigTableError as exc:  # a bad table: refused before any linear is replaced
