@@ -514,6 +514,18 @@ def test_loading_in_float16_may_add_zeros(tmp_path, fmt):
         load_pruned(out, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_a_bad_dtype_is_not_blamed_on_the_checkpoint(tmp_path, fmt):
+    """A dtype that is no float type is the caller's mistake: a plain ValueError that says so,
+    not a CheckpointError claiming the tensors disagree with config.json."""
+    _, out = _saved(tmp_path, "2:4", fmt)
+    for bad in ("float17", torch.int8, "Tensor"):
+        with pytest.raises(ValueError, match="dtype must be") as info:
+            load_pruned(out, dtype=bad)
+        assert not isinstance(info.value, CheckpointError)
+    assert load_pruned(out, dtype="bfloat16")[0].dtype == torch.bfloat16
+
+
 def test_compressed_targets_disagree(tmp_path):
     _, out = _saved(tmp_path)
     _edit_config(out, lambda c, sc: sc["ignore"].append("re:.*o_proj"))

@@ -424,6 +424,11 @@ def load_pruned(path, device=None, dtype=None):
 
     path = Path(path).expanduser()
     cast = dtype not in (None, "auto")  # a dtype asked for, perhaps other than the saved one
+    if cast:  # a mistake in the call, not in the checkpoint: a ValueError of its own, before any work
+        asked = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(asked, torch.dtype) or not asked.is_floating_point:
+            raise ValueError(f"dtype must be None, 'auto' or a float torch.dtype (or its name), got {dtype!r}")
+        dtype = asked
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path} has no config.json; not a saved model")
