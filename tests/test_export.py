@@ -491,6 +491,41 @@ def test_config_lies_about_structure_or_sparsity(tmp_path, fmt):
         load_pruned(out)
 
 
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_loading_in_float16_may_add_zeros(tmp_path, fmt):
+    """float32 weights below float16's smallest subnormal become zeros when loaded with
+    dtype=float16: the checkpoint is not lying, and the loaded config counts them. A checkpoint
+    claiming more zeros than it holds is still refused."""
+    model = prune_(tiny_llama(), "2:4")
+    weight = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        for row, col in (weight != 0).nonzero()[:3].tolist():
+            weight[row, col] = 1e-8
+    out = save_pruned(model, None, tmp_path / "c", sparsity_structure="2:4", save_format=fmt)
+    saved = sparsity_config(out)["global_sparsity"]
+    loaded, _ = load_pruned(out, dtype=torch.float16)
+    assert loaded.dtype == torch.float16
+    zeros = sum(int((m.weight == 0).sum()) for m in targeted(loaded).values())
+    total = sum(m.weight.numel() for m in targeted(loaded).values())
+    assert loaded.config.sparsity_config["global_sparsity"] == zeros / total == saved + 3 / total
+    assert_same_model(model, load_pruned(out)[0])  # in its own dtype, nothing changes
+    _edit_config(out, lambda c, sc: sc.update(global_sparsity=saved + 10 / total))
+    with pytest.raises(CheckpointError, match="claims global_sparsity"):
+        load_pruned(out, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+def test_a_bad_dtype_is_not_blamed_on_the_checkpoint(tmp_path, fmt):
+    """A dtype that is no float type is the caller's mistake: a plain ValueError that says so,
+    not a CheckpointError claiming the tensors disagree with config.json."""
+    _, out = _saved(tmp_path, "2:4", fmt)
+    for bad in ("float17", torch.int8, "Tensor"):
+        with pytest.raises(ValueError, match="dtype must be") as info:
+            load_pruned(out, dtype=bad)
+        assert not isinstance(info.value, CheckpointError)
+    assert load_pruned(out, dtype="bfloat16")[0].dtype == torch.bfloat16
+
+
 def test_compressed_targets_disagree(tmp_path):
     _, out = _saved(tmp_path)
     _edit_config(out, lambda c, sc: sc["ignore"].append("re:.*o_proj"))
@@ -641,6 +676,21 @@ def test_semi_structured_verifies_the_converted_weight(monkeypatch):
     assert all("changed the output" in r for r in report["dense"].values())
     assert report["n_converted"] == 10
     assert bool((model.model.layers[0].mlp.up_proj.weight[0] != 0).sum() == 32)  # untouched
+
+
+def test_exports_leave_meta_weights_dense_with_a_reason():
+    """A linear whose weight is on the meta device (offloaded) has no values to convert: each
+    export keeps it dense and says why (was a RuntimeError from .item() on a meta tensor)."""
+    for kind in ("csr", "sparse-gpu", "semi-structured"):
+        model = prune_(tiny_llama(), "2:4", seed=1)
+        lin = model.model.layers[0].mlp.up_proj
+        lin.weight = nn.Parameter(lin.weight.detach().to("meta"), requires_grad=False)
+        report = apply_export(model, kind)
+        assert "meta device" in report["dense"]["model.layers.0.mlp.up_proj"], kind
+        assert model.model.layers[0].mlp.up_proj is lin
+    assert "meta device" in semi_structured_eligible(lin)[1]
+    with pytest.raises(ValueError, match="meta device"):
+        ex.SparseGPULinear(lin, "nm24")
 
 
 def test_apply_export_kinds():

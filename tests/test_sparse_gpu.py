@@ -495,6 +495,19 @@ def test_to_sparse_gpu_report_and_outputs():
         to_sparse_gpu(tiny_llama(), max_sparse_tokens={"coo": 3})
 
 
+def test_a_bad_slice_height_is_refused_before_any_linear_is_replaced():
+    """slice_rows is read only by sell linears: it was checked at the first one, after the 2:4
+    linears before it had been replaced (a half-converted model), and never on a 2:4 model."""
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module()])
+    model.layers[0].a = _linear_with(nm_weight(16, 64))
+    model.layers[0].b = _linear_with(sparse_weight(16, 64, 0.9))
+    for rows in (6, 1, 0):
+        with pytest.raises(ExportError, match="power of two"):
+            to_sparse_gpu(model, slice_rows=rows)
+        assert all(type(m) is nn.Linear for m in model.layers[0].children())
+
+
 def test_apply_export_and_settings_accept_sparse_gpu():
     from sparsellm import config
     from sparsellm.cli import build_parser, config_from_args

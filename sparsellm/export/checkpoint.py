@@ -415,13 +415,20 @@ def load_pruned(path, device=None, dtype=None):
     ``dtype`` is given); its ``config.sparsity_config`` describes it as it now is in memory
     (format "dense"), so a plain ``save_pretrained`` of it writes a correct dense checkpoint.
     The claimed structure, targets and global sparsity are re-checked against the tensors; any
-    disagreement raises :class:`CheckpointError`. The folder's generation_config.json (stop
+    disagreement raises :class:`CheckpointError`, except the zeros that a cast to ``dtype`` adds
+    (float32 weights too small for float16 round to zero), which the loaded config counts. The folder's generation_config.json (stop
     tokens, sampling defaults) comes back in every layout. ``tokenizer`` is None when none was
     saved.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
+    cast = dtype not in (None, "auto")  # a dtype asked for, perhaps other than the saved one
+    if cast:  # a mistake in the call, not in the checkpoint: a ValueError of its own, before any work
+        asked = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(asked, torch.dtype) or not asked.is_floating_point:
+            raise ValueError(f"dtype must be None, 'auto' or a float torch.dtype (or its name), got {dtype!r}")
+        dtype = asked
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path} has no config.json; not a saved model")
@@ -466,8 +473,14 @@ def load_pruned(path, device=None, dtype=None):
     _check_structure(weights, pattern, err=CheckpointError)
     claimed = sc.get("global_sparsity")
     actual = zero_fraction(*weights.values())
-    if not isinstance(claimed, (int, float)) or abs(claimed - actual) > 1e-6:
+    # a dtype asked for rounds weights too small for it to zero (float32 below 2**-25 to
+    # float16): more zeros than saved, never fewer; the config then states the model in memory
+    if (not isinstance(claimed, (int, float)) or actual < claimed - 1e-6
+            or (actual > claimed + 1e-6 and not cast)):
         raise CheckpointError(f"{cfg_path} claims global_sparsity {claimed}, the targeted weights hold {actual:.6f}")
+    if actual != claimed:
+        block = getattr(model.config, SPARSITY_CONFIG_KEY)
+        setattr(model.config, SPARSITY_CONFIG_KEY, {**block, "global_sparsity": actual})
 
     _saved_generation_config(path, model)
     model.eval()

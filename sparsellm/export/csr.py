@@ -56,6 +56,9 @@ def to_csr(model, *, min_sparsity: float = CSR_MIN_SPARSITY, targets: list[str] 
     selected, _, _ = resolve_targets(model, targets)
     report = {"kind": "csr", "min_sparsity": min_sparsity, "converted": {}, "dense": {}}
     for name, lin in selected.items():
+        if lin.weight.device.type == "meta":
+            report["dense"][name] = "weight is on the meta device (offloaded?): it holds no values to convert"
+            continue
         sparsity = zero_fraction(lin.weight.detach())
         if not reaches_sparsity(sparsity, min_sparsity, lin.weight.shape[-1]):
             report["dense"][name] = f"sparsity {sparsity:.5f} < {min_sparsity:g}, where CSR stops beating dense"

@@ -48,6 +48,8 @@ def semi_structured_eligible(linear) -> tuple[bool, str]:
         return False, "already semi-structured"
     if w.dim() != 2:
         return False, f"weight is {w.dim()}-D"
+    if w.device.type == "meta":
+        return False, "weight is on the meta device (offloaded?): it holds no values to convert"
     rows, cols = w.shape
     if cols % 4:
         return False, f"input size {cols} is not a multiple of 4, so it has no 2:4 groups"

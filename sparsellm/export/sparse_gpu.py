@@ -110,6 +110,8 @@ def choose_format(linear: nn.Module, min_sparsity: float = SELL_MIN_SPARSITY) ->
     w = linear.weight
     if is_semi_structured(w):
         return None, "already a torch semi-structured weight", 0.0
+    if w.device.type == "meta":
+        return None, "weight is on the meta device (offloaded?): it holds no values to convert", 0.0
     if w.dim() != 2:
         return None, f"weight is {w.dim()}-D", 0.0
     if not w.is_floating_point():
@@ -158,6 +160,9 @@ class SparseGPULinear(nn.Module):
                  min_sparsity: float = SELL_MIN_SPARSITY, slice_rows: int = SELL_SLICE_ROWS,
                  slot_block: int = SELL_SLOT_BLOCK, prefill_min_tokens: int | None = None, prefill: bool = True):
         super().__init__()
+        if linear.weight.device.type == "meta":
+            raise ValueError("linear not convertible: weight is on the meta device (offloaded?): it holds no "
+                             "values to convert")
         if format is None:
             format, reason, _ = choose_format(linear, min_sparsity)
             if format is None:
@@ -332,6 +337,8 @@ def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: floa
         raise ExportError(f"max_sparse_tokens must be >= 0 (0: always dense), got {max_sparse_tokens}")
     if prefill_min_tokens is not None and int(prefill_min_tokens) < 1:
         raise ExportError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
+    if slice_rows < 2 or slice_rows & (slice_rows - 1):  # checked here too: before any linear is replaced
+        raise ExportError(f"slice_rows must be a power of two >= 2, got {slice_rows}")
     try:
         kernel_configs = sparse_configs.describe()
     except sparse_configs.ConfigTableError as exc:  # a bad table: refused before any linear is replaced
