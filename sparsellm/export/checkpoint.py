@@ -416,9 +416,9 @@ def load_pruned(path, device=None, dtype=None):
     (format "dense"), so a plain ``save_pretrained`` of it writes a correct dense checkpoint.
     The claimed structure, targets and global sparsity are re-checked against the tensors; any
     disagreement raises :class:`CheckpointError`, except the zeros that a cast to ``dtype`` adds
-    (float32 weights too small for float16 round to zero), which the loaded config counts. The folder's generation_config.json (stop
-    tokens, sampling defaults) comes back in every layout. ``tokenizer`` is None when none was
-    saved.
+    (float32 weights too small for float16 round to zero), which the loaded config counts. The
+    folder's generation_config.json (stop tokens, sampling defaults) comes back in every
+    layout. ``tokenizer`` is None when none was saved.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
