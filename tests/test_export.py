@@ -610,6 +610,34 @@ def test_csr_linear_bias_and_dtype():
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
 
 
+def test_csr_linear_copies_casts_and_reloads_like_a_module():
+    """The CSR arrays are plain buffers: deepcopy works (torch cannot deep-copy a CSR tensor),
+    a model-wide cast leaves a linear that still runs (the product in float32), and a state
+    dict loads into a CSRLinear of the same pattern."""
+    import copy
+
+    torch.manual_seed(1)
+    lin = nn.Linear(40, 16)
+    with torch.no_grad():
+        lin.weight.masked_fill_(torch.rand_like(lin.weight) < 0.9, 0)
+    csr = CSRLinear(lin)
+    x = torch.randn(3, 40)
+    want = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    y = csr(x)
+    assert (y.double() - want).abs().max() < 1e-5
+    assert torch.equal(copy.deepcopy(csr)(x), y)
+    half = copy.deepcopy(csr).half()
+    assert half.values.dtype == torch.float16
+    out = half(x.half())
+    assert out.dtype == torch.float16 and (out.double() - want).abs().max() < 2e-2
+    other = nn.Linear(40, 16)
+    with torch.no_grad():
+        other.weight.copy_(torch.where(lin.weight == 0, 0.0, torch.randn_like(lin.weight)))
+    fresh = CSRLinear(other)
+    fresh.load_state_dict(csr.state_dict())
+    assert torch.equal(fresh(x), y)
+
+
 # ---------------------------------------------------------------------------------- 2:4 semi-structured
 
 def _linear(out_f, in_f, structure, dtype=torch.float16, seed=0):
