@@ -366,6 +366,12 @@ class PruneConfig:
             raise ValueError(f"--fsdp shards the whole-model training of {', '.join(WHOLE_MODEL_METHODS)}; "
                              f"method {self.method} prunes one layer at a time and does not use it")
         self._validate_structure(METHODS)
+        if self.save is None:  # both only shape the saved model: without one they would do nothing
+            if self.save_format != "dense":
+                raise ValueError(f"save_format {self.save_format} (--save-format) is the layout of the saved model; "
+                                 "give --save FOLDER, or drop it")
+            if self.overwrite:
+                raise ValueError("overwrite (--overwrite) replaces the --save folder; give --save FOLDER, or drop it")
         METHODS[self.method].check_config(self)
 
     def _validate_structure(self, methods) -> None:

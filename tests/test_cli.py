@@ -209,6 +209,15 @@ def test_python_api_validates_settings():
         PruneConfig(sparsellm={"beta": 0.0})
 
 
+@pytest.mark.parametrize("args, message", [(["--save-format", "compressed"], "save_format compressed"),
+                                           (["--overwrite"], "overwrite")])
+def test_save_options_without_save_are_refused(args, message, no_loading, capsys):
+    """--save-format and --overwrite only shape the saved model: without --save the run would
+    save nothing in the format asked for, and say nothing."""
+    code, _, err = cli(capsys, *SMALL, *args)
+    assert code == 2 and message in err and "--save FOLDER" in err
+
+
 def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
