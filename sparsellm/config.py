@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .sparsity import SparsityPattern
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see sparsellm.default_model)
@@ -259,7 +261,7 @@ class PruneConfig:
     eval_windows: int | None = None  # cap on evaluation windows; None = all
     eval_dense: bool = True
     # execution
-    device: str | None = None  # None: cuda if available, else cpu
+    device: str | None = None  # None: cuda if available, else cpu; a torch.device is taken as its name
     dtype: str = "float32"
     backend: str = "auto"
     quiet: bool = False
@@ -275,6 +277,8 @@ class PruneConfig:
         for name in ("model", "calib", "save", "report"):  # a pathlib.Path is a path too (the report stores text)
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)  # a torch.device: the report (JSON) stores its name
         for name in ("save", "report"):  # checked before the prune and written after: the same path
             if isinstance(getattr(self, name), str):
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
@@ -327,6 +331,8 @@ class PruneConfig:
         for name in ("sequential", "eval_dense", "quiet", "overwrite"):  # a string "false" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.device is not None and (not isinstance(self.device, str) or not self.device):
+            raise ValueError(f"device must be a name such as cpu, cuda or cuda:1, or None, got {self.device!r}")
         positive_int("eval_seqlen", self.eval_seqlen, allow_none=True)
         if self.resolved_eval_seqlen < 2 and any(e != "none" for e in self.eval):  # a window scores seqlen - 1 tokens
             raise ValueError(f"the evaluation window (--eval-seqlen, else --seqlen) needs at least 2 tokens, got "

@@ -727,6 +727,19 @@ def test_python_api_takes_paths_and_refuses_malformed_values(tmp_path):
     assert isinstance(Path(config.save), Path)
 
 
+def test_python_api_takes_a_torch_device_and_refuses_other_devices():
+    """A torch.device is stored as its name: the report (JSON) failed on it after the prune and
+    the evaluations ("Object of type device is not JSON serializable"); an index or an empty
+    name is refused when built."""
+    from sparsellm import PruneConfig
+
+    config = PruneConfig(device=torch.device("cpu"))
+    assert config.device == "cpu" and json.loads(json.dumps(config.to_dict()))["device"] == "cpu"
+    for device in (0, ""):
+        with pytest.raises(ValueError, match="device must be a name such as cpu"):
+            PruneConfig(device=device)
+
+
 def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
     """--steps and --iterations with sparsegpt: a warning that names them (the report records
     every setting and must not read as if they ran); the CLI's defaults warn about nothing."""
