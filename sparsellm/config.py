@@ -141,7 +141,11 @@ class ElsaSettings:
     TRAIN_PRECISIONS = ("tf32", "float32", "bfloat16")
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        if not isinstance(self.betas, str):  # a list, an array; a number or a string is refused below as given
+            try:
+                self.betas = tuple(self.betas)
+            except TypeError:
+                pass
         if isinstance(self.checkpoint_dir, os.PathLike):
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
@@ -162,7 +166,8 @@ class ElsaSettings:
             raise ValueError(f"elsa admm_lambda_start must be a positive number, got {self.admm_lambda_start!r}")
         if not (number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"elsa weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(self.betas) != 2 or not all(number(b) and 0 <= b < 1 for b in self.betas):
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2
+                and all(number(b) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"elsa betas must be two numbers in [0, 1), got {self.betas!r}")
         for name, allowed in (("lr_schedule", self.LR_SCHEDULES), ("admm_schedule", self.ADMM_SCHEDULES),
                               ("score", self.SCORES), ("state_dtype", self.STATE_DTYPES),
@@ -284,7 +289,7 @@ class PruneConfig:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
         if isinstance(self.eval, (str, os.PathLike)):
             self.eval = tuple(e for e in os.fspath(self.eval).split(",") if e)
-        else:
+        elif isinstance(self.eval, (list, tuple)):
             self.eval = tuple(os.fspath(e) if isinstance(e, os.PathLike) else e for e in self.eval)
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
@@ -300,6 +305,11 @@ class PruneConfig:
             self.structure = "channels"  # StructPrune is structured: FFN channels unless told otherwise
         if isinstance(self.elsa, dict):
             self.elsa = ElsaSettings(**self.elsa)
+        for name, cls in (("sparsellm", SparseLLMSettings), ("allocation", AllocationSettings),
+                          ("elsa", ElsaSettings)):  # validate() and the run read their fields
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be {cls.__name__}(...) or a dict of its fields, "
+                                 f"got {getattr(self, name)!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -322,6 +332,8 @@ class PruneConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty name or path, got {value!r}")
+        if not (isinstance(self.eval, tuple) and all(isinstance(e, str) and e for e in self.eval)):
+            raise ValueError(f"eval must be names or paths of evaluation texts (or 'none'), got {self.eval!r}")
         if self.calib == "none":
             raise ValueError("calib 'none' is not a data source (only --eval takes none); give a calibration text")
         for name in ("save", "report"):  # an empty path would be skipped as if not given

@@ -209,6 +209,22 @@ def test_python_api_validates_settings():
         PruneConfig(sparsellm={"beta": 0.0})
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"eval": None}, "eval must be names or paths"),  # was a TypeError
+    ({"eval": ["wiki", 3]}, "eval must be names or paths"),  # was "empty data source" at the run
+    ({"sparsellm": 3}, r"sparsellm must be SparseLLMSettings\(...\) or a dict"),  # AttributeErrors
+    ({"allocation": 3}, r"allocation must be AllocationSettings\(...\) or a dict"),
+    ({"elsa": 3}, r"elsa must be ElsaSettings\(...\) or a dict"),
+    ({"elsa": {"betas": 0.9}}, r"elsa betas must be two numbers in \[0, 1\), got 0.9$"),  # a TypeError
+    ({"elsa": {"betas": "0.9,0.95"}}, r"got '0.9,0.95'$"),  # it named a tuple of the characters
+])
+def test_python_api_refuses_values_of_the_wrong_type(settings, message):
+    from sparsellm import PruneConfig
+
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**settings)
+
+
 @pytest.mark.parametrize("args, message", [(["--save-format", "compressed"], "save_format compressed"),
                                            (["--overwrite"], "overwrite")])
 def test_save_options_without_save_are_refused(args, message, no_loading, capsys):
