@@ -78,6 +78,17 @@ def _warn_unused_settings(config: PruneConfig) -> None:
             readers = sorted(name for name, cls in METHODS.items() if group in cls.settings_groups)
             warnings.warn(f"{', '.join(changed)} ({group} settings) apply to {', '.join(readers)}, not to "
                           f"{config.method}: ignored", UserWarning, stacklevel=3)
+    method = METHODS[config.method]
+    read = set(method.structured_solver_settings if config.structure else method.solver_settings)
+    if config.elsa.init:  # its --init prune is unstructured
+        read |= set(METHODS[config.elsa.init].solver_settings)
+    ignored = [name for name in ("blocksize", "percdamp", "sequential")
+               if name not in read and getattr(config, name) != getattr(PruneConfig, name)]
+    if ignored:
+        run = f"method {config.method}" + (f" with structure {config.structure}" if config.structure else "") + (
+            f" with init {config.elsa.init}" if config.elsa.init else "")
+        warnings.warn(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not read by {run}: ignored",
+                      UserWarning, stacklevel=3)
     allocation, default = config.allocation, type(config.allocation)()
     ignored = [name for name, rules in _ALLOCATION_READERS.items()
                if allocation.rule not in rules and getattr(allocation, name) != getattr(default, name)]

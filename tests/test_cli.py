@@ -771,6 +771,38 @@ def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
                 main([*SMALL, "--method", method, "--quiet"])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--method", "magnitude", "--blocksize", "64", "--percdamp", "0.1", "--no-sequential"],
+     "blocksize, percdamp, sequential are not read by method magnitude: ignored"),
+    (["--method", "wanda", "--percdamp", "0.1"], "percdamp is not read by method wanda: ignored"),
+    (["--method", "sparsegpt", "--structure", "channels", "--blocksize", "64"],
+     "blocksize is not read by method sparsegpt with structure channels: ignored"),
+    (["--method", "structprune", "--blocksize", "64"], "blocksize is not read by method structprune"),
+    (["--method", "elsa", "--init", "wanda", "--blocksize", "64"],
+     "blocksize is not read by method elsa with init wanda: ignored"),
+])
+def test_solver_settings_the_run_does_not_read_are_named_as_ignored(args, message, no_loading):
+    """--blocksize (SparseGPT's OBS column block), --percdamp (its dampening) and --no-sequential
+    (statistics of the dense layer) went unread and unsaid where the method has no such step:
+    magnitude reads no data, Wanda solves nothing, structured OBS removes whole units."""
+    with pytest.warns(UserWarning, match=message):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
+
+
+@pytest.mark.parametrize("args", [["--method", "sparsegpt", "--blocksize", "64", "--percdamp", "0.1",
+                                   "--no-sequential"],
+                                  ["--method", "wanda", "--no-sequential"],
+                                  ["--method", "elsa", "--init", "sparsegpt", "--blocksize", "64"]])
+def test_solver_settings_the_run_reads_warn_about_nothing(args, no_loading):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
+
+
 def test_the_report_is_an_ordinary_readable_file(tmp_path):
     """Written through a private temporary file (mkstemp makes it 0600), published 0644 as the
     saved checkpoint's files are."""
