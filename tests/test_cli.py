@@ -790,6 +790,26 @@ def test_solver_settings_the_run_does_not_read_are_named_as_ignored(args, messag
             main([*SMALL, *args, "--quiet"])
 
 
+def test_warnings_of_unread_settings_name_the_caller_and_are_one_line_in_the_cli(no_loading, text_file):
+    """They named a line inside sparsellm/api.py (stacklevel 3: run's own call of _run), and the
+    CLI printed that file, line and source line ("return _run(dataclasses.replace(config))")."""
+    from sparsellm import PruneConfig, api, cli as cli_module
+
+    with pytest.warns(UserWarning, match="percdamp is not read") as record:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            api.run(PruneConfig(method="wanda", percdamp=0.1, calib=text_file, eval="none", quiet=True))
+    assert [w.filename for w in record] == [__file__]
+    with pytest.warns(UserWarning, match="percdamp is not read") as record:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, "--method", "wanda", "--percdamp", "0.1", "--quiet"])
+    (w,) = record
+    assert os.path.samefile(w.filename, cli_module.__file__)
+    assert cli_module._format_warning(w.message, w.category, w.filename, w.lineno) == \
+        "sparsellm-prune: warning: percdamp is not read by method wanda: ignored\n"
+    other = cli_module._format_warning(UserWarning("x"), UserWarning, "/elsewhere/mod.py", 3, "")
+    assert other == "/elsewhere/mod.py:3: UserWarning: x\n"
+
+
 @pytest.mark.parametrize("args", [["--method", "sparsegpt", "--blocksize", "64", "--percdamp", "0.1",
                                    "--no-sequential"],
                                   ["--method", "wanda", "--no-sequential"],
