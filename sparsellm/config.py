@@ -21,6 +21,15 @@ PRODUCT_PRECISIONS = ("tf32", "float32", "bfloat16", "float16")
 CPU_GEMMS = ("torch", "onednn")  # SparseLLMSettings.cpu_gemm (sparsellm.precision)
 
 
+def _is_number(value) -> bool:
+    """An int or a float, not a bool: True is an int to Python (alpha=True would read as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # iterations=False would read as 0
+
+
 @dataclass
 class SparseLLMSettings:
     """Hyperparameters of the SparseLLM FFN solver (see sparsellm.methods.sparsellm)."""
@@ -74,11 +83,11 @@ class SparseLLMSettings:
     def __post_init__(self):
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"sparsellm {name} must be a positive number, got {value!r}")
-        if self.iterations is not None and not (isinstance(self.iterations, int) and self.iterations >= 0):
+        if self.iterations is not None and not (_is_integer(self.iterations) and self.iterations >= 0):
             raise ValueError(f"sparsellm iterations must be an integer >= 0, got {self.iterations!r}")
-        if self.relaxation is not None and not (isinstance(self.relaxation, (int, float))
+        if self.relaxation is not None and not (_is_number(self.relaxation)
                                                 and 0 < self.relaxation < 2):
             raise ValueError(f"sparsellm relaxation must be a number in (0, 2), got {self.relaxation!r}")
         if self.product_precision is not None and self.product_precision not in PRODUCT_PRECISIONS:
@@ -86,9 +95,9 @@ class SparseLLMSettings:
                              f"got {self.product_precision!r}")
         if self.cpu_gemm is not None and self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(f"sparsellm cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
-        if not (isinstance(self.s_step_iterations, int) and self.s_step_iterations >= 1):
+        if not (_is_integer(self.s_step_iterations) and self.s_step_iterations >= 1):
             raise ValueError(f"sparsellm s_step_iterations must be an integer >= 1, got {self.s_step_iterations!r}")
-        if self.chunk_tokens is not None and not (isinstance(self.chunk_tokens, int) and self.chunk_tokens >= 1):
+        if self.chunk_tokens is not None and not (_is_integer(self.chunk_tokens) and self.chunk_tokens >= 1):
             raise ValueError(f"sparsellm chunk_tokens must be a positive integer or None, got {self.chunk_tokens!r}")
 
 
@@ -217,7 +226,7 @@ class AllocationSettings:
             raise ValueError(f"unknown allocation {self.rule!r}; choose one of {', '.join(self.RULES)}")
         for name in ("temperature", "owl_m", "spread"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"allocation {name} must be a positive number, got {value!r}")
         if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1):
             raise ValueError(f"allocation owl_lambda must lie in [0, 1), got {self.owl_lambda!r}")
@@ -350,7 +359,7 @@ class PruneConfig:
             raise ValueError(f"the evaluation window (--eval-seqlen, else --seqlen) needs at least 2 tokens, got "
                              f"{self.resolved_eval_seqlen}")
         positive_int("eval_windows", self.eval_windows, allow_none=True)
-        if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < float("inf")):
+        if not (_is_number(self.percdamp) and 0 < self.percdamp < float("inf")):
             raise ValueError(f"percdamp must be positive, got {self.percdamp!r}")
         choices = {"method": sorted(METHODS), "dtype": DTYPES, "save_format": SAVE_FORMATS, "backend": BACKENDS}
         for name, allowed in choices.items():

@@ -210,6 +210,23 @@ def test_python_api_validates_settings():
 
 
 @pytest.mark.parametrize("settings, message", [
+    ({"percdamp": True}, "percdamp must be positive"),
+    ({"sparsellm": {"alpha": True}}, "sparsellm alpha must be a positive number"),
+    ({"sparsellm": {"iterations": False}}, "sparsellm iterations must be an integer"),  # ran 0 iterations
+    ({"sparsellm": {"relaxation": True}}, "sparsellm relaxation must be a number"),
+    ({"sparsellm": {"chunk_tokens": True}}, "sparsellm chunk_tokens must be a positive integer"),
+    ({"allocation": {"rule": "energy", "temperature": True}}, "allocation temperature must be a positive number"),
+])
+def test_python_api_refuses_booleans_as_numbers(settings, message):
+    """True and False are ints to Python: they were taken as 1 and 0 (the switches and the Elsa
+    settings refused them already)."""
+    from sparsellm import PruneConfig
+
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
     ({"eval": None}, "eval must be names or paths"),  # was a TypeError
     ({"eval": ["wiki", 3]}, "eval must be names or paths"),  # was "empty data source" at the run
     ({"sparsellm": 3}, r"sparsellm must be SparseLLMSettings\(...\) or a dict"),  # AttributeErrors
