@@ -66,7 +66,8 @@ _ALLOCATION_READERS = {"temperature": ("energy",), "owl_lambda": ("owl",), "owl_
 
 def _warn_unused_settings(config: PruneConfig) -> None:
     """Say so when a settings group differs from its defaults but the method never reads it (e.g.
-    --steps with sparsegpt): the report records every setting, and should not look as if it ran."""
+    --steps with sparsegpt): the report records every setting, and should not look as if it ran.
+    Called by _run, called by run: the warnings name the line that called run (stacklevel 4)."""
     used = set(METHODS[config.method].settings_groups)
     if config.elsa.init:  # Elsa and masked-adam start from a layer-wise method's prune
         used |= set(METHODS[config.elsa.init].settings_groups)
@@ -77,14 +78,25 @@ def _warn_unused_settings(config: PruneConfig) -> None:
         if group not in used and changed:
             readers = sorted(name for name, cls in METHODS.items() if group in cls.settings_groups)
             warnings.warn(f"{', '.join(changed)} ({group} settings) apply to {', '.join(readers)}, not to "
-                          f"{config.method}: ignored", UserWarning, stacklevel=3)
+                          f"{config.method}: ignored", UserWarning, stacklevel=4)
+    method = METHODS[config.method]
+    read = set(method.structured_solver_settings if config.structure else method.solver_settings)
+    if config.elsa.init:  # its --init prune is unstructured
+        read |= set(METHODS[config.elsa.init].solver_settings)
+    ignored = [name for name in ("blocksize", "percdamp", "sequential")
+               if name not in read and getattr(config, name) != getattr(PruneConfig, name)]
+    if ignored:
+        run = f"method {config.method}" + (f" with structure {config.structure}" if config.structure else "") + (
+            f" with init {config.elsa.init}" if config.elsa.init else "")
+        warnings.warn(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not read by {run}: ignored",
+                      UserWarning, stacklevel=4)
     allocation, default = config.allocation, type(config.allocation)()
     ignored = [name for name, rules in _ALLOCATION_READERS.items()
                if allocation.rule not in rules and getattr(allocation, name) != getattr(default, name)]
     if ignored:
         readers = " and ".join(sorted({rule for name in ignored for rule in _ALLOCATION_READERS[name]}))
         warnings.warn(f"{', '.join(ignored)} (allocation settings) apply to allocation {readers}, not to "
-                      f"{allocation.rule}: ignored", UserWarning, stacklevel=3)
+                      f"{allocation.rule}: ignored", UserWarning, stacklevel=4)
 
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 
 from . import __version__
 from .config import (CPU_GEMMS, DEFAULT_MODEL, DTYPES, EXPORT_KINDS, PRODUCT_PRECISIONS, SAVE_FORMATS, STRUCTURES,
@@ -32,6 +34,17 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
+    """The package's own warnings (settings a run does not read) as one line, as its errors are,
+    not as a file, line number and source line; any other warning as Python writes it."""
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+        return f"sparsellm-prune: warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -221,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import is_main_process
     from .report import summary
 
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         config = config_from_args(args)
         report = run(config)
@@ -230,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, NotImplementedError) as exc:
         print(f"sparsellm-prune: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
     if not is_main_process():
         return 0  # under torchrun only rank 0 writes, so only it reports what was written
     print(summary(report))

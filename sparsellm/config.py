@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .sparsity import SparsityPattern
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see sparsellm.default_model)
@@ -17,6 +19,15 @@ EXPORT_KINDS = ("semi-structured", "csr", "sparse-gpu")
 
 PRODUCT_PRECISIONS = ("tf32", "float32", "bfloat16", "float16")
 CPU_GEMMS = ("torch", "onednn")  # SparseLLMSettings.cpu_gemm (sparsellm.precision)
+
+
+def _is_number(value) -> bool:
+    """An int or a float, not a bool: True is an int to Python (alpha=True would read as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # iterations=False would read as 0
 
 
 @dataclass
@@ -72,11 +83,11 @@ class SparseLLMSettings:
     def __post_init__(self):
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"sparsellm {name} must be a positive number, got {value!r}")
-        if self.iterations is not None and not (isinstance(self.iterations, int) and self.iterations >= 0):
+        if self.iterations is not None and not (_is_integer(self.iterations) and self.iterations >= 0):
             raise ValueError(f"sparsellm iterations must be an integer >= 0, got {self.iterations!r}")
-        if self.relaxation is not None and not (isinstance(self.relaxation, (int, float))
+        if self.relaxation is not None and not (_is_number(self.relaxation)
                                                 and 0 < self.relaxation < 2):
             raise ValueError(f"sparsellm relaxation must be a number in (0, 2), got {self.relaxation!r}")
         if self.product_precision is not None and self.product_precision not in PRODUCT_PRECISIONS:
@@ -84,9 +95,9 @@ class SparseLLMSettings:
                              f"got {self.product_precision!r}")
         if self.cpu_gemm is not None and self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(f"sparsellm cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
-        if not (isinstance(self.s_step_iterations, int) and self.s_step_iterations >= 1):
+        if not (_is_integer(self.s_step_iterations) and self.s_step_iterations >= 1):
             raise ValueError(f"sparsellm s_step_iterations must be an integer >= 1, got {self.s_step_iterations!r}")
-        if self.chunk_tokens is not None and not (isinstance(self.chunk_tokens, int) and self.chunk_tokens >= 1):
+        if self.chunk_tokens is not None and not (_is_integer(self.chunk_tokens) and self.chunk_tokens >= 1):
             raise ValueError(f"sparsellm chunk_tokens must be a positive integer or None, got {self.chunk_tokens!r}")
 
 
@@ -139,7 +150,11 @@ class ElsaSettings:
     TRAIN_PRECISIONS = ("tf32", "float32", "bfloat16")
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        if not isinstance(self.betas, str):  # a list, an array; a number or a string is refused below as given
+            try:
+                self.betas = tuple(self.betas)
+            except TypeError:
+                pass
         if isinstance(self.checkpoint_dir, os.PathLike):
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
@@ -160,7 +175,8 @@ class ElsaSettings:
             raise ValueError(f"elsa admm_lambda_start must be a positive number, got {self.admm_lambda_start!r}")
         if not (number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"elsa weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(self.betas) != 2 or not all(number(b) and 0 <= b < 1 for b in self.betas):
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2
+                and all(number(b) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"elsa betas must be two numbers in [0, 1), got {self.betas!r}")
         for name, allowed in (("lr_schedule", self.LR_SCHEDULES), ("admm_schedule", self.ADMM_SCHEDULES),
                               ("score", self.SCORES), ("state_dtype", self.STATE_DTYPES),
@@ -210,7 +226,7 @@ class AllocationSettings:
             raise ValueError(f"unknown allocation {self.rule!r}; choose one of {', '.join(self.RULES)}")
         for name in ("temperature", "owl_m", "spread"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"allocation {name} must be a positive number, got {value!r}")
         if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1):
             raise ValueError(f"allocation owl_lambda must lie in [0, 1), got {self.owl_lambda!r}")
@@ -259,7 +275,7 @@ class PruneConfig:
     eval_windows: int | None = None  # cap on evaluation windows; None = all
     eval_dense: bool = True
     # execution
-    device: str | None = None  # None: cuda if available, else cpu
+    device: str | None = None  # None: cuda if available, else cpu; a torch.device is taken as its name
     dtype: str = "float32"
     backend: str = "auto"
     quiet: bool = False
@@ -275,12 +291,14 @@ class PruneConfig:
         for name in ("model", "calib", "save", "report"):  # a pathlib.Path is a path too (the report stores text)
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)  # a torch.device: the report (JSON) stores its name
         for name in ("save", "report"):  # checked before the prune and written after: the same path
             if isinstance(getattr(self, name), str):
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
         if isinstance(self.eval, (str, os.PathLike)):
             self.eval = tuple(e for e in os.fspath(self.eval).split(",") if e)
-        else:
+        elif isinstance(self.eval, (list, tuple)):
             self.eval = tuple(os.fspath(e) if isinstance(e, os.PathLike) else e for e in self.eval)
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
@@ -296,6 +314,11 @@ class PruneConfig:
             self.structure = "channels"  # StructPrune is structured: FFN channels unless told otherwise
         if isinstance(self.elsa, dict):
             self.elsa = ElsaSettings(**self.elsa)
+        for name, cls in (("sparsellm", SparseLLMSettings), ("allocation", AllocationSettings),
+                          ("elsa", ElsaSettings)):  # validate() and the run read their fields
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be {cls.__name__}(...) or a dict of its fields, "
+                                 f"got {getattr(self, name)!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -318,6 +341,8 @@ class PruneConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty name or path, got {value!r}")
+        if not (isinstance(self.eval, tuple) and all(isinstance(e, str) and e for e in self.eval)):
+            raise ValueError(f"eval must be names or paths of evaluation texts (or 'none'), got {self.eval!r}")
         if self.calib == "none":
             raise ValueError("calib 'none' is not a data source (only --eval takes none); give a calibration text")
         for name in ("save", "report"):  # an empty path would be skipped as if not given
@@ -327,12 +352,14 @@ class PruneConfig:
         for name in ("sequential", "eval_dense", "quiet", "overwrite"):  # a string "false" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.device is not None and (not isinstance(self.device, str) or not self.device):
+            raise ValueError(f"device must be a name such as cpu, cuda or cuda:1, or None, got {self.device!r}")
         positive_int("eval_seqlen", self.eval_seqlen, allow_none=True)
         if self.resolved_eval_seqlen < 2 and any(e != "none" for e in self.eval):  # a window scores seqlen - 1 tokens
             raise ValueError(f"the evaluation window (--eval-seqlen, else --seqlen) needs at least 2 tokens, got "
                              f"{self.resolved_eval_seqlen}")
         positive_int("eval_windows", self.eval_windows, allow_none=True)
-        if not (isinstance(self.percdamp, (int, float)) and 0 < self.percdamp < float("inf")):
+        if not (_is_number(self.percdamp) and 0 < self.percdamp < float("inf")):
             raise ValueError(f"percdamp must be positive, got {self.percdamp!r}")
         choices = {"method": sorted(METHODS), "dtype": DTYPES, "save_format": SAVE_FORMATS, "backend": BACKENDS}
         for name, allowed in choices.items():
@@ -366,6 +393,12 @@ class PruneConfig:
             raise ValueError(f"--fsdp shards the whole-model training of {', '.join(WHOLE_MODEL_METHODS)}; "
                              f"method {self.method} prunes one layer at a time and does not use it")
         self._validate_structure(METHODS)
+        if self.save is None:  # both only shape the saved model: without one they would do nothing
+            if self.save_format != "dense":
+                raise ValueError(f"save_format {self.save_format} (--save-format) is the layout of the saved model; "
+                                 "give --save FOLDER, or drop it")
+            if self.overwrite:
+                raise ValueError("overwrite (--overwrite) replaces the --save folder; give --save FOLDER, or drop it")
         METHODS[self.method].check_config(self)
 
     def _validate_structure(self, methods) -> None:

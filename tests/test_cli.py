@@ -209,6 +209,48 @@ def test_python_api_validates_settings():
         PruneConfig(sparsellm={"beta": 0.0})
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"percdamp": True}, "percdamp must be positive"),
+    ({"sparsellm": {"alpha": True}}, "sparsellm alpha must be a positive number"),
+    ({"sparsellm": {"iterations": False}}, "sparsellm iterations must be an integer"),  # ran 0 iterations
+    ({"sparsellm": {"relaxation": True}}, "sparsellm relaxation must be a number"),
+    ({"sparsellm": {"chunk_tokens": True}}, "sparsellm chunk_tokens must be a positive integer"),
+    ({"allocation": {"rule": "energy", "temperature": True}}, "allocation temperature must be a positive number"),
+])
+def test_python_api_refuses_booleans_as_numbers(settings, message):
+    """True and False are ints to Python: they were taken as 1 and 0 (the switches and the Elsa
+    settings refused them already)."""
+    from sparsellm import PruneConfig
+
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"eval": None}, "eval must be names or paths"),  # was a TypeError
+    ({"eval": ["wiki", 3]}, "eval must be names or paths"),  # was "empty data source" at the run
+    ({"sparsellm": 3}, r"sparsellm must be SparseLLMSettings\(...\) or a dict"),  # AttributeErrors
+    ({"allocation": 3}, r"allocation must be AllocationSettings\(...\) or a dict"),
+    ({"elsa": 3}, r"elsa must be ElsaSettings\(...\) or a dict"),
+    ({"elsa": {"betas": 0.9}}, r"elsa betas must be two numbers in \[0, 1\), got 0.9$"),  # a TypeError
+    ({"elsa": {"betas": "0.9,0.95"}}, r"got '0.9,0.95'$"),  # it named a tuple of the characters
+])
+def test_python_api_refuses_values_of_the_wrong_type(settings, message):
+    from sparsellm import PruneConfig
+
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**settings)
+
+
+@pytest.mark.parametrize("args, message", [(["--save-format", "compressed"], "save_format compressed"),
+                                           (["--overwrite"], "overwrite")])
+def test_save_options_without_save_are_refused(args, message, no_loading, capsys):
+    """--save-format and --overwrite only shape the saved model: without --save the run would
+    save nothing in the format asked for, and say nothing."""
+    code, _, err = cli(capsys, *SMALL, *args)
+    assert code == 2 and message in err and "--save FOLDER" in err
+
+
 def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -718,6 +760,19 @@ def test_python_api_takes_paths_and_refuses_malformed_values(tmp_path):
     assert isinstance(Path(config.save), Path)
 
 
+def test_python_api_takes_a_torch_device_and_refuses_other_devices():
+    """A torch.device is stored as its name: the report (JSON) failed on it after the prune and
+    the evaluations ("Object of type device is not JSON serializable"); an index or an empty
+    name is refused when built."""
+    from sparsellm import PruneConfig
+
+    config = PruneConfig(device=torch.device("cpu"))
+    assert config.device == "cpu" and json.loads(json.dumps(config.to_dict()))["device"] == "cpu"
+    for device in (0, ""):
+        with pytest.raises(ValueError, match="device must be a name such as cpu"):
+            PruneConfig(device=device)
+
+
 def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
     """--steps and --iterations with sparsegpt: a warning that names them (the report records
     every setting and must not read as if they ran); the CLI's defaults warn about nothing."""
@@ -731,6 +786,58 @@ def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
             warnings.simplefilter("error")
             with pytest.raises(AssertionError, match="a model was loaded"):
                 main([*SMALL, "--method", method, "--quiet"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "magnitude", "--blocksize", "64", "--percdamp", "0.1", "--no-sequential"],
+     "blocksize, percdamp, sequential are not read by method magnitude: ignored"),
+    (["--method", "wanda", "--percdamp", "0.1"], "percdamp is not read by method wanda: ignored"),
+    (["--method", "sparsegpt", "--structure", "channels", "--blocksize", "64"],
+     "blocksize is not read by method sparsegpt with structure channels: ignored"),
+    (["--method", "structprune", "--blocksize", "64"], "blocksize is not read by method structprune"),
+    (["--method", "elsa", "--init", "wanda", "--blocksize", "64"],
+     "blocksize is not read by method elsa with init wanda: ignored"),
+])
+def test_solver_settings_the_run_does_not_read_are_named_as_ignored(args, message, no_loading):
+    """--blocksize (SparseGPT's OBS column block), --percdamp (its dampening) and --no-sequential
+    (statistics of the dense layer) went unread and unsaid where the method has no such step:
+    magnitude reads no data, Wanda solves nothing, structured OBS removes whole units."""
+    with pytest.warns(UserWarning, match=message):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
+
+
+def test_warnings_of_unread_settings_name_the_caller_and_are_one_line_in_the_cli(no_loading, text_file):
+    """They named a line inside sparsellm/api.py (stacklevel 3: run's own call of _run), and the
+    CLI printed that file, line and source line ("return _run(dataclasses.replace(config))")."""
+    from sparsellm import PruneConfig, api, cli as cli_module
+
+    with pytest.warns(UserWarning, match="percdamp is not read") as record:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            api.run(PruneConfig(method="wanda", percdamp=0.1, calib=text_file, eval="none", quiet=True))
+    assert [w.filename for w in record] == [__file__]
+    with pytest.warns(UserWarning, match="percdamp is not read") as record:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, "--method", "wanda", "--percdamp", "0.1", "--quiet"])
+    (w,) = record
+    assert os.path.samefile(w.filename, cli_module.__file__)
+    assert cli_module._format_warning(w.message, w.category, w.filename, w.lineno) == \
+        "sparsellm-prune: warning: percdamp is not read by method wanda: ignored\n"
+    other = cli_module._format_warning(UserWarning("x"), UserWarning, "/elsewhere/mod.py", 3, "")
+    assert other == "/elsewhere/mod.py:3: UserWarning: x\n"
+
+
+@pytest.mark.parametrize("args", [["--method", "sparsegpt", "--blocksize", "64", "--percdamp", "0.1",
+                                   "--no-sequential"],
+                                  ["--method", "wanda", "--no-sequential"],
+                                  ["--method", "elsa", "--init", "sparsegpt", "--blocksize", "64"]])
+def test_solver_settings_the_run_reads_warn_about_nothing(args, no_loading):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
 
 
 def test_the_report_is_an_ordinary_readable_file(tmp_path):

@@ -49,6 +49,10 @@ class PruningMethod:
     # True for a method that only removes whole units (StructPrune): its runs get a --structure
     # (channels unless told otherwise), and it cannot be the per-weight --init of Elsa/masked-adam
     structured_only: bool = False
+    # which of the common solver settings (PruneConfig's blocksize, percdamp, sequential) its
+    # runs read, without and with --structure: a run warns of one given that it does not read
+    solver_settings: tuple[str, ...] = ("blocksize", "percdamp", "sequential")
+    structured_solver_settings: tuple[str, ...] = ("blocksize", "percdamp", "sequential")
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -342,6 +342,7 @@ class SparseTraining(PruningMethod):
 
     whole_model = True  # trains the whole model at once: runs distributed, --fsdp applies
     settings_groups = ("elsa",)
+    solver_settings = ()  # trains the whole model; its --init prune reads that method's
 
     @classmethod
     def preflight(cls, config):

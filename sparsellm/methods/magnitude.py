@@ -14,6 +14,7 @@ class Magnitude(LocalMethod):
     name = "magnitude"
     statistic = None
     structured = "magnitude"
+    solver_settings = structured_solver_settings = ()  # no data: nothing to damp, block or sequence
 
     def prune(self, weight, observed, pattern):
         score = weight.abs()

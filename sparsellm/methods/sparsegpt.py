@@ -43,6 +43,7 @@ class SparseGPT(LocalMethod):
     name = "sparsegpt"
     statistic = Gram
     structured = "obs"
+    structured_solver_settings = ("percdamp", "sequential")  # the structured OBS removes whole units
 
     def prune_group(self, group, gram, pattern):
         hinv_upper = None  # the linears of a group share their input: one factorisation

@@ -161,6 +161,7 @@ class StructPrune(LayerwiseMethod):
     settings_groups = ("sparsellm",)  # its FFN solve is SparseLLM's
     structured = "obs"  # it takes --structure (heads: the local structured OBS)
     structured_only = True
+    structured_solver_settings = ("percdamp", "sequential")  # structured solves: no OBS column blocks
 
     @classmethod
     def preflight(cls, config) -> None:

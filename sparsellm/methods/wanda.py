@@ -11,6 +11,7 @@ class Wanda(LocalMethod):
     name = "wanda"
     statistic = ColumnSquares
     structured = "wanda"
+    solver_settings = structured_solver_settings = ("sequential",)  # no OBS: no blocks, no dampening
 
     def prune(self, weight, column_norms, pattern):
         mask = ops.wanda_prune_mask(weight, column_norms, pattern.fraction, pattern.n, pattern.m)
