@@ -8,8 +8,8 @@ import sys
 import warnings
 
 from . import __version__
-from .config import (CPU_GEMMS, DEFAULT_MODEL, DTYPES, EXPORT_KINDS, PRODUCT_PRECISIONS, SAVE_FORMATS, STRUCTURES,
-                     AllocationSettings, ElsaSettings, PruneConfig, SparseLLMSettings)
+from .config import (CPU_GEMMS, DEFAULT_MODEL, DEFAULT_SPARSITY, DTYPES, EXPORT_KINDS, PRODUCT_PRECISIONS,
+                     SAVE_FORMATS, STRUCTURES, AllocationSettings, ElsaSettings, PruneConfig, SparseLLMSettings)
 from .sparsity import SparsityPattern, SparsityError
 
 
@@ -72,12 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="local folder or hub id; 'smollm2' is the embedded SmolLM2-135M-Instruct (offline)")
     p.add_argument("--method", default=d.method, choices=sorted(METHODS), help="pruning method (README, Methods)")
-    # default None, filled in by config_from_args: --structure heads removes no FFN channel and
-    # must tell a share the user gave (refused) from the default (unused)
+    # default None, as PruneConfig's: --structure heads removes no FFN channel and must tell a
+    # share the user gave (refused) from the default (unused)
     p.add_argument("--sparsity", type=_sparsity, default=None,
                    help="unstructured fraction pruned (0.7) or N:M with N pruned of every M consecutive "
                         "input weights (3:4 = 75%% sparse, 2:4 = 50%%); with --structure channels*: the share "
-                        f"of FFN channels removed (default: {d.sparsity}; not used by --structure heads)")
+                        f"of FFN channels removed (default: {DEFAULT_SPARSITY}; not used by --structure heads)")
     a = AllocationSettings()
     g = p.add_argument_group("Structured pruning and layer-wise allocation")
     g.add_argument("--structure", default=None, choices=STRUCTURES,
@@ -194,12 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     layers = args.layers
-    sparsity = args.sparsity if args.sparsity is not None else PruneConfig().sparsity
-    if args.structure == "heads" and args.sparsity is not None and args.sparsity != SparsityPattern(0.0):
-        raise ValueError(f"--structure heads removes attention heads only (--head-sparsity) and would ignore "
-                         f"--sparsity {args.sparsity}; to also remove FFN channels use --structure channels+heads")
     return PruneConfig(
-        model=args.model, method=args.method, sparsity=sparsity, layers=layers, sequential=args.sequential,
+        model=args.model, method=args.method, sparsity=args.sparsity, layers=layers, sequential=args.sequential,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         blocksize=args.blocksize, percdamp=args.percdamp,
         sparsellm=SparseLLMSettings(alpha=args.alpha, beta=args.beta, gamma=args.gamma, iterations=args.iterations,

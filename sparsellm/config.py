@@ -12,6 +12,7 @@ import torch
 from .sparsity import SparsityPattern
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see sparsellm.default_model)
+DEFAULT_SPARSITY = 0.5  # PruneConfig.sparsity left unset (structure "heads": 0)
 DTYPES = ("float32", "float16", "bfloat16")
 SAVE_FORMATS = ("dense", "compressed")
 EXPORT_KINDS = ("semi-structured", "csr", "sparse-gpu")
@@ -251,7 +252,9 @@ class PruneConfig:
 
     model: str = DEFAULT_MODEL
     method: str = "sparsegpt"
-    sparsity: SparsityPattern = field(default_factory=lambda: SparsityPattern(0.5))
+    # None: DEFAULT_SPARSITY, or 0 for structure "heads" (which removes no FFN channel and
+    # refuses a share it would ignore, so one given must be told from the default)
+    sparsity: SparsityPattern | None = None
     layers: tuple[int, int | None] | None = None  # half-open [start, stop) of decoder layers; None = all
     sequential: bool = True  # collect FFN statistics after attention of the same layer is pruned
     # calibration
@@ -287,6 +290,8 @@ class PruneConfig:
     report: str | None = None
 
     def __post_init__(self):
+        if self.sparsity is None:
+            self.sparsity = 0.0 if self.structure == "heads" else DEFAULT_SPARSITY
         self.sparsity = SparsityPattern.parse(self.sparsity)
         for name in ("model", "calib", "save", "report"):  # a pathlib.Path is a path too (the report stores text)
             if isinstance(getattr(self, name), os.PathLike):
@@ -414,6 +419,10 @@ class PruneConfig:
             if self.sparsity.is_nm:
                 raise ValueError(f"--structure removes whole channels/heads; sparsity {self.sparsity} is an N:M "
                                  "pattern (give the share of FFN channels, e.g. 0.5)")
+            if self.structure == "heads" and self.sparsity.fraction != 0:
+                raise ValueError(f"structure heads removes attention heads only (head_sparsity, --head-sparsity) "
+                                 f"and would ignore sparsity (--sparsity) {self.sparsity}, the share of FFN channels: "
+                                 "leave it unset (or 0), or use structure channels+heads")
             if "channels" in self.structure and self.sparsity.fraction == 0:
                 raise ValueError(f"structure {self.structure} with sparsity 0 removes no FFN channel (--sparsity is the "
                                  "share of FFN channels removed); give a share above 0, or --structure heads")

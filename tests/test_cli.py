@@ -467,7 +467,7 @@ def test_a_heads_only_report_states_the_head_share_not_the_unused_sparsity(tiny_
     assert "pattern" not in out and "achieved sparsity" not in out and "channels removed" not in out
 
 
-@pytest.mark.parametrize("sparsity", ["0.6", "2:4"])
+@pytest.mark.parametrize("sparsity", ["0.6", "0.5"])  # 0.5: the default's value, but given
 def test_heads_only_refuses_a_channel_share_it_would_ignore(sparsity, tmp_path, capsys, monkeypatch):
     """--structure heads removes no FFN channel: a --sparsity the user gave would be silently
     unused, so it is refused before any work."""
@@ -476,22 +476,28 @@ def test_heads_only_refuses_a_channel_share_it_would_ignore(sparsity, tmp_path, 
     monkeypatch.setattr(api, "run", lambda config: pytest.fail("the run started"))
     code, _, err = cli(capsys, "--structure", "heads", "--head-sparsity", "0.5", "--sparsity", sparsity,
                        "--report", str(tmp_path / "r.json"))
-    assert code == 2 and f"would ignore --sparsity {sparsity}" in err and "channels+heads" in err
+    assert code == 2 and f"would ignore sparsity (--sparsity) {sparsity}" in err and "channels+heads" in err
     assert not (tmp_path / "r.json").exists()
 
 
 def test_sparsity_left_unset_takes_the_config_default():
-    """--sparsity unset: the config's default (also for --structure heads, which then accepts a
-    share of 0, asking for no channel, as well)."""
+    """--sparsity unset: the config's default, 0.5 (0 for --structure heads, which also accepts
+    a given 0, asking for no channel); the Python API draws the same line as the CLI."""
+    import dataclasses
+
     from sparsellm import PruneConfig
     from sparsellm.cli import build_parser, config_from_args
 
     parse = build_parser().parse_args
     assert config_from_args(parse([])).sparsity == PruneConfig().sparsity
+    assert PruneConfig().sparsity.fraction == 0.5 and PruneConfig(sparsity=None).sparsity.fraction == 0.5
     assert config_from_args(parse(["--sparsity", "3:4"])).sparsity.n == 3
     for given in ([], ["--sparsity", "0"]):
         config = config_from_args(parse(["--structure", "heads", "--head-sparsity", "0.5", *given]))
-        assert config.structure == "heads" and config.head_sparsity == 0.5
+        assert config.structure == "heads" and config.head_sparsity == 0.5 and config.sparsity.fraction == 0
+        assert dataclasses.replace(config).sparsity == config.sparsity  # a run's copy of it is valid too
+    with pytest.raises(ValueError, match=r"would ignore sparsity \(--sparsity\) 0.3"):
+        PruneConfig(structure="heads", head_sparsity=0.5, sparsity=0.3)
 
 
 def test_help_states_each_default_once_and_not_for_switches(capsys):

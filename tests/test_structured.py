@@ -236,7 +236,7 @@ def test_multi_head_attention_loses_whole_heads_with_their_keys_and_values(metho
     heads per layer with their k/v rows, which the compacted model no longer has; its logits are
     the zeroed model's."""
     model = tiny_llama(layers=2, kv_heads=4)
-    records = prune(model, method=method, sparsity=0.25, structure="heads", head_sparsity=0.5)
+    records = prune(model, method=method, structure="heads", head_sparsity=0.5)
     adapter = get_adapter(model)
     for layer, record in zip(adapter.layers(model), records):
         attention = adapter.attention(layer)
@@ -265,7 +265,7 @@ def test_a_head_share_that_removes_nothing_is_refused(share, message):
     """Grouped-query attention with 2 query heads per group: 0.2 or 0.1 of them round to none."""
     model = tiny_llama(layers=1)
     with pytest.raises(ValueError, match=message):
-        prune(model, method="sparsegpt", sparsity=0.25, structure="heads", head_sparsity=share)
+        prune(model, method="sparsegpt", structure="heads", head_sparsity=share)
 
 
 def test_head_counts_for_grouped_and_multi_head_attention():
