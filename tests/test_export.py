@@ -695,8 +695,8 @@ def test_semi_structured_verifies_the_converted_weight(monkeypatch):
 
     def lossy(w):
         out = w.clone()
-        if w.shape == (128, 64):  # the MLP up/gate projections: lose one weight
-            out[0, (out[0] != 0).nonzero()[0, 0]] = 0
+        if w.shape == (128, 64):  # the MLP up/gate projections: lose their largest weight (one a
+            out.view(-1)[out.abs().argmax()] = 0  # probe of 16 tokens cannot miss)
         return out
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lossy)
     report = to_semi_structured(model)
