@@ -325,6 +325,15 @@ class LayerDriver:
         return layer_targets(self.config, self.model, self.adapter, range(start, stop), device=self.device,
                              run_layer=lambda layer, hooks: self._pass(layer, hidden, kwargs, hooks, outputs=hidden))
 
+    def _asked(self) -> str:
+        """What the run asks for, for the progress bar: the pattern, or a structured run's shares
+        (its sparsity is the channel share; structure heads has none)."""
+        config = self.config
+        if config.structure is None:
+            return str(config.sparsity)
+        return ", ".join(([f"channels {config.sparsity}"] if "channels" in config.structure else [])
+                         + ([f"heads {config.head_sparsity:g}"] if "heads" in config.structure else []))
+
     def run(self, windows: torch.Tensor) -> list[LayerRecord]:
         return list(self.prune_layers(windows))
 
@@ -337,8 +346,7 @@ class LayerDriver:
         start, stop = self.config.layer_range(len(layers))
         inputs, kwargs = capture_layer_inputs(self.model, self.adapter, windows, self.device)
         self.targets = self.allocate(inputs, kwargs)
-        bar = tqdm(range(stop), desc=f"{self.method.name} {self.config.sparsity}", unit="layer",
-                   disable=self.config.quiet)
+        bar = tqdm(range(stop), desc=f"{self.method.name} {self._asked()}", unit="layer", disable=self.config.quiet)
         for index in bar:
             layer = layers[index]
             moving = time.perf_counter()

@@ -341,3 +341,14 @@ def test_statistics_are_freed_before_the_final_pass(sequential):
     driver._final_pass = checked_final_pass
     driver.run(windows())
     assert len(alive) == 3 and not any(alive)  # q/k/v's and o's Grams, the FFN's tokens
+
+
+@pytest.mark.parametrize("settings, shown", [
+    ({}, "0.5"), ({"sparsity": "2:4"}, "2:4"), ({"structure": "heads", "head_sparsity": 0.25}, "heads 0.25"),
+    ({"structure": "channels+heads", "sparsity": 0.3, "head_sparsity": 0.5}, "channels 0.3, heads 0.5"),
+    ({"method": "structprune", "sparsity": 0.3}, "channels 0.3")])
+def test_the_progress_bar_names_what_the_run_asks(settings, shown):
+    """A structured run's sparsity is its channel share (none for heads alone): the bar says so."""
+    driver = LayerDriver.__new__(LayerDriver)
+    driver.config = PruneConfig(**settings)
+    assert driver._asked() == shown
