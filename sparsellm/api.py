@@ -97,6 +97,9 @@ def _warn_unused_settings(config: PruneConfig) -> None:
         readers = " and ".join(sorted({rule for name in ignored for rule in _ALLOCATION_READERS[name]}))
         warnings.warn(f"{', '.join(ignored)} (allocation settings) apply to allocation {readers}, not to "
                       f"{allocation.rule}: ignored", UserWarning, stacklevel=4)
+    if all(e == "none" for e in config.eval) and config.eval_windows is not None:  # (eval_seqlen is still read)
+        warnings.warn("eval_windows (--eval-windows) caps the evaluation, and eval is none: ignored", UserWarning,
+                      stacklevel=4)
 
 
 

@@ -72,7 +72,8 @@ def cli(capsys, *args):
     return code, out, err
 
 
-SMALL = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "4"]
+CALIB_SMALL = ["--nsamples", "4", "--seqlen", "64"]  # with --eval none (which reads no --eval-windows)
+SMALL = [*CALIB_SMALL, "--eval-windows", "4"]
 
 
 @pytest.mark.parametrize("bad", ["1.2", "-0.1", "4:4", "3:2", "x"])
@@ -94,7 +95,7 @@ def test_layer_range_out_of_bounds(tiny_llama_dir, text_file, capsys, tmp_path):
 def test_unsupported_model_type(tmp_path, tokenizer_dir, text_file, capsys):
     folder = _save_tiny(tmp_path / "gpt2", GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2,
                                                                        vocab_size=49152)), tokenizer_dir)
-    code, _, err = cli(capsys, "--model", folder, "--calib", text_file, "--eval", "none", *SMALL)
+    code, _, err = cli(capsys, "--model", folder, "--calib", text_file, "--eval", "none", *CALIB_SMALL)
     assert code == 2 and "gpt2" in err and "llama" in err and "opt" in err
 
 
@@ -257,7 +258,7 @@ def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys)
     (out / "keep.txt").write_text("mine")
     report = tmp_path / "r.json"
     code, _, err = cli(capsys, "--model", tiny_llama_dir, "--calib", text_file, "--eval", "none",
-                       "--save", str(out), "--report", str(report), *SMALL)
+                       "--save", str(out), "--report", str(report), *CALIB_SMALL)
     assert code == 2 and "--overwrite" in err
     assert os.listdir(out) == ["keep.txt"] and not report.exists()
 
@@ -456,7 +457,7 @@ def test_a_heads_only_report_states_the_head_share_not_the_unused_sparsity(tiny_
     target and no weight pattern (it said target 0.5, pattern 0.5, "achieved sparsity 0.6667")."""
     report_path = tmp_path / "report.json"
     code, out, err = cli(capsys, "--model", tiny_llama_dir, "--structure", "heads", "--head-sparsity", "0.5",
-                         "--calib", text_file, "--eval", "none", "--report", str(report_path), *SMALL)
+                         "--calib", text_file, "--eval", "none", "--report", str(report_path), *CALIB_SMALL)
     assert code == 0, err
     report = json.loads(report_path.read_text())
     assert report["structured"] == {"structure": "heads", "target_channel_share": None, "target_head_share": 0.5,
@@ -621,7 +622,7 @@ def test_sparsellm_layer_range(model_fixture, layers, expected, text_file, tmp_p
     report_path = tmp_path / "report.json"
     code, _, err = cli(capsys, "--model", request.getfixturevalue(model_fixture), "--method", "sparsellm",
                        "--sparsity", "3:4", "--layers", layers, "--calib", text_file, "--eval", "none",
-                       "--report", str(report_path), *SMALL)
+                       "--report", str(report_path), *CALIB_SMALL)
     assert code == 0, err
     report = json.loads(report_path.read_text())
     assert report["layers_pruned"] == expected
@@ -641,7 +642,7 @@ def test_nm_run_on_a_layer_range_saves_what_it_pruned(tiny_llama_dir, text_file,
     save_dir = tmp_path / "pruned"
     code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "sparsegpt", "--sparsity", "2:4",
                        "--layers", "1:", "--calib", text_file, "--eval", "none", "--save", str(save_dir),
-                       "--save-format", save_format, *SMALL)
+                       "--save-format", save_format, *CALIB_SMALL)
     assert code == 0, err
     config = json.loads((save_dir / "config.json").read_text())
     block = config["quantization_config"]["sparsity_config"] if save_format == "compressed" else config["sparsity_config"]
@@ -811,6 +812,18 @@ def test_solver_settings_the_run_does_not_read_are_named_as_ignored(args, messag
     with pytest.warns(UserWarning, match=message):
         with pytest.raises(AssertionError, match="a model was loaded"):
             main([*SMALL, *args, "--quiet"])
+
+
+def test_eval_windows_without_an_evaluation_is_named_as_ignored(no_loading):
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"eval_windows \(--eval-windows\) caps the evaluation, and eval is none"):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, "--eval", "none", "--eval-windows", "3", "--quiet"])
+    with warnings.catch_warnings():  # with an evaluation it is read
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, "--eval-windows", "3", "--quiet"])
 
 
 def test_warnings_of_unread_settings_name_the_caller_and_are_one_line_in_the_cli(no_loading, text_file):

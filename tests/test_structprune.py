@@ -13,7 +13,7 @@ from sparsellm.models import get_adapter
 from sparsellm.structure import removed_channels
 
 from helpers import correlated_inputs, tiny_llama, tiny_opt
-from test_cli import SMALL, cli, text_file, tiny_llama_dir, tiny_opt_dir, tokenizer_dir  # noqa: F401 (fixtures)
+from test_cli import CALIB_SMALL, SMALL, cli, text_file, tiny_llama_dir, tiny_opt_dir, tokenizer_dir  # noqa: F401 (fixtures)
 
 # OPT with non-zero biases (its own initialisation zeroes them, which made the up-bias check vacuous)
 BUILDERS = {"llama": tiny_llama, "opt": lambda **kw: tiny_opt(bias_std=0.1, **kw)}
@@ -139,7 +139,7 @@ def test_bad_structured_settings_fail_with_one_clear_error(args, message, capsys
 
 def test_heads_on_opt_fail_before_pruning(tiny_opt_dir, text_file, capsys):
     code, _, err = cli(capsys, "--model", tiny_opt_dir, "--method", "wanda", "--structure", "channels+heads",
-                       "--head-sparsity", "0.5", "--calib", text_file, "--eval", "none", *SMALL)
+                       "--head-sparsity", "0.5", "--calib", text_file, "--eval", "none", *CALIB_SMALL)
     assert code == 2 and "not supported for opt" in err
 
 
