@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .allocation import layer_targets
 from .config import PruneConfig
 from .models import ModelAdapter
+from .perplexity import eval_mode
 from .placement import on_device
 from .plan import LayerView, Statistic, Step
 from .sparsity import zero_fraction
@@ -103,7 +104,8 @@ def _hooks(handles):
 def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, device: torch.device):
     """Run the embedding part of the model on each window and catch what the first decoder
     layer receives: its hidden states ([n, seqlen, d] on ``device``) and the keyword
-    arguments (position embeddings, masks) that are the same for every window."""
+    arguments (position embeddings, masks) that are the same for every window. The model runs
+    in eval mode (no dropout), as every layer call of the driver."""
     layers = adapter.layers(model)
     first = layers[0]
     captured: list[torch.Tensor] = []
@@ -119,7 +121,7 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad(), ExitStack() as on_device_now:
+        with torch.no_grad(), eval_mode(model), ExitStack() as on_device_now:
             for module in [*adapter.pre_layer_modules(model), first]:  # unchanged: no copy back
                 on_device_now.enter_context(on_device(module, device, changed=False))
             for row in windows:
@@ -175,7 +177,7 @@ class LayerDriver:
         ``hooks`` installed; store outputs into ``outputs`` (may alias ``inputs``: each batch
         is read before it is overwritten); ``per_batch(rows, out)`` sees each output."""
         step = max(1, WINDOW_TOKENS_PER_CALL // inputs.shape[1])
-        with torch.no_grad(), _hooks(list(hooks)):
+        with torch.no_grad(), eval_mode(layer), _hooks(list(hooks)):
             for i in range(0, inputs.shape[0], step):
                 rows = slice(i, min(i + step, inputs.shape[0]))
                 try:

@@ -7,12 +7,26 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 _MAX_EXP = math.log(sys.float_info.max)  # the largest x whose exp(x) is a finite float
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode inside the block (no dropout: a model built from a config, or one
+    being fine-tuned, is in training mode), each submodule's own mode restored after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()
@@ -32,14 +46,15 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
         raise ValueError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     total_nll, count = 0.0, 0
-    for i in tqdm(range(windows), desc=desc, unit="window", disable=quiet, leave=False):
-        ids = tokens[:, i * seqlen:(i + 1) * seqlen].to(device)
-        logits = model(ids, use_cache=False).logits
-        # half-precision logits are scored in float32; a float64 model's stay float64
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        count += seqlen - 1
+    with eval_mode(model):
+        for i in tqdm(range(windows), desc=desc, unit="window", disable=quiet, leave=False):
+            ids = tokens[:, i * seqlen:(i + 1) * seqlen].to(device)
+            logits = model(ids, use_cache=False).logits
+            # half-precision logits are scored in float32; a float64 model's stay float64
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            total_nll += float(nll)
+            count += seqlen - 1
     mean = total_nll / count
     # exp of a mean above ~709.78 overflows a float (math.exp raises): PPL inf, as an inf loss
     # gives (a NaN mean stays NaN)

@@ -445,3 +445,30 @@ def test_hub_loaders_use_the_reference_joins(monkeypatch):
     assert ("ptb_text_only", "penn_treebank", "test", None) in calls
     assert ("allenai/c4", None, "validation",
             {"validation": "en/c4-validation.00000-of-00008.json.gz"}) in calls
+
+
+def test_a_model_in_training_mode_is_scored_without_dropout():
+    """A model built from its config (or being fine-tuned) is in training mode: its dropout moved
+    the perplexity from call to call. It is scored as in eval mode, its modes left as they were."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from sparsellm.perplexity import perplexity
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=64, word_embed_proj_dim=32, max_position_embeddings=64,
+                                     dropout=0.3)).double()
+    model.model.decoder.layers[0].eval()  # a mixed state is restored as it was
+    modes = [m.training for m in model.modules()]
+    tokens = torch.randint(0, 64, (1, 4 * 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        windows = tokens.reshape(4, 16)
+        logits = model.eval()(windows).logits
+    expected = math.exp(float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64),
+                                                                windows[:, 1:].reshape(-1))))
+    for module, training in zip(model.modules(), modes):
+        module.training = training
+    assert model.training
+    values = [perplexity(model, tokens, 16, quiet=True) for _ in range(2)]
+    assert [m.training for m in model.modules()] == modes
+    assert values[0] == values[1] and abs(values[0] - expected) <= 1e-12 * expected

@@ -352,3 +352,31 @@ def test_the_progress_bar_names_what_the_run_asks(settings, shown):
     driver = LayerDriver.__new__(LayerDriver)
     driver.config = PruneConfig(**settings)
     assert driver._asked() == shown
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_model_in_training_mode_is_pruned_without_dropout(family):
+    """A model built from its config (or being fine-tuned) is in training mode: OPT's dropout (0.1)
+    was applied to the captured inputs and in every layer pass, so the masks depended on the
+    dropout draws. The prune equals that of the same model in eval mode, and each module's
+    mode is as it was."""
+    pruned = {}
+    for training in (False, True):
+        model = BUILDERS[family](layers=2).double()
+        with torch.no_grad():  # dropout everywhere it can be, so a pass that keeps it shows
+            for name in ("dropout", "attention_dropout", "activation_dropout"):
+                if hasattr(model.config, name):
+                    setattr(model.config, name, 0.3)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.3
+                if hasattr(module, "attention_dropout"):
+                    module.attention_dropout = 0.3
+                if hasattr(module, "dropout") and isinstance(module.dropout, float):
+                    module.dropout = 0.3
+        model.train(training)
+        records = run(model, method="sparsegpt", sparsity="0.5")
+        assert all(m.training == training for m in model.modules())
+        pruned[training] = ([p.detach().clone() for p in model.parameters()], [r.output_rel_error for r in records])
+    assert all(torch.equal(a, b) for a, b in zip(pruned[False][0], pruned[True][0]))
+    assert pruned[False][1] == pruned[True][1]
