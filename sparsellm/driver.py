@@ -115,7 +115,9 @@ def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append(hidden.detach())
         if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items() if k not in ("past_key_values", "hidden_states")})
+            # no KV cache is carried between layer calls ("cache" is its name from transformers 5.24)
+            kwargs_seen.update({k: v for k, v in kwargs.items()
+                                if k not in ("past_key_values", "cache", "hidden_states")})
             kwargs_seen["use_cache"] = False
         raise _StopForward
 
