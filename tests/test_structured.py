@@ -80,6 +80,23 @@ def test_obs_choice_is_the_greedy_least_squares_choice(unit, buckets):
     assert removed.tolist() == sorted(chosen)
 
 
+def test_obs_removes_inputs_that_never_fire_first():
+    """An input that never fired costs nothing to remove: the OBS removes such units first,
+    whatever the scale of the inputs that fire (at ReLU activations of order 1 a unit diagonal
+    for the dead inputs priced them above every live unit), and the error stays zero."""
+    from sparsellm.methods.structured import obs_remove
+
+    g = torch.Generator().manual_seed(21)
+    for scale in (0.05, 1.0, 20.0):
+        x = torch.relu(torch.randn(400, 12, generator=g, dtype=torch.float64)) * scale
+        x[:, [2, 7]] = 0
+        w = torch.randn(8, 12, generator=g, dtype=torch.float64)
+        removed, refit = obs_remove(w.float(), (x.T @ x / 400).float(), 2, 1, 1, 0.01)
+        assert removed.tolist() == [2, 7], scale
+        output = float((x @ w.T).square().sum())
+        assert float((x @ (w - refit.double()).T).square().sum()) < 1e-10 * output, scale
+
+
 def test_obs_fast_single_column_cost_matches_general_form():
     x = correlated_inputs(300, 32, seed=9).double()
     w = torch.randn(6, 32, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
