@@ -277,6 +277,24 @@ def test_multi_head_attention_loses_whole_heads_with_their_keys_and_values(metho
         assert attention.k.weight.shape == attention.v.weight.shape == attention.q.weight.shape == (32, 64)
 
 
+def test_magnitude_scores_a_key_value_group_by_all_its_weights():
+    """Multi-head attention's unit is a query head with its key and value heads: magnitude
+    scores it by all of them (q, k and v rows, o columns). Heads 0 and 1 with small q rows and o
+    columns but large k and v rows outweigh heads 2 and 3, which go (scored on q and o alone,
+    heads 0 and 1 went)."""
+    model = tiny_llama(layers=1, kv_heads=4)
+    attention = get_adapter(model).attention(get_adapter(model).layers(model)[0])
+    with torch.no_grad():
+        for h in (0, 1):
+            rows = slice(16 * h, 16 * (h + 1))
+            attention.q.weight[rows] *= 0.1
+            attention.o.weight[:, rows] *= 0.1
+            attention.k.weight[rows] *= 10
+            attention.v.weight[rows] *= 10
+    records = prune(model, method="magnitude", structure="heads", head_sparsity=0.5)
+    assert sorted(records[0].diagnostics["removed_kv_groups"]) == [2, 3]
+
+
 @pytest.mark.parametrize("share, message", [(0.2, r"round\(0.2 x 2\) = 0"), (0.1, "1/2 = 0.5")])
 def test_a_head_share_that_removes_nothing_is_refused(share, message):
     """Grouped-query attention with 2 query heads per group: 0.2 or 0.1 of them round to none."""

@@ -202,10 +202,14 @@ def head_step(criterion: UnitCriterion, layer: LayerView) -> Step:
     else:
         count, unit, buckets = structure.heads_per_group * attention.num_kv_heads, attention.head_dim, attention.num_kv_heads
         linears, zero, key = (attention.q, attention.o), zero_heads, "removed_heads"
+    # the unit's producer rows: a group's are its rows of q, k and v (one query head per group:
+    # the same row count in each), a query head's its rows of q
+    producers = linears[:-1]
 
     def solve(observed):
-        removed, new_o = criterion.choose(attention.o.weight.detach().float(), [attention.q.weight.detach().float()],
-                                          observed, count, unit, buckets)
+        removed, new_o = criterion.choose(attention.o.weight.detach().float(),
+                                          [lin.weight.detach().float() for lin in producers], observed, count, unit,
+                                          buckets)
         _apply(attention.o, new_o, lambda: zero(attention, removed))
         return {key: removed.tolist()}
 
