@@ -407,6 +407,26 @@ def test_beats_sequential_sparsegpt(activation, sparsity):
     assert diag["aux_bytes"] == solver.aux_bytes == sum(b.numel() * b.element_size() for b in kept)
 
 
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_start_error_is_measured_where_the_expansion_cancels(activation):
+    """At 1% sparsity candidate 0's FFN error is ~3e-4 of the output: its expansion from the
+    hidden's statistics cancelled to float32 rounding (reported 0). It is the error of the
+    weights candidate 0 is (float64 forward, sequential SparseGPT recomputed)."""
+    ffn, x = synthetic_ffn(activation)
+    dense = ffn.dense_copy()
+    config = PruneConfig(method="sparsellm", sparsity="0.01", sparsellm=SparseLLMSettings(iterations=0))
+    diag = SparseLLM(config).prune_ffn(ffn, x, config.sparsity)
+    pruned = {name: lin.weight.detach().double() for name, lin in ffn.linears().items()}
+    bias = {name: None if lin.bias is None else lin.bias.detach().double() for name, lin in ffn.linears().items()}
+    with torch.no_grad():
+        y = ffn.forward(x.double(), {k: v.double() for k, v in dense.items()}, biases=bias)
+        exact = float((ffn.forward(x.double(), pruned, biases=bias) - y).norm() / y.norm())
+    assert 0 < exact < 1e-3
+    assert diag["start_ffn_rel_error"] == pytest.approx(exact, rel=1e-3)
+    assert diag["start_ffn_rel_error"] == pytest.approx(sequential_sparsegpt_error(ffn, x, dense, config.sparsity,
+                                                                                    config), rel=1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_auxiliaries_in_host_memory_give_the_device_results(monkeypatch, activation):

@@ -80,6 +80,23 @@ def test_obs_choice_is_the_greedy_least_squares_choice(unit, buckets):
     assert removed.tolist() == sorted(chosen)
 
 
+def test_obs_removes_inputs_that_never_fire_first():
+    """An input that never fired costs nothing to remove: the OBS removes such units first,
+    whatever the scale of the inputs that fire (at ReLU activations of order 1 a unit diagonal
+    for the dead inputs priced them above every live unit), and the error stays zero."""
+    from sparsellm.methods.structured import obs_remove
+
+    g = torch.Generator().manual_seed(21)
+    for scale in (0.05, 1.0, 20.0):
+        x = torch.relu(torch.randn(400, 12, generator=g, dtype=torch.float64)) * scale
+        x[:, [2, 7]] = 0
+        w = torch.randn(8, 12, generator=g, dtype=torch.float64)
+        removed, refit = obs_remove(w.float(), (x.T @ x / 400).float(), 2, 1, 1, 0.01)
+        assert removed.tolist() == [2, 7], scale
+        output = float((x @ w.T).square().sum())
+        assert float((x @ (w - refit.double()).T).square().sum()) < 1e-10 * output, scale
+
+
 def test_obs_fast_single_column_cost_matches_general_form():
     x = correlated_inputs(300, 32, seed=9).double()
     w = torch.randn(6, 32, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
@@ -258,6 +275,24 @@ def test_multi_head_attention_loses_whole_heads_with_their_keys_and_values(metho
     for layer in adapter.layers(model):
         attention = adapter.attention(layer)
         assert attention.k.weight.shape == attention.v.weight.shape == attention.q.weight.shape == (32, 64)
+
+
+def test_magnitude_scores_a_key_value_group_by_all_its_weights():
+    """Multi-head attention's unit is a query head with its key and value heads: magnitude
+    scores it by all of them (q, k and v rows, o columns). Heads 0 and 1 with small q rows and o
+    columns but large k and v rows outweigh heads 2 and 3, which go (scored on q and o alone,
+    heads 0 and 1 went)."""
+    model = tiny_llama(layers=1, kv_heads=4)
+    attention = get_adapter(model).attention(get_adapter(model).layers(model)[0])
+    with torch.no_grad():
+        for h in (0, 1):
+            rows = slice(16 * h, 16 * (h + 1))
+            attention.q.weight[rows] *= 0.1
+            attention.o.weight[:, rows] *= 0.1
+            attention.k.weight[rows] *= 10
+            attention.v.weight[rows] *= 10
+    records = prune(model, method="magnitude", structure="heads", head_sparsity=0.5)
+    assert sorted(records[0].diagnostics["removed_kv_groups"]) == [2, 3]
 
 
 @pytest.mark.parametrize("share, message", [(0.2, r"round\(0.2 x 2\) = 0"), (0.1, "1/2 = 0.5")])

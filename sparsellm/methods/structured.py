@@ -30,10 +30,17 @@ from .base import set_weight
 
 
 def damped_gram(gram: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """The Gram in float64, with inputs that never fire given a unit diagonal (they carry no
-    information; their weights are zeroed by the caller) and ``percdamp`` x its mean diagonal
-    added, as the SparseGPT solver dampens."""
-    g, _ = Gram.without_dead_inputs(gram.detach().to(torch.float64, copy=True), in_place=True)
+    """The Gram in float64 with ``percdamp`` x its mean diagonal added, as the SparseGPT solver
+    dampens. Inputs that never fired (zero row and column) keep their zero diagonal under the
+    dampening, which alone makes the matrix positive definite: removing such a unit then costs
+    the dampening's share of its weights, next to nothing, as its true cost (zero). A unit
+    diagonal (the unstructured solver's, which zeroes their weights) would price it at its
+    weights' squared norm whatever the scale of the inputs, above the units that do fire where
+    the Gram's diagonal is below 1. Only where no input fired at all do they get a unit
+    diagonal (the mean would be zero)."""
+    g = gram.detach().to(torch.float64, copy=True)
+    if not bool(torch.diagonal(g).any()):
+        g, _ = Gram.without_dead_inputs(g, in_place=True)
     g.diagonal().add_(percdamp * float(torch.diagonal(g).mean()))
     return g
 
@@ -195,10 +202,14 @@ def head_step(criterion: UnitCriterion, layer: LayerView) -> Step:
     else:
         count, unit, buckets = structure.heads_per_group * attention.num_kv_heads, attention.head_dim, attention.num_kv_heads
         linears, zero, key = (attention.q, attention.o), zero_heads, "removed_heads"
+    # the unit's producer rows: a group's are its rows of q, k and v (one query head per group:
+    # the same row count in each), a query head's its rows of q
+    producers = linears[:-1]
 
     def solve(observed):
-        removed, new_o = criterion.choose(attention.o.weight.detach().float(), [attention.q.weight.detach().float()],
-                                          observed, count, unit, buckets)
+        removed, new_o = criterion.choose(attention.o.weight.detach().float(),
+                                          [lin.weight.detach().float() for lin in producers], observed, count, unit,
+                                          buckets)
         _apply(attention.o, new_o, lambda: zero(attention, removed))
         return {key: removed.tolist()}
 
