@@ -141,15 +141,18 @@ def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float
     return s.tolist()
 
 
-def integer_counts(shares: list[float], sizes: list[int], low: float, high: float) -> list[int]:
-    """Counts c_l of units removed, c_l / size_l close to share_l, sum = round(sum share_l size_l)
-    exactly, each within [ceil(low size_l), floor(high size_l)]: floors first, then the largest
-    remainders. Where the bounds force more than the total (each layer's ceil(low size_l) above
-    its share), counts come off the layers most over their share, one at a time, until the sum
-    is the total or every count is at its bound. A width so small that no integer lies in
-    [low size_l, high size_l] gets floor(high size_l)."""
+def integer_counts(shares: list[float], sizes: list[int], low: float, high: float,
+                   total: int | None = None) -> list[int]:
+    """Counts c_l of units removed, c_l / size_l close to share_l, sum = ``total`` (default
+    round(sum share_l size_l)) exactly, each within [ceil(low size_l), floor(high size_l)]: floors
+    first, then the largest remainders. The driver gives total = round(target x channels): the
+    shares' sum is that product only to float rounding, which at a half (0.5 x 99 = 49.5, the
+    shares' 49.499999999999986) rounds the other way. Where the bounds force more than the total
+    (each layer's ceil(low size_l) above its share), counts come off the layers most over their
+    share, one at a time, until the sum is the total or every count is at its bound. A width so
+    small that no integer lies in [low size_l, high size_l] gets floor(high size_l)."""
     wanted = [s * n for s, n in zip(shares, sizes)]
-    total = round(sum(wanted))
+    total = round(sum(wanted)) if total is None else total
     lo = [math.ceil(low * n - 1e-9) for n in sizes]
     hi = [math.floor(high * n + 1e-9) for n in sizes]
     counts = [min(max(math.floor(w), a), b) for w, a, b in zip(wanted, lo, hi)]
@@ -301,7 +304,8 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
     channels = [0] * len(indices)
     if "channels" in config.structure:
         check_channel_removal(target, widths, rule)
-        channels = uniform_counts(target, widths) if rule == "uniform" else integer_counts(shares, widths, low, high)
+        channels = (uniform_counts(target, widths) if rule == "uniform"
+                    else integer_counts(shares, widths, low, high, round(target * sum(widths))))
     heads = [(0, 0)] * len(indices)
     if "heads" in config.structure:
         heads = [head_removal(config.head_sparsity, adapter.attention(layers[i])) for i in indices]

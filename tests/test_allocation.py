@@ -283,6 +283,26 @@ def test_integer_counts_come_down_to_the_total_when_lower_bounds_overshoot():
     assert counts == [1, 1, 1, 26]
 
 
+def test_channel_counts_sum_to_the_rounded_product_at_a_half(monkeypatch):
+    """0.5 of 3 x 33 channels: round(49.5) = 50, as the docs and check_channel_removal say; the
+    shares' weighted sum is 49.499999999999986 in floats (their mean is the target to rounding),
+    whose round gave 49."""
+    from sparsellm import allocation
+    from sparsellm.structure import compact_model, zero_channels
+
+    shares = energy_shares([0.1, 0.5, 0.9], 0.5, 1.0, 0.35, 0.65, [33] * 3)
+    assert math.fsum(s * 33 for s in shares) < 49.5 and round(0.5 * 99) == 50
+    assert sum(integer_counts(shares, [33] * 3, 0.35, 0.65, total=50)) == 50
+    model = tiny_llama(layers=3)
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        zero_channels(adapter.ffn(layer), torch.arange(95))
+    compact_model(model, adapter)
+    monkeypatch.setattr(allocation, "energy_shares", lambda *args, **kwargs: list(shares))
+    records = prune(model, method="wanda", sparsity=0.5, structure="channels", allocation="energy")
+    assert sum(r.target["channels_removed"] for r in records) == 50
+
+
 def test_structured_energy_on_layers_of_different_widths_removes_the_asked_share():
     from sparsellm.structure import compact_model, zero_channels
 
