@@ -30,9 +30,10 @@ their spread (T = 1: a layer one standard deviation above the mean gets e^-1 tim
 an average one).
 
 The budget is kept exactly: the mean of the per-layer shares is the target (to float rounding;
-for structured runs the mean weighted by the layers' FFN widths, which differ in a model
-compacted before) and, for structured runs, the channel counts sum to round(target x channels)
-through largest-remainder rounding within the bounds. The statistics for ``owl`` and ``energy``
+the mean weighted by the layers' sizes, which differ in a model compacted before: their FFN
+widths for structured runs, their prunable weights for unstructured ones) and, for structured
+runs, the channel counts sum to round(target x channels) through largest-remainder rounding
+within the bounds. The statistics for ``owl`` and ``energy``
 come from one pass of the dense layers over the calibration windows before pruning.
 """
 from __future__ import annotations
@@ -72,16 +73,18 @@ class LayerTarget:
 # the rules (pure functions of per-layer numbers: what the tests check)
 
 
-def owl_shares(outlier_ratios: list[float], target: float, lam: float, low: float, high: float) -> list[float]:
+def owl_shares(outlier_ratios: list[float], target: float, lam: float, low: float, high: float,
+               weights: list[int] | None = None) -> list[float]:
     """OWL: density linear in the outlier ratio over a range of 2 lambda, mean 1 - target; the
-    shares then clipped to [low, high] and shifted by one offset so that the mean stays the target
-    (the published rule has no bounds, and its shares can leave [0, 1] near the ends)."""
+    shares then clipped to [low, high] and shifted by one offset so that the mean, weighted by
+    ``weights`` where given (each layer's prunable weights), stays the target (the published rule
+    has no bounds, and its shares can leave [0, 1] near the ends)."""
     d = torch.tensor(outlier_ratios, dtype=torch.float64)
     spread = float(d.max() - d.min())
     scaled = (d - d.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(d)
     raw = 1 - (scaled - scaled.mean() + (1 - target))
     # raw lies within target -/+ 2 lambda, inside (-2, 3): offsets -/+ 3 take every share past the bounds
-    return _clipped_with_mean(lambda b: raw + b, target, low, high, -3.0, 3.0)
+    return _clipped_with_mean(lambda b: raw + b, target, low, high, -3.0, 3.0, weights)
 
 
 def energy_shares(energies: list[float], target: float, temperature: float, low: float, high: float,
@@ -289,11 +292,14 @@ def layer_targets(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, 
             return lowest_mass_share(scores, target)
 
         values = _dense_statistics(config, adapter, layers, indices, run_layer, device, statistic)
+        # the budget is channels (structured) or weights: a larger layer's share counts for more
+        # of it (layers of different sizes: a model compacted before; equal sizes, the plain mean)
+        weights = [adapter.ffn(layers[i]).down.in_features if config.structure
+                   else sum(lin.weight.numel() for lin in adapter.linears(layers[i]).values()) for i in indices]
         if rule == "owl":
-            shares = owl_shares([values[i] for i in indices], target, config.allocation.owl_lambda, low, high)
+            shares = owl_shares([values[i] for i in indices], target, config.allocation.owl_lambda, low, high,
+                                weights)
         else:
-            # structured, the budget is channels: a wider layer's share counts for more of it
-            weights = [adapter.ffn(layers[i]).down.in_features for i in indices] if config.structure else None
             shares = energy_shares([values[i] for i in indices], target, config.allocation.temperature, low, high,
                                    weights)
     if config.structure is None:

@@ -318,6 +318,29 @@ def test_structured_energy_on_layers_of_different_widths_removes_the_asked_share
     assert sum(r.target["channels_removed"] for r in records) == round(0.25 * sum(widths))
 
 
+@pytest.mark.parametrize("rule", ["owl", "energy"])
+def test_unstructured_allocation_on_layers_of_different_sizes_keeps_the_weight_budget(rule):
+    """An unstructured owl/energy run on a model compacted before (FFN widths 128, 80, 16): the
+    mean of the shares weighted by each layer's prunable weights is the target, so the zeros
+    over all pruned weights are the target's share (the plain mean gave 0.468 (owl) and 0.535
+    (energy) for 0.5)."""
+    from sparsellm.structure import compact_model, zero_channels
+
+    model = tiny_llama(layers=3)
+    adapter = get_adapter(model)
+    for layer, removed in zip(adapter.layers(model), [0, 48, 112]):
+        if removed:
+            zero_channels(adapter.ffn(layer), torch.arange(removed))
+    compact_model(model, adapter)
+    records = prune(model, method="wanda", sparsity=0.5, allocation=AllocationSettings(rule=rule, temperature=0.3))
+    sizes = [sum(m["numel"] for m in r.matrices.values()) for r in records]
+    shares = [r.target["sparsity"] for r in records]
+    assert len(set(sizes)) == 3 and max(shares) - min(shares) > 0.05
+    assert math.fsum(s * n for s, n in zip(shares, sizes)) / sum(sizes) == pytest.approx(0.5, abs=1e-9)
+    zeros = sum(round(m["sparsity"] * m["numel"]) for r in records for m in r.matrices.values())
+    assert zeros / sum(sizes) == pytest.approx(0.5, abs=0.01)
+
+
 def test_unstructured_allocation_holds_one_layers_scores_at_a_time(monkeypatch):
     """The unstructured scores are a float32 copy of a layer's weights: the dense pass reduces
     each layer's to its number (here the energy's, owl's the same way) before the next layer's
