@@ -51,7 +51,8 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
                  method_details=None, cost=None, structure=None) -> dict:
     """``cost``: :func:`~sparsellm.structure.model_cost` before and after the prune, taken before
     any export (whose sparse modules it would not count); the peak per parameter divides by its
-    ``after`` parameters, else by the model's. ``structure``: what
+    ``before`` parameters (the model the prune held: a structured run's units are cut out after
+    it), else by the model's. ``structure``: what
     :func:`sparsellm.structure.compact_model` removed (structured runs)."""
     structured = structured_summary(config, records, structure)
     zeros = total = 0
@@ -61,7 +62,7 @@ def build_report(config, model, records: list[LayerRecord], *, dense_ppl, pruned
             zeros += round(info["sparsity"] * info["numel"])
             total += info["numel"]
             per_matrix[f"layers.{record.index}.{name}"] = info["sparsity"]
-    parameters = cost["after"]["parameters"] if cost else sum(p.numel() for p in model.parameters())
+    parameters = cost["before"]["parameters"] if cost else sum(p.numel() for p in model.parameters())
     report = {
         "sparsellm_version": version,
         "method": config.method,

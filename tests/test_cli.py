@@ -450,6 +450,22 @@ def test_the_report_names_the_runs_gpu(monkeypatch):
     assert device_name("cuda") == device_name(None) == "GPU current"
 
 
+def test_the_peak_per_parameter_divides_by_the_model_the_prune_held():
+    """A structured run cuts its units out after the prune, whose peak held the model at its
+    size before: the peak per parameter divides by those parameters, not by the smaller model's
+    (which made it 4/3 of itself with a quarter of the parameters removed)."""
+    from sparsellm import PruneConfig
+    from sparsellm.report import build_report
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64))
+    cost = {"before": {"parameters": 4000, "flops_per_token": 1.0}, "after": {"parameters": 3000, "flops_per_token": 0.5}}
+    report = build_report(PruneConfig(device="cpu", method="wanda", structure="channels", sparsity=0.25), model, [],
+                          dense_ppl={}, pruned_ppl={}, prune_seconds=0.0, peak_memory={"host_max_rss": 80000},
+                          backend_usage={}, export_info=None, version="0", cost=cost)
+    assert report["peak_memory_bytes_per_param"] == 20.0
+
+
 def test_a_heads_only_report_states_the_head_share_not_the_unused_sparsity(tiny_llama_dir, text_file, tmp_path,
                                                                             capsys):
     """--structure heads with --sparsity left at its default (0.5, unused): the report and its
