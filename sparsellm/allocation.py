@@ -116,8 +116,12 @@ def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float
     (the caller's bracket: the clipped mean is at most the target at lo_p and at least it at
     hi_p, and monotone in p) so that the mean, weighted by ``weights`` where given, is
     ``target``; the last rounding residue goes to the layers strictly inside the bounds,
-    clipped again. A mean that still misses the target is a ValueError, so a layer's share
-    never leaves the bounds and the budget is never silently missed."""
+    clipped again (none inside and the mean off: to those that jump from one bound to the other
+    between the bracket's two ends, then neighbouring floats: a softmax at T = 1e-100 spreads the
+    log weights over ~1e100, where one float step of p is far wider than the window
+    log(high / low) in which a share lies inside the bounds). A mean that still misses the
+    target, or is not a number, is a ValueError, so a layer's share never leaves the bounds and
+    the budget is never silently missed."""
     count = unclipped(lo_p).numel()
     if target <= low or target >= high:  # bounds closed on the target: every layer gets it
         return [target] * count
@@ -134,11 +138,13 @@ def _clipped_with_mean(unclipped: Callable[[float], torch.Tensor], target: float
         lo_p, hi_p = (mid, hi_p) if float((shares(mid) * w).sum()) < budget else (lo_p, mid)
     s = shares(hi_p)
     free = (s > low) & (s < high)
+    if not free.any() and abs(float((s * w).sum()) - budget) > 1e-9 * float(w.sum()):
+        free = s != shares(lo_p)
     if free.any():
         s[free] += (budget - float((s * w).sum())) / float(w[free].sum())
         s = s.clamp(low, high)
     mean = math.fsum((s * w).tolist()) / float(w.sum())
-    if abs(mean - target) > 1e-9:
+    if not abs(mean - target) <= 1e-9:  # NaN too (a temperature so small that -z / T overflows)
         raise ValueError(f"the per-layer shares within [{low}, {high}] miss the target {target} (mean {mean:.6g}); "
                          "widen the per-layer bounds or raise the temperature")
     return s.tolist()

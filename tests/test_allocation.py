@@ -33,18 +33,30 @@ def test_energy_shares_keep_the_budget_and_bounds(seed, temperature):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("temperature", [1e-4, 0.01, 0.05])
+@pytest.mark.parametrize("temperature", [1e-4, 0.01, 0.05, 1e-20, 1e-100, 1e-300])
 @pytest.mark.parametrize("target, low, high", [(0.3, 0.15, 0.45), (0.5, 0.0, 0.95)])
 def test_energy_shares_keep_the_budget_and_bounds_when_cold(seed, temperature, target, low, high):
     """At a small temperature the colder layers' softmax weights underflow (exp(-dz / T) below
     1e-300): the mean is still the target, and no share leaves the bounds (the old rule gave
-    means of 0.17 for 0.3, and one layer 4.35)."""
+    means of 0.17 for 0.3, and one layer 4.35). Below T ~ 1e-16 one float step of the scale's
+    log is wider than the window in which a share lies inside the bounds: the layer between the
+    bounds takes the residue (the mean missed the target there, a ValueError)."""
     energies = torch.randn(30, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
     shares = energy_shares(energies, target, temperature, low, high)
     assert math.fsum(shares) / 30 == pytest.approx(target, abs=1e-12)
     assert all(low <= s <= high for s in shares)
     order = sorted(range(30), key=lambda i: energies[i])
     assert all(shares[a] >= shares[b] - 1e-12 for a, b in zip(order, order[1:]))
+
+
+def test_energy_shares_at_the_coldest_temperatures():
+    """T = 1e-300 gives the limit of the rule (the lowest energies at the upper bound, the highest
+    at the lower, the one between them taking the rest); at T = 5e-324 -z / T overflows to inf
+    and the softmax is NaN: a ValueError, not NaN shares that passed the mean's check."""
+    energies = [0.3, 0.1, 0.9, 0.5, 0.2]
+    assert energy_shares(energies, 0.3, 1e-300, 0.15, 0.45) == pytest.approx([0.3, 0.45, 0.15, 0.15, 0.45], abs=1e-12)
+    with pytest.raises(ValueError, match="raise the temperature"):
+        energy_shares(energies, 0.3, 5e-324, 0.15, 0.45)
 
 
 def test_energy_temperature_controls_the_spread():
