@@ -424,6 +424,37 @@ def test_checkpoint_of_another_run_is_refused_untouched(tmp_path):
     assert {CHECKPOINT_RUN, CHECKPOINT_STATE} <= set(before)
 
 
+class CountingCalibration(PatternCalibration):
+    """PatternCalibration that counts the training draws."""
+
+    def __init__(self):
+        self.draws = 0
+        super().__init__()
+
+    def draw(self, count, index):
+        self.draws += index >= 0
+        return super().draw(count, index)
+
+
+def test_without_preflight_a_bad_checkpoint_dir_is_refused_before_training(tmp_path):
+    """prune_model itself (sparsellm.prune runs no preflight) refuses a checkpoint folder behind a
+    file, or one holding another run's record, before the first step: not at the first
+    checkpoint, and without overwriting the other run's record."""
+    (tmp_path / "file").write_text("")
+    record_dir = tmp_path / "other"
+    prune(config(steps=2, checkpoint_every=1, checkpoint_dir=str(record_dir)))
+    (record_dir / CHECKPOINT_STATE).unlink()  # only the other run's record is left
+    record = (record_dir / CHECKPOINT_RUN).read_bytes()
+    for folder, error in ((tmp_path / "file" / "sub", NotADirectoryError), (record_dir, ValueError)):
+        calibration = CountingCalibration()
+        model = tiny_llama()
+        method = get_method(config(steps=4, lr=1e-3, checkpoint_every=2, checkpoint_dir=str(folder)))
+        with pytest.raises(error):
+            method.prune_model(model, get_adapter(model), calibration)
+        assert calibration.draws == 0
+    assert (record_dir / CHECKPOINT_RUN).read_bytes() == record
+
+
 def test_checkpoint_of_other_start_settings_is_refused_and_a_default_key_is_unchanged(tmp_path):
     """The allocation, the --init prune's sequential switch and SparseLLM's settings shape the
     result: a checkpoint of other values is refused. A default run's key names none of them, so

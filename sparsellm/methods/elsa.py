@@ -463,8 +463,11 @@ class SparseTraining(PruningMethod):
         per_step = s.batch_size * s.grad_accum * world
         folder = Path(s.checkpoint_dir) if s.checkpoint_dir else None
         saved = None
+        if folder is not None:
+            # the same run, or one clear error; and a folder that can be written: before any work,
+            # also where no preflight ran (sparsellm.prune), not at the first checkpoint
+            check_checkpoint_dir(self.config)
         if folder is not None and (folder / CHECKPOINT_STATE).exists():
-            check_checkpoint_dir(self.config)  # the same run, or one clear error
             saved = _read_state(folder / CHECKPOINT_STATE)
             log.info("%s: resuming from step %d of %s", self.name, saved["step"], folder)
             self.patterns = {int(k): SparsityPattern.parse(v) for k, v in saved["patterns"].items()}
