@@ -270,6 +270,37 @@ def test_admm_start_records_and_final_projection_by_hand():
         assert not torch.equal(expected != 0, _keep_top(before[i], before[i].abs(), 0.6) != 0)  # Fisher, not |w|
 
 
+def test_a_float64_model_keeps_float64_loss_and_kept_weights():
+    """A float64 model (sparsellm.precision.solve_dtype: float64 throughout) gets the loss
+    gradient of its float64 loss, and the final projection zeroes entries without rounding the
+    kept ones to float32."""
+    model = tiny_llama().double()
+    method = Elsa(config())
+    ids = PatternCalibration().draw(4, 0)
+    loss = method._backward(model, ids, 4, torch.device("cpu"))
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(ids, use_cache=False).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))  # equal-length windows
+    expected.backward()
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-13)
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-13)
+
+    targets = _targets(seed=4, pattern="0.6")
+    for t in targets:
+        t.linear.double()
+        t.weight.data += 1e-12 * torch.randn(t.weight.shape, dtype=torch.float64)  # off the float32 grid
+    method._start(targets)
+    optimizer = torch.optim.AdamW([t.weight for t in targets])
+    before = [t.weight.detach().clone() for t in targets]
+    method._finish(targets, optimizer)
+    for t, w in zip(targets, before):
+        kept = t.weight != 0
+        assert t.weight.dtype == torch.float64 and zero_fraction(t.weight) == int(w.numel() * 0.6) / w.numel()
+        assert torch.equal(t.weight[kept], w[kept])
+
+
 # ---- end to end on a tiny model -----------------------------------------------------------
 
 

@@ -75,7 +75,7 @@ from ..config import AllocationSettings, SparseLLMSettings
 from ..distributed import local
 from ..driver import LayerRecord, resolve_device
 from ..export import check_writable
-from ..precision import large_products
+from ..precision import large_products, solve_dtype
 from ..sparsity import SparsityPattern, nm_violations, pruned_count, reaches_sparsity, zero_fraction
 from .base import PruningMethod
 
@@ -594,8 +594,9 @@ class SparseTraining(PruningMethod):
                 # bfloat16: mixed precision, the forward under autocast (its backward follows it)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                     logits = model(ids, use_cache=False).logits
-                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                      reduction="none").view(ids.shape[0], -1).mean(1)
+                # float32, or the model's own where it is wider (a float64 model's loss in float64)
+                logits = logits[:, :-1].reshape(-1, logits.shape[-1]).to(solve_dtype(logits.dtype))
+                nll = F.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1).mean(1)
                 (nll.sum() / global_count).backward()
                 total += nll.detach().sum().double()
         return float(total) / global_count
@@ -749,9 +750,10 @@ class Elsa(SparseTraining):
         with torch.no_grad():
             for t in targets:
                 weight = local(t.weight)
-                w = weight.detach().float()
+                # scored in float32 (or wider), the kept weights left exactly as trained
+                w = weight.detach().to(solve_dtype(weight.dtype))
                 v = second_moment(optimizer, t.weight)
-                weight.copy_(self._project(w, importance(w, v, self.settings.score), t).to(weight.dtype))
+                weight.copy_(self._project(weight.detach(), importance(w, v, self.settings.score), t))
 
 
 def _check_kept_mask(layer: int, name: str, zeros: float, broken: float, shape, pattern: SparsityPattern) -> None:
