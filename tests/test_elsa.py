@@ -499,6 +499,16 @@ def test_checkpoint_of_other_start_settings_is_refused_and_a_default_key_is_unch
             check_checkpoint_dir(dataclasses.replace(base, **change))
 
 
+def test_a_whole_number_given_as_int_or_float_is_the_same_run(tmp_path):
+    """--admm-lambda 1 on the command line is 1.0; the same value given as the int 1 in Python
+    is the same run and resumes its checkpoint, and another value is still refused."""
+    record = run_settings(config(admm_lambda=1.0, max_grad_norm=2.0, checkpoint_dir=str(tmp_path)))
+    (tmp_path / CHECKPOINT_RUN).write_text(json.dumps({"settings": record}))
+    check_checkpoint_dir(config(admm_lambda=1, max_grad_norm=2, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"elsa\.admm_lambda: 1\.0 there, 2 now"):
+        check_checkpoint_dir(config(admm_lambda=2, max_grad_norm=2, checkpoint_dir=str(tmp_path)))
+
+
 def test_a_checkpoint_resumes_an_open_layer_range_and_knows_its_process_count(tmp_path, monkeypatch):
     """--layers 1: is recorded resolved (1:3 on this depth) while the check before loading sees
     1:None: the same command resumes, another start does not. batch_size is per process, so

@@ -251,6 +251,16 @@ def _run_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _integral(value):
+    """``value`` with each float that holds an integer as that int: lambda 1 (a Python caller) and
+    1.0 (the command line) are the same setting, which JSON writes two ways."""
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def check_checkpoint_dir(config) -> None:
     """Refuse, before anything loads, a checkpoint folder that holds another run's checkpoint
     (one message naming the settings that differ); nothing there is touched."""
@@ -278,7 +288,7 @@ def check_checkpoint_dir(config) -> None:
         # START: runs to the last layer, which the record holds resolved (the model is not loaded
         # yet); the resume checks the resolved range again
         current["layers"] = saved["layers"]
-    if _run_key(saved) != _run_key(current):
+    if _run_key(_integral(saved)) != _run_key(_integral(current)):
         flat_saved, flat_now = _flatten(saved), _flatten(current)
         changed = [f"{k}: {flat_saved.get(k)!r} there, {flat_now.get(k)!r} now"
                    for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
