@@ -270,6 +270,37 @@ def test_admm_start_records_and_final_projection_by_hand():
         assert not torch.equal(expected != 0, _keep_top(before[i], before[i].abs(), 0.6) != 0)  # Fisher, not |w|
 
 
+def test_a_float64_model_keeps_float64_loss_and_kept_weights():
+    """A float64 model (sparsellm.precision.solve_dtype: float64 throughout) gets the loss
+    gradient of its float64 loss, and the final projection zeroes entries without rounding the
+    kept ones to float32."""
+    model = tiny_llama().double()
+    method = Elsa(config())
+    ids = PatternCalibration().draw(4, 0)
+    loss = method._backward(model, ids, 4, torch.device("cpu"))
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(ids, use_cache=False).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))  # equal-length windows
+    expected.backward()
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-13)
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-13)
+
+    targets = _targets(seed=4, pattern="0.6")
+    for t in targets:
+        t.linear.double()
+        t.weight.data += 1e-12 * torch.randn(t.weight.shape, dtype=torch.float64)  # off the float32 grid
+    method._start(targets)
+    optimizer = torch.optim.AdamW([t.weight for t in targets])
+    before = [t.weight.detach().clone() for t in targets]
+    method._finish(targets, optimizer)
+    for t, w in zip(targets, before):
+        kept = t.weight != 0
+        assert t.weight.dtype == torch.float64 and zero_fraction(t.weight) == int(w.numel() * 0.6) / w.numel()
+        assert torch.equal(t.weight[kept], w[kept])
+
+
 # ---- end to end on a tiny model -----------------------------------------------------------
 
 
@@ -424,6 +455,37 @@ def test_checkpoint_of_another_run_is_refused_untouched(tmp_path):
     assert {CHECKPOINT_RUN, CHECKPOINT_STATE} <= set(before)
 
 
+class CountingCalibration(PatternCalibration):
+    """PatternCalibration that counts the training draws."""
+
+    def __init__(self):
+        self.draws = 0
+        super().__init__()
+
+    def draw(self, count, index):
+        self.draws += index >= 0
+        return super().draw(count, index)
+
+
+def test_without_preflight_a_bad_checkpoint_dir_is_refused_before_training(tmp_path):
+    """prune_model itself (sparsellm.prune runs no preflight) refuses a checkpoint folder behind a
+    file, or one holding another run's record, before the first step: not at the first
+    checkpoint, and without overwriting the other run's record."""
+    (tmp_path / "file").write_text("")
+    record_dir = tmp_path / "other"
+    prune(config(steps=2, checkpoint_every=1, checkpoint_dir=str(record_dir)))
+    (record_dir / CHECKPOINT_STATE).unlink()  # only the other run's record is left
+    record = (record_dir / CHECKPOINT_RUN).read_bytes()
+    for folder, error in ((tmp_path / "file" / "sub", NotADirectoryError), (record_dir, ValueError)):
+        calibration = CountingCalibration()
+        model = tiny_llama()
+        method = get_method(config(steps=4, lr=1e-3, checkpoint_every=2, checkpoint_dir=str(folder)))
+        with pytest.raises(error):
+            method.prune_model(model, get_adapter(model), calibration)
+        assert calibration.draws == 0
+    assert (record_dir / CHECKPOINT_RUN).read_bytes() == record
+
+
 def test_checkpoint_of_other_start_settings_is_refused_and_a_default_key_is_unchanged(tmp_path):
     """The allocation, the --init prune's sequential switch and SparseLLM's settings shape the
     result: a checkpoint of other values is refused. A default run's key names none of them, so
@@ -435,6 +497,16 @@ def test_checkpoint_of_other_start_settings_is_refused_and_a_default_key_is_unch
                          (dict(sparsellm={"iterations": 2}), "sparsellm.iterations")):
         with pytest.raises(ValueError, match=rf"different run \(.*{name}: None there"):
             check_checkpoint_dir(dataclasses.replace(base, **change))
+
+
+def test_a_whole_number_given_as_int_or_float_is_the_same_run(tmp_path):
+    """--admm-lambda 1 on the command line is 1.0; the same value given as the int 1 in Python
+    is the same run and resumes its checkpoint, and another value is still refused."""
+    record = run_settings(config(admm_lambda=1.0, max_grad_norm=2.0, checkpoint_dir=str(tmp_path)))
+    (tmp_path / CHECKPOINT_RUN).write_text(json.dumps({"settings": record}))
+    check_checkpoint_dir(config(admm_lambda=1, max_grad_norm=2, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"elsa\.admm_lambda: 1\.0 there, 2 now"):
+        check_checkpoint_dir(config(admm_lambda=2, max_grad_norm=2, checkpoint_dir=str(tmp_path)))
 
 
 def test_a_checkpoint_resumes_an_open_layer_range_and_knows_its_process_count(tmp_path, monkeypatch):

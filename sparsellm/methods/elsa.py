@@ -75,7 +75,7 @@ from ..config import AllocationSettings, SparseLLMSettings
 from ..distributed import local
 from ..driver import LayerRecord, resolve_device
 from ..export import check_writable
-from ..precision import large_products
+from ..precision import large_products, solve_dtype
 from ..sparsity import SparsityPattern, nm_violations, pruned_count, reaches_sparsity, zero_fraction
 from .base import PruningMethod
 
@@ -251,6 +251,16 @@ def _run_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _integral(value):
+    """``value`` with each float that holds an integer as that int: lambda 1 (a Python caller) and
+    1.0 (the command line) are the same setting, which JSON writes two ways."""
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def check_checkpoint_dir(config) -> None:
     """Refuse, before anything loads, a checkpoint folder that holds another run's checkpoint
     (one message naming the settings that differ); nothing there is touched."""
@@ -278,7 +288,7 @@ def check_checkpoint_dir(config) -> None:
         # START: runs to the last layer, which the record holds resolved (the model is not loaded
         # yet); the resume checks the resolved range again
         current["layers"] = saved["layers"]
-    if _run_key(saved) != _run_key(current):
+    if _run_key(_integral(saved)) != _run_key(_integral(current)):
         flat_saved, flat_now = _flatten(saved), _flatten(current)
         changed = [f"{k}: {flat_saved.get(k)!r} there, {flat_now.get(k)!r} now"
                    for k in sorted(set(flat_saved) | set(flat_now)) if flat_saved.get(k) != flat_now.get(k)]
@@ -463,8 +473,11 @@ class SparseTraining(PruningMethod):
         per_step = s.batch_size * s.grad_accum * world
         folder = Path(s.checkpoint_dir) if s.checkpoint_dir else None
         saved = None
+        if folder is not None:
+            # the same run, or one clear error; and a folder that can be written: before any work,
+            # also where no preflight ran (sparsellm.prune), not at the first checkpoint
+            check_checkpoint_dir(self.config)
         if folder is not None and (folder / CHECKPOINT_STATE).exists():
-            check_checkpoint_dir(self.config)  # the same run, or one clear error
             saved = _read_state(folder / CHECKPOINT_STATE)
             log.info("%s: resuming from step %d of %s", self.name, saved["step"], folder)
             self.patterns = {int(k): SparsityPattern.parse(v) for k, v in saved["patterns"].items()}
@@ -591,8 +604,9 @@ class SparseTraining(PruningMethod):
                 # bfloat16: mixed precision, the forward under autocast (its backward follows it)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                     logits = model(ids, use_cache=False).logits
-                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                      reduction="none").view(ids.shape[0], -1).mean(1)
+                # float32, or the model's own where it is wider (a float64 model's loss in float64)
+                logits = logits[:, :-1].reshape(-1, logits.shape[-1]).to(solve_dtype(logits.dtype))
+                nll = F.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1).mean(1)
                 (nll.sum() / global_count).backward()
                 total += nll.detach().sum().double()
         return float(total) / global_count
@@ -746,9 +760,10 @@ class Elsa(SparseTraining):
         with torch.no_grad():
             for t in targets:
                 weight = local(t.weight)
-                w = weight.detach().float()
+                # scored in float32 (or wider), the kept weights left exactly as trained
+                w = weight.detach().to(solve_dtype(weight.dtype))
                 v = second_moment(optimizer, t.weight)
-                weight.copy_(self._project(w, importance(w, v, self.settings.score), t).to(weight.dtype))
+                weight.copy_(self._project(weight.detach(), importance(w, v, self.settings.score), t))
 
 
 def _check_kept_mask(layer: int, name: str, zeros: float, broken: float, shape, pattern: SparsityPattern) -> None:
