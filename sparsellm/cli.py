@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projection score: fisher = Adam's v * (w + u)^2, or magnitude |w + u|")
     g.add_argument("--init", default=None, help="start from this layer-wise method's pruned weights (e.g. sparsegpt)")
     g.add_argument("--train-dense-params", action="store_true",
-                   help="also train embeddings, norms and lm_head (never pruned; frozen by default)")
+                   help="also train every parameter that is not pruned (embeddings, norms, lm_head, biases, the "
+                        "linears of layers outside --layers; frozen by default)")
     g.add_argument("--state-dtype", default=e.state_dtype, choices=ElsaSettings.STATE_DTYPES,
                    help="storage of the ADMM states z and u (bfloat16, float8: the memory-lean Elsa-L)")
     g.add_argument("--optimizer", default=e.optimizer, choices=ElsaSettings.OPTIMIZERS,

@@ -123,7 +123,7 @@ class ElsaSettings:
     admm_interval: int = 32  # steps between z/u updates
     score: str = "fisher"  # projection score: fisher (v * (w + u)^2, v = Adam's 2nd moment) or magnitude
     init: str | None = None  # a layer-wise method whose pruned weights start w and z
-    train_dense_params: bool = False  # also train embeddings, norms, lm_head (never pruned)
+    train_dense_params: bool = False  # also train every parameter not pruned (embeddings, norms, lm_head, biases, ...)
     state_dtype: str = "float32"  # storage of z and u: float32, bfloat16, or float8 (per-tensor scale)
     optimizer: str = "adamw"  # adamw (torch, fp32 moments) or adamw8bit (bitsandbytes, 8-bit moments)
     # Arithmetic of the forward and backward passes. Weights, gradients, Adam's moments and z/u

@@ -23,7 +23,8 @@ Adam has seen a gradient, at the very first projection, magnitude is used).
 
 Choices made here, and why:
 - Embeddings, norms and lm_head are never pruned and by default frozen
-  (``train_dense_params`` trains them too): the constraint concerns the linears, and the tied
+  (``train_dense_params`` trains them too, with every other parameter that is not pruned: biases,
+  the linears of layers outside the range): the constraint concerns the linears, and the tied
   embedding of a small model is a fifth of its weights, whose Adam states would cost more
   memory than the linears'.
 - The model runs in eval mode (no dropout): runs are deterministic, so a resumed run ends with
