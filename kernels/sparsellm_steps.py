@@ -33,8 +33,10 @@ def _relu_z_kernel(p_ptr, m_ptr, out_ptr, numel, alpha, gamma, BLOCK: tl.constex
     ok = off < numel
     p = tl.load(p_ptr + off, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    z_pos = tl.maximum((alpha * m + gamma * p) / (alpha + gamma), 0.0)
-    z_neg = tl.minimum(m, 0.0)
+    # NaN propagated, as the reference's clamp_min/clamp_max do (the default returns the other
+    # operand: a NaN m came out as a finite 0)
+    z_pos = tl.maximum((alpha * m + gamma * p) / (alpha + gamma), 0.0, propagate_nan=tl.PropagateNan.ALL)
+    z_neg = tl.minimum(m, 0.0, propagate_nan=tl.PropagateNan.ALL)
     f_pos = alpha * (z_pos - m) * (z_pos - m) + gamma * (p - z_pos) * (p - z_pos)
     f_neg = alpha * (z_neg - m) * (z_neg - m) + gamma * p * p
     z = tl.where(f_pos <= f_neg, z_pos, z_neg)

@@ -343,6 +343,19 @@ def test_z_steps(shape, dtype):
     torch.testing.assert_close(z.double(), zr, rtol=tol, atol=tol)
 
 
+def test_relu_z_step_keeps_nan_as_the_reference():
+    """A NaN in m (or p) gives NaN in the reference (clamp_min/clamp_max propagate it). The
+    kernel's tl.maximum/tl.minimum returned the other operand, so a NaN m came out as 0 and
+    hid the divergence from SparseLLM's objective."""
+    p, m = rand(50, 7, 13, device=DEV, scale=2.0), rand(51, 7, 13, device=DEV, scale=2.0)
+    m[1, 3] = p[2, 5] = m[4, 0] = p[4, 0] = float("nan")
+    m[5, 7] = float("inf")
+    z = sparsellm_steps.relu_z_step(p, m, 0.7, 1.3).cpu()
+    zr = reference.relu_z_step(p.double().cpu(), m.double().cpu(), 0.7, 1.3)
+    assert torch.isnan(zr[1, 3]) and torch.equal(torch.isnan(z), torch.isnan(zr))
+    torch.testing.assert_close(z.double(), zr, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_z_step_broadcast_and_float64_declined():
     p = rand(1, 6, 10, device=DEV)
     m = rand(2, 10, device=DEV)
