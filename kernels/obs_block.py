@@ -68,7 +68,9 @@ def _obs_block_kernel(w_ptr, h_ptr, mask_ptr, q_ptr, err_ptr, loss_ptr, rows, B,
         diff = w - q
         loss += tl.div_rn(diff * diff, d * d)
         e = tl.div_rn(diff, d)
-        W = W - e[:, None] * h_row[None, :]
+        # only the later columns: a non-finite error times the zero h_row of a finished
+        # column is NaN (the reference and the CUDA sweep update columns > col alone)
+        W = tl.where(j2 > col, W - e[:, None] * h_row[None, :], W)
         W = tl.where(at_col, q[:, None], W)
         E = tl.where(at_col, e[:, None], E)
     tl.store(q_ptr + r2 * stride_q + j2, W.to(q_ptr.dtype.element_ty), mask=ok)

@@ -223,6 +223,25 @@ def test_obs_block_given_mask_and_fp16():
     torch.testing.assert_close(loss16.float(), lossr32, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("n,m", [(None, None), (2, 4)])
+def test_obs_block_non_finite_weight_leaves_earlier_columns_alone(n, m):
+    """A NaN or inf weight makes its column's error non-finite; the reference (and the CUDA
+    sweep) spread it over the later columns only. The kernel multiplied it by the zero h_row
+    entries of the finished columns too, and 0 * inf = NaN overwrote them. (In the last group
+    of 4: a group of NaN scores is a tie, which topk breaks in no specified order.)"""
+    rows, width = 6, 16
+    hinv = hinv_factor(width, DEV, seed=22)
+    w = rand(23, rows, width, device=DEV)
+    w[1, 13] = float("nan")
+    w[4, 14] = float("inf")
+    q, err, _ = obs_block.obs_prune_block(w, hinv, 0.5, n, m)
+    qr, errr, _ = reference.obs_prune_block(w.cpu(), hinv.cpu(), 0.5, n, m)
+    assert torch.isfinite(qr[1, :13]).all() and torch.isfinite(qr[4, :14]).all() and qr[1, 13].isnan()
+    torch.testing.assert_close(q.cpu(), qr, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(err.cpu(), errr, rtol=1e-5, atol=1e-5 * errr[torch.isfinite(errr)].abs().max(),
+                               equal_nan=True)
+
+
 def test_obs_block_broadcast_mask():
     """A one-row mask applies to every row, as in the reference (the kernel reads the mask
     with its row stride: the mask is expanded first, not read past its one row)."""
