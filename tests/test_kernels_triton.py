@@ -399,6 +399,22 @@ def test_steps_return_the_references_dtype_for_mixed_inputs():
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
+def test_steps_promote_a_zero_dim_input_as_the_reference():
+    """A 0-d float32 input (a scalar target broadcast over the chunk) with float16 tensors: the
+    reference promotes the dtypes (float32 result); torch.result_type, which the kernels used,
+    ignores a 0-d tensor's dtype within its category and gave a float16 result."""
+    s, g, p = (rand(60 + i, 5, 37, device=DEV, scale=2.0).half() for i in range(3))
+    z0 = rand(63, 1, device=DEV, scale=2.0)[0]  # 0-d float32
+    assert z0.dim() == 0
+    for step, args in ((sparsellm_steps.relu_z_step, (p, z0, 0.5, 2.0)),
+                       (sparsellm_steps.swiglu_z_step, (p, z0, s, 0.5, 2.0)),
+                       (sparsellm_steps.swiglu_s_step, (s, g, p, z0, 0.5, 2.0, 3))):
+        got = step(*args)
+        ref = getattr(reference, step.__name__)(*args)
+        assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("omega", [1.6, 1.0])
 def test_aux_updates_are_the_kernels_steps_relaxed_and_measured(omega):
     """The triton backend's auxiliary updates: z (and s) from the step kernels, relaxed from the
