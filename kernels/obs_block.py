@@ -88,6 +88,9 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     rows, width = weight.shape
     if hinv.shape != (width, width):  # the kernel indexes hinv by the block's columns
         raise ValueError(f"hinv has shape {tuple(hinv.shape)}; the block has {width} columns")
+    if prune_mask is None:
+        # a ragged last group would rank the zero pad lanes past the block with its entries
+        reference.check_nm_width(width, n, m)
     if prune_mask is None and n is None:
         score = weight.float() ** 2 / torch.diagonal(hinv).float().unsqueeze(0) ** 2
         prune_mask = reference.flat_prune_mask(score, pruned_count(rows * width, fraction))

@@ -223,6 +223,22 @@ def test_obs_block_given_mask_and_fp16():
     torch.testing.assert_close(loss16.float(), lossr32, rtol=1e-3, atol=0)
 
 
+def test_obs_block_nm_width_not_a_multiple_of_m_is_an_error():
+    """An N:M block whose width m does not divide: the reference and the CUDA sweep refuse it.
+    The kernel ranked the ragged last group with the zero pad lanes past the block, which took
+    the pruned places: 2:4 on 6 columns pruned nothing in columns 4 and 5."""
+    w = rand(24, 3, 6, device=DEV)
+    hinv = hinv_factor(6, DEV, seed=25)
+    with pytest.raises(ValueError, match="multiple of 4, got 6"):
+        reference.obs_prune_block(w, hinv, 0.5, 2, 4)
+    with pytest.raises(ValueError, match="multiple of 4, got 6"):
+        obs_block.obs_prune_block(w, hinv, 0.5, 2, 4)
+    given = rand(26, 3, 6, device=DEV) > 0  # a given mask has no groups: any width
+    q, _, _ = obs_block.obs_prune_block(w, hinv, 0.5, 2, 4, prune_mask=given)
+    torch.testing.assert_close(q, reference.obs_prune_block(w, hinv, 0.5, 2, 4, prune_mask=given)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n,m", [(None, None), (2, 4)])
 def test_obs_block_non_finite_weight_leaves_earlier_columns_alone(n, m):
     """A NaN or inf weight makes its column's error non-finite; the reference (and the CUDA
