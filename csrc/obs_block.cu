@@ -178,6 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_prune_block(const at::Tensor&
   const bool nm = !prune_mask.has_value() && n > 0;
   at::Tensor mask;
   if (prune_mask.has_value()) {
+    // the kernel reads the mask through a device pointer: a host mask would be an illegal access
+    TORCH_CHECK(prune_mask->device() == W.device(), "prune_mask must be on the weight's device (",
+                W.device(), "), got ", prune_mask->device());
     mask = prune_mask->to(at::kBool).contiguous();
     TORCH_CHECK(mask.sizes() == W.sizes(), "prune_mask must have the weight's shape");
   } else if (!nm) {

@@ -68,7 +68,9 @@ def _obs_block_kernel(w_ptr, h_ptr, mask_ptr, q_ptr, err_ptr, loss_ptr, rows, B,
         diff = w - q
         loss += tl.div_rn(diff * diff, d * d)
         e = tl.div_rn(diff, d)
-        W = W - e[:, None] * h_row[None, :]
+        # only the later columns: a non-finite error times the zero h_row of a finished
+        # column is NaN (the reference and the CUDA sweep update columns > col alone)
+        W = tl.where(j2 > col, W - e[:, None] * h_row[None, :], W)
         W = tl.where(at_col, q[:, None], W)
         E = tl.where(at_col, e[:, None], E)
     tl.store(q_ptr + r2 * stride_q + j2, W.to(q_ptr.dtype.element_ty), mask=ok)
@@ -86,6 +88,9 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     rows, width = weight.shape
     if hinv.shape != (width, width):  # the kernel indexes hinv by the block's columns
         raise ValueError(f"hinv has shape {tuple(hinv.shape)}; the block has {width} columns")
+    if prune_mask is None:
+        # a ragged last group would rank the zero pad lanes past the block with its entries
+        reference.check_nm_width(width, n, m)
     if prune_mask is None and n is None:
         score = weight.float() ** 2 / torch.diagonal(hinv).float().unsqueeze(0) ** 2
         prune_mask = reference.flat_prune_mask(score, pruned_count(rows * width, fraction))

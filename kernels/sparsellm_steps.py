@@ -11,6 +11,8 @@ Formulas and the order of the safeguarded Newton steps mirror
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,8 +35,10 @@ def _relu_z_kernel(p_ptr, m_ptr, out_ptr, numel, alpha, gamma, BLOCK: tl.constex
     ok = off < numel
     p = tl.load(p_ptr + off, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    z_pos = tl.maximum((alpha * m + gamma * p) / (alpha + gamma), 0.0)
-    z_neg = tl.minimum(m, 0.0)
+    # NaN propagated, as the reference's clamp_min/clamp_max do (the default returns the other
+    # operand: a NaN m came out as a finite 0)
+    z_pos = tl.maximum((alpha * m + gamma * p) / (alpha + gamma), 0.0, propagate_nan=tl.PropagateNan.ALL)
+    z_neg = tl.minimum(m, 0.0, propagate_nan=tl.PropagateNan.ALL)
     f_pos = alpha * (z_pos - m) * (z_pos - m) + gamma * (p - z_pos) * (p - z_pos)
     f_neg = alpha * (z_neg - m) * (z_neg - m) + gamma * p * p
     z = tl.where(f_pos <= f_neg, z_pos, z_neg)
@@ -108,6 +112,13 @@ def _launch(kernel, out_dtype, shape, flats, *scalars):
     return out
 
 
+def _dtype(*tensors):
+    """The reference's result dtype (:func:`sparsellm.reference.promoted`): the inputs' dtypes
+    promoted, a 0-d tensor's included (torch.result_type would let a 0-d float32 input give a
+    float16 result)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
 def _decline_float64(*tensors):
     # the kernels compute in fp32 registers; a float64 caller asked for more than that
     if any(t.dtype == torch.float64 for t in tensors):
@@ -117,14 +128,13 @@ def _decline_float64(*tensors):
 def relu_z_step(p, m, alpha, gamma):
     _decline_float64(p, m)
     shape, flats = _flat(p, m)
-    return _launch(_relu_z_kernel, torch.result_type(p, m), shape, flats, float(alpha), float(gamma))
+    return _launch(_relu_z_kernel, _dtype(p, m), shape, flats, float(alpha), float(gamma))
 
 
 def swiglu_z_step(p, m, s, alpha, gamma):
     _decline_float64(p, m, s)
     shape, flats = _flat(p, m, s)
-    dtype = torch.promote_types(torch.result_type(p, m), s.dtype)
-    return _launch(_swiglu_z_kernel, dtype, shape, flats, float(alpha), float(gamma))
+    return _launch(_swiglu_z_kernel, _dtype(p, m, s), shape, flats, float(alpha), float(gamma))
 
 
 def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
@@ -132,5 +142,4 @@ def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     shape, flats = _flat(s, g, p, z)
     # the reference's dtype: s is replaced by candidates computed from all four (a float16 s
     # with float32 targets gives float32, not s's float16)
-    dtype = torch.promote_types(torch.result_type(s, g), torch.result_type(p, z))
-    return _launch(_swiglu_s_kernel, dtype, shape, flats, float(alpha), float(gamma), int(iterations))
+    return _launch(_swiglu_s_kernel, _dtype(s, g, p, z), shape, flats, float(alpha), float(gamma), int(iterations))

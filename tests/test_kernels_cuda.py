@@ -94,6 +94,19 @@ def test_obs_block_broadcast_mask(cb):
     torch.testing.assert_close(loss.cpu(), lossr, rtol=1e-5, atol=0)
 
 
+def test_obs_block_host_mask_is_an_error(cb):
+    """The kernel reads the mask through a device pointer: a CPU mask with CUDA weights was passed
+    to it as is (an illegal memory access); now refused, as the reference and Triton refuse it."""
+    weight = rand(52, 5, 16).cuda()
+    hinv = hinv_factor(16, seed=53).cuda()
+    given = rand(54, 5, 16) > 0
+    with pytest.raises(RuntimeError, match="prune_mask must be on the weight's device"):
+        cb.obs_prune_block(weight, hinv, 0.5, prune_mask=given)
+    torch.cuda.synchronize()  # the context is still usable
+    q, _, _ = cb.obs_prune_block(weight, hinv, 0.5, prune_mask=given.cuda())
+    assert (q.cpu()[given] == 0).all()
+
+
 def test_float64_wanda_masks_are_declined(cb):
     """The kernel scores |W| * norm in fp32, the reference float64 inputs in float64 (pairs
     1e-12 apart, the larger first, tie in fp32: see the Triton test of the same name)."""

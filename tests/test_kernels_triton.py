@@ -223,6 +223,41 @@ def test_obs_block_given_mask_and_fp16():
     torch.testing.assert_close(loss16.float(), lossr32, rtol=1e-3, atol=0)
 
 
+def test_obs_block_nm_width_not_a_multiple_of_m_is_an_error():
+    """An N:M block whose width m does not divide: the reference and the CUDA sweep refuse it.
+    The kernel ranked the ragged last group with the zero pad lanes past the block, which took
+    the pruned places: 2:4 on 6 columns pruned nothing in columns 4 and 5."""
+    w = rand(24, 3, 6, device=DEV)
+    hinv = hinv_factor(6, DEV, seed=25)
+    with pytest.raises(ValueError, match="multiple of 4, got 6"):
+        reference.obs_prune_block(w, hinv, 0.5, 2, 4)
+    with pytest.raises(ValueError, match="multiple of 4, got 6"):
+        obs_block.obs_prune_block(w, hinv, 0.5, 2, 4)
+    given = rand(26, 3, 6, device=DEV) > 0  # a given mask has no groups: any width
+    q, _, _ = obs_block.obs_prune_block(w, hinv, 0.5, 2, 4, prune_mask=given)
+    torch.testing.assert_close(q, reference.obs_prune_block(w, hinv, 0.5, 2, 4, prune_mask=given)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,m", [(None, None), (2, 4)])
+def test_obs_block_non_finite_weight_leaves_earlier_columns_alone(n, m):
+    """A NaN or inf weight makes its column's error non-finite; the reference (and the CUDA
+    sweep) spread it over the later columns only. The kernel multiplied it by the zero h_row
+    entries of the finished columns too, and 0 * inf = NaN overwrote them. (In the last group
+    of 4: a group of NaN scores is a tie, which topk breaks in no specified order.)"""
+    rows, width = 6, 16
+    hinv = hinv_factor(width, DEV, seed=22)
+    w = rand(23, rows, width, device=DEV)
+    w[1, 13] = float("nan")
+    w[4, 14] = float("inf")
+    q, err, _ = obs_block.obs_prune_block(w, hinv, 0.5, n, m)
+    qr, errr, _ = reference.obs_prune_block(w.cpu(), hinv.cpu(), 0.5, n, m)
+    assert torch.isfinite(qr[1, :13]).all() and torch.isfinite(qr[4, :14]).all() and qr[1, 13].isnan()
+    torch.testing.assert_close(q.cpu(), qr, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(err.cpu(), errr, rtol=1e-5, atol=1e-5 * errr[torch.isfinite(errr)].abs().max(),
+                               equal_nan=True)
+
+
 def test_obs_block_broadcast_mask():
     """A one-row mask applies to every row, as in the reference (the kernel reads the mask
     with its row stride: the mask is expanded first, not read past its one row)."""
@@ -343,6 +378,19 @@ def test_z_steps(shape, dtype):
     torch.testing.assert_close(z.double(), zr, rtol=tol, atol=tol)
 
 
+def test_relu_z_step_keeps_nan_as_the_reference():
+    """A NaN in m (or p) gives NaN in the reference (clamp_min/clamp_max propagate it). The
+    kernel's tl.maximum/tl.minimum returned the other operand, so a NaN m came out as 0 and
+    hid the divergence from SparseLLM's objective."""
+    p, m = rand(50, 7, 13, device=DEV, scale=2.0), rand(51, 7, 13, device=DEV, scale=2.0)
+    m[1, 3] = p[2, 5] = m[4, 0] = p[4, 0] = float("nan")
+    m[5, 7] = float("inf")
+    z = sparsellm_steps.relu_z_step(p, m, 0.7, 1.3).cpu()
+    zr = reference.relu_z_step(p.double().cpu(), m.double().cpu(), 0.7, 1.3)
+    assert torch.isnan(zr[1, 3]) and torch.equal(torch.isnan(z), torch.isnan(zr))
+    torch.testing.assert_close(z.double(), zr, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_z_step_broadcast_and_float64_declined():
     p = rand(1, 6, 10, device=DEV)
     m = rand(2, 10, device=DEV)
@@ -365,6 +413,22 @@ def test_steps_return_the_references_dtype_for_mixed_inputs():
         # rounding of its flat objective near a minimum, as in test_swiglu_s_step)
         want = ref(*(a.float() if torch.is_tensor(a) else a for a in args))
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_steps_promote_a_zero_dim_input_as_the_reference():
+    """A 0-d float32 input (a scalar target broadcast over the chunk) with float16 tensors: the
+    reference promotes the dtypes (float32 result); torch.result_type, which the kernels used,
+    ignores a 0-d tensor's dtype within its category and gave a float16 result."""
+    s, g, p = (rand(60 + i, 5, 37, device=DEV, scale=2.0).half() for i in range(3))
+    z0 = rand(63, 1, device=DEV, scale=2.0)[0]  # 0-d float32
+    assert z0.dim() == 0
+    for step, args in ((sparsellm_steps.relu_z_step, (p, z0, 0.5, 2.0)),
+                       (sparsellm_steps.swiglu_z_step, (p, z0, s, 0.5, 2.0)),
+                       (sparsellm_steps.swiglu_s_step, (s, g, p, z0, 0.5, 2.0, 3))):
+        got = step(*args)
+        ref = getattr(reference, step.__name__)(*args)
+        assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("omega", [1.6, 1.0])
