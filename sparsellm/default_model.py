@@ -6,11 +6,18 @@ cached as a safetensors directory, so later runs load it in about a second.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: conversions are not serialised
+    fcntl = None
 
 from .progress import library_bars
 
@@ -48,11 +55,34 @@ def gguf_path() -> Path:
 def cached_model_dir(progress: bool = True) -> Path:
     """The float32 safetensors directory of the default model, creating it on first use."""
     target = cache_root() / CACHE_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _complete(target):
         return target
     source = gguf_path()
-    with library_bars(progress):  # without progress: off for the conversion only
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target), library_bars(progress):  # without progress: off for the conversion only
+        if _complete(target):  # another process converted it while this one waited
+            return target
         return _convert(source, target)
+
+
+def _complete(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """One conversion of ``target`` at a time, across processes: without it two runs that found
+    no cache both converted, and the later one deleted the folder the first had published (under
+    a run already loading it) or failed to publish its own over it (a non-empty folder)."""
+    if fcntl is None:
+        yield
+        return
+    with open(target.parent / (target.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _convert(source: Path, target: Path) -> Path:

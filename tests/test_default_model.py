@@ -1,0 +1,48 @@
+"""sparsellm.default_model's cache: converted once, published whole, by one process at a time.
+The conversion itself (transformers' GGUF loader, ~30 s) is replaced by a stand-in here."""
+import threading
+import time
+
+from sparsellm import default_model
+
+
+def fake_conversion(monkeypatch, tmp_path, seconds=0.0):
+    """Point the cache at ``tmp_path`` and replace the GGUF conversion by one that takes
+    ``seconds`` and writes the two files the cache is recognised by; the list of its calls."""
+    monkeypatch.setenv("SPARSELLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_model, "gguf_path", lambda: tmp_path / default_model.GGUF_FILE)
+    calls = []
+
+    def convert(source, target):
+        calls.append(target)
+        time.sleep(seconds)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"weights")
+        return target
+
+    monkeypatch.setattr(default_model, "_convert", convert)
+    return calls
+
+
+def test_a_present_cache_is_used_without_converting(monkeypatch, tmp_path):
+    calls = fake_conversion(monkeypatch, tmp_path)
+    first = default_model.cached_model_dir(progress=False)
+    assert default_model.cached_model_dir(progress=False) == first
+    assert calls == [first]
+
+
+def test_conversions_at_the_same_time_convert_once(monkeypatch, tmp_path):
+    """Two runs that find no cache at once: the second waits for the first's conversion and uses
+    it (both converted before, and the later one deleted the folder the first had published)."""
+    calls = fake_conversion(monkeypatch, tmp_path, seconds=0.5)
+    results = []
+    runs = [threading.Thread(target=lambda: results.append(default_model.cached_model_dir(progress=False)))
+            for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    target = tmp_path / "cache" / default_model.CACHE_NAME
+    assert results == [target, target]
+    assert calls == [target]
