@@ -110,6 +110,8 @@ def _convert(source: Path, target: Path) -> Path:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():  # safetensors writes model.safetensors owner-only (0600)
+            os.chmod(path, 0o644)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -46,3 +46,25 @@ def test_conversions_at_the_same_time_convert_once(monkeypatch, tmp_path):
     target = tmp_path / "cache" / default_model.CACHE_NAME
     assert results == [target, target]
     assert calls == [target]
+
+
+def test_the_converted_cache_is_readable_by_all(monkeypatch, tmp_path):
+    """The published folder and every file in it are world-readable, as an ordinary folder:
+    safetensors writes model.safetensors 0600, which left a shared cache that looked complete to
+    another user and that they could not read. The GGUF loading is replaced by a tiny LLaMA."""
+    import transformers
+    from helpers import tiny_llama
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (folder / "tokenizer.json").write_text("{}")
+
+    model = tiny_llama()
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: model.config)
+    target = default_model._convert(tmp_path / default_model.GGUF_FILE, tmp_path / "cache" / default_model.CACHE_NAME)
+    assert {p.name for p in target.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    for path in [target, *target.iterdir()]:
+        assert path.stat().st_mode & 0o044 == 0o044, (path.name, oct(path.stat().st_mode))
+    assert [p.name for p in target.parent.iterdir()] == [default_model.CACHE_NAME]  # no staging left
