@@ -62,11 +62,21 @@ def cached_model_dir(progress: bool = True) -> Path:
     with _conversion_lock(target), library_bars(progress):  # without progress: off for the conversion only
         if _complete(target):  # another process converted it while this one waited
             return target
+        if fcntl is not None:  # no other conversion is running: any staging folder is a dead one's
+            _remove_leftovers(target)
         return _convert(source, target)
 
 
 def _complete(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _remove_leftovers(target: Path) -> None:
+    """The staging folders (:func:`_convert`) of conversions killed before they published, each
+    up to the model's size; call it only under :func:`_conversion_lock`."""
+    for path in target.parent.glob(target.name + ".*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -68,3 +68,15 @@ def test_the_converted_cache_is_readable_by_all(monkeypatch, tmp_path):
     for path in [target, *target.iterdir()]:
         assert path.stat().st_mode & 0o044 == 0o044, (path.name, oct(path.stat().st_mode))
     assert [p.name for p in target.parent.iterdir()] == [default_model.CACHE_NAME]  # no staging left
+
+
+def test_a_killed_conversions_staging_folder_is_removed(monkeypatch, tmp_path):
+    """A conversion killed while writing (SIGKILL, out of memory) leaves its staging folder, a
+    part of the weights; the next conversion removes it (it stayed, one more per kill)."""
+    calls = fake_conversion(monkeypatch, tmp_path)
+    dead = tmp_path / "cache" / (default_model.CACHE_NAME + ".k1ll3d")
+    dead.mkdir(parents=True)
+    (dead / "model.safetensors").write_bytes(b"half the weights")
+    target = default_model.cached_model_dir(progress=False)
+    assert calls == [target] and not dead.exists()
+    assert (target / "model.safetensors").read_bytes() == b"weights"
