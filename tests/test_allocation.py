@@ -163,9 +163,11 @@ def test_relative_channel_squares_normalise_each_token_by_its_own_residual():
     torch.testing.assert_close(stat.sums, expected, rtol=1e-12, atol=0)
 
 
-def test_structured_energy_comes_from_each_layers_residual_and_down_input():
+def test_structured_energy_comes_from_each_layers_residual_and_down_input(monkeypatch):
     """The driver's allocation equals the rule applied to statistics gathered here by hand
-    from the dense layers (the layer's input and its down projection's input, same tokens)."""
+    from the dense layers (the layer's input and its down projection's input, same tokens):
+    the energies themselves, not only the integer counts (which Wanda channel scores without
+    the input norms still rounded to)."""
     model = tiny_llama(layers=3)
     adapter = get_adapter(model)
     ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -190,9 +192,54 @@ def test_structured_energy_comes_from_each_layers_residual_and_down_input():
         relative = (x.square() / r.square().sum(1, keepdim=True)).sum(0) * down.square().sum(0)
         energies.append(residual_perturbation_energy(wanda.float(), relative, 0.3))
     expected = integer_counts(energy_shares(energies, 0.3, 1.0, 0.15, 0.45), [128] * 3, 0.15, 0.45)
+    from sparsellm import allocation
+
+    seen_energies, rule_fn = [], allocation.residual_perturbation_energy
+    monkeypatch.setattr(allocation, "residual_perturbation_energy",
+                        lambda *args: seen_energies.append(rule_fn(*args)) or seen_energies[-1])
     records = prune(model, method="wanda", sparsity=0.3, structure="channels", allocation="energy")
+    assert seen_energies == pytest.approx(energies, rel=1e-6)
     assert [r.target["channels_removed"] for r in records] == expected
     assert len(set(expected)) > 1
+
+
+@pytest.mark.parametrize("rule", ["owl", "energy"])
+def test_unstructured_shares_come_from_each_layers_wanda_scores(rule):
+    """The driver's owl / unstructured energy shares equal the rule applied to statistics
+    gathered here by hand from the dense model: per layer, the Wanda scores |W_ij| ||X_j|| of
+    every linear (X: that linear's input, in float64), then owl's share of scores above M times
+    their mean, or energy's share of the score mass held by the lowest half. The rules' own
+    tests cannot see the statistic: an outlier test turned round (scores below M x mean) or
+    scores without the input norms (plain magnitudes) kept the budget and the bounds."""
+    model = tiny_llama(layers=3)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    squares, hooks = {}, []
+    for layer in adapter.layers(model):
+        for lin in adapter.linears(layer).values():
+            hooks.append(lin.register_forward_pre_hook(
+                lambda m, args: squares.__setitem__(id(m), args[0].double().reshape(-1, m.in_features).square().sum(0))))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    settings = AllocationSettings(rule=rule, temperature=5.0)  # energy: every share inside the bounds
+    low, high = settings.bounds(0.5)
+    values = []
+    for layer in adapter.layers(model):
+        scores = torch.cat([(lin.weight.detach().double().abs() * squares[id(lin)].sqrt()).reshape(-1)
+                            for lin in adapter.linears(layer).values()])
+        if rule == "owl":
+            values.append(float((scores > settings.owl_m * scores.mean()).double().mean()))
+        else:
+            ordered = scores.sort().values
+            values.append(float(ordered[:scores.numel() // 2].sum() / ordered.sum()))
+    expected = (owl_shares(values, 0.5, settings.owl_lambda, low, high) if rule == "owl"
+                else energy_shares(values, 0.5, settings.temperature, low, high))
+    shares = [r.target["sparsity"] for r in prune(model, method="wanda", sparsity=0.5, allocation=settings)]
+    assert len(set(values)) == 3 and max(expected) - min(expected) > 0.01
+    assert all(low < e < high for e in expected)  # none clipped: each share is its layer's statistic's
+    assert shares == pytest.approx(expected, abs=1e-6)
 
 
 def test_bad_allocation_settings_are_one_clear_error():

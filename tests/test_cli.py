@@ -466,6 +466,27 @@ def test_the_peak_per_parameter_divides_by_the_model_the_prune_held():
     assert report["peak_memory_bytes_per_param"] == 20.0
 
 
+def test_the_report_pools_zeros_over_weights_not_shares_over_matrices():
+    """achieved_sparsity and each layer's sparsity are zeros over weights: a 100-weight matrix at
+    0.5 beside a 300-weight dense one is 50 / 400 = 0.125, not the mean share 0.25 (matrices at
+    different shares: --structure channels+heads, or layers of different sizes under an
+    allocation; the runs the other tests make prune every matrix alike, where the two agree)."""
+    from sparsellm import PruneConfig
+    from sparsellm.driver import LayerRecord
+    from sparsellm.report import build_report
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=64))
+    records = [LayerRecord(0, {"a": {"sparsity": 0.5, "numel": 100, "rel_error": 0.1},
+                               "b": {"sparsity": 0.0, "numel": 300, "rel_error": 0.0}}),
+               LayerRecord(1, {"a": {"sparsity": 0.9, "numel": 1000, "rel_error": 0.2}})]
+    report = build_report(PruneConfig(device="cpu"), model, records, dense_ppl={}, pruned_ppl={}, prune_seconds=0.0,
+                          peak_memory={"host_max_rss": 1}, backend_usage={}, export_info=None, version="0")
+    assert report["per_layer_sparsity"] == {"0": pytest.approx(50 / 400), "1": pytest.approx(0.9)}
+    assert report["achieved_sparsity"] == pytest.approx((50 + 900) / 1400)
+    assert report["pruned_weights"] == 1400
+
+
 def test_a_heads_only_report_states_the_head_share_not_the_unused_sparsity(tiny_llama_dir, text_file, tmp_path,
                                                                             capsys):
     """--structure heads with --sparsity left at its default (0.5, unused): the report and its

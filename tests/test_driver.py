@@ -190,34 +190,41 @@ def test_observing_passes_stop_at_the_last_observed_module(method, runs):
 @pytest.mark.parametrize("sequential", [True, False])
 def test_reported_errors_are_the_pruned_models(family, sequential):
     """Each linear's reported error is ||(W - W_p) x|| / ||W x|| on the inputs it sees in the
-    pruned model, and the layer's error is that of its output: both recomputed here from the
-    pruned model's own forward and the dense weights."""
-    model = BUILDERS[family](layers=1)
-    dense_model = BUILDERS[family](layers=1)  # the same seed: the same dense weights
-    layer = get_adapter(model).layers(model)[0]
+    pruned model, and the layer's error is that of its output against the dense layer on the
+    same inputs: both recomputed here from the pruned model's own forward and the dense weights.
+    Two layers, so that the second is measured on the first's pruned outputs (a driver that did
+    not pass them on pruned and measured it on the first layer's inputs), and OPT with non-zero
+    biases (the bias is no part of W x)."""
+    build = (lambda: tiny_llama(layers=2)) if family == "llama" else (lambda: tiny_opt(layers=2, bias_std=0.5))
+    model, dense_model = build(), build()  # the same seed: the same dense weights
+    layers = get_adapter(model).layers(model)
+    dense_layers = get_adapter(dense_model).layers(dense_model)
     records = run(model, method="wanda", sparsity="0.6", sequential=sequential)
-    names = list(records[0].matrices)
-    inputs = {}
-    hooks = [layer.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: inputs.setdefault(n, []).append(args[0])) for n in names]
-    outputs = {}
-    dense_layer = get_adapter(dense_model).layers(dense_model)[0]
-    for tag, mod in (("pruned", layer), ("dense", dense_layer)):
-        hooks.append(mod.register_forward_hook(lambda m, a, out, tag=tag: outputs.__setitem__(
-            tag, out[0] if isinstance(out, tuple) else out)))
+    assert len(records) == 2
+    inputs, outputs, hooks = {}, {}, []
+    for index, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
+        for name in records[index].matrices:
+            hooks.append(layer.get_submodule(name).register_forward_pre_hook(
+                lambda mod, args, key=(index, name): inputs.setdefault(key, []).append(args[0])))
+
+        def both(module, args, kwargs, out, index=index, dense_layer=dense_layer):
+            dense_out = dense_layer(*args, **kwargs)  # the dense layer on the pruned model's inputs
+            outputs[index] = tuple(o[0] if isinstance(o, tuple) else o for o in (out, dense_out))
+        hooks.append(layer.register_forward_hook(both, with_kwargs=True))
     with torch.no_grad():
-        model(windows())
-        dense_model(windows())
+        model(windows(), use_cache=False)  # no cache: the dense layer's call must not extend the pruned one's
     for h in hooks:
         h.remove()
-    for name in names:
-        x = torch.cat(inputs[name]).double()
-        w_dense = dense_layer.get_submodule(name).weight.detach().double()
-        w_pruned = layer.get_submodule(name).weight.detach().double()
-        expected = float((x @ (w_dense - w_pruned).T).norm() / (x @ w_dense.T).norm())
-        assert records[0].matrices[name]["rel_error"] == pytest.approx(expected, rel=1e-4), name
-    expected = float((outputs["pruned"] - outputs["dense"]).double().norm() / outputs["dense"].double().norm())
-    assert records[0].output_rel_error == pytest.approx(expected, rel=1e-4)
+    for index, record in enumerate(records):
+        for name in record.matrices:
+            x = torch.cat(inputs[index, name]).double()
+            w_dense = dense_layers[index].get_submodule(name).weight.detach().double()
+            w_pruned = layers[index].get_submodule(name).weight.detach().double()
+            expected = float((x @ (w_dense - w_pruned).T).norm() / (x @ w_dense.T).norm())
+            assert record.matrices[name]["rel_error"] == pytest.approx(expected, rel=1e-4), (index, name)
+        pruned_out, dense_out = (o.double() for o in outputs[index])
+        expected = float((pruned_out - dense_out).norm() / dense_out.norm())
+        assert record.output_rel_error == pytest.approx(expected, rel=1e-4), index
 
 
 def test_reported_ffn_error_uses_the_dense_biases():

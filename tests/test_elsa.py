@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from sparsellm.config import ElsaSettings, PruneConfig
 from sparsellm.methods import get_method
-from sparsellm.methods.elsa import (CHECKPOINT_RUN, CHECKPOINT_STATE, Elsa, StateStore, _Target, check_checkpoint_dir,
-                                    importance, lambda_at, project, run_settings)
+from sparsellm.methods.elsa import (CHECKPOINT_RUN, CHECKPOINT_STATE, Elsa, MaskedAdam, StateStore, _Target,
+                                    check_checkpoint_dir, importance, lambda_at, project, run_settings)
 from sparsellm.models import get_adapter
 from sparsellm.sparsity import SparsityPattern, satisfies_nm, zero_fraction
 
@@ -339,6 +339,41 @@ def test_init_starts_from_the_layerwise_result_and_masked_adam_keeps_its_mask():
     for a, b in zip(linears(start), linears(tuned)):
         assert torch.equal(a.weight == 0, b.weight == 0)  # the same mask...
         assert not torch.equal(a.weight, b.weight)  # ...with retrained kept weights
+
+
+def test_masked_adam_gives_pruned_entries_no_gradient():
+    """Pruned entries get no gradient before clipping (nor Adam moments: the clip norm and the
+    update of the kept weights are those of the masked problem), the kept entries' gradient
+    untouched; after a step the pruned weights are zero again. Without the gradient masking the
+    end mask still held (the weights are zeroed after each step) and every test passed."""
+    targets = _targets(seed=4)
+    g = torch.Generator().manual_seed(12)
+    for t in targets:  # half the entries of each matrix pruned, at random places
+        t.weight.data[torch.rand(t.weight.shape, generator=g) < 0.5] = 0
+    masks = [t.weight.detach() == 0 for t in targets]
+    method = MaskedAdam(config(method="masked-adam", sparsity="0.3"))
+    method._start(targets)
+    grads = [torch.randn(t.weight.shape, generator=g) for t in targets]
+    for t, grad in zip(targets, grads):
+        t.weight.grad = grad.clone()
+    method._before_clip(targets)
+    for t, grad, mask in zip(targets, grads, masks):
+        assert mask.any() and (~mask).any()
+        assert (t.weight.grad[mask] == 0).all() and torch.equal(t.weight.grad[~mask], grad[~mask])
+    for t in targets:  # a step with weight decay moves every entry; the pruned are zeroed again
+        t.weight.data += 0.1
+    method._after_step(0, targets, None)
+    for t, mask in zip(targets, masks):
+        assert torch.equal(t.weight.detach() == 0, mask)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_learning_rate_follows_its_schedule(schedule):
+    """Step k of 8 runs at lr x (1 - k/8) (linear), lr x (1 + cos(pi k / 8)) / 2 (cosine) or lr."""
+    _, method, _ = prune(config(steps=8, lr=3e-3, lr_schedule=schedule))
+    factor = {"linear": lambda k: 1 - k / 8, "cosine": lambda k: (1 + math.cos(math.pi * k / 8)) / 2,
+              "constant": lambda k: 1.0}[schedule]
+    assert [e["lr"] for e in method.history] == pytest.approx([3e-3 * factor(k) for k in range(8)], rel=1e-12)
 
 
 def test_masked_adam_needs_a_pruned_model_or_init():

@@ -582,7 +582,9 @@ def test_each_sweep_starts_from_the_relaxed_auxiliaries(monkeypatch, activation,
     s, s from the previous s with the new z) and the first sweep's z_old, s_old are the dense
     pre-activations (omega = 1: the plain alternation). Checked on what the solver hands its
     operations: the p-step's act(z_old, s_old) and the auxiliary update's inputs and outputs,
-    against the reference's steps on those inputs."""
+    against the reference's steps on those inputs. Also the scale-aware penalties (reported and
+    handed to the updates) and each iteration's reported objective terms, recomputed from what
+    the p-step and the update returned."""
     from sparsellm.methods import sparsellm as module
 
     seen = {"r": [], "updates": []}
@@ -591,9 +593,11 @@ def test_each_sweep_starts_from_the_relaxed_auxiliaries(monkeypatch, activation,
     update_name = "swiglu_aux_update" if swiglu else "relu_aux_update"
     real_update = getattr(ops, update_name)
 
-    def p_step(r, *args, **kwargs):
+    def p_step(r, y, w2, *args, **kwargs):
         seen["r"].append(r.clone())
-        return real_p_step(r, *args, **kwargs)
+        result = real_p_step(r, y, w2, *args, **kwargs)
+        seen.setdefault("fit", []).append((y.clone(), w2.clone(), result[0].clone()))
+        return result
 
     def update(*args):
         result = real_update(*args)
@@ -616,6 +620,28 @@ def test_each_sweep_starts_from_the_relaxed_auxiliaries(monkeypatch, activation,
 
     close = dict(rtol=1e-5, atol=1e-6 * float(z0.abs().max()))
     torch.testing.assert_close(seen["r"][0], act(z0, s0), **close)
+    # the scale-aware penalties: each setting over the dense squared norm of the term it weighs
+    # (z, s, p = act(z, s), y = W2 p without the bias), in float64 here
+    sq = lambda t: float(t.double().square().sum())  # noqa: E731
+    settings = config.sparsellm
+    want = {"alpha": settings.alpha / sq(z0), "gamma": settings.gamma / sq(act(z0, s0)),
+            "beta": settings.beta / sq(act(z0, s0) @ dense["down"].T)}
+    if swiglu:
+        want["alpha_s"] = settings.alpha / sq(s0)
+    assert diag["penalties"] == pytest.approx(want, rel=1e-5)
+    for (args, result), (y, w2, p_new), entry in zip(seen["updates"], seen["fit"], diag["iterations"]):
+        # the objective reported per iteration: its terms at the auxiliaries the sweep produced
+        penalties = {"alpha": args[5], "alpha_s": args[6], "gamma": args[7]} if swiglu else {"alpha": args[3],
+                                                                                            "gamma": args[4]}
+        assert penalties == pytest.approx({k: want[k] for k in penalties}, rel=1e-5)
+        m, z = args[1], result[0]
+        s_new = result[1] if swiglu else None
+        terms = {"z": want["alpha"] * sq(m - z), "p": want["gamma"] * sq(act(z, s_new) - p_new),
+                 "y": want["beta"] * sq(y - p_new @ w2.T)}
+        if swiglu:
+            terms["s"] = want["alpha_s"] * sq(args[2] - s_new)
+        assert entry["objective_terms"] == pytest.approx(terms, rel=1e-4)
+        assert entry["objective"] == pytest.approx(sum(terms.values()), rel=1e-4)
     z_old, s_old = z0, s0
     for k, (args, result) in enumerate(seen["updates"]):
         if swiglu:
