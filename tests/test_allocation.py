@@ -362,15 +362,22 @@ def test_channel_counts_sum_to_the_rounded_product_at_a_half(monkeypatch):
     assert sum(r.target["channels_removed"] for r in records) == 50
 
 
-def test_structured_energy_on_layers_of_different_widths_removes_the_asked_share():
+def compacted_llama(removed_channels):
+    """A 3-layer tiny LLaMA (FFN width 128) with the first ``removed_channels[l]`` channels of
+    layer l cut out: layers of different sizes, as a model compacted before."""
     from sparsellm.structure import compact_model, zero_channels
 
     model = tiny_llama(layers=3)
     adapter = get_adapter(model)
-    for layer, removed in zip(adapter.layers(model), [0, 48, 96]):
+    for layer, removed in zip(adapter.layers(model), removed_channels):
         if removed:
             zero_channels(adapter.ffn(layer), torch.arange(removed))
     compact_model(model, adapter)
+    return model, adapter
+
+
+def test_structured_energy_on_layers_of_different_widths_removes_the_asked_share():
+    model, adapter = compacted_llama([0, 48, 96])
     widths = [adapter.ffn(layer).down.in_features for layer in adapter.layers(model)]
     assert widths == [128, 80, 32]
     records = prune(model, method="wanda", sparsity=0.25, structure="channels", allocation="energy")
@@ -383,14 +390,7 @@ def test_unstructured_allocation_on_layers_of_different_sizes_keeps_the_weight_b
     mean of the shares weighted by each layer's prunable weights is the target, so the zeros
     over all pruned weights are the target's share (the plain mean gave 0.468 (owl) and 0.535
     (energy) for 0.5)."""
-    from sparsellm.structure import compact_model, zero_channels
-
-    model = tiny_llama(layers=3)
-    adapter = get_adapter(model)
-    for layer, removed in zip(adapter.layers(model), [0, 48, 112]):
-        if removed:
-            zero_channels(adapter.ffn(layer), torch.arange(removed))
-    compact_model(model, adapter)
+    model, _ = compacted_llama([0, 48, 112])
     records = prune(model, method="wanda", sparsity=0.5, allocation=AllocationSettings(rule=rule, temperature=0.3))
     sizes = [sum(m["numel"] for m in r.matrices.values()) for r in records]
     shares = [r.target["sparsity"] for r in records]
