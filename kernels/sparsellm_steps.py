@@ -11,12 +11,11 @@ Formulas and the order of the safeguarded Newton steps mirror
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from sparsellm import reference
 from sparsellm.ops import Decline
 
 from ._common import check_device
@@ -112,13 +111,6 @@ def _launch(kernel, out_dtype, shape, flats, *scalars):
     return out
 
 
-def _dtype(*tensors):
-    """The reference's result dtype (:func:`sparsellm.reference.promoted`): the inputs' dtypes
-    promoted, a 0-d tensor's included (torch.result_type would let a 0-d float32 input give a
-    float16 result)."""
-    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-
-
 def _decline_float64(*tensors):
     # the kernels compute in fp32 registers; a float64 caller asked for more than that
     if any(t.dtype == torch.float64 for t in tensors):
@@ -128,13 +120,13 @@ def _decline_float64(*tensors):
 def relu_z_step(p, m, alpha, gamma):
     _decline_float64(p, m)
     shape, flats = _flat(p, m)
-    return _launch(_relu_z_kernel, _dtype(p, m), shape, flats, float(alpha), float(gamma))
+    return _launch(_relu_z_kernel, reference.promoted_dtype((p, m)), shape, flats, float(alpha), float(gamma))
 
 
 def swiglu_z_step(p, m, s, alpha, gamma):
     _decline_float64(p, m, s)
     shape, flats = _flat(p, m, s)
-    return _launch(_swiglu_z_kernel, _dtype(p, m, s), shape, flats, float(alpha), float(gamma))
+    return _launch(_swiglu_z_kernel, reference.promoted_dtype((p, m, s)), shape, flats, float(alpha), float(gamma))
 
 
 def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
@@ -142,4 +134,5 @@ def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     shape, flats = _flat(s, g, p, z)
     # the reference's dtype: s is replaced by candidates computed from all four (a float16 s
     # with float32 targets gives float32, not s's float16)
-    return _launch(_swiglu_s_kernel, _dtype(s, g, p, z), shape, flats, float(alpha), float(gamma), int(iterations))
+    return _launch(_swiglu_s_kernel, reference.promoted_dtype((s, g, p, z)), shape, flats, float(alpha), float(gamma),
+                   int(iterations))

@@ -26,6 +26,7 @@ from .driver import LayerRecord, resolve_device
 from .perplexity import perplexity
 from .progress import library_bars
 from .methods import METHODS, get_method
+from .methods.base import SOLVER_SETTINGS
 from .models import get_adapter
 from .report import build_report, check_report_path, discard_report, stage_report
 from .structure import compact_model, model_cost
@@ -83,7 +84,7 @@ def _warn_unused_settings(config: PruneConfig) -> None:
     read = set(method.structured_solver_settings if config.structure else method.solver_settings)
     if config.elsa.init:  # its --init prune is unstructured
         read |= set(METHODS[config.elsa.init].solver_settings)
-    ignored = [name for name in ("blocksize", "percdamp", "sequential")
+    ignored = [name for name in SOLVER_SETTINGS
                if name not in read and getattr(config, name) != getattr(PruneConfig, name)]
     if ignored:
         run = f"method {config.method}" + (f" with structure {config.structure}" if config.structure else "") + (

@@ -237,10 +237,16 @@ def obs_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, fraction: float,
 ELEMENTWISE_BLOCK = 1 << 18
 
 
+def promoted_dtype(tensors) -> torch.dtype:
+    """The tensors' dtypes promoted, a 0-d tensor's included (torch.result_type would let a 0-d
+    float32 input leave a float16 result)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
 def promoted(tensors) -> tuple[torch.dtype, tuple]:
     """The tensors' promoted dtype, and the tensors in it (no copy where one has it already):
     the element-wise steps compute mixed inputs in it throughout, as the kernels do."""
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    dtype = promoted_dtype(tensors)
     return dtype, tuple(t.to(dtype) for t in tensors)
 
 

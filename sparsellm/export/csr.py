@@ -8,7 +8,7 @@ from torch import nn
 
 from ..sparsity import reaches_sparsity, zero_fraction
 from .errors import ExportError
-from .targets import replace_module, resolve_targets
+from .targets import ON_META, replace_module, resolve_targets
 
 # CPU float32 CSR matmul (MKL) measured faster than dense from about this sparsity on for
 # 4096x4096 linears at token batches 1..128 (benchmarks/export_table.py; RESULTS.md, "Sparse export").
@@ -72,7 +72,7 @@ def to_csr(model, *, min_sparsity: float = CSR_MIN_SPARSITY, targets: list[str] 
     report = {"kind": "csr", "min_sparsity": min_sparsity, "converted": {}, "dense": {}}
     for name, lin in selected.items():
         if lin.weight.device.type == "meta":
-            report["dense"][name] = "weight is on the meta device (offloaded?): it holds no values to convert"
+            report["dense"][name] = ON_META
             continue
         sparsity = zero_fraction(lin.weight.detach())
         if not reaches_sparsity(sparsity, min_sparsity, lin.weight.shape[-1]):

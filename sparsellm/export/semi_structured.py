@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sparsity import nm_violations
-from .targets import resolve_targets
+from .targets import ON_META, resolve_targets
 
 
 def is_semi_structured(t) -> bool:
@@ -49,7 +49,7 @@ def semi_structured_eligible(linear) -> tuple[bool, str]:
     if w.dim() != 2:
         return False, f"weight is {w.dim()}-D"
     if w.device.type == "meta":
-        return False, "weight is on the meta device (offloaded?): it holds no values to convert"
+        return False, ON_META
     rows, cols = w.shape
     if cols % 4:
         return False, f"input size {cols} is not a multiple of 4, so it has no 2:4 groups"

@@ -44,7 +44,7 @@ from . import cusparselt
 from ..sparsity import nm_violations, reaches_sparsity, zero_fraction
 from .errors import ExportError
 from .semi_structured import is_semi_structured
-from .targets import replace_module, resolve_targets
+from .targets import ON_META, replace_module, resolve_targets
 
 FORMATS = ("nm24", "sell")
 # Unstructured weights below this sparsity stay dense: int16 index + value per non-zero is
@@ -111,7 +111,7 @@ def choose_format(linear: nn.Module, min_sparsity: float = SELL_MIN_SPARSITY) ->
     if is_semi_structured(w):
         return None, "already a torch semi-structured weight", 0.0
     if w.device.type == "meta":
-        return None, "weight is on the meta device (offloaded?): it holds no values to convert", 0.0
+        return None, ON_META, 0.0
     if w.dim() != 2:
         return None, f"weight is {w.dim()}-D", 0.0
     if not w.is_floating_point():
@@ -142,6 +142,12 @@ def _chosen(given: int | None, measured, default: int | None) -> tuple[int | Non
     return default, None if default is None else "default"
 
 
+def _check_slice_rows(slice_rows: int, error: type[Exception]) -> None:
+    """A sell slice height the kernel takes (a power of two >= 2), else ``error``."""
+    if slice_rows < 2 or slice_rows & (slice_rows - 1):
+        raise error(f"slice_rows must be a power of two >= 2, got {slice_rows}")
+
+
 class SparseGPULinear(nn.Module):
     """A pruned linear with a packed sparse copy of its weight for small token counts.
 
@@ -161,8 +167,7 @@ class SparseGPULinear(nn.Module):
                  slot_block: int = SELL_SLOT_BLOCK, prefill_min_tokens: int | None = None, prefill: bool = True):
         super().__init__()
         if linear.weight.device.type == "meta":
-            raise ValueError("linear not convertible: weight is on the meta device (offloaded?): it holds no "
-                             "values to convert")
+            raise ValueError(f"linear not convertible: {ON_META}")
         if format is None:
             format, reason, _ = choose_format(linear, min_sparsity)
             if format is None:
@@ -194,8 +199,7 @@ class SparseGPULinear(nn.Module):
             self.register_buffer("values", values)
             self.register_buffer("meta", meta)
         else:
-            if self.slice_rows < 2 or self.slice_rows & (self.slice_rows - 1):
-                raise ValueError(f"slice_rows must be a power of two >= 2, got {slice_rows}")
+            _check_slice_rows(self.slice_rows, ValueError)
             values, cols, slice_ptr = reference.sell_pack(weight, self.slice_rows, slot_block)
             self.register_buffer("values", values)
             self.register_buffer("cols", cols)
@@ -337,8 +341,7 @@ def to_sparse_gpu(model, *, targets: list[str] | None = None, min_sparsity: floa
         raise ExportError(f"max_sparse_tokens must be >= 0 (0: always dense), got {max_sparse_tokens}")
     if prefill_min_tokens is not None and int(prefill_min_tokens) < 1:
         raise ExportError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
-    if slice_rows < 2 or slice_rows & (slice_rows - 1):  # checked here too: before any linear is replaced
-        raise ExportError(f"slice_rows must be a power of two >= 2, got {slice_rows}")
+    _check_slice_rows(slice_rows, ExportError)  # before any linear is replaced
     try:
         kernel_configs = sparse_configs.describe()
     except sparse_configs.ConfigTableError as exc:  # a bad table: refused before any linear is replaced

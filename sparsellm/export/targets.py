@@ -8,6 +8,10 @@ from torch import nn
 from .errors import ExportError
 
 
+# why every export leaves a linear whose weight is on the meta device (offloaded) dense
+ON_META = "weight is on the meta device (offloaded?): it holds no values to convert"
+
+
 def matches(pattern: str, name: str, module: nn.Module) -> bool:
     """compressed-tensors matching: ``re:<regex>`` (re.match on the module name), an exact
     module name, or a module class name such as ``Linear``."""

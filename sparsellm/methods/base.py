@@ -23,6 +23,10 @@ from ..plan import Gram, LayerView, Statistic, Step
 from ..precision import solve_dtype
 from ..sparsity import SparsityPattern
 
+# PruneConfig's solver settings shared by the layer-wise methods (SparseGPT's OBS column block and
+# dampening, statistics after the earlier linears): a method states which its runs read
+SOLVER_SETTINGS = ("blocksize", "percdamp", "sequential")
+
 
 def solve_weight(linear: nn.Linear) -> torch.Tensor:
     """The linear's weight in the local methods' solve dtype (:func:`solve_dtype`: float32,
@@ -51,8 +55,8 @@ class PruningMethod:
     structured_only: bool = False
     # which of the common solver settings (PruneConfig's blocksize, percdamp, sequential) its
     # runs read, without and with --structure: a run warns of one given that it does not read
-    solver_settings: tuple[str, ...] = ("blocksize", "percdamp", "sequential")
-    structured_solver_settings: tuple[str, ...] = ("blocksize", "percdamp", "sequential")
+    solver_settings: tuple[str, ...] = SOLVER_SETTINGS
+    structured_solver_settings: tuple[str, ...] = SOLVER_SETTINGS
 
     def __init__(self, config: PruneConfig):
         self.config = config
