@@ -638,6 +638,29 @@ def test_csr_linear_copies_casts_and_reloads_like_a_module():
     assert torch.equal(fresh(x), y)
 
 
+def test_csr_linear_loads_a_state_dict_of_another_pattern():
+    """A CSRLinear's value count is its pattern's: a state dict from another pruning of the same
+    linear (other nnz) loads, runs as that pruning and reports its sparsity; arrays that are no
+    CSR matrix of the module's shape are refused and leave the module as it was."""
+    torch.manual_seed(2)
+    sparse_lin, denser_lin = nn.Linear(40, 16), nn.Linear(40, 16)
+    with torch.no_grad():
+        sparse_lin.weight.masked_fill_(torch.rand_like(sparse_lin.weight) < 0.9, 0)
+        denser_lin.weight.masked_fill_(torch.rand_like(denser_lin.weight) < 0.6, 0)
+    source, target = CSRLinear(sparse_lin), CSRLinear(denser_lin)
+    assert source.values.numel() != target.values.numel()
+    x = torch.randn(3, 40)
+    before = target(x)
+    bad = source.state_dict()
+    bad["col_indices"] = bad["col_indices"] + 40  # past the last column
+    with pytest.raises(RuntimeError, match="not a CSR matrix of shape"):
+        target.load_state_dict(bad)
+    assert torch.equal(target(x), before) and target.values.numel() != source.values.numel()
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target(x), source(x))
+    assert target.sparsity == source.sparsity
+
+
 # ---------------------------------------------------------------------------------- 2:4 semi-structured
 
 def _linear(out_f, in_f, structure, dtype=torch.float16, seed=0):

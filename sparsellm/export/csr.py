@@ -42,6 +42,33 @@ class CSRLinear(nn.Module):
         # (out, 1) so addmm broadcasts it over the token columns of W @ x^T
         self.register_buffer("bias_col", None if bias is None else bias.unsqueeze(1))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The number of stored values is the pattern's, not the module's: a state dict of
+        # another pruning of the same linear has other lengths. The incoming arrays are checked
+        # first as a CSR matrix of this shape (forward skips that check), so a bad state dict
+        # changes nothing; then the two per-value buffers take the incoming length
+        # (load_state_dict copies in place and would refuse it) and the recorded sparsity
+        # follows the loaded pattern.
+        names = ("crow_indices", "col_indices", "values")
+        incoming = [state_dict.get(prefix + name) for name in names]
+        if all(isinstance(t, torch.Tensor) for t in incoming):
+            crow, col, values = incoming
+            try:
+                torch.sparse_csr_tensor(crow, col, values.float(), (self.out_features, self.in_features),
+                                        check_invariants=True)
+            except RuntimeError as err:
+                error_msgs.append(f"the arrays at {prefix or '(root)'} are not a CSR matrix of shape "
+                                  f"({self.out_features}, {self.in_features}): {err}")
+                return
+            for name, tensor in zip(names[1:], (col, values)):
+                own = self._buffers[name]
+                if own.shape != tensor.shape:
+                    self._buffers[name] = own.new_empty(tensor.shape)
+            self.sparsity = 1.0 - int(torch.count_nonzero(values)) / (self.out_features * self.in_features)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def weight_csr(self) -> torch.Tensor:
         """The float32 CSR weight [out_features, in_features], over the buffers."""
         # the buffers came from to_sparse_csr: valid by construction, so no invariant check per call
