@@ -222,9 +222,22 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         export=args.export, overwrite=args.overwrite, report=args.report)
 
 
+def _attach_range_values(argv: list[str]) -> list[str]:
+    """``--layers -1:2`` as ``--layers=-1:2``: argparse takes a value that starts with a dash and
+    is no plain negative number for an option, and answered "expected one argument" instead of
+    the range's own error."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--layers" and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"--layers={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_range_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .api import run

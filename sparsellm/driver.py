@@ -89,6 +89,12 @@ def resolve_device(device: str | None) -> torch.device:
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif resolved.type != "cpu":
         raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    elif resolved.index not in (None, 0):
+        # torch takes cpu:N and places tensors on the one CPU whatever N is: a number that
+        # selects nothing is a typo (for cuda:N, most likely), not a choice
+        raise ValueError(f"device {device!r}: there is one CPU device; use cpu")
+    else:
+        resolved = torch.device("cpu")  # cpu:0 is cpu; torch.device("cpu:0") != torch.device("cpu")
     return resolved
 
 

@@ -168,6 +168,7 @@ def test_missing_data_file(where, no_loading, capsys, tmp_path):
     (["--nsamples", "0"], "nsamples must be a positive integer"),
     (["--percdamp", "-0.01"], "percdamp must be positive"),
     (["--layers", "3:1"], "layer range 3:1 is empty"),
+    (["--layers", "-1:2"], "layer range -1:2 is empty or negative"),  # not taken by argparse for a flag
     (["--sparsity", "0"], "sparsity 0 prunes nothing"),
     (["--method", "elsa", "--sparsity", "0%"], "sparsity 0 prunes nothing"),
     (["--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**63)"),
@@ -182,11 +183,19 @@ def test_bad_settings_fail_before_loading(args, message, no_loading, capsys, tmp
     assert "Traceback" not in err and not report.exists()
 
 
-@pytest.mark.parametrize("device", ["tpu", "cuda:0x"])
+@pytest.mark.parametrize("device", ["tpu", "cuda:0x", "cpu:5"])
 def test_unknown_device(device, no_loading, capsys):
     code = main([*SMALL, "--device", device, "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "device" in err and device in err and "Traceback" not in err
+
+
+def test_cpu_zero_is_the_cpu():
+    """cpu:0 names the one CPU device; it resolves to torch.device("cpu"), which compares equal to
+    the tensors' device (torch.device("cpu:0") does not)."""
+    from sparsellm.driver import resolve_device
+
+    assert resolve_device("cpu:0") == torch.device("cpu") == torch.zeros(1, device="cpu:0").device
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
