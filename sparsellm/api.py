@@ -28,7 +28,7 @@ from .progress import library_bars
 from .methods import METHODS, get_method
 from .methods.base import SOLVER_SETTINGS
 from .models import get_adapter
-from .report import build_report, check_report_path, discard_report, stage_report
+from .report import StagedReport, build_report, check_report_path
 from .structure import compact_model, model_cost
 
 log = logging.getLogger(__name__)
@@ -304,15 +304,17 @@ def _run(config: PruneConfig) -> dict:
         # the report is written complete before the model is published, and put in place after
         # it: a report that cannot be written leaves no model published (an --overwrite target
         # as it was)
-        staged_report = stage_report(report, config.report) if config.report and main else None
+        staged_report = StagedReport(report, config.report) if config.report and main else None
         if staged is not None:
             staged.publish()
         if staged_report is not None:
-            os.replace(staged_report, config.report)
+            staged_report.publish()
     except BaseException:
+        # the report first: the two may share a folder that the checkpoint's staging made
+        if staged_report is not None:
+            staged_report.discard()
         if staged is not None:
             staged.discard()
-        discard_report(staged_report)
         raise
     return report
 

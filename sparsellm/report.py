@@ -135,36 +135,48 @@ def check_report_path(path: str, save: str | None = None) -> None:
     check_writable(os.path.dirname(os.path.abspath(path)))
 
 
-def stage_report(report: dict, path: str) -> str:
-    """Write the report complete into a temporary file beside ``path``, and return its name:
-    renaming it onto ``path`` (atomic) publishes it, so a run stages it before it publishes
-    its model, and a report that cannot be written leaves no model published."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
-    except BaseException:
-        discard_report(tmp)
-        raise
-    return tmp
+class StagedReport:
+    """A complete report written into a temporary file beside its destination: :meth:`publish`
+    renames it onto the destination (atomic), :meth:`discard` deletes it and the folders its
+    staging made. A run stages its report before it publishes its model, so a report that
+    cannot be written leaves no model published, and a failure after it leaves nothing behind."""
 
+    def __init__(self, report: dict, path: str):
+        from .export.checkpoint import make_folders
 
-def discard_report(staged: str | None) -> None:
-    if staged is not None and os.path.exists(staged):
-        os.unlink(staged)
+        self.path = path
+        self.made_folders = make_folders(os.path.dirname(os.path.abspath(path)))
+        self.staged = None
+        try:
+            fd, self.staged = tempfile.mkstemp(prefix=".report.", suffix=".json",
+                                               dir=os.path.dirname(os.path.abspath(path)))
+            with os.fdopen(fd, "w") as handle:
+                json.dump(report, handle, indent=2)
+            os.chmod(self.staged, 0o644)  # mkstemp makes it private; a report is an ordinary file
+        except BaseException:
+            self.discard()
+            raise
+
+    def publish(self) -> None:
+        try:
+            os.replace(self.staged, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        self.staged = None
+
+    def discard(self) -> None:
+        from .export.checkpoint import remove_made_folders
+
+        if self.staged is not None and os.path.exists(self.staged):
+            os.unlink(self.staged)
+        self.staged = None
+        remove_made_folders(self.made_folders)
 
 
 def write_report(report: dict, path: str) -> None:
     """Write atomically: a temporary file in the same folder, renamed when complete."""
-    staged = stage_report(report, path)
-    try:
-        os.replace(staged, path)
-    except BaseException:
-        discard_report(staged)
-        raise
+    StagedReport(report, path).publish()
 
 
 def _ppl_text(value) -> str:

@@ -272,7 +272,7 @@ def test_save_refuses_non_empty_dir(tiny_llama_dir, text_file, tmp_path, capsys)
     assert os.listdir(out) == ["keep.txt"] and not report.exists()
 
 
-@pytest.mark.parametrize("failing", ["evaluate", "stage_report"])
+@pytest.mark.parametrize("failing", ["evaluate", "StagedReport"])
 def test_a_failure_after_the_prune_publishes_nothing(failing, tiny_llama_dir, text_file, tmp_path, capsys,
                                                      monkeypatch):
     """The save is staged and published only when the export, the evaluation and the report are
@@ -293,6 +293,29 @@ def test_a_failure_after_the_prune_publishes_nothing(failing, tiny_llama_dir, te
     assert code == 2 and f"{failing} failed" in err, err
     assert os.listdir(out) == ["config.json"] and not report.exists()
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder or report left
+
+
+@pytest.mark.parametrize("failing", ["evaluate", "publish"])
+def test_a_failed_run_takes_back_the_folders_it_made(failing, tiny_llama_dir, text_file, tmp_path, capsys,
+                                                     monkeypatch):
+    """--save and --report in folders that do not exist yet (one shared): a run that fails after
+    the prune, before anything is staged (the evaluation) or while the report is staged and the
+    checkpoint is being published, leaves none of the folders it made."""
+    import sparsellm.api
+    import sparsellm.export.checkpoint
+
+    def fail(*args, **kwargs):
+        raise OSError(f"{failing} failed")
+    if failing == "evaluate":
+        monkeypatch.setattr(sparsellm.api, "evaluate", fail)
+    else:
+        monkeypatch.setattr(sparsellm.export.checkpoint, "_publish", fail)
+    (tmp_path / "keep").mkdir()
+    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--calib", text_file,
+                       "--eval", text_file, "--no-dense-eval", "--save", str(tmp_path / "new" / "model"),
+                       "--report", str(tmp_path / "new" / "reports" / "r.json"), *SMALL)
+    assert code == 2 and f"{failing} failed" in err, err
+    assert os.listdir(tmp_path) == ["keep"]
 
 
 @pytest.mark.parametrize("which", ["--eval", "--calib"])

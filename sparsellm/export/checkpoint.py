@@ -92,6 +92,28 @@ def check_writable(path) -> None:
         raise PermissionError(f"cannot write under {folder} (for {path})")
 
 
+def make_folders(folder) -> list[Path]:
+    """Make ``folder`` and its missing parents; return the folders made, innermost first, for
+    :func:`remove_made_folders` to take back when the run that needed them fails."""
+    folder = Path(folder).expanduser().absolute()
+    missing, probe = [], folder
+    while not probe.exists() and not probe.is_symlink():
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_made_folders(made: list[Path]) -> None:
+    """Remove the folders :func:`make_folders` made, innermost first, as long as they are empty
+    (something else written there meanwhile keeps its folder, and those above it)."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def check_output_dir(out_dir, overwrite: bool) -> None:
     """Refuse a file, a non-empty directory without overwrite, or a place that cannot be
     written (before any long work). With overwrite, the folder is replaced whole, so only a
@@ -210,8 +232,9 @@ class StagedCheckpoint:
     after saving (export, evaluation, report) stages first and publishes last, so a failure or an
     interrupt in between leaves ``out_dir`` as it was."""
 
-    def __init__(self, staging: Path, out_dir: Path, overwrite: bool):
+    def __init__(self, staging: Path, out_dir: Path, overwrite: bool, made_folders: list[Path] | None = None):
         self.staging, self.out_dir, self.overwrite = staging, out_dir, overwrite
+        self.made_folders = made_folders or []  # out_dir's parents the staging made: discarded with it
 
     def publish(self) -> Path:
         try:
@@ -223,6 +246,7 @@ class StagedCheckpoint:
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+        remove_made_folders(self.made_folders)
 
 
 def save_pruned(model, tokenizer, out_dir, **kwargs) -> Path:
@@ -276,8 +300,12 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
     block = sparsity_config_block(SAVE_FORMATS[save_format], zero_fraction(*weights.values()), structure,
                                   rec_targets, rec_ignore, library)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    made = make_folders(out_dir.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    except BaseException:
+        remove_made_folders(made)
+        raise
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
         with _plain_for_saving(model):
@@ -295,8 +323,9 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_made_folders(made)
         raise
-    return StagedCheckpoint(staging, out_dir, overwrite)
+    return StagedCheckpoint(staging, out_dir, overwrite, made)
 
 
 def _refuse_tied_targets(model, selected: dict) -> None:
