@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=e.grad_accum, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=e.lr, help="AdamW learning rate")
     g.add_argument("--adam-betas", default=",".join(map(str, e.betas)), help="AdamW betas, as B1,B2")
-    g.add_argument("--weight-decay", type=float, default=e.weight_decay, help="AdamW weight decay")
+    g.add_argument("--weight-decay", type=float, default=e.weight_decay, help="AdamW weight decay (on matrices; biases and norm scales are not decayed)")
     g.add_argument("--lr-schedule", default=e.lr_schedule, choices=ElsaSettings.LR_SCHEDULES, help="learning-rate schedule")
     g.add_argument("--max-grad-norm", type=float, default=e.max_grad_norm, help="clipping of the loss gradient")
     g.add_argument("--admm-lambda", type=float, default=e.admm_lambda, help="ADMM penalty (where a ramp heads, reached at step --steps)")

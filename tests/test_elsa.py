@@ -713,6 +713,35 @@ def test_eight_bit_adam_second_moment_and_result():
     assert method.details()["state_bytes_per_param"] == pytest.approx(8 + 2 + 8 / 256 + 8)
 
 
+def test_weight_decay_reaches_the_matrices_not_the_vectors():
+    """--weight-decay with --train-dense-params: AdamW decays the matrices, while the biases and
+    norm scales take the steps of an AdamW without decay; without a vector, one group (the state
+    dict of a linears-only run is unchanged)."""
+    from sparsellm.methods.elsa import make_optimizer
+
+    g = torch.Generator().manual_seed(3)
+    start = {"matrix": torch.randn(16, 32, generator=g), "vector": torch.randn(32, generator=g)}
+    grads = [{k: torch.randn(v.shape, generator=g) for k, v in start.items()} for _ in range(3)]
+
+    def trained(weight_decay):
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+        optimizer = make_optimizer(ElsaSettings(weight_decay=weight_decay, lr=1e-2), list(params.values()))
+        for grad in grads:
+            for k, p in params.items():
+                p.grad = grad[k].clone()
+            optimizer.step()
+        return {k: p.detach() for k, p in params.items()}, optimizer
+
+    decayed, optimizer = trained(0.5)
+    plain, _ = trained(0.0)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.5, 0.0]
+    assert torch.equal(decayed["vector"], plain["vector"])
+    assert (decayed["matrix"] - plain["matrix"]).abs().max() > 1e-3
+    assert decayed["matrix"].norm() < plain["matrix"].norm()  # decay pulls towards 0
+    only_matrix = make_optimizer(ElsaSettings(weight_decay=0.5), [torch.nn.Parameter(start["matrix"].clone())])
+    assert len(only_matrix.param_groups) == 1
+
+
 def test_non_uniform_allocation_is_kept_by_the_projection():
     """--allocation owl: Elsa projects each layer to the share the allocation gives it (the same
     shares a layer-wise run gets), their mean is the target, and each layer is exactly sparse."""

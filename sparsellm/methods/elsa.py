@@ -187,17 +187,30 @@ BNB_BLOCK = 256  # the block of bitsandbytes' blockwise optimiser states
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2 + 8 / BNB_BLOCK}
 
 
+def decay_groups(params, weight_decay: float) -> list:
+    """AdamW's parameter groups: the decay on matrices only (the prunable linears, and under
+    ``train_dense_params`` the embeddings, lm_head and dense linears); the vectors
+    (biases, norm scales) train without it, as is usual: decaying a norm's scale towards 0
+    shrinks what it normalises, and a bias is no capacity to regularise. A single group where
+    the split changes nothing (no decay, or no vector trained), the state dict of runs that
+    train only the linears then being that of one group, as before the split."""
+    vectors = [p for p in params if p.dim() < 2]
+    if weight_decay == 0 or not vectors:
+        return [{"params": list(params), "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": vectors, "weight_decay": 0.0}]
+
+
 def make_optimizer(settings, params):
+    groups = decay_groups(params, settings.weight_decay)
     if settings.optimizer == "adamw8bit":
         import bitsandbytes  # checked by SparseTraining.preflight
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=settings.lr, betas=settings.betas,
-                                            weight_decay=settings.weight_decay)
+        return bitsandbytes.optim.AdamW8bit(groups, lr=settings.lr, betas=settings.betas)
     # The fused AdamW (CPU and CUDA) is several times faster than the per-tensor loop on CPU.
     fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
                 for p in params)
-    return torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
-                             fused=fused)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, fused=fused)
 
 
 def second_moment(optimizer, param) -> torch.Tensor | None:
