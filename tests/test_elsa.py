@@ -544,6 +544,31 @@ def test_a_whole_number_given_as_int_or_float_is_the_same_run(tmp_path):
         check_checkpoint_dir(config(admm_lambda=2, max_grad_norm=2, checkpoint_dir=str(tmp_path)))
 
 
+def test_a_model_named_by_another_path_to_it_is_the_same_run(tmp_path, monkeypatch):
+    """A local model or text is keyed by its resolved path: ./model, its absolute path and a
+    link to it resume one checkpoint; another folder is refused; a record written before paths
+    were resolved (the name as given) still resumes the same name."""
+    for name in ("model", "other", "text.txt"):
+        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    folder = str(tmp_path / "ckpt")
+
+    def settings(model, calib="text.txt"):
+        return dataclasses.replace(config(checkpoint_dir=folder), model=model, calib=calib)
+    os.makedirs(folder)
+    record = run_settings(settings("./model"))
+    assert record["model"] == os.path.realpath(tmp_path / "model")
+    assert record["calib"] == os.path.realpath(tmp_path / "text.txt")
+    (tmp_path / "ckpt" / CHECKPOINT_RUN).write_text(json.dumps({"settings": record}))
+    for same in ("model", str(tmp_path / "model"), "link"):
+        check_checkpoint_dir(settings(same, calib=str(tmp_path / "text.txt")))
+    with pytest.raises(ValueError, match=r"different run \(model: "):
+        check_checkpoint_dir(settings("other"))
+    (tmp_path / "ckpt" / CHECKPOINT_RUN).write_text(json.dumps({"settings": dict(record, model="./model")}))
+    check_checkpoint_dir(settings("./model"))
+
+
 def test_a_checkpoint_resumes_an_open_layer_range_and_knows_its_process_count(tmp_path, monkeypatch):
     """--layers 1: is recorded resolved (1:3 on this depth) while the check before loading sees
     1:None: the same command resumes, another start does not. batch_size is per process, so

@@ -241,8 +241,8 @@ def run_settings(config) -> dict:
     if not settings["compile"]:
         settings.pop("compile")  # the key of an eager run stays that of the checkpoints written before the option
     settings["betas"] = list(settings["betas"])
-    key = {"method": config.method, "model": config.model, "sparsity": str(config.sparsity),
-           "layers": list(config.layers) if config.layers else None, "calib": config.calib,
+    key = {"method": config.method, "model": _source(config.model), "sparsity": str(config.sparsity),
+           "layers": list(config.layers) if config.layers else None, "calib": _source(config.calib),
            "nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed, "dtype": config.dtype,
            "percdamp": config.percdamp, "blocksize": config.blocksize, "elsa": settings}
     # The per-layer patterns (allocation) and the --init prune (sequential, SparseLLM's settings)
@@ -259,6 +259,13 @@ def run_settings(config) -> dict:
     if distributed.launched_processes() > 1:
         key["processes"] = distributed.launched_processes()
     return key
+
+
+def _source(name: str) -> str:
+    """A model or text named by a local path is keyed by its resolved path: ./model and
+    /work/model (or a link to it) are one run's; a hub name or alias (nothing at that path) as
+    given."""
+    return os.path.realpath(name) if os.path.exists(name) else name
 
 
 def _run_key(settings: dict) -> str:
@@ -302,6 +309,9 @@ def check_checkpoint_dir(config) -> None:
         # START: runs to the last layer, which the record holds resolved (the model is not loaded
         # yet); the resume checks the resolved range again
         current["layers"] = saved["layers"]
+    for name in ("model", "calib"):
+        if saved.get(name) == getattr(config, name):  # a record written before paths were resolved
+            current[name] = saved[name]
     if _run_key(_integral(saved)) != _run_key(_integral(current)):
         flat_saved, flat_now = _flatten(saved), _flatten(current)
         changed = [f"{k}: {flat_saved.get(k)!r} there, {flat_now.get(k)!r} now"
