@@ -45,17 +45,20 @@ def large_products(device: torch.device, precision: str):
     """Inside the block, float32 matmuls on ``device`` run in ``precision`` ("tf32": the tensor
     cores' TF32 mode, on CUDA only; anything else: unchanged). The setting before is restored."""
     matmul = torch.backends.cuda.matmul
-    if device.type != "cuda" or precision != "tf32":
-        yield
+    if device.type != "cuda" or precision != "tf32" or getattr(matmul, "fp32_precision", None) == "tf32":
+        yield  # nothing to switch: not asked, or TF32 already (set through torch >= 2.9's fp32_precision)
         return
-    # torch >= 2.9 names the mode fp32_precision; older releases have the allow_tf32 switch
-    attr, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
-    before = getattr(matmul, attr)
-    setattr(matmul, attr, value)
+    # The switch goes through the legacy allow_tf32 on every torch: torch >= 2.9 keeps the two
+    # names in step when allow_tf32 is set, but once fp32_precision is set to "tf32" a read of
+    # allow_tf32 raises ("mix of the legacy and new APIs"), and code inside the block reads it
+    # (torch.compile's inductor among others). Not TF32 before, so allow_tf32 reads False or
+    # True (set through it) without raising, and is restored through it.
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = True
     try:
         yield
     finally:
-        setattr(matmul, attr, before)
+        matmul.allow_tf32 = before
 
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -744,21 +744,61 @@ def test_real_model_90_percent_no_nan():
         assert torch.isfinite(model(ids[:1]).logits).all()
 
 
-def test_large_products_switches_tf32_only_for_cuda_and_restores():
+def _tf32_state():
+    """The CUDA matmuls' TF32 mode as both of torch's names read it (a read that raises: None)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        legacy = matmul.allow_tf32
+    except RuntimeError:  # torch >= 2.9 after fp32_precision = "tf32": "mix of the legacy and new APIs"
+        legacy = None
+    return getattr(matmul, "fp32_precision", "tf32" if legacy else "ieee"), legacy
+
+
+@pytest.mark.parametrize("set_before", ["nothing", "fp32_precision ieee", "allow_tf32 False"])
+def test_large_products_switches_tf32_only_for_cuda_and_restores(set_before):
+    """Inside the block both names read TF32 (torch.compile reads the legacy allow_tf32, which
+    raised where the switch went through fp32_precision); after it, TF32 is off again and both
+    names read without raising, whichever way the mode was set before."""
     from sparsellm.methods.sparsellm import large_products
 
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    with large_products(torch.device("cuda", 0), "tf32"):  # the flag only; no CUDA work is done
-        assert matmul.fp32_precision == "tf32"
-    assert matmul.fp32_precision == before
-    for device, precision in ((torch.device("cpu"), "tf32"), (torch.device("cuda", 0), "float32")):
-        with large_products(device, precision):
-            assert matmul.fp32_precision == before
-    with pytest.raises(RuntimeError):
+    saved = _tf32_state()
+    try:
+        if set_before == "fp32_precision ieee" and hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = "ieee"
+        elif set_before == "allow_tf32 False":
+            matmul.allow_tf32 = False
+
+        def off():  # "none" (torch's default, nothing set) and "ieee" are both full float32
+            precision, legacy = _tf32_state()
+            return precision in ("none", "ieee") and legacy is False
+        assert off()
+        with large_products(torch.device("cuda", 0), "tf32"):  # the flag only; no CUDA work is done
+            assert _tf32_state() == ("tf32", True)
+        assert off()
+        for device, precision in ((torch.device("cpu"), "tf32"), (torch.device("cuda", 0), "float32")):
+            with large_products(device, precision):
+                assert off()
+        with pytest.raises(RuntimeError, match="restored on the way out"):
+            with large_products(torch.device("cuda", 0), "tf32"):
+                raise RuntimeError("restored on the way out")
+        assert off()
+    finally:
+        matmul.allow_tf32 = saved[1] is True
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+def test_large_products_leaves_a_tf32_mode_set_through_fp32_precision_alone():
+    from sparsellm.methods.sparsellm import large_products
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "tf32"
+    try:
         with large_products(torch.device("cuda", 0), "tf32"):
-            raise RuntimeError("restored on the way out")
-    assert matmul.fp32_precision == before
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = "ieee"
 
 
 def test_product_precision_is_validated():
