@@ -327,6 +327,29 @@ def test_local_scores_remove_the_lowest_scored_channels(method):
     assert sorted(removed.tolist()) == sorted(scores.argsort()[:32].tolist())
 
 
+def test_a_float64_model_gets_its_structured_refit_in_float64():
+    """A float64 model is pruned in float64 (precision.solve_dtype): the structured OBS's refit of
+    down and o is not rounded through float32 on its way into the model (it was: every entry of
+    the refitted weights a float32 number), and it equals the float64 refit of the kept columns
+    on the layer's Gram."""
+    model = tiny_llama(layers=1).double()
+    layer = get_adapter(model).layers(model)[0]
+    dense_down = layer.mlp.down_proj.weight.detach().clone()
+    seen = []
+    hook = layer.mlp.down_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    records = prune(model, method="sparsegpt", sparsity=0.25, structure="channels+heads", head_sparsity=0.5)
+    hook.remove()
+    assert records[0].diagnostics["removed_channels"] == 32
+    for weight in (layer.mlp.down_proj.weight, layer.self_attn.o_proj.weight):
+        kept = weight.detach()[:, (weight != 0).any(dim=0)]
+        assert weight.dtype == torch.float64 and (kept != kept.float().double()).any()
+    # the down projection's input in the pass that observed it (after the heads were pruned)
+    x = seen[1].reshape(-1, dense_down.shape[1])
+    keep = (layer.mlp.down_proj.weight != 0).any(dim=0).nonzero().reshape(-1)
+    want = refit_consumer(dense_down, damped_gram(x.T @ x / x.shape[0], 0.01), keep)
+    torch.testing.assert_close(layer.mlp.down_proj.weight.detach(), want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("share, message", [(0.2, r"round\(0.2 x 2\) = 0"), (0.1, "1/2 = 0.5")])
 def test_a_head_share_that_removes_nothing_is_refused(share, message):
     """Grouped-query attention with 2 query heads per group: 0.2 or 0.1 of them round to none."""

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from ..plan import ColumnSquares, Gram, LayerView, Statistic, Step
+from ..precision import solve_dtype
 from ..structure import zero_channels, zero_groups, zero_heads
-from .base import set_weight
+from .base import set_weight, solve_weight
 
 
 def damped_gram(gram: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -161,7 +162,8 @@ class WandaUnits(UnitCriterion):
 def obs_remove(weight: torch.Tensor, gram: torch.Tensor, count: int, unit: int, buckets: int,
                percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Structured OBS of a consumer matrix: the units to remove (:func:`obs_select`) and the
-    weight with the rest refitted (:func:`refit_consumer`, float32), on the damped ``gram``."""
+    weight with the rest refitted (:func:`refit_consumer`; float32, float64 for a float64
+    ``weight``), on the damped ``gram``."""
     g = damped_gram(gram, percdamp)
     # Units whose input never fired on the calibration tokens keep their weights unless chosen
     # (removing one costs almost nothing, only the dampening sees it, so it goes first while the
@@ -171,7 +173,9 @@ def obs_remove(weight: torch.Tensor, gram: torch.Tensor, count: int, unit: int, 
     removed = obs_select(w, g, count, unit, buckets)
     keep = torch.ones(w.shape[1], dtype=torch.bool)
     keep[_unit_columns(w.shape[1] // unit, unit)[removed].reshape(-1)] = False
-    return removed, refit_consumer(w, g, keep.nonzero().reshape(-1)).float()
+    # in the solve dtype (float32, float64 for a float64 weight): a float64 model's refit is not
+    # rounded through float32 on its way into the model
+    return removed, refit_consumer(w, g, keep.nonzero().reshape(-1)).to(solve_dtype(weight.dtype))
 
 
 class OBSUnits(UnitCriterion):
@@ -207,9 +211,9 @@ def head_step(criterion: UnitCriterion, layer: LayerView) -> Step:
     producers = linears[:-1]
 
     def solve(observed):
-        removed, new_o = criterion.choose(attention.o.weight.detach().float(),
-                                          [lin.weight.detach().float() for lin in producers], observed, count, unit,
-                                          buckets)
+        # solve_weight: float32, float64 for a float64 model (which is pruned in float64 throughout)
+        removed, new_o = criterion.choose(solve_weight(attention.o), [solve_weight(lin) for lin in producers],
+                                          observed, count, unit, buckets)
         _apply(attention.o, new_o, lambda: zero(attention, removed))
         return {key: removed.tolist()}
 
@@ -221,9 +225,8 @@ def channel_step(criterion: UnitCriterion, layer: LayerView) -> Step:
     ffn = layer.ffn
 
     def solve(observed):
-        producers = [lin.weight.detach().float() for lin in (ffn.up, ffn.gate) if lin is not None]
-        removed, new_down = criterion.choose(ffn.down.weight.detach().float(), producers, observed,
-                                             layer.structure.channels, 1, 1)
+        producers = [solve_weight(lin) for lin in (ffn.up, ffn.gate) if lin is not None]
+        removed, new_down = criterion.choose(solve_weight(ffn.down), producers, observed, layer.structure.channels, 1, 1)
         _apply(ffn.down, new_down, lambda: zero_channels(ffn, removed))
         return {"removed_channels": len(removed)}
 
