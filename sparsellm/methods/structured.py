@@ -13,7 +13,8 @@ later removed is :mod:`sparsellm.structure`. Each criterion looks at the *consum
 - ``obs``: optimal brain surgeon on the consumer's least squares ||W X - W' X||^2 (the
   ZipLM/SlimGPT family): units are removed one at a time, each the one whose removal, with
   the remaining columns refitted, raises the error least (tr(W_U (H^-1_UU)^-1 W_U^T) in the
-  current inverse Gram H^-1, which is then downdated); the remaining columns of the consumer
+  current inverse Gram H^-1, which is then downdated; above ``OBS_MAX_DOWNDATES`` units the
+  cheapest few go per downdate, :func:`obs_select`); the remaining columns of the consumer
   are finally refitted in closed form on the calibration Gram (:func:`refit_consumer`).
 
 Heads are removed in equal numbers from every key/value group (see :mod:`sparsellm.structure`):
