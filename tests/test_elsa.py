@@ -787,6 +787,16 @@ def test_non_uniform_allocation_is_kept_by_the_projection():
             assert info["sparsity"] == int(numel * expected[record.index]) / numel, name
 
 
+@pytest.mark.parametrize("fraction", [0.6423476321, 0.7, 1e-05])
+def test_a_checkpoint_keeps_each_layer_pattern_exactly(fraction):
+    """A resume parses the per-layer patterns of the checkpoint: their text reads back as the very
+    fraction (an allocation's 0.6423476321 came back as 0.642348 from str()), and 2:4 as 2:4."""
+    from sparsellm.methods.elsa import _exact_text
+
+    for pattern in (SparsityPattern.parse(fraction), SparsityPattern.parse("2:4")):
+        assert SparsityPattern.parse(_exact_text(pattern)) == pattern
+
+
 def test_structured_settings_are_refused():
     with pytest.raises(ValueError, match="method elsa has no structured version"):
         PruneConfig(method="elsa", sparsity="0.5", structure="channels")

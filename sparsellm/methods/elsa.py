@@ -261,6 +261,13 @@ def run_settings(config) -> dict:
     return key
 
 
+def _exact_text(pattern: SparsityPattern) -> str:
+    """A pattern as text that parses back to it exactly (a resume reads the checkpoint's per-layer
+    patterns): str() prints six digits, and an allocation's 0.6423476321 came back as 0.642348,
+    so the resumed run pruned other counts than the run it resumed."""
+    return str(pattern) if pattern.is_nm else repr(pattern.fraction)
+
+
 def _source(name: str) -> str:
     """A model or text named by a local path is keyed by its resolved path: ./model and
     /work/model (or a link to it) are one run's; a hub name or alias (nothing at that path) as
@@ -652,7 +659,7 @@ class SparseTraining(PruningMethod):
             state = {"step": step, "trained": [self._whole(p) for p in params],
                      "optimizer": self._whole_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                      "history": self.history, "admm_history": self.admm_history, "method": self._state(targets),
-                     "patterns": {str(k): str(v) for k, v in self.patterns.items()},
+                     "patterns": {str(k): _exact_text(v) for k, v in self.patterns.items()},
                      "rng": torch.get_rng_state()}
         if writer:
             folder.mkdir(parents=True, exist_ok=True)
