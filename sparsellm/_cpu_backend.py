@@ -125,6 +125,12 @@ def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
     """:func:`sparsellm.reference.obs_prune_block`, the column loop in C."""
     if weight.device.type != "cpu":
         raise ops.Decline("not a CPU tensor")
+    # ops dispatches on the weight's device, but the C code reads the factor and the mask through
+    # host pointers too: one on another device (a CUDA mask) would crash the process there. The
+    # reference refuses the mixed devices with its usual error.
+    for name, tensor in (("hinv", hinv), ("prune_mask", prune_mask)):
+        if tensor is not None and tensor.device.type != "cpu":
+            raise ops.Decline(f"{name} is not on the CPU")
     if weight.dtype != torch.float32 or hinv.dtype != torch.float32:
         raise ops.Decline(f"{weight.dtype} (the C sweep is float32)")
     rows, width = weight.shape

@@ -220,3 +220,22 @@ def test_a_one_row_mask_applies_to_every_row_and_wrong_shapes_are_errors():
         cpu.obs_prune_block(weight, hinv, 0.0, prune_mask=mask[:, :63])
     with pytest.raises(ValueError, match=r"hinv has shape \(32, 32\); the block has 64 columns"):
         cpu.obs_prune_block(weight, hinv[:32, :32], 0.0, prune_mask=mask.expand(300, 64))
+
+
+@pytest.mark.parametrize("where", ["hinv", "prune_mask"])
+def test_a_factor_or_mask_off_the_cpu_is_declined_not_read(where):
+    """The C code reads every tensor through a host pointer. With CPU weights, a factor or mask on
+    another device (a CUDA mask, here a meta tensor: data pointer 0) was passed to it as is, and
+    the process died (SIGSEGV); the backend now declines it, and the reference refuses the
+    mixed devices with its usual error."""
+    weight = torch.randn(8, 16, generator=_gen(20))
+    hinv = hinv_factor(16, seed=21)
+    mask = torch.rand(8, 16, generator=_gen(22)) < 0.5
+    if where == "hinv":
+        hinv = hinv.to("meta")
+    else:
+        mask = mask.to("meta")
+    with pytest.raises(ops.Decline, match=f"{where} is not on the CPU"):
+        cpu.obs_prune_block(weight, hinv, 0.5, prune_mask=mask)
+    with ops.backend_scope("cpu"), pytest.raises(RuntimeError, match="device"):
+        ops.obs_prune_block(weight, hinv, 0.5, prune_mask=mask)
