@@ -172,6 +172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_prune_block(const at::Tensor&
   const int64_t rows = weight.size(0), B = weight.size(1);
   TORCH_CHECK(hinv.size(0) == B && hinv.size(1) == B, "hinv must be B x B with B = weight.size(1)");
   TORCH_CHECK(B <= kObsMaxBlock, "obs_prune_block supports blocks of at most ", kObsMaxBlock, " columns");
+  // the kernel runs on the weight's device and reads hinv through a raw pointer: a factor on
+  // another GPU would be an illegal access there (the reference refuses mixed devices)
+  TORCH_CHECK(hinv.device() == weight.device(), "hinv must be on the weight's device (", weight.device(),
+              "), got ", hinv.device());
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor W = weight.to(at::kFloat).contiguous();
   const at::Tensor H = hinv.to(at::kFloat).contiguous();

@@ -107,6 +107,20 @@ def test_obs_block_host_mask_is_an_error(cb):
     assert (q.cpu()[given] == 0).all()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_obs_block_factor_on_another_device_is_an_error(cb):
+    """The kernel runs on the weight's device and read hinv through its raw pointer: a factor on
+    another GPU was an illegal access (or a silent peer read); now refused, as the reference
+    refuses mixed devices."""
+    weight = rand(55, 5, 16).to("cuda:0")
+    hinv = hinv_factor(16, seed=56).to("cuda:1")
+    with pytest.raises(RuntimeError, match="hinv must be on the weight's device"):
+        cb.obs_prune_block(weight, hinv, 0.5)
+    torch.cuda.synchronize(0)  # the context is still usable
+    q, _, _ = cb.obs_prune_block(weight, hinv.to("cuda:0"), 0.5)
+    assert (q == 0).any()
+
+
 def test_float64_wanda_masks_are_declined(cb):
     """The kernel scores |W| * norm in fp32, the reference float64 inputs in float64 (pairs
     1e-12 apart, the larger first, tie in fp32: see the Triton test of the same name)."""
