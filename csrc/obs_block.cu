@@ -198,7 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> obs_prune_block(const at::Tensor&
   }
   if (nm) TORCH_CHECK(m >= 1 && n <= m && B % m == 0, "invalid N:M pattern ", n, ":", m, " for width ", B);
   at::Tensor Q = at::empty_like(W), E = at::empty_like(W);
-  at::Tensor loss = at::empty({rows}, W.options());
+  // zeros, not empty: a block of no columns launches nothing, and its rows' losses are 0
+  at::Tensor loss = at::zeros({rows}, W.options());
   if (rows > 0 && B > 0) {
     if (nm) launch<true>(W, H, mask, Q, E, loss, static_cast<int>(n), static_cast<int>(m));
     else launch<false>(W, H, mask, Q, E, loss, 0, 1);

@@ -229,3 +229,13 @@ def test_damped_cholesky_retries_only_failing(cb):
     torch.testing.assert_close(lower @ lower.transpose(-1, -2), damped, rtol=1e-4, atol=1e-4 * damped.abs().max())
     with pytest.raises(reference.NotPositiveDefinite):
         cb.damped_cholesky(-gram, 0.0)
+
+
+def test_obs_block_of_no_columns_has_zero_loss(cb):
+    """A block of rows but no columns launches no kernel, and its loss was summed from
+    uninitialised memory; now 0, the reference's."""
+    weight = torch.randn(7, 0, device="cuda")
+    hinv = torch.empty(0, 0, device="cuda")
+    for kwargs in ({}, {"n": 2, "m": 4}, {"prune_mask": torch.zeros(7, 0, dtype=torch.bool, device="cuda")}):
+        q, err, loss = cb.obs_prune_block(weight, hinv, 0.5, **kwargs)
+        assert q.shape == err.shape == (7, 0) and loss.item() == 0.0
