@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <c10/util/accumulate.h>
+
 #include <limits>
 
 #include "sparsellm_ops.h"
@@ -45,7 +47,7 @@ at::Tensor gather_damp(const at::Tensor& gram, const at::Tensor& idx, const at::
                        const at::Tensor& mean_diag) {
   const int64_t count = idx.numel(), n = gram.size(-1);
   at::Tensor out = at::empty({count, n, n}, gram.options());
-  if (count == 0) return out;
+  if (count == 0 || n == 0) return out;  // nothing to write: a launch of 0 blocks would be an error
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((count * n * n + threads - 1) / threads, 65535LL * 4);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -69,8 +71,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t> damped_cholesky(const at::Tensor& gr
   const c10::cuda::CUDAGuard guard(gram_in.device());
   const int64_t n = gram_in.size(-1);
   const auto batch_shape = gram_in.sizes().slice(0, gram_in.dim() - 2);
-  const at::Tensor gram = gram_in.reshape({-1, n, n}).contiguous();
-  const int64_t batch = gram.size(0);
+  // the batch size from the batch shape, not reshape's -1, which is ambiguous for n = 0 (no elements)
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  const at::Tensor gram = gram_in.reshape({batch, n, n}).contiguous();
   const double tiny = gram.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
                                                        : std::numeric_limits<double>::min();
   const at::Tensor mean_diag = gram.diagonal(0, -2, -1).mean(-1).clamp_min(tiny).contiguous();

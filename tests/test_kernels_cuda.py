@@ -239,3 +239,15 @@ def test_obs_block_of_no_columns_has_zero_loss(cb):
     for kwargs in ({}, {"n": 2, "m": 4}, {"prune_mask": torch.zeros(7, 0, dtype=torch.bool, device="cuda")}):
         q, err, loss = cb.obs_prune_block(weight, hinv, 0.5, **kwargs)
         assert q.shape == err.shape == (7, 0) and loss.item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0, 0), (0, 4, 4)])
+def test_empty_gram_matrices(cb, shape):
+    """A 0 x 0 Gram matrix: reshape's -1 was ambiguous (an error); now the empty factor and the
+    dampening, as the reference's damped_cholesky returns them."""
+    gram = torch.zeros(shape, device="cuda")
+    lower, damp = cb.damped_cholesky(gram, 0.01)
+    want, want_damp = reference.damped_cholesky(gram.cpu(), 0.01)
+    assert lower.shape == want.shape and torch.equal(damp.cpu(), want_damp)
+    upper, damp = cb.cholesky_inverse_upper(gram, 0.01)  # (the reference's fails on empty batches)
+    assert upper.shape == shape and torch.equal(damp.cpu(), want_damp)
