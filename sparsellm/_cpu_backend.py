@@ -157,9 +157,17 @@ def obs_prune_block(weight, hinv, fraction, n=None, m=None, prune_mask=None):
         tiles = -(-rows // TILE_ROWS)
         cuts = [min(rows, tiles * i // threads * TILE_ROWS) for i in range(threads)] + [rows]
         pool = _pool(threads)
-        for future in [pool.submit(_sweep, *args, cuts[i], cuts[i + 1]) for i in range(threads)]:
+        # each part holds the tensors behind the pointers until it is done: a caller that stops
+        # waiting (KeyboardInterrupt) must not free them under the threads still writing to them
+        tensors = (work, mask_t, hinv, err, losses)
+        for future in [pool.submit(_sweep_part, tensors, args, cuts[i], cuts[i + 1]) for i in range(threads)]:
             future.result()
     return work.t(), err.t(), losses.sum() / 2
+
+
+def _sweep_part(tensors, args, row_begin, row_end):
+    """One thread's rows of the sweep; ``tensors`` (unused here) keeps ``args``' memory alive."""
+    _sweep(*args, row_begin, row_end)
 
 
 ops.register("obs_prune_block", "cpu", obs_prune_block)

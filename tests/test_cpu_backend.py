@@ -3,10 +3,12 @@ first use, against the reference on fresh random inputs; what it declines; what 
 cannot be compiled; and the pruned model it gives, against the reference backend's."""
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import platform
 import shutil
+import threading
 
 import pytest
 import torch
@@ -239,3 +241,33 @@ def test_a_factor_or_mask_off_the_cpu_is_declined_not_read(where):
         cpu.obs_prune_block(weight, hinv, 0.5, prune_mask=mask)
     with ops.backend_scope("cpu"), pytest.raises(RuntimeError, match="device"):
         ops.obs_prune_block(weight, hinv, 0.5, prune_mask=mask)
+
+
+def test_a_caller_that_stops_waiting_leaves_the_threads_their_tensors(monkeypatch):
+    """The threads get raw pointers into the block's work tensors. When the caller stopped waiting
+    for them (Ctrl-C in a notebook; here one part that fails), those tensors were freed while the
+    other parts still wrote into them; now each part holds them until it is done."""
+    started, release, pointers = threading.Event(), threading.Event(), []
+
+    def fake_sweep(*args):
+        if args[-2] == 0:  # the first part: fails once the second one runs
+            started.wait(30)
+            raise RuntimeError("interrupted")
+        pointers.extend(args[i] for i in (0, 1, 4, 5))  # work, mask, err, losses
+        started.set()
+        release.wait(30)
+
+    monkeypatch.setattr(cpu, "_sweep", fake_sweep)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weight = torch.randn(1100, 64, generator=_gen(23))
+        with pytest.raises(RuntimeError, match="interrupted"):
+            cpu.obs_prune_block(weight, hinv_factor(64, seed=24), 0.5)
+        gc.collect()
+        alive = {t.data_ptr() for t in gc.get_objects() if type(t) is torch.Tensor}
+        assert set(pointers) <= alive
+    finally:
+        release.set()
+        torch.set_num_threads(threads)
+    cpu._pool(2).submit(int).result(timeout=30)  # the second part has finished
