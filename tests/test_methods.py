@@ -127,6 +127,20 @@ def test_sparsegpt_shared_factor_per_group(monkeypatch):
         torch.testing.assert_close(linear.weight.detach(), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_width_the_pattern_cannot_take_leaves_the_group_unpruned(method):
+    """An N:M pattern whose M does not divide a linear's input width is the pattern's clear error
+    (not a reshape's deep in a kernel), raised before any linear of the group is changed."""
+    w, x, _ = layer(cols=126)
+    group = {name: torch.nn.Linear(w.shape[1], w.shape[0], bias=False) for name in ("q", "k")}
+    for linear in group.values():
+        linear.weight.data.copy_(w)
+    pruner = get_method(PruneConfig(method=method, sparsity="2:4"))
+    with pytest.raises(ValueError, match="needs the input size \\(126\\) to be a multiple of 4"):
+        pruner.prune_group(group, observe(pruner, x), pruner.config.sparsity)
+    assert all(torch.equal(linear.weight.detach(), w) for linear in group.values())
+
+
 def test_wanda_observes_column_norms_only():
     """Wanda's statistic is d floats: the input column norms, equal to the float64 norms."""
     w, x, _ = layer()

@@ -118,6 +118,8 @@ class LocalMethod(LayerwiseMethod):
                 for group in groups]
 
     def prune_group(self, group: dict[str, nn.Linear], observed, pattern: SparsityPattern) -> None:
+        for linear in group.values():  # every width first: a refused one leaves the whole group as it was
+            pattern.check_shape(linear.in_features)
         for linear in group.values():
             set_weight(linear, self.prune(solve_weight(linear), observed, pattern))
 
