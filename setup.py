@@ -38,8 +38,12 @@ def _extension_kwargs():
         if mode in ("1", "on", "true", "yes"):
             raise RuntimeError("SPARSELLM_BUILD_EXT=1 but no CUDA build of torch / CUDA_HOME found")
         return {}
+    # relative to the project root, where pip runs this script (setuptools wants relative sources)
     sources = KERNEL_CONSTANTS["extension_sources"]("csrc")
     if not sources:
+        if mode in ("1", "on", "true", "yes"):
+            raise RuntimeError(f"SPARSELLM_BUILD_EXT=1 but no extension sources in {os.path.abspath('csrc')}; "
+                               f"run the build from the project root ({HERE})")
         return {}
     cxx_flags, nvcc_flags = KERNEL_CONSTANTS["compile_flags"]()
     ext = CUDAExtension(

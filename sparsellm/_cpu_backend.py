@@ -29,6 +29,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,32 +58,34 @@ def _source() -> Path:
     return src / SOURCE_NAME
 
 
-def _compiler() -> str:
-    name = os.environ.get("CC", "cc")
-    path = shutil.which(name)
+def _compiler() -> list[str]:
+    """$CC as a command, its program found on PATH: it may carry a launcher or flags ("ccache
+    gcc", "gcc -m64"), as make and setuptools take it."""
+    words = shlex.split(os.environ.get("CC", "")) or ["cc"]
+    path = shutil.which(words[0])
     if path is None:
-        raise ImportError(f"no C compiler: {name!r} is not on PATH (set CC)")
-    return path
+        raise ImportError(f"no C compiler: {words[0]!r} is not on PATH (set CC)")
+    return [path, *words[1:]]
 
 
-def library_path(source: Path, compiler: str) -> Path:
+def library_path(source: Path, compiler: list[str]) -> Path:
     """Where the compiled library of ``source`` lives: keyed by the source, the flags, the
     compiler and the machine's architecture."""
-    digest = hashlib.sha256(source.read_bytes() + b"\0" + " ".join(CFLAGS).encode() + b"\0" + compiler.encode())
+    digest = hashlib.sha256(source.read_bytes() + b"\0" + " ".join(CFLAGS).encode() + b"\0" + " ".join(compiler).encode())
     tag = f"{sys.platform}-{platform.machine()}-{digest.hexdigest()[:16]}"
     return cache_root() / "cpu" / f"obs_sweep_cpu-{tag}.so"
 
 
-def compile_library(source: Path, compiler: str, target: Path) -> Path:
+def compile_library(source: Path, compiler: list[str], target: Path) -> Path:
     """Compile ``source`` into ``target`` (atomically: a temporary file renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([*compiler, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0][:300]
-            raise ImportError(f"compiling {source.name} with {compiler} failed: {first}")
+            raise ImportError(f"compiling {source.name} with {' '.join(compiler)} failed: {first}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -98,7 +101,13 @@ def load_library() -> ctypes.CDLL:
     path = library_path(source, compiler)
     if not path.exists():
         compile_library(source, compiler, path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        # a cached library this machine cannot load (damaged, or written by another system
+        # sharing the cache): compiled again in its place, once
+        compile_library(source, compiler, path)
+        lib = ctypes.CDLL(str(path))
     fn = lib.sparsellm_obs_sweep_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     # work_t, mask_t, hinv, hinv_stride, err_t, losses, rows, width, row_begin, row_end

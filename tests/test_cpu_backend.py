@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import os
 import platform
+import shlex
 import shutil
 import threading
 
@@ -25,7 +26,7 @@ from sparsellm.models import get_adapter
 # Skipped only where no C compiler is on PATH (or SPARSELLM_JIT turns compiling off): where one
 # is, a C source that fails to compile is an ImportError that must fail this file, not skip it
 # (importorskip did, and ops then ran the reference silently).
-if shutil.which(os.environ.get("CC", "cc")) is None or os.environ.get(JIT_ENV, "").strip().lower() in _OFF:
+if shutil.which((shlex.split(os.environ.get("CC", "")) or ["cc"])[0]) is None or os.environ.get(JIT_ENV, "").strip().lower() in _OFF:
     pytest.skip("needs a C compiler (the CI machines have one)", allow_module_level=True)
 from sparsellm import _cpu_backend as cpu  # noqa: E402
 
@@ -154,6 +155,26 @@ def test_compiling_writes_the_library_or_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSELLM_JIT", "0")
     with pytest.raises(ImportError, match="SPARSELLM_JIT=0"):
         cpu.load_library()
+
+
+def test_cc_with_a_launcher_and_a_damaged_cached_library(tmp_path, monkeypatch):
+    """$CC may be a command with words ("ccache gcc" as make takes it): its program is found on
+    PATH and the rest passed on. A cached library that cannot be loaded is compiled again in
+    its place."""
+    monkeypatch.setenv("SPARSELLM_EXT_CACHE", str(tmp_path))
+    plain = cpu._compiler()
+    launcher = tmp_path / "launcher"
+    launcher.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/launched"\nexec "$@"\n')
+    launcher.chmod(0o755)
+    monkeypatch.setenv("CC", f"{launcher} {plain[0]}")
+    compiler = cpu._compiler()
+    assert compiler == [str(launcher), plain[0]]
+    target = cpu.library_path(cpu._source(), compiler)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a shared library")
+    lib = cpu.load_library()
+    assert (tmp_path / "launched").read_text().startswith(plain[0])  # the launcher ran the compiler
+    assert hasattr(lib, "sparsellm_obs_sweep_f32") and target.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_pruned_model_equals_the_reference_backends():
