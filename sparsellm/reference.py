@@ -110,8 +110,12 @@ def cholesky_inverse_upper(gram: torch.Tensor, percdamp: float):
     Returns ``(U, percdamp_used)``.
     """
     chol, damp = damped_cholesky(gram, percdamp)
-    inverse = torch.cholesky_inverse(chol) if chol.dim() == 2 else torch.stack(
-        [torch.cholesky_inverse(c) for c in chol.reshape(-1, *chol.shape[-2:])]).reshape(chol.shape)
+    if chol.dim() == 2:
+        inverse = torch.cholesky_inverse(chol)
+    elif chol.numel() == 0:  # no matrices, or 0 x 0 ones: nothing to invert (stack and reshape(-1) refuse them)
+        inverse = chol.clone()
+    else:
+        inverse = torch.stack([torch.cholesky_inverse(c) for c in chol.flatten(0, -3)]).reshape(chol.shape)
     upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
     if (info != 0).any():
         # the inverse of an ill-conditioned float32 Gram can round to indefinite; its factor

@@ -249,5 +249,6 @@ def test_empty_gram_matrices(cb, shape):
     lower, damp = cb.damped_cholesky(gram, 0.01)
     want, want_damp = reference.damped_cholesky(gram.cpu(), 0.01)
     assert lower.shape == want.shape and torch.equal(damp.cpu(), want_damp)
-    upper, damp = cb.cholesky_inverse_upper(gram, 0.01)  # (the reference's fails on empty batches)
-    assert upper.shape == shape and torch.equal(damp.cpu(), want_damp)
+    upper, damp = cb.cholesky_inverse_upper(gram, 0.01)
+    want_upper, want_damp = reference.cholesky_inverse_upper(gram.cpu(), 0.01)
+    assert upper.shape == want_upper.shape == shape and torch.equal(damp.cpu(), want_damp)

@@ -171,6 +171,20 @@ def test_indefinite_hessian_raises_dampening():
     assert torch.isfinite(chol).all()
 
 
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0, 0), (0, 4, 4), (2, 3, 4, 4)])
+def test_reference_factor_of_batches_empty_or_not(shape):
+    """The spec's batched factor: no matrices or 0 x 0 ones give an empty factor of the input's
+    shape (stack and reshape(-1) refused them); a batch of several dims is each matrix's own."""
+    a = torch.randn(*shape[:-1], shape[-1] + 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gram = a @ a.transpose(-1, -2)
+    upper, damp = reference.cholesky_inverse_upper(gram, 0.01)
+    assert upper.shape == gram.shape and damp.shape == gram.shape[:-2]
+    for index in torch.cartesian_prod(*[torch.arange(n) for n in shape[:-2]]) if gram.numel() else []:
+        alone, _ = reference.cholesky_inverse_upper(gram[tuple(index)], 0.01)
+        torch.testing.assert_close(upper[tuple(index)], alone, rtol=1e-12, atol=1e-12)
+        assert alone.abs().sum() > 0
+
+
 def test_wanda_scores_a_float64_weight_in_float64():
     """Scores 1e-12 apart are told apart in float64 (a float64 model's prune; in float32 they tie)."""
     weight = torch.tensor([[1.0 + 1e-12, 1.0, 3.0, 4.0], [1.0, 1.0 + 1e-12, 3.0, 4.0]], dtype=torch.float64)
