@@ -313,9 +313,11 @@ def swiglu_s_step(s: torch.Tensor, g: torch.Tensor, p: torch.Tensor, z: torch.Te
                   alpha: float, gamma: float, iterations: int = 5) -> torch.Tensor:
     """Decrease  alpha (s - g)^2 + gamma (p - silu(s) z)^2  element-wise, starting from ``s``.
 
-    Safeguarded Newton: the curvature is clamped from below at ``2 alpha`` (the convex part),
-    and a step is taken only where it lowers the objective (else halved once, else skipped),
-    so the objective never increases.
+    Safeguarded Newton: the curvature is clamped from below at ``2 alpha`` (the convex part);
+    the full step and the half step from the same start are tried, and the one with the lower
+    objective is taken where it lowers the objective (neither elsewhere), so the objective never
+    increases. (The half step wins also where the full one would lower it: about 8% of random
+    elements in one iteration.)
     """
     return _blockwise(lambda s, g, p, z: _swiglu_s(s, g, p, z, alpha, gamma, iterations), s, g, p, z)
 
