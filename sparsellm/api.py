@@ -69,14 +69,18 @@ def _warn_unused_settings(config: PruneConfig) -> None:
     """Say so when a settings group differs from its defaults but the method never reads it (e.g.
     --steps with sparsegpt): the report records every setting, and should not look as if it ran.
     Called by _run, called by run: the warnings name the line that called run (stacklevel 4)."""
-    used = set(METHODS[config.method].settings_groups)
+    used = set(METHODS[config.method].groups_read(config))
     if config.elsa.init:  # Elsa and masked-adam start from a layer-wise method's prune
-        used |= set(METHODS[config.elsa.init].settings_groups)
+        used |= set(METHODS[config.elsa.init].groups_read(config))
     for group in ("sparsellm", "elsa"):
         settings = getattr(config, group)
         changed = [f.name for f in dataclasses.fields(settings)
                    if getattr(settings, f.name) != getattr(type(settings)(), f.name)]
         if group not in used and changed:
+            if group in METHODS[config.method].settings_groups:  # a reader, but not with this structure
+                warnings.warn(f"{', '.join(changed)} ({group} settings) are not read by method {config.method} "
+                              f"with structure {config.structure}: ignored", UserWarning, stacklevel=4)
+                continue
             readers = sorted(name for name, cls in METHODS.items() if group in cls.settings_groups)
             warnings.warn(f"{', '.join(changed)} ({group} settings) apply to {', '.join(readers)}, not to "
                           f"{config.method}: ignored", UserWarning, stacklevel=4)

@@ -864,6 +864,22 @@ def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
                 main([*SMALL, "--method", method, "--quiet"])
 
 
+def test_structprune_heads_only_names_the_ffn_settings_as_ignored(no_loading):
+    """structprune --structure heads runs no FFN solve: SparseLLM's settings given to it are named
+    as ignored (they were silently kept in the report); with channels they are read."""
+    import warnings
+
+    heads = [*SMALL, "--method", "structprune", "--structure", "heads", "--head-sparsity", "0.25", "--quiet"]
+    with pytest.warns(UserWarning, match=r"iterations \(sparsellm settings\) are not read by method structprune "
+                                         r"with structure heads: ignored"):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*heads, "--iterations", "2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, "--method", "structprune", "--iterations", "2", "--quiet"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "magnitude", "--blocksize", "64", "--percdamp", "0.1", "--no-sequential"],
      "blocksize, percdamp, sequential are not read by method magnitude: ignored"),

@@ -62,6 +62,12 @@ class PruningMethod:
         self.config = config
 
     @classmethod
+    def groups_read(cls, config: PruneConfig) -> tuple[str, ...]:
+        """The settings groups a run of ``config`` reads (a run warns of one given that it does
+        not): ``settings_groups``, unless the run skips what reads them."""
+        return cls.settings_groups
+
+    @classmethod
     def check_config(cls, config: PruneConfig) -> None:
         """Refuse settings this method cannot run with (a ValueError); runs when the settings
         are built, so it reads no file."""

@@ -164,6 +164,11 @@ class StructPrune(LayerwiseMethod):
     structured_solver_settings = ("percdamp", "sequential")  # structured solves: no OBS column blocks
 
     @classmethod
+    def groups_read(cls, config) -> tuple[str, ...]:
+        # heads only: the local structured OBS, no FFN solve to read SparseLLM's settings
+        return () if config.structure == "heads" else cls.settings_groups
+
+    @classmethod
     def preflight(cls, config) -> None:
         check_product_precision(config)  # its FFN solve is SparseLLM's, in the same precision
 
