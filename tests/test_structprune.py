@@ -77,6 +77,30 @@ def test_structured_solve_removes_whole_channels_and_never_loses_to_its_start(fa
     assert diagnostics["start_selection_error"] == pytest.approx(ffn_error(local_ffn, held, dense), rel=1e-4)
 
 
+def test_held_out_tokens_run_a_chunk_at_a_time_with_the_same_choices(monkeypatch):
+    """The held-out forward in token chunks (bounded temporaries at 7B): the errors it reports are
+    the single pass's to float64 rounding, and so are the dampening and the weights it picks."""
+    import sparsellm.methods.structprune as structprune
+
+    x = correlated_inputs(768, 64, seed=4)
+    config = PruneConfig(method="structprune", sparsity=0.5)
+    runs = {}
+    for elements in (structprune.HELD_OUT_CHUNK_ELEMENTS, 40 * 128):  # 128 wide: one chunk, then 40 tokens
+        monkeypatch.setattr(structprune, "HELD_OUT_CHUNK_ELEMENTS", elements)
+        model = tiny_llama(layers=1, seed=3)
+        ffn = get_adapter(model).ffn(get_adapter(model).layers(model)[0])
+        assert ffn.up.weight.shape[0] == 128
+        solver = _StructuredFFNSolver(ffn, x, 48, config)
+        runs[len(solver.held_chunks)] = solver.run(), {n: lin.weight.detach().clone() for n, lin in ffn.linears().items()}
+    assert sorted(runs) == [1, 3]  # 96 held-out tokens: one pass, then 40 + 40 + 16
+    (whole, whole_weights), (chunked, chunked_weights) = runs[1], runs[3]
+    assert chunked["down_damping"] == whole["down_damping"]
+    for key in ("start_selection_error", "best_selection_error"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12) and 0 < whole[key] < 1
+    for name, weight in whole_weights.items():
+        assert torch.equal(chunked_weights[name], weight), name
+
+
 def test_structured_solve_improves_on_the_local_start():
     """On a layer with correlated inputs the iterations find an FFN better than the local start
     on the tokens they fit (its held-out error may go either way: that is what the safeguard

@@ -62,6 +62,11 @@ HELD_OUT_SHARE = 0.125
 # one per layer (same FFN: held-out error 0.458 / 0.448 / 0.434 at 0.01 / 0.1 / 1; FFN 20: 0.264
 # / 0.262 / 0.298).
 DOWN_DAMPINGS = (0.01, 0.1, 1.0)
+# Elements of one [chunk, ffn width] temporary of the held-out forward (256 MB in float32): its
+# tokens run a chunk at a time, so a 7B FFN's (1/8 of 128 x 2048 tokens: 32768 x 11008 floats a
+# temporary, several of them alive) no longer takes GBs at once; the default model's held-out
+# tokens (1536 wide) fit one chunk up to 43690 of them, so its tables' runs are unchanged.
+HELD_OUT_CHUNK_ELEMENTS = 1 << 26
 # The solver's defaults where the settings leave them None. Its tables were measured with 4
 # plain iterations. SparseLLM's over-relaxation was chosen on the fitted tokens, which the
 # structured refit overfits (HELD_OUT_SHARE): not taken over unmeasured.
@@ -89,13 +94,21 @@ class _StructuredFFNSolver(_FFNSolver):
         self.held_x = self.held_y = None
         if held:
             self.held_x = x[len(x) - held:].float()
-            with torch.no_grad():
-                self.held_y = ffn.forward(self.held_x, self.dense).double()
+            step = max(1, HELD_OUT_CHUNK_ELEMENTS // self.hidden)
+            self.held_chunks = [slice(i, min(i + step, held)) for i in range(0, held, step)]
+            self.held_y = torch.cat([self._held_forward(rows, self.dense) for rows in self.held_chunks])
+
+    def _held_forward(self, rows: slice, weights: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return self.ffn.forward(self.held_x[rows], weights).double()
 
     def _held_out_error(self, weights: dict) -> float:
-        with torch.no_grad():
-            out = self.ffn.forward(self.held_x, {k: v for k, v in weights.items() if v is not None})
-        return float((self.held_y - out.double()).norm() / self.held_y.norm())
+        weights = {k: v for k, v in weights.items() if v is not None}
+        if len(self.held_chunks) == 1:  # one pass, the error as the tables' runs measured it
+            return float((self.held_y - self._held_forward(self.held_chunks[0], weights)).norm() / self.held_y.norm())
+        err_sq = sum(float((self.held_y[rows] - self._held_forward(rows, weights)).square().sum())
+                     for rows in self.held_chunks)
+        return (err_sq ** 0.5) / float(self.held_y.norm())
 
     def _selection_error(self, weights, fit_error):
         return fit_error if self.held_x is None else self._held_out_error(weights)
