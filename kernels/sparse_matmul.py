@@ -555,7 +555,7 @@ def nm24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_fe
         programs = triton.cdiv(n, 8 if not use_dot else 64) * t_blocks
         split_k = 1
         target = _sm_count(x.device)
-        if programs < target:
+        if 0 < programs < target:  # 0 programs (no tokens or no rows): nothing is launched
             split_k = min(triton.cdiv(target, programs), triton.cdiv(k, MAX_SPLIT_K_BLOCK))
     split_k = max(1, min(int(split_k), triton.cdiv(k, 32)))
     # split ranges: multiples of the largest BLOCK_K (interpreter: of its own 64), or of a forced
@@ -718,7 +718,8 @@ def sell_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice
         # at least one program per SM (a split costs two more launches: zeroing and the cast)
         programs = n_slices * t_blocks
         target = _sm_count(x.device)
-        split = min(8, triton.cdiv(target, programs)) if programs < target else 1
+        # (0 programs, no tokens or no rows: nothing is launched)
+        split = min(8, triton.cdiv(target, programs)) if 0 < programs < target else 1
     split = max(1, int(split))
     atomic = split > 1
     out = (torch.zeros if atomic else torch.empty)((t, n), device=x.device,

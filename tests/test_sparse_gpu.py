@@ -381,6 +381,30 @@ def test_kernels_refuse_operands_that_do_not_fit_the_weight():
 
 
 @needs_triton
+def test_kernels_take_an_empty_batch_and_a_linear_without_outputs():
+    """No tokens (an empty batch), or no output rows, give an empty result as F.linear does:
+    the launchers' choice of a split divided by the number of programs, 0 there
+    (ZeroDivisionError before the launch that ``if t and n`` skips); through SparseGPULinear
+    too, where no tokens is under any crossover."""
+    for n, tokens in ((8, 0), (0, 1), (0, 0)):
+        w = nm_weight(n, 64, seed=3)
+        values, meta = (t.to(DEV) for t in reference.nm24_pack(w))
+        sv, sc, sp = (t.to(DEV) for t in reference.sell_pack(sparse_weight(n, 64, 0.9, seed=3, uneven=False), 8))
+        x = torch.randn(2, tokens, 64, device=DEV)
+        bias = torch.randn(n, device=DEV)
+        for got in (sparse_matmul.nm24_linear(x, values, meta, 64, bias),
+                    sparse_matmul.sell_linear(x, sv, sc, sp, n, 64, 8, bias)):
+            assert got.shape == (2, tokens, n) and got.dtype == x.dtype
+            if got.numel():
+                assert torch.equal(got, F.linear(x, torch.zeros(n, 64, device=DEV), bias))
+    lin = nn.Linear(64, 8)
+    with torch.no_grad():
+        lin.weight.copy_(nm_weight(8, 64, seed=4))
+    with ops.backend_scope("triton"):
+        assert SparseGPULinear(lin.to(DEV))(torch.randn(0, 64, device=DEV)).shape == (0, 8)
+
+
+@needs_triton
 def test_ops_dispatch_falls_back_for_float64():
     """float64 is declined by the kernels and computed by the reference (forced triton)."""
     w = nm_weight(8, 64, dtype=torch.float64)
