@@ -456,6 +456,37 @@ def test_sparse_gpu_linear_dispatch(fmt):
     assert SparseGPULinear(lin).max_sparse_tokens == sparse_gpu.MAX_SPARSE_TOKENS[fmt]
 
 
+@pytest.mark.parametrize("fmt", ["nm24", "sell"])
+def test_a_changed_weight_is_repacked_before_a_sparse_call(fmt, monkeypatch):
+    """The module computes with its dense weight: changed in place, or loaded alone from a state
+    dict, it is repacked before the next call at or below the crossover (the packed copy was
+    stale: one token multiplied the old weight, more tokens the new one); moved or cast, it is
+    not (the packed buffers were converted with it); one that no longer fits nm24 is refused."""
+    w = nm_weight(48, 64, seed=8) if fmt == "nm24" else sparse_weight(48, 64, 0.9, seed=8, uneven=False)
+    mod = SparseGPULinear(_linear_with(w), fmt, max_sparse_tokens=2)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        mod.weight.mul_(2)
+    assert rel_err(mod(x), F.linear(x.double(), 2 * w.double(), mod.bias.double())) < 1e-5
+    w3 = nm_weight(48, 64, seed=9) if fmt == "nm24" else sparse_weight(48, 64, 0.8, seed=9, uneven=False)
+    mod.load_state_dict({"weight": w3, "bias": mod.bias.detach()}, strict=False)
+    for shape in ((1, 64), (2, 64), (3, 64)):  # sparse, sparse, dense: the same weight
+        x = torch.randn(*shape)
+        assert rel_err(mod(x), F.linear(x.double(), w3.double(), mod.bias.double())) < 1e-5
+    assert mod.sparsity == pytest.approx(float((w3 == 0).double().mean()))
+    packs = []
+    real = reference.nm24_pack if fmt == "nm24" else reference.sell_pack
+    monkeypatch.setattr(reference, real.__name__, lambda *a, **k: packs.append(1) or real(*a, **k))
+    half = copy.deepcopy(mod).to(torch.float64)  # converted with its buffers: nothing to repack
+    x = torch.randn(1, 64, dtype=torch.float64)
+    assert rel_err(half(x), F.linear(x, w3.double(), mod.bias.double())) < 1e-12 and not packs
+    if fmt == "nm24":
+        with torch.no_grad():
+            mod.weight.fill_(1.0)
+        with pytest.raises(ValueError, match="no longer fits nm24"):
+            mod(x.float())
+
+
 def test_choose_format_reasons():
     assert sparse_gpu.choose_format(_linear_with(nm_weight(8, 64, keep=1)))[0] == "nm24"  # 3:4
     fmt, why, _ = sparse_gpu.choose_format(_linear_with(nm_weight(8, 48)))  # 2:4, K % 32 != 0, 50%-ish sparse

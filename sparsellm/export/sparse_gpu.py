@@ -160,7 +160,9 @@ class SparseGPULinear(nn.Module):
     least ``prefill_min_tokens`` tokens (None: the table's measured prefill crossover, if any;
     ``prefill`` False: never; ``prefill_from`` says where it came from); where cuSPARSELt cannot
     be built there it warns once and stays dense (``prefill_error``). ``format`` None picks it
-    with :func:`choose_format` (ValueError if the weight fits neither)."""
+    with :func:`choose_format` (ValueError if the weight fits neither). The dense ``weight`` is
+    the one computed with: changed in place or loaded since the packing, it is packed again at
+    the next eager sparse call (ValueError if a 2:4 linear's no longer fits nm24)."""
 
     def __init__(self, linear: nn.Linear, format: str | None = None, *, max_sparse_tokens: int | None = None,
                  min_sparsity: float = SELL_MIN_SPARSITY, slice_rows: int = SELL_SLICE_ROWS,
@@ -193,17 +195,47 @@ class SparseGPULinear(nn.Module):
         self.prefill_error: str | None = None  # why a first prefill call could not build cuSPARSELt
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.sparsity = zero_fraction(weight)
-        if format == "nm24":
-            values, meta = reference.nm24_pack(weight)
-            self.register_buffer("values", values)
-            self.register_buffer("meta", meta)
-        else:
+        self.slot_block = int(slot_block)
+        if format == "sell":
             _check_slice_rows(self.slice_rows, ValueError)
-            values, cols, slice_ptr = reference.sell_pack(weight, self.slice_rows, slot_block)
-            self.register_buffer("values", values)
-            self.register_buffer("cols", cols)
-            self.register_buffer("slice_ptr", slice_ptr)
+        self._pack(weight, register=True)
+
+    def _pack(self, weight: torch.Tensor, register: bool = False) -> None:
+        """Pack ``weight`` into the format's buffers, stamped with the weight they were built from."""
+        self.sparsity = zero_fraction(weight)
+        if self.format == "nm24":
+            names, packed = ("values", "meta"), reference.nm24_pack(weight)
+        else:
+            names = ("values", "cols", "slice_ptr")
+            packed = reference.sell_pack(weight, self.slice_rows, self.slot_block)
+        for name, tensor in zip(names, packed):
+            if register:
+                self.register_buffer(name, tensor)
+            else:
+                setattr(self, name, tensor)
+        self._packed_from = self._weight_stamp()
+
+    def _weight_stamp(self) -> tuple:
+        w = self.weight
+        return (w.data_ptr(), w._version)
+
+    def _apply(self, *args, **kwargs):
+        # .to() / .half() / .cuda() convert the packed buffers with the weight: still in sync
+        out = super()._apply(*args, **kwargs)
+        self._packed_from = self._weight_stamp()
+        return out
+
+    def _repack_if_changed(self) -> None:
+        """The weight is what the module computes with (dense above the crossover, cuSPARSELt's
+        copy rebuilt from it): a weight changed in place or loaded alone since the packing is
+        packed again, else the sparse calls would multiply the old one. Eager calls only (a
+        compiled or graph-replayed step runs the buffers it was traced with)."""
+        if self._packed_from == self._weight_stamp():
+            return
+        try:
+            self._pack(self.weight.detach())
+        except ValueError as exc:
+            raise ValueError(f"SparseGPULinear: the changed weight no longer fits {self.format}: {exc}") from exc
 
     def packed_bytes(self) -> int:
         names = ("values", "meta") if self.format == "nm24" else ("values", "cols", "slice_ptr")
@@ -264,6 +296,8 @@ class SparseGPULinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.numel()
         if n <= self.max_sparse_tokens * self.in_features:
+            if not torch.compiler.is_compiling():
+                self._repack_if_changed()
             return self.sparse_forward(x)
         # cuSPARSELt is opaque to torch.compile (a pybind call): a compiled model's prefill is dense
         if (self.prefill_min_tokens is not None and n >= self.prefill_min_tokens * self.in_features
