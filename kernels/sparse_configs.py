@@ -140,6 +140,11 @@ class ConfigTable:
             _fail(self.origin, f"{where}: X_MODE {config['X_MODE']} reads 16-bit words; a float32 entry cannot use it")
         if e["format"] == "sell" and "S" not in config:
             _fail(self.origin, f"{where}: a sell config names its slice height S")
+        # sell_linear refuses X_SHARED for a token block: refused with the table, not at the
+        # first call of more than one token
+        if e["format"] == "sell" and config.get("X_SHARED") and tokens[1] > 1:
+            _fail(self.origin, f"{where}: X_SHARED stages one token's input: the entry must cover one token only, "
+                               f"got tokens {tokens}")
         return e
 
     def _crossover(self, c, i: int) -> dict:

@@ -138,6 +138,8 @@ def test_lookup_prefers_the_shapes_own_entry_and_falls_back_by_dtype():
      "slice height"),
     ({"entries": [{"format": "nm24", "dtype": "float32", "tokens": [1, 1], "config": {"X_MODE": 4}}]},
      "X_MODE 4 reads 16-bit words"),
+    ({"entries": [{"format": "sell", "dtype": "float16", "tokens": [1, 2], "config": {"S": 8, "X_SHARED": 1}}]},
+     "X_SHARED .* one token"),
     ({"crossovers": [{"format": "nm24", "dtype": "float16", "max_sparse_tokens": -1}]}, "max_sparse_tokens"),
     ({"crossovers": [{"format": "sell", "dtype": "float16", "max_sparse_tokens": 1}]}, "slice height"),
 ])
