@@ -77,6 +77,10 @@ DTYPES = ("float16", "bfloat16", "float32")
 # nm24's X_MODEs that read the 16-bit values and x as 32-bit words: float16/bfloat16 calls only,
 # so a float32 entry naming one is refused with the table, not at its first launch
 NM24_WORD_X_MODES = (4,)
+# the block sizes a config must name (the kernels have no default for them, so a config without
+# one failed at its first launch), with their least values: powers of two (tl.arange), nm24's
+# BLOCK_K whole meta words of 32 inputs
+BLOCK_KEYS = {"nm24": {"BLOCK_N": 1, "BLOCK_K": 32}, "sell": {"BLOCK_J": 1}}
 
 
 class ConfigTableError(ValueError):
@@ -145,6 +149,11 @@ class ConfigTable:
         if e["format"] == "sell" and config.get("X_SHARED") and tokens[1] > 1:
             _fail(self.origin, f"{where}: X_SHARED stages one token's input: the entry must cover one token only, "
                                f"got tokens {tokens}")
+        for key, least in BLOCK_KEYS[e["format"]].items():
+            size = config.get(key)
+            if not isinstance(size, int) or size < least or size & (size - 1):
+                _fail(self.origin, f"{where}: a {e['format']} config names {key}, a power of two >= {least}, "
+                                   f"got {size!r}")
         return e
 
     def _crossover(self, c, i: int) -> dict:

@@ -269,7 +269,8 @@ def test_the_cusparselt_benchmark_merges_its_prefill_crossovers_into_a_table(tmp
     stored = tmp_path / "cslt.json"
     stored.write_text(json.dumps(run(1.2)))
     table = tmp_path / "table.json"
-    decode = {"format": "nm24", "dtype": "float16", "tokens": [1, 1], "shape": None, "config": {"BLOCK_N": 8}}
+    decode = {"format": "nm24", "dtype": "float16", "tokens": [1, 1], "shape": None,
+              "config": {"BLOCK_N": 8, "BLOCK_K": 1024}}
     table.write_text(json.dumps({"version": 1, "entries": [decode], "prefill": [
         {"format": "nm24", "path": "cusparselt", "dtype": "float16", "shape": None, "min_tokens": 9},
         {"format": "nm24", "path": "cusparselt", "dtype": "bfloat16", "shape": None, "min_tokens": 7}]}))
