@@ -487,6 +487,20 @@ def test_a_changed_weight_is_repacked_before_a_sparse_call(fmt, monkeypatch):
             mod(x.float())
 
 
+@pytest.mark.parametrize("fmt", ["nm24", "sell"])
+def test_a_linear_made_under_inference_mode_exports_and_runs(fmt):
+    """Weights made under torch.inference_mode track no version counter (reading it raises): the
+    module built from them packs and runs, inside inference mode and out."""
+    w = nm_weight(48, 64, seed=10) if fmt == "nm24" else sparse_weight(48, 64, 0.9, seed=10, uneven=False)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        mod = SparseGPULinear(_linear_with(w.clone()), fmt)
+        assert mod.weight.is_inference()
+        inside = mod(x)
+    assert rel_err(inside, F.linear(x.double(), w.double(), mod.bias.double())) < 1e-5
+    assert torch.equal(mod(x), inside)
+
+
 def test_choose_format_reasons():
     assert sparse_gpu.choose_format(_linear_with(nm_weight(8, 64, keep=1)))[0] == "nm24"  # 3:4
     fmt, why, _ = sparse_gpu.choose_format(_linear_with(nm_weight(8, 48)))  # 2:4, K % 32 != 0, 50%-ish sparse

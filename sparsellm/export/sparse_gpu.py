@@ -217,7 +217,9 @@ class SparseGPULinear(nn.Module):
 
     def _weight_stamp(self) -> tuple:
         w = self.weight
-        return (w.data_ptr(), w._version)
+        # a tensor made under torch.inference_mode tracks no version (reading it raises): its
+        # storage only, so a model loaded and exported there still runs
+        return (w.data_ptr(), None if w.is_inference() else w._version)
 
     def _apply(self, *args, **kwargs):
         # .to() / .half() / .cuda() convert the packed buffers with the weight: still in sync
