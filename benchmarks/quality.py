@@ -52,6 +52,28 @@ def save(results: dict, path: str) -> None:
     write_report(results, path)
 
 
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, renamed when complete):
+    a table or README cut short by an error or Ctrl-C is never left half-written. The file keeps
+    its permissions (a new one: 0644)."""
+    import stat
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
+    fd, staged = tempfile.mkstemp(prefix=".staged.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(staged, mode)
+        os.replace(staged, path)
+    except BaseException:
+        if os.path.exists(staged):
+            os.unlink(staged)
+        raise
+
+
 def machine(cpu_only: bool) -> str:
     """The machine a benchmark ran on: the GPU's name where one is used, else the CPU, its
     vector instruction set as torch uses it (machines of the same kind have differed in it, and
@@ -114,13 +136,18 @@ def commit_label(git: dict | None) -> str:
     return git["commit"][:7] + (" with uncommitted changes" if git.get("dirty") else "")
 
 
+def protocol_differences(stored: dict, protocol: dict) -> list[str]:
+    """The settings (machine aside) in which two results files' ``protocol`` records differ."""
+    return sorted(k for k in set(stored) | set(protocol) if k != "machine" and stored.get(k) != protocol.get(k))
+
+
 def refuse_other_protocol(parser: argparse.ArgumentParser, results: dict, protocol: dict) -> None:
     """Exit 2 where ``results`` holds runs measured under another protocol (windows, calibration,
     text, dtype) than ``protocol``: one caption and one dense perplexity speak for every row of a
     file, and a run of other settings would relabel them. The machine may differ (a row records
     its own commit)."""
     stored = results.get("protocol") or {}
-    differ = sorted(k for k in set(stored) | set(protocol) if k != "machine" and stored.get(k) != protocol.get(k))
+    differ = protocol_differences(stored, protocol)
     if results.get("runs") and stored and differ:
         parser.error("the results file holds runs of another protocol (" + ", ".join(
             f"{k}: {stored.get(k)!r} there, {protocol.get(k)!r} now" for k in differ) + "); give another --json")
@@ -363,8 +390,11 @@ def main(argv=None) -> int:
                     "machine": machine(args.cpu) + (f" shared by {args.jobs} jobs" if args.jobs > 1 else ""),
                     **text_sources(args)}
         refuse_other_protocol(p, results, protocol)
+        # a file without runs may still hold the dense value of another protocol (its cells were
+        # dropped, or failed): measured again, not captioned with this protocol
+        stale = bool(protocol_differences(results.get("protocol") or {}, protocol))
         results["protocol"] = protocol
-        if results.get("dense") is None or results.get("num_layers") is None or args.rerun:
+        if results.get("dense") is None or results.get("num_layers") is None or args.rerun or stale:
             results["dense"], results["num_layers"] = dense_ppl(args)
             save(results, args.json)
             print(f"dense: {results['dense']:.4f}", flush=True)
@@ -380,9 +410,7 @@ def main(argv=None) -> int:
             print(f"{method} {setting} layers={'%d:%d' % layers if layers else 'all'}: ppl {fmt_ppl(entry['ppl'])}, "
                   f"prune {entry['prune_seconds']:.1f}s, sparsity {entry['achieved_sparsity']:.4f}", flush=True)
     text = render(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-    with open(args.markdown, "w") as handle:
-        handle.write(text)
+    write_text(args.markdown, text)
     if args.readme:
         write_into(args.readme, text)
     print(text)
@@ -396,9 +424,7 @@ def write_into(path: str, text: str, start_marker: str = README_START, end_marke
     start, end = doc.find(start_marker), doc.find(end_marker)
     if start < 0 or end < start:
         raise SystemExit(f"{path} lacks the markers {start_marker} ... {end_marker}")
-    doc = doc[:start + len(start_marker)] + "\n" + text + doc[end:]
-    with open(path, "w") as handle:
-        handle.write(doc)
+    write_text(path, doc[:start + len(start_marker)] + "\n" + text + doc[end:])
 
 
 if __name__ == "__main__":

@@ -330,3 +330,54 @@ def test_bad_benchmark_options_are_one_clear_error(script, argv, message, capsys
     with pytest.raises(SystemExit) as refused:
         module.main(argv)
     assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_quality_file_without_runs_measures_the_dense_value_of_the_new_protocol(tmp_path, monkeypatch):
+    """A file whose cells were all dropped (or failed) kept its dense value: a run of other windows
+    then captioned the old protocol's dense perplexity with its own protocol."""
+    import quality
+
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"protocol": {"model": "smollm2", "nsamples": 2, "seqlen": 64, "eval_windows": 2,
+                                            "seed": 0, "machine": "m"}, "dense": 99.0, "num_layers": 3, "runs": {}}))
+    calls = []
+
+    def dense_ppl(args):
+        calls.append(args.seqlen)
+        return 31.0, 3
+
+    monkeypatch.setattr(quality, "dense_ppl", dense_ppl)
+    monkeypatch.setattr(quality, "run_one", lambda method, setting, layers, args: {
+        "method": method, "setting": setting, "layers": "all", "ppl": 40.0, "prune_seconds": 1.0,
+        "achieved_sparsity": 0.5, "git": None})
+    common = ["--methods", "magnitude", "--settings", "0.5", "--nsamples", "2", "--eval-windows", "2",
+              "--json", str(out), "--markdown", str(tmp_path / "q.md")]
+    assert quality.main([*common, "--seqlen", "32"]) == 0
+    assert calls == [32] and json.loads(out.read_text())["dense"] == 31.0
+    assert quality.main([*common, "--seqlen", "32", "--settings", "0.7"]) == 0  # the same protocol: kept
+    assert calls == [32]
+
+
+def test_tables_and_readme_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """quality.write_into (the README) and write_text (the Markdown tables) go through a file
+    renamed into place: a failure while writing leaves the old file as it was."""
+    import quality
+
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- quality:start -->\nold\n<!-- quality:end -->\nb\n")
+    readme.chmod(0o640)
+    quality.write_into(str(readme), "new\n")
+    assert readme.read_text() == "a\n<!-- quality:start -->\nnew\n<!-- quality:end -->\nb\n"
+    assert readme.stat().st_mode & 0o777 == 0o640
+
+    class Broken(Exception):
+        pass
+
+    def replace(*args):
+        raise Broken
+
+    monkeypatch.setattr(quality.os, "replace", replace)
+    with pytest.raises(Broken):
+        quality.write_into(str(readme), "newer\n")
+    assert "new\n" in readme.read_text() and "newer" not in readme.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no staged file left behind
