@@ -33,7 +33,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from quality import (commit_label, dense_ppl, fmt_ppl, git_state, load, machine, protocol_caption,  # noqa: E402
-                     refuse_other_protocol, save, write_into)  # (the quality table's helpers)
+                     protocol_differences, refuse_other_protocol, save, write_into,
+                     write_text)  # (the quality table's helpers)
 
 DEFAULT_JSON = os.path.join(HERE, "results", "structured_quality.json")
 DEFAULT_MD = os.path.join(HERE, "results", "structured_quality.md")
@@ -46,19 +47,45 @@ def key(method, channels, heads, allocation) -> str:
     return f"{method}|c{channels}|h{heads or 0}|{allocation}"
 
 
-def run_one(method, channels, heads, allocation, args) -> dict:
-    from sparsellm import run
+def run_config(method, channels, heads, allocation, args):
+    """The PruneConfig of one run (its checks are those of the options: see check_options)."""
     from sparsellm.config import PruneConfig
 
     structure = "channels+heads" if heads else "channels"
     rule, _, temperature = allocation.partition(":")  # energy:T, a temperature other than the default
     save_dir = os.path.join(MODELS_DIR, key(method, channels, heads, allocation).replace("|", "_")) \
         if args.save_models else None
-    config = PruneConfig(method=method, sparsity=channels, structure=structure, head_sparsity=heads or None,
-                         allocation={"rule": rule, **({"temperature": float(temperature)} if temperature else {})},
-                         nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                         eval=("wiki",), eval_windows=args.eval_windows, eval_dense=False,
-                         quiet=not args.progress, device="cpu", save=save_dir, overwrite=True)
+    return PruneConfig(method=method, sparsity=channels, structure=structure, head_sparsity=heads or None,
+                       allocation={"rule": rule, **({"temperature": float(temperature)} if temperature else {})},
+                       nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                       eval=("wiki",), eval_windows=args.eval_windows, eval_dense=False,
+                       quiet=not args.progress, device="cpu", save=save_dir,
+                       overwrite=save_dir is not None)  # the API refuses --overwrite without --save
+
+
+def check_options(parser: argparse.ArgumentParser, args) -> list[tuple]:
+    """The (method, channels, heads) cells of --methods, --channels and --heads, each run's
+    settings checked as its PruneConfig checks them: a typo is exit 2 now, not a traceback after
+    the dense model was evaluated (or after the other cells ran)."""
+    try:
+        heads = [float(h) for h in args.heads.split(",")]
+        channels = [float(c) for c in args.channels.split(",")]
+    except ValueError as exc:
+        parser.error(f"--channels and --heads take numbers, comma-separated ({exc})")
+    cells = [(method, c, h) for h in heads for c in channels for method in args.methods.split(",")]
+    for method, c, h in cells:
+        try:
+            run_config(method, c, h, args.allocation, args)
+        except ValueError as exc:
+            parser.error(f"--methods {method} --channels {c:g} --heads {h:g} --allocation {args.allocation}: {exc}")
+    return cells
+
+
+def run_one(method, channels, heads, allocation, args) -> dict:
+    from sparsellm import run
+
+    config = run_config(method, channels, heads, allocation, args)
+    save_dir = config.save
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report = run(config)
     return {"method": method, "channels": channels, "heads": heads, "allocation": allocation,
@@ -123,7 +150,7 @@ def speed(entry: dict, args) -> dict:
     dense, tokenizer = load_model("smollm2")
     pruned, _ = load_pruned(entry["saved_to"])
     vocab = dense.config.vocab_size
-    out = {"threads": torch.get_num_threads(), "git": git_state(),
+    out = {"threads": torch.get_num_threads(), "git": git_state(), "machine": machine(True),  # the timing's
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     for round_ in range(args.speed_rounds):  # alternate, so load from other jobs hits both alike
         for name, model in (("dense", dense), ("pruned", pruned)):
@@ -194,7 +221,8 @@ def render(results: dict) -> str:
             continue
         prompt = s["dense"][0].get("prompt", 512)  # the timed window's length
         lines += ["", f"CPU speed of `{k}` vs dense ({s['threads']} thread(s), median of {len(s['dense'])} "
-                      f"alternating rounds, commit {commit_label(s.get('git'))}): " + "; ".join(
+                      f"alternating rounds, commit {commit_label(s.get('git'))}"
+                      + (f", {s['machine']}" if s.get("machine") else "") + "): " + "; ".join(
                           f"{label} {s[f'dense_{m}_tokens_per_cpu_s']:.1f} -> {s[f'pruned_{m}_tokens_per_cpu_s']:.1f} "
                           f"tokens per CPU second ({s[f'speedup_{m}_tokens_per_cpu_s']:.2f}x; wall clock "
                           f"{s[f'speedup_{m}_tokens_per_s']:.2f}x)" for m, label in (
@@ -232,6 +260,11 @@ def main(argv=None) -> int:
     results.setdefault("speed", {})
     if args.merge:
         other = load(args.merge)
+        # one caption and one dense value speak for every row: runs of another protocol stay apart
+        differ = protocol_differences(results.get("protocol") or {}, other.get("protocol") or {})
+        if results["runs"] and other["runs"] and results.get("protocol") and differ:
+            p.error(f"{args.merge} holds runs of another protocol than {args.json} (" + ", ".join(
+                f"{k}: {other['protocol'].get(k)!r} there, {results['protocol'].get(k)!r} here" for k in differ) + ")")
         results["runs"].update(other["runs"])
         results["speed"].update(other.get("speed", {}))
         results["protocol"] = results.get("protocol") or other.get("protocol", {})
@@ -241,8 +274,17 @@ def main(argv=None) -> int:
         save(results, args.json)
     elif args.speed:
         parts = args.speed.split(",")
-        k = key(parts[0], float(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0,
-                parts[3] if len(parts) > 3 else "uniform")
+        try:
+            if not 2 <= len(parts) <= 4:
+                raise ValueError(f"{len(parts)} fields")
+            k = key(parts[0], float(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0,
+                    parts[3] if len(parts) > 3 else "uniform")
+        except ValueError as exc:
+            p.error(f"--speed takes METHOD,CHANNELS[,HEADS[,ALLOCATION]], got {args.speed!r} ({exc})")
+        if k not in results["runs"]:
+            p.error(f"--speed {args.speed}: no run {k} in {args.json}")
+        if not results["runs"][k].get("saved_to") or not os.path.isdir(results["runs"][k]["saved_to"]):
+            p.error(f"--speed {args.speed}: the run's pruned model was not kept (run it again with --save-models)")
         entry = speed(results["runs"][k], args)
         if args.speed_json:  # keep --json to the job that writes runs into it; merge later (--merge)
             save({"protocol": {}, "runs": {}, "speed": {k: entry}}, args.speed_json)
@@ -250,6 +292,7 @@ def main(argv=None) -> int:
             results["speed"][k] = entry
             save(results, args.json)
     elif not args.render:
+        cells = check_options(p, args)
         previous = results.get("protocol") or {}
         protocol = {"model": "smollm2", "nsamples": args.nsamples, "seqlen": args.seqlen,
                     "eval_windows": args.eval_windows, "seed": 0, "machine": machine(True)}
@@ -264,22 +307,18 @@ def main(argv=None) -> int:
             results.pop("dense_source", None)  # measured here now
             save(results, args.json)
             print(f"dense: {results['dense']:.4f}", flush=True)
-        for heads in (float(h) for h in args.heads.split(",")):
-            for channels in (float(c) for c in args.channels.split(",")):
-                for method in args.methods.split(","):
-                    k = key(method, channels, heads, args.allocation)
-                    if k in results["runs"] and not args.rerun:
-                        continue
-                    entry = run_one(method, channels, heads, args.allocation, args)
-                    results["runs"][k] = entry
-                    save(results, args.json)
-                    print(f"{k}: ppl {fmt_ppl(entry['ppl'])}, prune {entry['prune_seconds']:.0f}s, parameters "
-                          f"{entry['cost']['after']['parameters']:,} of {entry['cost']['before']['parameters']:,}",
-                          flush=True)
+        for method, channels, heads in cells:
+            k = key(method, channels, heads, args.allocation)
+            if k in results["runs"] and not args.rerun:
+                continue
+            entry = run_one(method, channels, heads, args.allocation, args)
+            results["runs"][k] = entry
+            save(results, args.json)
+            print(f"{k}: ppl {fmt_ppl(entry['ppl'])}, prune {entry['prune_seconds']:.0f}s, parameters "
+                  f"{entry['cost']['after']['parameters']:,} of {entry['cost']['before']['parameters']:,}",
+                  flush=True)
     text = render(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-    with open(args.markdown, "w") as handle:
-        handle.write(text)
+    write_text(args.markdown, text)
     if args.readme:
         write_into(args.readme, text, README_START, README_END)
     print(text)

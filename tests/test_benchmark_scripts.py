@@ -81,6 +81,19 @@ def test_a_quality_run_of_another_protocol_is_refused(tmp_path, capsys):
     assert out.read_text() == stored
 
 
+def test_a_structured_run_without_save_models_is_a_valid_config(tmp_path):
+    """The runs set --overwrite whether or not they saved: without --save-models (the default) the
+    API refused the config, after the dense model had been evaluated."""
+    import argparse
+
+    args = argparse.Namespace(save_models=False, nsamples=2, seqlen=64, eval_windows=2, progress=False)
+    config = structured_quality.run_config("structprune", 0.2, 0.0, "uniform", args)
+    assert config.save is None and not config.overwrite
+    config = structured_quality.run_config("structprune", 0.2, 0.25, "energy:3", argparse.Namespace(
+        **{**vars(args), "save_models": True}))
+    assert config.save and config.overwrite and config.allocation.temperature == 3.0
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("interleaved_ratio", ["--methods", "magnitude,magnitude"], "two methods, different ones"),
     ("structprune_memory", ["--widths", "64"], "at least two different widths"),
@@ -381,3 +394,51 @@ def test_tables_and_readme_are_written_whole_or_not_at_all(tmp_path, monkeypatch
         quality.write_into(str(readme), "newer\n")
     assert "new\n" in readme.read_text() and "newer" not in readme.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no staged file left behind
+
+
+def _structured_file(path, seqlen, runs):
+    path.write_text(json.dumps({"protocol": {"model": "smollm2", "nsamples": 2, "seqlen": seqlen, "eval_windows": 2,
+                                             "seed": 0, "machine": "m"}, "dense": 30.0, "num_layers": 3,
+                                "runs": runs, "speed": {}}))
+
+
+def test_a_structured_merge_of_another_protocol_is_refused(tmp_path, capsys):
+    """--merge added a job's rows whatever their protocol, under the file's one caption and dense value."""
+    run = {"method": "structprune", "channels": 0.2, "heads": 0.0, "allocation": "uniform", "ppl": 40.0,
+           "prune_seconds": 1.0, "layer_sizes": {"intermediate_size": [8] * 3},
+           "cost": {"before": {"parameters": 100}, "after": {"parameters": 80}}, "git": None}
+    main_file, other = tmp_path / "s.json", tmp_path / "other.json"
+    _structured_file(main_file, 64, {"structprune|c0.2|h0|uniform": run})
+    _structured_file(other, 32, {"structprune|c0.5|h0|uniform": run | {"channels": 0.5}})
+    stored = main_file.read_text()
+    with pytest.raises(SystemExit) as refused:
+        structured_quality.main(["--json", str(main_file), "--merge", str(other), "--markdown", str(tmp_path / "s.md")])
+    assert refused.value.code == 2 and "seqlen: 32 there, 64 here" in capsys.readouterr().err
+    assert main_file.read_text() == stored
+    _structured_file(other, 64, {"structprune|c0.5|h0|uniform": run | {"channels": 0.5}})  # the same protocol: joins
+    assert structured_quality.main(["--json", str(main_file), "--merge", str(other),
+                                    "--markdown", str(tmp_path / "s.md")]) == 0
+    assert len(json.loads(main_file.read_text())["runs"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--speed", "structprune"], "--speed takes METHOD,CHANNELS"),
+    (["--speed", "structprune,half"], "--speed takes METHOD,CHANNELS"),
+    (["--speed", "structprune,0.5"], "no run structprune|c0.5|h0|uniform"),
+    (["--speed", "structprune,0.2"], "was not kept (run it again with --save-models)"),
+    (["--channels", "0.2,x"], "--channels and --heads take numbers"),
+    (["--methods", "structprune,nope"], "--methods nope"),
+    (["--allocation", "energy:hot"], "--allocation energy:hot"),
+])
+def test_structured_options_are_checked_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(structured_quality, "dense_ppl", lambda args: pytest.fail("the dense model was evaluated"))
+    monkeypatch.setattr(structured_quality, "run_one", lambda *a: pytest.fail("a run started"))
+    monkeypatch.setattr(structured_quality, "speed", lambda *a: pytest.fail("a speed run started"))
+    out = tmp_path / "s.json"
+    _structured_file(out, 64, {"structprune|c0.2|h0|uniform": {"saved_to": None}})
+    stored = out.read_text()
+    with pytest.raises(SystemExit) as refused:
+        structured_quality.main(["--json", str(out), "--markdown", str(tmp_path / "s.md"), "--seqlen", "64",
+                                 "--nsamples", "2", "--eval-windows", "2", *argv])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert out.read_text() == stored
