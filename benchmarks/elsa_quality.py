@@ -142,14 +142,9 @@ def shared_sparsegpt_row(results: dict, entry: dict) -> dict:
     return {}
 
 
-def measure(setting: str, args, results: dict) -> None:
-    """Fill the run of ``setting`` (and ``--tag``), saving after each row; the SparseGPT model is
-    cached on disk (per setting and commit), so an interrupted benchmark resumes without redoing
-    it and a recipe variant starts from the same model."""
-    import torch
-
-    from sparsellm import api
-    from sparsellm.config import ElsaSettings, PruneConfig
+def run_settings(setting: str, args) -> tuple[dict, object]:
+    """The PruneConfig fields every row of ``setting`` shares, and the ElsaSettings of ``args``."""
+    from sparsellm.config import ElsaSettings
 
     common = dict(sparsity=setting, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, calib=args.calib,
                   eval=(args.eval,), eval_windows=args.eval_windows, quiet=not args.progress,
@@ -158,6 +153,37 @@ def measure(setting: str, args, results: dict) -> None:
                         admm_lambda=args.admm_lambda, admm_schedule=args.admm_schedule,
                         admm_lambda_start=args.admm_lambda_start, admm_interval=args.admm_interval, score=args.score,
                         train_precision=args.train_precision, compile=args.compile)
+    return common, elsa
+
+
+def check_options(parser: argparse.ArgumentParser, args) -> None:
+    """Every row's config as :func:`measure` builds it, checked now: a typo in --settings,
+    --methods, --score, --admm-schedule or --train-precision is exit 2, not a traceback after the
+    dense evaluation and the SparseGPT prune (or after an earlier setting's training)."""
+    import dataclasses
+
+    from sparsellm.config import PruneConfig
+
+    for setting in args.settings.split(","):
+        try:
+            common, elsa = run_settings(setting, args)
+            PruneConfig(method="sparsegpt", **common)
+            for method in args.methods.split(","):
+                PruneConfig(method=method, elsa=dataclasses.replace(elsa), **common)
+        except ValueError as exc:
+            parser.error(f"--settings {setting}, --methods {args.methods}: {exc}")
+
+
+def measure(setting: str, args, results: dict) -> None:
+    """Fill the run of ``setting`` (and ``--tag``), saving after each row; the SparseGPT model is
+    cached on disk (per setting and commit), so an interrupted benchmark resumes without redoing
+    it and a recipe variant starts from the same model."""
+    import torch
+
+    from sparsellm import api
+    from sparsellm.config import PruneConfig
+
+    common, elsa = run_settings(setting, args)
     entry = {"setting": setting, "tag": args.tag, "rows": {}, "commit": commit(), "init": "sparsegpt",
              "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                           "seqlen": args.seqlen, "lr": args.lr, "admm_lambda": args.admm_lambda,
@@ -390,6 +416,8 @@ def main(argv=None) -> int:
                    help="a benchmarks/quality.py JSON for the sparsellm column (default: the quality table's, "
                         "benchmarks/results/quality.json); remembered in --json")
     args = p.parse_args(argv)
+    if not args.merge and not args.render:
+        check_options(p, args)  # before anything is written or measured
     results = load(args.json)
     if args.sparsellm_json:
         results["sparsellm_json"] = os.path.relpath(os.path.abspath(args.sparsellm_json), os.path.join(HERE, os.pardir))

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 _BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(_BENCH))  # elsa_quality imports its helpers from benchmarks/quality.py
 _spec = importlib.util.spec_from_file_location("elsa_quality", _BENCH / "elsa_quality.py")
@@ -103,3 +105,24 @@ def test_a_run_s_own_dense_value_and_runs_at_several_protocols(tmp_path):
     assert table.startswith("Perplexity on the wiki test part, all 30 layers, at each run's protocol (0.9 (gpu): "
                             "40 x 512 tokens, dense 19.6, 32 x 512 calibration tokens; 0.9 (smoke): 2 x 64 tokens, "
                             "dense 25.88, 2 x 64 calibration tokens). SparseGPT: one-shot.")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "elsa,nope"], "nope"),
+    (["--settings", "0.9,1.5"], "--settings 1.5"),
+    (["--admm-schedule", "steep"], "admm_schedule"),
+    (["--score", "typo"], "score"),
+    (["--train-precision", "fp8"], "train_precision"),
+    (["--steps", "0"], "steps"),
+])
+def test_bad_options_fail_before_any_model_loads(argv, message, tmp_path, monkeypatch, capsys):
+    """A bad method, setting or Elsa setting failed with a traceback once the model was loaded, the
+    dense model evaluated and (for --methods) SparseGPT pruned."""
+    from sparsellm import api
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "elsa.json"
+    with pytest.raises(SystemExit) as refused:
+        elsa_quality.main(["--json", str(out), "--cache", str(tmp_path / "cache"), *argv])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
