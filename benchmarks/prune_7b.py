@@ -34,7 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import git_state  # noqa: E402
+from quality import git_state, machine, save  # noqa: E402
 
 
 # The random models' shapes: (name in the tables, LlamaConfig fields); the vocabulary is the tokenizer's
@@ -79,10 +79,14 @@ def run_one(model_dir: str, method: str, sparsity: str, backend: str, extra: lis
         name, _, value = option.partition("=")
         cmd += [f"--{name}"] + ([value] if value else [])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    row = {"method": method, "sparsity": sparsity, "backend": backend, "options": extra}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:  # one hung run must not sink the others (as in elsa_7b.py)
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return dict(row, rc="timeout", error=f"killed after {args.timeout} s: {err[-2000:]}")
     wall = time.perf_counter() - start
-    row = {"method": method, "sparsity": sparsity, "backend": backend, "options": extra, "rc": proc.returncode,
-           "process_seconds": round(wall, 2)}
+    row.update(rc=proc.returncode, process_seconds=round(wall, 2))
     if proc.returncode or not os.path.exists(report):
         row["error"] = (proc.stderr or proc.stdout)[-2000:]
         return row
@@ -108,6 +112,7 @@ def new_result(device: str, settings: dict) -> dict:
 
     return {"git": git_state(),
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "machine": machine(not device.startswith("cuda")),
             "torch": torch.__version__, "settings": settings, "runs": []}
 
 
@@ -119,8 +124,7 @@ def add_run(result: dict, row: dict, out: str | None, unprinted: tuple[str, ...]
     if "error" in row:
         print(row["error"], file=sys.stderr)
     if out:
-        with open(out, "w") as handle:
-            json.dump(result, handle, indent=1)
+        save(result, out)  # atomic: a run killed while writing keeps the runs written before
 
 
 def shape_text(result: dict) -> str:
@@ -211,6 +215,27 @@ def render(result: dict) -> str:
 TINY_DEFAULTS = {"nsamples": 8, "seqlen": 128}  # --tiny: a CPU smoke run in well under two minutes
 
 
+def parse_run(ap: argparse.ArgumentParser, spec: str) -> tuple[str, str, str, list[str]]:
+    """(method, sparsity, backend, options) of a --runs entry METHOD:SPARSITY:BACKEND[:OPTION=VALUE...];
+    a malformed one is exit 2 (it was a traceback after the model was built)."""
+    from sparsellm.methods import METHODS
+    from sparsellm.sparsity import SparsityPattern
+
+    parts = spec.split(":")
+    method, sparsity, backend, *extra = parts + [""] * (3 - len(parts))  # a short one: refused below
+    try:
+        if len(parts) < 3:
+            raise ValueError("too few fields")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+        if not backend:
+            raise ValueError("no backend")
+        SparsityPattern.parse(sparsity.replace("-", ":"))
+    except ValueError as exc:
+        ap.error(f"--runs: {spec!r} is not METHOD:SPARSITY:BACKEND[:OPTION=VALUE...] ({exc})")
+    return method, sparsity.replace("-", ":"), backend, extra
+
+
 def main(argv=None) -> int:
     ap = base_parser(__doc__, TINY_DEFAULTS)
     ap.add_argument("--runs", default="sparsegpt:0.7:auto,sparsellm:0.7:auto",
@@ -224,6 +249,7 @@ def main(argv=None) -> int:
                          "to DIR/<run>.md and .json; the times in the table are then the profiled ones")
     args = parse_args(ap, argv)
     require_device(ap, args.device)
+    runs = [parse_run(ap, spec) for spec in args.runs.split(",")]  # before the (7B) model is built
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="prune7b-")
@@ -231,9 +257,8 @@ def main(argv=None) -> int:
     build_model(args.tokenizer, model_dir, args.layers, args.shape, args.device)
     result = new_result(args.device, {"layers": args.layers, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                       "shape": args.shape, "dtype": "float16", "profiled": bool(args.profile)})
-    for spec in args.runs.split(","):
-        method, sparsity, backend, *extra = spec.split(":")
-        add_run(result, run_one(model_dir, method, sparsity.replace("-", ":"), backend, extra, args), args.out)
+    for method, sparsity, backend, extra in runs:
+        add_run(result, run_one(model_dir, method, sparsity, backend, extra, args), args.out)
     print(render(result))
     return 0 if all("prune_seconds" in r for r in result["runs"]) else 1
 

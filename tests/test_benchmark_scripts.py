@@ -442,3 +442,34 @@ def test_structured_options_are_checked_before_any_work(argv, message, tmp_path,
                                  "--nsamples", "2", "--eval-windows", "2", *argv])
     assert refused.value.code == 2 and message in capsys.readouterr().err
     assert out.read_text() == stored
+
+
+@pytest.mark.parametrize("runs, message", [("sparsegpt", "too few fields"), ("nope:0.7:auto", "unknown method"),
+                                           ("sparsegpt:1.5:auto", "sparsity"), ("sparsegpt:0.7:", "no backend")])
+def test_prune_7b_refuses_a_bad_run_before_building_the_model(runs, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prune_7b, "build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as refused:
+        prune_7b.main([*TOK, "--tiny", "--device", "cpu", "--workdir", str(tmp_path), "--runs", runs])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prune_7b_keeps_the_other_runs_when_one_hangs(tmp_path, monkeypatch):
+    """A run past --timeout raised TimeoutExpired out of the benchmark, losing the runs after it."""
+    import subprocess
+
+    real_run = subprocess.run
+
+    def hang(cmd, **kwargs):
+        if "timeout" not in kwargs:  # git, for the commit
+            return real_run(cmd, **kwargs)
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], stderr=b"stuck")
+
+    monkeypatch.setattr(prune_7b.subprocess, "run", hang)
+    monkeypatch.setattr(prune_7b, "build_model", lambda *a: None)
+    out = tmp_path / "p.json"
+    assert prune_7b.main([*TOK, "--tiny", "--device", "cpu", "--workdir", str(tmp_path), "--timeout", "1",
+                          "--runs", "sparsegpt:0.7:auto,sparsellm:2-4:auto", "--out", str(out)]) == 1
+    written = json.loads(out.read_text())
+    assert [(r["method"], r["sparsity"], r["rc"]) for r in written["runs"]] == [
+        ("sparsegpt", "0.7", "timeout"), ("sparsellm", "2:4", "timeout")]
+    assert "stuck" in written["runs"][0]["error"] and written["machine"] and written["git"]["commit"]
