@@ -38,6 +38,20 @@ def protocol_parser(doc: str, sparsity: float) -> argparse.ArgumentParser:
     return p
 
 
+def parse_protocol_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, and refuse what would measure nothing: --no-eval without --compare-layers pruned no
+    layer and wrote a results file without a number."""
+    args = p.parse_args(argv)
+    for name in ("nsamples", "seqlen", "eval_windows"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.compare_layers < 0:
+        p.error(f"--compare-layers must be at least 0, got {args.compare_layers}")
+    if args.no_eval and not args.compare_layers:
+        p.error("--no-eval measures only the --compare-layers comparison: give --compare-layers N (N >= 1)")
+    return args
+
+
 def write_results(args, results: dict) -> None:
     """Write ``results`` (the numbers the script printed) to ``args.json``, if given, with the
     commit (quality.git_state), the settings, the machine and the date, as the other benchmarks."""

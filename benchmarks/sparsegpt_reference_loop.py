@@ -41,8 +41,8 @@ from sparsellm.driver import WINDOW_TOKENS_PER_CALL, LayerDriver, capture_layer_
 from sparsellm.methods import get_method
 from sparsellm.models import get_adapter
 
-from reference_protocol import (load_protocol, protocol_model, protocol_parser, protocol_perplexity,
-                                write_results)
+from reference_protocol import (load_protocol, parse_protocol_args, protocol_model, protocol_parser,
+                                protocol_perplexity, write_results)
 
 
 def reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, blocksize: int = 128,
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     p.add_argument("--mask", choices=("le", "topk"), default="le")
     p.add_argument("--reverse-windows", action="store_true",
                    help="feed the calibration windows in reverse order (a rounding-level perturbation)")
-    args = p.parse_args(argv)
+    args = parse_protocol_args(p, argv)
     model, tokenizer, adapter, windows, num_layers = load_protocol(args)
     start = time.perf_counter()
     ref, _, layer_errors = reference_loop(model, adapter, windows, args.sparsity, num_layers, args.gram, args.mask,

@@ -23,8 +23,8 @@ from sparsellm.config import PruneConfig
 from sparsellm.driver import LayerDriver, capture_layer_inputs
 from sparsellm.methods import get_method
 
-from reference_protocol import (load_protocol, protocol_model, protocol_parser, protocol_perplexity,
-                                write_results)
+from reference_protocol import (load_protocol, parse_protocol_args, protocol_model, protocol_parser,
+                                protocol_perplexity, write_results)
 
 
 def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> list[dict[str, torch.Tensor]]:
@@ -65,7 +65,7 @@ def reference_loop(model, adapter, windows, ratio: float, num_layers: int) -> li
 
 
 def main(argv=None) -> None:
-    args = protocol_parser(__doc__, 0.7).parse_args(argv)
+    args = parse_protocol_args(protocol_parser(__doc__, 0.7), argv)
     model, tokenizer, adapter, windows, num_layers = load_protocol(args)
     masks = reference_loop(model, adapter, windows, args.sparsity, num_layers)
     results = {}

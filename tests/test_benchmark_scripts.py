@@ -337,6 +337,11 @@ def test_the_sparsellm_sweep_refuses_an_unknown_setting(stage, monkeypatch, caps
     ("export_table", ["--threads", "-1"], "--threads must be at least 1"),
     ("wanda_reference_loop", ["--sparsity", "1.5"], "expected a share in (0, 1)"),
     ("sparsegpt_reference_loop", ["--sparsity", "0"], "expected a share in (0, 1)"),
+    # --no-eval alone pruned no layer and wrote a results file without a number
+    ("wanda_reference_loop", ["--no-eval"], "give --compare-layers N"),
+    ("sparsegpt_reference_loop", ["--no-eval", "--json", "x.json"], "give --compare-layers N"),
+    ("wanda_reference_loop", ["--nsamples", "0"], "--nsamples must be at least 1"),
+    ("sparsegpt_reference_loop", ["--compare-layers", "-1"], "--compare-layers must be at least 0"),
 ])
 def test_bad_benchmark_options_are_one_clear_error(script, argv, message, capsys):
     module = __import__(script)
