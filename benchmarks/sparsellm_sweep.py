@@ -138,8 +138,7 @@ def sweep_layers(args):
         meta = {"commit": quality.git_state(), "sparsity": args.sparsity, "nsamples": args.nsamples,
                 "seqlen": args.seqlen, "threads": torch.get_num_threads(), "machine": quality.machine(True),
                 "measured": time.strftime("%Y-%m-%d")}
-        with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "settings": results}, fh, indent=1)
+        quality.save({"meta": meta, "settings": results}, args.out)  # atomic
 
 
 def sweep_ppl(args):
@@ -157,9 +156,9 @@ def sweep_ppl(args):
         print(json.dumps({"setting": name, "sparsity": args.sparsity, "range": args.range,
                           "ppl": report["ppl"]["pruned"],
                           "prune_seconds": report.get("prune_seconds"), "ffn_rel_error": ffn}), flush=True)
-        if args.out:
-            with open(f"{args.out}.{name}.{args.sparsity}.json", "w") as fh:
-                json.dump(report, fh, indent=1, default=str)
+        if args.out:  # the run's report, with the commit and machine it came from (the report has neither)
+            quality.save({**report, "git": quality.git_state(), "machine": quality.machine(False),
+                          "measured": time.strftime("%Y-%m-%d")}, f"{args.out}.{name}.{args.sparsity}.json")
 
 
 def main():
@@ -178,6 +177,17 @@ def main():
     unknown = [name for name in args.settings.split(",") if name not in known]
     if unknown:  # the ppl stage ran the defaults under an unknown name; the layers stage failed late
         parser.error(f"unknown --settings {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    try:  # --sparsity, --layers and --range: exit 2 now, not a traceback after gathering the inputs
+        layers = [int(i) for i in args.layers.split(",")]
+        if min(layers) < 0:
+            raise ValueError(f"--layers {args.layers}: negative layer")
+        span = tuple(int(i) for i in args.range.split(":")) if args.range else None
+        if span is not None and len(span) != 2:
+            raise ValueError(f"--range expects START:STOP, got {args.range!r}")
+        PruneConfig(method="sparsellm", sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
+                    layers=span)
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_grad_enabled(False)
     (sweep_layers if args.stage == "layers" else sweep_ppl)(args)
 

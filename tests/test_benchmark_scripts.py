@@ -478,3 +478,31 @@ def test_prune_7b_keeps_the_other_runs_when_one_hangs(tmp_path, monkeypatch):
     assert [(r["method"], r["sparsity"], r["rc"]) for r in written["runs"]] == [
         ("sparsegpt", "0.7", "timeout"), ("sparsellm", "2:4", "timeout")]
     assert "stuck" in written["runs"][0]["error"] and written["machine"] and written["git"]["commit"]
+
+
+@pytest.mark.parametrize("argv, message", [(["layers", "--layers", "0,x"], "invalid literal"),
+                                           (["ppl", "--range", "3"], "--range expects START:STOP"),
+                                           (["ppl", "--range", "5:2"], "layer range 5:2 is empty"),
+                                           (["ppl", "--sparsity", "1.5"], "sparsity")])
+def test_the_sparsellm_sweep_checks_its_options_first(argv, message, monkeypatch, capsys):
+    import sparsellm_sweep
+
+    monkeypatch.setattr(sparsellm_sweep.api, "run", lambda config: pytest.fail("a run started"))
+    monkeypatch.setattr(sparsellm_sweep, "gather", lambda *a: pytest.fail("inputs were gathered"))
+    monkeypatch.setattr(sys, "argv", ["sparsellm_sweep.py", *argv, "--settings", "default"])
+    with pytest.raises(SystemExit) as refused:
+        sparsellm_sweep.main()
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_sparsellm_sweep_stores_a_ppl_report_with_its_commit_and_machine(tmp_path, monkeypatch):
+    """The ppl stage's --out files were the run's report alone: settings, but no commit."""
+    import sparsellm_sweep
+
+    report = {"ppl": {"pruned": {"wiki": 60.0}}, "prune_seconds": 1.0, "layer_errors": [{"ffn_rel_error": 0.5}]}
+    monkeypatch.setattr(sparsellm_sweep.api, "run", lambda config: report)
+    out = tmp_path / "sweep"
+    monkeypatch.setattr(sys, "argv", ["sparsellm_sweep.py", "ppl", "--settings", "default", "--out", str(out)])
+    sparsellm_sweep.main()
+    written = json.loads((tmp_path / "sweep.default.0.7.json").read_text())
+    assert written["ppl"] == report["ppl"] and len(written["git"]["commit"]) == 40 and written["machine"]
