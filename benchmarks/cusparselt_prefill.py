@@ -171,15 +171,20 @@ def main(argv=None) -> int:
 
     from sparsellm.export import cusparselt
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import git_state, save
+
+    git = git_state()  # $SPARSELLM_COMMIT on a GPU machine's copy, else git's HEAD (it was None there)
     result = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "commit": os.environ.get("SPARSELLM_COMMIT"), "dtype": args.dtype, "rows": []}
+              "commit": git["commit"], "dirty": git["dirty"], "dtype": args.dtype,
+              "settings": {k: getattr(args, k) for k in ("tokens", "warmup_ms", "rep_ms", "no_torch", "search")},
+              "rows": []}
     ok, why = cusparselt.available()
     result["available"], result["reason"] = ok, why
     if not ok:
         print(f"cuSPARSELt extension unavailable: {why}", file=sys.stderr)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+            save(result, args.out)
         return 2
 
     t0 = time.perf_counter()
@@ -250,7 +255,7 @@ def main(argv=None) -> int:
                 if f"{key}_ms" in row and "dense_ms" in row:
                     row[f"speedup_{key}"] = row["dense_ms"] / row[f"{key}_ms"]
             result["rows"].append(row)
-        del lin, lin_t, ws
+        lin = lin_t = ws = None  # freed before the next shape (not `del`: the closures above name them)
         torch.cuda.empty_cache()
     result["bench_s"] = round(time.perf_counter() - bench_start, 1)
 
@@ -278,8 +283,7 @@ def main(argv=None) -> int:
         print("\nerrors:\n" + "\n".join(f"- {e}" for e in errors))
     print(f"\nbenchmark time {result['bench_s']} s (plus compile {result['compile_s']} s)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        save(result, args.out)  # atomic
         print(f"wrote {args.out}")
     if args.pick:
         return _pick(result, args.pick, min_speedup, args.out or "(not stored)")

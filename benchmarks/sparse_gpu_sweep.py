@@ -314,24 +314,35 @@ def main(argv=None) -> int:
         print("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
               "(TRITON_INTERPRET=1 python benchmarks/sparse_gpu_sweep.py --device cpu ...)", file=sys.stderr)
         return 2
-    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    try:
+        shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        if any(len(s) != 2 or min(s) < 1 for s in shapes):
+            raise ValueError
+    except ValueError:
+        print(f"--shapes takes INxOUT pairs of positive integers, comma-separated, got {args.shapes!r}",
+              file=sys.stderr)
+        return 2
     t0 = time.time()
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     commit = _commit()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import git_state, save as save_json, write_text
+
+    dirty = git_state()["dirty"]  # whether the tracked files differ from the commit
+    settings = {"reps": args.reps, "quick": args.quick, "formats": args.formats, "tokens": args.tokens,
+                "shapes": [list(s) for s in shapes]}
 
     def save(rows, finished=False) -> str:
         kernels = [r for r in rows if r["impl"] != "dense"]
         ok = sum(map(_ok, kernels))
         # complete: every config tried and at least one worked (a sweep where all failed measured nothing)
-        meta = {"device": device, "commit": commit, "torch": torch.__version__, "triton": triton.__version__,
-                "seconds": round(time.time() - t0, 1),
+        meta = {"device": device, "commit": commit, "dirty": dirty, "torch": torch.__version__,
+                "triton": triton.__version__, "settings": settings, "seconds": round(time.time() - t0, 1),
                 "complete": finished and ok > 0, "configs_ok": ok, "configs_failed": len(kernels) - ok}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        save_json({"meta": meta, "rows": rows}, args.out)  # atomic: a sweep killed mid-write keeps its rows
         text = f"{meta}\n" + table(rows, shapes)
         if args.table:
-            with open(args.table, "w") as f:
-                f.write(text + "\n")
+            write_text(args.table, text + "\n")
         return text
 
     formats = tuple(f.strip() for f in args.formats.split(","))

@@ -11,6 +11,7 @@ sparsellm/methods/structprune.py (HELD_OUT_SHARE, DOWN_DAMPINGS) were chosen fro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -46,6 +47,12 @@ def main(argv=None) -> int:
     from sparsellm.methods import structprune
     from sparsellm.models import get_adapter
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import commit_label, git_state, machine
+
+    # what a stored copy of the output (benchmarks/results/structprune_heldout.txt) must name
+    print(f"# python benchmarks/structprune_heldout.py {' '.join(sys.argv[1:] if argv is None else argv)} "
+          f"(code of commit {commit_label(git_state())}; {machine(True)})", flush=True)
     model, tokenizer = load_model("smollm2")
     adapter = get_adapter(model)
     layers = [int(i) for i in args.layers.split(",")]

@@ -33,7 +33,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import commit_label, git_state  # noqa: E402
+from quality import commit_label, git_state, machine, save  # noqa: E402
 
 FFN_RATIO = 11008 / 4096  # LLaMA-2-7B's intermediate / hidden
 HEAD_DIM = 64
@@ -170,7 +170,10 @@ def main(argv=None) -> int:
         print(json.dumps(measure_one(int(width), method, args.sparsity, args.nsamples, args.seqlen)))
         return 0
     methods = args.methods.split(",")
-    widths = [int(w) for w in args.widths.split(",")]
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        p.error(f"--widths takes integers, comma-separated, got {args.widths!r}")
     if len(set(widths)) < 2:  # the exponent is a slope over sizes: found now, not after every run
         p.error(f"--widths needs at least two different widths, got {args.widths!r}")
     runs = []
@@ -192,13 +195,11 @@ def main(argv=None) -> int:
     exponents = {m: slope([r["params"] for r in runs if r["method"] == m],
                           [r["working_bytes"] for r in runs if r["method"] == m]) for m in methods}
     first = [r for r in runs if r["method"] == methods[0]]
-    result = {"git": git_state(), "malloc_mmap_threshold": MMAP_THRESHOLD, "nsamples": args.nsamples, "seqlen": args.seqlen, "sparsity": args.sparsity,
+    result = {"git": git_state(), "machine": machine(True), "malloc_mmap_threshold": MMAP_THRESHOLD, "nsamples": args.nsamples, "seqlen": args.seqlen, "sparsity": args.sparsity,
               "methods": methods, "runs": runs, "exponents": exponents,
               "layer_exponent": slope([r["params"] for r in first], [r["layer_weight_bytes"] for r in first]),
               "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
+    save(result, args.out)  # atomic
     print(render(result))
     return 0
 

@@ -506,3 +506,68 @@ def test_the_sparsellm_sweep_stores_a_ppl_report_with_its_commit_and_machine(tmp
     sparsellm_sweep.main()
     written = json.loads((tmp_path / "sweep.default.0.7.json").read_text())
     assert written["ppl"] == report["ppl"] and len(written["git"]["commit"]) == 40 and written["machine"]
+
+
+def test_the_memory_benchmark_records_its_machine(tmp_path, monkeypatch):
+    """Its peak-memory numbers were stored with the commit and settings but not the machine."""
+    import subprocess
+
+    import structprune_memory
+
+    real_run = subprocess.run
+
+    def child(cmd, **kwargs):
+        if "--one" not in cmd:  # git, for the commit
+            return real_run(cmd, **kwargs)
+        width = int(cmd[cmd.index("--one") + 1].split(":")[0])
+        record = {"width": width, "layers": 1, "params": width ** 3, "layer_weight_bytes": 4 * width ** 2,
+                  "working_bytes": 1000 * width, "seconds": 0.1, "method": "sparsegpt"}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(record) + "\n", stderr="")
+
+    monkeypatch.setattr(structprune_memory.subprocess, "run", child)
+    out = tmp_path / "m.json"
+    assert structprune_memory.main(["--widths", "64,128", "--methods", "sparsegpt", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["machine"] and len(written["git"]["commit"]) == 40 and written["nsamples"] == 8
+    with pytest.raises(SystemExit) as refused:
+        structprune_memory.main(["--widths", "64,x", "--out", str(tmp_path / "n.json")])
+    assert refused.value.code == 2 and not (tmp_path / "n.json").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_the_cusparselt_benchmark_records_commit_and_settings(tmp_path, monkeypatch):
+    """Its commit came from $SPARSELLM_COMMIT only (None wherever that was not set), with no
+    dirty state and none of the timing settings."""
+    import cusparselt_prefill
+
+    monkeypatch.delenv("SPARSELLM_COMMIT", raising=False)
+    out = tmp_path / "c.json"
+    assert cusparselt_prefill.main(["--out", str(out), "--tokens", "128", "512"]) == 2  # no cuSPARSELt here
+    written = json.loads(out.read_text())
+    assert len(written["commit"]) == 40 and "dirty" in written and written["available"] is False
+    assert written["settings"]["tokens"] == [128, 512] and written["settings"]["rep_ms"] == 40
+
+
+def test_the_heldout_script_names_its_commit_and_machine_first(monkeypatch, capsys):
+    import structprune_heldout
+
+    import sparsellm
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(sparsellm, "load_model", stop)
+    with pytest.raises(Stop):
+        structprune_heldout.main(["--layers", "3"])
+    header = capsys.readouterr().out
+    assert header.startswith("# python benchmarks/structprune_heldout.py --layers 3 (code of commit ")
+    assert "threads" in header
+
+
+def test_the_sweep_refuses_bad_shapes(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert sparse_gpu_sweep.main(["--device", "cpu", "--shapes", "128by64", "--out", str(out)]) == 2
+    assert "--shapes" in capsys.readouterr().err and not out.exists()
