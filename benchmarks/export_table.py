@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from quality import commit_label, git_state, save
+from quality import commit_label, git_state, save, write_text
 from torch import nn
 
 
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     table = render(csr, sizes, command.strip(), size, git, machine_text)
     print(table)
     if args.out:
-        Path(args.out).write_text(table)
+        write_text(args.out, table)  # atomic
     if args.json:
         save({"git": git, "command": command.strip(), "machine": machine_text, "measured": time.strftime("%Y-%m-%d"),
               "linear_size": size,

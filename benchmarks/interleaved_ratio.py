@@ -22,7 +22,6 @@ perplexities, with the commit, the machine and the settings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality import achieved_sparsity, add_text_options, git_state, machine, text_sources  # noqa: E402
+from quality import achieved_sparsity, add_text_options, git_state, machine, save, text_sources  # noqa: E402
 
 from sparsellm.cli import parse_layers  # noqa: E402
 
@@ -188,6 +187,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/interleaved_ratio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git": git_state(), "started": started, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(args.cpu), "threads": torch.get_num_threads(), "gram_gemm": args.gram_gemm,
+        "iterations": args.iterations,  # None: each method's own solver iterations
         "protocol": {"model": "smollm2" if args.model in DEFAULT_ALIASES else args.model, "sparsity": args.sparsity,
                      "layers": layers_text, "nsamples": args.nsamples, "seqlen": args.seqlen,
                      "eval_windows": args.eval_windows, "seed": 0, **text_sources(args)},
@@ -203,10 +203,8 @@ def main(argv=None) -> int:
         print(f"{run.name}: prune {total:.1f}s, ppl {result['runs'][run.name]['ppl']:.4f}", flush=True)
     median = result["median_layer_ratio"]  # None where no layer has two timed runs (one pruned layer)
     print(f"ratio {result['ratio']:.3f} (median per layer {'n/a' if median is None else f'{median:.3f}'})", flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "x") as handle:
-            json.dump(result, handle, indent=1)
+    if args.json:  # a new file (checked above), written whole or not at all
+        save(result, args.json)
     return 0
 
 

@@ -27,7 +27,7 @@ runs, not instead of them).
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 
@@ -175,24 +175,25 @@ def main(argv=None) -> int:
     from sparsellm import cli
     from sparsellm.driver import resolve_device
 
+    # the commit and machine every stored number names (imported before the run: not a failure after it)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import git_state, machine, save, write_text
+
     device = resolve_device(cli.build_parser().parse_args(cli_args).device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
     start = time.perf_counter()
     with profile(activities=activities, record_shapes=args.flops) as prof:  # shapes: the products' FLOPs
         rc = cli.main(cli_args)
     wall = time.perf_counter() - start
-    from quality import git_state, machine  # the commit and machine every stored number names
 
     summary = {"cli_args": cli_args, "rc": rc, "git": git_state(), "machine": machine(not device),
                "measured": time.strftime("%Y-%m-%d"), **summarise(prof, wall, device, args.top, args.flops)}
     text = render(summary, args.title)
     print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(summary, handle, indent=1)
+    if args.out:  # atomic, as the tables
+        save(summary, args.out)
     if args.table:
-        with open(args.table, "w") as handle:
-            handle.write(text)
+        write_text(args.table, text)
     return rc
 
 

@@ -69,8 +69,10 @@ path = env["OUT"]
 stored = json.load(open(path)) if os.path.exists(path) else {
     "about": "benchmarks/quickstart.sh: the README's quick start in a fresh clone, venv and caches", "runs": []}
 stored["runs"].append(run)
-with open(path, "w") as f:
+# the file holds every earlier run: written beside it and renamed into place, never half-written
+with open(path + ".tmp", "w") as f:
     json.dump(stored, f, indent=1)
     f.write("\n")
+os.replace(path + ".tmp", path)
 print(json.dumps(run, indent=1))
 EOF

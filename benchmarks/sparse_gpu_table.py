@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -113,9 +114,11 @@ def main(argv=None) -> int:
         out = [f"Device: {gpu}", ""] + out
     text = "\n".join(out) + "\n"
     print(text, end="")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    if args.out:  # atomic: a staged file renamed into place
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from quality import write_text
+
+        write_text(args.out, text)
     return 0
 
 

@@ -38,6 +38,7 @@ def test_interleaved_runs_equal_separate_runs(tiny_llama_dir, text_file, tmp_pat
         assert run["ppl"] == separate["ppl"]["pruned"][text_file], name
     assert result["ratio"] == pytest.approx(runs["sparsellm"]["prune_seconds"] / runs["wanda"]["prune_seconds"])
     assert result["git"]["commit"] and result["protocol"]["layers"] == "1:3"
+    assert result["iterations"] is None and result["machine"]  # the solver iterations: each method's own
 
 
 @pytest.mark.parametrize("methods, message", [("sparsellm", "two methods"), ("sparsellm,elsa", "not a layer-wise"),
