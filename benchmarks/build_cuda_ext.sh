@@ -80,8 +80,10 @@ fi
 echo "== built $SO ($(du -h "$SO" | cut -f1))"
 
 # --- check the fat binary holds code for both architectures
-if command -v cuobjdump >/dev/null || [[ -x "$CUDA_HOME/bin/cuobjdump" ]]; then
-    "${CUDA_HOME}/bin/cuobjdump" --list-elf "$SO" | sed 's/^/   /' | sort -u | head -20
+CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
+[[ -x "$CUOBJDUMP" ]] || CUOBJDUMP="$(command -v cuobjdump || true)"  # the toolkit's, else PATH's
+if [[ -n "$CUOBJDUMP" ]]; then
+    "$CUOBJDUMP" --list-elf "$SO" | sed 's/^/   /' | sort -u | head -20 || true  # head may close the pipe early
 else
     # no cuobjdump in this toolkit: the sm_XX names are embedded in the fatbin's ELF headers
     for arch in sm_80 sm_90; do

@@ -44,12 +44,14 @@ WARMUP_STEPS = 2  # the first steps pay allocator growth and kernel selection
 
 def parse_run(spec: str) -> dict:
     parts = spec.split(":")
-    if len(parts) not in (2, 3, 4, 5) or parts[0] not in MODES or (len(parts) == 5 and parts[4] != "compile"):
-        raise SystemExit(f"--runs: {spec!r} is not MODE:STATE_DTYPE[:PROCESSES[:PRECISION[:compile]]] with MODE "
-                         f"one of {', '.join(MODES)}")
+    usage = (f"--runs: {spec!r} is not MODE:STATE_DTYPE[:PROCESSES[:PRECISION[:compile]]] with MODE one of "
+             f"{', '.join(MODES)}")
+    if len(parts) not in (2, 3, 4, 5) or parts[0] not in MODES or (len(parts) == 5 and parts[4] != "compile") \
+            or (len(parts) >= 3 and not parts[2].isdigit()):
+        raise ValueError(usage)
     processes = int(parts[2]) if len(parts) >= 3 else 1
     if parts[0] == "plain" and processes != 1:
-        raise SystemExit(f"--runs: {spec!r}: a plain run is one process")
+        raise ValueError(f"--runs: {spec!r}: a plain run is one process")
     return {"mode": parts[0], "state_dtype": parts[1], "processes": processes,
             "precision": parts[3] if len(parts) >= 4 else "tf32", "compile": len(parts) == 5}
 
@@ -141,7 +143,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", help="the dtype the weights train in")
     args = parse_args(ap, argv)
     require_device(ap, args.device)
-    runs = [parse_run(spec) for spec in args.runs.split(",")]
+    try:
+        runs = [parse_run(spec) for spec in args.runs.split(",")]
+    except ValueError as exc:
+        ap.error(str(exc))  # exit 2, before the model is built
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="elsa7b-")
     model_dir = os.path.join(args.workdir, "model")
     build_model(args.tokenizer, model_dir, args.layers, args.shape, args.device)

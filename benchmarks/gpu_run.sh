@@ -106,9 +106,13 @@ if has sweep; then
   timeout $(cap ${T_SWEEP:-300}) python3 benchmarks/sparse_gpu_sweep.py ${SWEEP_ARGS:-} \
     --out "$O/sweep.json" --table "$O/sweep.md" > "$L/sweep.log" 2>&1
   log "sparse kernel config sweep rc=$? $(( $(date +%s)-t0 )) s"
-  [ -s "$O/sweep.json" ] && timeout 60 python3 benchmarks/sparse_gpu_sweep.py --from "$O/sweep.json" \
-    --pick "$O/sparse_configs.json" >> "$L/sweep.log" 2>&1
-  log "config table picked rc=$?: $(grep -c '' "$O/sparse_configs.json" 2>/dev/null || echo 0) lines"
+  if [ -s "$O/sweep.json" ]; then
+    timeout 60 python3 benchmarks/sparse_gpu_sweep.py --from "$O/sweep.json" \
+      --pick "$O/sparse_configs.json" >> "$L/sweep.log" 2>&1
+    log "config table picked rc=$?: $(grep -c '' "$O/sparse_configs.json" 2>/dev/null || echo 0) lines"
+  else
+    log "config table not picked: the sweep wrote no results"
+  fi
 fi
 if has cusparselt && [ -f benchmarks/cusparselt_prefill.py ]; then
   # its own JIT build (cuSPARSELt binding, ~40 s): the switch that keeps the main extension off

@@ -458,6 +458,16 @@ def test_prune_7b_refuses_a_bad_run_before_building_the_model(runs, message, tmp
     assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("runs, message", [("plain", "is not MODE:STATE_DTYPE"), ("fsdp:float32:two", "is not MODE"),
+                                           ("plain:float32:2", "a plain run is one process")])
+def test_elsa_7b_refuses_a_bad_run_before_building_the_model(runs, message, tmp_path, monkeypatch, capsys):
+    """Exit 2 with the usage (a process count that is no integer was a traceback, others exit 1)."""
+    monkeypatch.setattr(elsa_7b, "build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(SystemExit) as refused:
+        elsa_7b.main([*TOK, "--tiny", "--device", "cpu", "--workdir", str(tmp_path), "--runs", runs])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_prune_7b_keeps_the_other_runs_when_one_hangs(tmp_path, monkeypatch):
     """A run past --timeout raised TimeoutExpired out of the benchmark, losing the runs after it."""
     import subprocess
