@@ -662,6 +662,28 @@ def test_the_launchers_run_the_config_tables_entry(monkeypatch):
     assert rel_err(got, F.linear(x.double().cpu(), w.double())) < 1e-5
 
 
+def test_a_cast_takes_the_crossovers_of_the_new_dtype():
+    """The table's crossovers are per dtype: a module exported in float32 and cast to float16
+    (or back) takes the new dtype's, where they came from the table; a given one stays."""
+    from sparsellm.kernels import sparse_configs
+
+    table = {"version": 1, "entries": [], "crossovers": [
+        {"format": "nm24", "dtype": "float32", "shape": None, "max_sparse_tokens": 3},
+        {"format": "nm24", "dtype": "float16", "shape": None, "max_sparse_tokens": 0},
+    ]}
+    lin = _linear_with(nm_weight(48, 64, seed=6))
+    with sparse_configs.use(table):
+        mod = SparseGPULinear(lin)
+        given = SparseGPULinear(lin, max_sparse_tokens=2)
+        assert (mod.max_sparse_tokens, mod.crossover_from) == (3, "table")
+        mod.half()
+        given.half()
+        assert (mod.max_sparse_tokens, mod.crossover_from) == (0, "table")
+        assert (given.max_sparse_tokens, given.crossover_from) == (2, "argument")
+        mod.float()
+        assert mod.max_sparse_tokens == 3
+
+
 def test_the_export_takes_its_crossovers_from_the_config_table(tmp_path, monkeypatch):
     """Each linear's crossover: the caller's, else its shape's measured one, else the format's
     any-shape one, else the constant; the report names the table; a malformed table is refused

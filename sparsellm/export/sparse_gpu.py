@@ -181,17 +181,8 @@ class SparseGPULinear(nn.Module):
         self.format = format
         weight = linear.weight.detach()
         self.slice_rows = int(slice_rows)
-        shape = (self.in_features, self.out_features)
-        self.max_sparse_tokens, self.crossover_from = _chosen(
-            max_sparse_tokens, lambda: sparse_configs.max_sparse_tokens(
-                format, weight.dtype, *shape, self.slice_rows if format == "sell" else None),
-            MAX_SPARSE_TOKENS[format])
-        # prefill through cuSPARSELt (nm24 only): from this many tokens on, or never (None); the
-        # sparse kernel still runs up to max_sparse_tokens, whichever is larger
-        self.prefill_min_tokens, self.prefill_from = None, None
-        if prefill and format == "nm24":
-            self.prefill_min_tokens, self.prefill_from = _chosen(
-                prefill_min_tokens, lambda: sparse_configs.prefill_min_tokens(format, weight.dtype, *shape), None)
+        self._given = (max_sparse_tokens, prefill_min_tokens, prefill)
+        self._choose_crossovers(weight.dtype)
         self.prefill_error: str | None = None  # why a first prefill call could not build cuSPARSELt
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -199,6 +190,22 @@ class SparseGPULinear(nn.Module):
         if format == "sell":
             _check_slice_rows(self.slice_rows, ValueError)
         self._pack(weight, register=True)
+
+    def _choose_crossovers(self, dtype: torch.dtype) -> None:
+        """The token counts that pick each path, measured per dtype: chosen again when a cast
+        (``.half()``) changes the weight's dtype, unless given as arguments."""
+        max_sparse_tokens, prefill_min_tokens, prefill = self._given
+        shape = (self.in_features, self.out_features)
+        self.max_sparse_tokens, self.crossover_from = _chosen(
+            max_sparse_tokens, lambda: sparse_configs.max_sparse_tokens(
+                self.format, dtype, *shape, self.slice_rows if self.format == "sell" else None),
+            MAX_SPARSE_TOKENS[self.format])
+        # prefill through cuSPARSELt (nm24 only): from this many tokens on, or never (None); the
+        # sparse kernel still runs up to max_sparse_tokens, whichever is larger
+        self.prefill_min_tokens, self.prefill_from = None, None
+        if prefill and self.format == "nm24":
+            self.prefill_min_tokens, self.prefill_from = _chosen(
+                prefill_min_tokens, lambda: sparse_configs.prefill_min_tokens(self.format, dtype, *shape), None)
 
     def _pack(self, weight: torch.Tensor, register: bool = False) -> None:
         """Pack ``weight`` into the format's buffers, stamped with the weight they were built from."""
@@ -223,8 +230,11 @@ class SparseGPULinear(nn.Module):
 
     def _apply(self, *args, **kwargs):
         # .to() / .half() / .cuda() convert the packed buffers with the weight: still in sync
+        dtype = self.weight.dtype
         out = super()._apply(*args, **kwargs)
         self._packed_from = self._weight_stamp()
+        if self.weight.dtype != dtype:  # the table's crossovers are per dtype
+            self._choose_crossovers(self.weight.dtype)
         return out
 
     def _repack_if_changed(self) -> None:
