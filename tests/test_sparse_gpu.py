@@ -778,6 +778,31 @@ def test_prefill_runs_cusparselt_from_its_crossover(monkeypatch):
     assert len(built) == 3  # the copy builds its own
 
 
+def test_a_call_cusparselt_refuses_warns_once_and_stays_dense(monkeypatch):
+    """cuSPARSELt built, but a call it refuses (e.g. a token count without a plan): dense from
+    then on, said once, not an error out of the model's forward."""
+    import warnings
+
+    class Refusing(_FakeSparseLt):
+        def __call__(self, x):
+            super().__call__(x)
+            raise RuntimeError("no plan for this token count")
+
+    built = []
+    monkeypatch.setattr(sparse_gpu.cusparselt, "make_linear", lambda w: built.append(Refusing(w)) or built[-1])
+    monkeypatch.setattr(SparseGPULinear, "prefill_unavailable", lambda self: None)  # as on a GPU
+    w = nm_weight(48, 64, seed=7)
+    mod = SparseGPULinear(_linear_with(w), prefill_min_tokens=4)
+    x = torch.randn(6, 64)
+    with pytest.warns(RuntimeWarning, match="cuSPARSELt failed on a 6-token call.*no plan"):
+        got = mod(x)
+    assert rel_err(got, F.linear(x.double(), w.double(), mod.bias.double())) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = mod(x)
+    assert torch.equal(again, got) and built[0].calls == [6]  # not tried again
+
+
 def test_prefill_that_cannot_run_warns_once_and_stays_dense():
     """On a CPU (or without cuSPARSELt) a prefill call warns once, says why, and runs dense."""
     import warnings

@@ -278,7 +278,7 @@ class SparseGPULinear(nn.Module):
         """The cuSPARSELt linear of the current weight, built on first use (the extension
         compiled once, the weight compressed); ImportError / RuntimeError when it cannot be."""
         w = self.weight
-        stamp = (w.device, w.dtype, w.data_ptr(), w._version)
+        stamp = (w.device, w.dtype, *self._weight_stamp())
         held = _PREFILL_LINEARS.get(self)
         if held is None or held[0] != stamp:
             why = self.prefill_unavailable()
@@ -316,7 +316,12 @@ class SparseGPULinear(nn.Module):
                 and not torch.compiler.is_compiling()):
             lin = self._prefill_or_none()
             if lin is not None:
-                return self.prefill_forward(x, lin)
+                try:
+                    return self.prefill_forward(x, lin)
+                except RuntimeError as exc:  # a call the built linear refuses: dense from now on, said once
+                    self.prefill_error = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"SparseGPULinear: cuSPARSELt failed on a {n // self.in_features}-token call; "
+                                  f"prefill runs dense F.linear: {self.prefill_error}", RuntimeWarning, stacklevel=2)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
