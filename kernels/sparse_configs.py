@@ -83,6 +83,11 @@ NM24_WORD_X_MODES = (4,)
 BLOCK_KEYS = {"nm24": {"BLOCK_N": 1, "BLOCK_K": 32}, "sell": {"BLOCK_J": 1}}
 
 
+def _integer(value) -> bool:
+    """An integer of the table: JSON's true/false are Python ints too, and no count or size."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ConfigTableError(ValueError):
     """A config table that cannot be used (malformed, or of another version)."""
 
@@ -118,18 +123,18 @@ class ConfigTable:
             _fail(self.origin, f"{where}: dtype must be one of {DTYPES}, got {item.get('dtype')!r}")
         shape = item.get("shape")
         if shape is not None and not (isinstance(shape, list) and len(shape) == 2
-                                      and all(isinstance(v, int) and v > 0 for v in shape)):
+                                      and all(_integer(v) and v > 0 for v in shape)):
             _fail(self.origin, f"{where}: shape must be null or [in_features, out_features], got {shape!r}")
 
     def _count(self, item, key: str, least: int, where: str) -> None:
-        if not isinstance(item.get(key), int) or item[key] < least:
+        if not _integer(item.get(key)) or item[key] < least:
             _fail(self.origin, f"{where}: {key} must be an integer >= {least}, got {item.get(key)!r}")
 
     def _entry(self, e, i: int) -> dict:
         where = f"entries[{i}]"
         self._item(e, where, FORMATS)
         tokens = e.get("tokens")
-        if (not isinstance(tokens, list) or len(tokens) != 2 or not all(isinstance(t, int) for t in tokens)
+        if (not isinstance(tokens, list) or len(tokens) != 2 or not all(_integer(t) for t in tokens)
                 or not 1 <= tokens[0] <= tokens[1]):
             _fail(self.origin, f"{where}: tokens must be [first, last] with 1 <= first <= last, got {tokens!r}")
         config = e.get("config")
@@ -138,7 +143,7 @@ class ConfigTable:
         unknown = set(config) - CONFIG_KEYS[e["format"]]
         if unknown:
             _fail(self.origin, f"{where}: unknown {e['format']} config keys {sorted(unknown)}")
-        if not all(isinstance(v, int) and v >= 0 for v in config.values()):
+        if not all(_integer(v) and v >= 0 for v in config.values()):
             _fail(self.origin, f"{where}: config values must be non-negative integers, got {config}")
         if e["format"] == "nm24" and e["dtype"] == "float32" and config.get("X_MODE") in NM24_WORD_X_MODES:
             _fail(self.origin, f"{where}: X_MODE {config['X_MODE']} reads 16-bit words; a float32 entry cannot use it")
@@ -151,7 +156,7 @@ class ConfigTable:
                                f"got tokens {tokens}")
         for key, least in BLOCK_KEYS[e["format"]].items():
             size = config.get(key)
-            if not isinstance(size, int) or size < least or size & (size - 1):
+            if not _integer(size) or size < least or size & (size - 1):
                 _fail(self.origin, f"{where}: a {e['format']} config names {key}, a power of two >= {least}, "
                                    f"got {size!r}")
         return e
@@ -159,7 +164,7 @@ class ConfigTable:
     def _crossover(self, c, i: int) -> dict:
         where = f"crossovers[{i}]"
         self._item(c, where, FORMATS)
-        if (c["format"] == "sell") != isinstance(c.get("S"), int):
+        if (c["format"] == "sell") != _integer(c.get("S")):
             _fail(self.origin, f"{where}: a sell crossover names its slice height S (an nm24 one none)")
         self._count(c, "max_sparse_tokens", 0, where)
         return c

@@ -146,6 +146,10 @@ def test_lookup_prefers_the_shapes_own_entry_and_falls_back_by_dtype():
      "BLOCK_K"),
     ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [1, 1], "config": {"BLOCK_N": 4, "BLOCK_K": 16}}]},
      "BLOCK_K, a power of two >= 32"),
+    ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [1, 1], "config": {"BLOCK_N": True, "BLOCK_K": 64}}]},
+     "config values must be non-negative integers"),  # JSON true is no size (Python's bool is an int)
+    ({"crossovers": [{"format": "nm24", "dtype": "float16", "shape": None, "max_sparse_tokens": True}]},
+     "max_sparse_tokens must be an integer"),
     ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [1, 1], "config": {"BLOCK_N": 6, "BLOCK_K": 64}}]},
      "BLOCK_N, a power of two"),
     ({"crossovers": [{"format": "nm24", "dtype": "float16", "max_sparse_tokens": -1}]}, "max_sparse_tokens"),
