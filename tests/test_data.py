@@ -374,6 +374,49 @@ def test_a_perplexity_too_large_for_a_float_is_inf(gap, expected):
         assert value == expected
 
 
+def test_perplexity_leaves_out_a_partial_last_window_and_each_windows_first_token():
+    """The windows are cut from token 0, a last one shorter than seqlen is left out, and each is
+    scored on its seqlen - 1 next tokens (no context carried over), the NLL summed over them
+    and divided by their count (the SparseGPT/Wanda evaluation; README's Evaluation says so)."""
+    from sparsellm.perplexity import perplexity
+
+    vocab = 16
+    bias = -0.5 * torch.arange(vocab, dtype=torch.float64)  # the loss of target t: lse(bias) + t / 2
+    seen = []
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, ids, use_cache=False):
+            seen.append(ids[0].tolist())
+            return types.SimpleNamespace(logits=bias.expand(*ids.shape, vocab).clone())
+
+    value = perplexity(Fixed(), torch.arange(10).reshape(1, -1), 4, quiet=True)
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7]]  # tokens 8 and 9 (a partial window) left out
+    scored = [1, 2, 3, 5, 6, 7]  # not 0 or 4, the windows' first tokens
+    expected = math.exp(float(torch.logsumexp(bias, 0)) + 0.5 * sum(scored) / len(scored))
+    assert value == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_readme_says_how_texts_are_split_and_scored():
+    """README's Text and Evaluation paragraphs state what the code does: a .txt/.jsonl file has
+    no split (the same text calibrates and evaluates), C4's evaluation stream is cut to
+    C4_EVAL_WINDOWS windows, and a perplexity leaves out a partial last window and scores
+    seqlen - 1 tokens of each window."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = " ".join(readme.split("### Text (`--calib`, `--eval`)", 1)[1].split("\n### ", 1)[0].split())
+    assert f"first {data.C4_EVAL_DOCS} validation documents" in text
+    assert f"cut to {data.C4_EVAL_WINDOWS} windows" in text
+    assert "serves both calibration and evaluation" in text
+    evaluation = " ".join(readme.split("3. **Evaluation.**", 1)[1].split("\n4. ", 1)[0].split())
+    assert "shorter than `--eval-seqlen` is left out" in evaluation
+    assert "scores its n - 1 next-token predictions" in evaluation
+
+
 def test_unknown_source_names_the_known_ones():
     with pytest.raises(DataSourceError) as info:
         load_split("wikitext103", "calib")
