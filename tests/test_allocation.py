@@ -429,6 +429,31 @@ def test_unstructured_allocation_holds_one_layers_scores_at_a_time(monkeypatch):
     assert alive == [0, 0, 0, 0]
 
 
+def test_owl_counts_a_layers_outliers_without_a_float64_copy_of_its_scores(monkeypatch):
+    """OWL's outlier share is a count over the layer's scores (a float32 value per weight of the
+    layer): counted as an integer, not as the mean of a float64 copy of the comparison, which
+    took 8 bytes per weight of host memory on top of the scores' 4 (7 GB for a 70B layer). The
+    shares are the same, bit for bit."""
+    model = tiny_llama(layers=3)
+    config = PruneConfig(method="wanda", sparsity=0.5, nsamples=4, seqlen=32, quiet=True, device="cpu",
+                         allocation=AllocationSettings(rule="owl"))
+    driver = LayerDriver(model, get_adapter(model), get_method(config), config)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    inputs, kwargs = capture_layer_inputs(model, driver.adapter, ids, torch.device("cpu"))
+    expected = driver.allocate(inputs, kwargs)
+    weights = sum(lin.weight.numel() for lin in driver.adapter.linears(driver.adapter.layers(model)[0]).values())
+    largest = []
+    double = torch.Tensor.double
+
+    def watched(self, *args, **kwargs):
+        largest.append(self.numel())
+        return double(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "double", watched)
+    assert driver.allocate(inputs, kwargs) == expected
+    assert max(largest, default=0) < weights
+
+
 def test_a_non_uniform_allocation_with_heads_alone_is_refused():
     """Heads are allocated uniformly and --structure heads removes no channel: energy there would
     run uniform while the report says energy. Refused by the settings; with channels it is used."""
