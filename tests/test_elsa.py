@@ -996,6 +996,36 @@ def test_fsdp_in_a_one_process_torchrun_job_shards_over_it(monkeypatch):
     assert moved > 1e-2  # training moved the weights far beyond the tolerance
 
 
+def test_fsdp_resume_with_two_parameter_groups(monkeypatch, tmp_path):
+    """Under FSDP (a one-process torchrun job) with weight decay and --train-dense-params the
+    optimiser has two groups (matrices, then vectors), so its state dict numbers the parameters
+    in another order than the trained list: the resume split each Adam moment like the parameter
+    of its own index in that list (a vector's moment left a plain tensor beside DTensors, and
+    the fused AdamW step failed). Resumed, it ends bit for bit as the uninterrupted run."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    settings = dict(steps=6, admm_interval=2, checkpoint_every=2, fsdp=True, train_dense_params=True,
+                    weight_decay=0.1)
+    try:
+        whole, _, _ = prune(config(**settings))
+        with pytest.raises(Killed):
+            run_until_killed(config(**settings, checkpoint_dir=str(tmp_path)))
+        resumed, method, _ = prune(config(**settings, checkpoint_dir=str(tmp_path)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert method.details()["resumed_from_step"] == 4 and method.details()["fsdp"] is True
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "sparsegpt", "--fsdp"], "--fsdp shards the whole-model training of elsa, masked-adam"),
     (["--method", "elsa", "--fsdp", "--optimizer", "adamw8bit"], "--fsdp does not support --optimizer adamw8bit"),

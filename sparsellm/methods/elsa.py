@@ -692,9 +692,13 @@ class SparseTraining(PruningMethod):
                     local(p).copy_(self.shards.scatter(value, p))
         opt_state = saved["optimizer"]
         if self.shards is not None:  # Adam's moments as DTensors split like their parameter
+            # The state dict numbers the parameters in the optimiser's group order, not that of
+            # ``params``: with weight decay and trained vectors (decay_groups: matrices first) the
+            # two differ, and indexing ``params`` left moments as plain tensors beside DTensors.
+            ordered = [p for group in optimizer.param_groups for p in group["params"]]
             opt_state = {**opt_state, "state": {
-                i: {k: self.shards.distribute(v, params[i]) if isinstance(v, torch.Tensor) and
-                    v.shape == params[i].shape else v for k, v in entry.items()}
+                i: {k: self.shards.distribute(v, ordered[i]) if isinstance(v, torch.Tensor) and
+                    v.shape == ordered[i].shape else v for k, v in entry.items()}
                 for i, entry in opt_state["state"].items()}}
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(saved["scheduler"])
