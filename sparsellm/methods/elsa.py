@@ -185,6 +185,21 @@ class StateStore:
 # float32 absmax of each 256-entry block adds 2 x 4 / 256).
 BNB_BLOCK = 256  # the block of bitsandbytes' blockwise optimiser states
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2 + 8 / BNB_BLOCK}
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: a smaller tensor keeps float32 moments
+
+
+def training_bytes(weight: torch.Tensor, optimizer: str) -> float:
+    """Bytes per entry of a trained ``weight``: the weight and its gradient, and AdamW's two
+    moments, in the weight's own dtype (a bfloat16 or float16 model trains in it, with no
+    float32 master copy, and torch's AdamW keeps its moments in it: counting 4 bytes each
+    reported 24 bytes a weight where a bfloat16 run held 16), or bitsandbytes' 8-bit moments
+    (float32 for a tensor below its min_8bit_size)."""
+    size = weight.element_size()
+    if optimizer == "adamw8bit":
+        moments = OPTIMIZER_BYTES["adamw8bit"] if weight.numel() >= BNB_MIN_8BIT_SIZE else 8
+    else:
+        moments = 2 * size
+    return 2 * size + moments
 
 
 def decay_groups(params, weight_decay: float) -> list:
@@ -600,8 +615,10 @@ class SparseTraining(PruningMethod):
                 p.requires_grad_(requires_grad[id(p)])
         self._finish(train_targets, optimizer)
         n_prunable = sum(t.weight.numel() for t in train_targets)  # a DTensor's numel is the whole matrix's
-        # bytes per prunable weight: the weight and its gradient (fp32), AdamW's two moments, the method's state
-        per_weight = 8 + OPTIMIZER_BYTES[s.optimizer] + self._state_bytes_per_param()
+        # bytes per prunable weight: the weight and its gradient, AdamW's two moments (each matrix
+        # as it trains: see training_bytes), the method's state
+        per_weight = (sum(training_bytes(t.weight, s.optimizer) * t.weight.numel() for t in train_targets)
+                      / max(n_prunable, 1) + self._state_bytes_per_param())
         fsdp = {"fsdp": sharded}
         if sharded:
             # each process holds its rows of every prunable matrix and their states: the bytes of
