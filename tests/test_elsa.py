@@ -478,6 +478,31 @@ def test_on_cuda_a_resumed_run_keeps_its_states_on_the_gpu(tmp_path, method, ext
         assert zero_fraction(lin.weight) == int(lin.weight.numel() * 0.7) / lin.weight.numel()
 
 
+def test_a_checkpoint_write_that_fails_leaves_the_last_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    """A checkpoint write cut short (a full disk: torch.save raises after writing part of the
+    file) fails the run, leaves the previous checkpoint as it was and no partial temporary file
+    (one of a large model's size stayed behind); a rerun resumes from that checkpoint."""
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the step-4 checkpoint
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    cfg = config(steps=8, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        prune(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_STATE, CHECKPOINT_RUN])
+    assert torch.load(tmp_path / CHECKPOINT_STATE, weights_only=False)["step"] == 2
+    _, method, _ = prune(cfg)
+    assert method.details()["resumed_from_step"] == 2
+
+
 def test_checkpoint_of_another_run_is_refused_untouched(tmp_path):
     prune(config(steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path)))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

@@ -370,8 +370,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        # a write cut short (a full disk) left a partial file of up to a checkpoint's size
+        tmp.unlink(missing_ok=True)
 
 
 # ---- the training loop shared by Elsa and its baseline ----------------------------------------
