@@ -18,7 +18,7 @@ import torch
 
 from . import __version__, data, ops
 from .allocation import check_channel_removal, head_removal
-from .distributed import check_method_fits_job, is_main_process
+from .distributed import check_method_fits_job, is_main_process, use_local_gpu
 from .config import DTYPES, PruneConfig
 from .default_model import ALIASES as DEFAULT_ALIASES
 from .default_model import resolve as resolve_default
@@ -234,6 +234,7 @@ def _run(config: PruneConfig) -> dict:
         raise ValueError(f"--save {config.save} with --overwrite would replace the folder of the model being "
                          f"pruned ({config.model}); save elsewhere")
     device = resolve_device(config.device)
+    use_local_gpu(device)  # each torchrun process on its own GPU from here, not GPU 0 until the prune
     forced = ops.get_backend()
     if forced not in ("auto", "reference") and not ops.available(forced, device):  # now, not at its first call
         raise ops.BackendUnavailable(f"backend {forced!r} cannot run on {device.type} (the run's device); "

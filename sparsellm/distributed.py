@@ -35,6 +35,15 @@ def world(device: torch.device, join_single: bool = False) -> tuple[int, int]:
     return 0, 1
 
 
+def use_local_gpu(device: torch.device) -> None:
+    """In a torchrun job of several processes, make a CUDA run's "cuda" this process's GPU (that
+    of its LOCAL_RANK) from the start, as :func:`world` does when the method joins the group:
+    what runs before that (the memory check and the dense evaluation) ran every process on GPU 0,
+    N copies of the model on one GPU."""
+    if device.type == "cuda" and launched_processes() > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def is_main_process() -> bool:
     """True in a single-process run and in rank 0: the process that saves and reports. Only a
     whole-model method joins a process group; the run refuses a layer-wise one under a torchrun

@@ -1002,6 +1002,40 @@ def test_the_process_group_follows_the_runs_device(monkeypatch):
     assert joined == [("set_device", 1), "nccl"]
 
 
+def test_each_torchrun_process_takes_its_gpu_before_the_model_loads(monkeypatch, tmp_path):
+    """A CUDA run in a torchrun job of several processes makes the GPU of its LOCAL_RANK current
+    as soon as the run's device is known: the memory check and the dense evaluation before the
+    prune ran every process on GPU 0 (the group, and with it the GPU, was joined in the prune).
+    A CPU run, or one process, sets none; no GPU needed (set_device is recorded)."""
+    from sparsellm import api, distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(index))
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1").items():
+        monkeypatch.setenv(name, value)
+    distributed.use_local_gpu(torch.device("cpu"))
+    assert calls == []
+
+    class Loading(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        assert calls == [1]  # before the model loads, let alone its dense evaluation
+        raise Loading
+
+    monkeypatch.setattr(api, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(api, "load_model", load_model)
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text " * 50)
+    cfg = dataclasses.replace(config(), calib=str(text), eval=("none",), device="cuda")
+    with pytest.raises(Loading):
+        api.run(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    calls.clear()
+    distributed.use_local_gpu(torch.device("cuda"))
+    assert calls == []
+
+
 def test_fsdp_in_a_one_process_torchrun_job_shards_over_it(monkeypatch):
     """torchrun --nproc-per-node 1 (its environment, here by hand) with fsdp: the method joins
     the one-process group and trains through FSDP2 (how its cost is measured on one GPU); the
