@@ -41,7 +41,13 @@ def use_local_gpu(device: torch.device) -> None:
     what runs before that (the memory check and the dense evaluation) ran every process on GPU 0,
     N copies of the model on one GPU."""
     if device.type == "cuda" and launched_processes() > 1:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.index is not None and device.index != local:
+            # every process would put its tensors on that one GPU while nccl talks through each
+            # process's own: torchrun gives each process its GPU
+            raise ValueError(f"device {device}: under torchrun each process runs on the GPU of its LOCAL_RANK "
+                             f"(this one: cuda:{local}); give --device cuda")
+        torch.cuda.set_device(local)
 
 
 def is_main_process() -> bool:

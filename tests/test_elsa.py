@@ -1030,9 +1030,15 @@ def test_each_torchrun_process_takes_its_gpu_before_the_model_loads(monkeypatch,
     cfg = dataclasses.replace(config(), calib=str(text), eval=("none",), device="cuda")
     with pytest.raises(Loading):
         api.run(cfg)
+    calls.clear()
+    distributed.use_local_gpu(torch.device("cuda", 1))  # its own GPU named: the same
+    assert calls == [1]
+    with pytest.raises(ValueError, match="each process runs on the GPU of its LOCAL_RANK"):
+        distributed.use_local_gpu(torch.device("cuda", 0))  # another process's GPU for every process
     monkeypatch.setenv("WORLD_SIZE", "1")
     calls.clear()
     distributed.use_local_gpu(torch.device("cuda"))
+    distributed.use_local_gpu(torch.device("cuda", 0))
     assert calls == []
 
 
