@@ -124,14 +124,20 @@ def _device_name(device: str | None) -> str:
 
 
 def check_report_path(path: str, save: str | None = None) -> None:
-    """Refuse a report path that cannot be written as a file (a folder, the --save folder, a
-    place without write access), before any long work."""
-    from .export import check_writable
+    """Refuse a report path that cannot be written as a file (a folder, the --save folder or a
+    place inside it, a place without write access), before any long work."""
+    from .export import check_writable, folder_holds
 
     if os.path.isdir(path):
         raise IsADirectoryError(f"report path {path} is a folder; give a file name such as {path}/report.json")
     if save is not None and os.path.abspath(path) == os.path.abspath(save):
         raise ValueError(f"report path {path} is the --save folder")
+    # The save is published by renaming its staging folder onto --save, after the report is
+    # staged beside its path: a report inside that folder made it non-empty (the publish refused
+    # it, after the whole run) or, with --overwrite, was deleted with the folder it replaced.
+    if save is not None and folder_holds(save, os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"report path {path} is inside the --save folder {save}, which the saved model replaces "
+                         f"whole; write the report beside it")
     check_writable(os.path.dirname(os.path.abspath(path)))
 
 

@@ -364,6 +364,21 @@ def test_report_path_that_cannot_be_a_file_fails_before_loading(where, no_loadin
     assert not save.exists()
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_report_inside_the_save_folder_fails_before_loading(overwrite, no_loading, capsys, tmp_path):
+    """The save is published by renaming its staging folder onto --save: a report staged inside
+    that folder made it non-empty (refused at the publish, after the whole run), or, with
+    --overwrite, went away with the replaced folder (the model published, the report lost)."""
+    save = tmp_path / "out"
+    if overwrite:
+        save.mkdir()
+        (save / "config.json").write_text("{}")  # an earlier model's folder
+    code, _, err = cli(capsys, *SMALL, "--save", str(save), "--report", str(save / "sub" / "r.json"),
+                       *(["--overwrite"] if overwrite else []))
+    assert code == 2 and "Traceback" not in err and "inside the --save folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if overwrite else [])
+
+
 @pytest.mark.parametrize("flag, under", [("--report", "r.json"), ("--save", "out"), ("--checkpoint-dir", "ckpt")])
 def test_an_output_path_through_a_file_fails_before_loading(flag, under, no_loading, capsys, tmp_path):
     """A file where a folder of the path should be: refused now, not when the output is written
