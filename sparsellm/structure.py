@@ -149,15 +149,24 @@ def compact_ffn(ffn: FFN, keep: torch.Tensor) -> None:
     _keep(ffn.down, cols=keep)
 
 
+def _kept_groups(attention: AttentionHeads, keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The key/value groups that keep query heads ``keep`` and the count each keeps; refuses a
+    layer left without heads or keeping different counts in different groups."""
+    if len(keep) == 0:
+        raise ValueError("a layer would lose every attention head; keep at least one")
+    counts = torch.bincount(torch.as_tensor(keep) // attention.heads_per_group, minlength=attention.num_kv_heads)
+    kept_groups = counts.nonzero().reshape(-1)
+    per_group = int(counts[kept_groups[0]])
+    if not (counts[kept_groups] == per_group).all():
+        raise ValueError(f"cannot remove query heads unevenly across key/value groups (kept per group: "
+                         f"{counts.tolist()}); grouped-query attention needs the same count in every group")
+    return kept_groups, per_group
+
+
 def compact_attention(attention: AttentionHeads, keep: torch.Tensor) -> None:
     """Keep only query heads ``keep`` (sorted indices): the same count in every key/value group
     that keeps any; a group that keeps none loses its key and value heads too."""
-    counts = torch.bincount(torch.as_tensor(keep) // attention.heads_per_group, minlength=attention.num_kv_heads)
-    kept_groups = counts.nonzero().reshape(-1)
-    per_group = int(counts[kept_groups[0]]) if len(kept_groups) else 0
-    if per_group == 0 or not (counts[kept_groups] == per_group).all():
-        raise ValueError(f"cannot remove query heads unevenly across key/value groups (kept per group: "
-                         f"{counts.tolist()}); grouped-query attention needs the same count in every group")
+    kept_groups, per_group = _kept_groups(attention, keep)
     cols = head_columns(keep, attention.head_dim)
     _keep(attention.q, rows=cols)
     _keep(attention.o, cols=cols)
@@ -229,20 +238,31 @@ def compact_model(model: nn.Module, adapter: ModelAdapter) -> dict:
     every layer (``uniform``) and whether the saved model is a plain transformers checkpoint
     (``plain_checkpoint``; else :func:`sparsellm.load_pruned` loads it)."""
     removed: dict[str, list[int]] = {"channels": [], "heads": [], "key_value_heads": []}
+    # Every layer is checked before any is cut: a refusal at a later layer left the earlier ones
+    # cut and the config as it was (shapes that no config described).
+    plan = []
+    for layer in adapter.layers(model):
+        ffn = adapter.ffn(layer)
+        gone = removed_channels(ffn)
+        if len(gone) == ffn.down.in_features:
+            raise ValueError("a layer would lose every FFN channel; keep at least one")
+        try:
+            attention = adapter.attention(layer)
+        except NotImplementedError:
+            attention = heads = None
+        else:
+            heads = removed_heads(attention)
+            if len(heads):
+                _kept_groups(attention, _complement(heads, attention.num_heads))
+        plan.append((ffn, gone, attention, heads))
     with torch.no_grad():
-        for layer in adapter.layers(model):
-            ffn = adapter.ffn(layer)
-            gone = removed_channels(ffn)
-            if len(gone) == ffn.down.in_features:
-                raise ValueError("a layer would lose every FFN channel; keep at least one")
+        for ffn, gone, attention, heads in plan:
             if len(gone):
                 compact_ffn(ffn, _complement(gone, ffn.down.in_features))
             removed["channels"].append(len(gone))
-            try:
-                attention = adapter.attention(layer)
-            except NotImplementedError:
+            if attention is None:
                 continue
-            heads, kv_heads = removed_heads(attention), attention.num_kv_heads
+            kv_heads = attention.num_kv_heads
             if len(heads):
                 compact_attention(attention, _complement(heads, attention.num_heads))
             removed["heads"].append(len(heads))

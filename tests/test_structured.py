@@ -182,6 +182,30 @@ def test_uneven_heads_across_groups_are_refused():
         compact_model(model, adapter)
 
 
+@pytest.mark.parametrize("unit, message", [("channels", "every FFN channel"), ("heads", "every attention head"),
+                                           ("uneven heads", "unevenly")])
+def test_compaction_that_cannot_be_done_changes_nothing(unit, message):
+    """A layer that cannot be compacted (all its channels or heads zero, or heads removed
+    unevenly across groups) is refused before any layer is cut: the earlier layers were cut
+    and the config left as it was, a model whose shapes no config described."""
+    model = tiny_llama(layers=2)
+    adapter = get_adapter(model)
+    first, last = adapter.layers(model)
+    zero_channels(adapter.ffn(first), torch.arange(32))  # layer 0 alone could be compacted
+    zero_heads(adapter.attention(first), torch.tensor([1, 3]))
+    if unit == "channels":
+        zero_channels(adapter.ffn(last), torch.arange(128))
+    else:
+        zero_heads(adapter.attention(last), torch.arange(4) if unit == "heads" else torch.tensor([0]))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    config = model.config.to_dict()
+    with pytest.raises(ValueError, match=message):
+        compact_model(model, adapter)
+    assert {name: tuple(p.shape) for name, p in model.named_parameters()} == shapes
+    assert model.config.to_dict() == config
+    assert adapter.attention(first).module.num_key_value_groups == 2
+
+
 def test_a_group_without_query_heads_loses_its_key_value_heads():
     """Both query heads of key/value group 0 zeroed: the group goes whole (k and v rows too),
     the layer is a plain attention layer of one group, and the logits do not change."""
