@@ -361,6 +361,9 @@ def test_failure_mid_write_leaves_nothing(tmp_path):
     ({"sparsity_structure": "5:4"}, "0 < N < M"),
     ({"sparsity_structure": "2:4", "save_format": "zip"}, "save_format"),
     ({"sparsity_structure": "2:4", "extra": {"x": object()}}, "JSON"),
+    ({"sparsity_structure": "2:4", "targets": "Linear"}, "targets must be a list"),
+    # a string was read as a list of its characters: nothing ignored, and those recorded as patterns
+    ({"sparsity_structure": "2:4", "ignore": "model.layers.0.mlp.down_proj"}, "ignore must be a list"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     model = prune_(tiny_llama(), "2:4")

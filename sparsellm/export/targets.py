@@ -38,6 +38,8 @@ def resolve_targets(model: nn.Module, targets: list[str] | None = None, ignore: 
     that are not selected are named in ``ignore``.
     """
     found = linears(model)
+    if isinstance(ignore, str):  # list() would make each character a pattern, ignoring nothing
+        raise ExportError("ignore must be a list of patterns, not a single string")
     ignore = list(ignore or [])
     if targets is None:
         recorded_targets = ["Linear"]
