@@ -311,6 +311,21 @@ def test_overwrite_replaces_only_a_model_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in project.iterdir()) == ["config.json", "src"]
 
 
+@pytest.mark.parametrize("given", [".", "absolute"])
+def test_an_empty_working_folder_is_refused(tmp_path, monkeypatch, given):
+    """The save renames its staging folder onto the output folder: onto an empty working folder
+    that left the process (and the shell that ran it) in a deleted folder, the saved files not
+    there to be seen."""
+    model = prune_(tiny_llama(), "unstructured")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(FileExistsError, match="holds the working folder"):
+        save_pruned(model, None, "." if given == "." else here, sparsity_structure="unstructured")
+    assert Path.cwd().samefile(here) and list(here.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 def test_compressed_resave_of_a_loaded_model_keeps_one_sparsity_block(tmp_path):
     """A model loaded from a dense save carries its block at the top level of its config; the
     compressed save nests it, and must not leave the old one (format "dense") beside it."""

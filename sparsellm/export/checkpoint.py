@@ -115,13 +115,18 @@ def remove_made_folders(made: list[Path]) -> None:
 
 
 def check_output_dir(out_dir, overwrite: bool) -> None:
-    """Refuse a file, a non-empty directory without overwrite, or a place that cannot be
-    written (before any long work). With overwrite, the folder is replaced whole, so only a
-    model folder (it has a config.json) is, and never one that holds the working folder or
-    the home folder."""
+    """Refuse a file, a folder that holds the working folder (even empty: it is replaced by
+    a rename), a non-empty directory without overwrite, or a place that cannot be written
+    (before any long work). With overwrite, the folder is replaced whole, so only a model
+    folder (it has a config.json) is, and never one that holds the home folder."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and folder_holds(out_dir, Path.cwd()):
+        # even empty: the staging folder is renamed onto it, which left this process (and the
+        # shell that ran it) in a deleted folder, the saved files not there to be seen
+        raise FileExistsError(f"{out_dir} holds the working folder ({Path.cwd().resolve()}); the save replaces "
+                              f"the folder whole, so give a folder of its own")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
