@@ -148,7 +148,7 @@ class StagedReport:
     cannot be written leaves no model published, and a failure after it leaves nothing behind."""
 
     def __init__(self, report: dict, path: str):
-        from .export.checkpoint import make_folders
+        from .export.checkpoint import make_folders, ordinary_mode
 
         self.path = path
         self.made_folders = make_folders(os.path.dirname(os.path.abspath(path)))
@@ -158,7 +158,7 @@ class StagedReport:
                                                dir=os.path.dirname(os.path.abspath(path)))
             with os.fdopen(fd, "w") as handle:
                 json.dump(report, handle, indent=2)
-            os.chmod(self.staged, 0o644)  # mkstemp makes it private; a report is an ordinary file
+            os.chmod(self.staged, ordinary_mode(False))  # mkstemp makes it private; a report is an ordinary file
         except BaseException:
             self.discard()
             raise

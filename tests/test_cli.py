@@ -960,8 +960,8 @@ def test_solver_settings_the_run_reads_warn_about_nothing(args, no_loading):
 
 
 def test_the_report_is_an_ordinary_readable_file(tmp_path):
-    """Written through a private temporary file (mkstemp makes it 0600), published 0644 as the
-    saved checkpoint's files are."""
+    """Written through a private temporary file (mkstemp makes it 0600), published as the
+    saved checkpoint's files are: 0666 less the umask (0644 under 022)."""
     from sparsellm.report import write_report
 
     write_report({"perplexity": 1.5}, str(tmp_path / "sub" / "r.json"))
@@ -969,6 +969,12 @@ def test_the_report_is_an_ordinary_readable_file(tmp_path):
     assert json.loads(path.read_text()) == {"perplexity": 1.5}
     assert oct(path.stat().st_mode & 0o777) == "0o644"
     assert os.listdir(tmp_path / "sub") == ["r.json"]
+    old = os.umask(0o077)  # a private user's report stays private
+    try:
+        write_report({"perplexity": 1.5}, str(tmp_path / "private.json"))
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "private.json").stat().st_mode & 0o777) == "0o600"
 
 
 def test_quiet_also_silences_the_gguf_conversion_bar(capsys):

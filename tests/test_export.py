@@ -6,6 +6,7 @@ zeroing random masks (unstructured, 2:4, 3:4) in the decoder-layer linears.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,6 +157,21 @@ def test_round_trip_bit_for_bit(tmp_path, family, structure, save_format):
     assert tok2("the cat sat")["input_ids"] == tok("the cat sat")["input_ids"]
     assert loaded.config.sparsity_config == {**sc, "format": "dense"}  # describes the model in memory
     assert not hasattr(loaded.config, "quantization_config")
+
+
+@pytest.mark.parametrize("umask, folder, file", [(0o077, "0o700", "0o600"), (0o027, "0o750", "0o640")],
+                         ids=["077", "027"])
+def test_the_files_follow_the_umask(tmp_path, umask, folder, file):
+    """Ordinary files and folders, as the user's umask makes them: a fixed 0644 / 0755 made a
+    private user's checkpoint readable by all."""
+    model = prune_(tiny_llama(), "unstructured")
+    old = os.umask(umask)
+    try:
+        out = save_pruned(model, tiny_tokenizer(), tmp_path / "ckpt", sparsity_structure="unstructured")
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == folder
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {p.name: file for p in out.iterdir()}
 
 
 @pytest.mark.parametrize("save_format", ["dense", "compressed"])

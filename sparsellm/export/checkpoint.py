@@ -92,6 +92,15 @@ def check_writable(path) -> None:
         raise PermissionError(f"cannot write under {folder} (for {path})")
 
 
+def ordinary_mode(is_dir: bool) -> int:
+    """The mode of a folder or file made the ordinary way: 0777 / 0666 less the process's umask
+    (0755 / 0644 under the usual 022). mkdtemp, mkstemp and safetensors make theirs private; a
+    fixed 0755 / 0644 made them readable by all where the user's umask (077, 027) says not."""
+    mask = os.umask(0o022)  # reading it means setting it: put back at once
+    os.umask(mask)
+    return (0o777 if is_dir else 0o666) & ~mask
+
+
 def make_folders(folder) -> list[Path]:
     """Make ``folder`` and its missing parents; return the folders made, innermost first, for
     :func:`remove_made_folders` to take back when the run that needed them fails."""
@@ -312,7 +321,7 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
         remove_made_folders(made)
         raise
     try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+        os.chmod(staging, ordinary_mode(True))  # mkdtemp makes it private; a checkpoint is an ordinary folder
         with _plain_for_saving(model):
             model.save_pretrained(staging)
         if library is not None:
@@ -324,8 +333,8 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
         place_sparsity_config(cfg, block, library)
         cfg[EXPORT_META_KEY] = meta
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        for path in staging.rglob("*"):  # safetensors writes its files private (0600); an ordinary folder's are 0644
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        for path in staging.rglob("*"):  # safetensors writes its files private (0600); an ordinary folder's are not
+            os.chmod(path, ordinary_mode(path.is_dir()))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         remove_made_folders(made)
