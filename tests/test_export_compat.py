@@ -161,6 +161,31 @@ def test_dense_save_is_a_plain_checkpoint(tmp_path, monkeypatch, library):
     assert_same_model(model, plain)
 
 
+@pytest.mark.parametrize("library", ["absent", "present"])
+def test_plain_from_pretrained_of_a_compressed_save(tmp_path, monkeypatch, library):
+    """What the README says a plain from_pretrained does with a compressed save: with the library
+    the pruned weights are missing (initialised at random), without it an ImportError."""
+    from transformers.utils import import_utils
+
+    pytest.importorskip("compressed_tensors")
+    out = saved(tmp_path, pruned_llama())
+    if library == "absent":
+        # transformers caches whether the library is there: cleared so that this test, and the
+        # tests after it, see the library as it is
+        available = import_utils.is_compressed_tensors_available
+        available.cache_clear()
+        try:
+            with monkeypatch.context() as patch:
+                patch.setitem(sys.modules, "compressed_tensors", None)
+                with pytest.raises(ImportError, match="compressed-tensors"):
+                    transformers.AutoModelForCausalLM.from_pretrained(out)
+        finally:
+            available.cache_clear()
+        return
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert {f"{n}.weight" for n in targeted(pruned_llama())} <= set(info["missing_keys"])
+
+
 def test_compressed_load_needs_no_extra(tmp_path, monkeypatch):
     pytest.importorskip("compressed_tensors")
     model = pruned_llama()
