@@ -379,6 +379,17 @@ def test_a_report_inside_the_save_folder_fails_before_loading(overwrite, no_load
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if overwrite else [])
 
 
+@pytest.mark.parametrize("where", ["the save folder", "inside it"])
+def test_a_checkpoint_dir_in_the_save_folder_fails_before_loading(where, no_loading, capsys, tmp_path):
+    """elsa's checkpoints in the --save folder made it non-empty: the publish refused it after
+    the whole training run, and the pruned model was lost."""
+    save = tmp_path / "out"
+    checkpoints = save if where == "the save folder" else save / "ckpt"
+    code, _, err = cli(capsys, *SMALL, "--method", "elsa", "--save", str(save), "--checkpoint-dir", str(checkpoints))
+    assert code == 2 and "Traceback" not in err and "is the --save folder" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag, under", [("--report", "r.json"), ("--save", "out"), ("--checkpoint-dir", "ckpt")])
 def test_an_output_path_through_a_file_fails_before_loading(flag, under, no_loading, capsys, tmp_path):
     """A file where a folder of the path should be: refused now, not when the output is written

@@ -75,7 +75,7 @@ from .. import distributed, ops
 from ..config import AllocationSettings, SparseLLMSettings
 from ..distributed import local
 from ..driver import LayerRecord, resolve_device
-from ..export import check_writable
+from ..export import check_writable, folder_holds
 from ..precision import large_products, solve_dtype
 from ..sparsity import SparsityPattern, nm_violations, pruned_count, reaches_sparsity, zero_fraction
 from .base import PruningMethod
@@ -313,6 +313,11 @@ def check_checkpoint_dir(config) -> None:
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise ValueError(f"checkpoint dir {folder} is a file")
+    # The saved model is published by renaming its staging folder onto --save: checkpoints in
+    # that folder made it non-empty, so the publish refused it after the whole training run.
+    if getattr(config, "save", None) and folder_holds(config.save, path):
+        raise ValueError(f"checkpoint dir {folder} is the --save folder {config.save} or inside it, which the saved "
+                         f"model replaces whole; keep the checkpoints elsewhere")
     check_writable(path)  # a file in its way, or no write access: now, not at the first checkpoint
     record = path / CHECKPOINT_RUN
     if not record.exists():
