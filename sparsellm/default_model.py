@@ -99,6 +99,8 @@ def _convert(source: Path, target: Path) -> Path:
     """De-quantise the GGUF file ``source`` into the float32 safetensors folder ``target``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .export.checkpoint import ordinary_mode
+
     folder, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
@@ -117,11 +119,13 @@ def _convert(source: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=CACHE_NAME + ".", dir=target.parent))
     try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        # mkdtemp makes it private, safetensors model.safetensors owner-only (0600): the cache
+        # is an ordinary folder, its modes those the umask gives (as a saved checkpoint's)
+        os.chmod(staging, ordinary_mode(True))
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        for path in staging.iterdir():  # safetensors writes model.safetensors owner-only (0600)
-            os.chmod(path, 0o644)
+        for path in staging.iterdir():
+            os.chmod(path, ordinary_mode(path.is_dir()))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

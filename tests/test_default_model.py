@@ -1,7 +1,10 @@
 """sparsellm.default_model's cache: converted once, published whole, by one process at a time.
 The conversion itself (transformers' GGUF loader, ~30 s) is replaced by a stand-in here."""
+import os
 import threading
 import time
+
+import pytest
 
 from sparsellm import default_model
 
@@ -48,10 +51,12 @@ def test_conversions_at_the_same_time_convert_once(monkeypatch, tmp_path):
     assert calls == [target]
 
 
-def test_the_converted_cache_is_readable_by_all(monkeypatch, tmp_path):
-    """The published folder and every file in it are world-readable, as an ordinary folder:
-    safetensors writes model.safetensors 0600, which left a shared cache that looked complete to
-    another user and that they could not read. The GGUF loading is replaced by a tiny LLaMA."""
+@pytest.mark.parametrize("umask, readable", [(0o022, True), (0o077, False)])
+def test_the_converted_cache_is_readable_by_all(umask, readable, monkeypatch, tmp_path):
+    """The published folder and every file in it have an ordinary folder's modes: world-readable
+    under the usual umask (safetensors writes model.safetensors 0600, which left a shared cache
+    that looked complete to another user and that they could not read), private under a umask
+    that says so. The GGUF loading is replaced by a tiny LLaMA."""
     import transformers
     from helpers import tiny_llama
 
@@ -63,10 +68,16 @@ def test_the_converted_cache_is_readable_by_all(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: model.config)
-    target = default_model._convert(tmp_path / default_model.GGUF_FILE, tmp_path / "cache" / default_model.CACHE_NAME)
+    before = os.umask(umask)
+    try:
+        target = default_model._convert(tmp_path / default_model.GGUF_FILE,
+                                        tmp_path / "cache" / default_model.CACHE_NAME)
+    finally:
+        os.umask(before)
     assert {p.name for p in target.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     for path in [target, *target.iterdir()]:
-        assert path.stat().st_mode & 0o044 == 0o044, (path.name, oct(path.stat().st_mode))
+        assert (path.stat().st_mode & 0o044 == 0o044) == readable, (path.name, oct(path.stat().st_mode))
+        assert path.stat().st_mode & 0o600 == 0o600  # the owner's, always
     assert [p.name for p in target.parent.iterdir()] == [default_model.CACHE_NAME]  # no staging left
 
 
