@@ -38,8 +38,10 @@ def _tri_inv_tile_kernel(l_ptr, x_ptr, n, stride_b, stride_r, T: tl.constexpr):
     rows = t * T + i_loc[:, None]
     cols = t * T + i_loc[None, :]
     ok = (rows < n) & (cols < n)
-    base = b * stride_b
-    A = tl.load(l_ptr + base + rows * stride_r + cols, mask=ok & (cols <= rows), other=0.0)
+    # int64 row offsets: rows * stride_r passes 2^31 once n > 46340 (Llama-3.1-405B's 53248-wide
+    # MLP input), where int32 wrapped to a negative offset (read and written out of the matrix)
+    off = b * stride_b + rows.to(tl.int64) * stride_r + cols
+    A = tl.load(l_ptr + off, mask=ok & (cols <= rows), other=0.0)
     # pad the last tile with the identity so it stays invertible and its inverse is exact
     A = tl.where((rows >= n) & (rows == cols), 1.0, A)
     X = tl.zeros([T, T], dtype=A.dtype)
@@ -52,7 +54,7 @@ def _tri_inv_tile_kernel(l_ptr, x_ptr, n, stride_b, stride_r, T: tl.constexpr):
         acc = tl.sum(a_i[:, None] * X, axis=0)                   # sum_j A_ij X[j, :]
         x_i = (tl.where(i_loc == i, 1.0, 0.0) - acc) / a_ii
         X = tl.where(r_idx == i, x_i[None, :], X)
-    tl.store(x_ptr + base + rows * stride_r + cols, X, mask=ok)
+    tl.store(x_ptr + off, X, mask=ok)
 
 
 def tri_inverse_lower(lower: torch.Tensor, tile: int | None = None) -> torch.Tensor:

@@ -353,6 +353,29 @@ def test_triangular_inverse(n, tile):
     assert (inv @ lower - eye).abs().max() < 1e-10
 
 
+
+def test_triangular_inverse_offsets_past_two_to_the_31():
+    """The tile kernel's row offsets, row * stride, are int64: a Hessian wider than 46340
+    (Llama-3.1-405B's 53248-wide MLP input) has rows past 2^31 elements from its start, where
+    int32 offsets wrapped to negative ones. Here a 3 x 3 matrix with a row stride of 2^30 + 64
+    (row 2 at 2^31 + 128) in a large allocation that is never touched but where it is read:
+    before, row 2 was read at -2^31 + 128, from the NaNs put there, and written there too."""
+    stride = 2 ** 30 + 64
+    base = 2 ** 31  # the wrapped offset stays inside the allocation (no stray read)
+    try:
+        storage = torch.empty(base + 2 * stride + 64, dtype=torch.float16, device=DEV)  # 8 GiB, untouched
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve 8 GiB of address space")
+    storage[:1024] = float("nan")
+    lower = torch.tensor([[2.0, 0.0, 0.0], [1.0, 4.0, 0.0], [-1.0, 0.5, 1.0]], dtype=torch.float16)
+    L = storage.as_strided((3, 3), (stride, 1), base)
+    X = storage.as_strided((3, 3), (stride, 1), base + 8)
+    L.copy_(lower)
+    X.zero_()
+    cholesky._tri_inv_tile_kernel[(1, 1)](L, X, 3, 0, stride, T=4, num_warps=1)
+    torch.testing.assert_close(X.float().cpu(), torch.linalg.inv(lower.float()), rtol=2e-3, atol=2e-3)
+    assert storage[:1024].isnan().all()  # nothing written at the wrapped offsets
+
 # ---------------------------------------------------------------- SparseLLM steps (e)
 
 STEP_SHAPES = [(37, 53), (3, 5000)]  # 5000: more than one chunk under the interpreter
