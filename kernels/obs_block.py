@@ -99,7 +99,8 @@ def obs_prune_block(weight: torch.Tensor, hinv: torch.Tensor, fraction: float,
     hinv = hinv.contiguous()
     q = torch.empty_like(weight)
     err = torch.empty_like(weight)
-    losses = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    # zeros, not empty: a block of no columns launches nothing, and its loss is 0 (the reference's)
+    losses = torch.zeros(rows, dtype=torch.float32, device=weight.device)
     if rows and width:
         # expand: a broadcastable mask (one row for all rows, as the reference takes) becomes
         # rows x width, as the kernel reads it with its row stride

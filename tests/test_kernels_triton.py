@@ -273,6 +273,20 @@ def test_obs_block_broadcast_mask():
     torch.testing.assert_close(loss, lossr, rtol=1e-5, atol=0)
 
 
+def test_obs_block_of_no_columns_has_zero_loss():
+    """A block of rows but no columns prunes nothing: loss 0, as the reference's. The per-row
+    losses were an uninitialised buffer that no kernel wrote (the launch is skipped), so the
+    loss was whatever memory it got."""
+    for rows in (5, 300):
+        w = rand(rows, rows, 0, device=DEV)
+        hinv = torch.zeros(0, 0, device=DEV)
+        torch.empty(4 * rows, device=DEV).fill_(1e30)  # leave non-zero memory for the allocator to hand out
+        q, err, loss = obs_block.obs_prune_block(w, hinv, 0.5)
+        qr, errr, lossr = reference.obs_prune_block(w, hinv, 0.5)
+        assert q.shape == err.shape == (rows, 0) and float(lossr) == 0
+        assert float(loss) == 0 and loss.dtype == lossr.dtype
+
+
 def test_obs_block_hinv_of_another_width_is_an_error():
     """hinv must be the block's B x B factor, as the reference and the cpu sweep require: the
     kernel indexes it by the block's columns, and used a larger one's top-left corner silently."""
