@@ -67,6 +67,10 @@ def _run(name: str, fn, tensors: tuple, scalars: tuple, *extra):
     except (MemoryError, torch.OutOfMemoryError) as exc:  # this call's size, not the compiler
         raise ops.Decline(f"out of memory: {exc}"[:300]) from exc
     except Exception as exc:  # noqa: BLE001 - any compile failure means: run the reference
+        if isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc):
+            # torch's CPU allocator fails with a plain RuntimeError ("DefaultCPUAllocator: can't
+            # allocate memory"), not OutOfMemoryError: this call's size too, not the compiler
+            raise ops.Decline(f"out of memory: {exc}"[:300]) from exc
         _state["broken"] = f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
         raise ops.Decline(_state["broken"]) from exc
 

@@ -124,3 +124,27 @@ def test_float16_calls_go_to_the_reference_which_computes_them_in_float32(small_
     p, m = _rand(8, 16, seed=1).half(), _rand(8, 16, seed=2).half()
     with pytest.raises(ops.Decline, match="float32"):
         inductor.relu_z_step(p, m, 3e-9, 2e-9)
+
+
+def test_a_call_out_of_cpu_memory_is_declined_without_marking_the_compiler_broken(small_calls_compile,
+                                                                                     monkeypatch):
+    """torch's CPU allocator reports a failed allocation as a RuntimeError ("DefaultCPUAllocator:
+    can't allocate memory"), not torch.OutOfMemoryError: one call too large for the memory left
+    marked the compiler broken, and every later call of every step ran on the reference."""
+    def compiled_out_of_memory(fn, **kwargs):
+        def allocates(*args):
+            return torch.empty(1 << 60, dtype=torch.uint8)  # more than any machine: the allocator's own error
+        return allocates
+    monkeypatch.setattr(torch, "compile", compiled_out_of_memory)
+    monkeypatch.setitem(inductor._state, "compiled", {})
+    p, m = _rand(6, 7, seed=1), _rand(6, 7, seed=2)
+    with pytest.raises(ops.Decline, match="out of memory"):
+        inductor.relu_z_step(p, m, 1.0, 2.0)
+    assert inductor._state["broken"] is None
+    ops.reset_usage()
+    with ops.backend_scope("auto"):
+        got = ops.relu_z_step(p, m, 1.0, 2.0)
+    assert torch.equal(got, reference.relu_z_step(p, m, 1.0, 2.0))
+    assert ops.usage()["relu_z_step"] == {"reference": 1}
+    (reason, count), = ops.fallbacks()["relu_z_step"].items()
+    assert count == 1 and reason.startswith("inductor->reference: out of memory")
