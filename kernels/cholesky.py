@@ -60,12 +60,12 @@ def _tri_inv_tile_kernel(l_ptr, x_ptr, n, stride_b, stride_r, T: tl.constexpr):
 def tri_inverse_lower(lower: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     """Inverse of lower-triangular matrices ``[..., n, n]`` (the upper part is ignored)."""
     check_device(lower)
+    if lower.numel() == 0:  # before the reshape: reshape(-1, 0, 0) refuses 0 x 0 matrices
+        return torch.zeros_like(lower, memory_format=torch.contiguous_format)
     n = lower.shape[-1]
     batch_shape = lower.shape[:-2]
     L = lower.reshape(-1, n, n).contiguous()
     X = torch.zeros_like(L)
-    if L.numel() == 0:
-        return X.reshape(lower.shape)
     T = tile or (16 if interpreting() else 64)
     tiles = triton.cdiv(n, T)
     _tri_inv_tile_kernel[(tiles, L.shape[0])](L, X, n, L.stride(0), L.stride(1), T=T,

@@ -358,6 +358,17 @@ def test_cholesky_retry_raises_only_failing_matrices():
         assert err <= 3 * ref_err + 1e-5
 
 
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0, 0), (0, 5, 5)])
+def test_cholesky_inverse_upper_of_no_matrices_or_empty_ones(shape):
+    """The reference returns empty factors for no matrices or 0 x 0 ones; the kernel's glue
+    reshaped 0 x 0 matrices to (-1, 0, 0), which torch refuses (the batch size is ambiguous)."""
+    gram = torch.zeros(shape, device=DEV)
+    upper, damp = cholesky.cholesky_inverse_upper(gram, 0.01)
+    ref, ref_damp = reference.cholesky_inverse_upper(gram, 0.01)
+    assert upper.shape == ref.shape == shape and upper.dtype == ref.dtype
+    assert torch.equal(damp, ref_damp)
+
+
 @pytest.mark.parametrize("n,tile", [(37, 8), (16, 16), (70, 16)])
 def test_triangular_inverse(n, tile):
     lower = torch.linalg.cholesky(gram_matrix(n, seed=n)).to(DEV)
