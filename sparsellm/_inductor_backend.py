@@ -87,12 +87,23 @@ def swiglu_s_step(s, g, p, z, alpha, gamma, iterations=5):
     return _run("swiglu_s", reference._swiglu_s, (s, g, p, z), (alpha, gamma), int(iterations))
 
 
+def _one_dtype(*tensors):
+    # The reference computes each step in the promoted dtype of its own inputs and relaxes it from
+    # z_old (s_old) with torch.lerp, which refuses another dtype; compiled in the dtype of all of
+    # them together, a mixed call gave a result where the reference raises, or (omega == 1)
+    # another dtype than its. Declined: the reference does what it does.
+    if len({t.dtype for t in tensors}) > 1:
+        raise ops.Decline("mixed dtypes: the reference computes the steps and the relaxation apart")
+
+
 def relu_aux_update(p, m, z_old, alpha, gamma, omega):
+    _one_dtype(p, m, z_old)
     return reference.widen_sums(_run("relu_aux", reference._relu_aux, (p, m, z_old), (alpha, gamma, omega),
                                      omega != 1), 2)
 
 
 def swiglu_aux_update(p, m, g, z_old, s_old, alpha_z, alpha_s, gamma, omega, iterations=2):
+    _one_dtype(p, m, g, z_old, s_old)
     return reference.widen_sums(_run("swiglu_aux", reference._swiglu_aux, (p, m, g, z_old, s_old),
                                      (alpha_z, alpha_s, gamma, omega), int(iterations), omega != 1), 3)
 

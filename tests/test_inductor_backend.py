@@ -148,3 +148,28 @@ def test_a_call_out_of_cpu_memory_is_declined_without_marking_the_compiler_broke
     assert ops.usage()["relu_z_step"] == {"reference": 1}
     (reason, count), = ops.fallbacks()["relu_z_step"].items()
     assert count == 1 and reason.startswith("inductor->reference: out of memory")
+
+
+@pytest.mark.parametrize("omega", [1.6, 1.0])
+def test_aux_updates_of_mixed_dtypes_go_to_the_reference(small_calls_compile, omega):
+    """The reference computes z in the promoted dtype of the z-step's inputs and relaxes it from
+    z_old with torch.lerp, which refuses another dtype (omega != 1), or returns that z as it is
+    (omega == 1). Compiled with z_old promoted among them, a float64 z_old made a float64 z: a
+    result where the reference raises, and another dtype where it does not."""
+    p, m, g, s_old = (_rand(6, 7, seed=70 + i) for i in range(4))
+    z_old = _rand(6, 7, seed=75).double()
+    calls = {"relu_aux_update": (p, m, z_old, 0.7, 1.3, omega),
+             "swiglu_aux_update": (p, m, g, z_old, s_old, 0.7, 0.4, 1.3, omega, 2)}
+    for op, args in calls.items():
+        with pytest.raises(ops.Decline, match="mixed dtypes"):
+            getattr(inductor, op)(*args)
+        ops.reset_usage()
+        with ops.backend_scope("auto"):
+            if omega != 1:
+                with pytest.raises(RuntimeError, match="dtype"):
+                    getattr(ops, op)(*args)
+            else:
+                got, want = getattr(ops, op)(*args), getattr(reference, op)(*args)
+                assert got[0].dtype == want[0].dtype == torch.float32
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+                assert ops.usage()[op] == {"reference": 1}
