@@ -188,8 +188,8 @@ def main():
                     layers=span)
     except ValueError as exc:
         parser.error(str(exc))
-    torch.set_grad_enabled(False)
-    (sweep_layers if args.stage == "layers" else sweep_ppl)(args)
+    with torch.no_grad():  # (not set_grad_enabled(False): main() run in-process leaves grad mode as it was)
+        (sweep_layers if args.stage == "layers" else sweep_ppl)(args)
 
 
 if __name__ == "__main__":

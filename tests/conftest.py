@@ -24,3 +24,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """A test that leaves autograd off (torch.set_grad_enabled(False) outside a context, e.g. a
+    benchmark script's main() run in-process) fails itself, instead of every later test that
+    trains (Elsa's failed 'element 0 of tensors does not require grad' far from the cause)."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd disabled")
