@@ -27,11 +27,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _autograd_left_on():
+def _process_state_restored():
     """A test that leaves autograd off (torch.set_grad_enabled(False) outside a context, e.g. a
     benchmark script's main() run in-process) fails itself, instead of every later test that
-    trains (Elsa's failed 'element 0 of tensors does not require grad' far from the cause)."""
+    trains (Elsa's failed 'element 0 of tensors does not require grad' far from the cause). The
+    thread count a script's main() sets (--threads) is put back: a later test of the CPU
+    backend's two-thread path ran one thread."""
+    threads = torch.get_num_threads()
     yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     if not torch.is_grad_enabled():
         torch.set_grad_enabled(True)
         pytest.fail("the test left autograd disabled")
