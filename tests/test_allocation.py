@@ -400,6 +400,18 @@ def test_unstructured_allocation_on_layers_of_different_sizes_keeps_the_weight_b
     assert zeros / sum(sizes) == pytest.approx(0.5, abs=0.01)
 
 
+def _wanda_allocation(layers: int, rule: str):
+    """A Wanda run's driver on a tiny LLaMA under allocation ``rule``, and its first layer's
+    captured inputs: what driver.allocate takes."""
+    model = tiny_llama(layers=layers)
+    config = PruneConfig(method="wanda", sparsity=0.5, nsamples=4, seqlen=32, quiet=True, device="cpu",
+                         allocation=AllocationSettings(rule=rule))
+    driver = LayerDriver(model, get_adapter(model), get_method(config), config)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    inputs, kwargs = capture_layer_inputs(model, driver.adapter, ids, torch.device("cpu"))
+    return driver, inputs, kwargs
+
+
 def test_unstructured_allocation_holds_one_layers_scores_at_a_time(monkeypatch):
     """The unstructured scores are a float32 copy of a layer's weights: the dense pass reduces
     each layer's to its number (here the energy's, owl's the same way) before the next layer's
@@ -417,12 +429,7 @@ def test_unstructured_allocation_holds_one_layers_scores_at_a_time(monkeypatch):
         seen.append(weakref.ref(scores))
         return rule_fn(scores, share)
 
-    model = tiny_llama(layers=4)
-    config = PruneConfig(method="wanda", sparsity=0.5, nsamples=4, seqlen=32, quiet=True, device="cpu",
-                         allocation=AllocationSettings(rule="energy"))
-    driver = LayerDriver(model, get_adapter(model), get_method(config), config)
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    inputs, kwargs = capture_layer_inputs(model, driver.adapter, ids, torch.device("cpu"))
+    driver, inputs, kwargs = _wanda_allocation(4, "energy")
     expected = driver.allocate(inputs, kwargs)
     monkeypatch.setattr(allocation, "lowest_mass_share", watched)
     assert driver.allocate(inputs, kwargs) == expected
@@ -434,14 +441,9 @@ def test_owl_counts_a_layers_outliers_without_a_float64_copy_of_its_scores(monke
     layer): counted as an integer, not as the mean of a float64 copy of the comparison, which
     took 8 bytes per weight of host memory on top of the scores' 4 (7 GB for a 70B layer). The
     shares are the same, bit for bit."""
-    model = tiny_llama(layers=3)
-    config = PruneConfig(method="wanda", sparsity=0.5, nsamples=4, seqlen=32, quiet=True, device="cpu",
-                         allocation=AllocationSettings(rule="owl"))
-    driver = LayerDriver(model, get_adapter(model), get_method(config), config)
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    inputs, kwargs = capture_layer_inputs(model, driver.adapter, ids, torch.device("cpu"))
+    driver, inputs, kwargs = _wanda_allocation(3, "owl")
     expected = driver.allocate(inputs, kwargs)
-    weights = sum(lin.weight.numel() for lin in driver.adapter.linears(driver.adapter.layers(model)[0]).values())
+    weights = sum(lin.weight.numel() for lin in driver.adapter.linears(driver.adapter.layers(driver.model)[0]).values())
     largest = []
     double = torch.Tensor.double
 
