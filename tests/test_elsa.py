@@ -453,6 +453,22 @@ def test_resume_equals_uninterrupted(tmp_path):
         [e["loss"] for e in whole_method.details()["loss_curve"]]
 
 
+def test_a_checkpoint_of_other_starting_weights_is_refused(tmp_path):
+    """The settings name the model by its path; an API caller can pass another model under the
+    same name (another fine-tune of the architecture): its resume is refused untouched, while
+    the same weights resume."""
+    settings = dict(steps=8, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(Killed):
+        run_until_killed(config(**settings))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = tiny_llama(seed=7)
+    with pytest.raises(ValueError, match="written for other starting weights"):
+        prune(config(**settings), other)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    _, method, _ = prune(config(**settings), tiny_llama())
+    assert method.details()["resumed_from_step"] == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method, extra", [("elsa", {}), ("elsa", {"state_dtype": "bfloat16"}),
                                            ("elsa", {"state_dtype": "float8", "score": "magnitude"}),

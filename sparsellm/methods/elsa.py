@@ -283,6 +283,21 @@ def _exact_text(pattern: SparsityPattern) -> str:
     return str(pattern) if pattern.is_nm else repr(pattern.fraction)
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of the weights a run starts from, which a resume checks: the settings name the
+    model by its path, and a caller of the API can pass another model (another fine-tune of
+    the same architecture) under the same name. Each parameter's name, shape and float64 sum,
+    to six digits (a sum's last bits follow the reduction order, which differs between
+    machines and thread counts)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            measurable = param.is_floating_point() and param.device.type != "meta"
+            total = float(param.sum(dtype=torch.float64)) if measurable else 0.0
+            digest.update(f"{name}{tuple(param.shape)}{total:.6g};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _source(name: str) -> str:
     """A model or text named by a local path is keyed by its resolved path: ./model and
     /work/model (or a link to it) are one run's; a hub name or alias (nothing at that path) as
@@ -532,8 +547,13 @@ class SparseTraining(PruningMethod):
             # the same run, or one clear error; and a folder that can be written: before any work,
             # also where no preflight ran (sparsellm.prune), not at the first checkpoint
             check_checkpoint_dir(self.config)
+            self.fingerprint = model_fingerprint(model)  # of the weights as given, before any --init
         if folder is not None and (folder / CHECKPOINT_STATE).exists():
             saved = _read_state(folder / CHECKPOINT_STATE)
+            if saved.get("model_fingerprint") not in (None, self.fingerprint):  # (None: written before it)
+                raise ValueError(f"checkpoint {folder / CHECKPOINT_STATE} was written for other starting weights "
+                                 "than this model's (the settings, model name included, are the same); delete it "
+                                 "or use another folder")
             log.info("%s: resuming from step %d of %s", self.name, saved["step"], folder)
             self.patterns = {int(k): SparsityPattern.parse(v) for k, v in saved["patterns"].items()}
         else:
@@ -686,7 +706,7 @@ class SparseTraining(PruningMethod):
                      "optimizer": self._whole_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                      "history": self.history, "admm_history": self.admm_history, "method": self._state(targets),
                      "patterns": {str(k): _exact_text(v) for k, v in self.patterns.items()},
-                     "rng": torch.get_rng_state()}
+                     "rng": torch.get_rng_state(), "model_fingerprint": self.fingerprint}
         if writer:
             folder.mkdir(parents=True, exist_ok=True)
             _atomic_write(folder / CHECKPOINT_STATE, lambda tmp: torch.save(state, tmp))
