@@ -70,8 +70,11 @@ def _warn_unused_settings(config: PruneConfig) -> None:
     --steps with sparsegpt): the report records every setting, and should not look as if it ran.
     Called by _run, called by run: the warnings name the line that called run (stacklevel 4)."""
     used = set(METHODS[config.method].groups_read(config))
-    if config.elsa.init:  # Elsa and masked-adam start from a layer-wise method's prune
-        used |= set(METHODS[config.elsa.init].groups_read(config))
+    # Elsa and masked-adam (the readers of the elsa settings) start from --init's layer-wise prune;
+    # given to another method it is ignored (named below), and so are the settings only it reads
+    init = config.elsa.init if "elsa" in used else None
+    if init:
+        used |= set(METHODS[init].groups_read(config))
     for group in ("sparsellm", "elsa"):
         settings = getattr(config, group)
         changed = [f.name for f in dataclasses.fields(settings)
@@ -86,13 +89,13 @@ def _warn_unused_settings(config: PruneConfig) -> None:
                           f"{config.method}: ignored", UserWarning, stacklevel=4)
     method = METHODS[config.method]
     read = set(method.structured_solver_settings if config.structure else method.solver_settings)
-    if config.elsa.init:  # its --init prune is unstructured
-        read |= set(METHODS[config.elsa.init].solver_settings)
+    if init:  # its --init prune is unstructured
+        read |= set(METHODS[init].solver_settings)
     ignored = [name for name in SOLVER_SETTINGS
                if name not in read and getattr(config, name) != getattr(PruneConfig, name)]
     if ignored:
         run = f"method {config.method}" + (f" with structure {config.structure}" if config.structure else "") + (
-            f" with init {config.elsa.init}" if config.elsa.init else "")
+            f" with init {init}" if init else "")
         warnings.warn(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not read by {run}: ignored",
                       UserWarning, stacklevel=4)
     allocation, default = config.allocation, type(config.allocation)()

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -923,6 +924,22 @@ def test_solver_settings_the_run_does_not_read_are_named_as_ignored(args, messag
     with pytest.warns(UserWarning, match=message):
         with pytest.raises(AssertionError, match="a model was loaded"):
             main([*SMALL, *args, "--quiet"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "wanda", "--init", "sparsegpt", "--blocksize", "64"], "blocksize is not read by method wanda: ignored"),
+    (["--method", "sparsegpt", "--init", "sparsellm", "--alpha", "1"],
+     r"alpha \(sparsellm settings\) apply to sparsellm, structprune, not to sparsegpt"),
+])
+def test_settings_of_an_init_the_method_ignores_are_named_as_ignored(args, message, no_loading):
+    """--init is read by elsa and masked-adam only: given to a layer-wise method it is named as
+    ignored, and so must be the settings only its prune would have read (they counted as read)."""
+    with pytest.warns(UserWarning) as record:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
+    messages = [str(w.message) for w in record]
+    assert any("init (elsa settings) apply to elsa, masked-adam" in m for m in messages), messages
+    assert any(re.search(message, m) for m in messages), messages
 
 
 def test_eval_windows_without_an_evaluation_is_named_as_ignored(no_loading):
