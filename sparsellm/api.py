@@ -87,6 +87,8 @@ def _warn_unused_settings(config: PruneConfig) -> None:
             readers = sorted(name for name, cls in METHODS.items() if group in cls.settings_groups)
             warnings.warn(f"{', '.join(changed)} ({group} settings) apply to {', '.join(readers)}, not to "
                           f"{config.method}: ignored", UserWarning, stacklevel=4)
+    if "elsa" in used:
+        _warn_unread_elsa_fields(config)
     method = METHODS[config.method]
     read = set(method.structured_solver_settings if config.structure else method.solver_settings)
     if init:  # its --init prune is unstructured
@@ -109,6 +111,31 @@ def _warn_unused_settings(config: PruneConfig) -> None:
         warnings.warn("eval_windows (--eval-windows) caps the evaluation, and eval is none: ignored", UserWarning,
                       stacklevel=4)
 
+
+
+# the elsa settings only Elsa's ADMM reads: masked-adam keeps a fixed mask (no z and u, so no
+# penalty, ramp, z/u update interval, projection score or state storage)
+_ADMM_SETTINGS = ("admm_lambda", "admm_lambda_start", "admm_schedule", "admm_interval", "score", "state_dtype")
+
+
+def _warn_unread_elsa_fields(config: PruneConfig) -> None:
+    """The elsa settings a run of Elsa or masked-adam leaves unread, given: the group is read as a
+    whole, so :func:`_warn_unused_settings` alone said nothing of them (stacklevel as there)."""
+    settings, default = config.elsa, type(config.elsa)()
+
+    def given(name):
+        return getattr(settings, name) != getattr(default, name)
+
+    admm = [name for name in _ADMM_SETTINGS if given(name)] if config.method == "masked-adam" else []
+    if admm:
+        warnings.warn(f"{', '.join(admm)} (elsa settings) {'is' if len(admm) == 1 else 'are'} not read by method "
+                      f"masked-adam, which keeps a fixed mask (no ADMM): ignored", UserWarning, stacklevel=5)
+    if "admm_lambda_start" not in admm and given("admm_lambda_start") and settings.admm_schedule == "constant":
+        warnings.warn("admm_lambda_start (--admm-lambda-start) starts a linear or cosine --admm-schedule, and the "
+                      "schedule is constant: ignored", UserWarning, stacklevel=5)
+    if given("checkpoint_every") and settings.checkpoint_dir is None:
+        warnings.warn("checkpoint_every (--checkpoint-every) spaces the checkpoints in --checkpoint-dir, and none "
+                      "is given: ignored", UserWarning, stacklevel=5)
 
 
 def _check_layers(config: PruneConfig, num_layers: int) -> None:

@@ -942,6 +942,35 @@ def test_settings_of_an_init_the_method_ignores_are_named_as_ignored(args, messa
     assert any(re.search(message, m) for m in messages), messages
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--method", "masked-adam", "--init", "sparsegpt", "--admm-lambda", "0.1", "--score", "magnitude"],
+     r"admm_lambda, score \(elsa settings\) are not read by method masked-adam"),
+    (["--method", "elsa", "--admm-lambda-start", "0.001"],
+     r"admm_lambda_start \(--admm-lambda-start\) starts a linear or cosine --admm-schedule"),
+    (["--method", "elsa", "--checkpoint-every", "10"],
+     r"checkpoint_every \(--checkpoint-every\) spaces the checkpoints in --checkpoint-dir"),
+])
+def test_elsa_settings_the_run_does_not_read_are_named_as_ignored(args, message, no_loading):
+    """masked-adam keeps a fixed mask (no ADMM penalty, schedule, interval, projection score or
+    z/u storage), a constant penalty has no ramp start, and no --checkpoint-dir writes no
+    checkpoints: those settings went unread and unsaid (the elsa group as a whole is read)."""
+    with pytest.warns(UserWarning, match=message):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
+
+
+@pytest.mark.parametrize("args", [["--method", "masked-adam", "--init", "sparsegpt", "--steps", "5", "--lr", "1e-3"],
+                                  ["--method", "elsa", "--admm-schedule", "linear", "--admm-lambda-start", "0.001",
+                                   "--score", "magnitude", "--admm-interval", "4"]])
+def test_elsa_settings_the_run_reads_warn_about_nothing(args, no_loading):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, *args, "--quiet"])
+
+
 def test_eval_windows_without_an_evaluation_is_named_as_ignored(no_loading):
     import warnings
 
