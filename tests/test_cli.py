@@ -805,6 +805,21 @@ def test_evaluate_scores_the_model_where_its_weights_are(tiny_llama_dir, text_fi
     assert ppl == pytest.approx(math.exp(float(nll)), rel=1e-4)
 
 
+def test_load_model_takes_a_path_and_a_torch_dtype(tiny_llama_dir, tmp_path):
+    """As PruneConfig's model and load_pruned take them: a pathlib.Path raised TypeError
+    ("argument of type 'PosixPath' is not iterable"), torch.bfloat16 "unknown dtype"."""
+    from pathlib import Path
+
+    from sparsellm import api
+
+    model, _ = api.load_model(Path(tiny_llama_dir), dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(api.ModelLoadError, match="does not exist"):
+        api.load_model(tmp_path / "none")
+    with pytest.raises(ValueError, match="unknown dtype torch.int8"):
+        api.load_model(tiny_llama_dir, dtype=torch.int8)
+
+
 def test_prune_leaves_the_callers_settings_as_they_were(tiny_llama_dir, text_file):
     """A range to the last layer stays open-ended in the caller's settings, so the same settings
     prune layers 1: of a deeper model too (the run used to write its resolved range back)."""
