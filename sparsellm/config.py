@@ -229,11 +229,11 @@ class AllocationSettings:
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"allocation {name} must be a positive number, got {value!r}")
-        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1):
+        if not (_is_number(self.owl_lambda) and 0 <= self.owl_lambda < 1):  # False would read as 0
             raise ValueError(f"allocation owl_lambda must lie in [0, 1), got {self.owl_lambda!r}")
         for name in ("min_sparsity", "max_sparsity"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            if value is not None and not (_is_number(value) and 0 <= value < 1):
                 raise ValueError(f"allocation {name} must lie in [0, 1), got {value!r}")
 
     def bounds(self, target: float) -> tuple[float, float]:

@@ -227,6 +227,9 @@ def test_python_api_validates_settings():
     ({"sparsellm": {"relaxation": True}}, "sparsellm relaxation must be a number"),
     ({"sparsellm": {"chunk_tokens": True}}, "sparsellm chunk_tokens must be a positive integer"),
     ({"allocation": {"rule": "energy", "temperature": True}}, "allocation temperature must be a positive number"),
+    ({"allocation": {"rule": "owl", "owl_lambda": False}}, "allocation owl_lambda must lie in"),  # ran as 0
+    ({"allocation": {"rule": "energy", "min_sparsity": False}}, "allocation min_sparsity must lie in"),
+    ({"allocation": {"rule": "energy", "max_sparsity": False}}, "allocation max_sparsity must lie in"),
 ])
 def test_python_api_refuses_booleans_as_numbers(settings, message):
     """True and False are ints to Python: they were taken as 1 and 0 (the switches and the Elsa
