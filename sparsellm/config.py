@@ -158,6 +158,8 @@ class ElsaSettings:
                 pass
         if isinstance(self.checkpoint_dir, os.PathLike):
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if isinstance(self.checkpoint_dir, str):  # as --save and --report: not a folder named "~"
+            self.checkpoint_dir = os.path.expanduser(self.checkpoint_dir)
         if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
             raise ValueError(f"elsa checkpoint_dir must be a non-empty path or None, got {self.checkpoint_dir!r}")
 

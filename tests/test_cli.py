@@ -615,8 +615,11 @@ def test_home_relative_output_paths_are_expanded(monkeypatch, tmp_path):
     from sparsellm import PruneConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    config = PruneConfig(save="~/pruned", report="~/r.json")
+    config = PruneConfig(save="~/pruned", report="~/r.json", elsa={"checkpoint_dir": "~/ckpt"})
     assert (config.save, config.report) == (str(tmp_path / "pruned"), str(tmp_path / "r.json"))
+    # the checkpoints went to a folder named "~" in the working folder, while the check that
+    # keeps them out of --save compared its expanded path
+    assert config.elsa.checkpoint_dir == str(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_opt_dir"])
