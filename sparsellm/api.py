@@ -103,6 +103,11 @@ def _warn_unused_settings(config: PruneConfig) -> None:
             f" with init {init}" if init else "")
         warnings.warn(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not read by {run}: ignored",
                       UserWarning, stacklevel=4)
+    if method.whole_model and not init and config.allocation.rule == "uniform" \
+            and config.nsamples != PruneConfig.nsamples:  # its steps draw fresh windows of the text
+        warnings.warn(f"nsamples (--nsamples) is not read by method {config.method} without --init or a non-uniform "
+                      "--allocation (each step trains on fresh windows, --batch-size x --grad-accum): ignored",
+                      UserWarning, stacklevel=4)
     allocation, default = config.allocation, type(config.allocation)()
     ignored = [name for name, rules in _ALLOCATION_READERS.items()
                if allocation.rule not in rules and getattr(allocation, name) != getattr(default, name)]

@@ -909,7 +909,8 @@ def test_settings_of_another_method_are_named_as_ignored(no_loading, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with pytest.raises(AssertionError, match="a model was loaded"):
-                main([*SMALL, "--method", method, "--quiet"])
+                # elsa without --init reads no --nsamples (test_nsamples_..._is_named_as_ignored)
+                main([*(SMALL if method != "elsa" else SMALL[2:]), "--method", method, "--quiet"])
 
 
 def test_structprune_heads_only_names_the_ffn_settings_as_ignored(no_loading):
@@ -989,7 +990,24 @@ def test_elsa_settings_the_run_reads_warn_about_nothing(args, no_loading):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(AssertionError, match="a model was loaded"):
-            main([*SMALL, *args, "--quiet"])
+            main([*SMALL[2:], *args, "--quiet"])  # no --nsamples: elsa without --init reads none
+
+
+@pytest.mark.parametrize("method", ["elsa", "masked-adam"])
+def test_nsamples_of_a_whole_model_run_without_init_is_named_as_ignored(method, no_loading):
+    """Elsa and masked-adam train on fresh windows (--batch-size x --grad-accum a step): the
+    --nsamples windows feed only an --init prune and a non-uniform --allocation."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=rf"nsamples \(--nsamples\) is not read by method {method} without "
+                                         r"--init or a non-uniform --allocation"):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, "--method", method, "--quiet"])
+    for args in (["--init", "sparsegpt"], ["--allocation", "energy"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(AssertionError, match="a model was loaded"):
+                main([*SMALL, "--method", method, *args, "--quiet"])
 
 
 def test_eval_windows_without_an_evaluation_is_named_as_ignored(no_loading):
