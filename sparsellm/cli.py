@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer-sparsity-max", type=float, default=None,
                    help=f"highest per-layer sparsity (default: --sparsity + {a.spread}, at most 0.95)")
     p.add_argument("--layers", type=parse_layers, default=None,
-                   help="half-open range START:STOP of decoder layers to prune (default: all)")
+                   help="half-open range START:STOP of decoder layers to prune; START: runs to the last layer "
+                        "(default: all)")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
                    help="gather all of a layer's statistics from the dense layer (as the reference code) "
                         "instead of after pruning the earlier linears of the same layer")
