@@ -68,10 +68,11 @@ _ALLOCATION_READERS = {"temperature": ("energy",), "owl_lambda": ("owl",), "owl_
                        "spread": ("owl", "energy")}
 
 
-def _warn_unused_settings(config: PruneConfig) -> None:
+def _warn_unused_settings(config: PruneConfig, stacklevel: int = 4) -> None:
     """Say so when a settings group differs from its defaults but the method never reads it (e.g.
     --steps with sparsegpt): the report records every setting, and should not look as if it ran.
-    Called by _run, called by run: the warnings name the line that called run (stacklevel 4)."""
+    Called by _run, called by run: the warnings name the line that called run (stacklevel 4; prune,
+    which calls it directly, passes 3)."""
     used = set(METHODS[config.method].groups_read(config))
     # Elsa and masked-adam (the readers of the elsa settings) start from --init's layer-wise prune;
     # given to another method it is ignored (named below), and so are the settings only it reads
@@ -85,13 +86,13 @@ def _warn_unused_settings(config: PruneConfig) -> None:
         if group not in used and changed:
             if group in METHODS[config.method].settings_groups:  # a reader, but not with this structure
                 warnings.warn(f"{', '.join(changed)} ({group} settings) are not read by method {config.method} "
-                              f"with structure {config.structure}: ignored", UserWarning, stacklevel=4)
+                              f"with structure {config.structure}: ignored", UserWarning, stacklevel=stacklevel)
                 continue
             readers = sorted(name for name, cls in METHODS.items() if group in cls.settings_groups)
             warnings.warn(f"{', '.join(changed)} ({group} settings) apply to {', '.join(readers)}, not to "
-                          f"{config.method}: ignored", UserWarning, stacklevel=4)
+                          f"{config.method}: ignored", UserWarning, stacklevel=stacklevel)
     if "elsa" in used:
-        _warn_unread_elsa_fields(config)
+        _warn_unread_elsa_fields(config, stacklevel + 1)
     method = METHODS[config.method]
     read = set(method.structured_solver_settings if config.structure else method.solver_settings)
     if init:  # its --init prune is unstructured
@@ -102,22 +103,22 @@ def _warn_unused_settings(config: PruneConfig) -> None:
         run = f"method {config.method}" + (f" with structure {config.structure}" if config.structure else "") + (
             f" with init {init}" if init else "")
         warnings.warn(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not read by {run}: ignored",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=stacklevel)
     if method.whole_model and not init and config.allocation.rule == "uniform" \
             and config.nsamples != PruneConfig.nsamples:  # its steps draw fresh windows of the text
         warnings.warn(f"nsamples (--nsamples) is not read by method {config.method} without --init or a non-uniform "
                       "--allocation (each step trains on fresh windows, --batch-size x --grad-accum): ignored",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=stacklevel)
     allocation, default = config.allocation, type(config.allocation)()
     ignored = [name for name, rules in _ALLOCATION_READERS.items()
                if allocation.rule not in rules and getattr(allocation, name) != getattr(default, name)]
     if ignored:
         readers = " and ".join(sorted({rule for name in ignored for rule in _ALLOCATION_READERS[name]}))
         warnings.warn(f"{', '.join(ignored)} (allocation settings) apply to allocation {readers}, not to "
-                      f"{allocation.rule}: ignored", UserWarning, stacklevel=4)
+                      f"{allocation.rule}: ignored", UserWarning, stacklevel=stacklevel)
     if all(e == "none" for e in config.eval) and config.eval_windows is not None:  # (eval_seqlen is still read)
         warnings.warn("eval_windows (--eval-windows) caps the evaluation, and eval is none: ignored", UserWarning,
-                      stacklevel=4)
+                      stacklevel=stacklevel)
 
 
 
@@ -126,7 +127,7 @@ def _warn_unused_settings(config: PruneConfig) -> None:
 _ADMM_SETTINGS = ("admm_lambda", "admm_lambda_start", "admm_schedule", "admm_interval", "score", "state_dtype")
 
 
-def _warn_unread_elsa_fields(config: PruneConfig) -> None:
+def _warn_unread_elsa_fields(config: PruneConfig, stacklevel: int = 5) -> None:
     """The elsa settings a run of Elsa or masked-adam leaves unread, given: the group is read as a
     whole, so :func:`_warn_unused_settings` alone said nothing of them (stacklevel as there)."""
     settings, default = config.elsa, type(config.elsa)()
@@ -137,13 +138,28 @@ def _warn_unread_elsa_fields(config: PruneConfig) -> None:
     admm = [name for name in _ADMM_SETTINGS if given(name)] if config.method == "masked-adam" else []
     if admm:
         warnings.warn(f"{', '.join(admm)} (elsa settings) {'is' if len(admm) == 1 else 'are'} not read by method "
-                      f"masked-adam, which keeps a fixed mask (no ADMM): ignored", UserWarning, stacklevel=5)
+                      f"masked-adam, which keeps a fixed mask (no ADMM): ignored", UserWarning, stacklevel=stacklevel)
     if "admm_lambda_start" not in admm and given("admm_lambda_start") and settings.admm_schedule == "constant":
         warnings.warn("admm_lambda_start (--admm-lambda-start) starts a linear or cosine --admm-schedule, and the "
-                      "schedule is constant: ignored", UserWarning, stacklevel=5)
+                      "schedule is constant: ignored", UserWarning, stacklevel=stacklevel)
     if given("checkpoint_every") and settings.checkpoint_dir is None:
         warnings.warn("checkpoint_every (--checkpoint-every) spaces the checkpoints in --checkpoint-dir, and none "
-                      "is given: ignored", UserWarning, stacklevel=5)
+                      "is given: ignored", UserWarning, stacklevel=stacklevel)
+
+
+def _check_model_settings(config: PruneConfig, model, adapter) -> None:
+    """What the settings ask of this model, checked before any work (by run and by prune): the
+    layer range, the method's own checks, and that a structured share removes a unit."""
+    _check_layers(config, len(adapter.layers(model)))
+    METHODS[config.method].check_model(config, model, adapter)
+    if config.structure is not None and "heads" in config.structure:
+        # a family without head removal, or a share that removes no head, fails now
+        head_removal(config.head_sparsity, adapter.attention(adapter.layers(model)[0]))
+    if config.structure is not None and "channels" in config.structure:  # a share that removes no channel, too
+        start, stop = config.layer_range(len(adapter.layers(model)))
+        check_channel_removal(config.sparsity.fraction,
+                              [adapter.ffn(layer).down.in_features for layer in list(adapter.layers(model))[start:stop]],
+                              config.allocation.rule)
 
 
 def _check_layers(config: PruneConfig, num_layers: int) -> None:
@@ -187,9 +203,11 @@ def prune(model, tokenizer, config: PruneConfig) -> list[LayerRecord]:
     layer range in a copy); returns per-layer records. A structured run only zeroes the units:
     :func:`sparsellm.structure.compact_model` cuts them out (:func:`run` does both)."""
     config = dataclasses.replace(config)
+    METHODS[config.method].preflight(config)
+    _warn_unused_settings(config, stacklevel=3)  # (the caller of prune)
     adapter = get_adapter(model)
-    _check_layers(config, len(adapter.layers(model)))
     _check_pattern_fits(config, model, adapter)  # an N:M group size that does not divide a width: one clear error
+    _check_model_settings(config, model, adapter)
     return _prune(model, tokenizer, config)[0]
 
 
@@ -284,21 +302,13 @@ def _run(config: PruneConfig) -> dict:
     _warn_unused_settings(config)
     model, tokenizer = load_model(config.model, config.dtype)
     adapter = get_adapter(model)
-    _check_layers(config, len(adapter.layers(model)))
+    _check_layers(config, len(adapter.layers(model)))  # (the memory check reads the range)
     _check_model_fits(config, model, adapter)
-    METHODS[config.method].check_model(config, model, adapter)
+    _check_model_settings(config, model, adapter)
     for source in set(config.eval) - {"none"}:
         # an evaluation text shorter than one window fails now, not after the prune (with
         # --no-dense-eval the pruned evaluation is the first to read it); the stream stays cached
         data.eval_tokens(source, tokenizer, config.resolved_eval_seqlen)
-    if config.structure is not None and "heads" in config.structure:
-        # a family without head removal, or a share that removes no head, fails now
-        head_removal(config.head_sparsity, adapter.attention(adapter.layers(model)[0]))
-    if config.structure is not None and "channels" in config.structure:  # a share that removes no channel, too
-        start, stop = config.layer_range(len(adapter.layers(model)))
-        check_channel_removal(config.sparsity.fraction,
-                              [adapter.ffn(layer).down.in_features for layer in list(adapter.layers(model))[start:stop]],
-                              config.allocation.rule)
     # sampled now: a calibration text too short for the windows fails before the dense evaluation
     calibration = _calibration(tokenizer, config)
     cost_before = model_cost(model, adapter, config.resolved_eval_seqlen)

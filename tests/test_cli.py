@@ -1042,6 +1042,33 @@ def test_warnings_of_unread_settings_name_the_caller_and_are_one_line_in_the_cli
     assert other == "/elsewhere/mod.py:3: UserWarning: x\n"
 
 
+def test_prune_runs_the_checks_and_warnings_of_run():
+    """sparsellm.prune (the step-by-step API) refuses what run refuses before the work (a head
+    share that removes no head) and names unread settings, the warning at the caller's line; it
+    skipped both (bad settings failed later, less clearly, or ran silently)."""
+    from helpers import tiny_llama
+
+    from sparsellm import PruneConfig, api
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="head"):
+        api.prune(model, None, PruneConfig(method="sparsegpt", structure="heads", head_sparsity=0.01, quiet=True))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+    with pytest.warns(UserWarning, match="percdamp is not read by method wanda") as record:
+        with pytest.raises(Stop):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(api, "_prune", stop)
+                api.prune(model, None, PruneConfig(method="wanda", percdamp=0.1, quiet=True))
+    assert [w.filename for w in record] == [__file__]
+
+
 @pytest.mark.parametrize("args", [["--method", "sparsegpt", "--blocksize", "64", "--percdamp", "0.1",
                                    "--no-sequential"],
                                   ["--method", "wanda", "--no-sequential"],
