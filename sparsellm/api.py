@@ -50,14 +50,19 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     path = resolve_default(name_or_path)
-    if name_or_path not in DEFAULT_ALIASES and (os.sep in name_or_path or name_or_path.startswith(".")) \
-            and not os.path.exists(name_or_path):
+    # a hub id is NAME or OWNER/NAME (one slash at most): only what cannot be one is refused as a
+    # missing local path, so --model HuggingFaceTB/SmolLM2-135M reaches the hub (any '/' was refused)
+    looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+                   or name_or_path.count("/") > 1 or (os.sep != "/" and os.sep in name_or_path))
+    if name_or_path not in DEFAULT_ALIASES and looks_local and not os.path.exists(name_or_path):
         raise ModelLoadError(f"model path {name_or_path!r} does not exist")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
+        # NAME or OWNER/NAME that is no local folder was tried as a hub id: say both
+        what = "" if os.path.exists(path) else " (no local folder of that name; as a hub id)"
+        raise ModelLoadError(f"cannot load model {name_or_path!r}{what}: {exc}") from exc
     model.eval()
     return model, tokenizer
 

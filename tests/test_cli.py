@@ -138,6 +138,24 @@ def test_llama_architecture_without_silu_is_refused(tmp_path, tokenizer_dir, tex
 def test_missing_model_path(capsys):
     code, _, err = cli(capsys, "--model", "./no/such/model", *SMALL)
     assert code == 2 and "does not exist" in err
+    code, _, err = cli(capsys, "--model", "no/such/model", *SMALL)  # two slashes: no hub id
+    assert code == 2 and "does not exist" in err
+
+
+def test_hub_id_with_owner_reaches_the_hub(monkeypatch, capsys):
+    """OWNER/NAME is a hub id (README: --model takes a hub id), not a missing local path: it was
+    refused as "model path ... does not exist" before transformers was asked."""
+    from transformers import AutoModelForCausalLM
+
+    asked = []
+
+    def offline(path, *args, **kwargs):
+        asked.append(path)
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    code, _, err = cli(capsys, "--model", "HuggingFaceTB/SmolLM2-135M", *SMALL)
+    assert code == 2 and asked == ["HuggingFaceTB/SmolLM2-135M"]
+    assert "does not exist" not in err and "as a hub id" in err and "couldn't connect" in err
 
 
 @pytest.fixture
