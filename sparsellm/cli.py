@@ -263,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     if config.report:
         print(f"report written to {config.report}")
     if config.save:
-        print(f"pruned model saved to {config.save}")
+        # a plain AutoModelForCausalLM.from_pretrained initialises a compressed save's pruned weights
+        # at random and refuses layers of different sizes (README, Sparse export; Physical removal)
+        plain = config.save_format != "compressed" and (report.get("structure") or {}).get("plain_checkpoint", True)
+        print(f"pruned model saved to {config.save}" + (
+            "" if plain else " (not a plain transformers checkpoint: load it with sparsellm.load_pruned)"))
     return 0
 
 

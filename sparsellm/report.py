@@ -209,8 +209,11 @@ def summary(report: dict) -> str:
                      f"pruned {_ppl_text(value)}")
     exported = report.get("export") or {}
     if exported.get("kind"):  # say what the export did, also when it converted nothing
+        # a run without --report has no report to look in: say how to get one
+        why = ("the report's export section says why" if (report.get("settings") or {}).get("report")
+               else "--report FILE writes why, in its export section")
         line = (f"export {exported['kind']}: {exported['n_converted']} linears converted, {exported['n_dense']} "
-                "left dense (the report's export section says why)")
+                f"left dense ({why})")
         lines.append(line + (f"; {exported['note']}" if exported.get("note") else ""))
     cost = report.get("cost")
     if cost and cost["after"]["parameters"] != cost["before"]["parameters"]:

@@ -497,6 +497,9 @@ def test_summary_says_what_the_export_converted():
               "export": {"kind": "semi-structured", "n_converted": 0, "n_dense": 14, "note": "no CUDA device"}}
     assert "export semi-structured: 0 linears converted, 14 left dense" in summary(report)
     assert "no CUDA device" in summary(report)
+    # the reason per linear is in the report: a run without --report is told how to get one
+    assert "--report FILE writes why" in summary({**report, "settings": {"report": None}})
+    assert "the report's export section says why" in summary({**report, "settings": {"report": "r.json"}})
 
 
 def test_summary_prints_a_perplexity_that_is_not_finite_as_na():
@@ -760,10 +763,13 @@ def test_nm_run_on_a_layer_range_saves_what_it_pruned(tiny_llama_dir, text_file,
     from sparsellm import load_pruned
 
     save_dir = tmp_path / "pruned"
-    code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "sparsegpt", "--sparsity", "2:4",
-                       "--layers", "1:", "--calib", text_file, "--eval", "none", "--save", str(save_dir),
-                       "--save-format", save_format, *CALIB_SMALL)
+    code, out, err = cli(capsys, "--model", tiny_llama_dir, "--method", "sparsegpt", "--sparsity", "2:4",
+                         "--layers", "1:", "--calib", text_file, "--eval", "none", "--save", str(save_dir),
+                         "--save-format", save_format, *CALIB_SMALL)
     assert code == 0, err
+    # a compressed save, whose pruned weights a plain from_pretrained initialises at random, says
+    # how to load it
+    assert ("load it with sparsellm.load_pruned" in out) == (save_format == "compressed")
     config = json.loads((save_dir / "config.json").read_text())
     block = config["quantization_config"]["sparsity_config"] if save_format == "compressed" else config["sparsity_config"]
     roles = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

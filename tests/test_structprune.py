@@ -192,6 +192,8 @@ def test_structprune_end_to_end_saves_a_smaller_model(allocation, tiny_llama_dir
     assert report["structured"] == {"structure": "channels+heads", "target_channel_share": 0.25, "target_head_share": 0.5,
                                     "channel_share_removed": 0.25, "head_share_removed": 0.5}
     assert report["target_sparsity"] == 0.25 and "channels removed 0.2500 (asked 0.25)" in out
+    # the printed save line says how to load a folder that a plain from_pretrained refuses
+    assert ("load it with sparsellm.load_pruned" in out) == (allocation != "uniform")
     model = (AutoModelForCausalLM.from_pretrained(save_dir) if allocation == "uniform" else load_pruned(save_dir)[0])
     assert sum(p.numel() for p in model.parameters()) == after["parameters"]
     stream = eval_tokens(text_file, AutoTokenizer.from_pretrained(save_dir), 64)[0]
