@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -64,6 +65,10 @@ def cached_model_dir(progress: bool = True) -> Path:
             return target
         if fcntl is not None:  # no other conversion is running: any staging folder is a dead one's
             _remove_leftovers(target)
+        # one line, as the CUDA extension's first compile: the conversion's "Writing model shards"
+        # bar, on a run without --save, read as if a model were being saved
+        print(f"converting the default model (SmolLM2-135M-Instruct) to float32 safetensors in {target} "
+              f"(once)...", file=sys.stderr, flush=True)
         return _convert(source, target)
 
 
