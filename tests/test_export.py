@@ -342,6 +342,14 @@ def test_an_empty_working_folder_is_refused(tmp_path, monkeypatch, given):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
+def test_load_pruned_of_a_missing_folder_says_so(tmp_path):
+    """A mistyped folder was reported as having "no config.json; not a saved model"."""
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pruned(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_pruned(tmp_path)
+
+
 def test_compressed_resave_of_a_loaded_model_keeps_one_sparsity_block(tmp_path):
     """A model loaded from a dense save carries its block at the top level of its config; the
     compressed save nests it, and must not leave the old one (format "dense") beside it."""

@@ -473,6 +473,8 @@ def load_pruned(path, device=None, dtype=None):
             raise ValueError(f"dtype must be None, 'auto' or a float torch.dtype (or its name), got {dtype!r}")
         dtype = asked
     cfg_path = path / "config.json"
+    if not path.exists():  # a mistyped folder: "has no config.json" read as if it were there
+        raise FileNotFoundError(f"{path} does not exist")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path} has no config.json; not a saved model")
     sc, nested = find_sparsity_config(json.loads(cfg_path.read_text()))
