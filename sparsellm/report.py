@@ -203,7 +203,10 @@ def summary(report: dict) -> str:
         what = "  ".join([f"structure {structured['structure']}"] + [
             _share_text(unit, structured[f"{key}_share_removed"], structured[f"target_{key}_share"])
             for unit, key in (("channels", "channel"), ("heads", "head")) if structured[f"target_{key}_share"] is not None])
-    lines = [f"method {report['method']}  {what}  prune {report['prune_seconds']:.1f}s"]
+    resumed = (report.get("method_details") or {}).get("resumed_from_step")
+    # a resumed Elsa run trains only the steps after its checkpoint: its prune time counts those
+    lines = [f"method {report['method']}  {what}  prune {report['prune_seconds']:.1f}s"
+             + (f" (resumed from step {resumed} of --checkpoint-dir)" if resumed else "")]
     for dataset, value in report["ppl"]["pruned"].items():
         lines.append(f"perplexity [{dataset}]  dense {_ppl_text(report['ppl']['dense'].get(dataset))}  "
                      f"pruned {_ppl_text(value)}")

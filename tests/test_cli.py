@@ -502,6 +502,18 @@ def test_summary_says_what_the_export_converted():
     assert "the report's export section says why" in summary({**report, "settings": {"report": "r.json"}})
 
 
+def test_summary_says_a_run_resumed_from_a_checkpoint():
+    """An Elsa run that resumed trains only the steps after its checkpoint: its prune time (0.2 s
+    for a run resumed at its last step) read as the whole run's."""
+    from sparsellm.report import summary
+
+    report = {"method": "elsa", "sparsity_pattern": "0.7", "achieved_sparsity": 0.7, "prune_seconds": 0.2,
+              "ppl": {"pruned": {}, "dense": {}}, "method_details": {"resumed_from_step": 4}}
+    assert "prune 0.2s (resumed from step 4 of --checkpoint-dir)" in summary(report)
+    report["method_details"]["resumed_from_step"] = 0
+    assert "resumed" not in summary(report)
+
+
 def test_summary_prints_a_perplexity_that_is_not_finite_as_na():
     """The report holds NaN and inf as null; the summary printed the pruned one with {:.3f}."""
     from sparsellm.report import summary
