@@ -8,6 +8,7 @@ or step by step: :func:`load_model`, :func:`prune`, :func:`evaluate`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import resource
@@ -56,6 +57,16 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
                    or name_or_path.count("/") > 1 or (os.sep != "/" and os.sep in name_or_path))
     if name_or_path not in DEFAULT_ALIASES and looks_local and not os.path.exists(name_or_path):
         raise ModelLoadError(f"model path {name_or_path!r} does not exist")
+    if _needs_load_pruned(path):
+        # a --save folder that a plain from_pretrained misreads: it initialised a compressed save's
+        # pruned weights at random (and pruned those), and refused layers of different sizes
+        from .export import load_pruned
+
+        model, tokenizer = load_pruned(path, dtype=_DTYPES[dtype])
+        if tokenizer is None:
+            raise ModelLoadError(f"cannot load model {name_or_path!r}: the saved folder has no tokenizer")
+        model.eval()
+        return model, tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -65,6 +76,24 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
         raise ModelLoadError(f"cannot load model {name_or_path!r}{what}: {exc}") from exc
     model.eval()
     return model, tokenizer
+
+
+def _needs_load_pruned(path: str) -> bool:
+    """A folder this package saved in a layout that only :func:`sparsellm.load_pruned` reads:
+    compressed (the sparse-bitmask tensors), or of per-layer sizes its config cannot state."""
+    from .export.checkpoint import EXPORT_META_KEY
+    from .export.compressed import FORMAT_DENSE, find_sparsity_config
+    from .structure import LAYER_SIZES_FIELD
+
+    try:
+        with open(os.path.join(path, "config.json")) as handle:
+            cfg = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(cfg, dict) or EXPORT_META_KEY not in cfg:
+        return False
+    block, _ = find_sparsity_config(cfg)
+    return LAYER_SIZES_FIELD in cfg or (isinstance(block, dict) and block.get("format") != FORMAT_DENSE)
 
 
 # which --allocation rules read each allocation setting (sparsellm.allocation)
