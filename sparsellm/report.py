@@ -138,7 +138,7 @@ def check_report_path(path: str, save: str | None = None) -> None:
     if save is not None and folder_holds(save, os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"report path {path} is inside the --save folder {save}, which the saved model replaces "
                          f"whole; write the report beside it")
-    check_writable(os.path.dirname(os.path.abspath(path)))
+    check_writable(os.path.dirname(os.path.abspath(path)), path)
 
 
 class StagedReport:

@@ -421,6 +421,7 @@ def test_an_output_path_through_a_file_fails_before_loading(flag, under, no_load
     method = ["--method", "elsa"] if flag == "--checkpoint-dir" else []
     code, _, err = cli(capsys, *SMALL, *method, flag, str(in_the_way / under))
     assert code == 2 and f"{in_the_way} is not a folder" in err and "Traceback" not in err, err
+    assert f"(for {in_the_way / under})" in err  # the output asked for (it named the file in the way twice)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["script.sh"]
 
 

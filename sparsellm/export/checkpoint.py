@@ -79,17 +79,19 @@ def _check_structure(weights: dict[str, torch.Tensor], pattern: SparsityPattern 
 # output folder: checks, staging, atomic publish
 
 
-def check_writable(path) -> None:
+def check_writable(path, target=None) -> None:
     """Refuse a path whose nearest existing folder cannot be written (the path itself, or the
     parent its folders would be made in), or where a file stands in for one of its folders:
-    found now, not after the prune."""
+    found now, not after the prune. ``target``: the output the message names (callers pass the
+    folder it goes in as ``path``, which read "x is not a folder (for x)")."""
     folder = Path(path).expanduser().absolute()
     while not folder.exists() and not folder.is_symlink():
         folder = folder.parent
+    target = path if target is None else target
     if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder (for {path})")
+        raise NotADirectoryError(f"{folder} is not a folder (for {target})")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write under {folder} (for {path})")
+        raise PermissionError(f"cannot write under {folder} (for {target})")
 
 
 def ordinary_mode(is_dir: bool) -> int:
@@ -140,7 +142,7 @@ def check_output_dir(out_dir, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
         _check_replaceable(out_dir)
-    check_writable(out_dir.absolute().parent)  # the staging folder is made beside it
+    check_writable(out_dir.absolute().parent, out_dir)  # the staging folder is made beside it
 
 
 def folder_holds(folder, path) -> bool:
