@@ -205,6 +205,9 @@ def summary(report: dict) -> str:
             for unit, key in (("channels", "channel"), ("heads", "head")) if structured[f"target_{key}_share"] is not None])
     resumed = (report.get("method_details") or {}).get("resumed_from_step")
     # a resumed Elsa run trains only the steps after its checkpoint: its prune time counts those
+    layers = (report.get("settings") or {}).get("layers")
+    if layers is not None:  # the achieved sparsity / shares are those of these layers, not the model's
+        what += f"  layers {layers[0]}:{'' if layers[1] is None else layers[1]}"
     lines = [f"method {report['method']}  {what}  prune {report['prune_seconds']:.1f}s"
              + (f" (resumed from step {resumed} of --checkpoint-dir)" if resumed else "")]
     for dataset, value in report["ppl"]["pruned"].items():

@@ -503,6 +503,18 @@ def test_summary_says_what_the_export_converted():
     assert "the report's export section says why" in summary({**report, "settings": {"report": "r.json"}})
 
 
+def test_summary_names_the_layer_range():
+    """With --layers the achieved sparsity is that of the pruned layers: the summary said
+    "achieved sparsity 0.5000" for a model with 2 of 30 layers pruned, nothing more."""
+    from sparsellm.report import summary
+
+    report = {"method": "magnitude", "sparsity_pattern": "0.5", "achieved_sparsity": 0.5, "prune_seconds": 1.0,
+              "ppl": {"pruned": {}, "dense": {}}, "settings": {"layers": [0, 2]}}
+    assert "achieved sparsity 0.5000  layers 0:2  prune" in summary(report)
+    assert "layers 28:  prune" in summary({**report, "settings": {"layers": [28, None]}})
+    assert "layers" not in summary({**report, "settings": {"layers": None}})
+
+
 def test_summary_says_a_run_resumed_from_a_checkpoint():
     """An Elsa run that resumed trains only the steps after its checkpoint: its prune time (0.2 s
     for a run resumed at its last step) read as the whole run's."""
