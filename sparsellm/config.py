@@ -384,7 +384,9 @@ class PruneConfig:
                                  f"got {self.layers!r}")
             start, stop = self.layers
             if start is None or start < 0 or (stop is not None and stop <= start):
-                raise ValueError(f"layer range {start}:{stop} is empty or negative; expected 0 <= START < STOP")
+                # as typed: '--layers -2:' read back as "-2:None"; and say negatives do not count from the end
+                raise ValueError(f"layer range {start}:{'' if stop is None else stop} is empty or negative; "
+                                 f"expected 0 <= START < STOP (no negative indices: give the layer numbers)")
         if not self.eval:
             raise ValueError("eval needs at least one text source (or 'none')")
         init = self.elsa.init

@@ -188,6 +188,7 @@ def test_missing_data_file(where, no_loading, capsys, tmp_path):
     (["--percdamp", "-0.01"], "percdamp must be positive"),
     (["--layers", "3:1"], "layer range 3:1 is empty"),
     (["--layers", "-1:2"], "layer range -1:2 is empty or negative"),  # not taken by argparse for a flag
+    (["--layers", "-2:"], "layer range -2: is empty or negative"),  # it said -2:None
     (["--sparsity", "0"], "sparsity 0 prunes nothing"),
     (["--method", "elsa", "--sparsity", "0%"], "sparsity 0 prunes nothing"),
     (["--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**63)"),
