@@ -148,7 +148,11 @@ def _warn_unused_settings(config: PruneConfig, stacklevel: int = 4) -> None:
                if allocation.rule not in rules and getattr(allocation, name) != getattr(default, name)]
     if ignored:
         readers = " and ".join(sorted({rule for name in ignored for rule in _ALLOCATION_READERS[name]}))
-        warnings.warn(f"{', '.join(ignored)} (allocation settings) apply to allocation {readers}, not to "
+        # the two whose flag is not the field's name: '--layer-sparsity-min' was named 'min_sparsity' only
+        flags = {"min_sparsity": "min_sparsity (--layer-sparsity-min)",
+                 "max_sparsity": "max_sparsity (--layer-sparsity-max)"}
+        named = ", ".join(flags.get(name, name) for name in ignored)
+        warnings.warn(f"{named} (allocation settings) apply to allocation {readers}, not to "
                       f"{allocation.rule}: ignored", UserWarning, stacklevel=stacklevel)
     if all(e == "none" for e in config.eval) and config.eval_windows is not None:  # (eval_seqlen is still read)
         warnings.warn("eval_windows (--eval-windows) caps the evaluation, and eval is none: ignored", UserWarning,

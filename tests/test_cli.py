@@ -918,7 +918,8 @@ def test_switches_take_booleans_only(name):
 
 @pytest.mark.parametrize("args, message", [
     (["--layer-sparsity-min", "0.9", "--layer-sparsity-max", "0.95"],
-     r"min_sparsity, max_sparsity \(allocation settings\) apply to allocation energy and owl, not to uniform"),
+     r"min_sparsity \(--layer-sparsity-min\), max_sparsity \(--layer-sparsity-max\) \(allocation settings\) apply "
+     r"to allocation energy and owl, not to uniform"),
     (["--allocation", "owl", "--temperature", "5"],
      r"temperature \(allocation settings\) apply to allocation energy, not to owl"),
 ])
