@@ -45,8 +45,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
     """A causal LM and its tokenizer from a local folder, a hub id, or the embedded default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # a pathlib.Path and a torch dtype too, as PruneConfig's model and load_pruned take them
-    name_or_path = os.fspath(name_or_path)
+    # a pathlib.Path and a torch dtype too, as PruneConfig's model and load_pruned take them; a
+    # home-relative path as the shell would (--model=~/m reaches here unexpanded)
+    name_or_path = os.path.expanduser(os.fspath(name_or_path))
     dtype = next((name for name, value in _DTYPES.items() if dtype is value), dtype)
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")

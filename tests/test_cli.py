@@ -894,6 +894,17 @@ def test_load_model_takes_a_path_and_a_torch_dtype(tiny_llama_dir, tmp_path):
         api.load_model(tiny_llama_dir, dtype=torch.int8)
 
 
+def test_load_model_expands_a_home_relative_path(tiny_llama_dir, monkeypatch):
+    """--model=~/m reaches the program unexpanded (the shell expands ~ only at a word's start):
+    it was refused as a path that does not exist."""
+    from sparsellm import api
+
+    home, name = os.path.split(tiny_llama_dir)
+    monkeypatch.setenv("HOME", home)
+    model, _ = api.load_model(f"~/{name}")
+    assert model.config.num_hidden_layers > 0
+
+
 def test_prune_leaves_the_callers_settings_as_they_were(tiny_llama_dir, text_file):
     """A range to the last layer stays open-ended in the caller's settings, so the same settings
     prune layers 1: of a deeper model too (the run used to write its resolved range back)."""
