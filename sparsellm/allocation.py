@@ -356,6 +356,6 @@ def head_removal(share: float, attention: AttentionHeads) -> tuple[int, int]:
     removed = min(round(share * units), units - 1)
     if removed == 0:
         raise ValueError(f"head_sparsity (--head-sparsity) {share} removes no attention heads: this model has {units} {what} and keeps "
-                         f"at least one (round({share} x {units}) = 0); the smallest share that removes one is "
-                         f"1/{units} = {1 / units:.3g}")
+                         f"at least one (round({share} x {units}) = 0); a share above 1/{2 * units} = "
+                         f"{1 / (2 * units):.3g} removes one (1/{units} = {1 / units:.3g}: one for certain)")
     return (0, removed) if per_group == 1 else (removed, 0)

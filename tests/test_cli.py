@@ -102,11 +102,13 @@ def test_unsupported_model_type(tmp_path, tokenizer_dir, text_file, capsys):
 
 def test_head_share_that_removes_no_head_fails_before_the_work(tiny_llama_dir, text_file, capsys, tmp_path):
     """2 query heads per key/value group: 0.2 of them is none. Refused once the model is read,
-    before the dense evaluation, with the smallest share that would remove one."""
+    before the dense evaluation, with the shares that would remove one (above 1/4: round(0.26 x 2)
+    is 1; the hint said 1/2, the share that removes one for certain)."""
     report = tmp_path / "r.json"
     code, _, err = cli(capsys, "--model", tiny_llama_dir, "--structure", "heads", "--head-sparsity", "0.2",
                        "--calib", text_file, "--eval", text_file, "--report", str(report), *SMALL)
-    assert code == 2 and "removes no attention heads" in err and "1/2 = 0.5" in err
+    assert code == 2 and "removes no attention heads" in err and "above 1/4 = 0.25 removes one" in err
+    assert "1/2 = 0.5" in err
     assert not report.exists()
 
 
