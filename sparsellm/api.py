@@ -3,7 +3,8 @@
     from sparsellm import PruneConfig, run
     report = run(PruneConfig(method="sparsegpt", sparsity="2:4", nsamples=32, seqlen=512))
 
-or step by step: :func:`load_model`, :func:`prune`, :func:`evaluate`.
+or step by step: :func:`load_model`, :func:`prune`, :func:`evaluate`,
+:func:`sparsellm.export.save_pruned` (what ``--save`` writes) and :func:`sparsellm.load_pruned`.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ class ModelLoadError(RuntimeError):
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
-    """A causal LM and its tokenizer from a local folder, a hub id, or the embedded default."""
+    """A causal LM and its tokenizer from a local folder, a hub id, or the embedded default. A
+    folder saved in a layout only :func:`sparsellm.load_pruned` reads (compressed, or layers of
+    different sizes) loads through it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # a pathlib.Path and a torch dtype too, as PruneConfig's model and load_pruned take them; a
