@@ -154,6 +154,11 @@ def test_lookup_prefers_the_shapes_own_entry_and_falls_back_by_dtype():
      "BLOCK_N, a power of two"),
     ({"crossovers": [{"format": "nm24", "dtype": "float16", "max_sparse_tokens": -1}]}, "max_sparse_tokens"),
     ({"crossovers": [{"format": "sell", "dtype": "float16", "max_sparse_tokens": 1}]}, "slice height"),
+    # JSON true is no count or size in any of the table's integers (Python's bool is an int)
+    ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [True, True], "config": A}]}, "tokens"),
+    ({"entries": [{"format": "nm24", "dtype": "float16", "tokens": [1, 1], "shape": [True, 4096], "config": A}]},
+     "shape"),
+    ({"crossovers": [{"format": "sell", "S": True, "dtype": "float16", "max_sparse_tokens": 1}]}, "slice height"),
 ])
 def test_a_malformed_table_is_refused_with_where(change, message):
     with pytest.raises(sc.ConfigTableError, match=message) as info:
