@@ -175,6 +175,9 @@ def test_cc_with_a_launcher_and_a_damaged_cached_library(tmp_path, monkeypatch):
     lib = cpu.load_library()
     assert (tmp_path / "launched").read_text().startswith(plain[0])  # the launcher ran the compiler
     assert hasattr(lib, "sparsellm_obs_sweep_f32") and target.read_bytes()[:4] == b"\x7fELF"
+    # the cache key is the whole command: a launcher or flags (-m32) make another library
+    assert target != cpu.library_path(cpu._source(), plain)
+    assert cpu.library_path(cpu._source(), [*plain, "-m32"]) != cpu.library_path(cpu._source(), plain)
 
 
 def test_pruned_model_equals_the_reference_backends():
