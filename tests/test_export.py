@@ -342,6 +342,20 @@ def test_an_empty_working_folder_is_refused(tmp_path, monkeypatch, given):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
+def test_a_save_that_fails_while_staging_takes_back_the_folders_it_made(tmp_path, monkeypatch):
+    """A failure while the checkpoint is staged (here the model's own save) removes the staging
+    folder and the parents of the output folder that the save made, not those that were there."""
+    model = prune_(tiny_llama(), "unstructured")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(type(model), "save_pretrained", fail)
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, None, tmp_path / "new" / "deeper" / "ckpt", sparsity_structure="unstructured")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
 def test_load_pruned_of_a_missing_folder_says_so(tmp_path):
     """A mistyped folder was reported as having "no config.json; not a saved model"."""
     with pytest.raises(FileNotFoundError, match="does not exist"):
