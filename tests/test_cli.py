@@ -1063,6 +1063,16 @@ def test_elsa_settings_the_run_does_not_read_are_named_as_ignored(args, message,
             main([*SMALL, *args, "--quiet"])
 
 
+def test_masked_adam_names_an_unread_admm_ramp_start_once(no_loading):
+    """masked-adam reads no ADMM setting: --admm-lambda-start is named among them, not a second
+    time as the start of a schedule that is constant."""
+    with pytest.warns(UserWarning) as record:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*SMALL, "--method", "masked-adam", "--init", "sparsegpt", "--admm-lambda-start", "0.001", "--quiet"])
+    messages = [str(w.message) for w in record if "admm_lambda_start" in str(w.message)]
+    assert len(messages) == 1 and "not read by method masked-adam" in messages[0], messages
+
+
 @pytest.mark.parametrize("args", [["--method", "masked-adam", "--init", "sparsegpt", "--steps", "5", "--lr", "1e-3"],
                                   ["--method", "elsa", "--admm-schedule", "linear", "--admm-lambda-start", "0.001",
                                    "--score", "magnitude", "--admm-interval", "4"]])
