@@ -1160,6 +1160,18 @@ def test_prune_runs_the_checks_and_warnings_of_run():
                 api.prune(model, None, PruneConfig(method="wanda", percdamp=0.1, quiet=True))
     assert [w.filename for w in record] == [__file__]
 
+    class Refused(Exception):
+        pass
+
+    def refuse(cls, config):
+        raise Refused
+    # the method's preflight (what run checks before loading) runs before any work too
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "_prune", stop)
+        mp.setattr(api.METHODS["wanda"], "preflight", classmethod(refuse))
+        with pytest.raises(Refused):
+            api.prune(model, None, PruneConfig(method="wanda", quiet=True))
+
 
 @pytest.mark.parametrize("args", [["--method", "sparsegpt", "--blocksize", "64", "--percdamp", "0.1",
                                    "--no-sequential"],
