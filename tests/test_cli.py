@@ -813,17 +813,19 @@ def test_nm_run_on_a_layer_range_saves_what_it_pruned(tiny_llama_dir, text_file,
             assert satisfies_nm(model.get_submodule(f"model.layers.{i}.{role}").weight, 2, 4)
 
 
-@pytest.mark.parametrize("args", [["--save-format", "compressed"], ["--structure", "channels", "--layers", "1:"]])
+@pytest.mark.parametrize("args", [["--save-format", "compressed"], ["--structure", "channels", "--layers", "1:"], []])
 def test_a_saved_folder_only_load_pruned_reads_is_a_model_to_prune(args, tiny_llama_dir, text_file, tmp_path, capsys):
     """--model of a compressed save (or one of per-layer sizes): a plain from_pretrained gave the
     pruned weights at random (the run then pruned noise, "dense" perplexity in the hundred
-    thousands), or refused the sizes with transformers' mismatch table."""
+    thousands), or refused the sizes with transformers' mismatch table. A dense save of uniform
+    sizes ([]) is a plain checkpoint, loaded as any other."""
     from sparsellm import api, load_pruned
 
     save_dir = tmp_path / "pruned"
     code, _, err = cli(capsys, "--model", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.5",
                        "--calib", text_file, "--eval", "none", "--save", str(save_dir), *args, *CALIB_SMALL)
     assert code == 0, err
+    assert api._needs_load_pruned(str(save_dir)) == bool(args)
     model, tokenizer = api.load_model(str(save_dir))
     expected, _ = load_pruned(save_dir)
     assert tokenizer is not None and not model.training
