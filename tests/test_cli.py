@@ -1206,6 +1206,21 @@ def test_the_report_is_an_ordinary_readable_file(tmp_path):
     assert oct((tmp_path / "private.json").stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_report_that_cannot_be_put_in_place_leaves_nothing(tmp_path, monkeypatch):
+    """A report whose rename onto its path fails (here os.replace) removes its staged file and
+    the folders its staging made."""
+    import sparsellm.report
+    from sparsellm.report import write_report
+
+    def fail(*args, **kwargs):
+        raise OSError("rename failed")
+    monkeypatch.setattr(sparsellm.report.os, "replace", fail)
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(OSError, match="rename failed"):
+        write_report({"perplexity": 1.5}, str(tmp_path / "new" / "sub" / "r.json"))
+    assert os.listdir(tmp_path) == ["keep"]
+
+
 def test_quiet_also_silences_the_gguf_conversion_bar(capsys):
     """The GGUF loader's bar is plain tqdm, outside transformers' switch: a quiet run hides it
     too, and the loader's own bar comes back after."""
