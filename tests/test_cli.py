@@ -205,6 +205,17 @@ def test_bad_settings_fail_before_loading(args, message, no_loading, capsys, tmp
     assert "Traceback" not in err and not report.exists()
 
 
+def test_the_console_script_reads_its_arguments_from_sys_argv(no_loading, capsys, monkeypatch):
+    """main() without arguments (the sparsellm-prune entry point) reads sys.argv, its dash-led
+    --layers value attached as for a list given to main."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["sparsellm-prune", *SMALL, "--layers", "-1:2", "--quiet", "--device", "cpu"])
+    code = main()
+    err = capsys.readouterr().err
+    assert code == 2 and "layer range -1:2 is empty or negative" in err, err
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:0x", "cpu:5"])
 def test_unknown_device(device, no_loading, capsys):
     code = main([*SMALL, "--device", device, "--quiet"])
