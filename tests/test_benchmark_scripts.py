@@ -376,6 +376,16 @@ def test_a_quality_file_without_runs_measures_the_dense_value_of_the_new_protoco
     assert calls == [32]
 
 
+def test_protocols_that_differ_only_in_the_machine_are_the_same():
+    """A results file measured on another machine is the same protocol (its dense value and runs
+    kept); any other setting that differs is named."""
+    import quality
+
+    stored = {"model": "smollm2", "nsamples": 32, "machine": "a"}
+    assert quality.protocol_differences(stored, {**stored, "machine": "b"}) == []
+    assert quality.protocol_differences(stored, {**stored, "machine": "b", "nsamples": 64}) == ["nsamples"]
+
+
 def test_tables_and_readme_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """quality.write_into (the README) and write_text (the Markdown tables) go through a file
     renamed into place: a failure while writing leaves the old file as it was."""
@@ -491,6 +501,7 @@ def test_prune_7b_keeps_the_other_runs_when_one_hangs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [(["layers", "--layers", "0,x"], "invalid literal"),
+                                           (["layers", "--layers", "0,-1"], "negative layer"),
                                            (["ppl", "--range", "3"], "--range expects START:STOP"),
                                            (["ppl", "--range", "5:2"], "layer range 5:2 is empty"),
                                            (["ppl", "--sparsity", "1.5"], "sparsity")])
