@@ -185,6 +185,10 @@ def test_the_sweep_times_each_token_count_with_its_own_grid(tmp_path, monkeypatc
     args = ["--device", device, "--shapes", "128x64", "--quick", "--out", str(out), "--formats", "nm24"]
     assert sparse_gpu_sweep.main(args + ["--tokens", "1,0"]) == 2
     assert "--tokens" in capsys.readouterr().err and not out.exists()
+    for shapes in ("128x0", "128x64x2", "128"):  # a zero size, three sizes, one: no INxOUT pair
+        bad = [a if a != "128x64" else shapes for a in args]
+        assert sparse_gpu_sweep.main(bad + ["--tokens", "1"]) == 2
+        assert "--shapes takes INxOUT pairs" in capsys.readouterr().err and not out.exists()
     assert sparse_gpu_sweep.main(args + ["--tokens", "1,9"]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if r["impl"] == "nm24"]
     assert {r["tokens"] for r in rows} == {1, 9}
