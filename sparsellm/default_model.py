@@ -126,11 +126,12 @@ def _convert(source: Path, target: Path) -> Path:
     try:
         # mkdtemp makes it private, safetensors model.safetensors owner-only (0600): the cache
         # is an ordinary folder, its modes those the umask gives (as a saved checkpoint's)
-        os.chmod(staging, ordinary_mode(True))
+        modes = {True: ordinary_mode(True), False: ordinary_mode(False)}  # (reading the umask sets it)
+        os.chmod(staging, modes[True])
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         for path in staging.iterdir():
-            os.chmod(path, ordinary_mode(path.is_dir()))
+            os.chmod(path, modes[path.is_dir()])
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

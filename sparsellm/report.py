@@ -151,11 +151,11 @@ class StagedReport:
         from .export.checkpoint import make_folders, ordinary_mode
 
         self.path = path
-        self.made_folders = make_folders(os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(os.path.abspath(path))
+        self.made_folders = make_folders(folder)
         self.staged = None
         try:
-            fd, self.staged = tempfile.mkstemp(prefix=".report.", suffix=".json",
-                                               dir=os.path.dirname(os.path.abspath(path)))
+            fd, self.staged = tempfile.mkstemp(prefix=".report.", suffix=".json", dir=folder)
             with os.fdopen(fd, "w") as handle:
                 json.dump(report, handle, indent=2)
             os.chmod(self.staged, ordinary_mode(False))  # mkstemp makes it private; a report is an ordinary file

@@ -335,8 +335,9 @@ def stage_pruned(model, tokenizer, out_dir, *, sparsity_structure: str, save_for
         place_sparsity_config(cfg, block, library)
         cfg[EXPORT_META_KEY] = meta
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        modes = {True: ordinary_mode(True), False: ordinary_mode(False)}  # (reading the umask sets it)
         for path in staging.rglob("*"):  # safetensors writes its files private (0600); an ordinary folder's are not
-            os.chmod(path, ordinary_mode(path.is_dir()))
+            os.chmod(path, modes[path.is_dir()])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         remove_made_folders(made)

@@ -55,8 +55,7 @@ class CSRLinear(nn.Module):
         if all(isinstance(t, torch.Tensor) for t in incoming):
             crow, col, values = incoming
             try:
-                torch.sparse_csr_tensor(crow, col, values.float(), (self.out_features, self.in_features),
-                                        check_invariants=True)
+                self._csr(crow, col, values, check=True)
             except RuntimeError as err:
                 error_msgs.append(f"the arrays at {prefix or '(root)'} are not a CSR matrix of shape "
                                   f"({self.out_features}, {self.in_features}): {err}")
@@ -69,11 +68,14 @@ class CSRLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _csr(self, crow, col, values, check: bool = False) -> torch.Tensor:
+        return torch.sparse_csr_tensor(crow, col, values.float(), (self.out_features, self.in_features),
+                                       check_invariants=check)
+
     def weight_csr(self) -> torch.Tensor:
         """The float32 CSR weight [out_features, in_features], over the buffers."""
-        # the buffers came from to_sparse_csr: valid by construction, so no invariant check per call
-        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values.float(),
-                                       (self.out_features, self.in_features), check_invariants=False)
+        # the buffers came from to_sparse_csr (or were checked when loaded): no invariant check per call
+        return self._csr(self.crow_indices, self.col_indices, self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -47,6 +47,8 @@ from .semi_structured import is_semi_structured
 from .targets import ON_META, replace_module, resolve_targets
 
 FORMATS = ("nm24", "sell")
+# each format's packed buffers, in the order reference.nm24_pack / sell_pack return them
+PACKED_BUFFERS = {"nm24": ("values", "meta"), "sell": ("values", "cols", "slice_ptr")}
 # Unstructured weights below this sparsity stay dense: int16 index + value per non-zero is
 # 2x the dense bytes per kept weight in fp16, so below ~50% sparsity it reads more than dense,
 # and the gathers need a margin on top. To be measured on the GPU (benchmarks/bench_export.py).
@@ -210,12 +212,9 @@ class SparseGPULinear(nn.Module):
     def _pack(self, weight: torch.Tensor, register: bool = False) -> None:
         """Pack ``weight`` into the format's buffers, stamped with the weight they were built from."""
         self.sparsity = zero_fraction(weight)
-        if self.format == "nm24":
-            names, packed = ("values", "meta"), reference.nm24_pack(weight)
-        else:
-            names = ("values", "cols", "slice_ptr")
-            packed = reference.sell_pack(weight, self.slice_rows, self.slot_block)
-        for name, tensor in zip(names, packed):
+        packed = (reference.nm24_pack(weight) if self.format == "nm24"
+                  else reference.sell_pack(weight, self.slice_rows, self.slot_block))
+        for name, tensor in zip(PACKED_BUFFERS[self.format], packed):
             if register:
                 self.register_buffer(name, tensor)
             else:
@@ -250,8 +249,7 @@ class SparseGPULinear(nn.Module):
             raise ValueError(f"SparseGPULinear: the changed weight no longer fits {self.format}: {exc}") from exc
 
     def packed_bytes(self) -> int:
-        names = ("values", "meta") if self.format == "nm24" else ("values", "cols", "slice_ptr")
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in PACKED_BUFFERS[self.format])
 
     def dense_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
